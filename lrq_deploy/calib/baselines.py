@@ -1,0 +1,75 @@
+"""Calibration-free and statistics-only baselines: RTN and SmoothQuant."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lrq_deploy.calib.engine import BlockJob, register_method
+from lrq_deploy.config import QuantConfig
+from lrq_deploy.fold import fold_smoothing, reduce_to_prev
+from lrq_deploy.quant import QuantLinear, quantize_weight, weight_qparams
+
+
+def quantize_linear(linear: nn.Linear, config: QuantConfig, upper=None, lower=None) -> QuantLinear:
+    """Round-to-nearest quantization of one linear (optionally with LWC clip factors)."""
+    weight = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    if not config.quantize_weights:
+        return QuantLinear.from_float(weight, bias, config)
+    scale, zero = weight_qparams(weight, config.wbits, config.group_size, config.symmetric, upper, lower)
+    codes = quantize_weight(weight, scale, zero, config.wbits, config.group_size)
+    return QuantLinear.from_codes(codes, scale, zero, bias, config).to(weight.device)
+
+
+def replace_linears(block: nn.Module, names: list[str], config: QuantConfig, clip_factors: dict | None = None) -> None:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        factors = (clip_factors or {}).get(name, (None, None))
+        setattr(parent, child, quantize_linear(getattr(parent, child), config, *factors))
+
+
+@torch.no_grad()
+def input_absmax(job: BlockJob, names: list[str], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| seen by each named linear over the calibration inputs."""
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_module, args, name=name):
+            amax = args[0].detach().abs().flatten(0, -2).amax(dim=0)
+            stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+
+        handles.append(job.block.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        job.run(hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def weight_absmax(job: BlockJob, group) -> torch.Tensor:
+    """Per-input-channel max |w| over all linears of a smoothing group."""
+    amax = torch.stack([job.block.get_submodule(n).weight.detach().abs().amax(dim=0) for n in group.linears])
+    return amax.amax(dim=0)
+
+
+@register_method("rtn")
+def rtn(job: BlockJob) -> None:
+    replace_linears(job.block, job.linear_names, job.qconfig)
+
+
+@register_method("smoothquant")
+def smoothquant(job: BlockJob) -> dict:
+    """SmoothQuant: s = max|X|^alpha / max|W|^(1 - alpha), folded into the preceding module."""
+    alpha = job.cconfig.alpha
+    firsts = [g.linears[0] for g in job.groups]
+    act = input_absmax(job, firsts, job.q_inputs)
+    for group in job.groups:
+        a = reduce_to_prev(act[group.linears[0]], group)
+        w = reduce_to_prev(weight_absmax(job, group), group)
+        scale = (a.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+        fold_smoothing(job.block, group, scale)
+    replace_linears(job.block, job.linear_names, job.qconfig)
+    return {}

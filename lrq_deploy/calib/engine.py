@@ -1,0 +1,130 @@
+"""The block-wise engine shared by every method.
+
+For each transformer block in order: compute its full-precision output on full-precision
+inputs (the target), let the method quantize the block in place (seeing the inputs produced
+by the already-quantized blocks before it), then feed the quantized block's output to the
+next block. Methods are functions registered in METHODS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.errors import LrqError
+from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
+
+
+@dataclass
+class BlockJob:
+    """Everything a method needs to quantize one block."""
+
+    index: int
+    block: nn.Module
+    adapter: ModelAdapter
+    groups: list[SmoothGroup]
+    linear_names: list[str]
+    qconfig: QuantConfig
+    cconfig: CalibConfig
+    fp_inputs: torch.Tensor
+    q_inputs: torch.Tensor
+    fp_targets: torch.Tensor
+    kwargs: dict
+    device: torch.device
+
+    def run(self, hidden: torch.Tensor, block: nn.Module | None = None, grad: bool = False) -> torch.Tensor:
+        return run_block(self.adapter, block or self.block, hidden, self.kwargs, self.cconfig.batch_size, grad)
+
+
+@dataclass
+class CalibrationResult:
+    model: nn.Module
+    quantized: list[str]
+    blocks: list[dict] = field(default_factory=list)
+
+
+METHODS: dict[str, Callable[[BlockJob], dict | None]] = {}
+
+
+def register_method(name: str):
+    def wrap(fn):
+        METHODS[name] = fn
+        return fn
+
+    return wrap
+
+
+def run_block(adapter, block, hidden, kwargs, batch_size, grad=False) -> torch.Tensor:
+    outs = []
+    with torch.set_grad_enabled(grad):
+        for chunk in hidden.split(batch_size):
+            outs.append(adapter.run_block(block, chunk, kwargs))
+    return torch.cat(outs)
+
+
+def check_shapes(loaded: LoadedModel, qconfig: QuantConfig) -> None:
+    """Fail before any work if a linear cannot be quantized with this configuration."""
+    if not qconfig.group_size:
+        return
+    for i, block in enumerate(loaded.adapter.blocks(loaded.model)):
+        for name in loaded.adapter.linear_names(block):
+            in_features = block.get_submodule(name).in_features
+            if in_features % qconfig.group_size:
+                raise LrqError(
+                    f"group size {qconfig.group_size} does not divide the input size {in_features} of block {i} {name}"
+                )
+
+
+def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor) -> dict:
+    fp, q = fp_out.flatten(1).double(), q_out.flatten(1).double()
+    return {
+        "mse": F.mse_loss(q, fp).item(),
+        "cosine": F.cosine_similarity(q.reshape(-1, fp_out.shape[-1]), fp.reshape(-1, fp_out.shape[-1]), dim=-1)
+        .mean()
+        .item(),
+    }
+
+
+def calibrate_model(
+    loaded: LoadedModel, qconfig: QuantConfig, cconfig: CalibConfig, batches: list[torch.Tensor], device, progress=None
+) -> CalibrationResult:
+    """Quantize `loaded.model` in place, block by block; return per-block errors."""
+    if cconfig.method not in METHODS:
+        raise LrqError(f"method {cconfig.method!r} is not available (available: {', '.join(METHODS)})")
+    method = METHODS[cconfig.method]
+    adapter, model = loaded.adapter, loaded.model
+    check_shapes(loaded, qconfig)
+    torch.manual_seed(cconfig.seed)
+    inputs = adapter.capture_block_inputs(model, [b.to(device) for b in batches])
+    fp_in = q_in = inputs.hidden
+    groups = adapter.smooth_groups(model)
+    result = CalibrationResult(model=model, quantized=[])
+    blocks = adapter.blocks(model)
+    for index, block in enumerate(blocks):
+        fp_out = run_block(adapter, block, fp_in, inputs.kwargs, cconfig.batch_size)
+        names = adapter.linear_names(block)
+        job = BlockJob(index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, inputs.kwargs, device)
+        extra = method(job) or {}
+        q_out = run_block(adapter, block, q_in, inputs.kwargs, cconfig.batch_size)
+        if not torch.isfinite(q_out).all():
+            raise LrqError(f"block {index}: quantized output contains NaN or inf")
+        report = {"block": index, **block_errors(fp_out, q_out), **extra}
+        result.blocks.append(report)
+        prefix = _block_prefix(model, block)
+        result.quantized.extend(f"{prefix}.{n}" for n in names)
+        if progress:
+            progress(report, len(blocks))
+        fp_in, q_in = fp_out, q_out
+    return result
+
+
+def _block_prefix(model: nn.Module, block: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is block:
+            return name
+    raise LrqError("block is not part of the model")

@@ -1,0 +1,181 @@
+"""The quantized checkpoint: a directory with manifest.json, model.safetensors and what is
+needed to rebuild the model (HF config + tokenizer, or timm.json).
+
+Written atomically: everything goes to a hidden temporary directory next to the target,
+which is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.errors import LrqError
+from lrq_deploy.models import LoadedModel, adapter_for_family
+from lrq_deploy.quant import QuantLinear
+
+FORMAT = "lrq-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("lrq-deploy", "torch", "transformers", "timm", "safetensors"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LrqError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LrqError(f"output directory {out} is not empty (use --force to overwrite it)")
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool):
+    """Yield a temporary directory; on success it replaces `out`, on failure it is removed."""
+    check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _make_readable(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_readable(tmp: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give them the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for file in tmp.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
+
+
+def save_checkpoint(
+    out: Path, source: LoadedModel, model: nn.Module, quantized: list[str],
+    qconfig: QuantConfig, cconfig: CalibConfig, blocks: list[dict], force: bool = False,
+) -> Path:
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    with atomic_directory(out, force) as tmp:
+        extras = source.adapter.save_architecture(source, tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "family": source.adapter.family,
+            "task": source.adapter.task,
+            "source": _source_reference(source.spec),
+            "quant": qconfig.to_dict(),
+            "calib": cconfig.to_dict(),
+            "quantized_modules": quantized,
+            "blocks": blocks,
+            "versions": library_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **extras,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def _source_reference(spec: str) -> str:
+    if spec.startswith(("bundled:", "timm:")):
+        return spec
+    return str(Path(spec).resolve())
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise LrqError(f"checkpoint {path} does not exist")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise LrqError(f"{path} is not an lrq checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LrqError(f"{file} is corrupt ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LrqError(f"{file} is not an lrq checkpoint manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LrqError(
+            f"{path} has checkpoint format version {version}; this lrq-deploy reads up to {FORMAT_VERSION} (upgrade lrq-deploy)"
+        )
+    return manifest
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LrqError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+
+
+def load_checkpoint(path: Path, device="cpu") -> tuple[LoadedModel, dict]:
+    """Rebuild the quantized model (reference torch backend) and return it with its manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    qconfig = QuantConfig.from_dict(manifest["quant"])
+    adapter = adapter_for_family(manifest["family"])
+    model, tokenizer = adapter.build_skeleton(path, manifest)
+    for name in manifest["quantized_modules"]:
+        _swap_in_shell(model, name, qconfig)
+    missing, unexpected = _load_weights(model, path / WEIGHTS)
+    if missing or unexpected:
+        raise LrqError(
+            f"{path / WEIGHTS} does not match its manifest (missing {len(missing)}, unexpected {len(unexpected)} tensors)"
+        )
+    model.to(device).eval()
+    loaded = LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=str(path), extras=manifest)
+    return loaded, manifest
+
+
+def _swap_in_shell(model: nn.Module, name: str, qconfig: QuantConfig) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, child, None)
+    if not isinstance(linear, nn.Linear):
+        raise LrqError(f"checkpoint lists {name} as quantized, but the model has no linear there")
+    setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, qconfig))
+
+
+def _load_weights(model: nn.Module, file: Path) -> tuple[list, list]:
+    """Load safetensors into the model; tied weights (stored once) resolve to their shared tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    if not file.is_file():
+        raise LrqError(f"{file} is missing")
+    try:
+        return load_model(model, str(file), strict=False)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LrqError(f"{file} is corrupt or truncated ({str(exc).splitlines()[0]})") from None

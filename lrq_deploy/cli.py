@@ -1,0 +1,96 @@
+"""The `lrq` command line. Each command parses options and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from lrq_deploy.config import ACT_BITS, METHODS, WEIGHT_BITS
+from lrq_deploy.errors import LrqError
+
+
+def clean_errors(fn):
+    """Report LrqError as one line on stderr with exit status 1 (2 on Ctrl-C), never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LrqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lrq-deploy")
+def main():
+    """lrq-deploy: low-bit post-training quantization from PyTorch to deployment."""
+
+
+@main.command(short_help="Quantize a model and write a quantized checkpoint.")
+@click.argument("model", required=False)
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
+@click.option("--wbits", type=int, default=4, show_default=True, help=f"Weight bits: {', '.join(map(str, WEIGHT_BITS))}.")
+@click.option("--abits", type=int, default=16, show_default=True, help=f"Activation bits: {', '.join(map(str, ACT_BITS))}.")
+@click.option("--group-size", type=int, default=None, help="Weight group size (default: per output channel).")
+@click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight quantization mapping.")
+@click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True)
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="UTF-8 text file for calibration.")
+@click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
+@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per calibration sample.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
+@clean_errors
+def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_data, nsamples, seqlen, alpha, seed, device, force):
+    """Quantize MODEL (an HF directory, a timm directory, timm:NAME@WEIGHTS.safetensors,
+    bundled:llama or bundled:vit; default bundled:llama) and write a checkpoint to OUT."""
+    from lrq_deploy.calib import calibrate as run
+    from lrq_deploy.config import CalibConfig, QuantConfig
+
+    qconfig = QuantConfig(wbits=wbits, abits=abits, group_size=group_size, symmetric=symmetric)
+    cconfig = CalibConfig(method=method, nsamples=nsamples, seqlen=seqlen, seed=seed, alpha=alpha)
+
+    def progress(report, total):
+        click.echo(
+            f"block {report['block'] + 1}/{total}  mse {report['mse']:.3e}  cosine {report['cosine']:.5f}", err=True
+        )
+
+    summary = run(model, out, qconfig, cconfig, calib_data=calib_data, device=device, force=force, progress=progress)
+    click.echo(f"wrote {summary['checkpoint']} ({method} {qconfig.scenario})")
+
+
+@main.command(name="eval", short_help="Compare full-precision and quantized accuracy.")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--task", type=click.Choice(["ppl", "top1"]), default=None, help="Metric (default: the model's own).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluation text (default: WikiText-2 test).")
+@click.option("--limit", type=int, default=None, help="Evaluate at most this many windows (quick checks).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with keys fp and quant.")
+@clean_errors
+def eval_(target, task, data, limit, device, as_json):
+    """Evaluate checkpoint TARGET and its source model side by side."""
+    from lrq_deploy.eval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(target, task=task, data=data, limit=limit, device=device)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    metric = result["task"]
+    click.echo(f"{'model':<28}{metric:>12}")
+    click.echo(f"{'full precision':<28}{result['fp'][metric]:>12.4f}")
+    click.echo(f"{result['scenario']:<28}{result['quant'][metric]:>12.4f}")
+
+
+if __name__ == "__main__":
+    main()

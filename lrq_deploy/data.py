@@ -1,0 +1,57 @@
+"""Calibration and evaluation data: bundled WikiText-2 text, user text files, sklearn digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lrq_deploy.errors import LrqError
+
+DATA_DIR = Path(__file__).resolve().parent / "assets" / "data"
+BUNDLED_TEXT = {"calib": DATA_DIR / "wikitext2-calib.txt", "test": DATA_DIR / "wikitext2-test.txt"}
+DIGITS_TRAIN = 1400  # the bundled ViT was trained on the first 1,400 images of a fixed permutation
+
+
+def bundled_text(name: str) -> str:
+    return read_text(BUNDLED_TEXT[name])
+
+
+def read_text(path: Path | str) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise LrqError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LrqError(f"data file {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise LrqError(f"data file {path} is empty")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def token_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
+    """nsamples random windows of seqlen tokens ([1, seqlen] each), reproducible from seed."""
+    ids = tokenize(tokenizer, text)
+    if ids.numel() <= seqlen:
+        raise LrqError(f"calibration text has {ids.numel()} tokens; at least {seqlen + 1} are needed for seqlen {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return [ids[s : s + seqlen].unsqueeze(0) for s in starts.tolist()]
+
+
+def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 8x8 digits as [N, 1, 8, 8] floats normalized to [-1, 1], and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    perm = torch.randperm(len(digits.images), generator=torch.Generator().manual_seed(0))
+    images = torch.tensor(digits.images, dtype=torch.float32)[perm].unsqueeze(1) / 16.0
+    images = (images - 0.5) / 0.5
+    labels = torch.tensor(digits.target)[perm]
+    part = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
+    return images[part], labels[part]

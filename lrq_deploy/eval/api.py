@@ -1,0 +1,29 @@
+"""Evaluate a quantized checkpoint next to the full-precision model it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lrq_deploy.errors import LrqError
+
+
+def evaluate_checkpoint(
+    path: Path, task: str | None = None, data: Path | None = None, limit: int | None = None, device: str = "auto"
+) -> dict:
+    """Return {"task", "fp": {metric: value}, "quant": {metric: value}} for a checkpoint."""
+    from lrq_deploy.calib.api import resolve_device
+    from lrq_deploy.checkpoint import load_checkpoint
+    from lrq_deploy.models import load_model
+
+    dev = resolve_device(device)
+    quant, manifest = load_checkpoint(Path(path), dev)
+    adapter = quant.adapter
+    if task is not None and task != adapter.default_metric:
+        raise LrqError(f"task {task!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
+    fp = load_model(manifest["source"], dev)
+    return {
+        "task": adapter.default_metric,
+        "scenario": f"{manifest['calib']['method']} W{manifest['quant']['wbits']}A{manifest['quant']['abits']}",
+        "fp": adapter.evaluate(fp.model, fp, data, limit, dev),
+        "quant": adapter.evaluate(quant.model, quant, data, limit, dev),
+    }

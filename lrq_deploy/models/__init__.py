@@ -1,0 +1,110 @@
+"""Model families. A new family is one adapter module plus one line in ADAPTERS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lrq_deploy.errors import LrqError
+from lrq_deploy.models.base import BlockInputs, LoadedModel, ModelAdapter, SmoothGroup
+from lrq_deploy.models.llama import LlamaAdapter
+from lrq_deploy.models.opt import OptAdapter
+from lrq_deploy.models.vit import VitAdapter, create_timm_model
+
+__all__ = [
+    "ADAPTERS", "BlockInputs", "LoadedModel", "ModelAdapter", "SmoothGroup",
+    "adapter_for_family", "load_model", "BUNDLED",
+]
+
+ADAPTERS: list[ModelAdapter] = [LlamaAdapter(), OptAdapter(), VitAdapter()]
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED = {"bundled:llama": ASSETS / "llama-wikitext2", "bundled:vit": ASSETS / "vit-digits"}
+DEFAULT_MODEL = "bundled:llama"
+
+
+def adapter_for_family(family: str) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise LrqError(f"unknown model family {family!r} (known: {', '.join(a.family for a in ADAPTERS)})")
+
+
+def _hf_adapter(model_type: str) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if model_type in getattr(adapter, "model_types", ()):
+            return adapter
+    supported = ", ".join(t for a in ADAPTERS for t in getattr(a, "model_types", ()))
+    raise LrqError(f"unsupported architecture {model_type!r} (supported: {supported}, timm ViT)")
+
+
+def load_model(spec: str | None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a full-precision model from a spec: a bundled name, an HF or timm directory,
+    or `timm:NAME@WEIGHTS.safetensors`."""
+    spec = spec or DEFAULT_MODEL
+    if spec.startswith("timm:"):
+        loaded = _load_timm_spec(spec)
+    else:
+        path = BUNDLED.get(spec, Path(spec))
+        if not path.exists():
+            raise LrqError(f"model path {spec} does not exist")
+        if (path / "config.json").is_file():
+            loaded = _load_hf(path, spec)
+        elif (path / "timm.json").is_file():
+            timm_spec = _read_json(path / "timm.json")
+            loaded = _load_timm(timm_spec, path / "model.safetensors", spec)
+        else:
+            raise LrqError(f"{spec} is not a model directory (no config.json or timm.json in it)")
+    _check_finite(loaded.model, spec)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LrqError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _load_hf(path: Path, spec: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_type = _read_json(path / "config.json").get("model_type", "<missing>")
+    adapter = _hf_adapter(model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrqError(f"cannot load {spec}: {message}") from None
+    return LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=spec)
+
+
+def _load_timm_spec(spec: str) -> LoadedModel:
+    name, _, weights = spec[len("timm:"):].partition("@")
+    if not name or not weights:
+        raise LrqError(f"timm models are named timm:MODEL_NAME@WEIGHTS.safetensors, got {spec!r}")
+    return _load_timm({"model_name": name, "kwargs": {}}, Path(weights), spec)
+
+
+def _load_timm(timm_spec: dict, weights: Path, spec: str) -> LoadedModel:
+    from lrq_deploy.checkpoint import read_safetensors
+
+    if not weights.is_file():
+        raise LrqError(f"weights file {weights} does not exist")
+    model = create_timm_model(timm_spec)
+    state = {k: v.float() for k, v in read_safetensors(weights).items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise LrqError(f"{weights} does not match timm model {timm_spec['model_name']!r}: {str(exc).splitlines()[0]}") from None
+    adapter = adapter_for_family("vit")
+    return LoadedModel(model=model, adapter=adapter, tokenizer=None, spec=spec, extras={"timm": timm_spec})
+
+
+def _check_finite(model: torch.nn.Module, spec: str) -> None:
+    for name, param in model.state_dict().items():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise LrqError(f"{spec}: weight {name} contains NaN or inf values")

@@ -1,0 +1,85 @@
+"""The adapter interface: everything family-specific about a model lives behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """Linears that share one input, and the module whose output can absorb X / s.
+
+    prev_kind: "norm" (scale the norm's weight/bias) or "linear" (scale the output rows of
+    the linear named `prev`; `repeat` > 1 when the consumer sees each channel of `prev`
+    repeated, e.g. v_proj -> o_proj under grouped-query attention).
+    shiftable: the absorbing module has a bias, so a channel shift X - delta can be folded too.
+    """
+
+    prev: str
+    prev_kind: str
+    linears: tuple[str, ...]
+    repeat: int = 1
+    kv_heads: int = 1  # with repeat > 1: prev's channels are kv_heads blocks, each repeated `repeat` times
+    rows: tuple[int, int] | None = None  # slice of prev's output rows feeding the group (fused qkv)
+    shiftable: bool = False
+
+
+@dataclass
+class BlockInputs:
+    """Inputs of one transformer block for all calibration samples."""
+
+    hidden: torch.Tensor  # [N, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """One model family. Subclasses are small tables plus a few hooks."""
+
+    family: str = ""
+    task: str = ""  # "causal_lm" | "image_classification"
+    default_metric: str = ""
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def linear_names(self, block: nn.Module) -> list[str]:
+        """Names (relative to the block) of the linears to quantize."""
+        return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+    def smooth_groups(self, model: nn.Module) -> list[SmoothGroup]:
+        return []
+
+    def capture_block_inputs(self, model: nn.Module, batches: list[torch.Tensor]) -> BlockInputs:
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def calibration_batches(self, source, calib_path: Path | None, nsamples: int, seqlen: int, seed: int):
+        raise NotImplementedError
+
+    def save_architecture(self, source, out_dir: Path) -> dict:
+        """Write what is needed to rebuild the model skeleton; return manifest extras."""
+        raise NotImplementedError
+
+    def build_skeleton(self, ckpt_dir: Path, extras: dict) -> tuple[nn.Module, Any]:
+        """Rebuild (model, tokenizer-or-None) with random weights from a checkpoint directory."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, source, data_path: Path | None, limit: int | None, device) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    adapter: ModelAdapter
+    tokenizer: Any
+    spec: str  # how the user named it, recorded in the manifest
+    extras: dict = field(default_factory=dict)

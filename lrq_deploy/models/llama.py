@@ -1,0 +1,24 @@
+"""LLaMA family: Llama, Mistral, Qwen2 (grouped-query attention supported)."""
+
+from __future__ import annotations
+
+from lrq_deploy.models.base import SmoothGroup
+from lrq_deploy.models.causal_lm import CausalLMAdapter
+
+
+class LlamaAdapter(CausalLMAdapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+
+    def smooth_groups(self, model):
+        cfg = model.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return [
+            SmoothGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            SmoothGroup(
+                "self_attn.v_proj", "linear", ("self_attn.o_proj",),
+                repeat=cfg.num_attention_heads // kv_heads, kv_heads=kv_heads,
+            ),
+            SmoothGroup("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
+            SmoothGroup("mlp.up_proj", "linear", ("mlp.down_proj",)),
+        ]

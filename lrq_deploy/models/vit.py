@@ -1,0 +1,72 @@
+"""timm Vision Transformers (ViT / DeiT), image classification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lrq_deploy import data
+from lrq_deploy.errors import LrqError
+from lrq_deploy.eval.top1 import top1_accuracy
+from lrq_deploy.models.base import BlockInputs, ModelAdapter, SmoothGroup
+
+
+class VitAdapter(ModelAdapter):
+    family = "vit"
+    task = "image_classification"
+    default_metric = "top1"
+
+    def blocks(self, model):
+        return model.blocks
+
+    def smooth_groups(self, model):
+        dim = model.embed_dim
+        return [
+            SmoothGroup("norm1", "norm", ("attn.qkv",), shiftable=True),
+            SmoothGroup("attn.qkv", "linear", ("attn.proj",), rows=(2 * dim, 3 * dim), shiftable=True),
+            SmoothGroup("norm2", "norm", ("mlp.fc1",), shiftable=True),
+        ]
+
+    def capture_block_inputs(self, model, batches):
+        hidden = []
+        handle = self.blocks(model)[0].register_forward_pre_hook(lambda _m, args: hidden.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                for images in batches:
+                    model(images)
+        finally:
+            handle.remove()
+        return BlockInputs(hidden=torch.cat(hidden))
+
+    def calibration_batches(self, source, calib_path, nsamples, seqlen, seed):
+        if calib_path is not None:
+            raise LrqError("--calib-data is for text models; the ViT calibrates on the bundled digits training split")
+        images, _ = data.digits_split("train")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:nsamples]
+        return list(images[order].split(32))
+
+    def save_architecture(self, source, out_dir: Path) -> dict:
+        spec = source.extras["timm"]
+        (out_dir / "timm.json").write_text(json.dumps(spec, indent=2) + "\n")
+        return {"timm": spec}
+
+    def build_skeleton(self, ckpt_dir: Path, extras: dict):
+        return create_timm_model(extras["timm"]), None
+
+    def evaluate(self, model, source, data_path, limit, device):
+        if data_path is not None:
+            raise LrqError("--data is not supported for the ViT: top-1 is measured on the held-out digits split")
+        images, labels = data.digits_split("test")
+        return {"top1": top1_accuracy(model, images, labels, device=device)}
+
+
+def create_timm_model(spec: dict) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(spec["model_name"], pretrained=False, **spec.get("kwargs", {}))
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise LrqError(f"cannot build timm model {spec.get('model_name')!r}: {exc}") from None
