@@ -48,25 +48,34 @@ def main():
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per calibration sample.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per block (learnable methods).")
+@click.option("--lr-smooth", type=float, default=5e-3, show_default=True, help="Learning rate of smoothing/rotation.")
+@click.option("--lr-lwc", type=float, default=1e-2, show_default=True, help="Learning rate of weight clipping.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per optimizer step.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its run directory.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
 @clean_errors
-def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_data, nsamples, seqlen, alpha, seed, device, force):
+def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_data, nsamples, seqlen, alpha,
+              epochs, lr_smooth, lr_lwc, batch_size, seed, device, run_dir, resume, force):
     """Quantize MODEL (an HF directory, a timm directory, timm:NAME@WEIGHTS.safetensors,
     bundled:llama or bundled:vit; default bundled:llama) and write a checkpoint to OUT."""
     from lrq_deploy.calib import calibrate as run
     from lrq_deploy.config import CalibConfig, QuantConfig
 
     qconfig = QuantConfig(wbits=wbits, abits=abits, group_size=group_size, symmetric=symmetric)
-    cconfig = CalibConfig(method=method, nsamples=nsamples, seqlen=seqlen, seed=seed, alpha=alpha)
+    from lrq_deploy.calib.progress import ConsoleProgress
 
-    def progress(report, total):
-        click.echo(
-            f"block {report['block'] + 1}/{total}  mse {report['mse']:.3e}  cosine {report['cosine']:.5f}", err=True
-        )
-
-    summary = run(model, out, qconfig, cconfig, calib_data=calib_data, device=device, force=force, progress=progress)
+    cconfig = CalibConfig(
+        method=method, nsamples=nsamples, seqlen=seqlen, seed=seed, alpha=alpha,
+        epochs=epochs, lr_smooth=lr_smooth, lr_lwc=lr_lwc, batch_size=batch_size,
+    )
+    summary = run(
+        model, out, qconfig, cconfig, calib_data=calib_data, device=device, force=force,
+        progress=ConsoleProgress(epochs), run_dir=run_dir, resume=resume,
+    )
     click.echo(f"wrote {summary['checkpoint']} ({method} {qconfig.scenario})")
 
 

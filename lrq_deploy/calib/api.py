@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 
-from lrq_deploy.calib import baselines  # noqa: F401  (registers rtn, smoothquant)
+from lrq_deploy.calib import baselines, learnable  # noqa: F401  (register the methods)
 from lrq_deploy.calib.engine import calibrate_model
+from lrq_deploy.calib.learnable import RECIPES
+from lrq_deploy.calib.rundir import RunDir
 from lrq_deploy.checkpoint import check_output_dir, save_checkpoint
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
@@ -33,17 +35,26 @@ def calibrate(
     device: str = "auto",
     force: bool = False,
     progress=None,
+    run_dir: Path | None = None,
+    resume: bool = False,
 ) -> dict:
     """Quantize a model with the configured method and write the checkpoint to `out`.
 
-    Returns a summary: per-block errors and the checkpoint path.
+    Learnable methods keep their per-block parameters in `run_dir` (default: OUT.run), so an
+    interrupted run continues with resume=True. Returns the checkpoint path and per-block errors.
     """
-    check_output_dir(Path(out), force)
+    out = Path(out)
+    check_output_dir(out, force)
     dev = resolve_device(device)
     torch.manual_seed(cconfig.seed)
     loaded = load_model(model_spec, dev)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
-    result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress)
+    runs = None
+    if cconfig.method in RECIPES:
+        settings = {"model": loaded.spec, "quant": qconfig.to_dict(), "calib": cconfig.to_dict(),
+                    "calib_data": str(calib_data) if calib_data else None}
+        runs = RunDir(run_dir or out.with_name(out.name + ".run"), settings, resume)
+    result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress, run_dir=runs)
     loaded.model.cpu()
-    save_checkpoint(Path(out), loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=force)
-    return {"checkpoint": str(out), "blocks": result.blocks}
+    save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=force)
+    return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None}

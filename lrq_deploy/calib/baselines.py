@@ -8,37 +8,41 @@ from torch import nn
 from lrq_deploy.calib.engine import BlockJob, register_method
 from lrq_deploy.config import QuantConfig
 from lrq_deploy.fold import fold_smoothing, reduce_to_prev
-from lrq_deploy.quant import QuantLinear, quantize_weight, weight_qparams
+from lrq_deploy.quant import QuantLinear, gained_scale, quantize_weight, weight_qparams
 
 
-def quantize_linear(linear: nn.Linear, config: QuantConfig, upper=None, lower=None) -> QuantLinear:
-    """Round-to-nearest quantization of one linear (optionally with LWC clip factors)."""
+def quantize_linear(linear: nn.Linear, config: QuantConfig, upper=None, lower=None, row_gain=None) -> QuantLinear:
+    """Round-to-nearest quantization of one linear, optionally with learned LWC clip factors
+    (upper/lower, [out, groups]) and a per-row gain carried by the stored scale."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     if not config.quantize_weights:
         return QuantLinear.from_float(weight, bias, config)
     scale, zero = weight_qparams(weight, config.wbits, config.group_size, config.symmetric, upper, lower)
     codes = quantize_weight(weight, scale, zero, config.wbits, config.group_size)
-    return QuantLinear.from_codes(codes, scale, zero, bias, config).to(weight.device)
+    return QuantLinear.from_codes(codes, gained_scale(scale, row_gain), zero, bias, config).to(weight.device)
 
 
 def replace_linears(block: nn.Module, names: list[str], config: QuantConfig, clip_factors: dict | None = None) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        factors = (clip_factors or {}).get(name, (None, None))
+        factors = (clip_factors or {}).get(name, ())
         setattr(parent, child, quantize_linear(getattr(parent, child), config, *factors))
 
 
 @torch.no_grad()
-def input_absmax(job: BlockJob, names: list[str], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| seen by each named linear over the calibration inputs."""
-    stats: dict[str, torch.Tensor] = {}
+def input_stats(job: BlockJob, names: list[str], hidden: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-input-channel max and min seen by each named linear over the calibration inputs."""
+    stats: dict[str, dict[str, torch.Tensor]] = {}
     handles = []
     for name in names:
         def hook(_module, args, name=name):
-            amax = args[0].detach().abs().flatten(0, -2).amax(dim=0)
-            stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+            flat = args[0].detach().flatten(0, -2).float()
+            cmax, cmin = flat.amax(dim=0), flat.amin(dim=0)
+            if name in stats:
+                cmax, cmin = torch.maximum(stats[name]["max"], cmax), torch.minimum(stats[name]["min"], cmin)
+            stats[name] = {"max": cmax, "min": cmin}
 
         handles.append(job.block.get_submodule(name).register_forward_pre_hook(hook))
     try:
@@ -65,9 +69,10 @@ def smoothquant(job: BlockJob) -> dict:
     """SmoothQuant: s = max|X|^alpha / max|W|^(1 - alpha), folded into the preceding module."""
     alpha = job.cconfig.alpha
     firsts = [g.linears[0] for g in job.groups]
-    act = input_absmax(job, firsts, job.q_inputs)
+    stats = input_stats(job, firsts, job.q_inputs)
     for group in job.groups:
-        a = reduce_to_prev(act[group.linears[0]], group)
+        first = stats[group.linears[0]]
+        a = reduce_to_prev(torch.maximum(first["max"], -first["min"]), group)
         w = reduce_to_prev(weight_absmax(job, group), group)
         scale = (a.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
         fold_smoothing(job.block, group, scale)

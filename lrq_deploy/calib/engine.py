@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrq_deploy.calib.rundir import RunDir
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
@@ -36,6 +37,8 @@ class BlockJob:
     fp_targets: torch.Tensor
     kwargs: dict
     device: torch.device
+    run_dir: "RunDir | None" = None
+    epoch_progress: Callable[[int, float], None] | None = None
 
     def run(self, hidden: torch.Tensor, block: nn.Module | None = None, grad: bool = False) -> torch.Tensor:
         return run_block(self.adapter, block or self.block, hidden, self.kwargs, self.cconfig.batch_size, grad)
@@ -91,7 +94,8 @@ def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor) -> dict:
 
 
 def calibrate_model(
-    loaded: LoadedModel, qconfig: QuantConfig, cconfig: CalibConfig, batches: list[torch.Tensor], device, progress=None
+    loaded: LoadedModel, qconfig: QuantConfig, cconfig: CalibConfig, batches: list[torch.Tensor], device,
+    progress=None, run_dir: RunDir | None = None,
 ) -> CalibrationResult:
     """Quantize `loaded.model` in place, block by block; return per-block errors."""
     if cconfig.method not in METHODS:
@@ -108,7 +112,10 @@ def calibrate_model(
     for index, block in enumerate(blocks):
         fp_out = run_block(adapter, block, fp_in, inputs.kwargs, cconfig.batch_size)
         names = adapter.linear_names(block)
-        job = BlockJob(index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, inputs.kwargs, device)
+        job = BlockJob(
+            index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, inputs.kwargs,
+            torch.device(device), run_dir, progress.epoch if progress else None,
+        )
         extra = method(job) or {}
         q_out = run_block(adapter, block, q_in, inputs.kwargs, cconfig.batch_size)
         if not torch.isfinite(q_out).all():
@@ -118,7 +125,7 @@ def calibrate_model(
         prefix = _block_prefix(model, block)
         result.quantized.extend(f"{prefix}.{n}" for n in names)
         if progress:
-            progress(report, len(blocks))
+            progress.block_done(report, len(blocks))
         fp_in, q_in = fp_out, q_out
     return result
 

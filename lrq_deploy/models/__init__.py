@@ -70,7 +70,10 @@ def _read_json(path: Path) -> dict:
 
 def _load_hf(path: Path, spec: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     model_type = _read_json(path / "config.json").get("model_type", "<missing>")
     adapter = _hf_adapter(model_type)
     try:

@@ -22,6 +22,7 @@ __all__ = [
     "dequantize_weight",
     "fake_quant_activation",
     "fake_quant_weight",
+    "gained_scale",
     "quantize_activation",
     "quantize_weight",
     "round_ste",
@@ -96,14 +97,26 @@ def dequantize_weight(
 
 
 def fake_quant_weight(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None,
+    dequant_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Differentiable quantize-dequantize; equals dequantize_weight(quantize_weight(...)) exactly."""
+    """Differentiable quantize-dequantize; equals dequantize_weight(quantize_weight(...)) exactly.
+
+    dequant_scale (default: scale) lets a learned per-row factor ride on the stored scale:
+    codes come from `scale`, values from `dequant_scale`.
+    """
     g = _grouped(w, group_size)
     z = zero.unsqueeze(-1)
-    s = scale.unsqueeze(-1)
-    q = (round_ste(g / s) + z).clamp(0, 2**bits - 1)
-    return ((q - z) * s).reshape(w.shape)
+    q = (round_ste(g / scale.unsqueeze(-1)) + z).clamp(0, 2**bits - 1)
+    out_scale = scale if dequant_scale is None else dequant_scale
+    return ((q - z) * out_scale.unsqueeze(-1)).reshape(w.shape)
+
+
+def gained_scale(scale: torch.Tensor, row_gain: torch.Tensor | None) -> torch.Tensor:
+    """Scale times a per-output-row gain, rounded to float16 like every stored scale."""
+    if row_gain is None:
+        return scale
+    return (scale * row_gain.view(-1, 1)).to(torch.float16).to(scale.dtype)
 
 
 def act_qmax(bits: int) -> int:

@@ -1,0 +1,283 @@
+"""Learnable block-wise calibration: OmniQuant-style baseline, LRQuant and LRQuant+.
+
+Per block, parameters are learned against the block's full-precision output:
+- smoothing scales per smoothing group (and shifts where the producing module has a bias),
+- learnable weight clipping (LWC): sigmoid factors on each group's max and min, init 4,
+- LRQuant+ only: rank-1 "rotation" factors, init ones, placed where they fold exactly:
+  a per-output-row gain carried by the stored scale, and a per-input-channel gain of each
+  smoothing group folded into the module that produces the group's input (docs/METHOD.md).
+
+The forward pass used for learning is the block itself called with substituted parameters
+(torch.func.functional_call), so the modules, attention masks and rotary embeddings are the
+model's own; per-token activation fake quantization is a forward pre-hook on each linear.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lrq_deploy.calib.baselines import input_stats, replace_linears, weight_absmax
+from lrq_deploy.calib.engine import BlockJob, register_method
+from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
+from lrq_deploy.errors import LrqError
+from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
+from lrq_deploy.quant import fake_quant_activation, fake_quant_weight, gained_scale, weight_qparams
+
+LWC_INIT = 4.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What distinguishes the learnable methods; everything else is shared."""
+
+    init: str  # "log" (LRQuant) or "smoothquant" (OmniQuant)
+    use_nlc: bool
+    rotation: bool
+    two_branch: bool
+    dynamic_weighting: bool
+
+
+RECIPES = {
+    "omniquant": Recipe(init="smoothquant", use_nlc=False, rotation=False, two_branch=False, dynamic_weighting=False),
+    "lrquant": Recipe(init="log", use_nlc=True, rotation=False, two_branch=False, dynamic_weighting=False),
+    "lrquant+": Recipe(init="log", use_nlc=True, rotation=True, two_branch=True, dynamic_weighting=True),
+}
+
+
+def log_equivalent_scale(act_absmax: torch.Tensor) -> torch.Tensor:
+    """LRQuant's initial smoothing scale: s = a / log2(2 + a)."""
+    return act_absmax / torch.log2(2 + act_absmax)
+
+
+def smoothquant_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (act_absmax.clamp(min=1e-5).pow(alpha) / weight_absmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+
+def lwc_factor(logit: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logit)
+
+
+class BlockParams(nn.Module):
+    """The learnable quantities of one block, flat and named so they save as safetensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = nn.ParameterDict()
+
+    def add(self, kind: str, key: str, value: torch.Tensor) -> None:
+        self.values[f"{kind}__{key.replace('.', '_')}"] = nn.Parameter(value.detach().float().clone())
+
+    def get(self, kind: str, key: str) -> torch.Tensor | None:
+        name = f"{kind}__{key.replace('.', '_')}"
+        return self.values[name] if name in self.values else None
+
+    def of_kind(self, *kinds: str) -> list[nn.Parameter]:
+        return [p for n, p in self.values.items() if n.split("__")[0] in kinds]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.values.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        if set(tensors) != set(self.values):
+            raise LrqError("saved block parameters do not match this block (was the run made with other settings?)")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                self.values[name].copy_(value)
+
+
+def _group_key(index: int) -> str:
+    return f"group{index}"
+
+
+def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
+    params = BlockParams()
+    qcfg = job.qconfig
+    stats = input_stats(job, [g.linears[0] for g in job.groups], job.q_inputs)
+    for i, group in enumerate(job.groups):
+        amax, amin = (reduce_to_prev(s, group) for s in (stats[group.linears[0]]["max"], -stats[group.linears[0]]["min"]))
+        amin = -amin
+        shift = None
+        if group.shiftable and _has_biases(job.block, group):
+            shift = (amax + amin) / 2
+            params.add("shift", _group_key(i), shift)
+        absmax = torch.maximum(amax, -amin) if shift is None else (amax - amin) / 2
+        absmax = absmax.clamp(min=1e-5)
+        if recipe.init == "log":
+            scale = log_equivalent_scale(absmax)
+        else:
+            scale = smoothquant_scale(absmax, reduce_to_prev(weight_absmax(job, group), group), job.cconfig.alpha)
+        params.add("scale", _group_key(i), scale.clamp(min=1e-5))
+        if recipe.rotation:
+            params.add("gain", _group_key(i), torch.ones_like(scale))
+    if qcfg.quantize_weights:
+        for name in job.linear_names:
+            linear = job.block.get_submodule(name)
+            groups = linear.in_features // (qcfg.group_size or linear.in_features)
+            shape = (linear.out_features, groups)
+            params.add("lwc_up", name, torch.full(shape, LWC_INIT))
+            params.add("lwc_low", name, torch.full(shape, LWC_INIT))
+            if recipe.rotation:
+                params.add("row_gain", name, torch.ones(linear.out_features))
+    return params.to(job.device)
+
+
+def _has_biases(block: nn.Module, group) -> bool:
+    return all(block.get_submodule(n).bias is not None for n in group.linears) and (
+        getattr(block.get_submodule(group.prev), "bias", None) is not None
+    )
+
+
+def _smoothing(params: BlockParams, index: int):
+    key = _group_key(index)
+    scale = params.get("scale", key)
+    return scale.clamp(min=1e-5), params.get("shift", key), params.get("gain", key)
+
+
+def smoothed_block_params(job: BlockJob, params: BlockParams) -> dict[str, torch.Tensor]:
+    """The block's floating-point parameters after every group's smoothing (differentiable)."""
+    current: dict[str, torch.Tensor] = {}
+    for i, group in enumerate(job.groups):
+        touched = {n: current.get(n, p.detach()) for n, p in group_params(job.block, group).items()}
+        current.update(smooth_params(touched, group, *_smoothing(params, i)))
+    return current
+
+
+def fake_quant_block_params(job: BlockJob, params: BlockParams) -> dict[str, torch.Tensor]:
+    qcfg = job.qconfig
+    current = smoothed_block_params(job, params)
+    if not qcfg.quantize_weights:
+        return current
+    for name in job.linear_names:
+        key = f"{name}.weight"
+        weight = current.get(key, job.block.get_submodule(name).weight.detach())
+        up, low = lwc_factor(params.get("lwc_up", name)), lwc_factor(params.get("lwc_low", name))
+        scale, zero = weight_qparams(weight, qcfg.wbits, qcfg.group_size, qcfg.symmetric, up, low)
+        dequant = gained_scale(scale, params.get("row_gain", name))
+        current[key] = fake_quant_weight(weight, scale, zero, qcfg.wbits, qcfg.group_size, dequant)
+    return current
+
+
+class _WithParams(nn.Module):
+    """Calls `block` with some parameters substituted, keeping the adapter's calling convention."""
+
+    def __init__(self, block: nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.block = block
+        self.params = params
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.block, self.params, args, kwargs, strict=False)
+
+
+@contextmanager
+def activation_fake_quant(job: BlockJob):
+    """Per-token activation fake quantization on every quantized linear's input."""
+    if not job.qconfig.quantize_activations:
+        yield
+        return
+    bits = job.qconfig.abits
+    handles = [
+        job.block.get_submodule(n).register_forward_pre_hook(lambda _m, args: (fake_quant_activation(args[0], bits),))
+        for n in job.linear_names
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Objective:
+    """MSE (+ NLC), against one or two targets, optionally with dynamic weighting."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        terms = ("mse", "nlc") if recipe.use_nlc else ("mse",)
+        self.terms = terms
+        branches = 2 if recipe.two_branch else 1
+        self.weighting = [DynamicWeighting(terms) for _ in range(branches)] if recipe.dynamic_weighting else None
+
+    def __call__(self, output: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for branch, target in enumerate(targets):
+            values = {"mse": mse(output, target)}
+            if self.recipe.use_nlc:
+                values["nlc"] = nlc(output, target)
+            total = total + (self.weighting[branch](values) if self.weighting else sum(values.values()))
+        return total
+
+
+def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=None) -> list[float]:
+    cfg = job.cconfig
+    groups = [
+        {"params": params.of_kind("scale", "shift", "gain", "row_gain"), "lr": cfg.lr_smooth},
+        {"params": params.of_kind("lwc_up", "lwc_low"), "lr": cfg.lr_lwc},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    targets = [job.fp_targets]
+    if recipe.two_branch:  # homologous reconstruction: the FP block on the quantized inputs
+        targets.append(job.run(job.q_inputs))
+    objective = Objective(recipe)
+    generator = torch.Generator().manual_seed(cfg.seed + job.index)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if job.device.type == "cuda" else nullcontext()
+    curve = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(job.q_inputs), generator=generator)
+        epoch_loss = 0.0
+        for batch in order.split(cfg.batch_size):
+            with amp, activation_fake_quant(job):
+                block = _WithParams(job.block, fake_quant_block_params(job, params))
+                output = job.adapter.run_block(block, job.q_inputs[batch], job.kwargs)
+                loss = objective(output, [t[batch] for t in targets])
+            if not torch.isfinite(loss):
+                raise LrqError(f"block {job.index}, epoch {epoch}: the loss became NaN or inf (lower the learning rates)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.item() * len(batch)
+        curve.append(epoch_loss / len(job.q_inputs))
+        if progress:
+            progress(epoch, curve[-1])
+    return curve
+
+
+@torch.no_grad()
+def fold_and_quantize(job: BlockJob, params: BlockParams) -> None:
+    """Write the learned smoothing into the block and replace its linears by QuantLinears."""
+    for i, group in enumerate(job.groups):
+        fold_smoothing(job.block, group, *_smoothing(params, i))
+    clip = {}
+    if job.qconfig.quantize_weights:
+        clip = {
+            n: (lwc_factor(params.get("lwc_up", n)), lwc_factor(params.get("lwc_low", n)), params.get("row_gain", n))
+            for n in job.linear_names
+        }
+    replace_linears(job.block, job.linear_names, job.qconfig, clip)
+
+
+def learnable_method(recipe: Recipe):
+    def method(job: BlockJob) -> dict:
+        for p in job.block.parameters():
+            p.requires_grad_(False)
+        params = init_block_params(job, recipe)
+        saved = job.run_dir.load_block(job.index) if job.run_dir else None
+        if saved is not None:
+            params.load({k: v.to(job.device) for k, v in saved.items()})
+            curve = job.run_dir.block_curve(job.index)
+        else:
+            curve = train_block(job, params, recipe, job.epoch_progress)
+            if job.run_dir:
+                job.run_dir.save_block(job.index, params.tensors(), curve)
+        fold_and_quantize(job, params)
+        return {"loss_curve": curve}
+
+    return method
+
+
+for _name, _recipe in RECIPES.items():
+    register_method(_name)(learnable_method(_recipe))

@@ -1,0 +1,100 @@
+"""The CLI: help, and one clear error line (no traceback, non-zero exit) for each bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lrq_deploy.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def assert_clean_error(result, fragment):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_commands():
+    out = run("--help").output
+    assert "calibrate" in out and "eval" in out
+
+
+def test_missing_model_path(tmp_path):
+    assert_clean_error(run("calibrate", tmp_path / "nope", "-o", tmp_path / "o"), "does not exist")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_clean_error(run("calibrate", tmp_path / "m", "-o", tmp_path / "o"), "is not a model directory")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert_clean_error(run("calibrate", tmp_path / "m", "-o", tmp_path / "o"), "unsupported architecture 'bert'")
+
+
+def test_wbits_5(tmp_path):
+    assert_clean_error(run("calibrate", "-o", tmp_path / "o", "--wbits", "5"), "wbits must be one of")
+
+
+def test_group_size_not_dividing(tmp_path, tiny_llama_dir):
+    result = run("calibrate", tiny_llama_dir, "-o", tmp_path / "o", "--group-size", "48", "--nsamples", "2", "--seqlen", "16")
+    assert_clean_error(result, "group size 48 does not divide")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_calibration_file(tmp_path, tiny_llama_dir):
+    (tmp_path / "empty.txt").write_text("")
+    result = run("calibrate", tiny_llama_dir, "-o", tmp_path / "o", "--calib-data", tmp_path / "empty.txt")
+    assert_clean_error(result, "is empty")
+
+
+def test_output_exists(tmp_path, tiny_llama_dir):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    assert_clean_error(run("calibrate", tiny_llama_dir, "-o", tmp_path / "o"), "not empty (use --force")
+    assert (tmp_path / "o" / "keep.txt").exists()
+
+
+def test_truncated_checkpoint_on_eval(tmp_path, tiny_llama_dir):
+    out = tmp_path / "o"
+    ok = run("calibrate", tiny_llama_dir, "-o", out, "--nsamples", "2", "--seqlen", "16")
+    assert ok.exit_code == 0, ok.output
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) - 100])
+    assert_clean_error(run("eval", out, "--limit", "1"), "corrupt or truncated")
+
+
+def test_eval_missing_checkpoint(tmp_path):
+    assert_clean_error(run("eval", tmp_path / "none"), "does not exist")
+
+
+def test_console_script_reports_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lrq_deploy.cli", "calibrate", str(tmp_path / "nope"), "-o", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: model path {tmp_path / 'nope'} does not exist"]
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", ["--wbits", "4", "--group-size", "32"]), ("smoothquant", ["--wbits", "8", "--abits", "8"])])
+def test_calibrate_then_eval_json(tmp_path, tiny_llama_dir, method, bits):
+    out = tmp_path / method
+    result = run("calibrate", tiny_llama_dir, "-o", out, "--method", method, *bits, "--nsamples", "2", "--seqlen", "32")
+    assert result.exit_code == 0, result.output
+    report = json.loads(run("eval", out, "--json", "--limit", "2").stdout)
+    assert set(report) >= {"fp", "quant"}
+    assert report["fp"]["ppl"] > 1 and report["quant"]["ppl"] > 1
