@@ -87,7 +87,6 @@ def train_llama(wikitext: Path, steps: int, seqlen: int = 256, batch: int = 16):
         if step % 100 == 0 or step == steps - 1:
             print(f"llama step {step} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
     model = model.half()
-    model.config.torch_dtype = "float16"
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -146,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wikitext", type=Path, default=Path("../shared/data/wikitext-2"))
     parser.add_argument("--only", choices=["llama", "vit"])
-    parser.add_argument("--llama-steps", type=int, default=2000)
+    parser.add_argument("--llama-steps", type=int, default=600)
     parser.add_argument("--vit-epochs", type=int, default=80)
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -8,9 +8,10 @@ from lrq_deploy.errors import LrqError
 
 
 def evaluate_checkpoint(
-    path: Path, task: str | None = None, data: Path | None = None, limit: int | None = None, device: str = "auto"
+    path: Path, task: str | None = None, data: Path | None = None, limit: int | None = None, device: str = "auto",
+    compare_fp: bool = True,
 ) -> dict:
-    """Return {"task", "fp": {metric: value}, "quant": {metric: value}} for a checkpoint."""
+    """Return {"task", "fp": {metric: value} (None when compare_fp is off), "quant": {metric: value}}."""
     from lrq_deploy.calib.api import resolve_device
     from lrq_deploy.checkpoint import load_checkpoint
     from lrq_deploy.models import load_model
@@ -20,10 +21,10 @@ def evaluate_checkpoint(
     adapter = quant.adapter
     if task is not None and task != adapter.default_metric:
         raise LrqError(f"task {task!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
-    fp = load_model(manifest["source"], dev)
+    fp = load_model(manifest["source"], dev) if compare_fp else None
     return {
         "task": adapter.default_metric,
         "scenario": f"{manifest['calib']['method']} W{manifest['quant']['wbits']}A{manifest['quant']['abits']}",
-        "fp": adapter.evaluate(fp.model, fp, data, limit, dev),
+        "fp": adapter.evaluate(fp.model, fp, data, limit, dev) if fp else None,
         "quant": adapter.evaluate(quant.model, quant, data, limit, dev),
     }

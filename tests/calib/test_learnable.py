@@ -1,0 +1,108 @@
+import hashlib
+import math
+
+import pytest
+import torch
+
+from lrq_deploy.calib import learnable
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.calib.engine import BlockJob, run_block
+from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.data import token_windows
+from lrq_deploy.models import load_model
+
+
+def test_log_equivalent_init_hand_computed():
+    a = torch.tensor([0.0, 2.0, 14.0])
+    # a / log2(2 + a): 0 / 1, 2 / 2, 14 / 4
+    assert learnable.log_equivalent_scale(a).tolist() == [0.0, 1.0, 3.5]
+
+
+def test_lwc_init_and_bounds():
+    assert learnable.lwc_factor(torch.tensor(learnable.LWC_INIT)).item() == pytest.approx(1 / (1 + math.exp(-4)))
+    factors = learnable.lwc_factor(torch.tensor([-50.0, 0.0, 50.0]))
+    assert factors.min() >= 0 and factors.max() <= 1 and factors[1] == 0.5
+
+
+def test_nlc_hand_computed():
+    out = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    # token cosines 1 and 1/sqrt(2): mean(-log) = log(2) / 4
+    assert nlc(out, target).item() == pytest.approx(math.log(2) / 4, rel=1e-6)
+
+
+def test_dynamic_weighting_update():
+    weighting = DynamicWeighting(("mse", "nlc"), momentum=0.95)
+    first = weighting({"mse": torch.tensor(2.0), "nlc": torch.tensor(0.5)})
+    assert first.item() == pytest.approx(2.0)  # each term divided by itself
+    second = weighting({"mse": torch.tensor(4.0), "nlc": torch.tensor(0.5)})
+    assert weighting.means["mse"] == pytest.approx(0.95 * 2.0 + 0.05 * 4.0)
+    assert second.item() == pytest.approx(4.0 / 2.1 + 1.0)
+
+
+def _job(loaded, qconfig, cconfig, n=4, seqlen=32):
+    adapter, model = loaded.adapter, loaded.model
+    batches = token_windows(loaded.tokenizer, "lorem ipsum dolor sit amet, consectetur " * 300, n, seqlen, 0)
+    inputs = adapter.capture_block_inputs(model, batches)
+    block = adapter.blocks(model)[0]
+    targets = run_block(adapter, block, inputs.hidden, inputs.kwargs, 2)
+    return BlockJob(
+        0, block, adapter, adapter.smooth_groups(model), adapter.linear_names(block), qconfig, cconfig,
+        inputs.hidden, inputs.hidden, targets, inputs.kwargs, torch.device("cpu"),
+    )
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_opt_dir"])
+@pytest.mark.parametrize("method", ["lrquant", "lrquant+"])
+def test_training_lowers_loss_and_fold_matches_fake_quant(fixture, method, request):
+    loaded = load_model(str(request.getfixturevalue(fixture)))
+    recipe = learnable.RECIPES[method]
+    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
+    job = _job(loaded, qconfig, CalibConfig(method=method, nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=1e-2))
+    params = learnable.init_block_params(job, recipe)
+    targets = [job.fp_targets] + ([job.run(job.q_inputs)] if recipe.two_branch else [])
+
+    def fake_quant_loss():
+        with torch.no_grad(), learnable.activation_fake_quant(job):
+            block = learnable._WithParams(job.block, learnable.fake_quant_block_params(job, params))
+            out = job.adapter.run_block(block, job.q_inputs, job.kwargs)
+        # fixed weights (no running means) so that before and after are comparable
+        return sum((mse(out, t) + nlc(out, t)).item() for t in targets), out
+
+    before, _ = fake_quant_loss()
+    for p in job.block.parameters():
+        p.requires_grad_(False)
+    learnable.train_block(job, params, recipe)
+    after, expected = fake_quant_loss()
+    assert after < before
+    learnable.fold_and_quantize(job, params)
+    with torch.no_grad():
+        folded = job.adapter.run_block(job.block, job.q_inputs, job.kwargs)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)
+
+
+def _sha(path):
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+class _KillAfterFirstBlock:
+    def epoch(self, epoch, loss):
+        pass
+
+    def block_done(self, report, total):
+        raise KeyboardInterrupt  # the process dies right after block 0's parameters were saved
+
+
+def test_resume_after_kill_gives_identical_checkpoint(tmp_path, tiny_llama_dir):
+    qconfig = QuantConfig(wbits=4, abits=8, group_size=32)
+    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
+    calibrate(str(tiny_llama_dir), tmp_path / "full", qconfig, cconfig, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(str(tiny_llama_dir), tmp_path / "resumed", qconfig, cconfig, device="cpu", progress=_KillAfterFirstBlock())
+    assert not (tmp_path / "resumed").exists()
+    run_dir = tmp_path / "resumed.run"
+    assert (run_dir / "block_000.safetensors").is_file() and not (run_dir / "block_001.safetensors").exists()
+    calibrate(str(tiny_llama_dir), tmp_path / "resumed", qconfig, cconfig, device="cpu", resume=True)
+    assert _sha(tmp_path / "resumed") == _sha(tmp_path / "full")
+    assert (run_dir / "losses.png").stat().st_size > 0
