@@ -101,5 +101,32 @@ def eval_(target, task, data, limit, device, as_json):
     click.echo(f"{result['scenario']:<28}{result['quant'][metric]:>12.4f}")
 
 
+@main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour).")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="ort: standard ops only; trt: TensorRT native INT4 or lrq plugin nodes.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the minimum the weights need).")
+@click.option("--batch", type=int, default=None, help="Static batch size (default: dynamic axes).")
+@click.option("--seq-len", type=int, default=None, help="Static sequence length (default: dynamic axes).")
+@click.option("--limit", type=int, default=None, help="Verification samples (default 16 windows / all digits).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
+@clean_errors
+def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, no_verify):
+    """Export CHECKPOINT to an ONNX graph and verify it against the torch reference."""
+    from lrq_deploy.export import export_onnx
+
+    report = export_onnx(checkpoint, onnx_path, target=target, opset=opset, batch=batch, seq_len=seq_len,
+                         verify=not no_verify, limit=limit)
+    ratio = report["weight_ratio"]
+    click.echo(f"wrote {report['onnx']} (target {target}, opset {report['opset']}, {report['file_bytes'] / 1e6:.2f} MB; "
+               f"quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16)")
+    verify = report.get("verify")
+    if verify:
+        click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
+        click.echo(f"{verify['metric']:<14}{verify['torch']:>12.4f}{verify['onnxruntime']:>14.4f}")
+        click.echo(f"max |logit error| {verify['max_abs_logit_error']:.3e}   argmax agreement {verify['argmax_agreement']:.4%}")
+
+
 if __name__ == "__main__":
     main()

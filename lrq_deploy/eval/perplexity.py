@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, device="cpu", batch_size: int = 8) -> float:
-    """exp(mean negative log-likelihood) over every predicted token.
+def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping [n, seqlen] windows of a token stream (the tail shorter than seqlen is dropped)."""
+    out = ids[: ids.numel() // seqlen * seqlen].view(-1, seqlen)
+    return out if max_windows is None else out[:max_windows]
 
-    The text is cut into non-overlapping windows of seqlen tokens; each window predicts its
-    seqlen - 1 next tokens, and the mean is taken over those predictions (not over seqlen).
-    """
-    windows = ids[: ids.numel() // seqlen * seqlen].view(-1, seqlen)
-    if max_windows is not None:
-        windows = windows[:max_windows]
+
+def perplexity_from_logits(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """exp(mean NLL) from (input ids [b, s], logits [b, s, vocab]) pairs; each window predicts s - 1 tokens."""
     total_nll, total_tokens = 0.0, 0
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
+    for ids, logits in pairs:
+        logits = logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
+        total_tokens += ids[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def perplexity(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, seqlen: int,
+    max_windows: int | None = None, batch_size: int = 8,
+) -> float:
+    """Perplexity of `logits_fn` (input ids -> logits) on a token stream, mean over predicted tokens."""
+    batches = windows(ids, seqlen, max_windows).split(batch_size)
+    return perplexity_from_logits((batch, logits_fn(batch)) for batch in batches)

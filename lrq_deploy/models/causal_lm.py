@@ -9,7 +9,7 @@ from torch import nn
 
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
-from lrq_deploy.eval.perplexity import perplexity
+from lrq_deploy.eval.perplexity import perplexity, perplexity_from_logits, windows
 from lrq_deploy.models.base import BlockInputs, ModelAdapter
 
 
@@ -83,9 +83,49 @@ class CausalLMAdapter(ModelAdapter):
         return model, tokenizer
 
     def evaluate(self, model, source, data_path, limit, device):
+        ids = self._eval_ids(source, data_path)
+        return {"ppl": perplexity(torch_logits(model, device), ids, self.eval_seqlen, max_windows=limit)}
+
+    def _eval_ids(self, source, data_path) -> torch.Tensor:
         text = data.read_text(data_path) if data_path else data.bundled_text("test")
-        ids = data.tokenize(source.tokenizer, text)
-        return {"ppl": perplexity(model, ids, self.eval_seqlen, max_windows=limit, device=device)}
+        return data.tokenize(source.tokenizer, text)
+
+    # --- export -------------------------------------------------------------------------
+    input_names = ("input_ids",)
+
+    def graph_module(self, model):
+        return _LogitsOnly(model)
+
+    def example_inputs(self, model, batch: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)),)
+
+    def dynamic_axes(self) -> dict[int, tuple[str, int, int]]:
+        return {0: ("batch", 1, 1024), 1: ("seq", 2, 4096)}
+
+    def verification_set(self, source, data_path, limit, seq_len):
+        ids = windows(self._eval_ids(source, data_path), seq_len or self.eval_seqlen, limit or 16)
+        return list(ids.split(4)), None
+
+    def metric_from_logits(self, inputs, logits, labels) -> dict:
+        return {"ppl": perplexity_from_logits(zip(inputs, logits))}
+
+
+class _LogitsOnly(nn.Module):
+    """input_ids -> logits, without a KV cache: the graph exported for prefill/scoring."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def torch_logits(model: nn.Module, device):
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), use_cache=False).logits.cpu()
+
+    return run
 
 
 def _first_line(exc: Exception) -> str:

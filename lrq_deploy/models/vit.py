@@ -60,7 +60,32 @@ class VitAdapter(ModelAdapter):
         if data_path is not None:
             raise LrqError("--data is not supported for the ViT: top-1 is measured on the held-out digits split")
         images, labels = data.digits_split("test")
-        return {"top1": top1_accuracy(model, images, labels, device=device)}
+        return {"top1": top1_accuracy(lambda x: model(x.to(device)).cpu(), images, labels)}
+
+    # --- export -------------------------------------------------------------------------
+    input_names = ("pixel_values",)
+
+    def graph_module(self, model):
+        return model
+
+    def example_inputs(self, model, batch: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+        size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+        return (torch.randn(batch, *size, generator=torch.Generator().manual_seed(0)),)
+
+    def dynamic_axes(self) -> dict[int, tuple[str, int, int]]:
+        return {0: ("batch", 1, 4096)}
+
+    def verification_set(self, source, data_path, limit, seq_len):
+        if data_path is not None:
+            raise LrqError("--data is not supported for the ViT: verification uses the held-out digits split")
+        images, labels = data.digits_split("test")
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        return list(images.split(128)), list(labels.split(128))
+
+    def metric_from_logits(self, inputs, logits, labels) -> dict:
+        correct = sum((l.argmax(-1) == y).sum().item() for l, y in zip(logits, labels))
+        return {"top1": correct / sum(len(y) for y in labels)}
 
 
 def create_timm_model(spec: dict) -> nn.Module:

@@ -33,6 +33,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight", torch.zeros(out_features, in_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._dequantized: torch.Tensor | None = None
+        self.graph_op = False  # set by the ONNX exporter: forward through the lrq::quant_linear op
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, bias, config: QuantConfig) -> "QuantLinear":
@@ -69,11 +70,23 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph_op:
+            return self._graph_forward(x)
         if self.config.quantize_activations:
             x = fake_quant_activation(x, self.config.abits)
         weight = self.dequantized_weight()
         bias = self.bias
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lrq_deploy.export.ops import quant_linear
+
+        cfg = self.config
+        if cfg.quantize_weights:
+            weight, scales, zeros = self.qweight, self.scales, self.zeros
+        else:
+            weight, scales, zeros = self.weight, self.weight.new_ones(1), self.weight.new_zeros(1, dtype=torch.uint8)
+        return quant_linear(x, weight, scales, zeros, self.bias, cfg.wbits, cfg.abits, cfg.group_size or 0, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.config.scenario}"

@@ -1,0 +1,241 @@
+"""Lowering of lrq.QuantLinear nodes: standard ONNX ops (target ort) or TensorRT nodes (target trt).
+
+Weights enter the graph as [in, out] so that MatMul consumes the dequantized tensor directly:
+codes are re-laid out once, at export. ONNX packs 4-bit and 2-bit tensors little end first
+over the flattened tensor, the same order as the checkpoint (docs/FORMATS.md).
+
+target ort, per linear:
+    x --(abits < 16: per-token symmetric fake quant: Abs, ReduceMax, Max, Div, Round, Clip, Mul)-->
+      MatMul(x, DequantizeLinear(W[in, out] as UINT4/UINT2/UINT8, scale[groups, out], zero, axis=0, block_size))
+      (+ Add bias)
+target trt:
+    symmetric INT4 weight-only -> TensorRT's native path: INT4 initializer, zero-free block DequantizeLinear
+    everything else -> one node in the `lrq` domain named after its plugin (W4A4Linear, W2A16Linear, ...)
+    with the checkpoint's packed weights, float16 scales and uint8 zero points as inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lrq_deploy.errors import LrqError
+from lrq_deploy.export.ops import DOMAIN
+
+PLUGIN_NAMESPACE = "lrq"
+# Minimum opset of a DequantizeLinear per weight type (block-wise DQ and INT4/UINT4: 21, INT2/UINT2: 25).
+MIN_OPSET = {2: 25, 3: 21, 4: 21, 6: 21, 8: 21, 16: 18}
+_ONNX_TYPE = {2: TensorProto.UINT2, 3: TensorProto.UINT4, 4: TensorProto.UINT4, 6: TensorProto.UINT8, 8: TensorProto.UINT8}
+
+
+@dataclass
+class LinearNode:
+    node: onnx.NodeProto
+    wbits: int
+    abits: int
+    group_size: int
+    in_features: int
+
+    @property
+    def plugin_name(self) -> str:
+        return f"W{self.wbits}A{self.abits}Linear"
+
+
+def _as_linear(node: onnx.NodeProto) -> LinearNode | None:
+    if node.domain != DOMAIN or node.op_type != "QuantLinear":
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return LinearNode(node, attrs["wbits"], attrs["abits"], attrs["group_size"], attrs["in_features"])
+
+
+def quant_linear_nodes(model: onnx.ModelProto) -> list[LinearNode]:
+    return [ln for ln in map(_as_linear, model.graph.node) if ln is not None]
+
+
+def required_opset(model: onnx.ModelProto, target: str) -> int:
+    needed = 18
+    for ln in quant_linear_nodes(model):
+        if target == "ort" or _is_native_int4(ln, model):
+            needed = max(needed, MIN_OPSET[ln.wbits])
+    return needed
+
+
+def pack_flat(codes: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned codes over the flattened tensor, little end first (ONNX's order)."""
+    width = {2: 2, 3: 4, 4: 4}.get(bits, 8)
+    flat = (codes.astype(np.int16).reshape(-1) & (2**width - 1)).astype(np.uint8)  # two's complement for signed
+    per_byte = 8 // width
+    if per_byte == 1:
+        return flat.tobytes()
+    flat = np.concatenate([flat, np.zeros((-flat.size) % per_byte, np.uint8)])
+    parts = flat.reshape(-1, per_byte).astype(np.uint32) << (np.arange(per_byte, dtype=np.uint32) * width)
+    return parts.sum(axis=1).astype(np.uint8).tobytes()
+
+
+def unpack_flat(raw: bytes, bits: int, count: int, signed: bool = False) -> np.ndarray:
+    width = {2: 2, 3: 4, 4: 4}.get(bits, 8)
+    data = np.frombuffer(raw, dtype=np.uint8)
+    per_byte = 8 // width
+    if per_byte == 1:
+        values = data.astype(np.int16)
+    else:
+        values = ((data[:, None] >> (np.arange(per_byte, dtype=np.uint8) * width)) & (2**width - 1)).reshape(-1)
+        values = values.astype(np.int16)
+    values = values[:count]
+    if signed:
+        values = np.where(values >= 2 ** (width - 1), values - 2**width, values)
+    return values
+
+
+def _packed_tensor(name: str, codes: np.ndarray, bits: int, data_type: int) -> TensorProto:
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(codes.shape)
+    tensor.raw_data = pack_flat(codes, bits)
+    return tensor
+
+
+class _Graph:
+    """Initializer lookup and node/initializer replacement on a model being lowered."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {t.name: t for t in model.graph.initializer}
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self.inits:
+            raise LrqError(f"exported graph lost the constant {name!r}; cannot lower it")
+        return numpy_helper.to_array(self.inits[name])
+
+    def add_init(self, tensor: TensorProto) -> str:
+        self.model.graph.initializer.append(tensor)
+        self.inits[tensor.name] = tensor
+        return tensor.name
+
+    def const(self, name: str, value) -> str:
+        return self.add_init(numpy_helper.from_array(np.asarray(value), name))
+
+    def drop_unused_initializers(self) -> None:
+        used = {i for n in self.model.graph.node for i in n.input} | {o.name for o in self.model.graph.output}
+        keep = [t for t in self.model.graph.initializer if t.name in used]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(keep)
+
+
+def _codes_and_params(graph: _Graph, ln: LinearNode):
+    """(codes [out, in] int, scales [out, groups] float32, zeros [out, groups] int) from the node's inputs."""
+    from lrq_deploy.quant.pack import container_bits
+
+    packed = graph.array(ln.node.input[1])
+    width = container_bits(ln.wbits)
+    per_byte = 8 // width
+    parts = (packed[..., None] >> (np.arange(per_byte, dtype=np.uint8) * width)) & (2**width - 1)
+    codes = parts.reshape(packed.shape[0], -1)[:, : ln.in_features]
+    return codes, graph.array(ln.node.input[2]).astype(np.float32), graph.array(ln.node.input[3])
+
+
+def _is_native_int4(ln: LinearNode, model: onnx.ModelProto) -> bool:
+    if not (ln.wbits == 4 and ln.abits == 16):
+        return False
+    zeros = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == ln.node.input[3]))
+    return bool(np.all(zeros == 8))
+
+
+def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[list, str]:
+    """Per-token symmetric fake quantization, the reference arithmetic in standard ops."""
+    qmax = float(2 ** (bits - 1) - 1)
+    c = lambda n, v: graph.const(f"{prefix}.{n}", np.array(v, dtype=np.float32))  # noqa: E731
+    axes = graph.const(f"{prefix}.axes", np.array([-1], dtype=np.int64))
+    n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{prefix}.{out}"], name=f"{prefix}.{out}", **kw)  # noqa: E731
+    nodes = [
+        n("Abs", [x], "abs"),
+        n("ReduceMax", [f"{prefix}.abs", axes], "amax", keepdims=1),
+        n("Max", [f"{prefix}.amax", c("eps", 1e-5)], "amax_clamped"),
+        n("Div", [f"{prefix}.amax_clamped", c("qmax", qmax)], "scale"),
+        n("Div", [x, f"{prefix}.scale"], "scaled"),
+        n("Round", [f"{prefix}.scaled"], "rounded"),
+        n("Clip", [f"{prefix}.rounded", c("lo", -qmax), c("hi", qmax)], "q"),
+        n("Mul", [f"{prefix}.q", f"{prefix}.scale"], "xq"),
+    ]
+    return nodes, f"{prefix}.xq"
+
+
+def _dequantized_weight(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: bool) -> tuple[list, str]:
+    codes, scales, zeros = _codes_and_params(graph, ln)
+    codes_t, scales_t, zeros_t = codes.T, scales.T, zeros.T  # [in, out], [groups, out]
+    group = ln.group_size or ln.in_features
+    inputs = []
+    if signed_int4:
+        w = _packed_tensor(f"{prefix}.weight_int4", codes_t.astype(np.int16) - 8, 4, TensorProto.INT4)
+        inputs = [graph.add_init(w), graph.const(f"{prefix}.weight_scale", scales_t)]
+    else:
+        data_type = _ONNX_TYPE[ln.wbits]
+        w = _packed_tensor(f"{prefix}.weight_q", codes_t, ln.wbits, data_type)
+        z = _packed_tensor(f"{prefix}.zero_point", zeros_t, ln.wbits, data_type)
+        inputs = [graph.add_init(w), graph.const(f"{prefix}.weight_scale", scales_t), graph.add_init(z)]
+    node = helper.make_node(
+        "DequantizeLinear", inputs, [f"{prefix}.weight"], name=f"{prefix}.dq", axis=0, block_size=group
+    )
+    return [node], f"{prefix}.weight"
+
+
+def _lower_standard(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: bool = False) -> list:
+    x, y = ln.node.input[0], ln.node.output[0]
+    nodes = []
+    if ln.abits < 16:
+        act_nodes, x = _activation_quant(graph, prefix, x, ln.abits)
+        nodes += act_nodes
+    if ln.wbits < 16:
+        weight_nodes, weight = _dequantized_weight(graph, ln, prefix, signed_int4)
+        nodes += weight_nodes
+    else:
+        weight = graph.const(f"{prefix}.weight_t", graph.array(ln.node.input[1]).T.copy())
+    has_bias = len(ln.node.input) > 4 and ln.node.input[4]
+    nodes.append(helper.make_node("MatMul", [x, weight], [f"{prefix}.mm" if has_bias else y], name=f"{prefix}.matmul"))
+    if has_bias:
+        nodes.append(helper.make_node("Add", [f"{prefix}.mm", ln.node.input[4]], [y], name=f"{prefix}.bias"))
+    return nodes
+
+
+def _plugin_node(ln: LinearNode, prefix: str, out_features: int, symmetric: bool) -> list:
+    node = helper.make_node(
+        ln.plugin_name, list(ln.node.input), list(ln.node.output), name=prefix, domain=DOMAIN,
+        wbits=ln.wbits, abits=ln.abits, group_size=ln.group_size, in_features=ln.in_features,
+        out_features=out_features, symmetric=int(symmetric), plugin_namespace=PLUGIN_NAMESPACE, aot=1,
+    )
+    return [node]
+
+
+def lower(model: onnx.ModelProto, target: str, symmetric: bool) -> onnx.ModelProto:
+    """Replace every lrq.QuantLinear node in place; returns the model."""
+    graph = _Graph(model)
+    new_nodes, index = [], 0
+    for node in list(model.graph.node):
+        ln = _as_linear(node)
+        if ln is None:
+            new_nodes.append(node)
+            continue
+        prefix = f"lrq_linear_{index}"
+        index += 1
+        if target == "ort":
+            new_nodes += _lower_standard(graph, ln, prefix)
+        elif _is_native_int4(ln, model):
+            new_nodes += _lower_standard(graph, ln, prefix, signed_int4=True)
+        else:
+            new_nodes += _plugin_node(ln, prefix, graph.array(ln.node.input[1]).shape[0], symmetric)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    graph.drop_unused_initializers()
+    if target == "ort":
+        _drop_domain(model, DOMAIN)
+    return model
+
+
+def _drop_domain(model: onnx.ModelProto, domain: str) -> None:
+    keep = [o for o in model.opset_import if o.domain != domain]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)

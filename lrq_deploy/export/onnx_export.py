@@ -1,0 +1,142 @@
+"""`lrq export --onnx`: quantized checkpoint -> QDQ ONNX graph (target ort or trt), verified."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from lrq_deploy.errors import LrqError
+from lrq_deploy.export.lower import lower, required_opset
+from lrq_deploy.export.ops import TRANSLATIONS
+from lrq_deploy.quant import QuantLinear
+
+TARGETS = ("ort", "trt")
+
+
+def export_onnx(
+    checkpoint: Path, out: Path, target: str = "ort", opset: int | None = None,
+    batch: int | None = None, seq_len: int | None = None, verify: bool = True, limit: int | None = None,
+) -> dict:
+    """Export a checkpoint to ONNX; returns a report (sizes, and the verification when run)."""
+    from lrq_deploy.checkpoint import load_checkpoint
+
+    out = Path(out)
+    if target not in TARGETS:
+        raise LrqError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if not out.parent.is_dir():
+        raise LrqError(f"output directory {out.parent} does not exist")
+    loaded, manifest = load_checkpoint(Path(checkpoint))
+    model = trace_to_onnx(loaded, batch, seq_len)
+    needed = required_opset(model, target)
+    if opset is not None and opset < needed:
+        raise LrqError(
+            f"opset {opset} is too low for W{manifest['quant']['wbits']} weights with target {target}: the minimum is {needed}"
+        )
+    _set_opset(model, max(opset or needed, _default_opset(model)))
+    lower(model, target, manifest["quant"]["symmetric"])
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    _save_atomic(model, out)
+    report = {"onnx": str(out), "target": target, "opset": _default_opset(model), **size_report(model, manifest)}
+    if verify and target == "ort":
+        from lrq_deploy.export.verify import verify_against_torch
+
+        report["verify"] = verify_against_torch(out, loaded, limit)
+        _write_json(out.with_name(out.name + ".verify.json"), report)
+    return report
+
+
+def trace_to_onnx(loaded, batch: int | None, seq_len: int | None) -> onnx.ModelProto:
+    """torch.export the reference model with every QuantLinear as one lrq.QuantLinear node."""
+    adapter, model = loaded.adapter, loaded.model
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.graph_op = True
+    static = batch is not None or seq_len is not None
+    example = adapter.example_inputs(model, batch or (1 if static else 2), seq_len or (256 if static else 32))
+    dynamic_shapes = None
+    if not static:
+        dims = {axis: torch.export.Dim(name, min=lo, max=hi) for axis, (name, lo, hi) in adapter.dynamic_axes().items()}
+        dynamic_shapes = (dims,)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                adapter.graph_module(model).eval(), example, dynamo=True, dynamic_shapes=dynamic_shapes,
+                custom_translation_table=TRANSLATIONS, input_names=list(adapter.input_names),
+                output_names=["logits"], optimize=True, verbose=False,
+            )
+    finally:
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.graph_op = False
+    return program.model_proto
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _set_opset(model: onnx.ModelProto, version: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = version
+
+
+def _save_atomic(model: onnx.ModelProto, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def size_report(model: onnx.ModelProto, manifest: dict) -> dict:
+    """Bytes of the quantized linears' weights (codes + scales + zero points) vs the same weights in FP16."""
+    quant_names = set(manifest["quantized_modules"])
+    init_bytes = {t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+    quant_bytes = sum(b for n, b in init_bytes.items() if n.startswith("lrq_linear_") or _is_plugin_input(model, n))
+    fp16 = _fp16_linear_bytes(model)
+    return {
+        "file_bytes": model.ByteSize(),
+        "quantized_linears": len(quant_names),
+        "quantized_weight_bytes": quant_bytes,
+        "fp16_weight_bytes": fp16,
+        "weight_ratio": quant_bytes / fp16 if fp16 else None,
+    }
+
+
+def _plugin_nodes(model: onnx.ModelProto):
+    return [n for n in model.graph.node if n.domain == "lrq"]
+
+
+def _is_plugin_input(model: onnx.ModelProto, name: str) -> bool:
+    return any(name in n.input[1:4] for n in _plugin_nodes(model))
+
+
+def _fp16_linear_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "DequantizeLinear" and node.name.startswith("lrq_linear_"):
+            dims = next(t.dims for t in model.graph.initializer if t.name == node.input[0])
+            total += int(np.prod(dims)) * 2
+        elif node.domain == "lrq" and "out_features" in attrs:
+            total += attrs["in_features"] * attrs["out_features"] * 2
+        elif node.op_type == "MatMul" and node.name.startswith("lrq_linear_") and node.input[1].endswith("weight_t"):
+            dims = next(t.dims for t in model.graph.initializer if t.name == node.input[1])
+            total += int(np.prod(dims)) * 2
+    return total

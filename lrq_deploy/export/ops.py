@@ -1,0 +1,81 @@
+"""The graph op every quantized linear becomes when exported.
+
+`lrq::quant_linear` is a torch custom op whose eager implementation is the reference
+QuantLinear arithmetic, so torch.export keeps one node per quantized linear; its ONNX
+translation emits one `lrq.QuantLinear` node carrying the packed weights, scales and zero
+points as inputs and the configuration as attributes. Lowering (export/lower.py) then turns
+that node into standard ONNX ops (`--target ort`) or a TensorRT plugin node (`--target trt`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lrq_deploy.quant.pack import unpack_codes
+from lrq_deploy.quant.primitives import dequantize_weight, fake_quant_activation
+
+DOMAIN = "lrq"
+
+
+@torch.library.custom_op("lrq::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
+    wbits: int, abits: int, group_size: int, in_features: int,
+) -> torch.Tensor:
+    """Reference: per-token activation fake quant (abits < 16), dequantized weight, linear."""
+    if abits < 16:
+        x = fake_quant_activation(x, abits)
+    if wbits < 16:
+        codes = unpack_codes(qweight, wbits)[:, :in_features]
+        weight = dequantize_weight(codes, scales, zeros, group_size or None)
+    else:
+        weight = qweight
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@quant_linear.register_fake
+def _(x, qweight, scales, zeros, bias, wbits, abits, group_size, in_features):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _register_schema() -> None:
+    """Declare lrq.QuantLinear to onnx so onnxscript can emit it and the checker knows it."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("QuantLinear", DOMAIN):
+        return
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    attr = OpSchema.AttrType.INT
+    schema = OpSchema(
+        "QuantLinear", DOMAIN, 1,
+        doc="Quantized linear layer of lrq-deploy (lowered to standard ops or a TensorRT plugin)",
+        inputs=[
+            param("x", "T"), param("qweight", "TW"), param("scales", "TS"), param("zeros", "TZ"),
+            param("bias", "T", param_option=optional),
+        ],
+        outputs=[param("y", "T")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+            ("TW", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "packed codes or float weight"),
+            ("TS", ["tensor(float16)", "tensor(float)"], "scales"),
+            ("TZ", ["tensor(uint8)"], "zero points"),
+        ],
+        attributes=[OpSchema.Attribute(n, attr, "") for n in ("wbits", "abits", "group_size", "in_features")],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, group_size: int, in_features: int):
+    """ONNX translation: one node in the lrq domain (lowered later)."""
+    from onnxscript.values import Opset
+
+    _register_schema()
+    lrq = Opset(DOMAIN, 1)
+    inputs = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
+    return lrq.QuantLinear(*inputs, wbits=wbits, abits=abits, group_size=group_size, in_features=in_features)
+
+
+TRANSLATIONS = {torch.ops.lrq.quant_linear.default: quant_linear_onnx}

@@ -1,0 +1,140 @@
+"""ONNX export: onnxruntime parity with the torch reference, TensorRT-flavour node contents, bad inputs."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.checkpoint import load_checkpoint
+from lrq_deploy.cli import main
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.export import export_onnx
+from lrq_deploy.export.lower import unpack_flat
+from lrq_deploy.quant import QuantLinear
+
+SCENARIOS = {
+    "w4a16-g64": (QuantConfig(wbits=4, group_size=64), "rtn"),
+    "w2a16-g64": (QuantConfig(wbits=2, group_size=64), "rtn"),
+    "w8a8": (QuantConfig(wbits=8, abits=8), "smoothquant"),
+    "w4a4": (QuantConfig(wbits=4, abits=4), "smoothquant"),
+    "w4a16-sym": (QuantConfig(wbits=4, group_size=64, symmetric=True), "rtn"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    for name, (qconfig, method) in SCENARIOS.items():
+        calibrate("bundled:llama", root / name, qconfig, CalibConfig(method=method, nsamples=4, seqlen=64), device="cpu")
+    calibrate("bundled:vit", root / "vit-w4a4", QuantConfig(wbits=4, abits=4), CalibConfig(method="smoothquant", nsamples=64), device="cpu")
+    return root
+
+
+@pytest.mark.parametrize("name", ["w4a16-g64", "w2a16-g64", "w8a8", "w4a4", "vit-w4a4"])
+def test_ort_graph_matches_torch_reference(checkpoints, tmp_path, name):
+    out = tmp_path / f"{name}.onnx"
+    report = export_onnx(checkpoints / name, out, target="ort", limit=4 if name != "vit-w4a4" else None)
+    verify = report["verify"]
+    assert verify["relative_difference"] < 0.005
+    assert verify["argmax_agreement"] >= 0.995
+    if "a16" in name:  # weight-only: same float ops in the same order up to GEMM accumulation
+        assert verify["max_abs_logit_error"] < 1e-3
+    assert json.loads(out.with_name(out.name + ".verify.json").read_text())["verify"] == verify
+    assert all(n.domain != "lrq" for n in onnx.load(str(out)).graph.node)
+
+
+def test_packed_sizes(checkpoints, tmp_path):
+    w4 = export_onnx(checkpoints / "w4a16-g64", tmp_path / "a.onnx", verify=False)
+    w2 = export_onnx(checkpoints / "w2a16-g64", tmp_path / "b.onnx", verify=False)
+    # codes + fp32 scale and zero point per 64 weights: 4/16 + 0.031 + 0.004, 2/16 + 0.031 + 0.002
+    assert w4["weight_ratio"] == pytest.approx(0.25 + 32 / 64 / 16 + 4 / 64 / 16, rel=0.02)
+    assert w2["weight_ratio"] == pytest.approx(0.125 + 32 / 64 / 16 + 2 / 64 / 16, rel=0.02)
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@pytest.mark.parametrize("name,plugin", [("w4a4", "W4A4Linear"), ("w2a16-g64", "W2A16Linear"), ("w4a16-g64", "W4A16Linear")])
+def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, plugin):
+    out = tmp_path / f"{name}-trt.onnx"
+    export_onnx(checkpoints / name, out, target="trt")
+    model = onnx.load(str(out))
+    loaded, manifest = load_checkpoint(checkpoints / name)
+    nodes = [n for n in model.graph.node if n.domain == "lrq"]
+    assert len(nodes) == len(manifest["quantized_modules"])
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
+    for node in nodes:
+        attrs = _attrs(node)
+        assert node.op_type == plugin
+        assert attrs["plugin_namespace"] == b"lrq" and attrs["aot"] == 1
+        qweight = inits[node.input[1]]
+        layer = next(m for m in layers.values() if np.array_equal(m.qweight.numpy(), qweight))
+        assert attrs["in_features"] == layer.in_features and attrs["out_features"] == layer.out_features
+        assert attrs["wbits"] == manifest["quant"]["wbits"] and attrs["abits"] == manifest["quant"]["abits"]
+        np.testing.assert_array_equal(inits[node.input[2]], layer.scales.numpy())
+        np.testing.assert_array_equal(inits[node.input[3]], layer.zeros.numpy())
+        codes = unpack_flat(qweight.tobytes(), attrs["wbits"], qweight.size * 8 // (4 if attrs["wbits"] != 2 else 2))
+        np.testing.assert_array_equal(codes.reshape(layer.out_features, -1), layer.codes().numpy())
+
+
+def test_trt_symmetric_int4_uses_native_block_dq(checkpoints, tmp_path):
+    out = tmp_path / "sym-trt.onnx"
+    export_onnx(checkpoints / "w4a16-sym", out, target="trt")
+    model = onnx.load(str(out))
+    assert not [n for n in model.graph.node if n.domain == "lrq"]
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    loaded, manifest = load_checkpoint(checkpoints / "w4a16-sym")
+    assert len(dqs) == len(manifest["quantized_modules"])
+    inits = {t.name: t for t in model.graph.initializer}
+    first = loaded.model.model.layers[0].self_attn.q_proj
+    weight = inits[dqs[0].input[0]]
+    assert weight.data_type == onnx.TensorProto.INT4 and len(dqs[0].input) == 2  # no zero point
+    codes = unpack_flat(weight.raw_data, 4, int(np.prod(weight.dims)), signed=True).reshape(weight.dims)
+    np.testing.assert_array_equal(codes.T + 8, first.codes().numpy())
+    assert _attrs(dqs[0])["block_size"] == 64
+
+
+def _clean_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert fragment in result.output.strip().splitlines()[-1]
+
+
+def test_bad_inputs(checkpoints, tmp_path):
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    _clean_error(run("export", checkpoints / "w2a16-g64", "--onnx", tmp_path / "a.onnx", "--opset", "21"), "minimum is 25")
+    assert not (tmp_path / "a.onnx").exists()
+    _clean_error(run("export", checkpoints / "w4a4", "--onnx", tmp_path / "missing" / "a.onnx"), "does not exist")
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    for f in (checkpoints / "w4a4").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    _clean_error(run("export", bad, "--onnx", tmp_path / "c.onnx"), "corrupt or truncated")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["format_version"] = 7
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    _clean_error(run("export", bad, "--onnx", tmp_path / "c.onnx"), "format version 7")
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_dynamic_axes(checkpoints, tmp_path):
+    from lrq_deploy.export.verify import ort_session
+
+    out = tmp_path / "dyn.onnx"
+    export_onnx(checkpoints / "w4a16-g64", out, verify=False)
+    session = ort_session(out)
+    loaded, _ = load_checkpoint(checkpoints / "w4a16-g64")
+    for shape in [(1, 7), (3, 40)]:
+        ids = torch.randint(0, 2048, shape)
+        got = session.run(None, {"input_ids": ids.numpy()})[0]
+        with torch.no_grad():
+            ref = loaded.model(input_ids=ids).logits.numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-3)
