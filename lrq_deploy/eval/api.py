@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lrq_deploy.config import QuantConfig
 from lrq_deploy.errors import LrqError
 
 
@@ -24,7 +25,7 @@ def evaluate_checkpoint(
     fp = load_model(manifest["source"], dev) if compare_fp else None
     return {
         "task": adapter.default_metric,
-        "scenario": f"{manifest['calib']['method']} W{manifest['quant']['wbits']}A{manifest['quant']['abits']}",
+        "scenario": f"{manifest['calib']['method']} {QuantConfig.from_dict(manifest['quant']).scenario}",
         "fp": adapter.evaluate(fp.model, fp, data, limit, dev) if fp else None,
         "quant": adapter.evaluate(quant.model, quant, data, limit, dev),
     }
