@@ -58,22 +58,15 @@ def main():
     write_table(args, rows, fp_ppl)
 
 
-NOTES = """
-## Reading the table
+NOTES_HEADING = "\n## Reading the table"
 
-- W4A4 follows the paper's ordering except that `lrquant` (48.65) and `omniquant` (48.61)
-  swap places; `lrquant+` is best and `rtn` worst. The bundled model is tiny (2.4 M
-  parameters) and was trained briefly, so its activations have none of the large
-  outlier channels of billion-parameter LLMs, which is where smoothing gains most:
-  the spread between methods is small (49.00 -> 48.51).
-- W6A6 is within 0.2 of FP for every method; the differences (0.05) are noise.
-- Weight-only W3A16 / W2A16: smoothing migrates activation range into the weights, which
-  does not help when activations stay in FP16: `smoothquant` is worse than `rtn` there,
-  as expected. The learned clipping and rotation of `lrquant+` give the clear gain at
-  W2A16 (52.74 -> 51.53).
-- SmoothQuant vs RTN at W8A8 on the same model: 45.990 vs 45.992 (FP 45.976), from
-  `lrq calibrate --method {rtn,smoothquant} --wbits 8 --abits 8` + `lrq eval --json`.
-"""
+
+def _kept_notes(path: Path) -> str:
+    """Hand-written notes below NOTES_HEADING survive a regeneration of the table."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
 
 
 def write_table(args, rows, fp_ppl):
@@ -85,7 +78,7 @@ def write_table(args, rows, fp_ppl):
                 f"{args.epochs} epochs, batch {args.batch_size}, eval windows: {args.eval_windows or 'all'}")
     text = ("# Results\n\nWikiText-2 test perplexity (lower is better), produced by "
             "`python scripts/compare_methods.py`.\n\nSettings: " + settings + "\n\n" + "\n".join(lines) + "\n"
-            + NOTES)
+            + _kept_notes(args.out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps({"fp": fp_ppl, "methods": rows, "settings": settings}, indent=2) + "\n")
