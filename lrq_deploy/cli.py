@@ -56,10 +56,11 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its run directory.")
+@click.option("--offload", is_flag=True, help="Keep the model and block inputs in CPU memory (large models).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
 @clean_errors
 def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_data, nsamples, seqlen, alpha,
-              epochs, lr_smooth, lr_lwc, batch_size, seed, device, run_dir, resume, force):
+              epochs, lr_smooth, lr_lwc, batch_size, seed, device, run_dir, resume, offload, force):
     """Quantize MODEL (an HF directory, a timm directory, timm:NAME@WEIGHTS.safetensors,
     bundled:llama or bundled:vit; default bundled:llama) and write a checkpoint to OUT."""
     from lrq_deploy.calib import calibrate as run
@@ -74,7 +75,7 @@ def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_dat
     )
     summary = run(
         model, out, qconfig, cconfig, calib_data=calib_data, device=device, force=force,
-        progress=ConsoleProgress(epochs), run_dir=run_dir, resume=resume,
+        progress=ConsoleProgress(epochs), run_dir=run_dir, resume=resume, offload=offload,
     )
     click.echo(f"wrote {summary['checkpoint']} ({method} {qconfig.scenario})")
 

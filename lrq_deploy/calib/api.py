@@ -37,9 +37,11 @@ def calibrate(
     progress=None,
     run_dir: Path | None = None,
     resume: bool = False,
+    offload: bool = False,
 ) -> dict:
     """Quantize a model with the configured method and write the checkpoint to `out`.
 
+    offload keeps the model and block inputs in CPU memory, one block at a time on the device.
     Learnable methods keep their per-block parameters in `run_dir` (default: OUT.run), so an
     interrupted run continues with resume=True. Returns the checkpoint path and per-block errors.
     """
@@ -47,14 +49,14 @@ def calibrate(
     check_output_dir(out, force)
     dev = resolve_device(device)
     torch.manual_seed(cconfig.seed)
-    loaded = load_model(model_spec, dev)
+    loaded = load_model(model_spec, "cpu" if offload else dev)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     runs = None
     if cconfig.method in RECIPES:
         settings = {"model": loaded.spec, "quant": qconfig.to_dict(), "calib": cconfig.to_dict(),
                     "calib_data": str(calib_data) if calib_data else None}
         runs = RunDir(run_dir or out.with_name(out.name + ".run"), settings, resume)
-    result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress, run_dir=runs)
+    result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress, run_dir=runs, offload=offload)
     loaded.model.cpu()
     save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=force)
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None}

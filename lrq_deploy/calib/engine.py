@@ -41,7 +41,7 @@ class BlockJob:
     epoch_progress: Callable[[int, float], None] | None = None
 
     def run(self, hidden: torch.Tensor, block: nn.Module | None = None, grad: bool = False) -> torch.Tensor:
-        return run_block(self.adapter, block or self.block, hidden, self.kwargs, self.cconfig.batch_size, grad)
+        return run_block(self.adapter, block or self.block, hidden, self.kwargs, self.cconfig.batch_size, grad, self.device)
 
 
 @dataclass
@@ -62,12 +62,25 @@ def register_method(name: str):
     return wrap
 
 
-def run_block(adapter, block, hidden, kwargs, batch_size, grad=False) -> torch.Tensor:
+def run_block(adapter, block, hidden, kwargs, batch_size, grad=False, device=None) -> torch.Tensor:
+    """Run a block over all samples in chunks; chunks move to `device` and results back to where
+    `hidden` lives (the CPU when block inputs are offloaded)."""
     outs = []
     with torch.set_grad_enabled(grad):
         for chunk in hidden.split(batch_size):
-            outs.append(adapter.run_block(block, chunk, kwargs))
+            outs.append(adapter.run_block(block, chunk.to(device or chunk.device), kwargs).to(hidden.device))
     return torch.cat(outs)
+
+
+def to_device(value, device):
+    """Move tensors inside (nested) tuples / lists / dicts of block keyword arguments."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def check_shapes(loaded: LoadedModel, qconfig: QuantConfig) -> None:
@@ -95,29 +108,39 @@ def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor) -> dict:
 
 def calibrate_model(
     loaded: LoadedModel, qconfig: QuantConfig, cconfig: CalibConfig, batches: list[torch.Tensor], device,
-    progress=None, run_dir: RunDir | None = None,
+    progress=None, run_dir: RunDir | None = None, offload: bool = False,
 ) -> CalibrationResult:
-    """Quantize `loaded.model` in place, block by block; return per-block errors."""
+    """Quantize `loaded.model` in place, block by block; return per-block errors.
+
+    offload: the model and the block inputs/outputs stay in CPU memory and each block visits
+    `device` only while it is calibrated, so the GPU holds one block and one batch at a time.
+    """
     if cconfig.method not in METHODS:
         raise LrqError(f"method {cconfig.method!r} is not available (available: {', '.join(METHODS)})")
     method = METHODS[cconfig.method]
     adapter, model = loaded.adapter, loaded.model
     check_shapes(loaded, qconfig)
     torch.manual_seed(cconfig.seed)
-    inputs = adapter.capture_block_inputs(model, [b.to(device) for b in batches])
-    fp_in = q_in = inputs.hidden
+    device = torch.device(device)
+    capture_device = next(model.parameters()).device
+    inputs = adapter.capture_block_inputs(model, [b.to(capture_device) for b in batches])
+    kwargs = to_device(inputs.kwargs, device)
+    fp_in = q_in = inputs.hidden.cpu() if offload else inputs.hidden.to(device)
     groups = adapter.smooth_groups(model)
     result = CalibrationResult(model=model, quantized=[])
     blocks = adapter.blocks(model)
     for index, block in enumerate(blocks):
-        fp_out = run_block(adapter, block, fp_in, inputs.kwargs, cconfig.batch_size)
+        block.to(device)
+        fp_out = run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device)
         names = adapter.linear_names(block)
         job = BlockJob(
-            index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, inputs.kwargs,
-            torch.device(device), run_dir, progress.epoch if progress else None,
+            index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, kwargs,
+            device, run_dir, progress.epoch if progress else None,
         )
         extra = method(job) or {}
-        q_out = run_block(adapter, block, q_in, inputs.kwargs, cconfig.batch_size)
+        q_out = run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device)
+        if offload:
+            block.cpu()
         if not torch.isfinite(q_out).all():
             raise LrqError(f"block {index}: quantized output contains NaN or inf")
         report = {"block": index, **block_errors(fp_out, q_out), **extra}

@@ -232,8 +232,8 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
         for batch in order.split(cfg.batch_size):
             with amp, activation_fake_quant(job):
                 block = _WithParams(job.block, fake_quant_block_params(job, params))
-                output = job.adapter.run_block(block, job.q_inputs[batch], job.kwargs)
-                loss = objective(output, [t[batch] for t in targets])
+                output = job.adapter.run_block(block, job.q_inputs[batch].to(job.device), job.kwargs)
+                loss = objective(output, [t[batch].to(job.device) for t in targets])
             if not torch.isfinite(loss):
                 raise LrqError(f"block {job.index}, epoch {epoch}: the loss became NaN or inf (lower the learning rates)")
             optimizer.zero_grad(set_to_none=True)

@@ -106,3 +106,11 @@ def test_resume_after_kill_gives_identical_checkpoint(tmp_path, tiny_llama_dir):
     calibrate(str(tiny_llama_dir), tmp_path / "resumed", qconfig, cconfig, device="cpu", resume=True)
     assert _sha(tmp_path / "resumed") == _sha(tmp_path / "full")
     assert (run_dir / "losses.png").stat().st_size > 0
+
+
+def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
+    qconfig = QuantConfig(wbits=4, abits=8, group_size=32)
+    cconfig = CalibConfig(method="lrquant", nsamples=4, seqlen=32, epochs=1, batch_size=2)
+    calibrate(str(tiny_llama_dir), tmp_path / "a", qconfig, cconfig, device="cpu")
+    calibrate(str(tiny_llama_dir), tmp_path / "b", qconfig, cconfig, device="cpu", offload=True)
+    assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
