@@ -111,14 +111,15 @@ def eval_(target, task, data, limit, device, as_json):
 @click.option("--batch", type=int, default=None, help="Static batch size (default: dynamic axes).")
 @click.option("--seq-len", type=int, default=None, help="Static sequence length (default: dynamic axes).")
 @click.option("--limit", type=int, default=None, help="Verification samples (default 16 windows / all digits).")
+@click.option("--with-past", is_flag=True, help="Decoder graph with KV-cache inputs/outputs (prefill and decode).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @clean_errors
-def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, no_verify):
+def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_past, no_verify):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference."""
     from lrq_deploy.export import export_onnx
 
     report = export_onnx(checkpoint, onnx_path, target=target, opset=opset, batch=batch, seq_len=seq_len,
-                         verify=not no_verify, limit=limit)
+                         verify=not no_verify, limit=limit, with_past=with_past)
     ratio = report["weight_ratio"]
     click.echo(f"wrote {report['onnx']} (target {target}, opset {report['opset']}, {report['file_bytes'] / 1e6:.2f} MB; "
                f"quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16)")
@@ -127,6 +128,10 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, no_verif
         click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
         click.echo(f"{verify['metric']:<14}{verify['torch']:>12.4f}{verify['onnxruntime']:>14.4f}")
         click.echo(f"max |logit error| {verify['max_abs_logit_error']:.3e}   argmax agreement {verify['argmax_agreement']:.4%}")
+    generation = report.get("verify_generation")
+    if generation:
+        verdict = "same tokens" if generation["match"] else "DIFFERENT tokens"
+        click.echo(f"greedy decoding with the KV cache, onnxruntime vs torch: {verdict}")
 
 
 if __name__ == "__main__":

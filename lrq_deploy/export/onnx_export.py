@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ TARGETS = ("ort", "trt")
 def export_onnx(
     checkpoint: Path, out: Path, target: str = "ort", opset: int | None = None,
     batch: int | None = None, seq_len: int | None = None, verify: bool = True, limit: int | None = None,
+    with_past: bool = False,
 ) -> dict:
     """Export a checkpoint to ONNX; returns a report (sizes, and the verification when run)."""
     from lrq_deploy.checkpoint import load_checkpoint
@@ -31,7 +33,7 @@ def export_onnx(
     if not out.parent.is_dir():
         raise LrqError(f"output directory {out.parent} does not exist")
     loaded, manifest = load_checkpoint(Path(checkpoint))
-    model = trace_to_onnx(loaded, batch, seq_len)
+    model = trace_to_onnx(loaded, batch, seq_len, with_past)
     needed = required_opset(model, target)
     if opset is not None and opset < needed:
         raise LrqError(
@@ -44,39 +46,41 @@ def export_onnx(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     _save_atomic(model, out)
-    report = {"onnx": str(out), "target": target, "opset": _default_opset(model), **size_report(model, manifest)}
+    report = {
+        "onnx": str(out), "target": target, "opset": _default_opset(model), "with_past": with_past,
+        **size_report(model, manifest),
+    }
     if verify and target == "ort":
-        from lrq_deploy.export.verify import verify_against_torch
+        from lrq_deploy.export.verify import verify_against_torch, verify_generation
 
-        report["verify"] = verify_against_torch(out, loaded, limit)
+        report["verify"] = verify_against_torch(out, loaded, limit, with_past)
+        if with_past:
+            report["verify_generation"] = verify_generation(out, loaded)
         _write_json(out.with_name(out.name + ".verify.json"), report)
     return report
 
 
-def trace_to_onnx(loaded, batch: int | None, seq_len: int | None) -> onnx.ModelProto:
+def trace_to_onnx(loaded, batch: int | None, seq_len: int | None, with_past: bool = False) -> onnx.ModelProto:
     """torch.export the reference model with every QuantLinear as one lrq.QuantLinear node."""
-    adapter, model = loaded.adapter, loaded.model
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.graph_op = True
-    static = batch is not None or seq_len is not None
-    example = adapter.example_inputs(model, batch or (1 if static else 2), seq_len or (256 if static else 32))
-    dynamic_shapes = None
-    if not static:
-        dims = {axis: torch.export.Dim(name, min=lo, max=hi) for axis, (name, lo, hi) in adapter.dynamic_axes().items()}
-        dynamic_shapes = (dims,)
+    spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past)
+    graph_ops(loaded.model, True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
             program = torch.onnx.export(
-                adapter.graph_module(model).eval(), example, dynamo=True, dynamic_shapes=dynamic_shapes,
-                custom_translation_table=TRANSLATIONS, input_names=list(adapter.input_names),
-                output_names=["logits"], optimize=True, verbose=False,
+                spec.module.eval(), spec.example_args, dynamo=True, dynamic_shapes=spec.dynamic_shapes,
+                custom_translation_table=TRANSLATIONS, input_names=spec.input_names,
+                output_names=spec.output_names, optimize=True, verbose=False,
             )
     finally:
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.graph_op = False
+        graph_ops(loaded.model, False)
     return program.model_proto
+
+
+def graph_ops(model: torch.nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.graph_op = enabled
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

@@ -75,6 +75,28 @@ class ModelAdapter:
     def evaluate(self, model: nn.Module, source, data_path: Path | None, limit: int | None, device) -> dict:
         raise NotImplementedError
 
+    def export_spec(self, model: nn.Module, batch: int | None, seq_len: int | None, with_past: bool) -> ExportSpec:
+        """The graph to export; dynamic batch (and sequence) axes unless batch / seq_len are given."""
+        raise NotImplementedError
+
+    def verification_set(self, source, data_path: Path | None, limit: int | None):
+        """(list of input batches, list of label batches or None) for comparing backends."""
+        raise NotImplementedError
+
+    def metric_from_logits(self, inputs: list, logits: list, labels: list | None) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class ExportSpec:
+    """What torch.export needs to trace a model's deployment graph."""
+
+    module: "torch.nn.Module"
+    example_args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple | None  # same structure as example_args; None = static shapes
+
 
 @dataclass
 class LoadedModel:

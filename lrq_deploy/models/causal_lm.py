@@ -10,7 +10,7 @@ from torch import nn
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.eval.perplexity import perplexity, perplexity_from_logits, windows
-from lrq_deploy.models.base import BlockInputs, ModelAdapter
+from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter
 
 
 class _StopForward(Exception):
@@ -91,19 +91,37 @@ class CausalLMAdapter(ModelAdapter):
         return data.tokenize(source.tokenizer, text)
 
     # --- export -------------------------------------------------------------------------
-    input_names = ("input_ids",)
+    def export_spec(self, model, batch, seq_len, with_past):
+        static = batch is not None or seq_len is not None
+        batch, seq_len = batch or (1 if static else 2), seq_len or (256 if static else 32)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen)
+        batch_dim = torch.export.Dim("batch", min=1, max=1024)
+        seq_dim = torch.export.Dim("seq", min=1 if with_past else 2, max=4096)
+        ids_shape = {0: batch_dim, 1: seq_dim}
+        if not with_past:
+            return ExportSpec(_LogitsOnly(model), (ids,), ["input_ids"], ["logits"], None if static else (ids_shape,))
+        layers = model.config.num_hidden_layers
+        kv_heads, head_dim = self.kv_cache_shape(model.config)
+        kv_shape = (batch, kv_heads, 3, head_dim)  # [batch, kv heads, past length, head dim]
+        past = tuple(torch.randn(kv_shape, generator=gen) for _ in range(2 * layers))
+        past_dim = torch.export.Dim("past", min=1, max=8192)
+        names = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+        dynamic = (ids_shape, tuple({0: batch_dim, 2: past_dim} for _ in past))
+        return ExportSpec(
+            _WithPast(model), (ids, past), ["input_ids"] + [f"past.{n}" for n in names],
+            ["logits"] + [f"present.{n}" for n in names], dynamic,
+        )
 
-    def graph_module(self, model):
-        return _LogitsOnly(model)
+    def kv_cache_shape(self, config) -> tuple[int, int]:
+        """(key/value heads, head dim) of the KV cache."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return kv_heads, head_dim
 
-    def example_inputs(self, model, batch: int, seq_len: int) -> tuple[torch.Tensor, ...]:
-        return (torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)),)
-
-    def dynamic_axes(self) -> dict[int, tuple[str, int, int]]:
-        return {0: ("batch", 1, 1024), 1: ("seq", 2, 4096)}
-
-    def verification_set(self, source, data_path, limit, seq_len):
-        ids = windows(self._eval_ids(source, data_path), seq_len or self.eval_seqlen, limit or 16)
+    def verification_set(self, source, data_path, limit):
+        ids = windows(self._eval_ids(source, data_path), self.eval_seqlen, limit or 16)
         return list(ids.split(4)), None
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
@@ -111,7 +129,7 @@ class CausalLMAdapter(ModelAdapter):
 
 
 class _LogitsOnly(nn.Module):
-    """input_ids -> logits, without a KV cache: the graph exported for prefill/scoring."""
+    """input_ids -> logits, without a KV cache: the graph for scoring and benchmarks of prefill."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -119,6 +137,29 @@ class _LogitsOnly(nn.Module):
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _WithPast(nn.Module):
+    """(input_ids, past keys/values) -> (logits, present keys/values).
+
+    One graph serves prefill (past length 0) and decode (new tokens appended to the cache).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
 
 
 def torch_logits(model: nn.Module, device):

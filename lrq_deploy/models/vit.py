@@ -11,7 +11,7 @@ from torch import nn
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.eval.top1 import top1_accuracy
-from lrq_deploy.models.base import BlockInputs, ModelAdapter, SmoothGroup
+from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, SmoothGroup
 
 
 class VitAdapter(ModelAdapter):
@@ -63,19 +63,15 @@ class VitAdapter(ModelAdapter):
         return {"top1": top1_accuracy(lambda x: model(x.to(device)).cpu(), images, labels)}
 
     # --- export -------------------------------------------------------------------------
-    input_names = ("pixel_values",)
-
-    def graph_module(self, model):
-        return model
-
-    def example_inputs(self, model, batch: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+    def export_spec(self, model, batch, seq_len, with_past):
+        if with_past:
+            raise LrqError("--with-past applies to causal language models, not to the ViT")
         size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-        return (torch.randn(batch, *size, generator=torch.Generator().manual_seed(0)),)
+        images = torch.randn(batch or 2, *size, generator=torch.Generator().manual_seed(0))
+        dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
+        return ExportSpec(model, (images,), ["pixel_values"], ["logits"], dynamic)
 
-    def dynamic_axes(self) -> dict[int, tuple[str, int, int]]:
-        return {0: ("batch", 1, 4096)}
-
-    def verification_set(self, source, data_path, limit, seq_len):
+    def verification_set(self, source, data_path, limit):
         if data_path is not None:
             raise LrqError("--data is not supported for the ViT: verification uses the held-out digits split")
         images, labels = data.digits_split("test")
@@ -84,7 +80,7 @@ class VitAdapter(ModelAdapter):
         return list(images.split(128)), list(labels.split(128))
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
-        correct = sum((l.argmax(-1) == y).sum().item() for l, y in zip(logits, labels))
+        correct = sum((out.argmax(-1) == y).sum().item() for out, y in zip(logits, labels))
         return {"top1": correct / sum(len(y) for y in labels)}
 
 

@@ -138,3 +138,20 @@ def test_dynamic_axes(checkpoints, tmp_path):
         with torch.no_grad():
             ref = loaded.model(input_ids=ids).logits.numpy()
         np.testing.assert_allclose(got, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["w4a16-g64", "w4a4"])
+def test_with_past_graph_prefill_and_decode(checkpoints, tmp_path, name):
+    out = tmp_path / f"{name}-past.onnx"
+    report = export_onnx(checkpoints / name, out, target="ort", limit=2, with_past=True)
+    assert report["verify"]["relative_difference"] < 0.005
+    assert report["verify_generation"]["match"], report["verify_generation"]
+    model = onnx.load(str(out))
+    inputs = [i.name for i in model.graph.input]
+    assert inputs[0] == "input_ids" and inputs[1:3] == ["past.0.key", "past.0.value"]
+    assert [o.name for o in model.graph.output][1] == "present.0.key"
+
+
+def test_with_past_refused_for_vit(checkpoints, tmp_path):
+    result = CliRunner().invoke(main, ["export", str(checkpoints / "vit-w4a4"), "--onnx", str(tmp_path / "v.onnx"), "--with-past"])
+    _clean_error(result, "--with-past applies to causal language models")
