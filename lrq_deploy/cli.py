@@ -134,5 +134,46 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
         click.echo(f"greedy decoding with the KV cache, onnxruntime vs torch: {verdict}")
 
 
+@main.command(short_help="Measure latency and throughput (trtexec-style) of engines, ONNX graphs, checkpoints.")
+@click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["trt", "ort", "torch"]), default=None,
+              help="Default: from the target (.engine: trt, .onnx: ort, checkpoint directory: torch).")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (KV-cache length for decode graphs).")
+@click.option("--warm-up", "warm_up", type=float, default=200.0, show_default=True, help="Warm-up time in ms.")
+@click.option("--iterations", type=int, default=10, show_default=True, help="Minimum number of inferences.")
+@click.option("--duration", type=float, default=3.0, show_default=True, help="Minimum measuring time in seconds.")
+@click.option("--percentile", "percentiles", default="90,95,99", show_default=True, help="Comma-separated percentiles.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-data-transfers", is_flag=True, help="Keep inputs and outputs on the device (no H2D/D2H).")
+@click.option("--compare", is_flag=True, help="Measure several targets; print one table with ratios to the first.")
+@click.option("--export-json", type=click.Path(path_type=Path), default=None, help="Write the figures as JSON.")
+@click.option("--export-times", type=click.Path(path_type=Path), default=None, help="Write per-inference timings as JSON.")
+@clean_errors
+def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, percentiles, device, no_data_transfers,
+          compare, export_json, export_times):
+    """Benchmark TARGETS (one, or several with --compare)."""
+    from lrq_deploy.bench import bench as run, bench_compare
+    from lrq_deploy.bench.api import BenchOptions
+    from lrq_deploy.bench.report import comparison, summary
+
+    try:
+        points = tuple(float(p) for p in percentiles.split(","))
+    except ValueError:
+        raise LrqError(f"--percentile takes comma-separated numbers, got {percentiles!r}") from None
+    options = BenchOptions(backend, batch, seq_len, warm_up, iterations, duration, points, device, not no_data_transfers)
+    if compare:
+        if len(targets) < 2:
+            raise LrqError("--compare needs at least two targets")
+        results = bench_compare(list(targets), options, export_json)
+        for _, result in results:
+            click.echo(summary(result) + "\n")
+        click.echo(comparison(results))
+        return
+    if len(targets) != 1:
+        raise LrqError("give one target, or several with --compare")
+    click.echo(summary(run(targets[0], options, export_json, export_times)))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,168 @@
+"""Backends for `lrq bench`. A runner prepares inputs once and runs one inference per call.
+
+Every runner reports, per inference, the host latency; CUDA runners also report GPU compute
+time from CUDA events, and host-to-device / device-to-host copy times when the inputs and
+outputs cross the bus.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lrq_deploy.errors import LrqError
+
+BACKENDS = ("ort", "torch", "trt")
+
+
+@dataclass
+class Timing:
+    latency_ms: float
+    compute_ms: float | None = None
+    h2d_ms: float | None = None
+    d2h_ms: float | None = None
+
+
+@dataclass
+class Workload:
+    """What one inference processes, for throughput in items (tokens or images) per second."""
+
+    description: str
+    items_per_inference: int
+    unit: str
+    extras: dict = field(default_factory=dict)
+
+
+class Runner:
+    name = ""
+    device = "cpu"
+
+    def workload(self) -> Workload:
+        raise NotImplementedError
+
+    def infer(self) -> Timing:
+        raise NotImplementedError
+
+
+def _input_feeds(inputs, batch: int, seq_len: int) -> tuple[dict[str, np.ndarray], Workload]:
+    """Random inputs for an ONNX graph: token ids (prefill, or one decode step over a KV cache
+    of seq_len tokens when the graph has past inputs) or images."""
+    rng = np.random.default_rng(0)
+    names = [i.name for i in inputs]
+    first = inputs[0]
+    if first.name == "input_ids":
+        has_past = any(n.startswith("past.") for n in names)
+        new_tokens = 1 if has_past else seq_len
+        feeds = {"input_ids": rng.integers(0, 100, (batch, new_tokens), dtype=np.int64)}
+        for spec in inputs[1:]:
+            _, heads, _, head_dim = spec.shape
+            feeds[spec.name] = rng.standard_normal((batch, heads, seq_len, head_dim), dtype=np.float32)
+        if has_past:
+            return feeds, Workload(f"decode step, batch {batch}, KV cache {seq_len}", batch, "tokens")
+        return feeds, Workload(f"prefill, batch {batch} x {seq_len} tokens", batch * seq_len, "tokens")
+    shape = [batch] + [d if isinstance(d, int) else 1 for d in first.shape[1:]]
+    feeds = {first.name: rng.standard_normal(shape, dtype=np.float32)}
+    return feeds, Workload(f"batch {batch} images {tuple(shape[1:])}", batch, "images")
+
+
+class OrtRunner(Runner):
+    name = "ort"
+
+    def __init__(self, path: Path, batch: int, seq_len: int, optimize: bool = True):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+            raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.feeds, self._workload = _input_feeds(self.session.get_inputs(), batch, seq_len)
+
+    def workload(self) -> Workload:
+        return self._workload
+
+    def infer(self) -> Timing:
+        start = time.perf_counter()
+        self.session.run(None, self.feeds)
+        return Timing(latency_ms=(time.perf_counter() - start) * 1e3)
+
+
+class TorchRunner(Runner):
+    """A quantized checkpoint on the torch backend (reference QuantLinear path)."""
+
+    name = "torch"
+
+    def __init__(self, path: Path, batch: int, seq_len: int, device: str = "auto", transfers: bool = True):
+        import torch
+
+        from lrq_deploy.calib.api import resolve_device
+        from lrq_deploy.checkpoint import load_checkpoint
+
+        self.torch = torch
+        dev = resolve_device(device)
+        self.device = dev.type
+        loaded, _ = load_checkpoint(path, dev)
+        spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past=False)
+        self.module = spec.module.eval()
+        self.host_inputs = spec.example_args
+        self.inputs = tuple(t.to(dev) for t in spec.example_args)
+        self.transfers = transfers and dev.type == "cuda"
+        items = spec.example_args[0].numel() if spec.input_names[0] == "input_ids" else batch
+        unit = "tokens" if spec.input_names[0] == "input_ids" else "images"
+        self._workload = Workload(f"{spec.input_names[0]} {tuple(spec.example_args[0].shape)}", items, unit)
+
+    def workload(self) -> Workload:
+        return self._workload
+
+    def infer(self) -> Timing:
+        torch = self.torch
+        start = time.perf_counter()
+        with torch.no_grad():
+            if self.device != "cuda":
+                self.module(*self.inputs)
+                return Timing(latency_ms=(time.perf_counter() - start) * 1e3)
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            events[0].record()
+            inputs = tuple(t.to("cuda", non_blocking=True) for t in self.host_inputs) if self.transfers else self.inputs
+            events[1].record()
+            out = self.module(*inputs)
+            events[2].record()
+            if self.transfers:
+                out.to("cpu", non_blocking=True)
+            events[3].record()
+            torch.cuda.synchronize()
+        latency = (time.perf_counter() - start) * 1e3
+        h2d, compute, d2h = (events[i].elapsed_time(events[i + 1]) for i in range(3))
+        return Timing(latency, compute, h2d if self.transfers else None, d2h if self.transfers else None)
+
+
+def detect_backend(target: Path) -> str:
+    if target.is_dir():
+        return "torch"
+    if target.suffix == ".onnx":
+        return "ort"
+    if target.suffix in (".engine", ".plan", ".trt"):
+        return "trt"
+    raise LrqError(f"cannot tell the backend of {target}: name an .onnx file, an .engine file or a checkpoint directory")
+
+
+def make_runner(target: Path, backend: str | None, batch: int, seq_len: int, device: str, transfers: bool) -> Runner:
+    target = Path(target)
+    if not target.exists():
+        raise LrqError(f"benchmark target {target} does not exist")
+    backend = backend or detect_backend(target)
+    if backend == "ort":
+        return OrtRunner(target, batch, seq_len)
+    if backend == "torch":
+        return TorchRunner(target, batch, seq_len, device, transfers)
+    if backend == "trt":
+        from lrq_deploy.engine import TrtRunner
+
+        return TrtRunner(target, batch, seq_len, transfers)
+    raise LrqError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -1,0 +1,119 @@
+"""Benchmark statistics on a fake clock (exact), and real runs of the ort and torch backends."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lrq_deploy.bench.harness import measure, report
+from lrq_deploy.bench.runners import Runner, Timing, Workload
+from lrq_deploy.bench.stats import percentile, summarize
+from lrq_deploy.cli import main
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeRunner(Runner):
+    """Each inference advances the fake clock by the next latency of a fixed cycle."""
+
+    name = "fake"
+
+    def __init__(self, clock, cycle_ms, compute_ms=None):
+        self.clock, self.cycle, self.compute, self.calls = clock, cycle_ms, compute_ms, 0
+
+    def workload(self):
+        return Workload("fake", items_per_inference=4, unit="tokens")
+
+    def infer(self):
+        ms = self.cycle[self.calls % len(self.cycle)]
+        self.calls += 1
+        self.clock.now += ms / 1e3
+        return Timing(latency_ms=ms, compute_ms=None if self.compute is None else ms * self.compute)
+
+
+def test_percentile_nearest_rank():
+    data = sorted(float(x) for x in range(1, 101))
+    assert percentile(data, 90) == 90.0
+    assert percentile(data, 99) == 99.0
+    assert percentile(data, 100) == 100.0
+    assert percentile([5.0], 50) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+
+
+def test_summary_statistics():
+    stats = summarize([4.0, 1.0, 3.0, 2.0], (50, 75))
+    assert stats == {"min": 1.0, "max": 4.0, "mean": 2.5, "median": 2.5, "percentiles": {"50": 2.0, "75": 3.0}}
+
+
+def test_measure_follows_trtexec_semantics():
+    clock = FakeClock()
+    runner = FakeRunner(clock, [10.0, 20.0, 30.0, 40.0])
+    # warm-up 50 ms: 10 + 20 + 30 = 60 ms, three inferences, not recorded
+    timings, walltime = measure(runner, warm_up_ms=50, iterations=5, duration_s=0.2, clock=clock)
+    # then at least 5 inferences and at least 200 ms: 40,10,20,30,40 = 140 ms < 200, +10,+20,+30 = 200
+    assert [t.latency_ms for t in timings] == [40, 10, 20, 30, 40, 10, 20, 30]
+    assert walltime == pytest.approx(0.2)
+    result = report(runner, timings, walltime, (50, 90))
+    assert result["inferences"] == 8
+    assert result["throughput_qps"] == pytest.approx(40.0)
+    assert result["throughput_tokens_per_s"] == pytest.approx(160.0)
+    assert result["latency_ms"]["mean"] == pytest.approx(25.0)
+    assert result["latency_ms"]["median"] == pytest.approx(25.0)
+    assert result["latency_ms"]["percentiles"] == {"50": 20.0, "90": 40.0}
+    assert any("unstable" in w for w in result["warnings"])
+
+
+def test_gpu_compute_and_host_bound_warning():
+    clock = FakeClock()
+    runner = FakeRunner(clock, [10.0], compute_ms=0.5)
+    timings, walltime = measure(runner, warm_up_ms=0, iterations=3, duration_s=0, clock=clock)
+    result = report(runner, timings, walltime)
+    assert result["gpu_compute_ms"]["mean"] == pytest.approx(5.0)
+    assert result["total_gpu_compute_s"] == pytest.approx(0.015)
+    assert any("bound by the host" in w for w in result["warnings"])
+    assert not any("unstable" in w for w in result["warnings"])
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from lrq_deploy.calib.api import calibrate
+    from lrq_deploy.config import CalibConfig, QuantConfig
+    from lrq_deploy.export import export_onnx
+
+    root = tmp_path_factory.mktemp("bench")
+    calibrate("bundled:llama", root / "w4", QuantConfig(wbits=4, group_size=64), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    calibrate("bundled:llama", root / "w8a8", QuantConfig(wbits=8, abits=8), CalibConfig(method="smoothquant", nsamples=2, seqlen=32), device="cpu")
+    export_onnx(root / "w4", root / "w4.onnx", verify=False)
+    export_onnx(root / "w8a8", root / "w8a8.onnx", verify=False)
+    return root
+
+
+def test_cli_bench_ort_and_torch_with_json(artifacts, tmp_path):
+    for target in (artifacts / "w4.onnx", artifacts / "w4"):
+        out = tmp_path / f"{target.name}.json"
+        result = CliRunner().invoke(main, ["bench", str(target), "--duration", "0.2", "--warm-up", "20",
+                                           "--seq-len", "32", "--export-json", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "Throughput:" in result.stdout and "percentile(99%)" in result.stdout
+        data = json.loads(out.read_text())
+        assert data["inferences"] >= 10 and data["throughput_tokens_per_s"] > 0
+        assert data["latency_ms"]["min"] <= data["latency_ms"]["median"] <= data["latency_ms"]["max"]
+
+
+def test_cli_bench_compare(artifacts):
+    result = CliRunner().invoke(main, ["bench", "--compare", str(artifacts / "w4.onnx"), str(artifacts / "w8a8.onnx"),
+                                       str(artifacts / "w4"), "--duration", "0.1", "--warm-up", "0", "--seq-len", "16"])
+    assert result.exit_code == 0, result.output
+    table = result.stdout.strip().splitlines()[-3:]
+    assert table[0].rstrip().endswith("1.00x") and len(table) == 3
+
+
+def test_cli_bench_bad_target(tmp_path):
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "none.onnx")])
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
