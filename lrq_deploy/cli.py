@@ -134,6 +134,35 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
         click.echo(f"greedy decoding with the KV cache, onnxruntime vs torch: {verdict}")
 
 
+@main.command(name="build-engine", short_help="Build a TensorRT engine from an lrq ONNX graph.")
+@click.argument("onnx_path", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Engine file to write.")
+@click.option("--int4", "precision", flag_value="int4", default=True, help="INT4 weights (native block DQ). Default.")
+@click.option("--fp8", "precision", flag_value="fp8", help="FP8 Q/DQ graph.")
+@click.option("--fp4", "precision", flag_value="fp4", help="NVFP4 graph (Blackwell).")
+@click.option("--fp16", "precision", flag_value="fp16", help="Unquantized graph.")
+@click.option("--min-shapes", default=None, help="name:DxD,... (with --opt-shapes and --max-shapes).")
+@click.option("--opt-shapes", default=None)
+@click.option("--max-shapes", default=None)
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Read and update this timing cache.")
+@click.option("--workspace", type=int, default=None, help="Workspace limit in MiB.")
+@click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default=None, help="Default: the one installed.")
+@click.option("--sm", "sm", multiple=True, help="Target compute capability (tensorrt_rtx), e.g. --sm 89 --sm 120.")
+@clean_errors
+def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, timing_cache, workspace, flavour, sm):
+    """Build a TensorRT engine from ONNX_PATH (exported with lrq export --target trt)."""
+    from lrq_deploy.engine import BuildOptions, build_engine as build, parse_shapes
+
+    lows, opts, highs = parse_shapes(min_shapes), parse_shapes(opt_shapes), parse_shapes(max_shapes)
+    if not (lows.keys() == opts.keys() == highs.keys()):
+        raise LrqError("--min-shapes, --opt-shapes and --max-shapes must name the same inputs")
+    shapes = {name: (lows[name], opts[name], highs[name]) for name in lows}
+    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm))
+    report = build(onnx_path, out, options)
+    layers = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report["layers"].items(), key=lambda kv: -kv[1])[:6])
+    click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers})")
+
+
 @main.command(short_help="Measure latency and throughput (trtexec-style) of engines, ONNX graphs, checkpoints.")
 @click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["trt", "ort", "torch"]), default=None,

@@ -1,0 +1,161 @@
+"""`lrq build-engine`: ONNX graph -> serialized TensorRT engine."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from lrq_deploy.engine.flavours import Flavour, load_flavour
+from lrq_deploy.errors import LrqError
+
+PRECISIONS = ("int4", "fp8", "fp4", "fp16")
+# Default profile ranges for our graphs' named dynamic axes: (min, opt, max).
+AXIS_RANGES = {"batch": (1, 1, 8), "seq": (1, 128, 512), "past": (0, 128, 1024)}
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "int4"
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    timing_cache: Path | None = None
+    workspace_mib: int | None = None
+    flavour: str | None = None
+    compute_capabilities: list[str] = field(default_factory=list)
+
+
+def parse_shapes(spec: str | None) -> dict[str, tuple[int, ...]]:
+    """'input_ids:1x128,past.0.key:1x2x64x32' -> {name: shape}."""
+    shapes = {}
+    for item in filter(None, (spec or "").split(",")):
+        name, _, dims = item.rpartition(":")
+        if not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+            raise LrqError(f"shapes are name:DxDx..., got {item!r}")
+        shapes[name] = tuple(int(d) for d in dims.split("x"))
+    return shapes
+
+
+def graph_requirements(path: Path, precision: str) -> dict:
+    """Check what the graph carries against the requested precision, before TensorRT sees it."""
+    model = onnx.load(str(path), load_external_data=False)
+    lrq_nodes = sorted({n.op_type for n in model.graph.node if n.domain == "lrq"})
+    if any(n.op_type == "QuantLinear" for n in model.graph.node if n.domain == "lrq"):
+        raise LrqError(f"{path} is an unlowered trace; export it with lrq export --target trt")
+    int4 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    fp4 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT4E2M1]
+    fp8 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    uint4 = [t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.UINT2)]
+    if uint4:
+        raise LrqError(f"{path} carries UINT4/UINT2 weights (the onnxruntime flavour); export with --target trt")
+    expected = {"int4": int4 or lrq_nodes, "fp4": fp4, "fp8": fp8, "fp16": True}[precision]
+    if not expected:
+        raise LrqError(f"--{precision} needs a graph with {precision.upper()} weights; {path} has none")
+    return {"lrq_plugin_nodes": lrq_nodes, "int4_weights": len(int4), "fp8_weights": len(fp8), "fp4_weights": len(fp4),
+            "inputs": [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]}
+
+
+def _profile_shapes(inputs, explicit: dict) -> dict[str, tuple]:
+    shapes = {}
+    for name, dims in inputs:
+        if name in explicit:
+            shapes[name] = explicit[name]
+            continue
+        if all(isinstance(d, int) and d > 0 for d in dims):
+            continue
+        ranges = []
+        for d in dims:
+            if isinstance(d, int) and d > 0:
+                ranges.append((d, d, d))
+            else:
+                key = "past" if "past" in str(d) else ("seq" if "seq" in str(d) else "batch")
+                ranges.append(AXIS_RANGES[key])
+        shapes[name] = tuple(tuple(r[i] for r in ranges) for i in range(3))
+    return shapes
+
+
+def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
+    onnx_path, out = Path(onnx_path), Path(out)
+    if options.precision not in PRECISIONS:
+        raise LrqError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if not onnx_path.is_file():
+        raise LrqError(f"ONNX file {onnx_path} does not exist")
+    if not out.parent.is_dir():
+        raise LrqError(f"output directory {out.parent} does not exist")
+    requirements = graph_requirements(onnx_path, options.precision)
+    if requirements["lrq_plugin_nodes"]:
+        raise LrqError(
+            f"{onnx_path} needs the lrq TensorRT plugins ({', '.join(requirements['lrq_plugin_nodes'])}), which this "
+            "version does not ship yet; symmetric INT4 weight-only graphs (calibrate --wbits 4 --symmetric) build natively"
+        )
+    flavour = load_flavour(options.flavour)
+    serialized, layers = _build(flavour, onnx_path, options, requirements)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(bytes(serialized))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"engine": str(out), "flavour": flavour.name, "bytes": out.stat().st_size, "layers": layers, **requirements}
+
+
+def _build(flavour: Flavour, onnx_path: Path, options: BuildOptions, requirements: dict):
+    trt = flavour.trt
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(flavour.network_flags())
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)).splitlines()[0] for i in range(parser.num_errors))
+        raise LrqError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if options.precision == "fp16" and not flavour.strongly_typed_only:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if options.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    caps = flavour.compute_capabilities(options.compute_capabilities)
+    if caps:
+        config.num_compute_capabilities = len(caps)
+        for index, cap in enumerate(caps):
+            config.set_compute_capability(cap, index)
+    shapes = _profile_shapes(requirements["inputs"], options.shapes)
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    # TensorRT for RTX has no timing cache (its cache operations are no-ops).
+    cache = None if flavour.strongly_typed_only else _load_timing_cache(config, options.timing_cache)
+    layers = _layer_summary(network)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise LrqError(f"TensorRT could not build an engine from {onnx_path} (run with a GPU or name --sm targets)")
+    if cache is not None:
+        _save_timing_cache(config, options.timing_cache)
+    return serialized, layers
+
+
+def _load_timing_cache(config, path: Path | None):
+    if path is None:
+        return None
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    data = config.get_timing_cache().serialize()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, path)
+
+
+def _layer_summary(network) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for index in range(network.num_layers):
+        kind = str(network.get_layer(index).type).rsplit(".", 1)[-1]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts

@@ -1,0 +1,91 @@
+"""Running a serialized engine for `lrq bench --backend trt` (needs a CUDA GPU and TensorRT)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lrq_deploy.bench.runners import Runner, Timing, Workload
+from lrq_deploy.engine.flavours import load_flavour
+from lrq_deploy.errors import LrqError
+
+
+class TrtRunner(Runner):
+    name = "trt"
+    device = "cuda"
+
+    def __init__(self, path: Path, batch: int, seq_len: int, transfers: bool = True, flavour: str | None = None):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LrqError("running a TensorRT engine needs a CUDA GPU")
+        self.torch = torch
+        self.flavour = load_flavour(flavour)
+        trt = self.flavour.trt
+        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise LrqError(f"{path} is not a TensorRT engine for this GPU and TensorRT version")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.transfers = transfers
+        self.inputs, self.outputs = {}, {}
+        items, unit = batch, "images"
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                shape = self._input_shape(name, batch, seq_len)
+                self.context.set_input_shape(name, shape)
+                dtype = _torch_dtype(torch, self.engine.get_tensor_dtype(name))
+                host = (torch.randint(0, 100, shape) if name == "input_ids" else torch.randn(shape)).to(dtype)
+                self.inputs[name] = (host.pin_memory(), host.cuda())
+                if name == "input_ids":
+                    items, unit = host.numel(), "tokens"
+        for name in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)):
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                shape = tuple(self.context.get_tensor_shape(name))
+                device = torch.empty(shape, dtype=_torch_dtype(torch, self.engine.get_tensor_dtype(name)), device="cuda")
+                self.outputs[name] = (torch.empty(shape, dtype=device.dtype, pin_memory=True), device)
+        for name, (_, device) in {**self.inputs, **self.outputs}.items():
+            self.context.set_tensor_address(name, device.data_ptr())
+        self._workload = Workload(f"engine, batch {batch}", items, unit)
+
+    def _input_shape(self, name: str, batch: int, seq_len: int) -> tuple[int, ...]:
+        dims = list(self.engine.get_tensor_shape(name))
+        fill = {0: batch}
+        if name == "input_ids":
+            fill[1] = seq_len
+        return tuple(fill.get(i, 1 if d < 0 else d) if d < 0 else d for i, d in enumerate(dims))
+
+    def workload(self) -> Workload:
+        return self._workload
+
+    def infer(self) -> Timing:
+        torch = self.torch
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        start = time.perf_counter()
+        with torch.cuda.stream(self.stream):
+            events[0].record(self.stream)
+            if self.transfers:
+                for host, device in self.inputs.values():
+                    device.copy_(host, non_blocking=True)
+            events[1].record(self.stream)
+            self.context.execute_async_v3(self.stream.cuda_stream)
+            events[2].record(self.stream)
+            if self.transfers:
+                for host, device in self.outputs.values():
+                    host.copy_(device, non_blocking=True)
+            events[3].record(self.stream)
+        self.stream.synchronize()
+        latency = (time.perf_counter() - start) * 1e3
+        h2d, compute, d2h = (events[i].elapsed_time(events[i + 1]) for i in range(3))
+        return Timing(latency, compute, h2d if self.transfers else None, d2h if self.transfers else None)
+
+
+def _torch_dtype(torch, trt_dtype):
+    name = str(trt_dtype).rsplit(".", 1)[-1].upper()
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+             "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+    if name not in table:
+        raise LrqError(f"engine I/O type {name} is not supported by the benchmark runner")
+    return table[name]
