@@ -86,13 +86,15 @@ def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_dat
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluation text (default: WikiText-2 test).")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many windows (quick checks).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["reference", "torch"]), default="reference", show_default=True,
+              help="reference: dequantize-then-matmul in PyTorch; torch: the Triton kernels.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with keys fp and quant.")
 @clean_errors
-def eval_(target, task, data, limit, device, as_json):
+def eval_(target, task, data, limit, device, backend, as_json):
     """Evaluate checkpoint TARGET and its source model side by side."""
     from lrq_deploy.eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(target, task=task, data=data, limit=limit, device=device)
+    result = evaluate_checkpoint(target, task=task, data=data, limit=limit, device=device, backend=backend)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -1,5 +1,11 @@
+import os
 import shutil
 from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -107,7 +107,8 @@ class TorchRunner(Runner):
         self.torch = torch
         dev = resolve_device(device)
         self.device = dev.type
-        loaded, _ = load_checkpoint(path, dev)
+        loaded, manifest = load_checkpoint(path, dev)
+        self.kernels = _try_kernels(loaded.model, manifest)
         spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past=False)
         self.module = spec.module.eval()
         self.host_inputs = spec.example_args
@@ -115,7 +116,8 @@ class TorchRunner(Runner):
         self.transfers = transfers and dev.type == "cuda"
         items = spec.example_args[0].numel() if spec.input_names[0] == "input_ids" else batch
         unit = "tokens" if spec.input_names[0] == "input_ids" else "images"
-        self._workload = Workload(f"{spec.input_names[0]} {tuple(spec.example_args[0].shape)}", items, unit)
+        path_name = "Triton kernels" if self.kernels else "reference dequantize + matmul"
+        self._workload = Workload(f"{spec.input_names[0]} {tuple(spec.example_args[0].shape)}, {path_name}", items, unit)
 
     def workload(self) -> Workload:
         return self._workload
@@ -140,6 +142,19 @@ class TorchRunner(Runner):
         latency = (time.perf_counter() - start) * 1e3
         h2d, compute, d2h = (events[i].elapsed_time(events[i + 1]) for i in range(3))
         return Timing(latency, compute, h2d if self.transfers else None, d2h if self.transfers else None)
+
+
+def _try_kernels(model, manifest) -> bool:
+    """Put the model on the Triton kernels when they serve its configuration."""
+    from lrq_deploy.config import QuantConfig
+    from lrq_deploy.plugins.backend import kernel_for, use_kernels
+
+    try:
+        kernel_for(QuantConfig.from_dict(manifest["quant"]))
+    except LrqError:
+        return False
+    use_kernels(model)
+    return True
 
 
 def detect_backend(target: Path) -> str:

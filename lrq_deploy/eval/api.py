@@ -10,7 +10,7 @@ from lrq_deploy.errors import LrqError
 
 def evaluate_checkpoint(
     path: Path, task: str | None = None, data: Path | None = None, limit: int | None = None, device: str = "auto",
-    compare_fp: bool = True,
+    compare_fp: bool = True, backend: str = "reference",
 ) -> dict:
     """Return {"task", "fp": {metric: value} (None when compare_fp is off), "quant": {metric: value}}."""
     from lrq_deploy.calib.api import resolve_device
@@ -19,12 +19,19 @@ def evaluate_checkpoint(
 
     dev = resolve_device(device)
     quant, manifest = load_checkpoint(Path(path), dev)
+    if backend == "torch":
+        from lrq_deploy.plugins.backend import use_kernels
+
+        use_kernels(quant.model)
+    elif backend != "reference":
+        raise LrqError(f"backend must be reference or torch, got {backend!r}")
     adapter = quant.adapter
     if task is not None and task != adapter.default_metric:
         raise LrqError(f"task {task!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
     fp = load_model(manifest["source"], dev) if compare_fp else None
     return {
         "task": adapter.default_metric,
+        "backend": backend,
         "scenario": f"{manifest['calib']['method']} {QuantConfig.from_dict(manifest['quant']).scenario}",
         "fp": adapter.evaluate(fp.model, fp, data, limit, dev) if fp else None,
         "quant": adapter.evaluate(quant.model, quant, data, limit, dev),

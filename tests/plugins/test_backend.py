@@ -1,0 +1,33 @@
+"""The kernel-backed torch backend reproduces the reference perplexity of a checkpoint."""
+
+import pytest
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.checkpoint import load_checkpoint
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.errors import LrqError
+from lrq_deploy.eval import evaluate_checkpoint
+from lrq_deploy.plugins.backend import KernelLinear, use_kernels
+from lrq_deploy.quant import QuantLinear
+
+
+@pytest.mark.parametrize("qconfig", [
+    QuantConfig(wbits=4, group_size=64), QuantConfig(wbits=2, group_size=64), QuantConfig(wbits=4, abits=4),
+], ids=lambda q: q.scenario)
+def test_kernel_backend_reproduces_reference_perplexity(tmp_path, qconfig):
+    out = tmp_path / "ckpt"
+    calibrate("bundled:llama", out, qconfig, CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    reference = evaluate_checkpoint(out, limit=2, compare_fp=False)["quant"]["ppl"]
+    kernels = evaluate_checkpoint(out, limit=2, compare_fp=False, backend="torch")["quant"]["ppl"]
+    assert abs(kernels - reference) / reference < 0.005
+    loaded, _ = load_checkpoint(out)
+    use_kernels(loaded.model)
+    assert not any(isinstance(m, QuantLinear) for m in loaded.model.modules())
+    assert sum(isinstance(m, KernelLinear) for m in loaded.model.modules()) == 28
+
+
+def test_unsupported_configuration_is_refused(tmp_path):
+    out = tmp_path / "w8"
+    calibrate("bundled:llama", out, QuantConfig(wbits=8, abits=8), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    with pytest.raises(LrqError, match="no Triton kernel for W8A8"):
+        evaluate_checkpoint(out, limit=1, backend="torch")
