@@ -114,3 +114,16 @@ def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
     calibrate(str(tiny_llama_dir), tmp_path / "a", qconfig, cconfig, device="cpu")
     calibrate(str(tiny_llama_dir), tmp_path / "b", qconfig, cconfig, device="cpu", offload=True)
     assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
+
+
+def test_nan_loss_stops_with_block_name(tiny_llama_dir, monkeypatch):
+    from lrq_deploy.errors import LrqError
+
+    loaded = load_model(str(tiny_llama_dir))
+    job = _job(loaded, QuantConfig(wbits=4, abits=4), CalibConfig(method="lrquant", nsamples=2, seqlen=16, epochs=1))
+    params = learnable.init_block_params(job, learnable.RECIPES["lrquant"])
+    monkeypatch.setattr(learnable, "nlc", lambda out, target: torch.tensor(float("nan"), requires_grad=True))
+    for p in job.block.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(LrqError, match="block 0, epoch 0: the loss became NaN"):
+        learnable.train_block(job, params, learnable.RECIPES["lrquant"])
