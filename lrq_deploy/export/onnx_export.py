@@ -112,7 +112,8 @@ def size_report(model: onnx.ModelProto, manifest: dict) -> dict:
     """Bytes of the quantized linears' weights (codes + scales + zero points) vs the same weights in FP16."""
     quant_names = set(manifest["quantized_modules"])
     init_bytes = {t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
-    quant_bytes = sum(b for n, b in init_bytes.items() if n.startswith("lrq_linear_") or _is_plugin_input(model, n))
+    plugin_inputs = {name for n in model.graph.node if n.domain == "lrq" for name in n.input[1:4]}
+    quant_bytes = sum(b for n, b in init_bytes.items() if n.startswith("lrq_linear_") or n in plugin_inputs)
     fp16 = _fp16_linear_bytes(model)
     return {
         "file_bytes": model.ByteSize(),
@@ -121,14 +122,6 @@ def size_report(model: onnx.ModelProto, manifest: dict) -> dict:
         "fp16_weight_bytes": fp16,
         "weight_ratio": quant_bytes / fp16 if fp16 else None,
     }
-
-
-def _plugin_nodes(model: onnx.ModelProto):
-    return [n for n in model.graph.node if n.domain == "lrq"]
-
-
-def _is_plugin_input(model: onnx.ModelProto, name: str) -> bool:
-    return any(name in n.input[1:4] for n in _plugin_nodes(model))
 
 
 def _fp16_linear_bytes(model: onnx.ModelProto) -> int:

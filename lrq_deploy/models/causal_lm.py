@@ -28,9 +28,6 @@ class CausalLMAdapter(ModelAdapter):
     def blocks(self, model):
         return self.decoder(model).layers
 
-    def linear_names(self, block):
-        return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-
     def capture_block_inputs(self, model, batches):
         """Run the model up to block 0 and record its input and keyword arguments.
 
