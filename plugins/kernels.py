@@ -10,6 +10,7 @@ per (output channel, group). Dequantization happens in registers inside the main
   (exact), then scales per group and per token.
 - quantize_rows: per-token symmetric quantization to int8-held integers and float32 scales,
   round half to even, bit-identical to the reference.
+- w4a4_fused_gemm: quantize_rows and w4a4_gemm in one kernel (one launch per TensorRT plugin).
 """
 
 from __future__ import annotations
@@ -75,16 +76,20 @@ def weight_only_gemv(
 
 
 @triton.jit
+def _rint(y):
+    """Round half to even (torch.round), from floor."""
+    r = tl.floor(y + 0.5)
+    return tl.where((r - y == 0.5) & (r % 2 != 0), r - 1.0, r)
+
+
+@triton.jit
 def quantize_rows(x_ptr, q_ptr, s_ptr, K, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per token: s = max(max|x|, 1e-5) / QMAX, q = clamp(rint(x / s), -QMAX, QMAX)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-5) / QMAX
-    y = x / scale
-    r = tl.floor(y + 0.5)
-    r = tl.where((r - y == 0.5) & (r % 2 != 0), r - 1.0, r)  # ties to even, as torch.round
-    q = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+    q = tl.minimum(tl.maximum(_rint(x / scale), -QMAX), QMAX)
     tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=offs < K)
     tl.store(s_ptr + row, scale)
 
@@ -126,3 +131,42 @@ def w4a4_gemm(
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     if STORE_INT:
         tl.store(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc_int, mask=out_mask)
+
+
+@triton.jit
+def w4a4_fused_gemm(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W4A4 in one kernel (the TensorRT plugin's kernel): a first pass over K finds each row's
+    max |x|, the main loop quantizes x tiles to INT4 on the fly (same arithmetic as
+    quantize_rows) and accumulates integer products as w4a4_gemm does."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    x_scale = tl.maximum(amax, 1e-5) / 7
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+        xq = tl.minimum(tl.maximum(_rint(x.to(tl.float32) / x_scale[:, None]), -7.0), 7.0).to(tl.int8)
+        nmask = (offs_n[:, None] < N) & kmask[None, :]
+        packed = tl.load(q_ptr + offs_n[:, None] * (K // 2) + (offs_k // 2)[None, :], mask=nmask, other=0)
+        codes = (packed.to(tl.int32) >> ((offs_k % 2) * 4)[None, :]) & 15
+        group = k0 // GROUP
+        zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.int32)
+        w = tl.where(nmask, codes - zero[:, None], 0).to(tl.int8)
+        partial = tl.dot(xq, tl.trans(w), out_dtype=tl.int32)
+        scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += partial.to(tl.float32) * scale[None, :]
+    acc = acc * x_scale[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

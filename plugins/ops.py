@@ -100,10 +100,7 @@ def w4a4_matmul(xq, xs, qweight, scales, zeros, bias, group_size: int, out_dtype
         raise LrqError(f"quantized activations must be int8, got {xq.dtype}")
     n, k, groups = check_weight(xs.new_empty(1, xq.shape[-1]), qweight, scales, zeros, 4, group_size)
     group = group_size or k
-    blocks = _blocks()
-    block_k = min(blocks["BLOCK_K"], group)
-    if group % block_k or (not interpreted() and block_k < 16):
-        raise LrqError(f"the W4A4 kernel needs a group size that is a multiple of 16, got {group}")
+    blocks, block_k = _w4a4_blocks(group_size, k)
     if return_int and groups != 1:
         raise LrqError("the exact int32 accumulator is returned for per-channel weights only")
     m = xq.shape[0]
@@ -118,15 +115,38 @@ def w4a4_matmul(xq, xs, qweight, scales, zeros, bias, group_size: int, out_dtype
     return (y, acc) if return_int else y
 
 
+def _w4a4_blocks(group_size: int, k: int) -> tuple[dict, int]:
+    blocks = _blocks()
+    group = group_size or k
+    block_k = min(blocks["BLOCK_K"], group)
+    if group % block_k or (not interpreted() and block_k < 16):
+        raise LrqError(f"the W4A4 kernel needs a group size that is a multiple of 16, got {group}")
+    return blocks, block_k
+
+
+def w4a4_fused(x, qweight, scales, zeros, bias, group_size: int) -> torch.Tensor:
+    """W4A4 in one kernel launch: activation quantization fused into the integer GEMM."""
+    n, k, groups = check_weight(x, qweight, scales, zeros, 4, group_size)
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    blocks, block_k = _w4a4_blocks(group_size, k)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
+    kernels.w4a4_fused_gemm[grid](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, y, m, n, k, groups,
+        GROUP=group_size or k, HAS_BIAS=bias is not None,
+        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=block_k,
+    )
+    return y.reshape(*x.shape[:-1], n)
+
+
 @torch.library.custom_op("lrq_kernels::w4a4_linear", mutates_args=())
 def w4a4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, group_size: int,
 ) -> torch.Tensor:
-    """Fused path of a W4A4 layer: per-token INT4 quantization of x, then the integer GEMM."""
-    xq, xs = quantize_rows(x, 4)
-    y = w4a4_matmul(xq, xs, qweight, scales, zeros, bias, group_size, x.dtype)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    """A W4A4 layer: per-token INT4 quantization of x fused into the integer GEMM (one launch)."""
+    return w4a4_fused(x, qweight, scales, zeros, bias, group_size)
 
 
 @w4a4_linear.register_fake

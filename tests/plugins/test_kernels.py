@@ -92,3 +92,13 @@ def test_fake_impls_support_torch_compile_tracing():
     out = torch.library.opcheck(torch.ops.lrq_kernels.weight_only_linear.default, (x, packed, scales, zeros, None, 4, 32),
                                 test_utils=("test_schema", "test_faketensor"))
     assert all(v == "SUCCESS" for v in out.values())
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_w4a4_fused_equals_two_kernel_path(group):
+    packed, scales, zeros, _ = _layer(130, 192, 4, group)
+    x = torch.randn(70, 192, generator=GEN) * 2
+    bias = torch.randn(130, generator=GEN)
+    xq, xs = ops.quantize_rows(x, 4)
+    two_step = ops.w4a4_matmul(xq, xs, packed, scales, zeros, bias, group or 0, torch.float32)
+    torch.testing.assert_close(ops.w4a4_fused(x, packed, scales, zeros, bias, group or 0), two_step, rtol=1e-6, atol=1e-5)
