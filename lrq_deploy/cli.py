@@ -105,7 +105,7 @@ def eval_(target, task, data, limit, device, backend, as_json):
 
 
 @main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour).")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="ort: standard ops only; trt: TensorRT native INT4 or lrq plugin nodes.")
@@ -117,14 +117,18 @@ def eval_(target, task, data, limit, device, backend, as_json):
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @clean_errors
 def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_past, no_verify):
-    """Export CHECKPOINT to an ONNX graph and verify it against the torch reference."""
+    """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
+
+    CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
+    exported unquantized as the baseline for benchmarks."""
     from lrq_deploy.export import export_onnx
 
     report = export_onnx(checkpoint, onnx_path, target=target, opset=opset, batch=batch, seq_len=seq_len,
                          verify=not no_verify, limit=limit, with_past=with_past)
     ratio = report["weight_ratio"]
-    click.echo(f"wrote {report['onnx']} (target {target}, opset {report['opset']}, {report['file_bytes'] / 1e6:.2f} MB; "
-               f"quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16)")
+    sizes = (f"; quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16"
+             if ratio else "; full precision")
+    click.echo(f"wrote {report['onnx']} (target {target}, opset {report['opset']}, {report['file_bytes'] / 1e6:.2f} MB{sizes})")
     verify = report.get("verify")
     if verify:
         click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")

@@ -24,15 +24,14 @@ def export_onnx(
     batch: int | None = None, seq_len: int | None = None, verify: bool = True, limit: int | None = None,
     with_past: bool = False,
 ) -> dict:
-    """Export a checkpoint to ONNX; returns a report (sizes, and the verification when run)."""
-    from lrq_deploy.checkpoint import load_checkpoint
-
+    """Export a checkpoint (or, for a full-precision baseline, a model spec such as bundled:llama)
+    to ONNX; returns a report (sizes, and the verification when run)."""
     out = Path(out)
     if target not in TARGETS:
         raise LrqError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if not out.parent.is_dir():
         raise LrqError(f"output directory {out.parent} does not exist")
-    loaded, manifest = load_checkpoint(Path(checkpoint))
+    loaded, manifest = _load_source(checkpoint)
     model = trace_to_onnx(loaded, batch, seq_len, with_past)
     needed = required_opset(model, target)
     if opset is not None and opset < needed:
@@ -58,6 +57,18 @@ def export_onnx(
             report["verify_generation"] = verify_generation(out, loaded)
         _write_json(out.with_name(out.name + ".verify.json"), report)
     return report
+
+
+def _load_source(source) -> tuple:
+    """A quantized checkpoint with its manifest, or a full-precision model with an empty one."""
+    from lrq_deploy.checkpoint import MANIFEST, load_checkpoint
+    from lrq_deploy.models import BUNDLED, load_model
+
+    path = Path(str(source))
+    if str(source) in BUNDLED or (path.is_dir() and not (path / MANIFEST).exists() and
+                                  ((path / "config.json").is_file() or (path / "timm.json").is_file())):
+        return load_model(str(source)), {"quant": {"wbits": 16, "symmetric": False}, "quantized_modules": []}
+    return load_checkpoint(path)
 
 
 def trace_to_onnx(loaded, batch: int | None, seq_len: int | None, with_past: bool = False) -> onnx.ModelProto:

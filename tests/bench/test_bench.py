@@ -91,6 +91,8 @@ def artifacts(tmp_path_factory):
     calibrate("bundled:llama", root / "w8a8", QuantConfig(wbits=8, abits=8), CalibConfig(method="smoothquant", nsamples=2, seqlen=32), device="cpu")
     export_onnx(root / "w4", root / "w4.onnx", verify=False)
     export_onnx(root / "w8a8", root / "w8a8.onnx", verify=False)
+    report = export_onnx("bundled:llama", root / "fp32.onnx", limit=1)
+    assert report["weight_ratio"] is None and report["verify"]["max_abs_logit_error"] < 1e-3
     return root
 
 
@@ -107,11 +109,12 @@ def test_cli_bench_ort_and_torch_with_json(artifacts, tmp_path):
 
 
 def test_cli_bench_compare(artifacts):
-    result = CliRunner().invoke(main, ["bench", "--compare", str(artifacts / "w4.onnx"), str(artifacts / "w8a8.onnx"),
+    result = CliRunner().invoke(main, ["bench", "--compare", str(artifacts / "fp32.onnx"), str(artifacts / "w4.onnx"),
+                                       str(artifacts / "w8a8.onnx"),
                                        str(artifacts / "w4"), "--duration", "0.1", "--warm-up", "0", "--seq-len", "16"])
     assert result.exit_code == 0, result.output
-    table = result.stdout.strip().splitlines()[-3:]
-    assert table[0].rstrip().endswith("1.00x") and len(table) == 3
+    table = result.stdout.strip().splitlines()[-4:]
+    assert table[0].rstrip().endswith("1.00x") and "fp32.onnx" in table[0]
 
 
 def test_cli_bench_bad_target(tmp_path):
