@@ -111,3 +111,26 @@ def test_parse_shapes():
     assert parse_shapes("input_ids:1x128,past.0.key:1x2x64x32") == {"input_ids": (1, 128), "past.0.key": (1, 2, 64, 32)}
     with pytest.raises(LrqError):
         parse_shapes("input_ids=1x2")
+
+
+@needs_rtx
+def test_rtx_builds_fp8_engine_for_sm89(tmp_path):
+    from qdq_graphs import fp8_linear
+
+    fp8_linear(tmp_path / "fp8.onnx")
+    report = build_engine(tmp_path / "fp8.onnx", tmp_path / "fp8.engine", BuildOptions("fp8", compute_capabilities=["89"]))
+    assert report["fp8_weights"] == 2 and report["layers"]["QUANTIZE"] == 1  # weight + activation zero point and report["layers"]["DEQUANTIZE"] == 2
+
+
+@needs_rtx
+def test_rtx_builds_nvfp4_engine_for_sm120(tmp_path):
+    from qdq_graphs import nvfp4_linear
+
+    nvfp4_linear(tmp_path / "fp4.onnx")
+    report = build_engine(tmp_path / "fp4.onnx", tmp_path / "fp4.engine", BuildOptions("fp4", compute_capabilities=["120"]))
+    assert report["fp4_weights"] == 1 and report["layers"]["DYNAMIC_QUANTIZE"] == 1
+
+
+def test_precision_must_match_the_graph(graphs, tmp_path):
+    with pytest.raises(LrqError, match="--fp8 needs a graph with FP8 weights"):
+        build_engine(graphs / "sym-trt.onnx", tmp_path / "x.engine", BuildOptions("fp8"))
