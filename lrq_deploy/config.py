@@ -70,7 +70,6 @@ class CalibConfig:
     lr_smooth: float = 5e-3
     lr_lwc: float = 1e-2
     batch_size: int = 1
-    rotation_rank: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
