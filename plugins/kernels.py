@@ -95,6 +95,16 @@ def quantize_rows(x_ptr, q_ptr, s_ptr, K, QMAX: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
+def _int4_weight_tile(q_ptr, z_ptr, offs_n, offs_k, N, K, G, group):
+    """[BN, BK] int8 tile of (q - z) for 4-bit codes; every k in offs_k lies in `group`."""
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    packed = tl.load(q_ptr + offs_n[:, None] * (K // 2) + (offs_k // 2)[None, :], mask=mask, other=0)
+    codes = (packed.to(tl.int32) >> ((offs_k % 2) * 4)[None, :]) & 15
+    zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.int32)
+    return tl.where(mask, codes - zero[:, None], 0).to(tl.int8)
+
+
+@triton.jit
 def w4a4_gemm(
     xq_ptr, xs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, acc_ptr, M, N, K, G,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_INT: tl.constexpr,
@@ -113,12 +123,8 @@ def w4a4_gemm(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < K
         x = tl.load(xq_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :], other=0)
-        nmask = (offs_n[:, None] < N) & kmask[None, :]
-        packed = tl.load(q_ptr + offs_n[:, None] * (K // 2) + (offs_k // 2)[None, :], mask=nmask, other=0)
-        codes = (packed.to(tl.int32) >> ((offs_k % 2) * 4)[None, :]) & 15
         group = k0 // GROUP
-        zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.int32)
-        w = tl.where(nmask, codes - zero[:, None], 0).to(tl.int8)
+        w = _int4_weight_tile(q_ptr, z_ptr, offs_n, offs_k, N, K, G, group)
         partial = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
         if STORE_INT:
             acc_int += partial
@@ -156,12 +162,8 @@ def w4a4_fused_gemm(
         kmask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
         xq = tl.minimum(tl.maximum(_rint(x.to(tl.float32) / x_scale[:, None]), -7.0), 7.0).to(tl.int8)
-        nmask = (offs_n[:, None] < N) & kmask[None, :]
-        packed = tl.load(q_ptr + offs_n[:, None] * (K // 2) + (offs_k // 2)[None, :], mask=nmask, other=0)
-        codes = (packed.to(tl.int32) >> ((offs_k % 2) * 4)[None, :]) & 15
         group = k0 // GROUP
-        zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.int32)
-        w = tl.where(nmask, codes - zero[:, None], 0).to(tl.int8)
+        w = _int4_weight_tile(q_ptr, z_ptr, offs_n, offs_k, N, K, G, group)
         partial = tl.dot(xq, tl.trans(w), out_dtype=tl.int32)
         scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
         acc += partial.to(tl.float32) * scale[None, :]
