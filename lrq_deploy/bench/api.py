@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lrq_deploy.atomic import write_json
 from lrq_deploy.bench.harness import measure, report
 from lrq_deploy.bench.runners import make_runner
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES
@@ -41,7 +40,7 @@ def bench(target: Path, options: BenchOptions, export_json: Path | None = None, 
     if export_json:
         _write_json(Path(export_json), result)
     if export_times:
-        _write_json(Path(export_times), {"times": [t.__dict__ for t in timings]})
+        _write_json(Path(export_times), {"times": [asdict(t) for t in timings]})
     return result
 
 
@@ -56,6 +55,4 @@ def bench_compare(targets: list[Path], options: BenchOptions, export_json: Path 
 def _write_json(path: Path, data: dict) -> None:
     if not path.parent.is_dir():
         raise LrqError(f"output directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data)

@@ -8,7 +8,7 @@ outputs cross the bus.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ class Workload:
     description: str
     items_per_inference: int
     unit: str
-    extras: dict = field(default_factory=dict)
 
 
 class Runner:

@@ -10,21 +10,15 @@ block that looks valid.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from lrq_deploy.atomic import atomic_write, write_json
 from lrq_deploy.errors import LrqError
 
 RUN_FILE = "run.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -38,7 +32,7 @@ class RunDir:
             if self.path.exists():
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True)
-            _atomic_write(self.path / RUN_FILE, lambda p: p.write_text(json.dumps(settings, indent=2) + "\n"))
+            write_json(self.path / RUN_FILE, settings)
         self.curves: dict[int, list[float]] = self._read_curves()
 
     def _block_file(self, index: int) -> Path:
@@ -64,10 +58,10 @@ class RunDir:
     def save_block(self, index: int, tensors: dict[str, torch.Tensor], curve: list[float]) -> None:
         from safetensors.torch import save_file
 
-        _atomic_write(self._block_file(index), lambda p: save_file(tensors, str(p)))
+        atomic_write(self._block_file(index), lambda p: save_file(tensors, str(p)))
         self.curves[index] = curve
         report = {"loss_curves": {str(k): v for k, v in sorted(self.curves.items())}}
-        _atomic_write(self.path / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        write_json(self.path / "report.json", report)
         self.plot()
 
     def plot(self) -> None:
@@ -84,5 +78,5 @@ class RunDir:
         ax.set_yscale("log")
         ax.legend(fontsize="small", ncol=2)
         fig.tight_layout()
-        _atomic_write(self.path / "losses.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        atomic_write(self.path / "losses.png", lambda p: fig.savefig(p, format="png", dpi=100))
         plt.close(fig)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
+from lrq_deploy.atomic import atomic_write
 from lrq_deploy.engine.flavours import Flavour, load_flavour
 from lrq_deploy.errors import LrqError
 
@@ -92,12 +92,7 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
         )
     flavour = load_flavour(options.flavour)
     serialized, layers = _build(flavour, onnx_path, options, requirements)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(bytes(serialized))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda tmp: tmp.write_bytes(bytes(serialized)))
     return {"engine": str(out), "flavour": flavour.name, "bytes": out.stat().st_size, "layers": layers, **requirements}
 
 
@@ -148,9 +143,7 @@ def _load_timing_cache(config, path: Path | None):
 
 def _save_timing_cache(config, path: Path) -> None:
     data = config.get_timing_cache().serialize()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    tmp.write_bytes(bytes(data))
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(bytes(data)))
 
 
 def _layer_summary(network) -> dict[str, int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 import onnx
 import torch
 
+from lrq_deploy.atomic import atomic_write, write_json
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.lower import lower, required_opset
 from lrq_deploy.export.ops import TRANSLATIONS
@@ -44,7 +43,7 @@ def export_onnx(
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-    _save_atomic(model, out)
+    atomic_write(out, lambda tmp: onnx.save(model, str(tmp)))
     report = {
         "onnx": str(out), "target": target, "opset": _default_opset(model), "with_past": with_past,
         **size_report(model, manifest),
@@ -55,7 +54,7 @@ def export_onnx(
         report["verify"] = verify_against_torch(out, loaded, limit, with_past)
         if with_past:
             report["verify_generation"] = verify_generation(out, loaded)
-        _write_json(out.with_name(out.name + ".verify.json"), report)
+        write_json(out.with_name(out.name + ".verify.json"), report)
     return report
 
 
@@ -102,21 +101,6 @@ def _set_opset(model: onnx.ModelProto, version: int) -> None:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = version
-
-
-def _save_atomic(model: onnx.ModelProto, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def size_report(model: onnx.ModelProto, manifest: dict) -> dict:

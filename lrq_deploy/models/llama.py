@@ -12,7 +12,7 @@ class LlamaAdapter(CausalLMAdapter):
 
     def smooth_groups(self, model):
         cfg = model.config
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        kv_heads, _ = self.kv_cache_shape(cfg)
         return [
             SmoothGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             SmoothGroup(
