@@ -154,8 +154,10 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
 @click.option("--workspace", type=int, default=None, help="Workspace limit in MiB.")
 @click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default=None, help="Default: the one installed.")
 @click.option("--sm", "sm", multiple=True, help="Target compute capability (tensorrt_rtx), e.g. --sm 89 --sm 120.")
+@click.option("--plugins/--no-plugins", default=True, show_default=True,
+              help="Map lrq-domain nodes (W4A4, W2A16, asymmetric W4A16) to the lrq TensorRT plugins.")
 @clean_errors
-def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, timing_cache, workspace, flavour, sm):
+def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, timing_cache, workspace, flavour, sm, plugins):
     """Build a TensorRT engine from ONNX_PATH (exported with lrq export --target trt)."""
     from lrq_deploy.engine import BuildOptions, build_engine as build, parse_shapes
 
@@ -163,7 +165,7 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     if not (lows.keys() == opts.keys() == highs.keys()):
         raise LrqError("--min-shapes, --opt-shapes and --max-shapes must name the same inputs")
     shapes = {name: (lows[name], opts[name], highs[name]) for name in lows}
-    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm))
+    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins)
     report = build(onnx_path, out, options)
     layers = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report["layers"].items(), key=lambda kv: -kv[1])[:6])
     click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers})")

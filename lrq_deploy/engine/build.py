@@ -1,12 +1,24 @@
-"""`lrq build-engine`: ONNX graph -> serialized TensorRT engine."""
+"""`lrq build-engine`: ONNX graph -> serialized TensorRT engine.
+
+The graph is checked here; TensorRT then parses and builds it in a child process
+(`lrq_deploy.engine.worker`), so that a TensorRT abort becomes one error line and the
+process can be given the environment its flavour needs (see Flavour.build_process_env).
+`lrq`-domain nodes become layers of our plugins (plugins/trt_plugins.py), registered in
+the child before parsing.
+"""
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
+from onnx import helper
 
 from lrq_deploy.atomic import atomic_write
 from lrq_deploy.engine.flavours import Flavour, load_flavour
@@ -25,6 +37,7 @@ class BuildOptions:
     workspace_mib: int | None = None
     flavour: str | None = None
     compute_capabilities: list[str] = field(default_factory=list)
+    plugins: bool = True
 
 
 def parse_shapes(spec: str | None) -> dict[str, tuple[int, ...]]:
@@ -38,12 +51,18 @@ def parse_shapes(spec: str | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def graph_requirements(path: Path, precision: str) -> dict:
+def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict:
     """Check what the graph carries against the requested precision, before TensorRT sees it."""
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+        raise LrqError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
     lrq_nodes = sorted({n.op_type for n in model.graph.node if n.domain == "lrq"})
-    if any(n.op_type == "QuantLinear" for n in model.graph.node if n.domain == "lrq"):
+    if "QuantLinear" in lrq_nodes:
         raise LrqError(f"{path} is an unlowered trace; export it with lrq export --target trt")
+    if lrq_nodes and not plugins:
+        raise LrqError(f"{path} needs the lrq plugins ({', '.join(lrq_nodes)}); build it without --no-plugins")
+    _check_plugin_nodes(model)
     int4 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     fp4 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT4E2M1]
     fp8 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
@@ -84,16 +103,61 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
         raise LrqError(f"ONNX file {onnx_path} does not exist")
     if not out.parent.is_dir():
         raise LrqError(f"output directory {out.parent} does not exist")
-    requirements = graph_requirements(onnx_path, options.precision)
-    if requirements["lrq_plugin_nodes"]:
-        raise LrqError(
-            f"{onnx_path} needs the lrq TensorRT plugins ({', '.join(requirements['lrq_plugin_nodes'])}), which this "
-            "version does not ship yet; symmetric INT4 weight-only graphs (calibrate --wbits 4 --symmetric) build natively"
-        )
+    requirements = graph_requirements(onnx_path, options.precision, options.plugins)
     flavour = load_flavour(options.flavour)
+    flavour.compute_capabilities(options.compute_capabilities)  # unknown targets fail before the child starts
+    return {**_build_in_child(flavour, onnx_path, out, options), **requirements}
+
+
+def _check_plugin_nodes(model: onnx.ModelProto) -> None:
+    """Every lrq node must name a plugin we ship, with attributes its kernel supports."""
+    from lrq_deploy.plugins.aot import plugin_kernel
+    from lrq_deploy.plugins.trt_plugins import ATTRIBUTES, PLUGIN_NAMES
+
+    for node in (n for n in model.graph.node if n.domain == "lrq"):
+        if node.op_type not in PLUGIN_NAMES:
+            raise LrqError(f"no TensorRT plugin for {node.op_type} (plugins: {', '.join(PLUGIN_NAMES)})")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        missing = [name for name in ATTRIBUTES if name not in attrs]
+        if missing:
+            raise LrqError(f"lrq node {node.name} lacks attributes {', '.join(missing)}")
+        plugin_kernel(node.op_type, attrs)
+
+
+def _build_in_child(flavour: Flavour, onnx_path: Path, out: Path, options: BuildOptions) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lrq-build-") as scratch:
+        report_path = Path(scratch) / "report.json"
+        request = {"onnx": str(onnx_path), "out": str(out), "report": str(report_path),
+                   "flavour": flavour.name, "options": json.loads(json.dumps(asdict(options), default=str))}
+        proc = subprocess.run(
+            [sys.executable, "-m", "lrq_deploy.engine.worker"], input=json.dumps(request),
+            capture_output=True, text=True, env=flavour.build_process_env(Path(scratch)),
+        )
+        if proc.returncode != 0 or not report_path.is_file():
+            raise LrqError(_child_failure(proc, onnx_path))
+        return json.loads(report_path.read_text())
+
+
+def _child_failure(proc: subprocess.CompletedProcess, onnx_path: Path) -> str:
+    lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("error: ")]
+    if own:
+        return own[-1].removeprefix("error: ")
+    last = lines[-1] if lines else "no output"
+    return f"TensorRT stopped while building {onnx_path} (exit status {proc.returncode}): {last}"
+
+
+def build_in_this_process(onnx_path: Path, out: Path, options: BuildOptions, flavour_name: str) -> dict:
+    """Parse and build in this process (the worker's side of build_engine); writes `out` atomically."""
+    flavour = load_flavour(flavour_name)
+    requirements = graph_requirements(onnx_path, options.precision, options.plugins)
+    if requirements["lrq_plugin_nodes"]:
+        from lrq_deploy.plugins.trt_plugins import register_plugins
+
+        register_plugins(flavour.trt)
     serialized, layers = _build(flavour, onnx_path, options, requirements)
     atomic_write(out, lambda tmp: tmp.write_bytes(bytes(serialized)))
-    return {"engine": str(out), "flavour": flavour.name, "bytes": out.stat().st_size, "layers": layers, **requirements}
+    return {"engine": str(out), "flavour": flavour.name, "bytes": out.stat().st_size, "layers": layers}
 
 
 def _build(flavour: Flavour, onnx_path: Path, options: BuildOptions, requirements: dict):

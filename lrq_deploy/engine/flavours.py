@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from lrq_deploy.errors import LrqError
 
@@ -33,6 +35,22 @@ class Flavour:
             return 0  # RTX networks are always strongly typed
         return 1 << int(self.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
+    def build_process_env(self, scratch: Path) -> dict:
+        """Environment of the child process that builds an engine.
+
+        TensorRT for RTX's ONNX parser dlopens the unversioned `libtensorrt_rtx.so` when it adds
+        a plugin layer, and the wheels ship only `libtensorrt_rtx.so.1`; a link in `scratch`,
+        put on LD_LIBRARY_PATH (read once, when a process starts), lets it find the library.
+        """
+        env = dict(os.environ)
+        if self.name != "tensorrt_rtx":
+            return env
+        loaded = _loaded_library("libtensorrt_rtx.so.")
+        if loaded is not None:
+            (scratch / "libtensorrt_rtx.so").symlink_to(loaded)
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(scratch), env.get("LD_LIBRARY_PATH")]))
+        return env
+
     def compute_capabilities(self, names: list[str]) -> list:
         if not names:
             return []
@@ -46,6 +64,16 @@ class Flavour:
                 raise LrqError(f"{self.name} cannot target {name} (it targets {', '.join(known)})")
             caps.append(getattr(self.trt.ComputeCapability, key))
         return caps
+
+
+def _loaded_library(prefix: str) -> Path | None:
+    """Path of a shared library this process has loaded (Linux), or None."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    paths = {line.split()[-1] for line in maps if f"/{prefix}" in line}
+    return Path(sorted(paths)[0]) if paths else None
 
 
 def load_flavour(preferred: str | None = None) -> Flavour:

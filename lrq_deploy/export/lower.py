@@ -11,7 +11,8 @@ target ort, per linear:
 target trt:
     symmetric INT4 weight-only -> TensorRT's native path: INT4 initializer, zero-free block DequantizeLinear
     everything else -> one node in the `lrq` domain named after its plugin (W4A4Linear, W2A16Linear, ...)
-    with the checkpoint's packed weights, float16 scales and uint8 zero points as inputs.
+    with the checkpoint's packed weights and uint8 zero points (both stored as INT8 bytes) and
+    float16 scales as inputs.
 """
 
 from __future__ import annotations
@@ -201,9 +202,18 @@ def _lower_standard(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: boo
     return nodes
 
 
-def _plugin_node(ln: LinearNode, prefix: str, out_features: int, symmetric: bool) -> list:
+def _as_int8_bytes(graph: _Graph, name: str, prefix: str) -> str:
+    """The same bytes as an INT8 initializer: TensorRT's ONNX parser widens UINT8 initializers
+    to INT32, which would quadruple the packed weights; the plugin reads the bytes back as uint8."""
+    array = graph.array(name)
+    return graph.add_init(numpy_helper.from_array(array.view(np.int8), f"{prefix}.{name.rsplit('.', 1)[-1]}_bytes"))
+
+
+def _plugin_node(graph: _Graph, ln: LinearNode, prefix: str, out_features: int, symmetric: bool) -> list:
+    inputs = list(ln.node.input)
+    inputs[1], inputs[3] = _as_int8_bytes(graph, inputs[1], prefix), _as_int8_bytes(graph, inputs[3], prefix)
     node = helper.make_node(
-        ln.plugin_name, list(ln.node.input), list(ln.node.output), name=prefix, domain=DOMAIN,
+        ln.plugin_name, inputs, list(ln.node.output), name=prefix, domain=DOMAIN,
         wbits=ln.wbits, abits=ln.abits, group_size=ln.group_size, in_features=ln.in_features,
         out_features=out_features, symmetric=int(symmetric), plugin_namespace=PLUGIN_NAMESPACE, aot=1,
     )
@@ -226,7 +236,7 @@ def lower(model: onnx.ModelProto, target: str, symmetric: bool) -> onnx.ModelPro
         elif _is_native_int4(ln, model):
             new_nodes += _lower_standard(graph, ln, prefix, signed_int4=True)
         else:
-            new_nodes += _plugin_node(ln, prefix, graph.array(ln.node.input[1]).shape[0], symmetric)
+            new_nodes += _plugin_node(graph, ln, prefix, graph.array(ln.node.input[1]).shape[0], symmetric)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     graph.drop_unused_initializers()

@@ -31,11 +31,20 @@ needs_rtx = pytest.mark.skipif(not _have_rtx(), reason="TensorRT for RTX is not 
 def graphs(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     calibrate("bundled:llama", root / "sym", QuantConfig(wbits=4, group_size=64, symmetric=True), CalibConfig(nsamples=2, seqlen=32), device="cpu")
-    calibrate("bundled:llama", root / "w4a4", QuantConfig(wbits=4, abits=4), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    for name, quant in PLUGIN_GRAPHS.items():
+        calibrate("bundled:llama", root / name, quant, CalibConfig(nsamples=2, seqlen=32), device="cpu")
+        export_onnx(root / name, root / f"{name}-trt.onnx", target="trt")
     export_onnx(root / "sym", root / "sym-trt.onnx", target="trt")
     export_onnx(root / "sym", root / "sym-ort.onnx", target="ort", verify=False)
-    export_onnx(root / "w4a4", root / "w4a4-trt.onnx", target="trt")
     return root
+
+
+PLUGIN_GRAPHS = {
+    "w4a4": QuantConfig(wbits=4, abits=4),
+    "w2a16": QuantConfig(wbits=2, group_size=64),
+    "w4a16-asym": QuantConfig(wbits=4, group_size=64),
+}
+LINEAR_PARAMS = 4 * (2 * 192 * 192 + 2 * 192 * 64 + 3 * 192 * 512)  # 4 layers of q, o, k, v, gate, up, down
 
 
 def _dequantized_copy(src, dst):
@@ -63,8 +72,7 @@ def test_rtx_builds_native_int4_engine_for_sm89_and_sm120(graphs, tmp_path):
     _dequantized_copy(graphs / "sym-trt.onnx", tmp_path / "fp32.onnx")
     fp = build_engine(tmp_path / "fp32.onnx", tmp_path / "fp32.engine", BuildOptions("fp16", compute_capabilities=["89"]))
     single = build_engine(graphs / "sym-trt.onnx", tmp_path / "one.engine", BuildOptions(compute_capabilities=["89"]))
-    linear_params = 4 * (2 * 192 * 192 + 2 * 192 * 64 + 3 * 192 * 512)  # 4 layers of q, o, k, v, gate, up, down
-    saved = linear_params * 4 - linear_params // 2  # float32 weights vs packed INT4 codes
+    saved = LINEAR_PARAMS * 4 - LINEAR_PARAMS // 2  # float32 weights vs packed INT4 codes
     assert "DEQUANTIZE" not in fp["layers"]
     assert fp["bytes"] - single["bytes"] > 0.8 * saved  # the INT4 engine keeps its weights packed
 
@@ -81,9 +89,50 @@ def test_cli_build_engine_with_timing_cache(graphs, tmp_path):
 
 
 @needs_rtx
+@pytest.mark.parametrize("name,plugin", [("w4a4", "W4A4Linear"), ("w2a16", "W2A16Linear"), ("w4a16-asym", "W4A16Linear")])
+def test_rtx_builds_plugin_engines_for_sm89_and_sm120(graphs, tmp_path, name, plugin):
+    report = build_engine(graphs / f"{name}-trt.onnx", tmp_path / "e.engine", BuildOptions(compute_capabilities=["89", "120"]))
+    assert report["lrq_plugin_nodes"] == [plugin]
+    assert report["layers"]["PLUGIN_V3"] == 28  # one plugin layer per linear
+    assert "DEQUANTIZE" not in report["layers"] and "MATRIX_MULTIPLY" in report["layers"]  # attention and lm_head only
+    assert (tmp_path / "e.engine").stat().st_size == report["bytes"]
+
+
+@needs_rtx
+def test_plugin_engines_keep_weights_packed(graphs, tmp_path):
+    sizes = {}
+    for name in ("w2a16", "w4a16-asym"):  # same group size, scales and zero points: only the codes differ
+        sizes[name] = build_engine(graphs / f"{name}-trt.onnx", tmp_path / f"{name}.engine",
+                                   BuildOptions(compute_capabilities=["89"]))["bytes"]
+    packed_difference = LINEAR_PARAMS * (4 - 2) // 8  # bytes of 4-bit codes minus bytes of 2-bit codes
+    assert sizes["w4a16-asym"] - sizes["w2a16"] == pytest.approx(packed_difference, rel=0.05)
+
+
+def _with_first_plugin_node(src, dst, **changes):
+    model = onnx.load(str(src))
+    node = next(n for n in model.graph.node if n.domain == "lrq")
+    for key, value in changes.items():
+        if key == "op_type":
+            node.op_type = value
+        else:
+            next(a for a in node.attribute if a.name == key).i = value
+    onnx.save(model, str(dst))
+    return dst
+
+
+@needs_rtx
 def test_graphs_that_cannot_build_are_refused_clearly(graphs, tmp_path):
-    with pytest.raises(LrqError, match="lrq TensorRT plugins"):
-        build_engine(graphs / "w4a4-trt.onnx", tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"]))
+    with pytest.raises(LrqError, match="no TensorRT plugin for W8A8Linear"):
+        build_engine(_with_first_plugin_node(graphs / "w2a16-trt.onnx", tmp_path / "w8.onnx", op_type="W8A8Linear"),
+                     tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"]))
+    with pytest.raises(LrqError, match="does not fit the packing or group size"):
+        build_engine(_with_first_plugin_node(graphs / "w2a16-trt.onnx", tmp_path / "g.onnx", group_size=100),
+                     tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"]))
+    with pytest.raises(LrqError, match="without --no-plugins"):
+        build_engine(graphs / "w4a4-trt.onnx", tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"], plugins=False))
+    (tmp_path / "cut.onnx").write_bytes((graphs / "w4a4-trt.onnx").read_bytes()[:5000])
+    with pytest.raises(LrqError, match="not a readable ONNX model"):
+        build_engine(tmp_path / "cut.onnx", tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"]))
     with pytest.raises(LrqError, match="export with --target trt"):
         build_engine(graphs / "sym-ort.onnx", tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"]))
     with pytest.raises(LrqError, match="cannot target"):
@@ -134,3 +183,61 @@ def test_rtx_builds_nvfp4_engine_for_sm120(tmp_path):
 def test_precision_must_match_the_graph(graphs, tmp_path):
     with pytest.raises(LrqError, match="--fp8 needs a graph with FP8 weights"):
         build_engine(graphs / "sym-trt.onnx", tmp_path / "x.engine", BuildOptions("fp8"))
+
+
+@pytest.mark.parametrize("name", list(PLUGIN_GRAPHS))
+def test_plugin_layer_computes_the_checkpoint_layer(graphs, name):
+    """What a plugin layer runs (run_linear, on the node's own inputs from the graph) equals the checkpoint's layer."""
+    import torch
+
+    from lrq_deploy.checkpoint import load_checkpoint
+    from lrq_deploy.plugins.trt_plugins import run_linear
+    from lrq_deploy.quant import QuantLinear
+
+    model = onnx.load(str(graphs / f"{name}-trt.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.domain == "lrq")
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    qweight, scales, zeros = (torch.from_numpy(inits[i].copy()) for i in node.input[1:4])
+    loaded, _ = load_checkpoint(graphs / name)
+    layer = next(m for m in loaded.model.modules() if isinstance(m, QuantLinear) and torch.equal(m.qweight, qweight.view(torch.uint8)))
+    x = torch.randn(5, attrs["in_features"], generator=torch.Generator().manual_seed(0))
+    y = run_linear(attrs, x, qweight.view(torch.uint8), scales, zeros.view(torch.uint8))
+    torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-4)  # fp32 sums over K = 192 in another order
+
+
+@needs_rtx
+def test_plugin_fields_round_trip_and_format_rules():
+    from types import SimpleNamespace
+
+    import tensorrt_rtx_bindings as trt
+
+    from lrq_deploy.plugins.trt_plugins import plugin_attributes, register_plugins
+
+    creators = register_plugins(trt)
+    assert register_plugins(trt) == creators  # registering twice is harmless
+    assert [c.name for c in creators] == ["W2A16Linear", "W3A16Linear", "W4A16Linear", "W4A4Linear"]
+    attrs = {"wbits": 2, "abits": 16, "group_size": 64, "in_features": 192, "out_features": 512, "symmetric": 0}
+    plugin = creators[0].plugin_class("W2A16Linear", attrs, trt.TensorRTPhase.BUILD)
+    assert plugin_attributes(plugin.get_fields_to_serialize()) == attrs
+    assert plugin.clone().attrs == attrs and plugin.get_output_data_types([trt.DataType.HALF]) == [trt.DataType.HALF]
+    desc = lambda t, f=trt.TensorFormat.LINEAR: SimpleNamespace(desc=SimpleNamespace(type=t, format=f))  # noqa: E731
+    io = [desc(trt.DataType.HALF), desc(trt.DataType.INT8), desc(trt.DataType.HALF), desc(trt.DataType.INT8), desc(trt.DataType.HALF)]
+    assert all(plugin.supports_format_combination(pos, io, 4) for pos in range(5))
+    assert not plugin.supports_format_combination(1, [io[0], desc(trt.DataType.INT32)], 4)  # widened weights
+    assert not plugin.supports_format_combination(0, [desc(trt.DataType.HALF, trt.TensorFormat.CHW32)], 4)
+    assert not plugin.supports_format_combination(4, io[:4] + [desc(trt.DataType.FLOAT)], 4)  # output follows x
+    with pytest.raises(LrqError, match="lacks attributes"):
+        plugin_attributes([])
+
+
+def test_child_failures_become_one_line():
+    import subprocess
+
+    from lrq_deploy.engine.build import _child_failure
+
+    ours = subprocess.CompletedProcess([], 1, "", "[TRT] [E] noise\nerror: TensorRT cannot parse m.onnx: bad node\n")
+    assert _child_failure(ours, "m.onnx") == "TensorRT cannot parse m.onnx: bad node"
+    aborted = subprocess.CompletedProcess([], -6, "", "terminate called without an active exception\n")
+    assert _child_failure(aborted, "m.onnx") == (
+        "TensorRT stopped while building m.onnx (exit status -6): terminate called without an active exception")

@@ -74,12 +74,13 @@ def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, p
         attrs = _attrs(node)
         assert node.op_type == plugin
         assert attrs["plugin_namespace"] == b"lrq" and attrs["aot"] == 1
-        qweight = inits[node.input[1]]
+        assert inits[node.input[1]].dtype == np.int8 and inits[node.input[3]].dtype == np.int8  # uint8 bytes
+        qweight = inits[node.input[1]].view(np.uint8)
         layer = next(m for m in layers.values() if np.array_equal(m.qweight.numpy(), qweight))
         assert attrs["in_features"] == layer.in_features and attrs["out_features"] == layer.out_features
         assert attrs["wbits"] == manifest["quant"]["wbits"] and attrs["abits"] == manifest["quant"]["abits"]
         np.testing.assert_array_equal(inits[node.input[2]], layer.scales.numpy())
-        np.testing.assert_array_equal(inits[node.input[3]], layer.zeros.numpy())
+        np.testing.assert_array_equal(inits[node.input[3]].view(np.uint8), layer.zeros.numpy())
         codes = unpack_flat(qweight.tobytes(), attrs["wbits"], qweight.size * 8 // (4 if attrs["wbits"] != 2 else 2))
         np.testing.assert_array_equal(codes.reshape(layer.out_features, -1), layer.codes().numpy())
 
