@@ -156,8 +156,10 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
 @click.option("--sm", "sm", multiple=True, help="Target compute capability (tensorrt_rtx), e.g. --sm 89 --sm 120.")
 @click.option("--plugins/--no-plugins", default=True, show_default=True,
               help="Map lrq-domain nodes (W4A4, W2A16, asymmetric W4A16) to the lrq TensorRT plugins.")
+@click.option("--verify", is_flag=True, help="Run the engine against onnxruntime on the same inputs (needs a GPU).")
 @clean_errors
-def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, timing_cache, workspace, flavour, sm, plugins):
+def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, timing_cache, workspace, flavour, sm, plugins,
+                 verify):
     """Build a TensorRT engine from ONNX_PATH (exported with lrq export --target trt)."""
     from lrq_deploy.engine import BuildOptions, build_engine as build, parse_shapes
 
@@ -165,10 +167,14 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     if not (lows.keys() == opts.keys() == highs.keys()):
         raise LrqError("--min-shapes, --opt-shapes and --max-shapes must name the same inputs")
     shapes = {name: (lows[name], opts[name], highs[name]) for name in lows}
-    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins)
+    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins, verify)
     report = build(onnx_path, out, options)
     layers = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report["layers"].items(), key=lambda kv: -kv[1])[:6])
-    click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers})")
+    plugins_line = f"; lrq plugin layers: {report['layers']['PLUGIN_V3']}" if report["layers"].get("PLUGIN_V3") else ""
+    click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers}{plugins_line})")
+    for name, figures in report.get("verify", {}).items():
+        click.echo(f"verify {name} vs onnxruntime: cosine {figures['cosine']:.6f}, max abs error {figures['max_abs_error']:.3g}, "
+                   f"argmax agreement {figures['argmax_agreement']:.2%}")
 
 
 @main.command(short_help="Measure latency and throughput (trtexec-style) of engines, ONNX graphs, checkpoints.")

@@ -38,6 +38,10 @@ class BuildOptions:
     flavour: str | None = None
     compute_capabilities: list[str] = field(default_factory=list)
     plugins: bool = True
+    verify: bool = False  # run the engine against onnxruntime after building (needs a GPU)
+
+
+VERIFY_MIN_COSINE = 0.999
 
 
 def parse_shapes(spec: str | None) -> dict[str, tuple[int, ...]]:
@@ -106,7 +110,32 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     requirements = graph_requirements(onnx_path, options.precision, options.plugins)
     flavour = load_flavour(options.flavour)
     flavour.compute_capabilities(options.compute_capabilities)  # unknown targets fail before the child starts
-    return {**_build_in_child(flavour, onnx_path, out, options), **requirements}
+    if options.verify:
+        _check_gpu_for_verify()
+    report = {**_build_in_child(flavour, onnx_path, out, options), **requirements}
+    if options.verify:
+        report["verify"] = _verify(out, onnx_path, options, flavour.name)
+    return report
+
+
+def _check_gpu_for_verify() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LrqError("--verify runs the engine, which needs a CUDA GPU; build without --verify on this machine")
+
+
+def _verify(out: Path, onnx_path: Path, options: BuildOptions, flavour: str) -> dict:
+    """Engine vs onnxruntime; an engine that disagrees is removed, not left looking valid."""
+    from lrq_deploy.engine.verify import verify_engine
+
+    results = verify_engine(out, onnx_path, options.shapes, flavour)
+    worst = min(results.items(), key=lambda kv: kv[1]["cosine"])
+    if worst[1]["cosine"] < VERIFY_MIN_COSINE:
+        out.unlink()
+        raise LrqError(f"the engine disagrees with onnxruntime on {worst[0]} (cosine {worst[1]['cosine']:.6f} < "
+                       f"{VERIFY_MIN_COSINE}, max abs error {worst[1]['max_abs_error']:.3g}); engine removed")
+    return results
 
 
 def _check_plugin_nodes(model: onnx.ModelProto) -> None:

@@ -1,4 +1,5 @@
-"""Running a serialized engine for `lrq bench --backend trt` (needs a CUDA GPU and TensorRT)."""
+"""Running serialized engines (needs a CUDA GPU and TensorRT): `EngineSession` for one inference
+on given inputs (build-engine --verify), `TrtRunner` for `lrq bench --backend trt`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,57 @@ from lrq_deploy.engine.flavours import load_flavour
 from lrq_deploy.errors import LrqError
 
 
+def load_engine(path: Path, flavour: str | None = None):
+    """(flavour, engine) with the lrq plugins registered, so engines holding plugin layers load."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LrqError("running a TensorRT engine needs a CUDA GPU")
+    loaded = load_flavour(flavour)
+    from lrq_deploy.plugins.trt_plugins import register_plugins
+
+    register_plugins(loaded.trt)
+    trt = loaded.trt
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise LrqError(f"{path} is not a TensorRT engine for this GPU and TensorRT version")
+    return loaded, engine
+
+
+class EngineSession:
+    """Run an engine on numpy inputs; returns its outputs as numpy arrays."""
+
+    def __init__(self, path: Path, flavour: str | None = None):
+        import torch
+
+        self.torch = torch
+        self.flavour, self.engine = load_engine(path, flavour)
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def run(self, feeds: dict) -> dict:
+        torch, trt = self.torch, self.flavour.trt
+        keep = {}
+        for name in self.names:
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                dtype = _torch_dtype(torch, self.engine.get_tensor_dtype(name))
+                keep[name] = torch.from_numpy(feeds[name]).to("cuda", dtype).contiguous()
+                self.context.set_input_shape(name, tuple(keep[name].shape))
+        outputs = {}
+        for name in self.names:
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=_torch_dtype(torch, self.engine.get_tensor_dtype(name)), device="cuda")
+        for name, tensor in {**keep, **outputs}.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        stream = torch.cuda.Stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise LrqError("TensorRT could not run the engine")
+        stream.synchronize()
+        return {name: tensor.float().cpu().numpy() for name, tensor in outputs.items()}
+
+
 class TrtRunner(Runner):
     name = "trt"
     device = "cuda"
@@ -17,15 +69,9 @@ class TrtRunner(Runner):
     def __init__(self, path: Path, batch: int, seq_len: int, transfers: bool = True, flavour: str | None = None):
         import torch
 
-        if not torch.cuda.is_available():
-            raise LrqError("running a TensorRT engine needs a CUDA GPU")
         self.torch = torch
-        self.flavour = load_flavour(flavour)
+        self.flavour, self.engine = load_engine(path, flavour)
         trt = self.flavour.trt
-        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-        if self.engine is None:
-            raise LrqError(f"{path} is not a TensorRT engine for this GPU and TensorRT version")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.transfers = transfers

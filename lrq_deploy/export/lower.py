@@ -56,6 +56,16 @@ def quant_linear_nodes(model: onnx.ModelProto) -> list[LinearNode]:
     return [ln for ln in map(_as_linear, model.graph.node) if ln is not None]
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def set_opset(model: onnx.ModelProto, version: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = version
+
+
 def required_opset(model: onnx.ModelProto, target: str) -> int:
     needed = 18
     for ln in quant_linear_nodes(model):
@@ -242,6 +252,32 @@ def lower(model: onnx.ModelProto, target: str, symmetric: bool) -> onnx.ModelPro
     graph.drop_unused_initializers()
     if target == "ort":
         _drop_domain(model, DOMAIN)
+    return model
+
+
+def ort_reference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A `--target trt` graph made runnable by onnxruntime: each lrq plugin node becomes the
+    standard ops `--target ort` writes, from the node's own bytes. TensorRT engines are
+    checked against it (build-engine --verify). Native INT4 nodes are standard already."""
+    graph = _Graph(model)
+    new_nodes, opset = [], default_opset(model)
+    for index, node in enumerate(model.graph.node):
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        opset = max(opset, MIN_OPSET[attrs["wbits"]])
+        inputs = list(node.input)
+        for i in (1, 3):  # uint8 bytes carried as INT8
+            inputs[i] = graph.const(f"lrq_reference_{index}.{i}", graph.array(inputs[i]).view(np.uint8))
+        ln_node = helper.make_node("QuantLinear", inputs, list(node.output), domain=DOMAIN)
+        ln = LinearNode(ln_node, attrs["wbits"], attrs["abits"], attrs["group_size"], attrs["in_features"])
+        new_nodes += _lower_standard(graph, ln, f"lrq_reference_{index}")
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    graph.drop_unused_initializers()
+    _drop_domain(model, DOMAIN)
+    set_opset(model, opset)
     return model
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lrq_deploy.atomic import atomic_write, write_json
 from lrq_deploy.errors import LrqError
-from lrq_deploy.export.lower import lower, required_opset
+from lrq_deploy.export.lower import default_opset, lower, required_opset, set_opset
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.quant import QuantLinear
 
@@ -37,7 +37,7 @@ def export_onnx(
         raise LrqError(
             f"opset {opset} is too low for W{manifest['quant']['wbits']} weights with target {target}: the minimum is {needed}"
         )
-    _set_opset(model, max(opset or needed, _default_opset(model)))
+    set_opset(model, max(opset or needed, default_opset(model)))
     lower(model, target, manifest["quant"]["symmetric"])
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -45,7 +45,7 @@ def export_onnx(
         raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     atomic_write(out, lambda tmp: onnx.save(model, str(tmp)))
     report = {
-        "onnx": str(out), "target": target, "opset": _default_opset(model), "with_past": with_past,
+        "onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
         **size_report(model, manifest),
     }
     if verify and target == "ort":
@@ -91,16 +91,6 @@ def graph_ops(model: torch.nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.graph_op = enabled
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _set_opset(model: onnx.ModelProto, version: int) -> None:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = version
 
 
 def size_report(model: onnx.ModelProto, manifest: dict) -> dict:

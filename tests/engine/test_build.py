@@ -241,3 +241,41 @@ def test_child_failures_become_one_line():
     aborted = subprocess.CompletedProcess([], -6, "", "terminate called without an active exception\n")
     assert _child_failure(aborted, "m.onnx") == (
         "TensorRT stopped while building m.onnx (exit status -6): terminate called without an active exception")
+
+
+@pytest.mark.parametrize("name", list(PLUGIN_GRAPHS))
+def test_reference_of_a_plugin_graph_is_the_ort_export(graphs, tmp_path, name):
+    """--verify compares engines with onnxruntime on the trt graph rewritten into standard ops:
+    that rewrite computes exactly what the `--target ort` export computes."""
+    from lrq_deploy.engine.verify import verification_feeds
+    from lrq_deploy.export.lower import ort_reference
+    from lrq_deploy.export.verify import ort_session
+
+    model = onnx.load(str(graphs / f"{name}-trt.onnx"))
+    feeds = verification_feeds(model, {"input_ids": ((1, 1), (2, 24), (4, 64))})
+    assert feeds["input_ids"].shape == (2, 24) and feeds["input_ids"].dtype == np.int64
+    onnx.save(ort_reference(model), str(tmp_path / "ref.onnx"))
+    export_onnx(graphs / name, tmp_path / "ort.onnx", target="ort", verify=False)
+    reference = ort_session(tmp_path / "ref.onnx").run(None, feeds)[0]
+    np.testing.assert_array_equal(reference, ort_session(tmp_path / "ort.onnx").run(None, feeds)[0])
+
+
+def test_compare_outputs():
+    from lrq_deploy.engine.verify import compare_outputs
+
+    ref = np.array([[1.0, 3.0, 2.0], [0.0, -1.0, 4.0]])
+    same = compare_outputs(ref.copy(), ref)
+    assert same["max_abs_error"] == 0 and same["cosine"] == pytest.approx(1.0) and same["argmax_agreement"] == 1.0
+    flipped = compare_outputs(np.array([[3.0, 1.0, 2.0], [0.0, -1.0, 4.0]]), ref)
+    assert flipped["argmax_agreement"] == 0.5 and flipped["max_abs_error"] == 2.0
+
+
+@needs_rtx
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given without a GPU")
+def test_cli_verify_without_gpu_is_one_line_and_writes_nothing(graphs, tmp_path):
+    args = ["build-engine", str(graphs / "w4a4-trt.onnx"), "-o", str(tmp_path / "e.engine"), "--sm", "89", "--verify"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: --verify runs the engine, which needs a CUDA GPU; build without --verify on this machine"]
+    assert not (tmp_path / "e.engine").exists()
