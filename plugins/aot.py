@@ -53,7 +53,12 @@ def plugin_kernel(op_type: str, attrs: dict, dtype: str = "float16") -> PluginKe
         raise LrqError(f"no plugin kernel for {op_type} (W{wbits}A{abits})")
     if k % (8 // constexprs.get("BITS", 4)) or k % group:
         raise LrqError(f"{op_type}: in_features {k} does not fit the packing or group size {group}")
-    signature = {**pointers, **sizes, **{name: "constexpr" for name in constexprs}}
+    if not has_bias:
+        # A None pointer is a compile-time constant: the kernel then takes exactly what an
+        # ahead-of-time TensorRT plugin passes: input pointers, the output pointer, then scalars.
+        pointers["b_ptr"] = "constexpr"
+        constexprs = {**constexprs, "b_ptr": None}
+    signature = {**pointers, **sizes, **{name: "constexpr" for name in constexprs if name != "b_ptr"}}
     return PluginKernel(op_type, kernel, signature, constexprs)
 
 

@@ -42,3 +42,14 @@ def test_ptx_for_each_target(sm, target, attrs, op):
     assert compiled.num_warps >= 1 and compiled.shared_bytes >= 0
     if op == "W4A4Linear":  # INT4 values on integer tensor cores, int32 accumulation
         assert "s32.s8.s8" in compiled.ptx or "kind::i8" in compiled.ptx  # mma.sync / wgmma / tcgen05
+
+
+@pytest.mark.parametrize("has_bias,pointers", [(False, 5), (True, 6)])
+def test_kernel_parameters_follow_the_plugin_inputs(has_bias, pointers):
+    """TensorRT launches an AOT plugin kernel with its input pointers (x, qweight, scales,
+    zeros[, bias]), the output pointer, then scalars (M, N, K, groups); Triton appends its
+    two scratch pointers after those."""
+    compiled = compile_ptx(plugin_kernel("W4A16Linear", {**W4A16, "has_bias": has_bias}), 90)
+    entry = compiled.ptx[compiled.ptx.index(f".entry {compiled.name}("):]
+    params = [line.split()[1] for line in entry[: entry.index(")")].splitlines()[1:]]
+    assert params == [".u64"] * pointers + [".u32"] * 4 + [".u64"] * 2
