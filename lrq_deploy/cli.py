@@ -170,7 +170,7 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins, verify)
     report = build(onnx_path, out, options)
     layers = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report["layers"].items(), key=lambda kv: -kv[1])[:6])
-    plugins_line = f"; lrq plugin layers: {report['layers']['PLUGIN_V3']}" if report["layers"].get("PLUGIN_V3") else ""
+    plugins_line = f"; lrq plugin layers ({report['plugins']}): {report['layers']['PLUGIN_V3']}" if report["plugins"] else ""
     click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers}{plugins_line})")
     for name, figures in report.get("verify", {}).items():
         click.echo(f"verify {name} vs onnxruntime: cosine {figures['cosine']:.6f}, max abs error {figures['max_abs_error']:.3g}, "

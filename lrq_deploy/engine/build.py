@@ -76,7 +76,8 @@ def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict
     expected = {"int4": int4 or lrq_nodes, "fp4": fp4, "fp8": fp8, "fp16": True}[precision]
     if not expected:
         raise LrqError(f"--{precision} needs a graph with {precision.upper()} weights; {path} has none")
-    return {"lrq_plugin_nodes": lrq_nodes, "int4_weights": len(int4), "fp8_weights": len(fp8), "fp4_weights": len(fp4),
+    with_bias = sum(1 for n in model.graph.node if n.domain == "lrq" and len(n.input) > 4 and n.input[4])
+    return {"lrq_plugin_nodes": lrq_nodes, "lrq_nodes_with_bias": with_bias, "int4_weights": len(int4), "fp8_weights": len(fp8), "fp4_weights": len(fp4),
             "inputs": [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]}
 
 
@@ -180,13 +181,22 @@ def build_in_this_process(onnx_path: Path, out: Path, options: BuildOptions, fla
     """Parse and build in this process (the worker's side of build_engine); writes `out` atomically."""
     flavour = load_flavour(flavour_name)
     requirements = graph_requirements(onnx_path, options.precision, options.plugins)
-    if requirements["lrq_plugin_nodes"]:
-        from lrq_deploy.plugins.trt_plugins import register_plugins
-
-        register_plugins(flavour.trt)
+    plugins = _register_plugins(flavour, requirements) if requirements["lrq_plugin_nodes"] else None
     serialized, layers = _build(flavour, onnx_path, options, requirements)
     atomic_write(out, lambda tmp: tmp.write_bytes(bytes(serialized)))
-    return {"engine": str(out), "flavour": flavour.name, "bytes": out.stat().st_size, "layers": layers}
+    return {"engine": str(out), "flavour": flavour.name, "bytes": out.stat().st_size, "layers": layers, "plugins": plugins}
+
+
+def _register_plugins(flavour: Flavour, requirements: dict) -> str:
+    """Register the lrq plugins this build embeds: "aot" (kernels inside the engine, full
+    TensorRT with tensorrt.plugin) or "python" (the engine runs where lrq-deploy is installed)."""
+    from lrq_deploy.plugins import trt_aot, trt_plugins
+
+    if flavour.name == "tensorrt" and not requirements["lrq_nodes_with_bias"] and trt_aot.supports_aot():
+        trt_aot.register_aot_plugins()
+        return "aot"
+    trt_plugins.register_plugins(flavour.trt)
+    return "python"
 
 
 def _build(flavour: Flavour, onnx_path: Path, options: BuildOptions, requirements: dict):

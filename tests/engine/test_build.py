@@ -94,6 +94,7 @@ def test_rtx_builds_plugin_engines_for_sm89_and_sm120(graphs, tmp_path, name, pl
     report = build_engine(graphs / f"{name}-trt.onnx", tmp_path / "e.engine", BuildOptions(compute_capabilities=["89", "120"]))
     assert report["lrq_plugin_nodes"] == [plugin]
     assert report["layers"]["PLUGIN_V3"] == 28  # one plugin layer per linear
+    assert report["plugins"] == "python" and report["lrq_nodes_with_bias"] == 0  # TensorRT for RTX has no AOT plugins
     assert "DEQUANTIZE" not in report["layers"] and "MATRIX_MULTIPLY" in report["layers"]  # attention and lm_head only
     assert (tmp_path / "e.engine").stat().st_size == report["bytes"]
 

@@ -1,6 +1,8 @@
 """What the TensorRT plugins need, computed without TensorRT or a GPU: shape/type rules,
 launch parameters, and PTX that Triton compiles for sm_80 / sm_90 / sm_100."""
 
+import importlib.util
+
 import pytest
 
 from lrq_deploy.errors import LrqError
@@ -53,3 +55,16 @@ def test_kernel_parameters_follow_the_plugin_inputs(has_bias, pointers):
     entry = compiled.ptx[compiled.ptx.index(f".entry {compiled.name}("):]
     params = [line.split()[1] for line in entry[: entry.index(")")].splitlines()[1:]]
     assert params == [".u64"] * pointers + [".u32"] * 4 + [".u64"] * 2
+
+
+def test_aot_plugin_launch_arithmetic():
+    """The arithmetic the ahead-of-time plugins hand TensorRT, on ints (TensorRT runs the same
+    code on symbolic shape expressions, which support +, * and //)."""
+    from lrq_deploy.plugins.trt_aot import grid_dims, leading_rows, supports_aot
+
+    kernel = plugin_kernel("W4A16Linear", W4A16)
+    assert leading_rows((2, 17, 4096), 3) == 34 and leading_rows((5, 4096), 2) == 5
+    assert grid_dims(kernel, 34, 11008) == (1, 172) and grid_dims(kernel, 130, 64) == (3, 1)
+    assert grid_dims(kernel, 130, 11008) == launch_params(kernel, 130, 11008, 4, 0)["grid"][:2]
+    if importlib.util.find_spec("tensorrt") is None:
+        assert not supports_aot()  # TensorRT for RTX alone: Python plugins

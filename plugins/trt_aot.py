@@ -1,0 +1,93 @@
+"""Ahead-of-time lrq plugins for the full `tensorrt` package (`tensorrt.plugin`, TensorRT >= 10.9).
+
+The same `lrq` nodes as trt_plugins.py, declared with `@register` (shape/type rules),
+`@autotune` (type/format combinations) and `@aot_impl`, which hands TensorRT the PTX that
+Triton compiles for the building GPU plus symbolic launch parameters. The engine then embeds
+the kernels and runs without Python (trtexec, C++). TensorRT for RTX 1.7 has no AOT plugin
+interface, so it uses the Python plugins of trt_plugins.py.
+
+`tensorrt.plugin` registrations have a fixed input list, so graphs whose lrq nodes carry a bias
+input build with the Python plugins (the bundled LLaMA has none; ViTs do).
+
+Kernel parameters follow TensorRT's AOT launch order: input pointers (x, qweight, scales,
+zeros), the output pointer, then the scalars M, N, K and groups (see aot.plugin_kernel);
+Triton appends two scratch pointers, unused by these kernels.
+"""
+
+# No `from __future__ import annotations`: tensorrt.plugin inspects these annotations as classes.
+from typing import List, Tuple, Union
+
+from . import aot
+from .trt_plugins import NAMESPACE, PLUGIN_NAMES
+
+_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
+_registered: set[str] = set()
+
+
+def supports_aot() -> bool:
+    """True when the installed `tensorrt` has ahead-of-time Python plugins."""
+    try:
+        import tensorrt.plugin as trtp
+    except Exception:  # absent, or a package without its libraries
+        return False
+    return hasattr(trtp, "aot_impl")
+
+
+def grid_dims(kernel: aot.PluginKernel, rows, cols) -> tuple:
+    """Tiles over (rows, cols); works on ints and on TensorRT's symbolic shape expressions."""
+    block_m, block_n = kernel.constexprs["BLOCK_M"], kernel.constexprs["BLOCK_N"]
+    return (rows + (block_m - 1)) // block_m, (cols + (block_n - 1)) // block_n
+
+
+def leading_rows(shape, rank: int):
+    """Product of all but the last dimension: the GEMM's M."""
+    rows = shape[0]
+    for index in range(1, rank - 1):
+        rows = rows * shape[index]
+    return rows
+
+
+def register_aot_plugins() -> None:
+    import tensorrt.plugin as trtp
+
+    for name in PLUGIN_NAMES:
+        if name not in _registered:
+            _register(trtp, name)
+            _registered.add(name)
+
+
+def _register(trtp, name: str) -> None:  # noqa: C901 - tensorrt.plugin reads these signatures
+    op = f"{NAMESPACE}::{name}"
+    TensorDesc = trtp.TensorDesc  # noqa: N806 - annotations must name the class
+
+    @trtp.register(op)
+    def describe(x: TensorDesc, qweight: TensorDesc, scales: TensorDesc, zeros: TensorDesc, wbits: int, abits: int,
+                 group_size: int, in_features: int, out_features: int, symmetric: int) -> Tuple[TensorDesc]:
+        dims = tuple(x.shape_expr[i] for i in range(x.ndim - 1)) + (out_features,)
+        return (trtp.from_shape_expr(dims, x.dtype),)
+
+    @trtp.autotune(op)
+    def combinations(x: TensorDesc, qweight: TensorDesc, scales: TensorDesc, zeros: TensorDesc,
+                     outputs: Tuple[TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP16|FP32|BF16, INT8, FP16, INT8, FP16|FP32|BF16", "LINEAR")]
+
+    @trtp.aot_impl(op)
+    def compile_kernel(x: TensorDesc, qweight: TensorDesc, scales: TensorDesc, zeros: TensorDesc, wbits: int,
+                       abits: int, group_size: int, in_features: int, out_features: int, symmetric: int,
+                       outputs: Tuple[TensorDesc], tactic: int
+                       ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        import torch
+
+        attrs = {"wbits": wbits, "abits": abits, "group_size": group_size, "in_features": in_features,
+                 "out_features": out_features}
+        kernel = aot.plugin_kernel(name, attrs, _DTYPE_NAMES[str(x.dtype).rsplit(".", 1)[-1]])
+        major, minor = torch.cuda.get_device_capability()
+        compiled = aot.compile_ptx(kernel, 10 * major + minor)
+        rows = leading_rows(x.shape_expr, x.ndim)
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x, launch.grid_y = grid_dims(kernel, rows, out_features)
+        launch.block_x = 32 * compiled.num_warps
+        launch.shared_mem = compiled.shared_bytes
+        groups = in_features // (group_size or in_features)
+        extra = trtp.SymIntExprs.from_tuple((trtp.SymInt32(rows), out_features, in_features, groups))
+        return compiled.name, compiled.ptx, launch, extra
