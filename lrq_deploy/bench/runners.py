@@ -35,6 +35,24 @@ class Workload:
     unit: str
 
 
+def timed_on_cuda(torch, h2d, compute, d2h, stream=None) -> Timing:
+    """Run the three steps (h2d / d2h may be None) between CUDA events on `stream` (default:
+    the current stream); host latency covers all three and the synchronization."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    stream = stream or torch.cuda.current_stream()
+    start = time.perf_counter()
+    with torch.cuda.stream(stream):
+        for event, step in zip(events, (h2d, compute, d2h)):
+            event.record(stream)
+            if step is not None:
+                step()
+        events[3].record(stream)
+    stream.synchronize()
+    latency = (time.perf_counter() - start) * 1e3
+    h2d_ms, compute_ms, d2h_ms = (events[i].elapsed_time(events[i + 1]) for i in range(3))
+    return Timing(latency, compute_ms, h2d_ms if h2d else None, d2h_ms if d2h else None)
+
+
 class Runner:
     name = ""
     device = "cpu"
@@ -123,24 +141,23 @@ class TorchRunner(Runner):
 
     def infer(self) -> Timing:
         torch = self.torch
-        start = time.perf_counter()
         with torch.no_grad():
             if self.device != "cuda":
+                start = time.perf_counter()
                 self.module(*self.inputs)
                 return Timing(latency_ms=(time.perf_counter() - start) * 1e3)
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            events[0].record()
-            inputs = tuple(t.to("cuda", non_blocking=True) for t in self.host_inputs) if self.transfers else self.inputs
-            events[1].record()
-            out = self.module(*inputs)
-            events[2].record()
-            if self.transfers:
-                out.to("cpu", non_blocking=True)
-            events[3].record()
-            torch.cuda.synchronize()
-        latency = (time.perf_counter() - start) * 1e3
-        h2d, compute, d2h = (events[i].elapsed_time(events[i + 1]) for i in range(3))
-        return Timing(latency, compute, h2d if self.transfers else None, d2h if self.transfers else None)
+            state = {"inputs": self.inputs}
+
+            def h2d():
+                state["inputs"] = tuple(t.to("cuda", non_blocking=True) for t in self.host_inputs)
+
+            def compute():
+                state["out"] = self.module(*state["inputs"])
+
+            def d2h():
+                state["out"].to("cpu", non_blocking=True)
+
+            return timed_on_cuda(torch, h2d if self.transfers else None, compute, d2h if self.transfers else None)
 
 
 def _try_kernels(model, manifest) -> bool:

@@ -3,10 +3,9 @@ on given inputs (build-engine --verify), `TrtRunner` for `lrq bench --backend tr
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from lrq_deploy.bench.runners import Runner, Timing, Workload
+from lrq_deploy.bench.runners import Runner, Timing, Workload, timed_on_cuda
 from lrq_deploy.engine.flavours import load_flavour
 from lrq_deploy.errors import LrqError
 
@@ -107,25 +106,19 @@ class TrtRunner(Runner):
         return self._workload
 
     def infer(self) -> Timing:
-        torch = self.torch
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        start = time.perf_counter()
-        with torch.cuda.stream(self.stream):
-            events[0].record(self.stream)
-            if self.transfers:
-                for host, device in self.inputs.values():
-                    device.copy_(host, non_blocking=True)
-            events[1].record(self.stream)
+        def h2d():
+            for host, device in self.inputs.values():
+                device.copy_(host, non_blocking=True)
+
+        def compute():
             self.context.execute_async_v3(self.stream.cuda_stream)
-            events[2].record(self.stream)
-            if self.transfers:
-                for host, device in self.outputs.values():
-                    host.copy_(device, non_blocking=True)
-            events[3].record(self.stream)
-        self.stream.synchronize()
-        latency = (time.perf_counter() - start) * 1e3
-        h2d, compute, d2h = (events[i].elapsed_time(events[i + 1]) for i in range(3))
-        return Timing(latency, compute, h2d if self.transfers else None, d2h if self.transfers else None)
+
+        def d2h():
+            for host, device in self.outputs.values():
+                host.copy_(device, non_blocking=True)
+
+        transfers = self.transfers
+        return timed_on_cuda(self.torch, h2d if transfers else None, compute, d2h if transfers else None, self.stream)
 
 
 def _torch_dtype(torch, trt_dtype):

@@ -11,7 +11,14 @@ import torch
 def top1_accuracy(
     logits_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
 ) -> float:
-    correct = 0
-    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        correct += (logits_fn(x).argmax(-1).cpu() == y).sum().item()
-    return correct / len(labels)
+    batches = labels.split(batch_size)
+    return top1_from_logits((logits_fn(x) for x in images.split(batch_size)), batches)
+
+
+def top1_from_logits(logits, labels) -> float:
+    """Top-1 over matching sequences of logits [B, classes] and label batches [B]."""
+    correct = total = 0
+    for out, y in zip(logits, labels):
+        correct += (out.argmax(-1).cpu() == y).sum().item()
+        total += len(y)
+    return correct / total

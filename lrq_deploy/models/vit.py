@@ -10,7 +10,7 @@ from torch import nn
 
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
-from lrq_deploy.eval.top1 import top1_accuracy
+from lrq_deploy.eval.top1 import top1_accuracy, top1_from_logits
 from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, SmoothGroup
 
 
@@ -80,8 +80,7 @@ class VitAdapter(ModelAdapter):
         return list(images.split(128)), list(labels.split(128))
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
-        correct = sum((out.argmax(-1) == y).sum().item() for out, y in zip(logits, labels))
-        return {"top1": correct / sum(len(y) for y in labels)}
+        return {"top1": top1_from_logits(logits, labels)}
 
 
 def create_timm_model(spec: dict) -> nn.Module:
