@@ -76,7 +76,9 @@ class CausalLMAdapter(ModelAdapter):
             tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         except (OSError, ValueError) as exc:
             raise LrqError(f"{ckpt_dir}: cannot read model config/tokenizer ({_first_line(exc)})") from None
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with _no_init_weights():  # every weight comes from the checkpoint: random init would only cost time
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.tie_weights()
         return model, tokenizer
 
     def evaluate(self, model, source, data_path, limit, device):
@@ -123,6 +125,14 @@ class CausalLMAdapter(ModelAdapter):
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
         return {"ppl": perplexity_from_logits(zip(inputs, logits))}
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 class _LogitsOnly(nn.Module):
