@@ -85,16 +85,18 @@ def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_dat
 @click.option("--task", type=click.Choice(["ppl", "top1"]), default=None, help="Metric (default: the model's own).")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluation text (default: WikiText-2 test).")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many windows (quick checks).")
+@click.option("--seq-len", type=int, default=None, help="Perplexity window in tokens (default 256).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["reference", "torch"]), default="reference", show_default=True,
               help="reference: dequantize-then-matmul in PyTorch; torch: the Triton kernels.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with keys fp and quant.")
 @clean_errors
-def eval_(target, task, data, limit, device, backend, as_json):
+def eval_(target, task, data, limit, seq_len, device, backend, as_json):
     """Evaluate checkpoint TARGET and its source model side by side."""
     from lrq_deploy.eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(target, task=task, data=data, limit=limit, device=device, backend=backend)
+    result = evaluate_checkpoint(target, task=task, data=data, limit=limit, device=device, backend=backend,
+                                 seq_len=seq_len)
     if as_json:
         click.echo(json.dumps(result))
         return

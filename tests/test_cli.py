@@ -98,3 +98,13 @@ def test_calibrate_then_eval_json(tmp_path, tiny_llama_dir, method, bits):
     report = json.loads(run("eval", out, "--json", "--limit", "2").stdout)
     assert set(report) >= {"fp", "quant"}
     assert report["fp"]["ppl"] > 1 and report["quant"]["ppl"] > 1
+
+
+def test_eval_window_length(tmp_path, tiny_llama_dir):
+    out = tmp_path / "q"
+    assert run("calibrate", tiny_llama_dir, "-o", out, "--wbits", "4", "--nsamples", "2", "--seqlen", "32").exit_code == 0
+    short = json.loads(run("eval", out, "--json", "--limit", "2", "--seq-len", "32").stdout)
+    long = json.loads(run("eval", out, "--json", "--limit", "2", "--seq-len", "128").stdout)
+    assert short["quant"]["ppl"] != long["quant"]["ppl"]  # different windows score different tokens
+    assert_clean_error(run("eval", out, "--seq-len", "1"), "--seq-len must lie in 2..256")
+    assert_clean_error(run("eval", out, "--seq-len", "4096"), "--seq-len must lie in 2..256")

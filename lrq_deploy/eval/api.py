@@ -10,7 +10,7 @@ from lrq_deploy.errors import LrqError
 
 def evaluate_checkpoint(
     path: Path, task: str | None = None, data: Path | None = None, limit: int | None = None, device: str = "auto",
-    compare_fp: bool = True, backend: str = "reference",
+    compare_fp: bool = True, backend: str = "reference", seq_len: int | None = None,
 ) -> dict:
     """Return {"task", "fp": {metric: value} (None when compare_fp is off), "quant": {metric: value}}."""
     from lrq_deploy.calib.api import resolve_device
@@ -33,6 +33,6 @@ def evaluate_checkpoint(
         "task": adapter.default_metric,
         "backend": backend,
         "scenario": f"{manifest['calib']['method']} {QuantConfig.from_dict(manifest['quant']).scenario}",
-        "fp": adapter.evaluate(fp.model, fp, data, limit, dev) if fp else None,
-        "quant": adapter.evaluate(quant.model, quant, data, limit, dev),
+        "fp": adapter.evaluate(fp.model, fp, data, limit, dev, seq_len) if fp else None,
+        "quant": adapter.evaluate(quant.model, quant, data, limit, dev, seq_len),
     }

@@ -72,7 +72,9 @@ class ModelAdapter:
         """Rebuild (model, tokenizer-or-None) with random weights from a checkpoint directory."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, source, data_path: Path | None, limit: int | None, device) -> dict:
+    def evaluate(self, model: nn.Module, source, data_path: Path | None, limit: int | None, device,
+                 seq_len: int | None = None) -> dict:
+        """The model's metric; `seq_len` is the scoring window of language models (None: the default)."""
         raise NotImplementedError
 
     def export_spec(self, model: nn.Module, batch: int | None, seq_len: int | None, with_past: bool) -> ExportSpec:

@@ -81,9 +81,13 @@ class CausalLMAdapter(ModelAdapter):
         model.tie_weights()
         return model, tokenizer
 
-    def evaluate(self, model, source, data_path, limit, device):
+    def evaluate(self, model, source, data_path, limit, device, seq_len=None):
+        window = seq_len or self.eval_seqlen
+        longest = getattr(model.config, "max_position_embeddings", None)
+        if window < 2 or (longest and window > longest):
+            raise LrqError(f"--seq-len must lie in 2..{longest or 'the model maximum'}, got {window}")
         ids = self._eval_ids(source, data_path)
-        return {"ppl": perplexity(torch_logits(model, device), ids, self.eval_seqlen, max_windows=limit)}
+        return {"ppl": perplexity(torch_logits(model, device), ids, window, max_windows=limit)}
 
     def _eval_ids(self, source, data_path) -> torch.Tensor:
         text = data.read_text(data_path) if data_path else data.bundled_text("test")

@@ -56,7 +56,9 @@ class VitAdapter(ModelAdapter):
     def build_skeleton(self, ckpt_dir: Path, extras: dict):
         return create_timm_model(extras["timm"]), None
 
-    def evaluate(self, model, source, data_path, limit, device):
+    def evaluate(self, model, source, data_path, limit, device, seq_len=None):
+        if seq_len is not None:
+            raise LrqError("--seq-len applies to language models, not to the ViT")
         if data_path is not None:
             raise LrqError("--data is not supported for the ViT: top-1 is measured on the held-out digits split")
         images, labels = data.digits_split("test")
