@@ -5,9 +5,13 @@ codes are re-laid out once, at export. ONNX packs 4-bit and 2-bit tensors little
 over the flattened tensor, the same order as the checkpoint (docs/FORMATS.md).
 
 target ort, per linear:
-    x --(abits < 16: per-token symmetric fake quant: Abs, ReduceMax, Max, Div, Round, Clip, Mul)-->
-      MatMul(x, DequantizeLinear(W[in, out] as UINT4/UINT2/UINT8, scale[groups, out], zero, axis=0, block_size))
-      (+ Add bias)
+    weight-only: MatMul(x, DequantizeLinear(W[in, out] as UINT4/UINT2/UINT8, scale[groups, out], zero,
+      axis=0, block_size)) (+ Add bias)
+    activations quantized, per-channel weights (W4A4, W6A6, W8A8): integer arithmetic, exact at every
+      onnxruntime optimization level: per-token codes (Abs, ReduceMax, Max, Div, Div, Round, Clip) offset
+      to uint8, MatMulInteger against the weight codes (UINT4 cast to UINT8, or UINT8) and their zero
+      points, then Cast and the two scales (+ Add bias)
+    activations quantized, grouped weights: the codes scaled back to float (Mul), then as weight-only
 target trt:
     symmetric INT4 weight-only -> TensorRT's native path: INT4 initializer, zero-free block DequantizeLinear
     everything else -> one node in the `lrq` domain named after its plugin (W4A4Linear, W2A16Linear, ...)
@@ -156,8 +160,9 @@ def _is_native_int4(ln: LinearNode, model: onnx.ModelProto) -> bool:
     return bool(np.all(zeros == 8))
 
 
-def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[list, str]:
-    """Per-token symmetric fake quantization, the reference arithmetic in standard ops."""
+def _activation_codes(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[list, str, str]:
+    """Per-token symmetric quantization, the reference arithmetic in standard ops: (nodes, codes
+    as float integers in [-qmax, qmax], scale [..., 1])."""
     qmax = float(2 ** (bits - 1) - 1)
     c = lambda n, v: graph.const(f"{prefix}.{n}", np.array(v, dtype=np.float32))  # noqa: E731
     axes = graph.const(f"{prefix}.axes", np.array([-1], dtype=np.int64))
@@ -170,9 +175,53 @@ def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[li
         n("Div", [x, f"{prefix}.scale"], "scaled"),
         n("Round", [f"{prefix}.scaled"], "rounded"),
         n("Clip", [f"{prefix}.rounded", c("lo", -qmax), c("hi", qmax)], "q"),
-        n("Mul", [f"{prefix}.q", f"{prefix}.scale"], "xq"),
     ]
+    return nodes, f"{prefix}.q", f"{prefix}.scale"
+
+
+def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[list, str]:
+    """Per-token fake quantization: the codes scaled back to float."""
+    nodes, codes, scale = _activation_codes(graph, prefix, x, bits)
+    nodes.append(helper.make_node("Mul", [codes, scale], [f"{prefix}.xq"], name=f"{prefix}.xq"))
     return nodes, f"{prefix}.xq"
+
+
+def _integer_eligible(ln: LinearNode) -> bool:
+    """Activation-quantized layers with per-channel weights in one byte run as integer GEMMs."""
+    return ln.abits < 16 and ln.wbits in (3, 4, 6, 8) and ln.group_size in (0, None, ln.in_features)
+
+
+def _lower_integer(graph: _Graph, ln: LinearNode, prefix: str) -> list:
+    """y = (sum_k xq * (q - z)) * x_scale * w_scale, the products summed exactly in int32.
+
+    Activation codes are offset by 128 into uint8 (zero point 128) because onnxruntime's CPU
+    integer GEMM is exact for uint8 x uint8; its uint8 x int8 path saturates 16-bit pair sums on
+    CPUs without VNNI."""
+    x, y = ln.node.input[0], ln.node.output[0]
+    n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{prefix}.{out}"], name=f"{prefix}.{out}", **kw)  # noqa: E731
+    nodes, codes, x_scale = _activation_codes(graph, prefix, x, ln.abits)
+    nodes += [n("Add", [codes, graph.const(f"{prefix}.offset", np.array(128, dtype=np.float32))], "x_offset"),
+              n("Cast", [f"{prefix}.x_offset"], "x_u8", to=TensorProto.UINT8)]
+    weight_codes, scales, zeros = _codes_and_params(graph, ln)
+    if ln.wbits <= 4:
+        packed = graph.add_init(_packed_tensor(f"{prefix}.weight_q", weight_codes.T, 4, TensorProto.UINT4))
+        nodes.append(n("Cast", [packed], "weight_u8", to=TensorProto.UINT8))
+        weight = f"{prefix}.weight_u8"
+    else:
+        weight = graph.const(f"{prefix}.weight_q", weight_codes.T.astype(np.uint8))
+    a_zero = graph.const(f"{prefix}.x_zero_point", np.array(128, dtype=np.uint8))
+    b_zero = graph.const(f"{prefix}.zero_point", zeros[:, 0].astype(np.uint8))
+    has_bias = len(ln.node.input) > 4 and ln.node.input[4]
+    nodes += [
+        n("MatMulInteger", [f"{prefix}.x_u8", weight, a_zero, b_zero], "acc"),
+        n("Cast", [f"{prefix}.acc"], "acc_f", to=TensorProto.FLOAT),
+        n("Mul", [f"{prefix}.acc_f", x_scale], "acc_x"),
+        helper.make_node("Mul", [f"{prefix}.acc_x", graph.const(f"{prefix}.weight_scale", scales[:, 0])],
+                         [f"{prefix}.mm" if has_bias else y], name=f"{prefix}.out"),
+    ]
+    if has_bias:
+        nodes.append(helper.make_node("Add", [f"{prefix}.mm", ln.node.input[4]], [y], name=f"{prefix}.bias"))
+    return nodes
 
 
 def _dequantized_weight(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: bool) -> tuple[list, str]:
@@ -212,6 +261,10 @@ def _lower_standard(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: boo
     return nodes
 
 
+def _lower_for_ort(graph: _Graph, ln: LinearNode, prefix: str) -> list:
+    return _lower_integer(graph, ln, prefix) if _integer_eligible(ln) else _lower_standard(graph, ln, prefix)
+
+
 def _as_int8_bytes(graph: _Graph, name: str, prefix: str) -> str:
     """The same bytes as an INT8 initializer: TensorRT's ONNX parser widens UINT8 initializers
     to INT32, which would quadruple the packed weights; the plugin reads the bytes back as uint8."""
@@ -242,7 +295,7 @@ def lower(model: onnx.ModelProto, target: str, symmetric: bool) -> onnx.ModelPro
         prefix = f"lrq_linear_{index}"
         index += 1
         if target == "ort":
-            new_nodes += _lower_standard(graph, ln, prefix)
+            new_nodes += _lower_for_ort(graph, ln, prefix)
         elif _is_native_int4(ln, model):
             new_nodes += _lower_standard(graph, ln, prefix, signed_int4=True)
         else:
@@ -272,7 +325,7 @@ def ort_reference(model: onnx.ModelProto) -> onnx.ModelProto:
             inputs[i] = graph.const(f"lrq_reference_{index}.{i}", graph.array(inputs[i]).view(np.uint8))
         ln_node = helper.make_node("QuantLinear", inputs, list(node.output), domain=DOMAIN)
         ln = LinearNode(ln_node, attrs["wbits"], attrs["abits"], attrs["group_size"], attrs["in_features"])
-        new_nodes += _lower_standard(graph, ln, f"lrq_reference_{index}")
+        new_nodes += _lower_for_ort(graph, ln, f"lrq_reference_{index}")
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     graph.drop_unused_initializers()
