@@ -280,3 +280,13 @@ def test_cli_verify_without_gpu_is_one_line_and_writes_nothing(graphs, tmp_path)
     assert result.output.strip().splitlines() == [
         "error: --verify runs the engine, which needs a CUDA GPU; build without --verify on this machine"]
     assert not (tmp_path / "e.engine").exists()
+
+
+@needs_rtx
+def test_rtx_builds_vit_plugin_engine_with_bias(tmp_path):
+    """timm ViT W4A4: every linear has a bias, the plugin's fifth input."""
+    calibrate("bundled:vit", tmp_path / "vit", QuantConfig(wbits=4, abits=4), CalibConfig(method="rtn", nsamples=8), device="cpu")
+    export_onnx(tmp_path / "vit", tmp_path / "vit-trt.onnx", target="trt")
+    report = build_engine(tmp_path / "vit-trt.onnx", tmp_path / "vit.engine", BuildOptions(compute_capabilities=["89"]))
+    assert report["lrq_plugin_nodes"] == ["W4A4Linear"]
+    assert report["lrq_nodes_with_bias"] == report["layers"]["PLUGIN_V3"] == 16  # 4 blocks x qkv, proj, fc1, fc2
