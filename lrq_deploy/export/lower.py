@@ -7,11 +7,11 @@ over the flattened tensor, the same order as the checkpoint (docs/FORMATS.md).
 target ort, per linear:
     weight-only: MatMul(x, DequantizeLinear(W[in, out] as UINT4/UINT2/UINT8, scale[groups, out], zero,
       axis=0, block_size)) (+ Add bias)
-    activations quantized, per-channel weights (W4A4, W6A6, W8A8): integer arithmetic, exact at every
-      onnxruntime optimization level: per-token codes (Abs, ReduceMax, Max, Div, Div, Round, Clip) offset
-      to uint8, MatMulInteger against the weight codes (UINT4 cast to UINT8, or UINT8) and their zero
-      points, then Cast and the two scales (+ Add bias)
-    activations quantized, grouped weights: the codes scaled back to float (Mul), then as weight-only
+    activations quantized (W4A4, W6A6, W8A8, per channel or grouped): integer arithmetic, exact at
+      every onnxruntime optimization level: per-token codes (Abs, ReduceMax, Max, Div, Div, Round, Clip)
+      offset to uint8, MatMulInteger against the weight codes (UINT4 cast to UINT8, or UINT8) and their
+      zero points (batched over groups for grouped weights), then Cast and the scales (+ Add bias)
+    2-bit weights with quantized activations: the codes scaled back to float (Mul), then as weight-only
 target trt:
     symmetric INT4 weight-only -> TensorRT's native path: INT4 initializer, zero-free block DequantizeLinear
     everything else -> one node in the `lrq` domain named after its plugin (W4A4Linear, W2A16Linear, ...)
@@ -187,41 +187,74 @@ def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[li
 
 
 def _integer_eligible(ln: LinearNode) -> bool:
-    """Activation-quantized layers with per-channel weights in one byte run as integer GEMMs."""
-    return ln.abits < 16 and ln.wbits in (3, 4, 6, 8) and ln.group_size in (0, None, ln.in_features)
+    """Activation-quantized layers whose weight codes fit a byte run as integer GEMMs."""
+    return ln.abits < 16 and ln.wbits in (3, 4, 6, 8)
 
 
 def _lower_integer(graph: _Graph, ln: LinearNode, prefix: str) -> list:
-    """y = (sum_k xq * (q - z)) * x_scale * w_scale, the products summed exactly in int32.
+    """y = sum_g (sum_{k in g} xq * (q - z)) * w_scale[g] * x_scale, products summed exactly in int32.
 
     Activation codes are offset by 128 into uint8 (zero point 128) because onnxruntime's CPU
     integer GEMM is exact for uint8 x uint8; its uint8 x int8 path saturates 16-bit pair sums on
-    CPUs without VNNI."""
+    CPUs without VNNI. Grouped weights run as one batched MatMulInteger over the groups."""
     x, y = ln.node.input[0], ln.node.output[0]
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{prefix}.{out}"], name=f"{prefix}.{out}", **kw)  # noqa: E731
     nodes, codes, x_scale = _activation_codes(graph, prefix, x, ln.abits)
     nodes += [n("Add", [codes, graph.const(f"{prefix}.offset", np.array(128, dtype=np.float32))], "x_offset"),
               n("Cast", [f"{prefix}.x_offset"], "x_u8", to=TensorProto.UINT8)]
-    weight_codes, scales, zeros = _codes_and_params(graph, ln)
-    if ln.wbits <= 4:
-        packed = graph.add_init(_packed_tensor(f"{prefix}.weight_q", weight_codes.T, 4, TensorProto.UINT4))
-        nodes.append(n("Cast", [packed], "weight_u8", to=TensorProto.UINT8))
-        weight = f"{prefix}.weight_u8"
-    else:
-        weight = graph.const(f"{prefix}.weight_q", weight_codes.T.astype(np.uint8))
+    weight_codes, scales, zeros = _codes_and_params(graph, ln)  # [out, in], [out, groups], [out, groups]
+    (out_features, in_features), groups = weight_codes.shape, scales.shape[1]
+    grouped = (groups, in_features // groups, out_features) if groups > 1 else (in_features, out_features)
+    weight_nodes, weight = _weight_codes_u8(graph, prefix, weight_codes.T.reshape(grouped), ln.wbits)
+    nodes += weight_nodes
     a_zero = graph.const(f"{prefix}.x_zero_point", np.array(128, dtype=np.uint8))
-    b_zero = graph.const(f"{prefix}.zero_point", zeros[:, 0].astype(np.uint8))
+    b_zero = graph.const(f"{prefix}.zero_point", zeros.T.reshape(groups, 1, out_features) if groups > 1 else zeros[:, 0])
     has_bias = len(ln.node.input) > 4 and ln.node.input[4]
-    nodes += [
-        n("MatMulInteger", [f"{prefix}.x_u8", weight, a_zero, b_zero], "acc"),
-        n("Cast", [f"{prefix}.acc"], "acc_f", to=TensorProto.FLOAT),
-        n("Mul", [f"{prefix}.acc_f", x_scale], "acc_x"),
-        helper.make_node("Mul", [f"{prefix}.acc_x", graph.const(f"{prefix}.weight_scale", scales[:, 0])],
-                         [f"{prefix}.mm" if has_bias else y], name=f"{prefix}.out"),
-    ]
+    out = f"{prefix}.mm" if has_bias else y
+    if groups == 1:
+        nodes += [
+            n("MatMulInteger", [f"{prefix}.x_u8", weight, a_zero, b_zero], "acc"),
+            n("Cast", [f"{prefix}.acc"], "acc_f", to=TensorProto.FLOAT),
+            n("Mul", [f"{prefix}.acc_f", x_scale], "acc_x"),
+            helper.make_node("Mul", [f"{prefix}.acc_x", graph.const(f"{prefix}.weight_scale", scales[:, 0])],
+                             [out], name=f"{prefix}.out"),
+        ]
+    else:
+        nodes += _grouped_integer_gemm(graph, prefix, x, x_scale, weight, a_zero, b_zero, scales, in_features // groups, out)
     if has_bias:
         nodes.append(helper.make_node("Add", [f"{prefix}.mm", ln.node.input[4]], [y], name=f"{prefix}.bias"))
     return nodes
+
+
+def _weight_codes_u8(graph: _Graph, prefix: str, codes: np.ndarray, wbits: int) -> tuple[list, str]:
+    """Weight codes as a UINT8 tensor: 4-bit codes stay packed in the file (UINT4) and are cast."""
+    if wbits > 4:
+        return [], graph.const(f"{prefix}.weight_q", codes.astype(np.uint8))
+    packed = graph.add_init(_packed_tensor(f"{prefix}.weight_q", codes, 4, TensorProto.UINT4))
+    cast = helper.make_node("Cast", [packed], [f"{prefix}.weight_u8"], name=f"{prefix}.weight_u8", to=TensorProto.UINT8)
+    return [cast], f"{prefix}.weight_u8"
+
+
+def _grouped_integer_gemm(graph: _Graph, prefix: str, x: str, x_scale: str, weight: str, a_zero: str, b_zero: str,
+                          scales: np.ndarray, group_size: int, out: str) -> list:
+    """[..., K] codes -> [groups, M, K/groups] -> MatMulInteger with [groups, K/groups, N] -> int32
+    [groups, M, N]; each group times its weight scales, summed over groups, back to [..., N]."""
+    n = lambda op, ins, o, **kw: helper.make_node(op, ins, [f"{prefix}.{o}"], name=f"{prefix}.{o}", **kw)  # noqa: E731
+    out_features, groups = scales.shape
+    c = lambda name, value: graph.const(f"{prefix}.{name}", np.array(value, dtype=np.int64))  # noqa: E731
+    return [
+        n("Reshape", [f"{prefix}.x_u8", c("group_shape", [-1, groups, group_size])], "x_groups"),
+        n("Transpose", [f"{prefix}.x_groups"], "x_by_group", perm=[1, 0, 2]),
+        n("MatMulInteger", [f"{prefix}.x_by_group", weight, a_zero, b_zero], "acc"),
+        n("Cast", [f"{prefix}.acc"], "acc_f", to=TensorProto.FLOAT),
+        n("Mul", [f"{prefix}.acc_f", graph.const(f"{prefix}.weight_scale", scales.T.reshape(groups, 1, out_features))], "acc_w"),
+        n("ReduceSum", [f"{prefix}.acc_w", c("group_axis", [0])], "acc_sum", keepdims=0),
+        n("Shape", [x], "x_shape"),
+        n("Slice", [f"{prefix}.x_shape", c("lead_start", [0]), c("lead_end", [-1])], "lead_shape"),
+        n("Concat", [f"{prefix}.lead_shape", c("out_dim", [out_features])], "out_shape", axis=0),
+        n("Reshape", [f"{prefix}.acc_sum", f"{prefix}.out_shape"], "acc_shaped"),
+        helper.make_node("Mul", [f"{prefix}.acc_shaped", x_scale], [out], name=f"{prefix}.out"),
+    ]
 
 
 def _dequantized_weight(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: bool) -> tuple[list, str]:

@@ -22,6 +22,7 @@ SCENARIOS = {
     "w2a16-g64": (QuantConfig(wbits=2, group_size=64), "rtn"),
     "w8a8": (QuantConfig(wbits=8, abits=8), "smoothquant"),
     "w4a4": (QuantConfig(wbits=4, abits=4), "smoothquant"),
+    "w4a4-g64": (QuantConfig(wbits=4, abits=4, group_size=64), "rtn"),
     "w4a16-sym": (QuantConfig(wbits=4, group_size=64, symmetric=True), "rtn"),
 }
 
@@ -35,7 +36,7 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["w4a16-g64", "w2a16-g64", "w8a8", "w4a4", "vit-w4a4"])
+@pytest.mark.parametrize("name", ["w4a16-g64", "w2a16-g64", "w8a8", "w4a4", "w4a4-g64", "vit-w4a4"])
 def test_ort_graph_matches_torch_reference(checkpoints, tmp_path, name):
     out = tmp_path / f"{name}.onnx"
     report = export_onnx(checkpoints / name, out, target="ort", limit=4 if name != "vit-w4a4" else None)
@@ -48,7 +49,7 @@ def test_ort_graph_matches_torch_reference(checkpoints, tmp_path, name):
     assert all(n.domain != "lrq" for n in onnx.load(str(out)).graph.node)
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a4"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a4", "w4a4-g64"])
 def test_ort_graph_is_the_same_model_at_every_optimization_level(checkpoints, tmp_path, name):
     """Activation-quantized layers are integer GEMMs (MatMulInteger, uint8 x uint8): onnxruntime's
     graph optimizations, on by default, must not change what the graph computes (a float
