@@ -110,15 +110,21 @@ def size_report(model: onnx.ModelProto, manifest: dict) -> dict:
 
 
 def _fp16_linear_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the quantized linears' weights would take in FP16, from the weight tensor each
+    lowered pattern consumes (DequantizeLinear data, MatMulInteger codes, or a plugin's shape)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
     total = 0
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "DequantizeLinear" and node.name.startswith("lrq_linear_"):
-            dims = next(t.dims for t in model.graph.initializer if t.name == node.input[0])
-            total += int(np.prod(dims)) * 2
-        elif node.domain == "lrq" and "out_features" in attrs:
+        if node.domain == "lrq" and "out_features" in attrs:
             total += attrs["in_features"] * attrs["out_features"] * 2
-        elif node.op_type == "MatMul" and node.name.startswith("lrq_linear_") and node.input[1].endswith("weight_t"):
-            dims = next(t.dims for t in model.graph.initializer if t.name == node.input[1])
-            total += int(np.prod(dims)) * 2
+            continue
+        if not node.name.startswith("lrq_linear_") or node.op_type not in ("DequantizeLinear", "MatMulInteger", "MatMul"):
+            continue
+        weight = node.input[0] if node.op_type == "DequantizeLinear" else node.input[1]
+        if weight in producers and producers[weight].op_type == "Cast":  # UINT4 codes cast to UINT8
+            weight = producers[weight].input[0]
+        if weight in inits and (node.op_type != "MatMul" or weight.endswith("weight_t")):
+            total += int(np.prod(inits[weight].dims)) * 2
     return total

@@ -80,6 +80,8 @@ def test_packed_sizes(checkpoints, tmp_path):
     # codes + fp32 scale and zero point per 64 weights: 4/16 + 0.031 + 0.004, 2/16 + 0.031 + 0.002
     assert w4["weight_ratio"] == pytest.approx(0.25 + 32 / 64 / 16 + 4 / 64 / 16, rel=0.02)
     assert w2["weight_ratio"] == pytest.approx(0.125 + 32 / 64 / 16 + 2 / 64 / 16, rel=0.02)
+    w4a4 = export_onnx(checkpoints / "w4a4", tmp_path / "c.onnx", verify=False)  # integer GEMM pattern
+    assert w4a4["weight_ratio"] == pytest.approx(0.25 + (32 + 8) / 192 / 16, rel=0.02)  # per-channel scale + zero
 
 
 def _attrs(node):
