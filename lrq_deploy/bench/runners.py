@@ -16,6 +16,7 @@ import numpy as np
 from lrq_deploy.errors import LrqError
 
 BACKENDS = ("ort", "torch", "trt")
+MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
 @dataclass
@@ -94,6 +95,9 @@ class OrtRunner(Runner):
         options = ort.SessionOptions()
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # The optimizer fuses INT4/INT2 DequantizeLinear + MatMul into MatMulNBits, by default at
+        # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32.
+        options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs

@@ -120,3 +120,18 @@ def test_cli_bench_compare(artifacts):
 def test_cli_bench_bad_target(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(tmp_path / "none.onnx")])
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_ort_runner_benchmarks_the_exported_model(artifacts):
+    """With optimizations on, the session must still compute the checkpoint's model: the
+    MatMulNBits fusion of INT4 weights runs at fp32 accuracy, not int8 activations."""
+    import numpy as np
+
+    from lrq_deploy.bench.runners import OrtRunner
+
+    optimized = OrtRunner(artifacts / "w4.onnx", batch=2, seq_len=64)
+    plain = OrtRunner(artifacts / "w4.onnx", batch=2, seq_len=64, optimize=False)
+    feeds = optimized.feeds
+    a, b = optimized.session.run(None, feeds)[0], plain.session.run(None, feeds)[0]
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    assert (a.argmax(-1) == b.argmax(-1)).all()
