@@ -27,16 +27,17 @@ ATTRIBUTES = ("wbits", "abits", "group_size", "in_features", "out_features", "sy
 _registered: dict[tuple[str, str], object] = {}  # (module, plugin) -> creator; TensorRT keeps raw pointers
 
 
-def plugin_attributes(fields) -> dict:
-    """A node's integer attributes from a PluginFieldCollection (other fields are ignored)."""
-    attrs = {}
-    for f in fields:
-        if f.name in ATTRIBUTES:
-            attrs[f.name] = int(f.data.reshape(-1)[0])
+def required_attributes(attrs: dict, owner: str = "lrq plugin node") -> dict:
+    """The plugin's integer attributes out of `attrs`; one clear error names any that are missing."""
     missing = [name for name in ATTRIBUTES if name not in attrs]
     if missing:
-        raise LrqError(f"lrq plugin node lacks attributes {', '.join(missing)}")
-    return attrs
+        raise LrqError(f"{owner} lacks attributes {', '.join(missing)}")
+    return {name: int(attrs[name]) for name in ATTRIBUTES}
+
+
+def plugin_attributes(fields) -> dict:
+    """A node's integer attributes from a PluginFieldCollection (other fields are ignored)."""
+    return required_attributes({f.name: f.data.reshape(-1)[0] for f in fields if f.name in ATTRIBUTES})
 
 
 def register_plugins(trt) -> list:

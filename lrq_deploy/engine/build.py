@@ -142,16 +142,13 @@ def _verify(out: Path, onnx_path: Path, options: BuildOptions, flavour: str) -> 
 def _check_plugin_nodes(model: onnx.ModelProto) -> None:
     """Every lrq node must name a plugin we ship, with attributes its kernel supports."""
     from lrq_deploy.plugins.aot import plugin_kernel
-    from lrq_deploy.plugins.trt_plugins import ATTRIBUTES, PLUGIN_NAMES
+    from lrq_deploy.plugins.trt_plugins import PLUGIN_NAMES, required_attributes
 
     for node in (n for n in model.graph.node if n.domain == "lrq"):
         if node.op_type not in PLUGIN_NAMES:
             raise LrqError(f"no TensorRT plugin for {node.op_type} (plugins: {', '.join(PLUGIN_NAMES)})")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        missing = [name for name in ATTRIBUTES if name not in attrs]
-        if missing:
-            raise LrqError(f"lrq node {node.name} lacks attributes {', '.join(missing)}")
-        plugin_kernel(node.op_type, attrs)
+        plugin_kernel(node.op_type, required_attributes(attrs, f"lrq node {node.name}"))
 
 
 def _build_in_child(flavour: Flavour, onnx_path: Path, out: Path, options: BuildOptions) -> dict:
