@@ -113,7 +113,7 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     flavour.compute_capabilities(options.compute_capabilities)  # unknown targets fail before the child starts
     if options.verify:
         _check_gpu_for_verify()
-    report = {**_build_in_child(flavour, onnx_path, out, options), **requirements}
+    report = {**_build_in_child(flavour, onnx_path, out, options, requirements), **requirements}
     if options.verify:
         report["verify"] = _verify(out, onnx_path, options, flavour.name)
     return report
@@ -151,11 +151,11 @@ def _check_plugin_nodes(model: onnx.ModelProto) -> None:
         plugin_kernel(node.op_type, required_attributes(attrs, f"lrq node {node.name}"))
 
 
-def _build_in_child(flavour: Flavour, onnx_path: Path, out: Path, options: BuildOptions) -> dict:
+def _build_in_child(flavour: Flavour, onnx_path: Path, out: Path, options: BuildOptions, requirements: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="lrq-build-") as scratch:
         report_path = Path(scratch) / "report.json"
-        request = {"onnx": str(onnx_path), "out": str(out), "report": str(report_path),
-                   "flavour": flavour.name, "options": json.loads(json.dumps(asdict(options), default=str))}
+        request = {"onnx": str(onnx_path), "out": str(out), "report": str(report_path), "flavour": flavour.name,
+                   "options": json.loads(json.dumps(asdict(options), default=str)), "requirements": requirements}
         proc = subprocess.run(
             [sys.executable, "-m", "lrq_deploy.engine.worker"], input=json.dumps(request),
             capture_output=True, text=True, env=flavour.build_process_env(Path(scratch)),
@@ -174,10 +174,10 @@ def _child_failure(proc: subprocess.CompletedProcess, onnx_path: Path) -> str:
     return f"TensorRT stopped while building {onnx_path} (exit status {proc.returncode}): {last}"
 
 
-def build_in_this_process(onnx_path: Path, out: Path, options: BuildOptions, flavour_name: str) -> dict:
-    """Parse and build in this process (the worker's side of build_engine); writes `out` atomically."""
+def build_in_this_process(onnx_path: Path, out: Path, options: BuildOptions, flavour_name: str, requirements: dict) -> dict:
+    """Parse and build in this process (the worker's side of build_engine, given the parent's
+    graph_requirements); writes `out` atomically."""
     flavour = load_flavour(flavour_name)
-    requirements = graph_requirements(onnx_path, options.precision, options.plugins)
     plugins = _register_plugins(flavour, requirements) if requirements["lrq_plugin_nodes"] else None
     serialized, layers = _build(flavour, onnx_path, options, requirements)
     atomic_write(out, lambda tmp: tmp.write_bytes(bytes(serialized)))

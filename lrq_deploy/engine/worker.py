@@ -23,7 +23,8 @@ def _options(raw: dict) -> BuildOptions:
 def main() -> int:
     request = json.loads(sys.stdin.read())
     try:
-        report = build_in_this_process(Path(request["onnx"]), Path(request["out"]), _options(request["options"]), request["flavour"])
+        report = build_in_this_process(Path(request["onnx"]), Path(request["out"]), _options(request["options"]),
+                                       request["flavour"], request["requirements"])
     except LrqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
