@@ -41,19 +41,9 @@ class EngineSession:
 
     def run(self, feeds: dict) -> dict:
         torch, trt = self.torch, self.flavour.trt
-        keep = {}
-        for name in self.names:
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                dtype = _torch_dtype(torch, self.engine.get_tensor_dtype(name))
-                keep[name] = torch.from_numpy(feeds[name]).to("cuda", dtype).contiguous()
-                self.context.set_input_shape(name, tuple(keep[name].shape))
-        outputs = {}
-        for name in self.names:
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                shape = tuple(self.context.get_tensor_shape(name))
-                outputs[name] = torch.empty(shape, dtype=_torch_dtype(torch, self.engine.get_tensor_dtype(name)), device="cuda")
-        for name, tensor in {**keep, **outputs}.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
+        inputs = {name: torch.from_numpy(feeds[name]).to("cuda", _torch_dtype(torch, self.engine.get_tensor_dtype(name))).contiguous()
+                  for name in self.names if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT}
+        outputs = _bind(torch, trt, self.engine, self.context, inputs)
         stream = torch.cuda.Stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise LrqError("TensorRT could not run the engine")
@@ -74,25 +64,20 @@ class TrtRunner(Runner):
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.transfers = transfers
-        self.inputs, self.outputs = {}, {}
+        self.inputs = {}
         items, unit = batch, "images"
         for index in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(index)
             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 shape = self._input_shape(name, batch, seq_len)
-                self.context.set_input_shape(name, shape)
                 dtype = _torch_dtype(torch, self.engine.get_tensor_dtype(name))
                 host = (torch.randint(0, 100, shape) if name == "input_ids" else torch.randn(shape)).to(dtype)
                 self.inputs[name] = (host.pin_memory(), host.cuda())
                 if name == "input_ids":
                     items, unit = host.numel(), "tokens"
-        for name in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)):
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                shape = tuple(self.context.get_tensor_shape(name))
-                device = torch.empty(shape, dtype=_torch_dtype(torch, self.engine.get_tensor_dtype(name)), device="cuda")
-                self.outputs[name] = (torch.empty(shape, dtype=device.dtype, pin_memory=True), device)
-        for name, (_, device) in {**self.inputs, **self.outputs}.items():
-            self.context.set_tensor_address(name, device.data_ptr())
+        devices = _bind(torch, trt, self.engine, self.context, {name: device for name, (_, device) in self.inputs.items()})
+        self.outputs = {name: (torch.empty(device.shape, dtype=device.dtype, pin_memory=True), device)
+                        for name, device in devices.items()}
         self._workload = Workload(f"engine, batch {batch}", items, unit)
 
     def _input_shape(self, name: str, batch: int, seq_len: int) -> tuple[int, ...]:
@@ -119,6 +104,21 @@ class TrtRunner(Runner):
 
         transfers = self.transfers
         return timed_on_cuda(self.torch, h2d if transfers else None, compute, d2h if transfers else None, self.stream)
+
+
+def _bind(torch, trt, engine, context, inputs: dict) -> dict:
+    """Set the input shapes and addresses of `inputs` (device tensors), allocate the outputs at
+    the shapes that follow, bind them; returns the output device tensors by name."""
+    for name, tensor in inputs.items():
+        context.set_input_shape(name, tuple(tensor.shape))
+        context.set_tensor_address(name, tensor.data_ptr())
+    outputs = {}
+    for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            dtype = _torch_dtype(torch, engine.get_tensor_dtype(name))
+            outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            context.set_tensor_address(name, outputs[name].data_ptr())
+    return outputs
 
 
 def _torch_dtype(torch, trt_dtype):
