@@ -1,18 +1,23 @@
-"""Ahead-of-time kernels for the TensorRT plugins: shape/type rules, launch parameters and PTX.
+"""Ahead-of-time kernels: signatures, shape/type rules, launch parameters and compiled code.
 
 The `lrq`-domain nodes that `lrq export --target trt` writes (W4A16Linear, W2A16Linear,
 W4A4Linear, ...) each run one Triton kernel. What TensorRT's plugin API asks for is computed
 here in plain Python, so it is tested without TensorRT or a GPU:
 
+- `plugin_kernel`: the node's kernel, from its QuantScheme and dispatch.py's table (weight-only:
+  the `gemm` route; activation-quantized: `int_gemm` with the per-token quantizer fused);
 - `output_shape` / `output_dtype`: the plugin's shape and type rules;
 - `launch_params`: grid, threads per block and shared memory for given M, N;
-- `compile_ptx`: Triton compiles the kernel for a target GPU (sm_80, sm_90, sm_100, ...)
-  on any machine, GPU or not. Triton's interpreter (used on CPU) cannot compile, so when it is
-  active the compilation runs in a child process with the interpreter off.
+- `compile_kernels`: Triton compiles kernels for a target GPU (sm_80, sm_90, sm_100, ...) on any
+  machine, GPU or not, with the alignment hints its JIT adds (`tt.divisibility` 16 on pointers
+  and on integers divisible by 16) and the config's num_warps / num_stages, so the PTX handed
+  to TensorRT and the code the kernel report reads are what the JIT runs. Triton's interpreter
+  (used on CPU) cannot compile, so when it is active compilation runs in a child process.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,46 +25,103 @@ import sys
 from dataclasses import asdict, dataclass
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.quant.scheme import KernelFamily, QuantScheme
 
-BLOCK = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+from . import dispatch
+
 _DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+# Pointer element types per kernel argument; "act" is the activations' type.
+_POINTERS = {
+    "x_ptr": "act", "w_ptr": "i32", "s_ptr": "fp16", "z_ptr": "u8", "b_ptr": "act", "y_ptr": "act",
+    "out_ptr": "act", "xs_ptr": "fp32", "acc_ptr": "i32", "q_ptr": "i8",
+}
+# Scalars of the kernels, in their order, as TensorRT's AOT launch passes them after the pointers.
+SCALARS = ("M", "N", "K", "G", "stride_w")
 
 
 @dataclass(frozen=True)
 class PluginKernel:
     op_type: str
-    kernel: str  # function name in plugins/kernels.py
+    launch: dispatch.Launch
     signature: dict
     constexprs: dict
+    hints: tuple  # arguments known to be multiples of 16 (pointers: 16-byte aligned)
+
+    @property
+    def kernel(self) -> str:
+        return self.launch.kernel
+
+    @property
+    def num_warps(self) -> int:
+        return self.launch.num_warps
+
+    @property
+    def num_stages(self) -> int:
+        return self.launch.num_stages
 
 
-def plugin_kernel(op_type: str, attrs: dict, dtype: str = "float16") -> PluginKernel:
-    """The kernel, argument types and compile-time constants of one lrq plugin node."""
+def _arg_names(kernel: str) -> list[str]:
+    from . import kernels
+
+    fn = getattr(kernels, kernel)
+    return list(getattr(fn, "arg_names", None) or fn.fn.arg_names)
+
+
+def kernel_signature(launch: dispatch.Launch, dtype: str, values: dict, absent: tuple = ()) -> tuple[dict, dict, tuple]:
+    """(signature, constexprs, hints) to compile `launch` for activations of `dtype`. `values`
+    gives the integer arguments that are known (divisible-by-16 ones get the JIT's hint);
+    `absent` names pointer arguments the caller does not pass (they become None constants)."""
     if dtype not in _DTYPES:
         raise LrqError(f"plugin activations must be one of {', '.join(_DTYPES)}, got {dtype}")
-    t = _DTYPES[dtype]
-    wbits, abits, k = attrs["wbits"], attrs["abits"], attrs["in_features"]
-    group = attrs.get("group_size") or k
-    pointers = {"x_ptr": f"*{t}", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{t}", "y_ptr": f"*{t}"}
-    sizes = {"M": "i32", "N": "i32", "K": "i32", "G": "i32"}
+    act = _DTYPES[dtype]
+    types = dict(_POINTERS)
+    if launch.kernel == "gemv" and not launch.constexprs["DIRECT"]:
+        types["y_ptr"] = "fp32"
+    if launch.kernel == "int_gemm" and not launch.constexprs["QUANTIZE_X"]:
+        types["x_ptr"] = "i8"
+    signature, constexprs, hints = {}, dict(launch.constexprs), []
+    for name in _arg_names(launch.kernel):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in absent:
+            signature[name], constexprs[name] = "constexpr", None
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (act if types[name] == "act" else types[name])
+            hints.append(name)
+        else:
+            signature[name] = "i32"
+            if values.get(name) and values[name] % 16 == 0:
+                hints.append(name)
+    return signature, constexprs, tuple(hints)
+
+
+def plugin_kernel(op_type: str, attrs: dict, dtype: str = "float16", sm: int = 90) -> PluginKernel:
+    """The kernel, argument types, compile-time constants and hints of one lrq plugin node."""
+    scheme = QuantScheme.from_attrs(attrs)
+    kernel = scheme.kernel
+    if kernel is None:
+        raise LrqError(f"no plugin kernel for {op_type} ({scheme.scenario})")
+    k, n = attrs["in_features"], attrs["out_features"]
+    bits = scheme.container_bits
+    group = scheme.group_length(k)
+    if k % (8 // bits):
+        raise LrqError(f"{op_type}: in_features {k} does not fit the packing")
     has_bias = bool(attrs.get("has_bias", False))
-    if abits == 16 and wbits in (2, 3, 4):
-        constexprs = {"BITS": 2 if wbits == 2 else 4, "GROUP": group, "HAS_BIAS": has_bias, "IEEE": t == "fp32", **BLOCK}
-        kernel = "weight_only_gemm"
-    elif (wbits, abits) == (4, 4):
-        constexprs = {"GROUP": group, "HAS_BIAS": has_bias, **BLOCK, "BLOCK_K": min(BLOCK["BLOCK_K"], group)}
-        kernel = "w4a4_fused_gemm"
+    family = dispatch.gpu_family(sm)
+    if kernel is KernelFamily.WEIGHT_ONLY:
+        launch = dispatch.plan("gemm", 64, n, k, group, bits, family=family, has_bias=has_bias)
+        absent = ()
     else:
-        raise LrqError(f"no plugin kernel for {op_type} (W{wbits}A{abits})")
-    if k % (8 // constexprs.get("BITS", 4)) or k % group:
-        raise LrqError(f"{op_type}: in_features {k} does not fit the packing or group size {group}")
-    if not has_bias:
-        # A None pointer is a compile-time constant: the kernel then takes exactly what an
-        # ahead-of-time TensorRT plugin passes: input pointers, the output pointer, then scalars.
-        pointers["b_ptr"] = "constexpr"
-        constexprs = {**constexprs, "b_ptr": None}
-    signature = {**pointers, **sizes, **{name: "constexpr" for name in constexprs if name != "b_ptr"}}
-    return PluginKernel(op_type, kernel, signature, constexprs)
+        launch = dispatch.plan("int_gemm", 64, n, k, group, bits, family=family, has_bias=has_bias,
+                               abits=scheme.abits, quantize_x=True)
+        absent = ("xs_ptr", "acc_ptr")
+    # A None pointer is a compile-time constant: the kernel then takes exactly what an
+    # ahead-of-time TensorRT plugin passes: input pointers, the output pointer, then scalars.
+    absent += () if has_bias else ("b_ptr",)
+    stride = k * bits // 32 if (k * bits) % 32 == 0 else None
+    values = {"N": n, "K": k, "stride_w": stride if stride and (k * bits // 8) % 16 == 0 else None}
+    signature, constexprs, hints = kernel_signature(launch, dtype, values, absent)
+    return PluginKernel(op_type, launch, signature, constexprs, hints)
 
 
 def output_shape(input_shape: tuple, attrs: dict) -> tuple:
@@ -89,21 +151,33 @@ class CompiledKernel:
     ptx: str
     num_warps: int
     shared_bytes: int
+    cubin: str = ""  # base64
+
+
+def compile_request(kernel: str, signature: dict, constexprs: dict, hints: tuple, sm: int,
+                    num_warps: int, num_stages: int) -> dict:
+    return {"kernel": kernel, "signature": signature, "constexprs": constexprs, "hints": list(hints), "sm": sm,
+            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def compile_ptx(kernel: PluginKernel, sm: int) -> CompiledKernel:
     """PTX of a plugin kernel for compute capability `sm` (80, 86, 89, 90, 100, 120, ...)."""
-    request = {"kernel": kernel.kernel, "signature": kernel.signature, "constexprs": kernel.constexprs, "sm": sm}
+    request = compile_request(kernel.kernel, kernel.signature, kernel.constexprs, kernel.hints, sm,
+                              kernel.num_warps, kernel.num_stages)
+    return compile_kernels([request])[0]
+
+
+def compile_kernels(requests: list[dict]) -> list[CompiledKernel]:
+    """Compile every request (see compile_request); one child process when the interpreter is on."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return CompiledKernel(**_compile(request))
+        return [CompiledKernel(**_compile(r)) for r in requests]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lrq_deploy.plugins.aot"], input=json.dumps(request), capture_output=True, text=True, env=env
-    )
+    proc = subprocess.run([sys.executable, "-m", "lrq_deploy.plugins.aot"], input=json.dumps(requests),
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LrqError(f"Triton could not compile {kernel.kernel} for sm_{sm}: {last}")
-    return CompiledKernel(**json.loads(proc.stdout))
+        raise LrqError(f"Triton could not compile the kernels: {last}")
+    return [CompiledKernel(**r) for r in json.loads(proc.stdout)]
 
 
 def _compile(request: dict) -> dict:
@@ -114,12 +188,15 @@ def _compile(request: dict) -> dict:
     from . import kernels
 
     fn = getattr(kernels, request["kernel"])
-    source = ASTSource(fn=fn, signature=request["signature"], constexprs=request["constexprs"])
-    compiled = triton.compile(source, target=GPUTarget("cuda", request["sm"], 32))
+    names = fn.arg_names
+    attrs = {(names.index(h),): [["tt.divisibility", 16]] for h in request["hints"]}
+    source = ASTSource(fn=fn, signature=request["signature"], constexprs=request["constexprs"], attrs=attrs)
+    options = {"num_warps": request["num_warps"], "num_stages": request["num_stages"]}
+    compiled = triton.compile(source, target=GPUTarget("cuda", request["sm"], 32), options=options)
     target = next(line.split()[1] for line in compiled.asm["ptx"].splitlines() if line.startswith(".target"))
-    return asdict(CompiledKernel(compiled.metadata.name, target, compiled.asm["ptx"],
-                                 compiled.metadata.num_warps, compiled.metadata.shared))
+    return asdict(CompiledKernel(compiled.metadata.name, target, compiled.asm["ptx"], compiled.metadata.num_warps,
+                                 compiled.metadata.shared, base64.b64encode(compiled.asm["cubin"]).decode()))
 
 
 if __name__ == "__main__":
-    print(json.dumps(_compile(json.loads(sys.stdin.read()))))
+    print(json.dumps([_compile(r) for r in json.loads(sys.stdin.read())]))

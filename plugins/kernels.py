@@ -1,16 +1,25 @@
 """Triton kernels for low-bit linear layers.
 
-Weights use the checkpoint layout directly (docs/FORMATS.md): codes packed along K, little
-end first, row n of `qweight` holding output channel n; float16 scales and uint8 zero points
-per (output channel, group). Dequantization happens in registers inside the main loop.
+Weight layout: the checkpoint's rows read as int32 words (docs/FORMATS.md). Row n holds output
+channel n; word w of a row holds the 32 / BITS consecutive input codes 32/BITS*w ..., code j in
+bits j*BITS. A thread loads four adjacent words (one 128-bit load = 32 four-bit codes) and
+unpacks them in registers with shifts and masks. Rows are padded to 16 bytes at load time when
+the checkpoint's are not (plugins/dispatch.py), so every row starts 16-byte aligned.
+Scales (float16) and zero points (uint8) are [N, groups]: one [BLOCK_N] vector per group.
 
-- weight_only_gemm: W{4,2}A16, tiled over (M, N), tl.dot with fp32 accumulation (prefill).
-- weight_only_gemv: the same for 1-4 rows (decoding), a reduction per output channel.
-- w4a4_gemm: int8-held INT4 activations x INT4 weights, int32 accumulation per group
-  (exact), then scales per group and per token.
-- quantize_rows: per-token symmetric quantization to int8-held integers and float32 scales,
-  round half to even, bit-identical to the reference.
-- w4a4_fused_gemm: quantize_rows and w4a4_gemm in one kernel (one launch per TensorRT plugin).
+Kernels (dispatch.py picks one per call by the scheme and the number of rows M):
+- gemv: M <= 8 (decoding). Bandwidth-bound, split over K (each program covers K_ITERS chunks and
+  writes a float32 partial sum; the partials are added in a fixed order, so results are
+  deterministic). The zero point is applied once per group: s * (sum q*x - z * sum x).
+- gemm: tl.dot GEMM for moderate M; (q - z) is exact in the dot's input type, the scale
+  multiplies each group's partial product.
+- dequantize: the weights to float once, for cuBLAS at large M (prefill).
+- int_gemm: integer activations x integer weights, tl.dot int8 x int8 -> int32 (exact), zero
+  points as a rank-1 correction (sum of the activation codes), scales per group and per token.
+  With QUANTIZE_X it first quantizes the float activations per token (one launch, the
+  TensorRT plugin kernel); otherwise it reads codes from quantize_rows.
+- quantize_rows: per-token symmetric quantization, round half to even, bit-identical to the
+  reference.
 """
 
 from __future__ import annotations
@@ -21,35 +30,127 @@ triton, tl = load_triton()
 
 
 @triton.jit
-def _dequant_tile(q_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """[BN, BK] float32 dequantized weights (q - z) * s for output channels offs_n and inputs offs_k."""
-    PER: tl.constexpr = 8 // BITS
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    packed = tl.load(q_ptr + offs_n[:, None] * (K // PER) + (offs_k // PER)[None, :], mask=mask, other=0)
-    codes = (packed.to(tl.int32) >> ((offs_k % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
-    group = offs_k // GROUP
-    scale = tl.load(s_ptr + offs_n[:, None] * G + group[None, :], mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + offs_n[:, None] * G + group[None, :], mask=mask, other=0).to(tl.float32)
-    return (codes.to(tl.float32) - zero) * scale
+def _unpack(words, BITS: tl.constexpr):
+    """int32 [R, W] -> [R, W, 32 // BITS] codes (int32). Masking after the arithmetic shift drops
+    the sign bits."""
+    shifts = tl.arange(0, 32 // BITS) * BITS
+    return (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
 
 
 @triton.jit
-def weight_only_gemm(
-    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+def _load_words(w_ptr, offs_n, k0, N, K, stride_w, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K / per-word] int32 words of rows offs_n covering inputs k0 .. k0 + BLOCK_K.
+
+    The mask stops at the row's (padded) end rather than at K: it is then constant over every
+    16 bytes, which lets the load vectorize; codes beyond K meet zero activations."""
+    PER: tl.constexpr = 32 // BITS
+    offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    mask = (offs_n[:, None] < N) & (offs_w[None, :] < stride_w)
+    return tl.load(w_ptr + offs_n[:, None] * stride_w + offs_w[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _as_float32(codes):
+    """Exact int -> float32 for codes < 2^23 without a conversion instruction: the code ORed into
+    the mantissa of 2^23, minus 2^23."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _centered(codes, zero, DTYPE: tl.constexpr):
+    """(q - z) in DTYPE, exact (|q - z| < 256). float16 and float32 use the magic-number
+    conversion: the code ORed into the mantissa of 1024 (float16) or 2^23 (float32)."""
+    if DTYPE == tl.float16:
+        magic = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return magic - (zero + 1024.0).to(tl.float16)
+    else:
+        return (_as_float32(codes) - zero).to(DTYPE)
+
+
+@triton.jit
+def gemv(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_w,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPED: tl.constexpr, ROWS: tl.constexpr,
+    K_ITERS: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] (q[n, k] - z[n, g]) s[n, g] for m < M <= ROWS.
+
+    Program (n, k) covers BLOCK_N channels and K_ITERS chunks of BLOCK_K inputs, each chunk in one
+    group. DIRECT (one program over K): adds the bias and stores y in its type; otherwise it
+    stores a float32 partial to y_ptr[k, m, n]."""
+    PER: tl.constexpr = 32 // BITS
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, ROWS)
+    in_word = tl.arange(0, BLOCK_K // PER)[:, None] * PER + tl.arange(0, PER)[None, :]  # [W, PER]
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    if not GROUPED:
+        scale = tl.load(s_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + offs_n * G, mask=offs_n < N, other=0).to(tl.float32)
+        x_sums = tl.zeros((ROWS, 1), dtype=tl.float32)
+    for it in range(K_ITERS):
+        k0 = (pid_k * K_ITERS + it) * BLOCK_K
+        codes = _as_float32(_unpack(_load_words(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_K), BITS))
+        offs_k = k0 + in_word
+        if GROUPED:
+            group = k0 // GROUP
+            scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.float32)
+        for r in tl.static_range(ROWS):
+            x = tl.load(x_ptr + r * K + offs_k, mask=(offs_k < K) & (r < M), other=0.0).to(tl.float32)
+            qx = tl.sum(tl.sum(codes * x[None, :, :], axis=2), axis=1)  # [BLOCK_N]
+            x_sum = tl.sum(tl.sum(x, axis=1), axis=0)
+            if GROUPED:
+                contribution = scale * (qx - zero * x_sum)
+            else:
+                contribution = qx
+                x_sums += tl.where(rows[:, None] == r, x_sum, 0.0)
+            acc += tl.where(rows[:, None] == r, contribution[None, :], 0.0)
+    if not GROUPED:
+        acc = scale[None, :] * (acc - zero[None, :] * x_sums)
+    mask = (rows[:, None] < M) & (offs_n[None, :] < N)
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(y_ptr + pid_k * M * N + rows[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] int32 codes."""
+    codes = _unpack(_load_words(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_K), BITS)
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def gemm(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_w,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """y = x @ ((q - z) * s)^T (+ bias): (q - z) exact in x's type, one dot per chunk (each chunk
+    lies in one group), the group's scale applied to the [BLOCK_M, BLOCK_N] partial.
+    DOT_F32: the dot in float32 (IEEE) for bfloat16 operands, whose products are exact in
+    float32; set only under Triton's CPU interpreter, whose bfloat16 dot is wrong."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, BITS, GROUP)
-        if IEEE:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        group = k0 // GROUP
+        scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.float32)
+        w = _centered(_weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_N, BLOCK_K), zero[:, None], DTYPE)
+        if DTYPE == tl.float32 or DOT_F32:
+            partial = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            partial = tl.dot(x, tl.trans(w))
+        acc += partial * scale[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -57,22 +158,21 @@ def weight_only_gemm(
 
 
 @triton.jit
-def weight_only_gemv(
-    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G,
-    ROWS: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def dequantize(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, G, stride_w,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """out[n, k] = (q - z) * s in out's type: the same value as the reference dequantization cast
+    to that type ((q - z) * s is exact in float32, then rounded once)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    for row in tl.static_range(ROWS):
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            w = _dequant_tile(q_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, BITS, GROUP)
-            acc += tl.sum(w * x[None, :], axis=1)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    group = k0 // GROUP
+    scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.float32)
+    w = _centered(_weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_N, BLOCK_K), zero[:, None], tl.float32)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * scale[:, None]).to(out_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
 @triton.jit
@@ -95,80 +195,65 @@ def quantize_rows(x_ptr, q_ptr, s_ptr, K, QMAX: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _int4_weight_tile(q_ptr, z_ptr, offs_n, offs_k, N, K, G, group):
-    """[BN, BK] int8 tile of (q - z) for 4-bit codes; every k in offs_k lies in `group`."""
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    packed = tl.load(q_ptr + offs_n[:, None] * (K // 2) + (offs_k // 2)[None, :], mask=mask, other=0)
-    codes = (packed.to(tl.int32) >> ((offs_k % 2) * 4)[None, :]) & 15
-    zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.int32)
-    return tl.where(mask, codes - zero[:, None], 0).to(tl.int8)
+def _row_scales(x_ptr, offs_m, M, K, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-token scales max(max|x|, 1e-5) / QMAX of rows offs_m (a pass over K)."""
+    amax = tl.zeros((offs_m.shape[0],), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    return tl.maximum(amax, 1e-5) / QMAX
 
 
 @triton.jit
-def w4a4_gemm(
-    xq_ptr, xs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, acc_ptr, M, N, K, G,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_INT: tl.constexpr,
+def int_gemm(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, xs_ptr, acc_ptr, M, N, K, G, stride_w,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPED: tl.constexpr, QMAX: tl.constexpr,
+    QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = xs[m] * sum_g s[n, g] * sum_{k in g} xq[m, k] * (q[n, k] - z[n, g]); products in int32.
+    """y = xs[m] * sum_g s[n, g] * (sum_{k in g} xq[m, k] q[n, k] - z[n, g] sum_{k in g} xq[m, k]).
 
-    BLOCK_K divides GROUP, so every K-chunk lies in one group. With STORE_INT (per-channel
-    weights) the exact int32 accumulator is written to acc_ptr as well.
+    Codes enter the int8 dot centred on OFFSET (128 for 8-bit containers, whose codes exceed
+    int8; 0 otherwise) and the zero point moves by the same amount, so every sum is exact in
+    int32. Per-channel weights keep one int32 accumulator and apply the zero point and scale
+    once (STORE_INT writes that accumulator too). QUANTIZE_X: x is float and quantized per token
+    here (the same arithmetic as quantize_rows); otherwise x holds int8 codes and xs their scales.
     """
+    OFFSET: tl.constexpr = 128 if BITS == 8 else 0
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if QUANTIZE_X:
+        x_scale = _row_scales(x_ptr, offs_m, M, K, QMAX, BLOCK_K)
+    else:
+        x_scale = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_int = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    x_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(xq_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :], other=0)
-        group = k0 // GROUP
-        w = _int4_weight_tile(q_ptr, z_ptr, offs_n, offs_k, N, K, G, group)
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        if QUANTIZE_X:
+            x = tl.minimum(tl.maximum(_rint(x.to(tl.float32) / x_scale[:, None]), -QMAX), QMAX).to(tl.int8)
+        w = (_weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_N, BLOCK_K) - OFFSET).to(tl.int8)
         partial = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
-        if STORE_INT:
+        if GROUPED:
+            group = k0 // GROUP
+            zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.int32) - OFFSET
+            scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
+            partial -= tl.sum(x.to(tl.int32), axis=1)[:, None] * zero[None, :]
+            acc += partial.to(tl.float32) * scale[None, :]
+        else:
             acc_int += partial
-        scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc += partial.to(tl.float32) * scale[None, :]
-    acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+            x_sum += tl.sum(x.to(tl.int32), axis=1)
+    if not GROUPED:
+        zero = tl.load(z_ptr + offs_n * G, mask=offs_n < N, other=0).to(tl.int32) - OFFSET
+        acc_int -= x_sum[:, None] * zero[None, :]
+        acc = acc_int.to(tl.float32) * tl.load(s_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = acc * x_scale[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     if STORE_INT:
         tl.store(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc_int, mask=out_mask)
-
-
-@triton.jit
-def w4a4_fused_gemm(
-    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """W4A4 in one kernel (the TensorRT plugin's kernel): a first pass over K finds each row's
-    max |x|, the main loop quantizes x tiles to INT4 on the fly (same arithmetic as
-    quantize_rows) and accumulates integer products as w4a4_gemm does."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-    x_scale = tl.maximum(amax, 1e-5) / 7
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-        xq = tl.minimum(tl.maximum(_rint(x.to(tl.float32) / x_scale[:, None]), -7.0), 7.0).to(tl.int8)
-        group = k0 // GROUP
-        w = _int4_weight_tile(q_ptr, z_ptr, offs_n, offs_k, N, K, G, group)
-        partial = tl.dot(xq, tl.trans(w), out_dtype=tl.int32)
-        scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc += partial.to(tl.float32) * scale[None, :]
-    acc = acc * x_scale[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

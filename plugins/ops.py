@@ -1,38 +1,52 @@
 """Launchers for the Triton kernels, with input checks, registered as torch custom ops
-(`lrq_kernels::*`, with fake implementations so torch.compile can trace them)."""
+(`lrq_kernels::*`, with fake implementations so torch.compile can trace them).
+
+Every launcher asks dispatch.py for its route and tiles. `group` arguments are group lengths
+(a divisor of K; K itself for per-channel weights): QuantScheme.group_length makes them.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.quant.scheme import KernelFamily
 
-from . import kernels
-from ._triton import interpreted, load_triton
+from . import dispatch, kernels
+from ._triton import load_triton
 
 triton, _ = load_triton()
 FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
-GEMV_MAX_ROWS = 4
+ROW_ALIGN_BYTES = 16
 
 
-def _blocks(small: int = 16) -> dict:
-    # The interpreter runs one numpy program per block: large blocks keep CPU tests fast.
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64} if interpreted() else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": max(small, 64)}
+def kernel_words(qweight: torch.Tensor) -> torch.Tensor:
+    """Packed uint8 rows [N, B] as int32 words [N, B'/4], rows padded with zero codes to a multiple
+    of 16 bytes: every row starts 16-byte aligned, so threads read weights with 128-bit loads.
+    A zero-copy view whenever K * bits is a multiple of 128 (every real model's layer); other
+    shapes pay a copy per call. Padding codes meet masked (zero) activations."""
+    n, row_bytes = qweight.shape
+    padded = -(-row_bytes // ROW_ALIGN_BYTES) * ROW_ALIGN_BYTES
+    if padded != row_bytes or not qweight.is_contiguous() or qweight.data_ptr() % ROW_ALIGN_BYTES:
+        aligned = torch.zeros(n, padded, dtype=torch.uint8, device=qweight.device)
+        aligned[:, :row_bytes] = qweight
+        qweight = aligned
+    return qweight.view(torch.int32)
 
 
-def check_weight(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int) -> tuple[int, int, int]:
+def check_weight(x: torch.Tensor, qweight, scales, zeros, bits: int, group: int) -> tuple[int, int, int]:
     """Validate operands; returns (N, K, groups). Every violation is one clear error."""
     if x.dtype not in FLOAT_TYPES:
         raise LrqError(f"activations must be float16, bfloat16 or float32, got {x.dtype}")
-    if bits not in (2, 4):
-        raise LrqError(f"no kernel for {bits}-bit weight containers (kernels exist for 2 and 4)")
+    if bits not in (2, 4, 8):
+        raise LrqError(f"no kernel for {bits}-bit weight containers (kernels exist for 2, 4 and 8)")
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise LrqError("packed weights must be a 2-D uint8 tensor")
-    n, k = qweight.shape[0], qweight.shape[1] * (8 // bits)
-    if x.shape[-1] != k:
-        raise LrqError(f"activations have {x.shape[-1]} input features, the weights {k}")
-    group = group_size or k
-    if k % group:
+    n, k, codes = qweight.shape[0], x.shape[-1], qweight.shape[1] * (8 // bits)
+    if codes != -(-k // (8 // bits)) * (8 // bits):
+        raise LrqError(f"activations have {k} input features, the weights {codes}")
+    if group < 1 or k % group:
         raise LrqError(f"group size {group} does not divide K = {k}")
     if scales.shape != (n, k // group) or zeros.shape != (n, k // group):
         raise LrqError(f"scales and zero points must be [{n}, {k // group}], got {tuple(scales.shape)} / {tuple(zeros.shape)}")
@@ -41,34 +55,46 @@ def check_weight(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size:
     return n, k, k // group
 
 
+def _launch(launch: dispatch.Launch, *args) -> None:
+    fn = getattr(kernels, launch.kernel)
+    fn[launch.grid](*args, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def _bias_arg(bias, fallback):
+    return bias if bias is not None else fallback
+
+
 @torch.library.custom_op("lrq_kernels::weight_only_linear", mutates_args=())
 def weight_only_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, bits: int, group_size: int,
+    bias: torch.Tensor | None, bits: int, group: int,
 ) -> torch.Tensor:
-    """y = x @ ((q - z) * s)^T (+ bias), weights dequantized inside the kernel."""
-    n, k, groups = check_weight(x, qweight, scales, zeros, bits, group_size)
+    """y = x @ ((q - z) * s)^T (+ bias) for 2- or 4-bit weight containers, routed by rows."""
+    if bits not in (2, 4):
+        raise LrqError(f"no weight-only kernel for {bits}-bit weight containers (kernels exist for 2 and 4)")
+    n, k, groups = check_weight(x, qweight, scales, zeros, bits, group)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    common = dict(BITS=bits, GROUP=group_size or k, HAS_BIAS=bias is not None)
-    b = bias if bias is not None else scales
-    if m <= GEMV_MAX_ROWS:
-        blocks = _blocks()
-        kernels.weight_only_gemv[(triton.cdiv(n, blocks["BLOCK_N"]),)](
-            x2, qweight, scales, zeros, b, y, n, k, groups, ROWS=m, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"], **common
-        )
+    words = kernel_words(qweight)
+    route = dispatch.route_for(KernelFamily.WEIGHT_ONLY, m)
+    launch = dispatch.plan(route, m, n, k, group, bits, has_bias=bias is not None)
+    if route == "dequantize":
+        weight = torch.empty(n, k, dtype=x.dtype, device=x.device)
+        _launch(launch, words, scales, zeros, weight, n, k, groups, words.shape[1])
+        y = F.linear(x2, weight, None if bias is None else bias.to(x.dtype))
+    elif route == "gemv" and launch.split_k > 1:
+        partial = torch.empty(launch.split_k, m, n, dtype=torch.float32, device=x.device)
+        _launch(launch, x2, words, scales, zeros, scales, partial, m, n, k, groups, words.shape[1])
+        y = partial.sum(0)
+        y = (y if bias is None else y + bias.float()).to(x.dtype)
     else:
-        blocks = _blocks()
-        grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
-        kernels.weight_only_gemm[grid](
-            x2, qweight, scales, zeros, b, y, m, n, k, groups, IEEE=x.dtype == torch.float32, **common, **blocks
-        )
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        _launch(launch, x2, words, scales, zeros, _bias_arg(bias, scales), y, m, n, k, groups, words.shape[1])
     return y.reshape(*x.shape[:-1], n)
 
 
 @weight_only_linear.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size):
+def _(x, qweight, scales, zeros, bias, bits, group):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -94,61 +120,49 @@ def _(x, bits):
     return x.new_empty(rows, k, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32)
 
 
-def w4a4_matmul(xq, xs, qweight, scales, zeros, bias, group_size: int, out_dtype, return_int: bool = False):
-    """INT4 activations (int8-held) x INT4 weights. Returns y [M, N] (and the int32 accumulator)."""
+def integer_matmul(xq, xs, qweight, scales, zeros, bias, bits: int, abits: int, group: int, out_dtype,
+                   return_int: bool = False):
+    """Integer activation codes (int8 [M, K]) x integer weights. Returns y [M, N] (and, for
+    per-channel weights, the exact int32 accumulator sum_k xq (q - z))."""
     if xq.dtype != torch.int8:
         raise LrqError(f"quantized activations must be int8, got {xq.dtype}")
-    n, k, groups = check_weight(xs.new_empty(1, xq.shape[-1]), qweight, scales, zeros, 4, group_size)
-    group = group_size or k
-    blocks, block_k = _w4a4_blocks(group_size, k)
+    n, k, groups = check_weight(xs.new_empty(1, xq.shape[-1]), qweight, scales, zeros, bits, group)
     if return_int and groups != 1:
         raise LrqError("the exact int32 accumulator is returned for per-channel weights only")
     m = xq.shape[0]
+    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, store_int=return_int)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     acc = torch.empty(m, n, dtype=torch.int32, device=xq.device) if return_int else y
-    grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
-    kernels.w4a4_gemm[grid](
-        xq.contiguous(), xs, qweight, scales, zeros, bias if bias is not None else scales, y, acc, m, n, k, groups,
-        GROUP=group, HAS_BIAS=bias is not None, STORE_INT=return_int,
-        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=block_k,
-    )
+    words = kernel_words(qweight)
+    _launch(launch, xq.contiguous(), words, scales, zeros, _bias_arg(bias, scales), y, xs, acc, m, n, k, groups, words.shape[1])
     return (y, acc) if return_int else y
 
 
-def _w4a4_blocks(group_size: int, k: int) -> tuple[dict, int]:
-    blocks = _blocks()
-    group = group_size or k
-    block_k = min(blocks["BLOCK_K"], group)
-    if group % block_k or (not interpreted() and block_k < 16):
-        raise LrqError(f"the W4A4 kernel needs a group size that is a multiple of 16, got {group}")
-    return blocks, block_k
-
-
-def w4a4_fused(x, qweight, scales, zeros, bias, group_size: int) -> torch.Tensor:
-    """W4A4 in one kernel launch: activation quantization fused into the integer GEMM."""
-    n, k, groups = check_weight(x, qweight, scales, zeros, 4, group_size)
+def integer_fused(x, qweight, scales, zeros, bias, bits: int, abits: int, group: int) -> torch.Tensor:
+    """One launch: per-token activation quantization inside the integer GEMM (the TensorRT AOT
+    plugin kernel); equal to quantize_rows + integer_matmul."""
+    n, k, groups = check_weight(x, qweight, scales, zeros, bits, group)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    blocks, block_k = _w4a4_blocks(group_size, k)
+    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, quantize_x=True)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
-    kernels.w4a4_fused_gemm[grid](
-        x2, qweight, scales, zeros, bias if bias is not None else scales, y, m, n, k, groups,
-        GROUP=group_size or k, HAS_BIAS=bias is not None,
-        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=block_k,
-    )
+    words = kernel_words(qweight)
+    _launch(launch, x2, words, scales, zeros, _bias_arg(bias, scales), y, scales, y, m, n, k, groups, words.shape[1])
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("lrq_kernels::w4a4_linear", mutates_args=())
-def w4a4_linear(
+@torch.library.custom_op("lrq_kernels::integer_linear", mutates_args=())
+def integer_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, group_size: int,
+    bias: torch.Tensor | None, bits: int, abits: int, group: int,
 ) -> torch.Tensor:
-    """A W4A4 layer: per-token INT4 quantization of x fused into the integer GEMM (one launch)."""
-    return w4a4_fused(x, qweight, scales, zeros, bias, group_size)
+    """An activation-quantized layer: per-token codes (quantize_rows), then the integer GEMM."""
+    check_weight(x, qweight, scales, zeros, bits, group)
+    xq, xs = quantize_rows(x, abits)
+    y = integer_matmul(xq, xs, qweight, scales, zeros, bias, bits, abits, group, x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-@w4a4_linear.register_fake
-def _(x, qweight, scales, zeros, bias, group_size):
+@integer_linear.register_fake
+def _(x, qweight, scales, zeros, bias, bits, abits, group):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])

@@ -10,12 +10,16 @@ interface, so it uses the Python plugins of trt_plugins.py.
 input build with the Python plugins (the bundled LLaMA has none; ViTs do).
 
 Kernel parameters follow TensorRT's AOT launch order: input pointers (x, qweight, scales,
-zeros), the output pointer, then the scalars M, N, K and groups (see aot.plugin_kernel);
-Triton appends two scratch pointers, unused by these kernels.
+zeros), the output pointer, then the scalars M, N, K, groups and the weight row stride in int32
+words (aot.SCALARS); Triton appends two scratch pointers, unused by these kernels. The kernel
+and its tiles are the dispatch table's for the building GPU (aot.plugin_kernel).
 """
 
 # No `from __future__ import annotations`: tensorrt.plugin inspects these annotations as classes.
 from typing import List, Tuple, Union
+
+from lrq_deploy.errors import LrqError
+from lrq_deploy.quant.scheme import QuantScheme
 
 from . import aot
 from .trt_plugins import NAMESPACE, PLUGIN_NAMES
@@ -37,6 +41,15 @@ def grid_dims(kernel: aot.PluginKernel, rows, cols) -> tuple:
     """Tiles over (rows, cols); works on ints and on TensorRT's symbolic shape expressions."""
     block_m, block_n = kernel.constexprs["BLOCK_M"], kernel.constexprs["BLOCK_N"]
     return (rows + (block_m - 1)) // block_m, (cols + (block_n - 1)) // block_n
+
+
+def scalar_args(attrs: dict) -> tuple:
+    """The scalars after M, in aot.SCALARS order: N, K, groups, weight row stride (int32 words)."""
+    scheme = QuantScheme.from_attrs({**attrs, "symmetric": 0})
+    k = attrs["in_features"]
+    if (k * scheme.container_bits) % 32:
+        raise LrqError(f"ahead-of-time plugins read weight rows as int32 words; in_features {k} does not fill them")
+    return attrs["out_features"], k, scheme.groups(k), k * scheme.container_bits // 32
 
 
 def leading_rows(shape, rank: int):
@@ -80,14 +93,14 @@ def _register(trtp, name: str) -> None:  # noqa: C901 - tensorrt.plugin reads th
 
         attrs = {"wbits": wbits, "abits": abits, "group_size": group_size, "in_features": in_features,
                  "out_features": out_features}
-        kernel = aot.plugin_kernel(name, attrs, _DTYPE_NAMES[str(x.dtype).rsplit(".", 1)[-1]])
         major, minor = torch.cuda.get_device_capability()
-        compiled = aot.compile_ptx(kernel, 10 * major + minor)
+        sm = 10 * major + minor
+        kernel = aot.plugin_kernel(name, attrs, _DTYPE_NAMES[str(x.dtype).rsplit(".", 1)[-1]], sm)
+        compiled = aot.compile_ptx(kernel, sm)
         rows = leading_rows(x.shape_expr, x.ndim)
         launch = trtp.KernelLaunchParams()
         launch.grid_x, launch.grid_y = grid_dims(kernel, rows, out_features)
         launch.block_x = 32 * compiled.num_warps
         launch.shared_mem = compiled.shared_bytes
-        groups = in_features // (group_size or in_features)
-        extra = trtp.SymIntExprs.from_tuple((trtp.SymInt32(rows), out_features, in_features, groups))
+        extra = trtp.SymIntExprs.from_tuple((trtp.SymInt32(rows), *scalar_args(attrs)))
         return compiled.name, compiled.ptx, launch, extra

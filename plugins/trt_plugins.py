@@ -16,12 +16,13 @@ same Python plugin interface, so the classes are made for whichever module is pa
 from __future__ import annotations
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.quant.scheme import KernelFamily, QuantScheme, kernel_schemes
 
 from . import aot
 
 NAMESPACE = "lrq"
 VERSION = "1"
-PLUGIN_NAMES = ("W2A16Linear", "W3A16Linear", "W4A16Linear", "W4A4Linear")
+PLUGIN_NAMES = tuple(QuantScheme(w, a).plugin_name for w, a in kernel_schemes())
 ATTRIBUTES = ("wbits", "abits", "group_size", "in_features", "out_features", "symmetric")
 
 _registered: dict[tuple[str, str], object] = {}  # (module, plugin) -> creator; TensorRT keeps raw pointers
@@ -162,15 +163,14 @@ def _int_fields(trt, values: dict):
 
 
 def run_linear(attrs: dict, x, qweight, scales, zeros, bias=None):
-    """One plugin layer on torch tensors: the same kernels as `lrq eval --backend torch`."""
-    from lrq_deploy.quant.pack import container_bits
-
+    """One plugin layer on torch tensors: the same kernels and routes as `lrq eval --backend torch`."""
     from . import ops
 
-    group = attrs["group_size"]
-    if attrs["abits"] == 4:
-        return ops.w4a4_linear(x, qweight, scales, zeros, bias, group)
-    return ops.weight_only_linear(x, qweight, scales, zeros, bias, container_bits(attrs["wbits"]), group)
+    scheme = QuantScheme.from_attrs(attrs)
+    bits, group = scheme.container_bits, scheme.group_length(int(attrs["in_features"]))
+    if scheme.require_kernel() is KernelFamily.INTEGER:
+        return ops.integer_linear(x, qweight, scales, zeros, bias, bits, scheme.abits, group)
+    return ops.weight_only_linear(x, qweight, scales, zeros, bias, bits, group)
 
 
 _TYPESTR = {"FLOAT": "<f4", "HALF": "<f2", "BF16": "<i2", "UINT8": "|u1", "INT8": "|i1", "INT32": "<i4"}

@@ -167,11 +167,10 @@ class TorchRunner(Runner):
 def _try_kernels(model, manifest) -> bool:
     """Put the model on the Triton kernels when they serve its configuration."""
     from lrq_deploy.config import QuantConfig
-    from lrq_deploy.plugins.backend import kernel_for, use_kernels
+    from lrq_deploy.plugins.backend import use_kernels
+    from lrq_deploy.quant.scheme import QuantScheme
 
-    try:
-        kernel_for(QuantConfig.from_dict(manifest["quant"]))
-    except LrqError:
+    if QuantScheme.from_config(QuantConfig.from_dict(manifest["quant"])).kernel is None:
         return False
     use_kernels(model)
     return True

@@ -8,6 +8,7 @@ next block. Methods are functions registered in METHODS.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -83,6 +84,34 @@ def to_device(value, device):
     return value
 
 
+@contextmanager
+def outside_blocks_on(model: nn.Module, blocks, device: torch.device):
+    """Everything of `model` but its blocks (embeddings, rotary tables, final norm, head) on
+    `device` for the duration, then back where it was. Block inputs are therefore captured on
+    the calibration device whether or not blocks are offloaded: the block-0 inputs (embeddings,
+    rotary cos/sin) are computed by the same kernels in both modes, so offloading cannot change
+    the arithmetic (CPU and CUDA cos/sin differ in the last bits)."""
+    in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+    moved = []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and id(tensor) not in in_blocks and tensor.device != device:
+                    moved.append((table, name, tensor))
+                    table[name] = _moved(tensor, device)
+    try:
+        yield
+    finally:
+        for table, name, tensor in moved:
+            table[name] = tensor
+
+
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(tensor.data.to(device), requires_grad=tensor.requires_grad)
+    return tensor.to(device)
+
+
 def check_shapes(loaded: LoadedModel, qconfig: QuantConfig) -> None:
     """Fail before any work if a linear cannot be quantized with this configuration."""
     if not qconfig.group_size:
@@ -122,13 +151,13 @@ def calibrate_model(
     check_shapes(loaded, qconfig)
     torch.manual_seed(cconfig.seed)
     device = torch.device(device)
-    capture_device = next(model.parameters()).device
-    inputs = adapter.capture_block_inputs(model, [b.to(capture_device) for b in batches])
+    blocks = adapter.blocks(model)
+    with outside_blocks_on(model, blocks, device):
+        inputs = adapter.capture_block_inputs(model, [b.to(device) for b in batches])
     kwargs = to_device(inputs.kwargs, device)
     fp_in = q_in = inputs.hidden.cpu() if offload else inputs.hidden.to(device)
     groups = adapter.smooth_groups(model)
     result = CalibrationResult(model=model, quantized=[])
-    blocks = adapter.blocks(model)
     for index, block in enumerate(blocks):
         block.to(device)
         fp_out = run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device)

@@ -27,6 +27,7 @@ from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.errors import LrqError
 from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
 from lrq_deploy.quant import fake_quant_activation, fake_quant_weight, gained_scale, weight_qparams
+from lrq_deploy.quant.scheme import group_length
 
 LWC_INIT = 4.0
 
@@ -117,7 +118,7 @@ def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
     if qcfg.quantize_weights:
         for name in job.linear_names:
             linear = job.block.get_submodule(name)
-            groups = linear.in_features // (qcfg.group_size or linear.in_features)
+            groups = linear.in_features // group_length(qcfg.group_size, linear.in_features)
             shape = (linear.out_features, groups)
             params.add("lwc_up", name, torch.full(shape, LWC_INIT))
             params.add("lwc_low", name, torch.full(shape, LWC_INIT))

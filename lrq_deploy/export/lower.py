@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.ops import DOMAIN
+from lrq_deploy.quant.scheme import KernelFamily, QuantScheme, group_from_attr
 
 PLUGIN_NAMESPACE = "lrq"
 # Minimum opset of a DequantizeLinear per weight type (block-wise DQ and INT4/UINT4: 21, INT2/UINT2: 25).
@@ -45,8 +46,12 @@ class LinearNode:
     in_features: int
 
     @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.wbits, self.abits, group_from_attr(self.group_size))
+
+    @property
     def plugin_name(self) -> str:
-        return f"W{self.wbits}A{self.abits}Linear"
+        return self.scheme.plugin_name
 
 
 def _as_linear(node: onnx.NodeProto) -> LinearNode | None:
@@ -187,8 +192,9 @@ def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[li
 
 
 def _integer_eligible(ln: LinearNode) -> bool:
-    """Activation-quantized layers whose weight codes fit a byte run as integer GEMMs."""
-    return ln.abits < 16 and ln.wbits in (3, 4, 6, 8)
+    """Layers the integer kernels serve run as integer GEMMs here too (activation-quantized,
+    weight codes that fit a byte)."""
+    return ln.scheme.kernel is KernelFamily.INTEGER
 
 
 def _lower_integer(graph: _Graph, ln: LinearNode, prefix: str) -> list:
@@ -260,7 +266,7 @@ def _grouped_integer_gemm(graph: _Graph, prefix: str, x: str, x_scale: str, weig
 def _dequantized_weight(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: bool) -> tuple[list, str]:
     codes, scales, zeros = _codes_and_params(graph, ln)
     codes_t, scales_t, zeros_t = codes.T, scales.T, zeros.T  # [in, out], [groups, out]
-    group = ln.group_size or ln.in_features
+    group = ln.scheme.group_length(ln.in_features)
     inputs = []
     if signed_int4:
         w = _packed_tensor(f"{prefix}.weight_int4", codes_t.astype(np.int16) - 8, 4, TensorProto.INT4)

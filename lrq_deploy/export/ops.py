@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lrq_deploy.quant.pack import unpack_codes
 from lrq_deploy.quant.primitives import dequantize_weight, fake_quant_activation
+from lrq_deploy.quant.scheme import group_from_attr
 
 DOMAIN = "lrq"
 
@@ -28,7 +29,7 @@ def quant_linear(
         x = fake_quant_activation(x, abits)
     if wbits < 16:
         codes = unpack_codes(qweight, wbits)[:, :in_features]
-        weight = dequantize_weight(codes, scales, zeros, group_size or None)
+        weight = dequantize_weight(codes, scales, zeros, group_from_attr(group_size))
     else:
         weight = qweight
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -13,6 +13,7 @@ from torch import nn
 
 from lrq_deploy.config import QuantConfig
 from lrq_deploy.quant.pack import container_bits, pack_codes, unpack_codes
+from lrq_deploy.quant.scheme import QuantScheme, group_length
 from lrq_deploy.quant.primitives import dequantize_weight, fake_quant_activation
 
 
@@ -24,7 +25,7 @@ class QuantLinear(nn.Module):
         self.config = config
         self.group_size = config.group_size
         if config.quantize_weights:
-            groups = in_features // (config.group_size or in_features)
+            groups = in_features // group_length(config.group_size, in_features)
             packed = in_features * container_bits(config.wbits) // 8
             self.register_buffer("qweight", torch.zeros(out_features, packed, dtype=torch.uint8))
             self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
@@ -86,7 +87,7 @@ class QuantLinear(nn.Module):
             weight, scales, zeros = self.qweight, self.scales, self.zeros
         else:
             weight, scales, zeros = self.weight, self.weight.new_ones(1), self.weight.new_zeros(1, dtype=torch.uint8)
-        return quant_linear(x, weight, scales, zeros, self.bias, cfg.wbits, cfg.abits, cfg.group_size or 0, self.in_features)
+        return quant_linear(x, weight, scales, zeros, self.bias, cfg.wbits, cfg.abits, QuantScheme.from_config(cfg).group_attr, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.config.scenario}"

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from lrq_deploy.quant.scheme import group_length
+
 __all__ = [
     "act_qmax",
     "dequantize_weight",
@@ -41,7 +43,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """[out, in] -> [out, groups, group_size] (one group per row when group_size is None)."""
     out_features, in_features = w.shape
-    size = group_size or in_features
+    size = group_length(group_size, in_features)
     return w.reshape(out_features, in_features // size, size)
 
 

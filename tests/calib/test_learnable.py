@@ -116,6 +116,24 @@ def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
     assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
 
 
+def test_offload_captures_block_inputs_on_the_calibration_device(tiny_llama_dir, monkeypatch):
+    """With offload the model lives on the CPU, yet block-0 inputs (embeddings, rotary cos/sin)
+    are computed on the calibration device, as in a resident run: CPU and CUDA cos/sin differ
+    in the last bits, which made offloaded CUDA checkpoints differ from resident ones. Checked
+    with the meta device standing in for a GPU: during capture everything outside the blocks
+    is there, the blocks stay put, and afterwards everything is back."""
+    from lrq_deploy.calib.engine import outside_blocks_on
+
+    loaded = load_model(str(tiny_llama_dir))
+    model, blocks = loaded.model, loaded.adapter.blocks(loaded.model)
+    embed = model.get_input_embeddings().weight
+    with outside_blocks_on(model, blocks, torch.device("meta")):
+        assert model.get_input_embeddings().weight.is_meta
+        assert all(b.device.type == "meta" for b in model.buffers() if not any(b is x for blk in blocks for x in blk.buffers()))
+        assert all(not p.is_meta for blk in blocks for p in blk.parameters())
+    assert model.get_input_embeddings().weight is embed and not any(p.is_meta for p in model.parameters())
+
+
 def test_nan_loss_stops_with_block_name(tiny_llama_dir, monkeypatch):
     from lrq_deploy.errors import LrqError
 

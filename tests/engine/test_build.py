@@ -123,10 +123,10 @@ def _with_first_plugin_node(src, dst, **changes):
 
 @needs_rtx
 def test_graphs_that_cannot_build_are_refused_clearly(graphs, tmp_path):
-    with pytest.raises(LrqError, match="no TensorRT plugin for W8A8Linear"):
-        build_engine(_with_first_plugin_node(graphs / "w2a16-trt.onnx", tmp_path / "w8.onnx", op_type="W8A8Linear"),
+    with pytest.raises(LrqError, match="no TensorRT plugin for W2A4Linear"):
+        build_engine(_with_first_plugin_node(graphs / "w2a16-trt.onnx", tmp_path / "w8.onnx", op_type="W2A4Linear"),
                      tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"]))
-    with pytest.raises(LrqError, match="does not fit the packing or group size"):
+    with pytest.raises(LrqError, match="group size 100 does not divide"):
         build_engine(_with_first_plugin_node(graphs / "w2a16-trt.onnx", tmp_path / "g.onnx", group_size=100),
                      tmp_path / "x.engine", BuildOptions(compute_capabilities=["89"]))
     with pytest.raises(LrqError, match="without --no-plugins"):
@@ -213,13 +213,14 @@ def test_plugin_fields_round_trip_and_format_rules():
 
     import tensorrt_rtx_bindings as trt
 
-    from lrq_deploy.plugins.trt_plugins import plugin_attributes, register_plugins
+    from lrq_deploy.plugins.trt_plugins import PLUGIN_NAMES, plugin_attributes, register_plugins
 
     creators = register_plugins(trt)
     assert register_plugins(trt) == creators  # registering twice is harmless
-    assert [c.name for c in creators] == ["W2A16Linear", "W3A16Linear", "W4A16Linear", "W4A4Linear"]
+    names = [c.name for c in creators]
+    assert names == list(PLUGIN_NAMES) and {"W2A16Linear", "W3A16Linear", "W4A16Linear", "W4A4Linear", "W8A8Linear"} <= set(names)
     attrs = {"wbits": 2, "abits": 16, "group_size": 64, "in_features": 192, "out_features": 512, "symmetric": 0}
-    plugin = creators[0].plugin_class("W2A16Linear", attrs, trt.TensorRTPhase.BUILD)
+    plugin = creators[names.index("W2A16Linear")].plugin_class("W2A16Linear", attrs, trt.TensorRTPhase.BUILD)
     assert plugin_attributes(plugin.get_fields_to_serialize()) == attrs
     assert plugin.clone().attrs == attrs and plugin.get_output_data_types([trt.DataType.HALF]) == [trt.DataType.HALF]
     desc = lambda t, f=trt.TensorFormat.LINEAR: SimpleNamespace(desc=SimpleNamespace(type=t, format=f))  # noqa: E731

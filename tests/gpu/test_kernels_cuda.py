@@ -1,10 +1,12 @@
-"""The Triton kernels compiled for the GPU (skipped without CUDA): fp16 activations."""
+"""The Triton kernels compiled for the GPU (skipped without CUDA): half-precision activations,
+every route of the dispatch table, integer paths bit-exact. Integer references run on the CPU
+(CUDA has no int64 matmul)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lrq_deploy.quant import dequantize_weight, fake_quant_activation, pack_codes, quantize_weight, weight_qparams
+from lrq_deploy.quant import dequantize_weight, fake_quant_activation, pack_codes, quantize_weight, unpack_codes, weight_qparams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -16,26 +18,42 @@ def _layer(n, k, bits, group):
     return pack_codes(codes, bits), scale.half(), zero.to(torch.uint8), dequantize_weight(codes, scale, zero, group)
 
 
-@pytest.mark.parametrize("m", [1, 4, 16, 130])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 130, 512])  # gemv, gemv, gemv, gemm, gemm, dequantize + cuBLAS
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, None), (2, 64)])
-def test_weight_only_fp16(m, bits, group):
+def test_weight_only_half_precision(m, bits, group, dtype):
     from lrq_deploy.plugins import ops
 
     packed, scales, zeros, weight = _layer(512, 1024, bits, group)
-    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
-    y = ops.weight_only_linear(x, packed, scales, zeros, None, bits, group or 0)
-    ref = F.linear(x.float(), weight)
-    # fp16 inputs and dequantized fp16 weights: relative error of fp16 rounding over K = 1024 terms
-    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=5e-2 * ref.abs().mean().item())
+    x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+    y = ops.weight_only_linear(x, packed, scales, zeros, None, bits, group or 1024)
+    ref = F.linear(x.float(), weight.to(dtype).float())
+    # half-precision products summed in float32 over K = 1024, one rounding of the output
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().mean().item())
 
 
-def test_w4a4_integer_exact_on_gpu():
+def test_gemv_is_deterministic_on_gpu():
     from lrq_deploy.plugins import ops
 
-    packed, scales, zeros, weight = _layer(256, 512, 4, None)
-    x = torch.randn(64, 512, device="cuda", dtype=torch.float16)
+    packed, scales, zeros, _ = _layer(4096, 8192, 4, 128)
+    x = torch.randn(1, 8192, device="cuda", dtype=torch.float16)
+    first = ops.weight_only_linear(x, packed, scales, zeros, None, 4, 128)
+    assert all(torch.equal(first, ops.weight_only_linear(x, packed, scales, zeros, None, 4, 128)) for _ in range(5))
+
+
+@pytest.mark.parametrize("m", [1, 64, 1024])
+@pytest.mark.parametrize("group", [None, 128])
+def test_integer_exact_on_gpu(m, group):
+    from lrq_deploy.plugins import ops
+
+    packed, scales, zeros, weight = _layer(256, 512, 4, group)
+    x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
     xq, xs = ops.quantize_rows(x, 4)
-    y, acc = ops.w4a4_matmul(xq, xs, packed, scales, zeros, None, 0, torch.float32, return_int=True)
-    codes = torch.stack([packed & 15, packed >> 4], -1).reshape(256, 512).long()
-    assert torch.equal(acc.long(), xq.long() @ (codes - zeros.long()).T)
+    if group is None:
+        y, acc = ops.integer_matmul(xq, xs, packed, scales, zeros, None, 4, 4, 512, torch.float32, return_int=True)
+        codes = unpack_codes(packed.cpu(), 4).long()
+        assert torch.equal(acc.cpu().long(), xq.cpu().long() @ (codes - zeros.cpu().long()).T)
+    y = ops.integer_linear(x.float(), packed, scales, zeros, None, 4, 4, group or 512)
     torch.testing.assert_close(y, F.linear(fake_quant_activation(x.float(), 4), weight), rtol=1e-3, atol=1e-2)
+    fused = ops.integer_fused(x.float(), packed, scales, zeros, None, 4, 4, group or 512)
+    torch.testing.assert_close(fused, y, rtol=1e-6, atol=1e-5)

@@ -1,14 +1,20 @@
-"""Triton kernels against the reference (dequantize, then matmul). On CPU they run in Triton's
-interpreter; integer results are compared bit-exactly, float results within a tolerance that
-covers only the summation order (fp32 accumulation over K <= 320 terms)."""
+"""Triton kernels against the reference (dequantize, then matmul), every route of the dispatch
+table. On CPU they run in Triton's interpreter.
+
+Tolerances: integer results are compared bit-exactly. Float32 results differ from the
+reference only by summation order and, for the GEMV, by applying the zero point once per group
+(s * (sum q x - z sum x)), over K <= 320 terms: rtol 1e-5 / atol 1e-4 covers a few float32
+ulps of the partial sums. float16 / bfloat16 outputs are rounded once to their type
+(relative 2^-11 / 2^-8) after float32 accumulation."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.plugins import ops
-from lrq_deploy.quant import dequantize_weight, pack_codes, quantize_activation, quantize_weight, weight_qparams
+from lrq_deploy.plugins import dispatch, ops
+from lrq_deploy.quant import dequantize_weight, fake_quant_activation, pack_codes, quantize_activation, quantize_weight, weight_qparams
+from lrq_deploy.quant.scheme import KernelFamily
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -17,20 +23,64 @@ def _layer(n, k, bits, group, symmetric=False):
     w = torch.randn(n, k, generator=GEN)
     scale, zero = weight_qparams(w, bits, group, symmetric)
     codes = quantize_weight(w, scale, zero, bits, group)
-    container = 4 if bits == 3 else bits
+    container = 4 if bits == 3 else 8 if bits in (6, 8) else bits
     packed = pack_codes(codes, container)
     return packed, scale.half(), zero.to(torch.uint8), dequantize_weight(codes, scale, zero, group)
 
 
-# shapes include M, N, K that are not multiples of the 64-wide tiles
-@pytest.mark.parametrize("m", [1, 3, 5, 70])
-@pytest.mark.parametrize("n,k,bits,group", [(96, 128, 4, 32), (130, 192, 4, None), (72, 256, 2, 64), (40, 320, 3, 64)])
+def test_dispatch_routes_by_rows():
+    weight_only = KernelFamily.WEIGHT_ONLY
+    assert [dispatch.route_for(weight_only, m) for m in (1, 8, 9, 256, 257)] == ["gemv", "gemv", "gemm", "gemm", "dequantize"]
+    assert {dispatch.route_for(KernelFamily.INTEGER, m) for m in (1, 64, 4096)} == {"int_gemm"}
+
+
+# M covers every weight-only route (gemv <= 8 < gemm <= 256 < dequantize); N, K, M are not
+# multiples of the tiles; K = 130 and 200 (per channel) need rows padded to 16 bytes.
+@pytest.mark.parametrize("m", [1, 3, 8, 70, 300])
+@pytest.mark.parametrize("n,k,bits,group", [
+    (96, 128, 4, 32), (130, 192, 4, None), (72, 256, 2, 64), (40, 320, 3, 64), (24, 130, 4, None), (20, 200, 2, None),
+])
 def test_weight_only_matches_reference(m, n, k, bits, group):
     packed, scales, zeros, weight = _layer(n, k, bits, group)
     x = torch.randn(m, k, generator=GEN)
     bias = torch.randn(n, generator=GEN)
-    y = ops.weight_only_linear(x, packed, scales, zeros, bias, 4 if bits == 3 else bits, group or 0)
+    y = ops.weight_only_linear(x, packed, scales, zeros, bias, 4 if bits == 3 else bits, group or k)
     torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_split_over_k_is_deterministic_and_exact_to_tolerance():
+    packed, scales, zeros, weight = _layer(16, 4096, 4, 128)
+    launch = dispatch.plan("gemv", 1, 16, 4096, 128, 4)
+    assert launch.split_k > 1  # the partial sums path
+    x = torch.randn(1, 4096, generator=GEN)
+    y = ops.weight_only_linear(x, packed, scales, zeros, None, 4, 128)
+    assert torch.equal(y, ops.weight_only_linear(x, packed, scales, zeros, None, 4, 128))
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [2, 20, 300])
+def test_weight_only_half_precision(dtype, m):
+    packed, scales, zeros, weight = _layer(96, 256, 4, 64)
+    x = torch.randn(m, 256, generator=GEN).to(dtype)
+    y = ops.weight_only_linear(x, packed, scales, zeros, None, 4, 64)
+    assert y.dtype == dtype
+    reference = F.linear(x.float(), weight.to(dtype).float())
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), reference, rtol=2 * eps, atol=2 * eps * reference.abs().max().item())
+
+
+def test_dequantize_route_is_the_reference_weight():
+    """The prefill route's dequantized weight equals the reference cast to the activations' type
+    ((q - z) * s is exact in float32, then rounded once)."""
+    from lrq_deploy.plugins import kernels
+
+    packed, scales, zeros, weight = _layer(40, 192, 4, 64)
+    launch = dispatch.plan("dequantize", 512, 40, 192, 64, 4)
+    words = ops.kernel_words(packed)
+    out = torch.empty(40, 192, dtype=torch.float16)
+    kernels.dequantize[launch.grid](words, scales, zeros, out, 40, 192, 3, words.shape[1], **launch.constexprs)
+    assert torch.equal(out, weight.half())
 
 
 def test_weight_only_keeps_leading_dims():
@@ -48,28 +98,45 @@ def test_quantize_rows_bit_exact(bits):
     assert torch.equal(q.to(torch.float32), ref_q) and torch.equal(s, ref_s.squeeze(-1))
 
 
+def _exact_accumulator(xq, packed, zeros, n, k, wbits):
+    from lrq_deploy.quant import unpack_codes
+
+    codes = unpack_codes(packed, 4 if wbits == 3 else 8 if wbits in (6, 8) else wbits)[:, :k].to(torch.int64)
+    return xq.to(torch.int64) @ (codes - zeros.to(torch.int64)).T
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (70, 130, 192), (5, 40, 320)])
-def test_w4a4_integer_accumulator_exact(m, n, k):
-    packed, scales, zeros, _ = _layer(n, k, 4, None)
+@pytest.mark.parametrize("wbits,abits", [(4, 4), (4, 8), (8, 8), (6, 6), (3, 4)])
+def test_integer_accumulator_exact(m, n, k, wbits, abits):
+    packed, scales, zeros, _ = _layer(n, k, wbits, None)
     x = torch.randn(m, k, generator=GEN)
-    xq, xs = ops.quantize_rows(x, 4)
-    y, acc = ops.w4a4_matmul(xq, xs, packed, scales, zeros, None, 0, torch.float32, return_int=True)
-    codes = torch.stack([packed & 15, packed >> 4], -1).reshape(n, k).to(torch.int64)
-    exact = xq.to(torch.int64) @ (codes - zeros.to(torch.int64)).T
+    xq, xs = ops.quantize_rows(x, abits)
+    bits = 8 if wbits in (6, 8) else 4
+    y, acc = ops.integer_matmul(xq, xs, packed, scales, zeros, None, bits, abits, k, torch.float32, return_int=True)
+    exact = _exact_accumulator(xq, packed, zeros, n, k, wbits)
     assert torch.equal(acc.to(torch.int64), exact)
     reference = (exact.to(torch.float64) * xs.double()[:, None] * scales.double().T).float()
     torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("group", [None, 64])
-def test_w4a4_linear_matches_fake_quant_reference(group):
-    from lrq_deploy.quant import fake_quant_activation
-
-    packed, scales, zeros, weight = _layer(96, 192, 4, group)
+@pytest.mark.parametrize("wbits,abits", [(4, 4), (8, 8)])
+def test_integer_linear_matches_fake_quant_reference(group, wbits, abits):
+    packed, scales, zeros, weight = _layer(96, 192, wbits, group)
     x = torch.randn(3, 9, 192, generator=GEN)
     bias = torch.randn(96, generator=GEN)
-    y = ops.w4a4_linear(x, packed, scales, zeros, bias, group or 0)
-    torch.testing.assert_close(y, F.linear(fake_quant_activation(x, 4), weight, bias), rtol=1e-5, atol=1e-4)
+    y = ops.integer_linear(x, packed, scales, zeros, bias, 4 if wbits == 4 else 8, abits, group or 192)
+    torch.testing.assert_close(y, F.linear(fake_quant_activation(x, abits), weight, bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_integer_fused_equals_two_kernel_path(group):
+    packed, scales, zeros, _ = _layer(130, 192, 4, group)
+    x = torch.randn(70, 192, generator=GEN) * 2
+    bias = torch.randn(130, generator=GEN)
+    xq, xs = ops.quantize_rows(x, 4)
+    two_step = ops.integer_matmul(xq, xs, packed, scales, zeros, bias, 4, 4, group or 192, torch.float32)
+    torch.testing.assert_close(ops.integer_fused(x, packed, scales, zeros, bias, 4, 4, group or 192), two_step, rtol=1e-6, atol=1e-5)
 
 
 def test_bad_inputs_are_refused():
@@ -80,10 +147,12 @@ def test_bad_inputs_are_refused():
         ops.weight_only_linear(torch.zeros(2, 60), packed, scales, zeros, None, 4, 32)
     with pytest.raises(LrqError, match="does not divide"):
         ops.weight_only_linear(torch.zeros(2, 64), packed, scales, zeros, None, 4, 48)
-    with pytest.raises(LrqError, match="no kernel for 8-bit"):
+    with pytest.raises(LrqError, match="no weight-only kernel for 8-bit"):
         ops.weight_only_linear(torch.zeros(2, 64), packed, scales, zeros, None, 8, 32)
     with pytest.raises(LrqError, match="must be int8"):
-        ops.w4a4_matmul(torch.zeros(2, 64), torch.ones(2), packed, scales, zeros, None, 32, torch.float32)
+        ops.integer_matmul(torch.zeros(2, 64), torch.ones(2), packed, scales, zeros, None, 4, 4, 32, torch.float32)
+    with pytest.raises(LrqError, match="whole 8-code words"):
+        dispatch.plan("gemv", 1, 64, 64, 4, 4)
 
 
 def test_fake_impls_support_torch_compile_tracing():
@@ -92,13 +161,3 @@ def test_fake_impls_support_torch_compile_tracing():
     out = torch.library.opcheck(torch.ops.lrq_kernels.weight_only_linear.default, (x, packed, scales, zeros, None, 4, 32),
                                 test_utils=("test_schema", "test_faketensor"))
     assert all(v == "SUCCESS" for v in out.values())
-
-
-@pytest.mark.parametrize("group", [None, 64])
-def test_w4a4_fused_equals_two_kernel_path(group):
-    packed, scales, zeros, _ = _layer(130, 192, 4, group)
-    x = torch.randn(70, 192, generator=GEN) * 2
-    bias = torch.randn(130, generator=GEN)
-    xq, xs = ops.quantize_rows(x, 4)
-    two_step = ops.w4a4_matmul(xq, xs, packed, scales, zeros, bias, group or 0, torch.float32)
-    torch.testing.assert_close(ops.w4a4_fused(x, packed, scales, zeros, bias, group or 0), two_step, rtol=1e-6, atol=1e-5)
