@@ -182,10 +182,17 @@ def activation_fake_quant(job: BlockJob):
         yield
         return
     bits = job.qconfig.abits
-    handles = [
-        job.block.get_submodule(n).register_forward_pre_hook(lambda _m, args: (fake_quant_activation(args[0], bits),))
-        for n in job.linear_names
-    ]
+    quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(_module, args):
+        # Linears sharing an input (q/k/v, gate/up) reuse one quantization of it: same values,
+        # one pass instead of three.
+        x = args[0]
+        if id(x) not in quantized:
+            quantized[id(x)] = (x, fake_quant_activation(x, bits))  # x kept alive so its id stays unique
+        return (quantized[id(x)][1],)
+
+    handles = [job.block.get_submodule(n).register_forward_pre_hook(hook) for n in job.linear_names]
     try:
         yield
     finally:
