@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lrq_deploy.quant import QuantLinear
-from lrq_deploy.quant.scheme import KernelFamily, QuantScheme
+from lrq_deploy.quant.scheme import QuantScheme
 
 
 class KernelLinear(nn.Module):
@@ -16,8 +16,6 @@ class KernelLinear(nn.Module):
         super().__init__()
         self.scheme = QuantScheme.from_config(layer.config)
         self.family = self.scheme.require_kernel()
-        self.bits = self.scheme.container_bits
-        self.group = self.scheme.group_length(layer.in_features)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         for name in ("qweight", "scales", "zeros", "bias"):
             self.register_buffer(name, getattr(layer, name))
@@ -25,9 +23,7 @@ class KernelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops
 
-        if self.family is KernelFamily.INTEGER:
-            return ops.integer_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.scheme.abits, self.group)
-        return ops.weight_only_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group)
+        return ops.scheme_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.scheme, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.scheme.scenario}, {self.family.value}"

@@ -18,11 +18,12 @@ report (benchmarks/kernel_report.py), so what is checked is what runs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.quant.primitives import act_qmax
 from lrq_deploy.quant.scheme import KernelFamily
 
 GEMV_MAX_ROWS = 8
@@ -42,7 +43,11 @@ class Launch:
     num_warps: int
     num_stages: int
     split_k: int = 1
-    tiles: dict = field(default_factory=dict)  # BLOCK_* sizes, for reports
+
+    @property
+    def tiles(self) -> dict:
+        """The BLOCK_* sizes, for reports."""
+        return {name: value for name, value in self.constexprs.items() if name.startswith("BLOCK_")}
 
 
 @lru_cache(maxsize=None)
@@ -125,12 +130,11 @@ def plan(route: str, m: int, n: int, k: int, group: int, bits: int, *, family: s
         rows = 1 << max(0, (m - 1).bit_length())
         constexprs = {**common, "GROUPED": grouped, "ROWS": rows, "K_ITERS": k_iters, "DIRECT": split == 1,
                       "HAS_BIAS": has_bias and split == 1, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        return Launch(route, "gemv", (grid_n, split, 1), constexprs, warps, stages, split, {"BLOCK_N": block_n, "BLOCK_K": block_k})
+        return Launch(route, "gemv", (grid_n, split, 1), constexprs, warps, stages, split)
     if route == "dequantize":
         block_k, block_n = chunk_k(cfg["BLOCK_K"], group, k, bits), cfg["BLOCK_N"]
         constexprs = {**common, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        return Launch(route, "dequantize", (-(-n // block_n), -(-k // block_k), 1), constexprs, warps, stages,
-                      tiles={"BLOCK_N": block_n, "BLOCK_K": block_k})
+        return Launch(route, "dequantize", (-(-n // block_n), -(-k // block_k), 1), constexprs, warps, stages)
     block_k = chunk_k(cfg["BLOCK_K"], group, k, bits)
     if block_k < 16:
         raise LrqError(f"tensor-core kernels need weight groups of at least 16 inputs, got {group}")
@@ -138,11 +142,11 @@ def plan(route: str, m: int, n: int, k: int, group: int, bits: int, *, family: s
     grid = (-(-m // tiles["BLOCK_M"]), -(-n // tiles["BLOCK_N"]), 1)
     if route == "gemm":
         constexprs = {**common, "HAS_BIAS": has_bias, "DOT_F32": family == "interpreter", **tiles}
-        return Launch(route, "gemm", grid, constexprs, warps, stages, tiles=tiles)
+        return Launch(route, "gemm", grid, constexprs, warps, stages)
     if route == "int_gemm":
         if bits not in (4, 8):
             raise LrqError(f"integer kernels take 4- or 8-bit weight containers, got {bits}")
-        constexprs = {**common, "GROUPED": grouped, "QMAX": 2 ** (abits - 1) - 1, "QUANTIZE_X": quantize_x,
+        constexprs = {**common, "GROUPED": grouped, "QMAX": act_qmax(abits), "QUANTIZE_X": quantize_x,
                       "HAS_BIAS": has_bias, "STORE_INT": store_int, **tiles}
-        return Launch(route, "int_gemm", grid, constexprs, warps, stages, tiles=tiles)
+        return Launch(route, "int_gemm", grid, constexprs, warps, stages)
     raise LrqError(f"unknown kernel route {route!r} (routes: {', '.join(ROUTES)})")

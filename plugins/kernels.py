@@ -38,7 +38,7 @@ def _unpack(words, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_words(w_ptr, offs_n, k0, N, K, stride_w, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_words(w_ptr, offs_n, k0, N, stride_w, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K / per-word] int32 words of rows offs_n covering inputs k0 .. k0 + BLOCK_K.
 
     The mask stops at the row's (padded) end rather than at K: it is then constant over every
@@ -91,7 +91,7 @@ def gemv(
         x_sums = tl.zeros((ROWS, 1), dtype=tl.float32)
     for it in range(K_ITERS):
         k0 = (pid_k * K_ITERS + it) * BLOCK_K
-        codes = _as_float32(_unpack(_load_words(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_K), BITS))
+        codes = _as_float32(_unpack(_load_words(w_ptr, offs_n, k0, N, stride_w, BITS, BLOCK_K), BITS))
         offs_k = k0 + in_word
         if GROUPED:
             group = k0 // GROUP
@@ -119,9 +119,9 @@ def gemv(
 
 
 @triton.jit
-def _weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_tile(w_ptr, offs_n, k0, N, stride_w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] int32 codes."""
-    codes = _unpack(_load_words(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_K), BITS)
+    codes = _unpack(_load_words(w_ptr, offs_n, k0, N, stride_w, BITS, BLOCK_K), BITS)
     return tl.reshape(codes, (BLOCK_N, BLOCK_K))
 
 
@@ -145,7 +145,7 @@ def gemm(
         group = k0 // GROUP
         scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.float32)
-        w = _centered(_weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_N, BLOCK_K), zero[:, None], DTYPE)
+        w = _centered(_weight_tile(w_ptr, offs_n, k0, N, stride_w, BITS, BLOCK_N, BLOCK_K), zero[:, None], DTYPE)
         if DTYPE == tl.float32 or DOT_F32:
             partial = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
@@ -170,7 +170,7 @@ def dequantize(
     group = k0 // GROUP
     scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.float32)
-    w = _centered(_weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_N, BLOCK_K), zero[:, None], tl.float32)
+    w = _centered(_weight_tile(w_ptr, offs_n, k0, N, stride_w, BITS, BLOCK_N, BLOCK_K), zero[:, None], tl.float32)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * scale[:, None]).to(out_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
@@ -235,7 +235,7 @@ def int_gemm(
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         if QUANTIZE_X:
             x = tl.minimum(tl.maximum(_rint(x.to(tl.float32) / x_scale[:, None]), -QMAX), QMAX).to(tl.int8)
-        w = (_weight_tile(w_ptr, offs_n, k0, N, K, stride_w, BITS, BLOCK_N, BLOCK_K) - OFFSET).to(tl.int8)
+        w = (_weight_tile(w_ptr, offs_n, k0, N, stride_w, BITS, BLOCK_N, BLOCK_K) - OFFSET).to(tl.int8)
         partial = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
         if GROUPED:
             group = k0 // GROUP

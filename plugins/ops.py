@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.scheme import KernelFamily
+from lrq_deploy.quant.primitives import act_qmax
+from lrq_deploy.quant.scheme import KernelFamily, QuantScheme
 
 from . import dispatch, kernels
 from ._triton import load_triton
@@ -109,7 +110,7 @@ def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     x2 = x.reshape(-1, k).contiguous()
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    kernels.quantize_rows[(x2.shape[0],)](x2, q, s, k, QMAX=2 ** (bits - 1) - 1, BLOCK_K=triton.next_power_of_2(k))
+    kernels.quantize_rows[(x2.shape[0],)](x2, q, s, k, QMAX=act_qmax(bits), BLOCK_K=triton.next_power_of_2(k))
     return q, s
 
 
@@ -166,3 +167,12 @@ def integer_linear(
 @integer_linear.register_fake
 def _(x, qweight, scales, zeros, bias, bits, abits, group):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def scheme_linear(x, qweight, scales, zeros, bias, scheme: QuantScheme, in_features: int) -> torch.Tensor:
+    """A layer of `scheme` on the kernel family the scheme names (the torch backend and the
+    TensorRT Python plugins both run layers through here)."""
+    bits, group = scheme.container_bits, scheme.group_length(in_features)
+    if scheme.require_kernel() is KernelFamily.INTEGER:
+        return integer_linear(x, qweight, scales, zeros, bias, bits, scheme.abits, group)
+    return weight_only_linear(x, qweight, scales, zeros, bias, bits, group)

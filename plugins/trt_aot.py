@@ -45,7 +45,7 @@ def grid_dims(kernel: aot.PluginKernel, rows, cols) -> tuple:
 
 def scalar_args(attrs: dict) -> tuple:
     """The scalars after M, in aot.SCALARS order: N, K, groups, weight row stride (int32 words)."""
-    scheme = QuantScheme.from_attrs({**attrs, "symmetric": 0})
+    scheme = QuantScheme.from_attrs(attrs)
     k = attrs["in_features"]
     if (k * scheme.container_bits) % 32:
         raise LrqError(f"ahead-of-time plugins read weight rows as int32 words; in_features {k} does not fill them")

@@ -16,7 +16,7 @@ same Python plugin interface, so the classes are made for whichever module is pa
 from __future__ import annotations
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.scheme import KernelFamily, QuantScheme, kernel_schemes
+from lrq_deploy.quant.scheme import QuantScheme, kernel_schemes
 
 from . import aot
 
@@ -166,11 +166,7 @@ def run_linear(attrs: dict, x, qweight, scales, zeros, bias=None):
     """One plugin layer on torch tensors: the same kernels and routes as `lrq eval --backend torch`."""
     from . import ops
 
-    scheme = QuantScheme.from_attrs(attrs)
-    bits, group = scheme.container_bits, scheme.group_length(int(attrs["in_features"]))
-    if scheme.require_kernel() is KernelFamily.INTEGER:
-        return ops.integer_linear(x, qweight, scales, zeros, bias, bits, scheme.abits, group)
-    return ops.weight_only_linear(x, qweight, scales, zeros, bias, bits, group)
+    return ops.scheme_linear(x, qweight, scales, zeros, bias, QuantScheme.from_attrs(attrs), int(attrs["in_features"]))
 
 
 _TYPESTR = {"FLOAT": "<f4", "HALF": "<f2", "BF16": "<i2", "UINT8": "|u1", "INT8": "|i1", "INT32": "<i4"}

@@ -58,10 +58,6 @@ class QuantScheme:
         return container_bits(self.wbits)
 
     @property
-    def act_qmax(self) -> int:
-        return 2 ** (self.abits - 1) - 1
-
-    @property
     def kernel(self) -> KernelFamily | None:
         """The kernel family serving this scheme, or None (reference arithmetic only)."""
         if self.abits == 16 and self.wbits in WEIGHT_ONLY_BITS:
