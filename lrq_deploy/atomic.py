@@ -1,14 +1,20 @@
-"""Atomic file output: write to a hidden temporary name beside the target, then rename.
+"""Output files and directories: checked before any work starts, written atomically.
 
-A reader never sees a half-written file, and a failed or interrupted write leaves nothing.
+Checks run first, so an unwritable or occupied output is reported within seconds, not after
+an hour of calibration. Writes go to a hidden temporary name beside the target, which is
+renamed into place only when complete: a reader never sees a half-written file, and a failed,
+interrupted or killed write leaves nothing at the target path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+from lrq_deploy.errors import LrqError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -24,3 +30,47 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: Path, data) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def check_output_file(path: Path, force: bool = True, inputs: Iterable[Path] = (), option: str = "output") -> Path:
+    """A file output: not a directory, not one of the inputs, in an existing writable directory;
+    an existing file is replaced only with force."""
+    path = Path(path)
+    if path.is_dir():
+        raise LrqError(f"{option} {path} is a directory; name a file")
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise LrqError(f"{option} {path} is also the input; name another file")
+    if path.exists() and not force:
+        raise LrqError(f"{option} {path} exists (use --force to overwrite it)")
+    if not path.parent.is_dir():
+        raise LrqError(f"output directory {path.parent} does not exist")
+    check_writable(path.parent)
+    return path
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """A directory output: absent, empty, or replaced with force; its parents are created on
+    write, so the nearest existing ancestor must be a writable directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LrqError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LrqError(f"output directory {out} is not empty (use --force to overwrite it)")
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LrqError(f"cannot create {out}: {ancestor} is not a directory")
+    check_writable(ancestor)
+
+
+def check_writable(directory: Path) -> None:
+    """Create and remove a file in `directory`: the one test that also holds for root, ACLs and
+    read-only mounts (os.access does not)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lrq-write-test-", dir=directory)
+    except OSError as exc:
+        raise LrqError(f"cannot write to {directory} ({exc.strerror}); choose another output location") from None
+    os.close(fd)
+    os.unlink(probe)

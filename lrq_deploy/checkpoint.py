@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -19,34 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lrq_deploy.atomic import check_output_dir
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
+from lrq_deploy.provenance import library_versions, sha256_of
 from lrq_deploy.quant import QuantLinear
 
 FORMAT = "lrq-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest records size and sha256 of every file
+REQUIRED_KEYS = ("family", "task", "source", "quant", "calib", "quantized_modules")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-
-
-def library_versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("lrq-deploy", "torch", "transformers", "timm", "safetensors"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return versions
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LrqError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LrqError(f"output directory {out} is not empty (use --force to overwrite it)")
 
 
 @contextmanager
@@ -99,6 +82,7 @@ def save_checkpoint(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **extras,
         }
+        manifest["files"] = file_records(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -127,7 +111,46 @@ def read_manifest(path: Path) -> dict:
         raise LrqError(
             f"{path} has checkpoint format version {version}; this lrq-deploy reads up to {FORMAT_VERSION} (upgrade lrq-deploy)"
         )
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise LrqError(f"{file} lacks {', '.join(missing)}; the checkpoint is damaged (calibrate it again)")
+    quant = manifest["quant"]
+    if not isinstance(quant, dict) or not {"wbits", "abits"} <= quant.keys() or not isinstance(manifest["quantized_modules"], list):
+        raise LrqError(f"{file} is damaged (quant or quantized_modules malformed); calibrate it again")
     return manifest
+
+
+def file_records(directory: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file in a checkpoint directory but the manifest."""
+    return {
+        file.relative_to(directory).as_posix(): {"bytes": file.stat().st_size, "sha256": sha256_of(file)}
+        for file in sorted(directory.rglob("*")) if file.is_file() and file.name != MANIFEST
+    }
+
+
+def verify_files(path: Path, manifest: dict) -> dict[str, str]:
+    """Check every file the manifest covers; {name: "ok" | "missing" | "size differs" | "sha256 differs"}.
+    Format-1 checkpoints recorded no hashes: {}."""
+    results = {}
+    for name, record in manifest.get("files", {}).items():
+        file = Path(path) / name
+        if not file.is_file():
+            results[name] = "missing"
+        elif file.stat().st_size != record["bytes"]:
+            results[name] = "size differs"
+        elif sha256_of(file) != record["sha256"]:
+            results[name] = "sha256 differs"
+        else:
+            results[name] = "ok"
+    return results
+
+
+def check_files(path: Path, manifest: dict) -> None:
+    """Refuse a checkpoint whose files do not match their manifest records, naming the first."""
+    for name, verdict in verify_files(path, manifest).items():
+        if verdict != "ok":
+            raise LrqError(f"{Path(path) / name} does not match {MANIFEST} ({verdict}): the file was changed, "
+                           "truncated or damaged; restore it or calibrate again")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -144,6 +167,7 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[LoadedModel, dict]:
     """Rebuild the quantized model (reference torch backend) and return it with its manifest."""
     path = Path(path)
     manifest = read_manifest(path)
+    check_files(path, manifest)
     qconfig = QuantConfig.from_dict(manifest["quant"])
     adapter = adapter_for_family(manifest["family"])
     model, tokenizer = adapter.build_skeleton(path, manifest)

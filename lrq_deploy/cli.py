@@ -8,31 +8,71 @@ from functools import wraps
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from lrq_deploy.config import ACT_BITS, METHODS, WEIGHT_BITS
 from lrq_deploy.errors import LrqError
 
 
 def clean_errors(fn):
-    """Report LrqError as one line on stderr with exit status 1 (2 on Ctrl-C), never a traceback."""
+    """Report every failure as one line on stderr with exit status 1 (130 on Ctrl-C), never a
+    traceback; `lrq --debug COMMAND` re-raises so the traceback shows."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LrqError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
+            if _debug():
+                raise
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:
+            if _debug():
+                raise
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(1)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, LrqError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory; use smaller --batch / --seq-len / --nsamples, or --offload"
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return (f"unexpected {type(exc).__name__}: {detail[:300]} "
+            "(rerun with lrq --debug ... for the traceback, and please report it)")
+
+
+class OneLineErrors(click.Group):
+    """Usage errors as one line too (click's default prints the usage, a hint and the error)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lrq-deploy")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def main(debug):
     """lrq-deploy: low-bit post-training quantization from PyTorch to deployment."""
 
 
@@ -46,7 +86,8 @@ def main():
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True)
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="UTF-8 text file for calibration.")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
-@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per calibration sample.")
+@click.option("--seq-len", "--seqlen", "seqlen", type=int, default=None,
+              help="Tokens per calibration sample (language models; default 256).")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per block (learnable methods).")
 @click.option("--lr-smooth", type=float, default=5e-3, show_default=True, help="Learning rate of smoothing/rotation.")
@@ -55,29 +96,23 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its run directory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run; settings not given are taken from the run directory.")
 @click.option("--offload", is_flag=True, help="Keep the model and block inputs in CPU memory (large models).")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow an HF model directory to run its own Python code.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output directory or an unfinished run.")
 @clean_errors
-def calibrate(model, out, wbits, abits, group_size, symmetric, method, calib_data, nsamples, seqlen, alpha,
-              epochs, lr_smooth, lr_lwc, batch_size, seed, device, run_dir, resume, offload, force):
+def calibrate(**options):
     """Quantize MODEL (an HF directory, a timm directory, timm:NAME@WEIGHTS.safetensors,
     bundled:llama or bundled:vit; default bundled:llama) and write a checkpoint to OUT."""
-    from lrq_deploy.calib import calibrate as run
-    from lrq_deploy.config import CalibConfig, QuantConfig
-
-    qconfig = QuantConfig(wbits=wbits, abits=abits, group_size=group_size, symmetric=symmetric)
+    from lrq_deploy.calib import calibrate_from_options
     from lrq_deploy.calib.progress import ConsoleProgress
 
-    cconfig = CalibConfig(
-        method=method, nsamples=nsamples, seqlen=seqlen, seed=seed, alpha=alpha,
-        epochs=epochs, lr_smooth=lr_smooth, lr_lwc=lr_lwc, batch_size=batch_size,
-    )
-    summary = run(
-        model, out, qconfig, cconfig, calib_data=calib_data, device=device, force=force,
-        progress=ConsoleProgress(epochs), run_dir=run_dir, resume=resume, offload=offload,
-    )
-    click.echo(f"wrote {summary['checkpoint']} ({method} {qconfig.scenario})")
+    if options["resume"]:
+        ctx = click.get_current_context()
+        given = {name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+        options["given"] = given
+    summary = calibrate_from_options(options, progress=ConsoleProgress)
+    click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scenario']})")
 
 
 @main.command(name="eval", short_help="Compare full-precision and quantized accuracy.")
@@ -117,8 +152,9 @@ def eval_(target, task, data, limit, seq_len, device, backend, as_json):
 @click.option("--limit", type=int, default=None, help="Verification samples (default 16 windows / all digits).")
 @click.option("--with-past", is_flag=True, help="Decoder graph with KV-cache inputs/outputs (prefill and decode).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
+@click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
 @clean_errors
-def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_past, no_verify):
+def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_past, no_verify, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
@@ -126,7 +162,7 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
     from lrq_deploy.export import export_onnx
 
     report = export_onnx(checkpoint, onnx_path, target=target, opset=opset, batch=batch, seq_len=seq_len,
-                         verify=not no_verify, limit=limit, with_past=with_past)
+                         verify=not no_verify, limit=limit, with_past=with_past, force=force)
     ratio = report["weight_ratio"]
     sizes = (f"; quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16"
              if ratio else "; full precision")
@@ -159,9 +195,10 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
 @click.option("--plugins/--no-plugins", default=True, show_default=True,
               help="Map lrq-domain nodes (W4A4, W2A16, asymmetric W4A16) to the lrq TensorRT plugins.")
 @click.option("--verify", is_flag=True, help="Run the engine against onnxruntime on the same inputs (needs a GPU).")
+@click.option("--force", is_flag=True, help="Overwrite an existing engine file.")
 @clean_errors
 def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, timing_cache, workspace, flavour, sm, plugins,
-                 verify):
+                 verify, force):
     """Build a TensorRT engine from ONNX_PATH (exported with lrq export --target trt)."""
     from lrq_deploy.engine import BuildOptions, build_engine as build, parse_shapes
 
@@ -169,7 +206,7 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     if not (lows.keys() == opts.keys() == highs.keys()):
         raise LrqError("--min-shapes, --opt-shapes and --max-shapes must name the same inputs")
     shapes = {name: (lows[name], opts[name], highs[name]) for name in lows}
-    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins, verify)
+    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins, verify, force)
     report = build(onnx_path, out, options)
     layers = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report["layers"].items(), key=lambda kv: -kv[1])[:6])
     plugins_line = f"; lrq plugin layers ({report['plugins']}): {report['layers']['PLUGIN_V3']}" if report["plugins"] else ""
@@ -218,6 +255,22 @@ def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, perce
     if len(targets) != 1:
         raise LrqError("give one target, or several with --compare")
     click.echo(summary(run(targets[0], options, export_json, export_times)))
+
+
+@main.command(short_help="Show what a checkpoint, ONNX graph or engine is, and whether it is intact.")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@clean_errors
+def info(target, as_json):
+    """Describe TARGET (checkpoint directory, .onnx, .engine): format, family, scheme, sizes,
+    hashes checked against their records, recorded verification, library versions. Exits with
+    status 1 when something does not match its record."""
+    from lrq_deploy.info import describe, format_report
+
+    report = describe(target)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+    if not report["intact"]:
+        raise LrqError(f"{target} is not intact: {report['problems'][0]}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class CalibConfig:
 
     method: str = "rtn"
     nsamples: int = 32
-    seqlen: int = 256
+    seqlen: int | None = None  # tokens per sample (language models); None: the adapter's default
     seed: int = 0
     alpha: float = 0.5  # SmoothQuant migration strength
     epochs: int = 10
@@ -76,8 +76,8 @@ class CalibConfig:
             raise LrqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.nsamples < 1:
             raise LrqError(f"nsamples must be >= 1, got {self.nsamples}")
-        if self.seqlen < 2:
-            raise LrqError(f"seqlen must be >= 2, got {self.seqlen}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise LrqError(f"--seq-len must be >= 2, got {self.seqlen}")
         if not 0.0 <= self.alpha <= 1.0:
             raise LrqError(f"alpha must lie in [0, 1], got {self.alpha}")
         if self.epochs < 0:

@@ -74,7 +74,7 @@ def test_truncated_checkpoint_on_eval(tmp_path, tiny_llama_dir):
     assert ok.exit_code == 0, ok.output
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) - 100])
-    assert_clean_error(run("eval", out, "--limit", "1"), "corrupt or truncated")
+    assert_clean_error(run("eval", out, "--limit", "1"), "model.safetensors does not match manifest.json (size differs)")
 
 
 def test_eval_missing_checkpoint(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lrq_deploy.atomic import write_json
+from lrq_deploy.atomic import check_output_file, write_json
 from lrq_deploy.bench.harness import measure, report
 from lrq_deploy.bench.runners import make_runner
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES
@@ -25,34 +25,40 @@ class BenchOptions:
     data_transfers: bool = True
 
     def __post_init__(self):
-        if self.batch < 1 or self.seq_len < 1:
-            raise LrqError("--batch and --seq-len must be >= 1")
-        if self.iterations < 1 or self.duration_s < 0 or self.warm_up_ms < 0:
-            raise LrqError("--iterations must be >= 1; --duration and --warm-up must be >= 0")
-        if any(not 0 < p <= 100 for p in self.percentiles):
-            raise LrqError("percentiles must lie in (0, 100]")
+        for option, value, least in (("--batch", self.batch, 1), ("--seq-len", self.seq_len, 1),
+                                     ("--iterations", self.iterations, 1), ("--duration", self.duration_s, 0),
+                                     ("--warm-up", self.warm_up_ms, 0)):
+            if value < least:
+                raise LrqError(f"{option} must be >= {least}, got {value:g}")
+        bad = [p for p in self.percentiles if not 0 < p <= 100]
+        if bad:
+            raise LrqError(f"--percentile values must lie in (0, 100], got {bad[0]:g}")
 
 
 def bench(target: Path, options: BenchOptions, export_json: Path | None = None, export_times: Path | None = None) -> dict:
+    for path, option in ((export_json, "--export-json"), (export_times, "--export-times")):
+        if path is not None:
+            check_output_file(Path(path), True, inputs=[Path(target)], option=option)
     runner = make_runner(Path(target), options.backend, options.batch, options.seq_len, options.device, options.data_transfers)
-    timings, walltime = measure(runner, options.warm_up_ms, options.iterations, options.duration_s)
+    try:
+        timings, walltime = measure(runner, options.warm_up_ms, options.iterations, options.duration_s)
+    except Exception as exc:  # onnxruntime (its own types), TensorRT and torch failures at run time
+        detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise LrqError(f"{runner.name} failed to run {target} at batch {options.batch}, seq-len {options.seq_len}: "
+                       f"{detail[:200]}") from None
     result = {"target": str(target), **report(runner, timings, walltime, options.percentiles)}
     if export_json:
-        _write_json(Path(export_json), result)
+        write_json(Path(export_json), result)
     if export_times:
-        _write_json(Path(export_times), {"times": [asdict(t) for t in timings]})
+        write_json(Path(export_times), {"times": [asdict(t) for t in timings]})
     return result
 
 
 def bench_compare(targets: list[Path], options: BenchOptions, export_json: Path | None = None) -> list[tuple[str, dict]]:
     """Measure several targets one after the other in one process, same settings."""
+    if export_json is not None:
+        check_output_file(Path(export_json), True, inputs=targets, option="--export-json")
     results = [(str(t), bench(t, options)) for t in targets]
     if export_json:
-        _write_json(Path(export_json), {"results": [r for _, r in results]})
+        write_json(Path(export_json), {"results": [r for _, r in results]})
     return results
-
-
-def _write_json(path: Path, data: dict) -> None:
-    if not path.parent.is_dir():
-        raise LrqError(f"output directory {path.parent} does not exist")
-    write_json(path, data)

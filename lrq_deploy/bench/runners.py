@@ -86,6 +86,21 @@ def _input_feeds(inputs, batch: int, seq_len: int) -> tuple[dict[str, np.ndarray
     return feeds, Workload(f"batch {batch} images {tuple(shape[1:])}", batch, "images")
 
 
+def _check_graph_shape(path: Path, session, batch: int, seq_len: int) -> None:
+    """Refuse shapes the graph cannot run: beyond the model's positions (recorded at export),
+    or other than its static axes."""
+    longest = session.get_modelmeta().custom_metadata_map.get("lrq.max_seq_len")
+    if longest and seq_len > int(longest):
+        raise LrqError(f"--seq-len {seq_len} exceeds the {longest} positions of the model in {path}")
+    first = session.get_inputs()[0]
+    wanted = [batch, seq_len] if first.name == "input_ids" and len(first.shape) == 2 else [batch]
+    for axis, (dim, value) in enumerate(zip(first.shape, wanted)):
+        if isinstance(dim, int) and dim != value:
+            fixed = "x".join(str(d) for d in first.shape)
+            raise LrqError(f"{path} has static input shape {fixed}; axis {axis} is {dim}, not {value} "
+                           "(set --batch / --seq-len to match, or export with dynamic axes)")
+
+
 class OrtRunner(Runner):
     name = "ort"
 
@@ -103,6 +118,7 @@ class OrtRunner(Runner):
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
             raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        _check_graph_shape(path, self.session, batch, seq_len)
         self.feeds, self._workload = _input_feeds(self.session.get_inputs(), batch, seq_len)
 
     def workload(self) -> Workload:

@@ -9,11 +9,12 @@ import torch
 from lrq_deploy.calib import baselines, learnable  # noqa: F401  (register the methods)
 from lrq_deploy.calib.engine import calibrate_model
 from lrq_deploy.calib.learnable import RECIPES
-from lrq_deploy.calib.rundir import RunDir
-from lrq_deploy.checkpoint import check_output_dir, save_checkpoint
+from lrq_deploy.atomic import check_output_dir
+from lrq_deploy.calib.rundir import RunDir, saved_settings
+from lrq_deploy.checkpoint import MANIFEST, save_checkpoint
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models import load_model
+from lrq_deploy.models import DEFAULT_MODEL, load_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,25 +39,70 @@ def calibrate(
     run_dir: Path | None = None,
     resume: bool = False,
     offload: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Quantize a model with the configured method and write the checkpoint to `out`.
 
     offload keeps the model and block inputs in CPU memory, one block at a time on the device.
     Learnable methods keep their per-block parameters in `run_dir` (default: OUT.run), so an
-    interrupted run continues with resume=True. Returns the checkpoint path and per-block errors.
+    interrupted run continues with resume=True. Outputs are checked before any work starts.
+    Returns the checkpoint path and per-block errors.
     """
     out = Path(out)
-    check_output_dir(out, force)
-    dev = resolve_device(device)
-    torch.manual_seed(cconfig.seed)
-    loaded = load_model(model_spec, "cpu" if offload else dev)
-    batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
+    spec = model_spec or DEFAULT_MODEL
+    check_output_dir(out, force or (resume and (out / MANIFEST).is_file()))
     runs = None
     if cconfig.method in RECIPES:
-        settings = {"model": loaded.spec, "quant": qconfig.to_dict(), "calib": cconfig.to_dict(),
-                    "calib_data": str(calib_data) if calib_data else None}
-        runs = RunDir(run_dir or out.with_name(out.name + ".run"), settings, resume)
+        runs = RunDir(run_dir or default_run_dir(out), run_settings(spec, qconfig, cconfig, calib_data), resume, force)
+    dev = resolve_device(device)
+    torch.manual_seed(cconfig.seed)
+    loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code)
+    batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
+    if runs:
+        runs.start()
     result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress, run_dir=runs, offload=offload)
     loaded.model.cpu()
-    save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=force)
-    return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None}
+    save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=True)
+    return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
+            "method": cconfig.method, "scenario": qconfig.scenario}
+
+
+def default_run_dir(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".run")
+
+
+def run_settings(spec: str, qconfig: QuantConfig, cconfig: CalibConfig, calib_data: Path | None) -> dict:
+    return {"model": spec, "quant": qconfig.to_dict(), "calib": cconfig.to_dict(),
+            "calib_data": str(calib_data) if calib_data else None}
+
+
+def calibrate_from_options(options: dict, progress=None) -> dict:
+    """`lrq calibrate`: command-line options in, checkpoint out. With resume, options the user
+    did not give (`options["given"]`) are taken from the run directory's settings."""
+    options = dict(options)
+    if options.get("resume"):
+        _fill_from_run_dir(options, options.pop("given", set(options)))
+    qconfig = QuantConfig(wbits=options["wbits"], abits=options["abits"], group_size=options["group_size"],
+                          symmetric=options["symmetric"])
+    cconfig = CalibConfig(**{name: options[name] for name in CALIB_OPTIONS})
+    return calibrate(
+        options["model"], options["out"], qconfig, cconfig, calib_data=options["calib_data"], device=options["device"],
+        force=options["force"], progress=progress(cconfig.epochs) if progress else None, run_dir=options["run_dir"],
+        resume=options["resume"], offload=options["offload"], trust_remote_code=options["trust_remote_code"],
+    )
+
+
+CALIB_OPTIONS = ("method", "nsamples", "seqlen", "seed", "alpha", "epochs", "lr_smooth", "lr_lwc", "batch_size")
+QUANT_OPTIONS = ("wbits", "abits", "group_size", "symmetric")
+
+
+def _fill_from_run_dir(options: dict, given: set) -> None:
+    saved = saved_settings(options["run_dir"] or default_run_dir(options["out"]))
+    if saved is None:
+        return
+    recorded = {"model": saved.get("model"), "calib_data": saved.get("calib_data"),
+                **{k: saved.get("quant", {}).get(k) for k in QUANT_OPTIONS},
+                **{k: saved.get("calib", {}).get(k) for k in CALIB_OPTIONS}}
+    for name, value in recorded.items():
+        if name not in given and (value is not None or name in ("group_size", "seqlen", "calib_data")):
+            options[name] = Path(value) if name == "calib_data" and value else value

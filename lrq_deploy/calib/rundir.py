@@ -10,39 +10,63 @@ block that looks valid.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from lrq_deploy.atomic import atomic_write, write_json
+from lrq_deploy.atomic import atomic_write, check_output_dir, write_json
 from lrq_deploy.errors import LrqError
 
 RUN_FILE = "run.json"
+REPORT_FILE = "report.json"
+OWN_FILES = re.compile(r"(run\.json|report\.json|losses\.png|block_\d{3}\.safetensors|\..*\.tmp-\d+)")
 
 
 class RunDir:
-    def __init__(self, path: Path, settings: dict, resume: bool):
+    """Checked on construction (before any work); `start()` then creates or resumes it."""
+
+    def __init__(self, path: Path, settings: dict, resume: bool, force: bool = False):
         self.path = Path(path)
-        if resume and (self.path / RUN_FILE).is_file():
-            saved = json.loads((self.path / RUN_FILE).read_text())
-            if saved != settings:
-                raise LrqError(f"run directory {self.path} was made with other settings; rerun without --resume to start over")
-        else:
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True)
-            write_json(self.path / RUN_FILE, settings)
-        self.curves: dict[int, list[float]] = self._read_curves()
+        self.settings = settings
+        self.resume = resume and (self.path / RUN_FILE).is_file()
+        if self.path.exists() and not self.path.is_dir():
+            raise LrqError(f"run directory {self.path} exists and is not a directory")
+        if self.resume:
+            _check_same_settings(self.path, read_json(self.path / RUN_FILE, self.path), settings)
+            self.curves = self._read_curves()
+            return
+        foreign = sorted(f.name for f in self.path.iterdir() if not OWN_FILES.fullmatch(f.name)) if self.path.is_dir() else []
+        if foreign:
+            raise LrqError(f"run directory {self.path} holds files lrq did not write ({', '.join(foreign[:3])}); "
+                           "name another --run-dir")
+        if (self.path / RUN_FILE).is_file() and not force:
+            raise LrqError(f"run directory {self.path} holds an earlier run: continue it with --resume, "
+                           "or start over with --force")
+        check_output_dir(self.path, force=True)
+        self.curves: dict[int, list[float]] = {}
+
+    def start(self) -> None:
+        """Create the directory for a new run (replacing an old run's files), or keep a resumed one."""
+        if self.resume:
+            return
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        write_json(self.path / RUN_FILE, self.settings)
 
     def _block_file(self, index: int) -> Path:
         return self.path / f"block_{index:03d}.safetensors"
 
     def _read_curves(self) -> dict[int, list[float]]:
-        report = self.path / "report.json"
+        report = self.path / REPORT_FILE
         if not report.is_file():
             return {}
-        return {int(k): v for k, v in json.loads(report.read_text())["loss_curves"].items()}
+        try:
+            return {int(k): [float(x) for x in v] for k, v in read_json(report, self.path)["loss_curves"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise LrqError(f"{report} is damaged; start over with --force (without --resume)") from None
 
     def load_block(self, index: int) -> dict[str, torch.Tensor] | None:
         from lrq_deploy.checkpoint import read_safetensors
@@ -61,7 +85,7 @@ class RunDir:
         atomic_write(self._block_file(index), lambda p: save_file(tensors, str(p)))
         self.curves[index] = curve
         report = {"loss_curves": {str(k): v for k, v in sorted(self.curves.items())}}
-        write_json(self.path / "report.json", report)
+        write_json(self.path / REPORT_FILE, report)
         self.plot()
 
     def plot(self) -> None:
@@ -80,3 +104,38 @@ class RunDir:
         fig.tight_layout()
         atomic_write(self.path / "losses.png", lambda p: fig.savefig(p, format="png", dpi=100))
         plt.close(fig)
+
+
+def read_json(file: Path, run_dir: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LrqError(f"{file} is damaged ({exc}); start over with --force (without --resume)") from None
+    if not isinstance(data, dict):
+        raise LrqError(f"{file} is damaged (not a JSON object); start over with --force (without --resume)")
+    return data
+
+
+def saved_settings(path: Path) -> dict | None:
+    """The settings a run directory was made with, or None when there is no run there."""
+    file = Path(path) / RUN_FILE
+    return read_json(file, Path(path)) if file.is_file() else None
+
+
+def _check_same_settings(path: Path, saved: dict, settings: dict) -> None:
+    differences = [
+        f"{key}={saved_value!r} (now {value!r})"
+        for key, saved_value, value in _flat_differences(saved, settings)
+    ]
+    if differences:
+        raise LrqError(f"run directory {path} was made with {', '.join(differences[:4])}; "
+                       "resume with the same settings, or start over with --force (without --resume)")
+
+
+def _flat_differences(saved: dict, now: dict, prefix: str = ""):
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _flat_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b

@@ -10,6 +10,7 @@ the child before parsing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from lrq_deploy.atomic import atomic_write
+from lrq_deploy.atomic import atomic_write, check_output_file, write_json
 from lrq_deploy.engine.flavours import Flavour, load_flavour
+from lrq_deploy.engine.record import build_record, record_path
 from lrq_deploy.errors import LrqError
 
 PRECISIONS = ("int4", "fp8", "fp4", "fp16")
@@ -29,7 +31,7 @@ PRECISIONS = ("int4", "fp8", "fp4", "fp16")
 AXIS_RANGES = {"batch": (1, 1, 8), "seq": (1, 128, 512), "past": (0, 128, 1024)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
     precision: str = "int4"
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
@@ -39,6 +41,23 @@ class BuildOptions:
     compute_capabilities: list[str] = field(default_factory=list)
     plugins: bool = True
     verify: bool = False  # run the engine against onnxruntime after building (needs a GPU)
+    force: bool = False  # replace an existing engine file
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise LrqError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.workspace_mib is not None and self.workspace_mib < 1:
+            raise LrqError(f"--workspace must be >= 1 MiB, got {self.workspace_mib}")
+        for name, (lo, opt, hi) in self.shapes.items():
+            if not len(lo) == len(opt) == len(hi):
+                raise LrqError(f"shapes of {name} have different ranks in --min/--opt/--max-shapes")
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise LrqError(f"shapes of {name} must satisfy min <= opt <= max in every dimension, "
+                               f"got {_dims(lo)}, {_dims(opt)}, {_dims(hi)}")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 VERIFY_MIN_COSINE = 0.999
@@ -55,12 +74,22 @@ def parse_shapes(spec: str | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict:
-    """Check what the graph carries against the requested precision, before TensorRT sees it."""
+def read_graph(path: Path) -> onnx.ModelProto:
+    """The ONNX model at `path` (without external data), or one clear error."""
+    if Path(path).stat().st_size == 0:
+        raise LrqError(f"{path} is empty (0 bytes); export it again")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for a damaged file
         raise LrqError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.ir_version or not model.graph.node:
+        raise LrqError(f"{path} is not an ONNX model (no IR version or no graph nodes)")
+    return model
+
+
+def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict:
+    """Check what the graph carries against the requested precision, before TensorRT sees it."""
+    model = read_graph(path)
     lrq_nodes = sorted({n.op_type for n in model.graph.node if n.domain == "lrq"})
     if "QuantLinear" in lrq_nodes:
         raise LrqError(f"{path} is an unlowered trace; export it with lrq export --target trt")
@@ -75,7 +104,8 @@ def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict
         raise LrqError(f"{path} carries UINT4/UINT2 weights (the onnxruntime flavour); export with --target trt")
     expected = {"int4": int4 or lrq_nodes, "fp4": fp4, "fp8": fp8, "fp16": True}[precision]
     if not expected:
-        raise LrqError(f"--{precision} needs a graph with {precision.upper()} weights; {path} has none")
+        raise LrqError(f"--{precision} needs a graph with {precision.upper()} weights; {path} has none "
+                       f"(export it with lrq export --target trt, or build it with --fp16)")
     with_bias = sum(1 for n in model.graph.node if n.domain == "lrq" and len(n.input) > 4 and n.input[4])
     return {"lrq_plugin_nodes": lrq_nodes, "lrq_nodes_with_bias": with_bias, "int4_weights": len(int4), "fp8_weights": len(fp8), "fp4_weights": len(fp4),
             "inputs": [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]}
@@ -101,21 +131,29 @@ def _profile_shapes(inputs, explicit: dict) -> dict[str, tuple]:
 
 
 def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
+    """Build `out` from `onnx_path`; writes the engine and its build record OUT.json (what
+    `lrq info` and the engine loader check) atomically."""
     onnx_path, out = Path(onnx_path), Path(out)
-    if options.precision not in PRECISIONS:
-        raise LrqError(f"precision must be one of {', '.join(PRECISIONS)}")
     if not onnx_path.is_file():
         raise LrqError(f"ONNX file {onnx_path} does not exist")
-    if not out.parent.is_dir():
-        raise LrqError(f"output directory {out.parent} does not exist")
+    check_output_file(out, options.force, inputs=[onnx_path], option="-o")
+    if options.timing_cache is not None:
+        check_output_file(options.timing_cache, True, inputs=[onnx_path, out], option="--timing-cache")
     requirements = graph_requirements(onnx_path, options.precision, options.plugins)
     flavour = load_flavour(options.flavour)
     flavour.compute_capabilities(options.compute_capabilities)  # unknown targets fail before the child starts
     if options.verify:
         _check_gpu_for_verify()
-    report = {**_build_in_child(flavour, onnx_path, out, options, requirements), **requirements}
-    if options.verify:
-        report["verify"] = _verify(out, onnx_path, options, flavour.name)
+    staging = out.with_name(f".{out.name}.tmp-build-{os.getpid()}")
+    try:
+        report = {**_build_in_child(flavour, onnx_path, staging, options, requirements), **requirements}
+        report["engine"] = str(out)
+        if options.verify:
+            report["verify"] = _verify(staging, onnx_path, options, flavour.name)
+        write_json(record_path(out), build_record(staging, onnx_path, options, flavour, report))
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
     return report
 
 
@@ -133,9 +171,8 @@ def _verify(out: Path, onnx_path: Path, options: BuildOptions, flavour: str) -> 
     results = verify_engine(out, onnx_path, options.shapes, flavour)
     worst = min(results.items(), key=lambda kv: kv[1]["cosine"])
     if worst[1]["cosine"] < VERIFY_MIN_COSINE:
-        out.unlink()
         raise LrqError(f"the engine disagrees with onnxruntime on {worst[0]} (cosine {worst[1]['cosine']:.6f} < "
-                       f"{VERIFY_MIN_COSINE}, max abs error {worst[1]['max_abs_error']:.3g}); engine removed")
+                       f"{VERIFY_MIN_COSINE}, max abs error {worst[1]['max_abs_error']:.3g}); no engine written")
     return results
 
 

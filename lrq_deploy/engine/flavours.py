@@ -27,6 +27,10 @@ class Flavour:
     trt: object  # the imported module
 
     @property
+    def version(self) -> str:
+        return str(getattr(self.trt, "__version__", "unknown"))
+
+    @property
     def strongly_typed_only(self) -> bool:
         return self.name == "tensorrt_rtx"
 

@@ -7,16 +7,23 @@ from pathlib import Path
 
 from lrq_deploy.bench.runners import Runner, Timing, Workload, timed_on_cuda
 from lrq_deploy.engine.flavours import load_flavour
+from lrq_deploy.engine.record import check_build_record, read_build_record
 from lrq_deploy.errors import LrqError
 
 
 def load_engine(path: Path, flavour: str | None = None):
-    """(flavour, engine) with the lrq plugins registered, so engines holding plugin layers load."""
+    """(flavour, engine) with the lrq plugins registered, so engines holding plugin layers load.
+    The engine's build record (OUT.json), where there is one, is checked first: an engine from
+    another TensorRT version or for another GPU, or one changed since it was built, is refused
+    with a message saying so instead of TensorRT's deserialization error."""
     import torch
 
+    record = read_build_record(Path(path))
+    loaded = load_flavour(flavour or (record or {}).get("flavour"))
+    if record is not None:
+        check_build_record(Path(path), record, loaded)
     if not torch.cuda.is_available():
         raise LrqError("running a TensorRT engine needs a CUDA GPU")
-    loaded = load_flavour(flavour)
     from lrq_deploy.plugins.trt_plugins import register_plugins
 
     register_plugins(loaded.trt)
@@ -128,3 +135,4 @@ def _torch_dtype(torch, trt_dtype):
     if name not in table:
         raise LrqError(f"engine I/O type {name} is not supported by the benchmark runner")
     return table[name]
+

@@ -17,6 +17,8 @@ def evaluate_checkpoint(
     from lrq_deploy.checkpoint import load_checkpoint
     from lrq_deploy.models import load_model
 
+    if limit is not None and limit < 1:
+        raise LrqError(f"--limit must be >= 1, got {limit}")
     dev = resolve_device(device)
     quant, manifest = load_checkpoint(Path(path), dev)
     if backend == "torch":

@@ -29,8 +29,12 @@ def perplexity_from_logits(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -
 @torch.no_grad()
 def perplexity(
     logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, seqlen: int,
-    max_windows: int | None = None, batch_size: int = 8,
+    max_windows: int | None = None, batch_size: int = 8, progress: bool = False,
 ) -> float:
-    """Perplexity of `logits_fn` (input ids -> logits) on a token stream, mean over predicted tokens."""
+    """Perplexity of `logits_fn` (input ids -> logits) on a token stream, mean over predicted tokens.
+    progress: a bar on stderr when it is a terminal."""
+    from tqdm import tqdm
+
     batches = windows(ids, seqlen, max_windows).split(batch_size)
-    return perplexity_from_logits((batch, logits_fn(batch)) for batch in batches)
+    bar = tqdm(batches, desc="  perplexity", unit="batch", leave=False, disable=None if progress else True)
+    return perplexity_from_logits((batch, logits_fn(batch)) for batch in bar)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -9,27 +10,33 @@ import numpy as np
 import onnx
 import torch
 
-from lrq_deploy.atomic import atomic_write, write_json
+from lrq_deploy.atomic import atomic_write, check_output_file, write_json
+from lrq_deploy.provenance import sha256_of
+from lrq_deploy.config import QuantConfig
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.lower import default_opset, lower, required_opset, set_opset
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.quant import QuantLinear
 
 TARGETS = ("ort", "trt")
+GRAPH_FORMAT = "lrq-onnx/1"
 
 
 def export_onnx(
     checkpoint: Path, out: Path, target: str = "ort", opset: int | None = None,
     batch: int | None = None, seq_len: int | None = None, verify: bool = True, limit: int | None = None,
-    with_past: bool = False,
+    with_past: bool = False, force: bool = False,
 ) -> dict:
     """Export a checkpoint (or, for a full-precision baseline, a model spec such as bundled:llama)
-    to ONNX; returns a report (sizes, and the verification when run)."""
+    to ONNX; returns a report (sizes, and the verification when run).
+
+    The graph is verified before it is moved to `out`: a failed export or verification leaves
+    nothing there. The verification results go to OUT.verify.json with the graph's sha256."""
     out = Path(out)
     if target not in TARGETS:
         raise LrqError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if not out.parent.is_dir():
-        raise LrqError(f"output directory {out.parent} does not exist")
+    _check_shape_options(batch, seq_len, limit, with_past)
+    check_output_file(out, force, inputs=[Path(str(checkpoint))], option="--onnx")
     loaded, manifest = _load_source(checkpoint)
     model = trace_to_onnx(loaded, batch, seq_len, with_past)
     needed = required_opset(model, target)
@@ -43,19 +50,56 @@ def export_onnx(
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-    atomic_write(out, lambda tmp: onnx.save(model, str(tmp)))
-    report = {
-        "onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
-        **size_report(model, manifest),
-    }
-    if verify and target == "ort":
-        from lrq_deploy.export.verify import verify_against_torch, verify_generation
+    describe_graph(model, loaded, manifest, target, with_past)
+    report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
+              **size_report(model, manifest)}
 
-        report["verify"] = verify_against_torch(out, loaded, limit, with_past)
-        if with_past:
-            report["verify_generation"] = verify_generation(out, loaded)
+    def save_and_verify(tmp: Path) -> None:
+        onnx.save(model, str(tmp))
+        if verify and target == "ort":
+            from lrq_deploy.export.verify import verify_against_torch, verify_generation
+
+            report["verify"] = verify_against_torch(tmp, loaded, limit, with_past, (batch, seq_len))
+            if with_past:
+                report["verify_generation"] = verify_generation(tmp, loaded)
+        report["sha256"] = sha256_of(tmp)
+
+    atomic_write(out, save_and_verify)
+    if "verify" in report:
         write_json(out.with_name(out.name + ".verify.json"), report)
     return report
+
+
+def _check_shape_options(batch, seq_len, limit, with_past) -> None:
+    if batch is not None and batch < 1:
+        raise LrqError(f"--batch must be >= 1, got {batch}")
+    if seq_len is not None and seq_len < 1:
+        raise LrqError(f"--seq-len must be >= 1, got {seq_len}")
+    if limit is not None and limit < 1:
+        raise LrqError(f"--limit must be >= 1, got {limit}")
+    if with_past and (batch is not None or seq_len is not None):
+        raise LrqError("--with-past graphs keep dynamic batch and sequence axes (prefill and decode); drop --batch/--seq-len")
+
+
+def describe_graph(model: onnx.ModelProto, loaded, manifest: dict, target: str, with_past: bool) -> None:
+    """Record what the graph is in its metadata (read back by `lrq info`)."""
+    from lrq_deploy.provenance import library_versions
+
+    weights = manifest.get("files", {}).get("model.safetensors", {})
+    quant = manifest["quant"]
+    fields = {
+        "lrq.format": GRAPH_FORMAT, "lrq.family": loaded.adapter.family, "lrq.target": target,
+        "lrq.scheme": QuantConfig.from_dict(quant).scenario if manifest["quantized_modules"] else "full precision",
+        "lrq.symmetric": str(bool(quant.get("symmetric"))), "lrq.method": manifest.get("calib", {}).get("method", "none"),
+        "lrq.with_past": str(with_past), "lrq.source": str(loaded.spec),
+        "lrq.max_seq_len": str(loaded.adapter.max_sequence_length(loaded.model) or ""),
+        "lrq.source_weights_sha256": weights.get("sha256", ""),
+        "lrq.versions": json.dumps({**library_versions(), "onnx": onnx.__version__}),
+    }
+    model.producer_name, model.producer_version = "lrq-deploy", library_versions().get("lrq-deploy", "")
+    del model.metadata_props[:]
+    for key, value in fields.items():
+        model.metadata_props.add(key=key, value=value)
 
 
 def _load_source(source) -> tuple:

@@ -39,12 +39,14 @@ def ort_logits_fn(session):
 
 
 @torch.no_grad()
-def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past: bool = False) -> dict:
-    """Same inputs through onnxruntime and the torch reference: logit error, argmax agreement, metric."""
+def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past: bool = False,
+                         static_shape: tuple[int | None, int | None] = (None, None)) -> dict:
+    """Same inputs through onnxruntime and the torch reference: logit error, argmax agreement, metric.
+    static_shape: the graph's fixed (batch, sequence length), where it has them."""
     adapter, model = loaded.adapter, loaded.model
     run_ort = ort_logits_fn(ort_session(path))
     reference = adapter.export_spec(model, None, None, False).module
-    inputs, labels = adapter.verification_set(loaded, None, limit)
+    inputs, labels = adapter.verification_set(loaded, None, limit, *static_shape)
     ref_logits, ort_logits = [], []
     for batch in inputs:
         ref_logits.append(reference(batch).float())

@@ -39,9 +39,10 @@ def _hf_adapter(model_type: str) -> ModelAdapter:
     raise LrqError(f"unsupported architecture {model_type!r} (supported: {supported}, timm ViT)")
 
 
-def load_model(spec: str | None, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(spec: str | None, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
     """Load a full-precision model from a spec: a bundled name, an HF or timm directory,
-    or `timm:NAME@WEIGHTS.safetensors`."""
+    or `timm:NAME@WEIGHTS.safetensors`. Weights are read from safetensors only (never
+    unpickled); an HF directory's own Python code runs only with trust_remote_code."""
     spec = spec or DEFAULT_MODEL
     if spec.startswith("timm:"):
         loaded = _load_timm_spec(spec)
@@ -50,7 +51,7 @@ def load_model(spec: str | None, device: str | torch.device = "cpu") -> LoadedMo
         if not path.exists():
             raise LrqError(f"model path {spec} does not exist")
         if (path / "config.json").is_file():
-            loaded = _load_hf(path, spec)
+            loaded = _load_hf(path, spec, trust_remote_code)
         elif (path / "timm.json").is_file():
             timm_spec = _read_json(path / "timm.json")
             loaded = _load_timm(timm_spec, path / "model.safetensors", spec)
@@ -68,21 +69,40 @@ def _read_json(path: Path) -> dict:
         raise LrqError(f"{path} is not valid JSON ({exc})") from None
 
 
-def _load_hf(path: Path, spec: str) -> LoadedModel:
+def _load_hf(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    model_type = _read_json(path / "config.json").get("model_type", "<missing>")
-    adapter = _hf_adapter(model_type)
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict):
+        raise LrqError(f"{path / 'config.json'} is not a model config (not a JSON object)")
+    adapter = _hf_adapter(str(config.get("model_type", "<missing>")))
+    _check_safetensors_weights(path, spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LrqError(f"cannot load {spec}: {message}") from None
+        raise LrqError(f"cannot load {spec} ({message}); are its files complete? Save or download it again") from None
     return LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=spec)
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5", "flax_model.msgpack")
+
+
+def _check_safetensors_weights(path: Path, spec: str) -> None:
+    """lrq reads weights from safetensors only: pickled weights can run code when loaded."""
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    others = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
+    if others:
+        raise LrqError(f"{spec} holds {others[0]} but no .safetensors weights; lrq does not unpickle weights "
+                       "(convert them once with safetensors, e.g. save_pretrained(..., safe_serialization=True))")
+    raise LrqError(f"{spec} has no model weights (no *.safetensors file)")
 
 
 def _load_timm_spec(spec: str) -> LoadedModel:

@@ -61,8 +61,12 @@ class ModelAdapter:
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def calibration_batches(self, source, calib_path: Path | None, nsamples: int, seqlen: int, seed: int):
+    def calibration_batches(self, source, calib_path: Path | None, nsamples: int, seqlen: int | None, seed: int):
         raise NotImplementedError
+
+    def max_sequence_length(self, model: nn.Module) -> int | None:
+        """The longest token sequence the model runs (None: not a sequence model)."""
+        return None
 
     def save_architecture(self, source, out_dir: Path) -> dict:
         """Write what is needed to rebuild the model skeleton; return manifest extras."""
@@ -81,8 +85,10 @@ class ModelAdapter:
         """The graph to export; dynamic batch (and sequence) axes unless batch / seq_len are given."""
         raise NotImplementedError
 
-    def verification_set(self, source, data_path: Path | None, limit: int | None):
-        """(list of input batches, list of label batches or None) for comparing backends."""
+    def verification_set(self, source, data_path: Path | None, limit: int | None,
+                         batch: int | None = None, seq_len: int | None = None):
+        """(list of input batches, list of label batches or None) for comparing backends; with
+        batch / seq_len, every batch has that shape (a graph exported with static axes)."""
         raise NotImplementedError
 
     def metric_from_logits(self, inputs: list, logits: list, labels: list | None) -> dict:
@@ -107,3 +113,15 @@ class LoadedModel:
     tokenizer: Any
     spec: str  # how the user named it, recorded in the manifest
     extras: dict = field(default_factory=dict)
+
+
+def static_batches(items: torch.Tensor, batch: int | None, default: int) -> list[torch.Tensor]:
+    """Split along dim 0 into batches of `batch` (a static graph: the incomplete tail is dropped)
+    or of `default` (a dynamic graph)."""
+    if batch is None:
+        return list(items.split(default))
+    if len(items) < batch:
+        from lrq_deploy.errors import LrqError
+
+        raise LrqError(f"verification has {len(items)} samples, fewer than the static batch {batch}; raise --limit")
+    return list(items[: len(items) // batch * batch].split(batch))

@@ -10,7 +10,7 @@ from torch import nn
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.eval.perplexity import perplexity, perplexity_from_logits, windows
-from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter
+from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, static_batches
 
 
 class _StopForward(Exception):
@@ -59,8 +59,20 @@ class CausalLMAdapter(ModelAdapter):
         return BlockInputs(hidden=torch.cat(hidden), kwargs=kwargs)
 
     def calibration_batches(self, source, calib_path, nsamples, seqlen, seed):
+        seqlen = self.check_seq_len(source.model, seqlen, "--seq-len")
         text = data.read_text(calib_path) if calib_path else data.bundled_text("calib")
         return data.token_windows(source.tokenizer, text, nsamples, seqlen, seed)
+
+    def max_sequence_length(self, model) -> int:
+        return getattr(model.config, "max_position_embeddings", None) or 1 << 20
+
+    def check_seq_len(self, model, seq_len: int | None, option: str) -> int:
+        """A sequence length the model can run (None: the default window), or one clear error."""
+        window = self.eval_seqlen if seq_len is None else seq_len
+        longest = self.max_sequence_length(model)
+        if not 2 <= window <= longest:
+            raise LrqError(f"{option} must lie in 2..{longest} for this model, got {window}")
+        return window
 
     def save_architecture(self, source, out_dir: Path) -> dict:
         source.model.config.save_pretrained(out_dir)
@@ -82,12 +94,12 @@ class CausalLMAdapter(ModelAdapter):
         return model, tokenizer
 
     def evaluate(self, model, source, data_path, limit, device, seq_len=None):
-        window = seq_len or self.eval_seqlen
-        longest = getattr(model.config, "max_position_embeddings", None)
-        if window < 2 or (longest and window > longest):
-            raise LrqError(f"--seq-len must lie in 2..{longest or 'the model maximum'}, got {window}")
+        window = self.check_seq_len(model, seq_len, "--seq-len")
         ids = self._eval_ids(source, data_path)
-        return {"ppl": perplexity(torch_logits(model, device), ids, window, max_windows=limit)}
+        if ids.numel() < window:
+            raise LrqError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {window}; "
+                           "give a longer --data file or a smaller --seq-len")
+        return {"ppl": perplexity(torch_logits(model, device), ids, window, max_windows=limit, progress=True)}
 
     def _eval_ids(self, source, data_path) -> torch.Tensor:
         text = data.read_text(data_path) if data_path else data.bundled_text("test")
@@ -95,6 +107,8 @@ class CausalLMAdapter(ModelAdapter):
 
     # --- export -------------------------------------------------------------------------
     def export_spec(self, model, batch, seq_len, with_past):
+        if seq_len is not None:
+            self.check_seq_len(model, seq_len, "--seq-len")
         static = batch is not None or seq_len is not None
         batch, seq_len = batch or (1 if static else 2), seq_len or (256 if static else 32)
         gen = torch.Generator().manual_seed(0)
@@ -123,9 +137,10 @@ class CausalLMAdapter(ModelAdapter):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return kv_heads, head_dim
 
-    def verification_set(self, source, data_path, limit):
-        ids = windows(self._eval_ids(source, data_path), self.eval_seqlen, limit or 16)
-        return list(ids.split(4)), None
+    def verification_set(self, source, data_path, limit, batch=None, seq_len=None):
+        window = self.check_seq_len(source.model, seq_len, "--seq-len")
+        ids = windows(self._eval_ids(source, data_path), window, limit or 16)
+        return static_batches(ids, batch, 4), None
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
         return {"ppl": perplexity_from_logits(zip(inputs, logits))}

@@ -11,7 +11,7 @@ from torch import nn
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.eval.top1 import top1_accuracy, top1_from_logits
-from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, SmoothGroup
+from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, SmoothGroup, static_batches
 
 
 class VitAdapter(ModelAdapter):
@@ -42,6 +42,8 @@ class VitAdapter(ModelAdapter):
         return BlockInputs(hidden=torch.cat(hidden))
 
     def calibration_batches(self, source, calib_path, nsamples, seqlen, seed):
+        if seqlen is not None:
+            raise LrqError("--seq-len applies to language models; the ViT calibrates on whole images")
         if calib_path is not None:
             raise LrqError("--calib-data is for text models; the ViT calibrates on the bundled digits training split")
         images, _ = data.digits_split("train")
@@ -66,6 +68,8 @@ class VitAdapter(ModelAdapter):
 
     # --- export -------------------------------------------------------------------------
     def export_spec(self, model, batch, seq_len, with_past):
+        if seq_len is not None:
+            raise LrqError("--seq-len applies to language models, not to the ViT")
         if with_past:
             raise LrqError("--with-past applies to causal language models, not to the ViT")
         size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
@@ -73,22 +77,32 @@ class VitAdapter(ModelAdapter):
         dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
         return ExportSpec(model, (images,), ["pixel_values"], ["logits"], dynamic)
 
-    def verification_set(self, source, data_path, limit):
+    def verification_set(self, source, data_path, limit, batch=None, seq_len=None):
         if data_path is not None:
             raise LrqError("--data is not supported for the ViT: verification uses the held-out digits split")
         images, labels = data.digits_split("test")
         if limit:
             images, labels = images[:limit], labels[:limit]
-        return list(images.split(128)), list(labels.split(128))
+        return static_batches(images, batch, 128), static_batches(labels, batch, 128)
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
         return {"top1": top1_from_logits(logits, labels)}
 
 
+# timm.create_model arguments that read files or fetch weights; lrq loads model.safetensors itself.
+UNSAFE_TIMM_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
 def create_timm_model(spec: dict) -> nn.Module:
     import timm
 
+    if not isinstance(spec, dict) or not isinstance(spec.get("model_name"), str) or not isinstance(spec.get("kwargs", {}), dict):
+        raise LrqError("timm.json must hold {\"model_name\": NAME, \"kwargs\": {...}}")
+    kwargs = spec.get("kwargs", {})
+    unsafe = [key for key in kwargs if key in UNSAFE_TIMM_KWARGS]
+    if unsafe:
+        raise LrqError(f"timm.json kwargs may not set {', '.join(unsafe)}: lrq reads the weights from model.safetensors")
     try:
-        return timm.create_model(spec["model_name"], pretrained=False, **spec.get("kwargs", {}))
-    except (RuntimeError, KeyError, TypeError) as exc:
+        return timm.create_model(spec["model_name"], pretrained=False, **kwargs)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise LrqError(f"cannot build timm model {spec.get('model_name')!r}: {exc}") from None

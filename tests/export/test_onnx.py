@@ -146,12 +146,21 @@ def test_bad_inputs(checkpoints, tmp_path):
     for f in (checkpoints / "w4a4").iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     (bad / "model.safetensors").write_bytes(b"\x00" * 64)
-    _clean_error(run("export", bad, "--onnx", tmp_path / "c.onnx"), "corrupt or truncated")
+    _clean_error(run("export", bad, "--onnx", tmp_path / "c.onnx"), "model.safetensors does not match manifest.json")
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["format_version"] = 7
     (bad / "manifest.json").write_text(json.dumps(manifest))
     _clean_error(run("export", bad, "--onnx", tmp_path / "c.onnx"), "format version 7")
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_static_shape_is_verified_at_that_shape(checkpoints, tmp_path):
+    """A valid static shape exports and verifies with inputs of exactly that shape."""
+    out = tmp_path / "static.onnx"
+    report = export_onnx(checkpoints / "w4a16-g64", out, batch=1, seq_len=128, limit=3)
+    assert report["verify"]["samples"] == 3 and report["verify"]["relative_difference"] < 1e-4
+    dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 128]
 
 
 def test_dynamic_axes(checkpoints, tmp_path):

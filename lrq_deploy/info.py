@@ -1,0 +1,174 @@
+"""`lrq info`: what a checkpoint, ONNX graph or engine is, and whether it is intact.
+
+Reads only metadata, hashes and the records written next to each artifact (manifest.json,
+OUT.onnx.verify.json, OUT.engine.json); it never runs or unpickles the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from lrq_deploy.errors import LrqError
+
+
+def describe(target: Path) -> dict:
+    """A report: {"kind", "path", "intact": bool, "problems": [...], ...kind-specific fields}."""
+    target = Path(target)
+    if not target.exists():
+        raise LrqError(f"{target} does not exist")
+    if target.is_dir():
+        return describe_checkpoint(target)
+    if target.suffix == ".onnx":
+        return describe_onnx(target)
+    if target.suffix in (".engine", ".plan", ".trt"):
+        return describe_engine(target)
+    raise LrqError(f"cannot tell what {target} is: name a checkpoint directory, an .onnx file or an .engine file")
+
+
+def describe_checkpoint(path: Path) -> dict:
+    from lrq_deploy.checkpoint import FORMAT_VERSION, read_manifest, verify_files
+    from lrq_deploy.config import QuantConfig
+
+    manifest = read_manifest(path)
+    files = verify_files(path, manifest)
+    problems = [f"{name}: {verdict}" for name, verdict in files.items() if verdict != "ok"]
+    if not files:
+        problems.append(f"format version {manifest['format_version']} records no hashes (version {FORMAT_VERSION} does)")
+    blocks = manifest.get("blocks", [])
+    return {
+        "kind": "lrq checkpoint",
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        "family": manifest["family"],
+        "task": manifest["task"],
+        "scheme": QuantConfig.from_dict(manifest["quant"]).scenario,
+        "symmetric_weights": bool(manifest["quant"].get("symmetric")),
+        "method": manifest["calib"].get("method"),
+        "source": manifest["source"],
+        "quantized_linears": len(manifest["quantized_modules"]),
+        "blocks": len(blocks),
+        "worst_block_cosine": min((b["cosine"] for b in blocks if "cosine" in b), default=None),
+        "files": {name: {**manifest["files"][name], "check": verdict} for name, verdict in files.items()},
+        "versions": manifest.get("versions", {}),
+        "created": manifest.get("created"),
+        "intact": not any(v != "ok" for v in files.values()),
+        "problems": problems,
+    }
+
+
+def describe_onnx(path: Path) -> dict:
+    import onnx
+
+    from lrq_deploy.provenance import sha256_of
+    from lrq_deploy.engine.build import read_graph
+
+    model = read_graph(path)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    sha = sha256_of(path)
+    report = {
+        "kind": "ONNX graph",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "sha256": sha,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "ir_version": model.ir_version,
+        "opsets": {imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
+        "inputs": [_value_info(v) for v in model.graph.input],
+        "outputs": [_value_info(v) for v in model.graph.output],
+        "operators": dict(Counter(_op_name(n) for n in model.graph.node).most_common(12)),
+        "initializer_bytes": sum(_tensor_bytes(t) for t in model.graph.initializer),
+        "lrq": {k.removeprefix("lrq."): v for k, v in metadata.items() if k.startswith("lrq.")},
+        "problems": [],
+    }
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        report["problems"].append(f"fails the ONNX checker: {str(exc).splitlines()[0]}")
+    if not report["lrq"]:
+        report["problems"].append("not written by lrq export (no lrq metadata)")
+    report["verification"] = _sidecar(path.with_name(path.name + ".verify.json"), sha, report["problems"])
+    report["intact"] = not report["problems"]
+    return report
+
+
+def describe_engine(path: Path) -> dict:
+    from lrq_deploy.provenance import sha256_of
+    from lrq_deploy.engine.record import read_build_record
+
+    sha = sha256_of(path)
+    record = read_build_record(path)
+    problems = []
+    if record is None:
+        problems.append(f"no build record ({path.name}.json): not built by lrq build-engine, or the record was removed")
+    elif record.get("sha256") != sha:
+        problems.append("the engine does not match the sha256 in its build record (changed or damaged)")
+    record = record or {}
+    return {
+        "kind": "TensorRT engine",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "sha256": sha,
+        "flavour": record.get("flavour"),
+        "tensorrt_version": record.get("tensorrt_version"),
+        "compute_capabilities": record.get("compute_capabilities"),
+        "precision": record.get("precision"),
+        "plugins": record.get("plugins"),
+        "layers": record.get("layers"),
+        "source_onnx": record.get("onnx"),
+        "verification": record.get("verify"),
+        "versions": record.get("versions"),
+        "intact": not problems,
+        "problems": problems,
+    }
+
+
+def _sidecar(file: Path, sha: str, problems: list) -> dict | None:
+    """The verification recorded at export, if it belongs to this very file."""
+    if not file.is_file():
+        return None
+    try:
+        recorded = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        problems.append(f"{file.name} is damaged")
+        return None
+    if recorded.get("sha256") != sha:
+        problems.append(f"{file.name} records another file's sha256 (the graph changed after export)")
+        return None
+    return recorded.get("verify")
+
+
+def _value_info(value) -> dict:
+    import onnx
+
+    tensor = value.type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            if tensor.elem_type else "unknown", "dims": dims}
+
+
+def _op_name(node) -> str:
+    return f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+
+
+def _tensor_bytes(tensor) -> int:
+    import onnx
+
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return onnx.numpy_helper.to_array(tensor).nbytes
+
+
+def format_report(report: dict) -> str:
+    """Aligned `key: value` lines; nested values as compact JSON."""
+    lines = []
+    for key, value in report.items():
+        if key in ("problems", "files"):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        lines.append(f"{key.replace('_', ' '):<22}{text}")
+    for name, record in report.get("files", {}).items():
+        lines.append(f"{'file':<22}{name}  {record['bytes']} bytes  sha256 {record['sha256'][:16]}…  {record['check']}")
+    lines += [f"{'problem':<22}{problem}" for problem in report["problems"]]
+    return "\n".join(lines)

@@ -1,0 +1,471 @@
+"""Bad input across every command, through the real CLI.
+
+Each case builds its inputs in a fresh directory, runs `lrq ...`, and must end with a non-zero
+exit, exactly one output line naming the problem (no traceback), and the directory exactly as
+it was before (nothing written that could look valid, nothing of the user's removed).
+docs/BAD_INPUTS.md lists every case with the message it gives (scripts/bad_inputs_doc.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lrq_deploy.cli import main
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "BAD_INPUTS.md"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    make: Callable  # (Inputs) -> list of CLI arguments
+    message: str  # a fragment of the one error line
+    needs: str | None = None  # "trt": a TensorRT flavour installed; "no-cuda": a machine without CUDA
+    report: bool = False  # the command prints its report on stdout before the error (lrq info)
+
+
+class Inputs:
+    """The case's directory and builders of the inputs it needs (copies of shared artifacts)."""
+
+    def __init__(self, root: Path, shared: dict):
+        self.root = root
+        self.shared = shared
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    def file(self, name: str, content: bytes | str) -> str:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+    def model(self, name: str = "model") -> Path:
+        """A copy of the tiny random LLaMA HF directory."""
+        return Path(shutil.copytree(self.shared["llama"], self.root / name))
+
+    def checkpoint(self, name: str = "ckpt") -> Path:
+        return Path(shutil.copytree(self.shared["checkpoint"], self.root / name))
+
+    def onnx(self, name: str = "model.onnx") -> str:
+        return str(shutil.copy(self.shared["onnx"], self.root / name))
+
+    def read_only_dir(self, name: str = "ro") -> str:
+        return read_only_directory(self.root / name)
+
+
+def read_only_directory(path: Path) -> str:
+    """A directory no one can create files in: chmod 555, or (as root, whom modes do not stop)
+    a directory on a read-only filesystem."""
+    path.mkdir()
+    path.chmod(0o555)
+    if not _writable(path):
+        return str(path)
+    for candidate in ("/sys", "/proc/sys"):
+        if Path(candidate).is_dir() and not _writable(Path(candidate)):
+            return candidate
+    pytest.skip("no read-only directory can be made on this machine")
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        (directory / ".probe").write_text("x")
+    except OSError:
+        return False
+    (directory / ".probe").unlink()
+    return True
+
+
+# --- builders of damaged inputs -------------------------------------------------------------------
+
+def _config(inputs: Inputs, config: dict | str) -> str:
+    model = inputs.model()
+    (model / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return str(model)
+
+
+def _llama_config(inputs: Inputs) -> dict:
+    return json.loads((inputs.shared["llama"] / "config.json").read_text())
+
+
+def _poisoned_weights(inputs: Inputs, value: float) -> str:
+    from safetensors.torch import load_file, save_file
+
+    model = inputs.model()
+    state = load_file(str(model / "model.safetensors"))
+    name = next(k for k in state if k.endswith("q_proj.weight"))
+    state[name][0, 0] = value
+    save_file(state, str(model / "model.safetensors"))
+    return str(model)
+
+
+class _Payload:
+    """Unpickling this creates a marker directory: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def _pickle_only_model(inputs: Inputs) -> str:
+    model = inputs.model()
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(inputs.root / "PWNED")))
+    return str(model)
+
+
+def _truncated_hf_weights(inputs: Inputs) -> str:
+    model = inputs.model()
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 3])
+    return str(model)
+
+
+def _timm_with(inputs: Inputs, kwargs: dict) -> str:
+    directory = inputs.root / "vit"
+    directory.mkdir()
+    (directory / "timm.json").write_text(json.dumps({"model_name": "vit_tiny_patch16_224", "kwargs": kwargs}))
+    (directory / "model.safetensors").write_bytes(b"")
+    return str(directory)
+
+
+def _run_dir(inputs: Inputs, run_json: str | None = None) -> list[str]:
+    """An interrupted lrquant run's directory (OUT.run) with the given run.json text."""
+    run = inputs.root / "q.run"
+    run.mkdir()
+    settings = {"model": str(inputs.shared["llama"]), "quant": {"wbits": 4, "abits": 4, "group_size": None, "symmetric": False},
+                "calib": {"method": "lrquant", "nsamples": 2, "seqlen": 16, "seed": 0, "alpha": 0.5, "epochs": 1,
+                          "lr_smooth": 5e-3, "lr_lwc": 1e-2, "batch_size": 1}, "calib_data": None}
+    (run / "run.json").write_text(run_json if run_json is not None else json.dumps(settings))
+    return ["calibrate", inputs.shared["llama"], "-o", inputs.path("q"), "--method", "lrquant", "--wbits", "4", "--abits", "4",
+            "--nsamples", "2", "--seq-len", "16", "--epochs", "1"]
+
+
+def _damaged(inputs: Inputs, damage: Callable[[Path], None]) -> str:
+    ckpt = inputs.checkpoint()
+    damage(ckpt)
+    return str(ckpt)
+
+
+def _flip_byte(ckpt: Path) -> None:
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+
+
+def _truncate(ckpt: Path) -> None:
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[:-64])
+
+
+def _edit_manifest(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(ckpt: Path) -> None:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        edit(manifest)
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+    return damage
+
+
+def _drop_tensor(ckpt: Path) -> None:
+    """A checkpoint missing one tensor, with hashes that match (re-recorded after the edit)."""
+    from safetensors.torch import load_file, save_file
+
+    from lrq_deploy.checkpoint import file_records
+
+    state = load_file(str(ckpt / "model.safetensors"))
+    state.pop(next(k for k in state if k.endswith("scales")))
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "lrq-checkpoint"})
+    _edit_manifest(lambda m: m.update(files=file_records(ckpt)))(ckpt)
+
+
+def _foreign_onnx(inputs: Inputs) -> str:
+    """A valid graph from another tool: one float MatMul, no quantized weights, no lrq metadata."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    path = inputs.root / "other.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def _engine_with_record(inputs: Inputs, **changes) -> str:
+    """Bytes standing in for an engine, with a build record (as lrq build-engine writes it)."""
+    from lrq_deploy.engine.flavours import load_flavour
+    from lrq_deploy.engine.record import ENGINE_RECORD
+    from lrq_deploy.provenance import sha256_of
+
+    flavour = load_flavour()
+    engine = Path(inputs.file("m.engine", b"serialized engine bytes"))
+    record = {"format": ENGINE_RECORD, "flavour": flavour.name, "tensorrt_version": flavour.version,
+              "compute_capabilities": ["89"], "bytes": engine.stat().st_size, "sha256": sha256_of(engine), **changes}
+    inputs.file("m.engine.json", json.dumps(record))
+    return str(engine)
+
+
+def _tampered_engine(inputs: Inputs) -> str:
+    engine = _engine_with_record(inputs)
+    Path(engine).write_bytes(b"serialized engine bytez")
+    return engine
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+FAST = ["--nsamples", "2", "--seq-len", "16"]
+
+CASES = [
+    # calibrate: the model
+    Case("calibrate-missing-model", lambda i: ["calibrate", i.path("nope"), "-o", i.path("o")], "does not exist"),
+    Case("calibrate-not-a-model-dir", lambda i: ["calibrate", i.file("m/readme.txt", "x") and i.path("m"), "-o", i.path("o")],
+         "is not a model directory"),
+    Case("calibrate-file-as-model", lambda i: ["calibrate", i.file("m.txt", "x"), "-o", i.path("o")], "is not a model directory"),
+    Case("calibrate-unsupported-architecture", lambda i: ["calibrate", _config(i, {"model_type": "bert"}), "-o", i.path("o")],
+         "unsupported architecture 'bert' (supported: llama"),
+    Case("calibrate-config-not-json", lambda i: ["calibrate", _config(i, "{not json"), "-o", i.path("o")], "is not valid JSON"),
+    Case("calibrate-config-not-object", lambda i: ["calibrate", _config(i, "[1, 2]"), "-o", i.path("o")], "is not a model config"),
+    Case("calibrate-pickle-weights-only", lambda i: ["calibrate", _pickle_only_model(i), "-o", i.path("o")],
+         "holds pytorch_model.bin but no .safetensors weights; lrq does not unpickle"),
+    Case("calibrate-truncated-hf-weights", lambda i: ["calibrate", _truncated_hf_weights(i), "-o", i.path("o")], "cannot load"),
+    Case("calibrate-nan-weights", lambda i: ["calibrate", _poisoned_weights(i, float("nan")), "-o", i.path("o"), *FAST],
+         "contains NaN or inf values"),
+    Case("calibrate-inf-weights", lambda i: ["calibrate", _poisoned_weights(i, float("inf")), "-o", i.path("o"), *FAST],
+         "contains NaN or inf values"),
+    Case("calibrate-timm-spec-malformed", lambda i: ["calibrate", "timm:vit_tiny", "-o", i.path("o")],
+         "timm models are named timm:MODEL_NAME@WEIGHTS.safetensors"),
+    Case("calibrate-timm-json-checkpoint-path", lambda i: ["calibrate", _timm_with(i, {"checkpoint_path": "/x.pth"}), "-o", i.path("o")],
+         "timm.json kwargs may not set checkpoint_path"),
+    # calibrate: numerics and sample options
+    Case("calibrate-wbits-5", lambda i: ["calibrate", "-o", i.path("o"), "--wbits", "5"], "wbits must be one of 2, 3, 4, 6, 8, 16"),
+    Case("calibrate-abits-3", lambda i: ["calibrate", "-o", i.path("o"), "--abits", "3"], "abits must be one of 4, 6, 8, 16"),
+    Case("calibrate-w16a16", lambda i: ["calibrate", "-o", i.path("o"), "--wbits", "16"], "quantizes nothing"),
+    Case("calibrate-group-size-0", lambda i: ["calibrate", "-o", i.path("o"), "--group-size", "0"], "group size must be an even number"),
+    Case("calibrate-group-size-negative", lambda i: ["calibrate", "-o", i.path("o"), "--group-size", "-64"],
+         "group size must be an even number"),
+    Case("calibrate-group-size-not-dividing", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--group-size", "48", *FAST],
+         "group size 48 does not divide"),
+    Case("calibrate-group-size-beyond-k", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--group-size", "512", *FAST],
+         "group size 512 does not divide"),
+    Case("calibrate-nsamples-0", lambda i: ["calibrate", "-o", i.path("o"), "--nsamples", "0"], "nsamples must be >= 1"),
+    Case("calibrate-seq-len-1", lambda i: ["calibrate", "-o", i.path("o"), "--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+    Case("calibrate-seq-len-beyond-positions", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--seq-len", "1024"],
+         "--seq-len must lie in 2..256 for this model, got 1024"),
+    Case("calibrate-vit-seq-len", lambda i: ["calibrate", "bundled:vit", "-o", i.path("o"), "--seqlen", "1000000"],
+         "--seq-len applies to language models"),
+    Case("calibrate-batch-size-0", lambda i: ["calibrate", "-o", i.path("o"), "--batch-size", "0"], "batch size must be >= 1"),
+    Case("calibrate-epochs-negative", lambda i: ["calibrate", "-o", i.path("o"), "--epochs", "-1"], "epochs must be >= 0"),
+    Case("calibrate-alpha-out-of-range", lambda i: ["calibrate", "-o", i.path("o"), "--alpha", "1.5"], "alpha must lie in [0, 1]"),
+    Case("calibrate-bits-not-a-number", lambda i: ["calibrate", "-o", i.path("o"), "--wbits", "four"], "'four' is not a valid integer"),
+    Case("calibrate-unknown-method", lambda i: ["calibrate", "-o", i.path("o"), "--method", "gptq"], "'gptq' is not one of"),
+    Case("calibrate-cuda-without-gpu", lambda i: ["calibrate", "-o", i.path("o"), "--device", "cuda"], "no CUDA device", "no-cuda"),
+    # calibrate: calibration text
+    Case("calibrate-calib-data-missing", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", i.path("no.txt")],
+         "data file"),
+    Case("calibrate-calib-data-empty", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", i.file("e.txt", "")],
+         "is empty"),
+    Case("calibrate-calib-data-whitespace", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"),
+                                                       "--calib-data", i.file("w.txt", " \n\t\n")], "is empty"),
+    Case("calibrate-calib-data-tiny", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", i.file("t.txt", "hi"), *FAST],
+         "at least 17 are needed for seqlen 16"),
+    Case("calibrate-calib-data-binary", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"),
+                                                   "--calib-data", i.file("b.bin", bytes(range(256)) * 4)], "is not UTF-8 text"),
+    Case("calibrate-calib-data-latin1", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"),
+                                                   "--calib-data", i.file("l.txt", "caf\xe9 na\xefve ".encode("latin-1") * 50)],
+         "is not UTF-8 text"),
+    Case("calibrate-calib-data-for-vit", lambda i: ["calibrate", "bundled:vit", "-o", i.path("o"), "--calib-data", i.file("t.txt", "text")],
+         "--calib-data is for text models"),
+    # calibrate: outputs and runs
+    Case("calibrate-output-not-empty", lambda i: ["calibrate", "-o", Path(i.file("o/keep.txt", "mine")).parent],
+         "is not empty (use --force"),
+    Case("calibrate-output-is-file", lambda i: ["calibrate", "-o", i.file("o", "mine")], "exists and is not a directory"),
+    Case("calibrate-output-parent-is-file", lambda i: ["calibrate", "-o", i.file("f", "mine") + "/o"], "is not a directory"),
+    Case("calibrate-output-read-only", lambda i: ["calibrate", "-o", i.read_only_dir() + "/o"], "cannot write to"),
+    Case("calibrate-run-dir-of-the-user", lambda i: ["calibrate", "-o", i.path("o"), "--method", "lrquant",
+                                                     "--run-dir", Path(i.file("mine/notes.txt", "keep")).parent],
+         "holds files lrq did not write (notes.txt)"),
+    Case("calibrate-run-dir-earlier-run", lambda i: _run_dir(i), "holds an earlier run: continue it with --resume"),
+    Case("calibrate-resume-other-settings", lambda i: [*_run_dir(i), "--resume", "--batch-size", "2"],
+         "was made with calib.batch_size=1 (now 2)"),
+    Case("calibrate-resume-damaged-run-json", lambda i: [*_run_dir(i, "{oops"), "--resume"], "run.json is damaged"),
+    # eval
+    Case("eval-missing-checkpoint", lambda i: ["eval", i.path("none")], "does not exist"),
+    Case("eval-not-a-checkpoint", lambda i: ["eval", str(i.model())], "is not an lrq checkpoint (no manifest.json)"),
+    Case("eval-manifest-deleted", lambda i: ["eval", _damaged(i, lambda c: (c / "manifest.json").unlink())], "no manifest.json"),
+    Case("eval-manifest-invalid-json", lambda i: ["eval", _damaged(i, lambda c: (c / "manifest.json").write_text("{"))], "is corrupt"),
+    Case("eval-manifest-future-version", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(format_version=99)))],
+         "format version 99; this lrq-deploy reads up to"),
+    Case("eval-manifest-without-quant", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.pop("quant")))], "lacks quant"),
+    Case("eval-manifest-unknown-family", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(family="bert")))],
+         "unknown model family 'bert'"),
+    Case("eval-flipped-byte", lambda i: ["eval", _damaged(i, _flip_byte)], "model.safetensors does not match manifest.json (sha256 differs)"),
+    Case("eval-truncated-weights", lambda i: ["eval", _damaged(i, _truncate)], "model.safetensors does not match manifest.json (size differs)"),
+    Case("eval-weights-deleted", lambda i: ["eval", _damaged(i, lambda c: (c / "model.safetensors").unlink())],
+         "model.safetensors does not match manifest.json (missing)"),
+    Case("eval-missing-tensor", lambda i: ["eval", _damaged(i, _drop_tensor)], "does not match its manifest (missing 1"),
+    Case("eval-limit-0", lambda i: ["eval", i.checkpoint(), "--limit", "0"], "--limit must be >= 1, got 0"),
+    Case("eval-limit-negative", lambda i: ["eval", i.checkpoint(), "--limit", "-1"], "--limit must be >= 1, got -1"),
+    Case("eval-seq-len-0", lambda i: ["eval", i.checkpoint(), "--seq-len", "0"], "--seq-len must lie in 2..256"),
+    Case("eval-data-too-short", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.txt", "abc")], "fewer than one window"),
+    Case("eval-data-not-utf8", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.bin", b"\xff\xfe\x00" * 100)], "is not UTF-8 text"),
+    Case("eval-wrong-task", lambda i: ["eval", i.checkpoint(), "--task", "top1"], "does not apply to a causal_lm model"),
+    # export
+    Case("export-batch-0", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--batch", "0"], "--batch must be >= 1"),
+    Case("export-seq-len-negative", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--seq-len", "-5"],
+         "--seq-len must be >= 1"),
+    Case("export-seq-len-beyond-positions", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--seq-len", "4096"],
+         "--seq-len must lie in 2..256"),
+    Case("export-limit-0", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--limit", "0"], "--limit must be >= 1"),
+    Case("export-with-past-static", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--with-past", "--batch", "1"],
+         "--with-past graphs keep dynamic"),
+    Case("export-onnx-is-directory", lambda i: ["export", i.checkpoint(), "--onnx", Path(i.file("d/x", "")).parent], "is a directory"),
+    Case("export-onnx-parent-missing", lambda i: ["export", i.checkpoint(), "--onnx", i.path("no/x.onnx")], "does not exist"),
+    Case("export-onnx-exists", lambda i: ["export", i.checkpoint(), "--onnx", i.file("x.onnx", "mine")], "exists (use --force"),
+    Case("export-onnx-read-only", lambda i: ["export", i.checkpoint(), "--onnx", i.read_only_dir() + "/x.onnx"], "cannot write to"),
+    Case("export-opset-too-low", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--opset", "13"], "is too low"),
+    Case("export-not-a-checkpoint", lambda i: ["export", i.file("c.txt", "x"), "--onnx", i.path("x.onnx")], "is not an lrq checkpoint"),
+    Case("export-tampered-checkpoint", lambda i: ["export", _damaged(i, _flip_byte), "--onnx", i.path("x.onnx")], "sha256 differs"),
+    # build-engine
+    Case("build-missing-onnx", lambda i: ["build-engine", i.path("no.onnx"), "-o", i.path("x.engine")], "does not exist"),
+    Case("build-empty-onnx", lambda i: ["build-engine", i.file("e.onnx", b""), "-o", i.path("x.engine")], "is empty (0 bytes)"),
+    Case("build-text-as-onnx", lambda i: ["build-engine", i.file("t.onnx", "hello, not a graph " * 20), "-o", i.path("x.engine")],
+         "ONNX model"),
+    Case("build-onnx-from-another-tool", lambda i: ["build-engine", _foreign_onnx(i), "-o", i.path("x.engine")],
+         "--int4 needs a graph with INT4 weights", "trt"),
+    Case("build-ort-flavoured-onnx", lambda i: ["build-engine", i.onnx(), "-o", i.path("x.engine")], "export with --target trt"),
+    Case("build-output-is-input", lambda i: ["build-engine", (p := i.onnx()), "-o", p, "--force"], "is also the input"),
+    Case("build-output-exists", lambda i: ["build-engine", i.onnx(), "-o", i.file("x.engine", "mine")], "exists (use --force"),
+    Case("build-output-read-only", lambda i: ["build-engine", i.onnx(), "-o", i.read_only_dir() + "/x.engine"], "cannot write to"),
+    Case("build-shapes-min-above-max", lambda i: ["build-engine", i.onnx(), "-o", i.path("x.engine"), "--min-shapes", "input_ids:1x16",
+                                                  "--opt-shapes", "input_ids:1x16", "--max-shapes", "input_ids:1x8"],
+         "must satisfy min <= opt <= max"),
+    Case("build-shapes-malformed", lambda i: ["build-engine", i.onnx(), "-o", i.path("x.engine"), "--min-shapes", "input_ids:1xA",
+                                              "--opt-shapes", "input_ids:1x8", "--max-shapes", "input_ids:1x8"], "shapes are name:DxDx"),
+    Case("build-shapes-different-inputs", lambda i: ["build-engine", i.onnx(), "-o", i.path("x.engine"), "--min-shapes", "a:1",
+                                                     "--opt-shapes", "b:1", "--max-shapes", "a:1"], "must name the same inputs"),
+    Case("build-unknown-sm", lambda i: ["build-engine", _foreign_onnx(i), "-o", i.path("x.engine"), "--fp16", "--sm", "42"],
+         "cannot target 42", "trt"),
+    # bench
+    Case("bench-missing-target", lambda i: ["bench", i.path("none.onnx")], "does not exist"),
+    Case("bench-unknown-kind", lambda i: ["bench", i.file("m.txt", "x")], "cannot tell the backend"),
+    Case("bench-iterations-0", lambda i: ["bench", i.onnx(), "--iterations", "0"], "--iterations must be >= 1, got 0"),
+    Case("bench-percentile-150", lambda i: ["bench", i.onnx(), "--percentile", "150"], "--percentile values must lie in (0, 100], got 150"),
+    Case("bench-percentile-not-number", lambda i: ["bench", i.onnx(), "--percentile", "p99"], "--percentile takes comma-separated numbers"),
+    Case("bench-duration-negative", lambda i: ["bench", i.onnx(), "--duration", "-1"], "--duration must be >= 0, got -1"),
+    Case("bench-warm-up-negative", lambda i: ["bench", i.onnx(), "--warm-up", "-5"], "--warm-up must be >= 0, got -5"),
+    Case("bench-batch-0", lambda i: ["bench", i.onnx(), "--batch", "0"], "--batch must be >= 1, got 0"),
+    Case("bench-seq-len-beyond-positions", lambda i: ["bench", i.onnx(), "--seq-len", "100000"], "exceeds the 256 positions"),
+    Case("bench-compare-one-target", lambda i: ["bench", "--compare", i.onnx()], "--compare needs at least two targets"),
+    Case("bench-export-json-parent-missing", lambda i: ["bench", i.onnx(), "--export-json", i.path("no/x.json")], "does not exist"),
+    Case("bench-export-json-read-only", lambda i: ["bench", i.onnx(), "--export-json", i.read_only_dir() + "/x.json"], "cannot write to"),
+    Case("bench-engine-other-tensorrt", lambda i: ["bench", _engine_with_record(i, tensorrt_version="0.0.1")],
+         "was built with", "trt"),
+    Case("bench-engine-tampered", lambda i: ["bench", _tampered_engine(i)], "does not match the sha256 in its build record", "trt"),
+    # info
+    Case("info-missing", lambda i: ["info", i.path("none")], "does not exist"),
+    Case("info-unknown-kind", lambda i: ["info", i.file("x.bin", "x")], "cannot tell what"),
+    Case("info-flipped-byte", lambda i: ["info", _damaged(i, _flip_byte)], "is not intact: model.safetensors: sha256 differs",
+         report=True),
+]
+
+
+def _trt_installed() -> bool:
+    from lrq_deploy.engine.flavours import MODULES
+
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) for m in MODULES.values())
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_llama_dir, tmp_path_factory) -> dict:
+    """A W4A16 checkpoint of the tiny LLaMA and its onnxruntime graph, copied by the cases that use them."""
+    root = tmp_path_factory.mktemp("bad-inputs-shared")
+    ckpt, graph = root / "ckpt", root / "model.onnx"
+    runner = CliRunner()
+    for args in (["calibrate", tiny_llama_dir, "-o", ckpt, "--nsamples", "2", "--seq-len", "16"],
+                 ["export", ckpt, "--onnx", graph, "--no-verify"]):
+        result = runner.invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return {"llama": tiny_llama_dir, "checkpoint": ckpt, "onnx": graph}
+
+
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def run_case(case: Case, root: Path, shared: dict):
+    """(exit code, error lines, files before, files after) of one case; stdout must be empty
+    unless the command prints a report."""
+    inputs = Inputs(root, shared)
+    args = [str(a) for a in case.make(inputs)]
+    _record(case, args, root, shared)
+    before = snapshot(root)
+    result = CliRunner().invoke(main, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    shown = result.stderr if case.report else result.output
+    lines = [line for line in shown.splitlines() if line.strip()]
+    _record(case, args, root, shared, lines)
+    return result.exit_code, lines, before, snapshot(root)
+
+
+def _record(case: Case, args: list[str], root: Path, shared: dict, lines: list[str] | None = None) -> None:
+    """With LRQ_BAD_INPUTS_LOG set (scripts/bad_inputs_doc.py), append the case's command and message."""
+    log = os.environ.get("LRQ_BAD_INPUTS_LOG")
+    if not log or lines is None:
+        return
+
+    def tidy(text: str) -> str:
+        for path, name in ((root, "."), (shared["llama"], "./tiny-llama"), (shared["checkpoint"].parent, ".")):
+            text = text.replace(str(path), name)
+        return text
+
+    entry = {"id": case.id, "command": tidy("lrq " + " ".join(args)), "message": tidy(lines[0] if lines else "")}
+    with open(log, "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, shared, tmp_path):
+    if case.needs == "trt" and not _trt_installed():
+        pytest.skip("no TensorRT flavour installed")
+    if case.needs == "no-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root = tmp_path / "case"
+    root.mkdir()
+    code, lines, before, after = run_case(case, root, shared)
+    assert code != 0
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "Traceback" not in lines[0], lines[0]
+    assert case.message in lines[0], lines[0]
+    assert after == before, "the command changed its directory"
+    assert not (root / "PWNED").exists(), "a pickle payload was executed"
+
+
+def test_the_suite_covers_every_command():
+    commands = {case.id.split("-")[0] for case in CASES}
+    assert {"calibrate", "eval", "export", "build", "bench", "info"} <= commands
+    assert len(CASES) >= 40
+
+
+def test_docs_list_every_case():
+    listed = DOC.read_text()
+    missing = [case.id for case in CASES if f"`{case.id}`" not in listed]
+    assert not missing, f"docs/BAD_INPUTS.md lacks {missing}; regenerate it with python scripts/bad_inputs_doc.py"
