@@ -8,8 +8,10 @@ interrupted or killed write leaves nothing at the target path.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,10 +19,39 @@ from typing import Callable, Iterable
 from lrq_deploy.errors import LrqError
 
 
+def temporary_path(path: Path, tag: str = "") -> Path:
+    """A hidden name beside `path` that carries this process id (see remove_stale_temporaries)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{tag}")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of `path` left by processes that were killed (SIGKILL, power loss)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) for a temporary path next to `path`, then move it into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path)
+    tmp = temporary_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)

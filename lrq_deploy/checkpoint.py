@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrq_deploy.atomic import check_output_dir
+from lrq_deploy.atomic import check_output_dir, remove_stale_temporaries, temporary_path
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
@@ -37,7 +37,8 @@ def atomic_directory(out: Path, force: bool):
     """Yield a temporary directory; on success it replaces `out`, on failure it is removed."""
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_path(out).name + "-", dir=out.parent))
     try:
         yield tmp
         _make_readable(tmp)

@@ -19,6 +19,7 @@ from typing import Callable
 import pytest
 import torch
 from click.testing import CliRunner
+from hostile import PicklePayload, read_only_directory
 
 from lrq_deploy.cli import main
 
@@ -64,28 +65,6 @@ class Inputs:
         return read_only_directory(self.root / name)
 
 
-def read_only_directory(path: Path) -> str:
-    """A directory no one can create files in: chmod 555, or (as root, whom modes do not stop)
-    a directory on a read-only filesystem."""
-    path.mkdir()
-    path.chmod(0o555)
-    if not _writable(path):
-        return str(path)
-    for candidate in ("/sys", "/proc/sys"):
-        if Path(candidate).is_dir() and not _writable(Path(candidate)):
-            return candidate
-    pytest.skip("no read-only directory can be made on this machine")
-
-
-def _writable(directory: Path) -> bool:
-    try:
-        (directory / ".probe").write_text("x")
-    except OSError:
-        return False
-    (directory / ".probe").unlink()
-    return True
-
-
 # --- builders of damaged inputs -------------------------------------------------------------------
 
 def _config(inputs: Inputs, config: dict | str) -> str:
@@ -109,20 +88,10 @@ def _poisoned_weights(inputs: Inputs, value: float) -> str:
     return str(model)
 
 
-class _Payload:
-    """Unpickling this creates a marker directory: proof that a pickle was executed."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (str(self.marker),)
-
-
 def _pickle_only_model(inputs: Inputs) -> str:
     model = inputs.model()
     (model / "model.safetensors").unlink()
-    (model / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(inputs.root / "PWNED")))
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(PicklePayload(inputs.root / "PWNED")))
     return str(model)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from lrq_deploy.atomic import atomic_write, check_output_file, write_json
+from lrq_deploy.atomic import atomic_write, check_output_file, remove_stale_temporaries, temporary_path, write_json
 from lrq_deploy.engine.flavours import Flavour, load_flavour
 from lrq_deploy.engine.record import build_record, record_path
 from lrq_deploy.errors import LrqError
@@ -144,7 +144,8 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     flavour.compute_capabilities(options.compute_capabilities)  # unknown targets fail before the child starts
     if options.verify:
         _check_gpu_for_verify()
-    staging = out.with_name(f".{out.name}.tmp-build-{os.getpid()}")
+    remove_stale_temporaries(out)
+    staging = temporary_path(out, "-build")
     try:
         report = {**_build_in_child(flavour, onnx_path, staging, options, requirements), **requirements}
         report["engine"] = str(out)
