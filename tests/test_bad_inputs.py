@@ -110,14 +110,16 @@ def _timm_with(inputs: Inputs, kwargs: dict) -> str:
     return str(directory)
 
 
-def _run_dir(inputs: Inputs, run_json: str | None = None) -> list[str]:
-    """An interrupted lrquant run's directory (OUT.run) with the given run.json text."""
+def _run_dir(inputs: Inputs, run_json: str | None = None, report: str | None = None) -> list[str]:
+    """An interrupted lrquant run's directory (OUT.run) with the given run.json (and report.json) text."""
     run = inputs.root / "q.run"
     run.mkdir()
     settings = {"model": str(inputs.shared["llama"]), "quant": {"wbits": 4, "abits": 4, "group_size": None, "symmetric": False},
                 "calib": {"method": "lrquant", "nsamples": 2, "seqlen": 16, "seed": 0, "alpha": 0.5, "epochs": 1,
                           "lr_smooth": 5e-3, "lr_lwc": 1e-2, "batch_size": 1}, "calib_data": None}
     (run / "run.json").write_text(run_json if run_json is not None else json.dumps(settings))
+    if report is not None:
+        (run / "report.json").write_text(report)
     return ["calibrate", inputs.shared["llama"], "-o", inputs.path("q"), "--method", "lrquant", "--wbits", "4", "--abits", "4",
             "--nsamples", "2", "--seq-len", "16", "--epochs", "1"]
 
@@ -272,6 +274,7 @@ CASES = [
     Case("calibrate-resume-other-settings", lambda i: [*_run_dir(i), "--resume", "--batch-size", "2"],
          "was made with calib.batch_size=1 (now 2)"),
     Case("calibrate-resume-damaged-run-json", lambda i: [*_run_dir(i, "{oops"), "--resume"], "run.json is damaged"),
+    Case("calibrate-resume-damaged-report", lambda i: [*_run_dir(i, report="[1]"), "--resume"], "report.json is damaged"),
     # eval
     Case("eval-missing-checkpoint", lambda i: ["eval", i.path("none")], "does not exist"),
     Case("eval-not-a-checkpoint", lambda i: ["eval", str(i.model())], "is not an lrq checkpoint (no manifest.json)"),

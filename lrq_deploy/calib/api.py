@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,19 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise LrqError(f"device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def deterministic_algorithms(device: torch.device) -> None:
+    """Same inputs and seed, same checkpoint: on CUDA this needs deterministic kernels (no
+    atomics in reductions; cuBLAS with a fixed workspace, which must be configured before
+    cuBLAS starts). CPU kernels are deterministic already. Bit-identical results hold for the
+    same GPU model and library versions; another GPU runs other kernels (docs/FORMATS.md)."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def calibrate(
@@ -55,6 +69,7 @@ def calibrate(
     if cconfig.method in RECIPES:
         runs = RunDir(run_dir or default_run_dir(out), run_settings(spec, qconfig, cconfig, calib_data), resume, force)
     dev = resolve_device(device)
+    deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
     loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
