@@ -223,38 +223,49 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (KV-cache length for decode graphs).")
 @click.option("--warm-up", "warm_up", type=float, default=200.0, show_default=True, help="Warm-up time in ms.")
-@click.option("--iterations", type=int, default=10, show_default=True, help="Minimum number of inferences.")
+@click.option("--iterations", type=int, default=10, show_default=True,
+              help="Minimum number of inferences (with --decode: timed generations, default 3).")
 @click.option("--duration", type=float, default=3.0, show_default=True, help="Minimum measuring time in seconds.")
 @click.option("--percentile", "percentiles", default="90,95,99", show_default=True, help="Comma-separated percentiles.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-data-transfers", is_flag=True, help="Keep inputs and outputs on the device (no H2D/D2H).")
+@click.option("--decode", is_flag=True, help="Generation speed: prompt, then tokens one at a time with a KV cache "
+                                             "(checkpoints, HF directories, --with-past ONNX graphs).")
+@click.option("--prompt-len", type=int, default=128, show_default=True, help="With --decode: prompt tokens.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="With --decode: tokens generated.")
 @click.option("--compare", is_flag=True, help="Measure several targets; print one table with ratios to the first.")
 @click.option("--export-json", type=click.Path(path_type=Path), default=None, help="Write the figures as JSON.")
 @click.option("--export-times", type=click.Path(path_type=Path), default=None, help="Write per-inference timings as JSON.")
 @clean_errors
 def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, percentiles, device, no_data_transfers,
-          compare, export_json, export_times):
+          decode, prompt_len, new_tokens, compare, export_json, export_times):
     """Benchmark TARGETS (one, or several with --compare)."""
-    from lrq_deploy.bench import bench as run, bench_compare
+    from lrq_deploy.bench import bench as run, bench_compare, bench_decode
     from lrq_deploy.bench.api import BenchOptions
+    from lrq_deploy.bench.decode import DecodeOptions, decode_comparison, decode_summary
     from lrq_deploy.bench.report import comparison, summary
 
     try:
         points = tuple(float(p) for p in percentiles.split(","))
     except ValueError:
         raise LrqError(f"--percentile takes comma-separated numbers, got {percentiles!r}") from None
-    options = BenchOptions(backend, batch, seq_len, warm_up, iterations, duration, points, device, not no_data_transfers)
-    if compare:
-        if len(targets) < 2:
-            raise LrqError("--compare needs at least two targets")
-        results = bench_compare(list(targets), options, export_json)
-        for _, result in results:
-            click.echo(summary(result) + "\n")
-        click.echo(comparison(results))
-        return
-    if len(targets) != 1:
+    if compare and len(targets) < 2:
+        raise LrqError("--compare needs at least two targets")
+    if not compare and len(targets) != 1:
         raise LrqError("give one target, or several with --compare")
-    click.echo(summary(run(targets[0], options, export_json, export_times)))
+    if decode:
+        explicit = click.get_current_context().get_parameter_source("iterations") is not ParameterSource.DEFAULT
+        options = DecodeOptions(batch, prompt_len, new_tokens, iterations if explicit else 3, points, device)
+        one, show, table = bench_decode, decode_summary, decode_comparison
+    else:
+        options = BenchOptions(backend, batch, seq_len, warm_up, iterations, duration, points, device, not no_data_transfers)
+        one, show, table = (lambda t, o, j: run(t, o, j, export_times)), summary, comparison
+    if compare:
+        results = bench_compare(list(targets), options, export_json)
+        click.echo("\n\n".join(show(result) for _, result in results) + "\n")
+        click.echo(table(results))
+        return
+    click.echo(show(one(targets[0], options, export_json)))
 
 
 @main.command(short_help="Show what a checkpoint, ONNX graph or engine is, and whether it is intact.")

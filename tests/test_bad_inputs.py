@@ -294,6 +294,9 @@ CASES = [
     Case("eval-limit-negative", lambda i: ["eval", i.checkpoint(), "--limit", "-1"], "--limit must be >= 1, got -1"),
     Case("eval-seq-len-0", lambda i: ["eval", i.checkpoint(), "--seq-len", "0"], "--seq-len must lie in 2..256"),
     Case("eval-data-too-short", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.txt", "abc")], "fewer than one window"),
+    Case("eval-data-empty", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.txt", "")], "is empty"),
+    Case("eval-data-binary", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.bin", bytes(range(256)) * 8)], "is not UTF-8 text"),
+    Case("eval-data-missing", lambda i: ["eval", i.checkpoint(), "--data", i.path("none.txt")], "does not exist"),
     Case("eval-data-not-utf8", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.bin", b"\xff\xfe\x00" * 100)], "is not UTF-8 text"),
     Case("eval-wrong-task", lambda i: ["eval", i.checkpoint(), "--task", "top1"], "does not apply to a causal_lm model"),
     # export

@@ -37,11 +37,11 @@ def comparison(results: list[tuple[str, dict]]) -> str:
         speedup = base["latency_ms"]["mean"] / result["latency_ms"]["mean"]
         lines.append(
             f"{name[-40:]:<40}{result['backend']:>8}{result['latency_ms']['mean']:>12.4g}"
-            f"{result['latency_ms']['median']:>12.4g}{result['throughput_qps']:>12.4g}{_ratio(speedup):>9}"
+            f"{result['latency_ms']['median']:>12.4g}{result['throughput_qps']:>12.4g}{ratio(speedup):>9}"
         )
     return "\n".join(lines)
 
 
-def _ratio(value: float) -> str:
+def ratio(value: float) -> str:
     """Two decimals, or two significant digits below 0.1 (a 1000x slower row is 0.001x, not 0.00x)."""
     return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"

@@ -101,22 +101,28 @@ def _check_graph_shape(path: Path, session, batch: int, seq_len: int) -> None:
                            "(set --batch / --seq-len to match, or export with dynamic axes)")
 
 
+def ort_benchmark_session(path: Path, optimize: bool = True):
+    """An onnxruntime session as deployed: graph optimizations on, every available provider."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # The optimizer fuses INT4/INT2 DequantizeLinear + MatMul into MatMulNBits, by default at
+    # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32.
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+
 class OrtRunner(Runner):
     name = "ort"
 
     def __init__(self, path: Path, batch: int, seq_len: int, optimize: bool = True):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if not optimize:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        # The optimizer fuses INT4/INT2 DequantizeLinear + MatMul into MatMulNBits, by default at
-        # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32.
-        options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-            raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self.session = ort_benchmark_session(path, optimize)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         _check_graph_shape(path, self.session, batch, seq_len)
         self.feeds, self._workload = _input_feeds(self.session.get_inputs(), batch, seq_len)
@@ -145,7 +151,7 @@ class TorchRunner(Runner):
         dev = resolve_device(device)
         self.device = dev.type
         loaded, manifest = load_checkpoint(path, dev)
-        self.kernels = _try_kernels(loaded.model, manifest)
+        self.kernels = use_kernels_if_served(loaded.model, manifest)
         spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past=False)
         self.module = spec.module.eval()
         self.host_inputs = spec.example_args
@@ -180,7 +186,7 @@ class TorchRunner(Runner):
             return timed_on_cuda(torch, h2d if self.transfers else None, compute, d2h if self.transfers else None)
 
 
-def _try_kernels(model, manifest) -> bool:
+def use_kernels_if_served(model, manifest) -> bool:
     """Put the model on the Triton kernels when they serve its configuration."""
     from lrq_deploy.config import QuantConfig
     from lrq_deploy.plugins.backend import use_kernels

@@ -1,0 +1,222 @@
+"""`lrq bench --decode`: generation speed as LLM users judge it.
+
+A prompt of P tokens (prefill), then N tokens generated greedily one at a time with a KV
+cache, for a batch of B sequences. Reported: time to first token (the prefill), per-token
+latency percentiles of the decode steps, and decode throughput in tokens per second
+(B x generated tokens / decode time). One untimed generation warms up, then `runs`
+generations are measured.
+
+Targets: a quantized checkpoint or a full-precision HF directory (PyTorch, with a KV cache;
+the Triton kernels on CUDA where they serve the scheme), or an ONNX graph exported with
+`--with-past` (onnxruntime, one graph for prefill and decode).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, summarize
+from lrq_deploy.errors import LrqError
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    batch: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 64
+    runs: int = 3
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
+    device: str = "auto"
+
+    def __post_init__(self):
+        for option, value, least in (("--batch", self.batch, 1), ("--prompt-len", self.prompt_len, 1),
+                                     ("--new-tokens", self.new_tokens, 2), ("--iterations", self.runs, 1)):
+            if value < least:
+                raise LrqError(f"{option} must be >= {least} for --decode, got {value}")
+
+
+class Decoder:
+    """One greedy generation at a time: prefill resets the cache."""
+
+    name = ""
+    device = "cpu"
+    max_positions: int | None = None
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """Run the prompt [B, P]; return the next tokens [B]."""
+        raise NotImplementedError
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Append tokens [B] to the cache; return the next tokens [B]."""
+        raise NotImplementedError
+
+
+class TorchDecoder(Decoder):
+    """An HF causal LM in PyTorch (a quantized checkpoint or a full-precision directory)."""
+
+    name = "torch"
+
+    def __init__(self, model, device, description: str):
+        import torch
+
+        self.torch, self.model, self.dev = torch, model.eval(), device
+        self.device = device.type
+        self.description = description
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.cache = None
+
+    def _next(self, ids) -> np.ndarray:
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(input_ids=torch.from_numpy(ids).to(self.dev), past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        tokens = out.logits[:, -1].argmax(-1)
+        return tokens.cpu().numpy()  # the copy to the host synchronizes, as a generation loop must
+
+    def prefill(self, ids):
+        self.cache = None
+        return self._next(ids)
+
+    def step(self, tokens):
+        return self._next(tokens[:, None])
+
+
+class OrtDecoder(Decoder):
+    """A `--with-past` ONNX graph in onnxruntime: present.* outputs feed the next step's past.*."""
+
+    name = "ort"
+
+    def __init__(self, path: Path):
+        from lrq_deploy.bench.runners import ort_benchmark_session
+
+        self.session = ort_benchmark_session(path)
+        inputs = self.session.get_inputs()
+        self.past = [i for i in inputs if i.name.startswith("past.")]
+        if not self.past:
+            raise LrqError(f"{path} has no KV-cache inputs; export it with lrq export --with-past for --decode")
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        longest = self.session.get_modelmeta().custom_metadata_map.get("lrq.max_seq_len")
+        self.max_positions = int(longest) if longest else None
+        self.description = f"{path.name}, onnxruntime {self.device}"
+        self.feeds: dict = {}
+
+    def _run(self, feeds: dict) -> np.ndarray:
+        outputs = dict(zip(self.outputs, self.session.run(None, feeds)))
+        self.feeds = {n.replace("present.", "past."): v for n, v in outputs.items() if n.startswith("present.")}
+        return outputs["logits"][:, -1].argmax(-1)
+
+    def prefill(self, ids):
+        empty = {p.name: np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), dtype=np.float32) for p in self.past}
+        return self._run({"input_ids": ids, **empty})
+
+    def step(self, tokens):
+        return self._run({"input_ids": tokens[:, None].astype(np.int64), **self.feeds})
+
+
+def make_decoder(target: Path, device: str) -> Decoder:
+    """The decoder for a checkpoint directory, a full-precision HF directory or a with-past graph."""
+    from lrq_deploy.models import BUNDLED
+
+    if str(target) in BUNDLED:
+        return _torch_decoder(BUNDLED[str(target)], device)
+    target = Path(target)
+    if not target.exists():
+        raise LrqError(f"benchmark target {target} does not exist")
+    if target.suffix == ".onnx":
+        return OrtDecoder(target)
+    if target.suffix in (".engine", ".plan", ".trt"):
+        raise LrqError("--decode runs checkpoints, HF directories and --with-past ONNX graphs; engines are timed per "
+                       "inference (lrq bench without --decode)")
+    return _torch_decoder(target, device)
+
+
+def _torch_decoder(target: Path, device: str) -> TorchDecoder:
+    from lrq_deploy.bench.runners import use_kernels_if_served
+    from lrq_deploy.calib.api import resolve_device
+    from lrq_deploy.checkpoint import MANIFEST, load_checkpoint
+    from lrq_deploy.models import load_model
+
+    dev = resolve_device(device)
+    if (target / MANIFEST).is_file():
+        loaded, manifest = load_checkpoint(target, dev)
+        kernels = dev.type == "cuda" and use_kernels_if_served(loaded.model, manifest)
+        how = "Triton kernels" if kernels else "reference dequantize + matmul"
+    else:
+        loaded, how = load_model(str(target), dev), "full precision"
+    if loaded.adapter.task != "causal_lm":
+        raise LrqError(f"--decode applies to causal language models; {target} is a {loaded.adapter.task} model")
+    return TorchDecoder(loaded.model, dev, f"{target.name}, {how}, {dev.type}")
+
+
+def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
+    """Warm up with one generation, then time `runs` generations."""
+    total = options.prompt_len + options.new_tokens
+    if decoder.max_positions and total > decoder.max_positions:
+        raise LrqError(f"--prompt-len + --new-tokens = {total} exceeds the model's {decoder.max_positions} positions")
+    prompt = np.random.default_rng(0).integers(0, 100, (options.batch, options.prompt_len), dtype=np.int64)
+    _generate(decoder, prompt, options.new_tokens)
+    first, steps, decode_s = [], [], 0.0
+    for _ in range(options.runs):
+        ttft, latencies = _generate(decoder, prompt, options.new_tokens)
+        first.append(ttft)
+        steps += latencies
+        decode_s += sum(latencies) / 1e3
+    generated = options.batch * (options.new_tokens - 1) * options.runs
+    return {
+        "mode": "decode",
+        "backend": decoder.name,
+        "device": decoder.device,
+        "workload": f"{decoder.description}; batch {options.batch}, prompt {options.prompt_len}, "
+                    f"{options.new_tokens} new tokens",
+        "batch": options.batch,
+        "prompt_len": options.prompt_len,
+        "new_tokens": options.new_tokens,
+        "runs": options.runs,
+        "ttft_ms": summarize(first, options.percentiles)["mean"],
+        "ttft": summarize(first, options.percentiles),
+        "token_latency_ms": summarize(steps, options.percentiles),
+        "tokens_per_s": generated / decode_s,
+        "prefill_tokens_per_s": options.batch * options.prompt_len / (sum(first) / len(first) / 1e3),
+    }
+
+
+def _generate(decoder: Decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float, list[float]]:
+    """(time to first token, per-step latencies), both in ms."""
+    start = time.perf_counter()
+    tokens = decoder.prefill(prompt)
+    ttft = (time.perf_counter() - start) * 1e3
+    latencies = []
+    for _ in range(new_tokens - 1):
+        start = time.perf_counter()
+        tokens = decoder.step(tokens)
+        latencies.append((time.perf_counter() - start) * 1e3)
+    return ttft, latencies
+
+
+def decode_summary(result: dict) -> str:
+    lat = result["token_latency_ms"]
+    points = ", ".join(f"percentile({p}%) = {v:.5g} ms" for p, v in lat["percentiles"].items())
+    return "\n".join([
+        f"=== Decode summary ({result['backend']} on {result['device']}: {result['workload']}) ===",
+        f"Throughput: {result['tokens_per_s']:.5g} tokens/s generated (prefill {result['prefill_tokens_per_s']:.5g} tokens/s)",
+        f"Time to first token: mean = {result['ttft_ms']:.5g} ms",
+        f"Per-token latency: min = {lat['min']:.5g} ms, mean = {lat['mean']:.5g} ms, median = {lat['median']:.5g} ms, {points}",
+    ])
+
+
+def decode_comparison(results: list[tuple[str, dict]]) -> str:
+    """One table; speed-up in generated tokens/s against the first target."""
+    from lrq_deploy.bench.report import ratio
+
+    base = results[0][1]["tokens_per_s"]
+    header = f"{'target':<40}{'backend':>8}{'TTFT ms':>10}{'ms/token':>10}{'tokens/s':>11}{'speedup':>9}"
+    lines = [header, "-" * len(header)]
+    for name, r in results:
+        lines.append(f"{name[-40:]:<40}{r['backend']:>8}{r['ttft_ms']:>10.4g}{r['token_latency_ms']['mean']:>10.4g}"
+                     f"{r['tokens_per_s']:>11.4g}{ratio(r['tokens_per_s'] / base):>9}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""`lrq bench --decode`: the generation loop is the model's greedy decoding, and the report
+holds time to first token, per-token latency and tokens/s for every kind of target."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lrq_deploy.bench.decode import DecodeOptions, OrtDecoder, TorchDecoder, _generate, make_decoder
+from lrq_deploy.cli import main
+from lrq_deploy.errors import LrqError
+
+
+def lrq(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode")
+    lrq("calibrate", tiny_llama_dir, "-o", root / "w4", "--wbits", "4", "--group-size", "32", "--nsamples", "2", "--seq-len", "16")
+    lrq("export", root / "w4", "--onnx", root / "w4.onnx", "--with-past", "--limit", "1")
+    lrq("export", root / "w4", "--onnx", root / "w4-prefill.onnx", "--no-verify")
+    return {"fp": tiny_llama_dir, "w4": root / "w4", "onnx": root / "w4.onnx", "prefill": root / "w4-prefill.onnx"}
+
+
+def _tokens(decoder, prompt, new_tokens):
+    out = [decoder.prefill(prompt)]
+    for _ in range(new_tokens - 1):
+        out.append(decoder.step(out[-1]))
+    return np.stack(out, axis=1)
+
+
+def test_decoders_generate_the_greedy_tokens(targets):
+    prompt = np.random.default_rng(1).integers(0, 100, (2, 12), dtype=np.int64)
+    torch_decoder = make_decoder(targets["w4"], "cpu")
+    assert isinstance(torch_decoder, TorchDecoder)
+    with torch.no_grad():
+        expected = torch_decoder.model.generate(torch.from_numpy(prompt), max_new_tokens=6, min_new_tokens=6,
+                                                do_sample=False)[:, 12:].numpy()
+    assert (_tokens(torch_decoder, prompt, 6) == expected).all()
+    ort_decoder = make_decoder(targets["onnx"], "cpu")
+    assert isinstance(ort_decoder, OrtDecoder)
+    assert (_tokens(ort_decoder, prompt, 6) == expected).all()
+
+
+def test_generation_times_every_step(targets):
+    decoder = make_decoder(targets["fp"], "cpu")
+    ttft, steps = _generate(decoder, np.zeros((1, 8), dtype=np.int64), 5)
+    assert ttft > 0 and len(steps) == 4 and all(s > 0 for s in steps)
+
+
+def test_cli_decode_compare(targets, tmp_path):
+    out = tmp_path / "decode.json"
+    result = lrq("bench", "--decode", "--compare", targets["fp"], targets["w4"], targets["onnx"], "--prompt-len", "16",
+                 "--new-tokens", "4", "--iterations", "1", "--batch", "2", "--export-json", out)
+    assert "Time to first token" in result.stdout and "tokens/s" in result.stdout
+    table = result.stdout.strip().splitlines()[-3:]
+    assert table[0].rstrip().endswith("1.00x")
+    results = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in results] == ["torch", "torch", "ort"]
+    for r in results:
+        assert r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 and r["batch"] == 2 and r["new_tokens"] == 4
+        assert r["token_latency_ms"]["min"] <= r["token_latency_ms"]["median"] <= r["token_latency_ms"]["max"]
+
+
+def test_decode_refusals(targets):
+    with pytest.raises(LrqError, match="export it with lrq export --with-past"):
+        make_decoder(targets["prefill"], "cpu")
+    with pytest.raises(LrqError, match="exceeds the model's 256 positions"):
+        from lrq_deploy.bench.decode import measure_decode
+
+        measure_decode(make_decoder(targets["fp"], "cpu"), DecodeOptions(prompt_len=250, new_tokens=10))
+    with pytest.raises(LrqError, match="--new-tokens must be >= 2"):
+        DecodeOptions(new_tokens=1)
+    with pytest.raises(LrqError, match="causal language models"):
+        make_decoder(__import__("lrq_deploy.models", fromlist=["BUNDLED"]).BUNDLED["bundled:vit"], "cpu")
