@@ -1,16 +1,12 @@
-"""lrq-deploy: LRQuant post-training quantization, from full precision to low-bit deployment."""
+"""lrq-deploy: LRQuant post-training quantization, from full precision to low-bit deployment.
 
-import os as _os
+Importing the package is cheap (no torch): `lrq --help` and one-line errors come at once. The
+Triton kernels choose the interpreter themselves when no CUDA device is present
+(lrq_deploy.plugins._triton.load_triton).
+"""
 
-import torch as _torch
-
-# Without a CUDA device, Triton kernels (lrq_deploy.plugins) run in Triton's interpreter. The
-# variable must be set before anything (transformers, torch inductor) first imports Triton.
-if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from lrq_deploy.config import CalibConfig, QuantConfig  # noqa: E402
-from lrq_deploy.errors import LrqError  # noqa: E402
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.errors import LrqError
 
 __version__ = "0.1.0"
 __all__ = ["CalibConfig", "QuantConfig", "LrqError", "__version__"]

@@ -169,7 +169,10 @@ def compile_ptx(kernel: PluginKernel, sm: int) -> CompiledKernel:
 
 def compile_kernels(requests: list[dict]) -> list[CompiledKernel]:
     """Compile every request (see compile_request); one child process when the interpreter is on."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    from ._triton import interpreted, load_triton
+
+    load_triton()  # decides on the interpreter (no CUDA device) before we look
+    if not interpreted():
         return [CompiledKernel(**_compile(r)) for r in requests]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-m", "lrq_deploy.plugins.aot"], input=json.dumps(requests),

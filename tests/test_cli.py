@@ -108,3 +108,11 @@ def test_eval_window_length(tmp_path, tiny_llama_dir):
     assert short["quant"]["ppl"] != long["quant"]["ppl"]  # different windows score different tokens
     assert_clean_error(run("eval", out, "--seq-len", "1"), "--seq-len must lie in 2..256")
     assert_clean_error(run("eval", out, "--seq-len", "4096"), "--seq-len must lie in 2..256")
+
+
+def test_help_does_not_import_torch():
+    """`lrq --help` and argument errors answer at once: the CLI imports torch only inside commands."""
+    code = "import sys; from lrq_deploy.cli import main; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = subprocess.run([sys.executable, "-m", "lrq_deploy.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "calibrate" in proc.stdout
