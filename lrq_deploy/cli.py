@@ -86,8 +86,9 @@ def main(debug):
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True)
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="UTF-8 text file for calibration.")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
-@click.option("--seq-len", "--seqlen", "seqlen", type=int, default=None,
+@click.option("--seq-len", "seqlen", type=int, default=None,
               help="Tokens per calibration sample (language models; default 256).")
+@click.option("--seqlen", "seqlen_alias", type=int, default=None, hidden=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per block (learnable methods).")
 @click.option("--lr-smooth", type=float, default=5e-3, show_default=True, help="Learning rate of smoothing/rotation.")
@@ -107,10 +108,13 @@ def calibrate(**options):
     from lrq_deploy.calib import calibrate_from_options
     from lrq_deploy.calib.progress import ConsoleProgress
 
+    alias = options.pop("seqlen_alias")
+    if alias is not None:
+        options["seqlen"] = alias
     if options["resume"]:
         ctx = click.get_current_context()
         given = {name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
-        options["given"] = given
+        options["given"] = given | ({"seqlen"} if alias is not None else set())
     summary = calibrate_from_options(options, progress=ConsoleProgress)
     click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scenario']})")
 

@@ -90,10 +90,10 @@ class OrtDecoder(Decoder):
 
     name = "ort"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, device: str = "auto"):
         from lrq_deploy.bench.runners import ort_benchmark_session
 
-        self.session = ort_benchmark_session(path)
+        self.session = ort_benchmark_session(path, device=device)
         inputs = self.session.get_inputs()
         self.past = [i for i in inputs if i.name.startswith("past.")]
         if not self.past:
@@ -128,7 +128,7 @@ def make_decoder(target: Path, device: str) -> Decoder:
     if not target.exists():
         raise LrqError(f"benchmark target {target} does not exist")
     if target.suffix == ".onnx":
-        return OrtDecoder(target)
+        return OrtDecoder(target, device)
     if target.suffix in (".engine", ".plan", ".trt"):
         raise LrqError("--decode runs checkpoints, HF directories and --with-past ONNX graphs; engines are timed per "
                        "inference (lrq bench without --decode)")

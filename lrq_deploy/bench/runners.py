@@ -101,9 +101,19 @@ def _check_graph_shape(path: Path, session, batch: int, seq_len: int) -> None:
                            "(set --batch / --seq-len to match, or export with dynamic axes)")
 
 
-def ort_benchmark_session(path: Path, optimize: bool = True):
-    """An onnxruntime session as deployed: graph optimizations on, every available provider."""
+def ort_benchmark_session(path: Path, optimize: bool = True, device: str = "auto"):
+    """An onnxruntime session as deployed: graph optimizations on; every available provider
+    (auto), the CPU only (cpu), or CUDA, refused when onnxruntime has no CUDA provider (cuda)."""
     import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    if device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif device == "cuda":
+        if "CUDAExecutionProvider" not in providers:
+            raise LrqError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu, "
+                           "or lrq-deploy[trt])")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     options = ort.SessionOptions()
     if not optimize:
@@ -113,7 +123,7 @@ def ort_benchmark_session(path: Path, optimize: bool = True):
     options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
         raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
@@ -121,8 +131,8 @@ def ort_benchmark_session(path: Path, optimize: bool = True):
 class OrtRunner(Runner):
     name = "ort"
 
-    def __init__(self, path: Path, batch: int, seq_len: int, optimize: bool = True):
-        self.session = ort_benchmark_session(path, optimize)
+    def __init__(self, path: Path, batch: int, seq_len: int, optimize: bool = True, device: str = "auto"):
+        self.session = ort_benchmark_session(path, optimize, device)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         _check_graph_shape(path, self.session, batch, seq_len)
         self.feeds, self._workload = _input_feeds(self.session.get_inputs(), batch, seq_len)
@@ -214,11 +224,13 @@ def make_runner(target: Path, backend: str | None, batch: int, seq_len: int, dev
         raise LrqError(f"benchmark target {target} does not exist")
     backend = backend or detect_backend(target)
     if backend == "ort":
-        return OrtRunner(target, batch, seq_len)
+        return OrtRunner(target, batch, seq_len, device=device)
     if backend == "torch":
         return TorchRunner(target, batch, seq_len, device, transfers)
     if backend == "trt":
         from lrq_deploy.engine import TrtRunner
 
+        if device == "cpu":
+            raise LrqError("TensorRT engines run on a CUDA GPU; --device cpu applies to the ort and torch backends")
         return TrtRunner(target, batch, seq_len, transfers)
     raise LrqError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
