@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.provenance import sha256_of
 
 
 def describe(target: Path) -> dict:
@@ -61,7 +62,6 @@ def describe_checkpoint(path: Path) -> dict:
 def describe_onnx(path: Path) -> dict:
     import onnx
 
-    from lrq_deploy.provenance import sha256_of
     from lrq_deploy.engine.build import read_graph
 
     model = read_graph(path)
@@ -83,18 +83,19 @@ def describe_onnx(path: Path) -> dict:
         "problems": [],
     }
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         report["problems"].append(f"fails the ONNX checker: {str(exc).splitlines()[0]}")
     if not report["lrq"]:
         report["problems"].append("not written by lrq export (no lrq metadata)")
-    report["verification"] = _sidecar(path.with_name(path.name + ".verify.json"), sha, report["problems"])
+    data = path.with_name(path.name + ".data")
+    report["external_data_bytes"] = data.stat().st_size if data.is_file() else 0
+    report["verification"] = _sidecar(path.with_name(path.name + ".verify.json"), sha, report["problems"], data)
     report["intact"] = not report["problems"]
     return report
 
 
 def describe_engine(path: Path) -> dict:
-    from lrq_deploy.provenance import sha256_of
     from lrq_deploy.engine.record import read_build_record
 
     sha = sha256_of(path)
@@ -124,8 +125,8 @@ def describe_engine(path: Path) -> dict:
     }
 
 
-def _sidecar(file: Path, sha: str, problems: list) -> dict | None:
-    """The verification recorded at export, if it belongs to this very file."""
+def _sidecar(file: Path, sha: str, problems: list, data: Path) -> dict | None:
+    """The verification recorded at export, if it belongs to this very graph (and weights file)."""
     if not file.is_file():
         return None
     try:
@@ -135,6 +136,9 @@ def _sidecar(file: Path, sha: str, problems: list) -> dict | None:
         return None
     if recorded.get("sha256") != sha:
         problems.append(f"{file.name} records another file's sha256 (the graph changed after export)")
+        return None
+    if "data_sha256" in recorded and (not data.is_file() or recorded["data_sha256"] != sha256_of(data)):
+        problems.append(f"{data.name} is missing or changed since export")
         return None
     return recorded.get("verify")
 
@@ -155,6 +159,8 @@ def _op_name(node) -> str:
 def _tensor_bytes(tensor) -> int:
     import onnx
 
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}.get("length", 0))
     if tensor.raw_data:
         return len(tensor.raw_data)
     return onnx.numpy_helper.to_array(tensor).nbytes

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 import torch
 
-from lrq_deploy.atomic import atomic_write, check_output_file, write_json
+from lrq_deploy.atomic import atomic_write, check_output_file, remove_stale_temporaries, temporary_path, write_json
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.config import QuantConfig
 from lrq_deploy.errors import LrqError
@@ -20,6 +23,7 @@ from lrq_deploy.quant import QuantLinear
 
 TARGETS = ("ort", "trt")
 GRAPH_FORMAT = "lrq-onnx/1"
+INLINE_LIMIT = 2**31 - 2**27  # initializer bytes kept inside the .onnx file (protobuf stops at 2 GiB)
 
 
 def export_onnx(
@@ -46,16 +50,16 @@ def export_onnx(
         )
     set_opset(model, max(opset or needed, default_opset(model)))
     lower(model, target, manifest["quant"]["symmetric"])
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     describe_graph(model, loaded, manifest, target, with_past)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
               **size_report(model, manifest)}
 
-    def save_and_verify(tmp: Path) -> None:
-        onnx.save(model, str(tmp))
+    def check_and_verify(tmp: Path) -> None:
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        report["file_bytes"] = sum(f.stat().st_size for f in (tmp, tmp.with_name(tmp.name + ".data")) if f.is_file())
         if verify and target == "ort":
             from lrq_deploy.export.verify import verify_against_torch, verify_generation
 
@@ -63,11 +67,35 @@ def export_onnx(
             if with_past:
                 report["verify_generation"] = verify_generation(tmp, loaded)
         report["sha256"] = sha256_of(tmp)
+        if tmp.with_name(tmp.name + ".data").is_file():
+            report["data_sha256"] = sha256_of(tmp.with_name(tmp.name + ".data"))
 
-    atomic_write(out, save_and_verify)
+    save_graph(model, out, check_and_verify)
     if "verify" in report:
         write_json(out.with_name(out.name + ".verify.json"), report)
     return report
+
+
+def save_graph(model: onnx.ModelProto, out: Path, check: Callable[[Path], None]) -> None:
+    """Write the graph, run check(path) on the written copy, then move it to `out`.
+
+    Graphs whose weights pass protobuf's 2 GiB limit keep them in OUT.data beside OUT (ONNX
+    external data, one file; onnxruntime and TensorRT read it from there): both files are
+    written and checked in a temporary directory first."""
+    if sum(len(t.raw_data) for t in model.graph.initializer) < INLINE_LIMIT:
+        atomic_write(out, lambda tmp: (onnx.save(model, str(tmp)), check(tmp)))
+        return
+    remove_stale_temporaries(out)
+    staging = temporary_path(out, "-dir")
+    staging.mkdir()
+    try:
+        inner, data = staging / out.name, out.name + ".data"
+        onnx.save(model, str(inner), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        check(inner)
+        os.replace(staging / data, out.with_name(data))
+        os.replace(inner, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_shape_options(batch, seq_len, limit, with_past) -> None:
@@ -145,7 +173,6 @@ def size_report(model: onnx.ModelProto, manifest: dict) -> dict:
     quant_bytes = sum(b for n, b in init_bytes.items() if n.startswith("lrq_linear_") or n in plugin_inputs)
     fp16 = _fp16_linear_bytes(model)
     return {
-        "file_bytes": model.ByteSize(),
         "quantized_linears": len(quant_names),
         "quantized_weight_bytes": quant_bytes,
         "fp16_weight_bytes": fp16,

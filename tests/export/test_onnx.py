@@ -193,3 +193,23 @@ def test_with_past_graph_prefill_and_decode(checkpoints, tmp_path, name):
 def test_with_past_refused_for_vit(checkpoints, tmp_path):
     result = CliRunner().invoke(main, ["export", str(checkpoints / "vit-w4a4"), "--onnx", str(tmp_path / "v.onnx"), "--with-past"])
     _clean_error(result, "--with-past applies to causal language models")
+
+
+def test_weights_beyond_the_protobuf_limit_go_to_external_data(checkpoints, tmp_path, monkeypatch):
+    """Past 2 GiB of weights a graph keeps them in OUT.data; verified and recorded the same way
+    (the limit is lowered here so that a small checkpoint takes that path)."""
+    from lrq_deploy.export import onnx_export
+    from lrq_deploy.info import describe
+
+    monkeypatch.setattr(onnx_export, "INLINE_LIMIT", 1)
+    out = tmp_path / "big.onnx"
+    report = export_onnx(checkpoints / "w4a16-g64", out, limit=2)
+    data = tmp_path / "big.onnx.data"
+    assert data.is_file() and data.stat().st_size > out.stat().st_size
+    assert report["file_bytes"] == out.stat().st_size + data.stat().st_size
+    assert report["verify"]["max_abs_logit_error"] < 1e-3 and report["data_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.verify.json"]
+    info = describe(out)
+    assert info["intact"] and info["external_data_bytes"] == data.stat().st_size
+    data.write_bytes(data.read_bytes()[:-1] + b"\x01")
+    assert not describe(out)["intact"]
