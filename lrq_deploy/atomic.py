@@ -105,3 +105,12 @@ def check_writable(directory: Path) -> None:
         raise LrqError(f"cannot write to {directory} ({exc.strerror}); choose another output location") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def make_readable(tmp: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give them the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for file in tmp.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)

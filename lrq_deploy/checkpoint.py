@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrq_deploy.atomic import check_output_dir, remove_stale_temporaries, temporary_path
+from lrq_deploy.atomic import check_output_dir, make_readable, remove_stale_temporaries, temporary_path
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
@@ -41,22 +41,13 @@ def atomic_directory(out: Path, force: bool):
     tmp = Path(tempfile.mkdtemp(prefix=temporary_path(out).name + "-", dir=out.parent))
     try:
         yield tmp
-        _make_readable(tmp)
+        make_readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _make_readable(tmp: Path) -> None:
-    """mkdtemp and some writers create owner-only files; give them the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    for file in tmp.rglob("*"):
-        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
 def save_checkpoint(

@@ -10,7 +10,7 @@ from lrq_deploy.atomic import check_output_file, write_json
 from lrq_deploy.bench.decode import DecodeOptions, make_decoder, measure_decode
 from lrq_deploy.bench.harness import measure, report
 from lrq_deploy.bench.runners import make_runner
-from lrq_deploy.bench.stats import DEFAULT_PERCENTILES
+from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options
 from lrq_deploy.errors import LrqError
 
 
@@ -27,14 +27,8 @@ class BenchOptions:
     data_transfers: bool = True
 
     def __post_init__(self):
-        for option, value, least in (("--batch", self.batch, 1), ("--seq-len", self.seq_len, 1),
-                                     ("--iterations", self.iterations, 1), ("--duration", self.duration_s, 0),
-                                     ("--warm-up", self.warm_up_ms, 0)):
-            if value < least:
-                raise LrqError(f"{option} must be >= {least}, got {value:g}")
-        bad = [p for p in self.percentiles if not 0 < p <= 100]
-        if bad:
-            raise LrqError(f"--percentile values must lie in (0, 100], got {bad[0]:g}")
+        check_options((("--batch", self.batch, 1), ("--seq-len", self.seq_len, 1), ("--iterations", self.iterations, 1),
+                       ("--duration", self.duration_s, 0), ("--warm-up", self.warm_up_ms, 0)), self.percentiles)
 
 
 def bench(target: Path, options: BenchOptions, export_json: Path | None = None, export_times: Path | None = None) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, summarize
+from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
 from lrq_deploy.errors import LrqError
 
 
@@ -33,10 +33,8 @@ class DecodeOptions:
     device: str = "auto"
 
     def __post_init__(self):
-        for option, value, least in (("--batch", self.batch, 1), ("--prompt-len", self.prompt_len, 1),
-                                     ("--new-tokens", self.new_tokens, 2), ("--iterations", self.runs, 1)):
-            if value < least:
-                raise LrqError(f"{option} must be >= {least} for --decode, got {value}")
+        check_options((("--batch", self.batch, 1), ("--prompt-len", self.prompt_len, 1), ("--new-tokens", self.new_tokens, 2),
+                       ("--iterations", self.runs, 1)), self.percentiles, " for --decode")
 
 
 class Decoder:

@@ -34,3 +34,15 @@ def coefficient_of_variation(timings_ms: list[float]) -> float:
         return 0.0
     mean = statistics.fmean(timings_ms)
     return statistics.pstdev(timings_ms) / mean if mean else 0.0
+
+
+def check_options(minimums: tuple, percentiles: tuple[float, ...], context: str = "") -> None:
+    """One clear line for the first (option, value, least) below its least, or a percentile outside (0, 100]."""
+    from lrq_deploy.errors import LrqError
+
+    for option, value, least in minimums:
+        if value < least:
+            raise LrqError(f"{option} must be >= {least}{context}, got {value:g}")
+    bad = [p for p in percentiles if not 0 < p <= 100]
+    if bad:
+        raise LrqError(f"--percentile values must lie in (0, 100], got {bad[0]:g}")

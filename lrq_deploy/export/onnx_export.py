@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import torch
 
-from lrq_deploy.atomic import atomic_write, check_output_file, remove_stale_temporaries, temporary_path, write_json
+from lrq_deploy.atomic import (atomic_write, check_output_file, make_readable, remove_stale_temporaries, temporary_path,
+                               write_json)
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.config import QuantConfig
 from lrq_deploy.errors import LrqError
@@ -92,6 +93,7 @@ def save_graph(model: onnx.ModelProto, out: Path, check: Callable[[Path], None])
         inner, data = staging / out.name, out.name + ".data"
         onnx.save(model, str(inner), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
         check(inner)
+        make_readable(staging)
         os.replace(staging / data, out.with_name(data))
         os.replace(inner, out)
     finally:

@@ -206,6 +206,7 @@ def test_weights_beyond_the_protobuf_limit_go_to_external_data(checkpoints, tmp_
     report = export_onnx(checkpoints / "w4a16-g64", out, limit=2)
     data = tmp_path / "big.onnx.data"
     assert data.is_file() and data.stat().st_size > out.stat().st_size
+    assert data.stat().st_mode & 0o777 == out.stat().st_mode & 0o777  # not owner-only, like every other output
     assert report["file_bytes"] == out.stat().st_size + data.stat().st_size
     assert report["verify"]["max_abs_logit_error"] < 1e-3 and report["data_sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.verify.json"]
