@@ -34,7 +34,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise LrqError(f"run directory {self.path} exists and is not a directory")
         if self.resume:
-            _check_same_settings(self.path, read_json(self.path / RUN_FILE, self.path), settings)
+            _check_same_settings(self.path, read_json(self.path / RUN_FILE), settings)
             self.curves = self._read_curves()
             return
         foreign = sorted(f.name for f in self.path.iterdir() if not OWN_FILES.fullmatch(f.name)) if self.path.is_dir() else []
@@ -64,7 +64,7 @@ class RunDir:
         if not report.is_file():
             return {}
         try:
-            return {int(k): [float(x) for x in v] for k, v in read_json(report, self.path)["loss_curves"].items()}
+            return {int(k): [float(x) for x in v] for k, v in read_json(report)["loss_curves"].items()}
         except (KeyError, TypeError, ValueError, AttributeError):
             raise LrqError(f"{report} is damaged; start over with --force (without --resume)") from None
 
@@ -106,7 +106,7 @@ class RunDir:
         plt.close(fig)
 
 
-def read_json(file: Path, run_dir: Path) -> dict:
+def read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -119,7 +119,7 @@ def read_json(file: Path, run_dir: Path) -> dict:
 def saved_settings(path: Path) -> dict | None:
     """The settings a run directory was made with, or None when there is no run there."""
     file = Path(path) / RUN_FILE
-    return read_json(file, Path(path)) if file.is_file() else None
+    return read_json(file) if file.is_file() else None
 
 
 def _check_same_settings(path: Path, saved: dict, settings: dict) -> None:
