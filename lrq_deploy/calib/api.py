@@ -97,8 +97,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
     options = dict(options)
     if options.get("resume"):
         _fill_from_run_dir(options, options.pop("given", set(options)))
-    qconfig = QuantConfig(wbits=options["wbits"], abits=options["abits"], group_size=options["group_size"],
-                          symmetric=options["symmetric"])
+    qconfig = QuantConfig(**{name: options[name] for name in QUANT_OPTIONS})
     cconfig = CalibConfig(**{name: options[name] for name in CALIB_OPTIONS})
     return calibrate(
         options["model"], options["out"], qconfig, cconfig, calib_data=options["calib_data"], device=options["device"],

@@ -108,7 +108,8 @@ def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict
                        f"(export it with lrq export --target trt, or build it with --fp16)")
     with_bias = sum(1 for n in model.graph.node if n.domain == "lrq" and len(n.input) > 4 and n.input[4])
     return {"lrq_plugin_nodes": lrq_nodes, "lrq_nodes_with_bias": with_bias, "int4_weights": len(int4), "fp8_weights": len(fp8), "fp4_weights": len(fp4),
-            "inputs": [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]}
+            "inputs": [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input],
+            "metadata": {p.key: p.value for p in model.metadata_props}}
 
 
 def _profile_shapes(inputs, explicit: dict) -> dict[str, tuple]:

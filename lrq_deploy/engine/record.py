@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import onnx
-
 from lrq_deploy.errors import LrqError
 
 ENGINE_RECORD = "lrq-engine-record/1"
@@ -22,29 +20,29 @@ def build_record(engine: Path, onnx_path: Path, options, flavour, report: dict) 
     """What the engine is: flavour and version, targets, precision, source graph, hashes."""
     from lrq_deploy.provenance import library_versions, sha256_of
 
-    graph = onnx.load(str(onnx_path), load_external_data=False)
     return {
         "format": ENGINE_RECORD,
         "flavour": flavour.name,
         "tensorrt_version": flavour.version,
-        "compute_capabilities": list(options.compute_capabilities) or [_this_gpu()],
+        "compute_capabilities": list(options.compute_capabilities) or [this_gpu() or "unknown"],
         "precision": options.precision,
         "plugins": report.get("plugins"),
         "layers": report.get("layers", {}),
         "bytes": engine.stat().st_size,
         "sha256": sha256_of(engine),
         "onnx": {"path": str(onnx_path.resolve()), "sha256": sha256_of(onnx_path),
-                 "metadata": {p.key: p.value for p in graph.metadata_props}},
+                 "metadata": report.get("metadata", {})},
         "verify": report.get("verify"),
         "versions": library_versions(),
     }
 
 
-def _this_gpu() -> str:
+def this_gpu() -> str | None:
+    """Compute capability of the current CUDA device ("90"), or None without one."""
     import torch
 
     if not torch.cuda.is_available():
-        return "unknown"
+        return None
     major, minor = torch.cuda.get_device_capability()
     return f"{major}{minor}"
 
@@ -70,11 +68,8 @@ def check_build_record(engine: Path, record: dict, flavour) -> None:
                        f"{flavour.name} {flavour.version}: rebuild it with lrq build-engine")
     if engine.stat().st_size != record.get("bytes") or sha256_of(engine) != record.get("sha256"):
         raise LrqError(f"{engine} does not match the sha256 in its build record (changed or damaged); rebuild it")
-    import torch
-
     targets = record.get("compute_capabilities") or []
-    if torch.cuda.is_available() and "unknown" not in targets:
-        here = "{}{}".format(*torch.cuda.get_device_capability())
-        if here not in [str(t).upper().removeprefix("SM") for t in targets]:
-            raise LrqError(f"{engine} was built for SM {', '.join(map(str, targets))}; this GPU is SM {here}: "
-                           "rebuild it here or with --sm {here}".replace("{here}", here))
+    here = this_gpu()
+    if here and "unknown" not in targets and here not in [str(t).upper().removeprefix("SM") for t in targets]:
+        raise LrqError(f"{engine} was built for SM {', '.join(map(str, targets))}; this GPU is SM {here}: "
+                       f"rebuild it here or with --sm {here}")

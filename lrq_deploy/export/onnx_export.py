@@ -60,7 +60,8 @@ def export_onnx(
             onnx.checker.check_model(str(tmp), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-        report["file_bytes"] = sum(f.stat().st_size for f in (tmp, tmp.with_name(tmp.name + ".data")) if f.is_file())
+        data = tmp.with_name(tmp.name + ".data")
+        report["file_bytes"] = sum(f.stat().st_size for f in (tmp, data) if f.is_file())
         if verify and target == "ort":
             from lrq_deploy.export.verify import verify_against_torch, verify_generation
 
@@ -68,8 +69,8 @@ def export_onnx(
             if with_past:
                 report["verify_generation"] = verify_generation(tmp, loaded)
         report["sha256"] = sha256_of(tmp)
-        if tmp.with_name(tmp.name + ".data").is_file():
-            report["data_sha256"] = sha256_of(tmp.with_name(tmp.name + ".data"))
+        if data.is_file():
+            report["data_sha256"] = sha256_of(data)
 
     save_graph(model, out, check_and_verify)
     if "verify" in report:
@@ -115,6 +116,7 @@ def describe_graph(model: onnx.ModelProto, loaded, manifest: dict, target: str, 
     """Record what the graph is in its metadata (read back by `lrq info`)."""
     from lrq_deploy.provenance import library_versions
 
+    versions = library_versions()
     weights = manifest.get("files", {}).get("model.safetensors", {})
     quant = manifest["quant"]
     fields = {
@@ -124,9 +126,9 @@ def describe_graph(model: onnx.ModelProto, loaded, manifest: dict, target: str, 
         "lrq.with_past": str(with_past), "lrq.source": str(loaded.spec),
         "lrq.max_seq_len": str(loaded.adapter.max_sequence_length(loaded.model) or ""),
         "lrq.source_weights_sha256": weights.get("sha256", ""),
-        "lrq.versions": json.dumps({**library_versions(), "onnx": onnx.__version__}),
+        "lrq.versions": json.dumps({**versions, "onnx": onnx.__version__}),
     }
-    model.producer_name, model.producer_version = "lrq-deploy", library_versions().get("lrq-deploy", "")
+    model.producer_name, model.producer_version = "lrq-deploy", versions.get("lrq-deploy", "")
     del model.metadata_props[:]
     for key, value in fields.items():
         model.metadata_props.add(key=key, value=value)
