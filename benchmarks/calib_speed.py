@@ -3,7 +3,9 @@
 GPU: one LLaMA-7B-shaped block (hidden 4096, intermediate 11008, 32 heads, random weights)
 at 128 samples x 2048 tokens. CPU: a small block. Prints seconds per epoch and the final loss.
 
-    python benchmarks/calib_speed.py [--method lrquant+] [--epochs 2] [--device cuda|cpu]
+    python benchmarks/calib_speed.py [--method lrquant+] [--epochs 2] [--device cuda|cpu] [--compile]
+
+The first epoch with --compile includes compiling (cached on disk for later runs).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ SHAPES = {
 }
 
 
-def make_job(device: str, method: str, epochs: int, batch_size: int) -> BlockJob:
+def make_job(device: str, method: str, epochs: int, batch_size: int, compile: bool = False) -> BlockJob:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(SHAPES[device])
@@ -35,7 +37,8 @@ def make_job(device: str, method: str, epochs: int, batch_size: int) -> BlockJob
     batches = [torch.randint(0, 1024, (1, seqlen), device=device) for _ in range(nsamples)]
     inputs = adapter.capture_block_inputs(model, batches)
     block = adapter.blocks(model)[0]
-    cconfig = CalibConfig(method=method, nsamples=nsamples, seqlen=seqlen, epochs=epochs, batch_size=batch_size)
+    cconfig = CalibConfig(method=method, nsamples=nsamples, seqlen=seqlen, epochs=epochs, batch_size=batch_size,
+                           compile=compile)
     targets = run_block(adapter, block, inputs.hidden, inputs.kwargs, batch_size)
     return BlockJob(
         0, block, adapter, adapter.smooth_groups(model), adapter.linear_names(block), QuantConfig(wbits=4, abits=4),
@@ -48,10 +51,11 @@ def main():
     parser.add_argument("--method", default="lrquant+", choices=list(learnable.RECIPES))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step (as lrq calibrate --compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    job = make_job(args.device, args.method, args.epochs, args.batch_size)
+    job = make_job(args.device, args.method, args.epochs, args.batch_size, args.compile)
     recipe = learnable.RECIPES[args.method]
     for p in job.block.parameters():
         p.requires_grad_(False)
@@ -69,7 +73,7 @@ def main():
     per_epoch = [b - a for a, b in zip(stamps, stamps[1:])]
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     shape = SHAPES[args.device]
-    print(f"device {name}  method {args.method}  block hidden {shape['hidden_size']}  "
+    print(f"device {name}  method {args.method}{'  compiled' if args.compile else ''}  block hidden {shape['hidden_size']}  "
           f"{shape['nsamples']} x {shape['seqlen']} tokens")
     for epoch, (seconds, (_, loss)) in enumerate(zip(per_epoch, times)):
         print(f"epoch {epoch}: {seconds:.2f} s  loss {loss:.5g}")

@@ -14,6 +14,7 @@ python -m pytest -q -m gpu tests/gpu > "$out/gpu_tests.log" 2>&1; tests_rc=$?
 python benchmarks/kernel_report.py --json "$out/kernel_report.json" --markdown > "$out/kernel_report.md" 2> "$out/kernel_report.log"
 python benchmarks/kernels.py --json "$out/kernels.json" --markdown "$out/kernels.md" > "$out/kernels.log" 2>&1
 python benchmarks/calib_speed.py --device cuda --method lrquant+ --epochs 2 > "$out/calib_speed.log" 2>&1
+python benchmarks/calib_speed.py --device cuda --method lrquant+ --epochs 3 --compile >> "$out/calib_speed.log" 2>&1
 
 python - "$out" "$device" "$tests_rc" <<'PY'
 import json, sys, datetime, pathlib, platform
@@ -26,7 +27,7 @@ summary = {
     "gpu_tests": {"exit_code": rc, "summary": (read("gpu_tests.log").strip().splitlines() or [""])[-1]},
     "kernels": json.loads(read("kernels.json") or "{}"),
     "kernel_report": json.loads(read("kernel_report.json") or "[]"),
-    "calib_speed": read("calib_speed.log").strip().splitlines()[-5:],
+    "calib_speed": [l for l in read("calib_speed.log").splitlines() if l.startswith(("device", "epoch"))],
 }
 (out / "gpu.json").write_text(json.dumps(summary, indent=2))
 md = [f"# GPU suite: {device}, {summary['date']}", "", f"GPU tests: {summary['gpu_tests']['summary']}", "",

@@ -95,6 +95,8 @@ def main(debug):
 @click.option("--lr-lwc", type=float, default=1e-2, show_default=True, help="Learning rate of weight clipping.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per optimizer step.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile each block's training step (faster epochs; results equal within float tolerance).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run; settings not given are taken from the run directory.")

@@ -70,6 +70,7 @@ class CalibConfig:
     lr_smooth: float = 5e-3
     lr_lwc: float = 1e-2
     batch_size: int = 1
+    compile: bool = False  # torch.compile the learnable methods' training step (results within float tolerance)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -106,7 +106,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
     )
 
 
-CALIB_OPTIONS = ("method", "nsamples", "seqlen", "seed", "alpha", "epochs", "lr_smooth", "lr_lwc", "batch_size")
+CALIB_OPTIONS = ("method", "nsamples", "seqlen", "seed", "alpha", "epochs", "lr_smooth", "lr_lwc", "batch_size", "compile")
 QUANT_OPTIONS = ("wbits", "abits", "group_size", "symmetric")
 
 

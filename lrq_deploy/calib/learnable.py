@@ -188,6 +188,8 @@ def activation_fake_quant(job: BlockJob):
         # Linears sharing an input (q/k/v, gate/up) reuse one quantization of it: same values,
         # one pass instead of three.
         x = args[0]
+        if torch.compiler.is_compiling():  # the compiler merges the identical quantizations itself
+            return (fake_quant_activation(x, bits),)
         if id(x) not in quantized:
             quantized[id(x)] = (x, fake_quant_activation(x, bits))  # x kept alive so its id stays unique
         return (quantized[id(x)][1],)
@@ -210,14 +212,44 @@ class Objective:
         branches = 2 if recipe.two_branch else 1
         self.weighting = [DynamicWeighting(terms) for _ in range(branches)] if recipe.dynamic_weighting else None
 
-    def __call__(self, output: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
-        total = 0.0
-        for branch, target in enumerate(targets):
+    def terms_of(self, output: torch.Tensor, targets: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The loss terms per target branch (tensors only: this part is compiled with the block)."""
+        output = output.float()
+        branches = []
+        for target in targets:
             values = {"mse": mse(output, target)}
             if self.recipe.use_nlc:
                 values["nlc"] = nlc(output, target)
+            branches.append(values)
+        return branches
+
+    def combine(self, branches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        total = 0.0
+        for branch, values in enumerate(branches):
             total = total + (self.weighting[branch](values) if self.weighting else sum(values.values()))
         return total
+
+    def __call__(self, output: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        return self.combine(self.terms_of(output, targets))
+
+
+def loss_terms_fn(job: BlockJob, params: BlockParams, objective: Objective):
+    """(inputs, targets) -> loss terms of one step: weight fake quantization, the block with activation
+    fake quantization, the losses. With `compile`, torch.compile fuses it (one graph per block)."""
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if job.device.type == "cuda" else nullcontext()
+
+    def step(inputs: torch.Tensor, targets: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        with amp, activation_fake_quant(job):
+            block = _WithParams(job.block, fake_quant_block_params(job, params))
+            output = job.adapter.run_block(block, inputs, job.kwargs)
+            return objective.terms_of(output, targets)
+
+    if not job.cconfig.compile:
+        return step
+    torch.compiler.reset()  # a fresh cache per block: guards on one block's modules would pile up to the recompile limit
+    # Inductor drops float32 -> float16 -> float32 round trips inside fused kernels unless told to
+    # emulate them; the scales must be rounded to float16 exactly as they are deployed.
+    return torch.compile(step, options={"emulate_precision_casts": True})
 
 
 def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=None) -> list[float]:
@@ -231,17 +263,15 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
     if recipe.two_branch:  # homologous reconstruction: the FP block on the quantized inputs
         targets.append(job.run(job.q_inputs))
     objective = Objective(recipe)
+    step = loss_terms_fn(job, params, objective)
     generator = torch.Generator().manual_seed(cfg.seed + job.index)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if job.device.type == "cuda" else nullcontext()
     curve = []
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(job.q_inputs), generator=generator)
         epoch_loss = 0.0
         for batch in order.split(cfg.batch_size):
-            with amp, activation_fake_quant(job):
-                block = _WithParams(job.block, fake_quant_block_params(job, params))
-                output = job.adapter.run_block(block, job.q_inputs[batch].to(job.device), job.kwargs)
-                loss = objective(output, [t[batch].to(job.device) for t in targets])
+            terms = step(job.q_inputs[batch].to(job.device), [t[batch].to(job.device) for t in targets])
+            loss = objective.combine(terms)
             if not torch.isfinite(loss):
                 raise LrqError(f"block {job.index}, epoch {epoch}: the loss became NaN or inf (lower the learning rates)")
             optimizer.zero_grad(set_to_none=True)

@@ -135,6 +135,8 @@ def _check_same_settings(path: Path, saved: dict, settings: dict) -> None:
 def _flat_differences(saved: dict, now: dict, prefix: str = ""):
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
+        if key not in saved and b in (None, False):
+            continue  # a setting newer than the run, at its default: the run was made that way
         if isinstance(a, dict) and isinstance(b, dict):
             yield from _flat_differences(a, b, f"{prefix}{key}.")
         elif a != b:

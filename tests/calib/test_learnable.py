@@ -145,3 +145,54 @@ def test_nan_loss_stops_with_block_name(tiny_llama_dir, monkeypatch):
         p.requires_grad_(False)
     with pytest.raises(LrqError, match="block 0, epoch 0: the loss became NaN"):
         learnable.train_block(job, params, learnable.RECIPES["lrquant"])
+
+
+def test_compiled_step_matches_eager_step(tiny_llama_dir):
+    """torch.compile of the training step (--compile) computes the same losses and gradients as the
+    eager step: the float16 rounding of the scales survives fusion (emulate_precision_casts), so the
+    activation and weight codes are the same and only float summation order differs."""
+    import dataclasses
+
+    loaded = load_model(str(tiny_llama_dir))
+    recipe = learnable.RECIPES["lrquant+"]
+    cconfig = CalibConfig(method="lrquant+", nsamples=2, seqlen=32, epochs=1)
+    job = _job(loaded, QuantConfig(wbits=4, abits=4, group_size=32), cconfig, n=2)
+    for p in job.block.parameters():
+        p.requires_grad_(False)
+    params = learnable.init_block_params(job, recipe)
+    objective = learnable.Objective(recipe)
+    targets = [job.fp_targets, job.run(job.q_inputs)]
+    compiled_job = dataclasses.replace(job, cconfig=dataclasses.replace(cconfig, compile=True))
+    results = []
+    for step_job in (job, compiled_job):
+        params.zero_grad(set_to_none=True)
+        terms = learnable.loss_terms_fn(step_job, params, objective)(job.q_inputs, targets)
+        sum(v for branch in terms for v in branch.values()).backward()
+        results.append(([v.item() for branch in terms for v in branch.values()],
+                        {n: p.grad.clone() for n, p in params.values.items()}))
+    (eager_terms, eager_grads), (compiled_terms, compiled_grads) = results
+    assert compiled_terms == pytest.approx(eager_terms, rel=1e-4)
+    for name, grad in eager_grads.items():  # per tensor: single elements that sum many small terms vary more
+        assert (compiled_grads[name] - grad).norm() <= 1e-3 * grad.norm(), name
+
+
+def test_compiled_calibration_within_tolerance_of_eager(tmp_path, tiny_llama_dir):
+    """lrq calibrate --compile: the checkpoint evaluates like the eager one (steps differ only in summation
+    order, which can move a few rounding decisions as training proceeds)."""
+    from lrq_deploy.checkpoint import load_checkpoint
+
+    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
+    for name, compile in (("eager", False), ("compiled", True)):
+        cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, compile=compile)
+        calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device="cpu")
+    settings = __import__("json").loads((tmp_path / "compiled.run" / "run.json").read_text())
+    assert settings["calib"]["compile"] is True
+    eager, compiled = (load_checkpoint(tmp_path / n)[0].model for n in ("eager", "compiled"))
+    fp = load_model(str(tiny_llama_dir)).model
+    ids = torch.randint(0, fp.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {name: m(ids).logits.flatten() for name, m in (("fp", fp), ("eager", eager), ("compiled", compiled))}
+    fidelity = {n: torch.nn.functional.cosine_similarity(logits[n], logits["fp"], dim=0).item() for n in ("eager", "compiled")}
+    # the two runs' distance from each other is below the quantization error, and both keep the same fidelity
+    assert 1 - torch.nn.functional.cosine_similarity(logits["eager"], logits["compiled"], dim=0) < 1 - fidelity["eager"]
+    assert fidelity["compiled"] == pytest.approx(fidelity["eager"], abs=2e-3)
