@@ -145,16 +145,6 @@ def check_files(path: Path, manifest: dict) -> None:
                            "truncated or damaged; restore it or calibrate again")
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LrqError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
-
-
 def load_checkpoint(path: Path, device="cpu") -> tuple[LoadedModel, dict]:
     """Rebuild the quantized model (reference torch backend) and return it with its manifest."""
     path = Path(path)

@@ -121,6 +121,11 @@ def calibrate(**options):
     click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scenario']})")
 
 
+def comparison_line(name: str, c: dict) -> str:
+    return (f"{name}: max |error| {c['max_abs_error']:.3e}, mean |error| {c['mean_abs_error']:.3e}, "
+            f"max rel error {c['max_rel_error']:.3e}, cosine {c['cosine']:.6f}, argmax agreement {c['argmax_agreement']:.4%}")
+
+
 @main.command(name="eval", short_help="Compare full-precision and quantized accuracy.")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--task", type=click.Choice(["ppl", "top1"]), default=None, help="Metric (default: the model's own).")
@@ -177,7 +182,7 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
     if verify:
         click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
         click.echo(f"{verify['metric']:<14}{verify['torch']:>12.4f}{verify['onnxruntime']:>14.4f}")
-        click.echo(f"max |logit error| {verify['max_abs_logit_error']:.3e}   argmax agreement {verify['argmax_agreement']:.4%}")
+        click.echo(comparison_line("logits", verify["logits"]))
     generation = report.get("verify_generation")
     if generation:
         verdict = "same tokens" if generation["match"] else "DIFFERENT tokens"
@@ -218,8 +223,7 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     plugins_line = f"; lrq plugin layers ({report['plugins']}): {report['layers']['PLUGIN_V3']}" if report["plugins"] else ""
     click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers}{plugins_line})")
     for name, figures in report.get("verify", {}).items():
-        click.echo(f"verify {name} vs onnxruntime: cosine {figures['cosine']:.6f}, max abs error {figures['max_abs_error']:.3g}, "
-                   f"argmax agreement {figures['argmax_agreement']:.2%}")
+        click.echo("verify vs onnxruntime, " + comparison_line(name, figures))
 
 
 @main.command(short_help="Measure latency and throughput (trtexec-style) of engines, ONNX graphs, checkpoints.")

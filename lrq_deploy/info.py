@@ -96,7 +96,7 @@ def describe_onnx(path: Path) -> dict:
 
 
 def describe_engine(path: Path) -> dict:
-    from lrq_deploy.engine.record import read_build_record
+    from lrq_deploy.runtime.engine_record import read_build_record
 
     sha = sha256_of(path)
     record = read_build_record(path)
@@ -115,6 +115,7 @@ def describe_engine(path: Path) -> dict:
         "tensorrt_version": record.get("tensorrt_version"),
         "compute_capabilities": record.get("compute_capabilities"),
         "precision": record.get("precision"),
+        "profile": record.get("profile"),
         "plugins": record.get("plugins"),
         "layers": record.get("layers"),
         "source_onnx": record.get("onnx"),

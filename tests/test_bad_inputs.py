@@ -179,8 +179,8 @@ def _foreign_onnx(inputs: Inputs) -> str:
 
 def _engine_with_record(inputs: Inputs, **changes) -> str:
     """Bytes standing in for an engine, with a build record (as lrq build-engine writes it)."""
-    from lrq_deploy.engine.flavours import load_flavour
-    from lrq_deploy.engine.record import ENGINE_RECORD
+    from lrq_deploy.runtime.flavours import load_flavour
+    from lrq_deploy.runtime.engine_record import ENGINE_RECORD
     from lrq_deploy.provenance import sha256_of
 
     flavour = load_flavour()
@@ -365,7 +365,7 @@ CASES = [
 
 
 def _trt_installed() -> bool:
-    from lrq_deploy.engine.flavours import MODULES
+    from lrq_deploy.runtime.flavours import MODULES
 
     import importlib.util
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
 from lrq_deploy.errors import LrqError
+from lrq_deploy.models.base import PAST_PREFIX, PRESENT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,11 @@ class OrtDecoder(Decoder):
     name = "ort"
 
     def __init__(self, path: Path, device: str = "auto"):
-        from lrq_deploy.bench.runners import ort_benchmark_session
+        from lrq_deploy.runtime.onnxrt import deployed_session
 
-        self.session = ort_benchmark_session(path, device=device)
+        self.session = deployed_session(path, device=device)
         inputs = self.session.get_inputs()
-        self.past = [i for i in inputs if i.name.startswith("past.")]
+        self.past = [i for i in inputs if i.name.startswith(PAST_PREFIX)]
         if not self.past:
             raise LrqError(f"{path} has no KV-cache inputs; export it with lrq export --with-past for --decode")
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -105,7 +106,7 @@ class OrtDecoder(Decoder):
 
     def _run(self, feeds: dict) -> np.ndarray:
         outputs = dict(zip(self.outputs, self.session.run(None, feeds)))
-        self.feeds = {n.replace("present.", "past."): v for n, v in outputs.items() if n.startswith("present.")}
+        self.feeds = {n.replace(PRESENT_PREFIX, PAST_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
         return outputs["logits"][:, -1].argmax(-1)
 
     def prefill(self, ids):
@@ -121,7 +122,7 @@ def make_decoder(target: Path, device: str) -> Decoder:
     from lrq_deploy.models import BUNDLED
 
     if str(target) in BUNDLED:
-        return _torch_decoder(BUNDLED[str(target)], device)
+        return _torch_decoder(target, device)
     target = Path(target)
     if not target.exists():
         raise LrqError(f"benchmark target {target} does not exist")
@@ -134,21 +135,15 @@ def make_decoder(target: Path, device: str) -> Decoder:
 
 
 def _torch_decoder(target: Path, device: str) -> TorchDecoder:
-    from lrq_deploy.bench.runners import use_kernels_if_served
-    from lrq_deploy.calib.api import resolve_device
-    from lrq_deploy.checkpoint import MANIFEST, load_checkpoint
-    from lrq_deploy.models import load_model
+    from lrq_deploy.devices import resolve_device
+    from lrq_deploy.runtime.torch_models import load_torch_target
 
     dev = resolve_device(device)
-    if (target / MANIFEST).is_file():
-        loaded, manifest = load_checkpoint(target, dev)
-        kernels = dev.type == "cuda" and use_kernels_if_served(loaded.model, manifest)
-        how = "Triton kernels" if kernels else "reference dequantize + matmul"
-    else:
-        loaded, how = load_model(str(target), dev), "full precision"
+    torch_target = load_torch_target(target, dev)
+    loaded = torch_target.loaded
     if loaded.adapter.task != "causal_lm":
         raise LrqError(f"--decode applies to causal language models; {target} is a {loaded.adapter.task} model")
-    return TorchDecoder(loaded.model, dev, f"{target.name}, {how}, {dev.type}")
+    return TorchDecoder(loaded.model, dev, f"{Path(target).name}, {torch_target.path_name}, {dev.type}")
 
 
 def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:

@@ -1,4 +1,5 @@
-"""Backends for `lrq bench`. A runner prepares inputs once and runs one inference per call.
+"""Timed backends for `lrq bench`: each prepares its inputs once (from the runtime layer's input
+generator) and runs one inference per call.
 
 Every runner reports, per inference, the host latency; CUDA runners also report GPU compute
 time from CUDA events, and host-to-device / device-to-host copy times when the inputs and
@@ -11,12 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from lrq_deploy.errors import LrqError
+from lrq_deploy.runtime.inputs import benchmark_sizes, make_feeds, specs_from_metadata
 
 BACKENDS = ("ort", "torch", "trt")
-MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
 @dataclass
@@ -65,27 +64,6 @@ class Runner:
         raise NotImplementedError
 
 
-def _input_feeds(inputs, batch: int, seq_len: int) -> tuple[dict[str, np.ndarray], Workload]:
-    """Random inputs for an ONNX graph: token ids (prefill, or one decode step over a KV cache
-    of seq_len tokens when the graph has past inputs) or images."""
-    rng = np.random.default_rng(0)
-    names = [i.name for i in inputs]
-    first = inputs[0]
-    if first.name == "input_ids":
-        has_past = any(n.startswith("past.") for n in names)
-        new_tokens = 1 if has_past else seq_len
-        feeds = {"input_ids": rng.integers(0, 100, (batch, new_tokens), dtype=np.int64)}
-        for spec in inputs[1:]:
-            _, heads, _, head_dim = spec.shape
-            feeds[spec.name] = rng.standard_normal((batch, heads, seq_len, head_dim), dtype=np.float32)
-        if has_past:
-            return feeds, Workload(f"decode step, batch {batch}, KV cache {seq_len}", batch, "tokens")
-        return feeds, Workload(f"prefill, batch {batch} x {seq_len} tokens", batch * seq_len, "tokens")
-    shape = [batch] + [d if isinstance(d, int) else 1 for d in first.shape[1:]]
-    feeds = {first.name: rng.standard_normal(shape, dtype=np.float32)}
-    return feeds, Workload(f"batch {batch} images {tuple(shape[1:])}", batch, "images")
-
-
 def _check_graph_shape(path: Path, session, batch: int, seq_len: int) -> None:
     """Refuse shapes the graph cannot run: beyond the model's positions (recorded at export),
     or other than its static axes."""
@@ -101,41 +79,23 @@ def _check_graph_shape(path: Path, session, batch: int, seq_len: int) -> None:
                            "(set --batch / --seq-len to match, or export with dynamic axes)")
 
 
-def ort_benchmark_session(path: Path, optimize: bool = True, device: str = "auto"):
-    """An onnxruntime session as deployed: graph optimizations on; every available provider
-    (auto), the CPU only (cpu), or CUDA, refused when onnxruntime has no CUDA provider (cuda)."""
-    import onnxruntime as ort
-
-    providers = ort.get_available_providers()
-    if device == "cpu":
-        providers = ["CPUExecutionProvider"]
-    elif device == "cuda":
-        if "CUDAExecutionProvider" not in providers:
-            raise LrqError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu, "
-                           "or lrq-deploy[trt])")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # The optimizer fuses INT4/INT2 DequantizeLinear + MatMul into MatMulNBits, by default at
-    # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32.
-    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-        raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
-
-
 class OrtRunner(Runner):
+    """A graph in onnxruntime as deployed (runtime.onnxrt.deployed_session)."""
+
     name = "ort"
 
     def __init__(self, path: Path, batch: int, seq_len: int, optimize: bool = True, device: str = "auto"):
-        self.session = ort_benchmark_session(path, optimize, device)
+        from lrq_deploy.runtime.runners import ort_runner
+
+        self.runner = ort_runner(path, reference=False, optimize=optimize, device=device)
+        self.runner.activate()
+        self.session = self.runner.sess
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         _check_graph_shape(path, self.session, batch, seq_len)
-        self.feeds, self._workload = _input_feeds(self.session.get_inputs(), batch, seq_len)
+        specs = specs_from_metadata(self.runner.get_input_metadata(use_numpy_dtypes=False))
+        sizes, description, items, unit = benchmark_sizes(specs, batch, seq_len)
+        self.feeds = make_feeds(specs, sizes)
+        self._workload = Workload(description, items, unit)
 
     def workload(self) -> Workload:
         return self._workload
@@ -147,30 +107,29 @@ class OrtRunner(Runner):
 
 
 class TorchRunner(Runner):
-    """A quantized checkpoint on the torch backend (reference QuantLinear path)."""
+    """A checkpoint or full-precision model in PyTorch (Triton kernels on CUDA where they serve it)."""
 
     name = "torch"
 
     def __init__(self, path: Path, batch: int, seq_len: int, device: str = "auto", transfers: bool = True):
         import torch
 
-        from lrq_deploy.calib.api import resolve_device
-        from lrq_deploy.checkpoint import load_checkpoint
+        from lrq_deploy.devices import resolve_device
+        from lrq_deploy.runtime.torch_models import load_torch_target
 
         self.torch = torch
         dev = resolve_device(device)
         self.device = dev.type
-        loaded, manifest = load_checkpoint(path, dev)
-        self.kernels = use_kernels_if_served(loaded.model, manifest)
+        target = load_torch_target(path, dev)
+        loaded = target.loaded
         spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past=False)
         self.module = spec.module.eval()
-        self.host_inputs = spec.example_args
-        self.inputs = tuple(t.to(dev) for t in spec.example_args)
+        io = loaded.adapter.graph_io(loaded.model)
+        sizes, description, items, unit = benchmark_sizes(io.inputs, batch, seq_len)
+        self.host_inputs = tuple(torch.from_numpy(a) for a in make_feeds(io.inputs, sizes).values())
+        self.inputs = tuple(t.to(dev) for t in self.host_inputs)
         self.transfers = transfers and dev.type == "cuda"
-        items = spec.example_args[0].numel() if spec.input_names[0] == "input_ids" else batch
-        unit = "tokens" if spec.input_names[0] == "input_ids" else "images"
-        path_name = "Triton kernels" if self.kernels else "reference dequantize + matmul"
-        self._workload = Workload(f"{spec.input_names[0]} {tuple(spec.example_args[0].shape)}, {path_name}", items, unit)
+        self._workload = Workload(f"{description}, {target.path_name}", items, unit)
 
     def workload(self) -> Workload:
         return self._workload
@@ -196,16 +155,68 @@ class TorchRunner(Runner):
             return timed_on_cuda(torch, h2d if self.transfers else None, compute, d2h if self.transfers else None)
 
 
-def use_kernels_if_served(model, manifest) -> bool:
-    """Put the model on the Triton kernels when they serve its configuration."""
-    from lrq_deploy.config import QuantConfig
-    from lrq_deploy.plugins.backend import use_kernels
-    from lrq_deploy.quant.scheme import QuantScheme
+class TrtRunner(Runner):
+    """A serialized engine: pinned host buffers, device buffers bound once, CUDA-event timing."""
 
-    if QuantScheme.from_config(QuantConfig.from_dict(manifest["quant"])).kernel is None:
-        return False
-    use_kernels(model)
-    return True
+    name = "trt"
+    device = "cuda"
+
+    def __init__(self, path: Path, batch: int, seq_len: int, transfers: bool = True, flavour: str | None = None):
+        import torch
+
+        from lrq_deploy.runtime.trt import EngineSession, bind
+
+        self.torch = torch
+        session = EngineSession(path, flavour)
+        self.engine, self.context = session.engine, session.context
+        self.stream = torch.cuda.Stream()
+        self.transfers = transfers
+        specs = self._input_specs(session, batch, seq_len)
+        sizes, description, items, unit = benchmark_sizes(specs, batch, seq_len)
+        feeds = make_feeds(specs, sizes)
+        self.inputs = {}
+        for name, array in feeds.items():
+            host = torch.from_numpy(array).to(session.input_dtype(name))
+            self.inputs[name] = (host.pin_memory(), host.cuda())
+        devices = bind(torch, session.flavour.trt, self.engine, self.context,
+                       {name: device for name, (_, device) in self.inputs.items()})
+        self.outputs = {name: (torch.empty(device.shape, dtype=device.dtype, pin_memory=True), device)
+                        for name, device in devices.items()}
+        self._workload = Workload(f"engine, {description}", items, unit)
+
+    @staticmethod
+    def _input_specs(session, batch: int, seq_len: int):
+        """The engine's inputs with dynamic dims named as the graph named them: the first axis
+        batch, the second of input_ids the sequence, the third of past.* the cache length."""
+        from lrq_deploy.models.base import BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS, TensorSpec
+
+        specs = []
+        for name in session.io_names("INPUT"):
+            dims = list(session.engine.get_tensor_shape(name))
+            named = {0: BATCH_AXIS, 1: SEQ_AXIS} if name == "input_ids" else {0: BATCH_AXIS}
+            if name.startswith(PAST_PREFIX):
+                named[2] = PAST_AXIS
+            dims = tuple(named.get(i, 1) if d < 0 else d for i, d in enumerate(dims))
+            specs.append(TensorSpec(name, str(session.input_dtype(name)).replace("torch.", ""), dims))
+        return specs
+
+    def workload(self) -> Workload:
+        return self._workload
+
+    def infer(self) -> Timing:
+        def h2d():
+            for host, device in self.inputs.values():
+                device.copy_(host, non_blocking=True)
+
+        def compute():
+            self.context.execute_async_v3(self.stream.cuda_stream)
+
+        def d2h():
+            for host, device in self.outputs.values():
+                host.copy_(device, non_blocking=True)
+
+        transfers = self.transfers
+        return timed_on_cuda(self.torch, h2d if transfers else None, compute, d2h if transfers else None, self.stream)
 
 
 def detect_backend(target: Path) -> str:
@@ -228,8 +239,6 @@ def make_runner(target: Path, backend: str | None, batch: int, seq_len: int, dev
     if backend == "torch":
         return TorchRunner(target, batch, seq_len, device, transfers)
     if backend == "trt":
-        from lrq_deploy.engine import TrtRunner
-
         if device == "cpu":
             raise LrqError("TensorRT engines run on a CUDA GPU; --device cpu applies to the ort and torch backends")
         return TrtRunner(target, batch, seq_len, transfers)

@@ -14,18 +14,9 @@ from lrq_deploy.atomic import check_output_dir
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import MANIFEST, save_checkpoint
 from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.devices import resolve_device
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import DEFAULT_MODEL, load_model
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LrqError("--device cuda was requested but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise LrqError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def deterministic_algorithms(device: torch.device) -> None:

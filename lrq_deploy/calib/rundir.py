@@ -69,7 +69,7 @@ class RunDir:
             raise LrqError(f"{report} is damaged; start over with --force (without --resume)") from None
 
     def load_block(self, index: int) -> dict[str, torch.Tensor] | None:
-        from lrq_deploy.checkpoint import read_safetensors
+        from lrq_deploy.tensor_files import read_safetensors
 
         file = self._block_file(index)
         if not file.is_file() or index not in self.curves:

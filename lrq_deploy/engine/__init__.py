@@ -1,15 +1,7 @@
-"""TensorRT engines: build from our ONNX graphs, run for benchmarks (TensorRT imported lazily)."""
+"""TensorRT engines: build from our ONNX graphs (TensorRT imported lazily); running them is the
+runtime layer's (lrq_deploy.runtime.trt)."""
 
 from lrq_deploy.engine.build import PRECISIONS, BuildOptions, build_engine, parse_shapes
-from lrq_deploy.engine.flavours import INSTALL_HINT, load_flavour
+from lrq_deploy.runtime.flavours import INSTALL_HINT, load_flavour
 
-
-def __getattr__(name):
-    if name == "TrtRunner":  # imports torch.cuda machinery only when an engine is benchmarked
-        from lrq_deploy.engine.runner import TrtRunner
-
-        return TrtRunner
-    raise AttributeError(name)
-
-
-__all__ = ["INSTALL_HINT", "PRECISIONS", "BuildOptions", "TrtRunner", "build_engine", "load_flavour", "parse_shapes"]
+__all__ = ["INSTALL_HINT", "PRECISIONS", "BuildOptions", "build_engine", "load_flavour", "parse_shapes"]

@@ -22,13 +22,15 @@ import onnx
 from onnx import helper
 
 from lrq_deploy.atomic import atomic_write, check_output_file, remove_stale_temporaries, temporary_path, write_json
-from lrq_deploy.engine.flavours import Flavour, load_flavour
-from lrq_deploy.engine.record import build_record, record_path
+from lrq_deploy.runtime.flavours import Flavour, load_flavour
+from lrq_deploy.runtime.engine_record import build_record, record_path
 from lrq_deploy.errors import LrqError
+from lrq_deploy.models.base import BATCH_AXIS, PAST_AXIS, SEQ_AXIS
+from lrq_deploy.runtime.inputs import axis_of
 
 PRECISIONS = ("int4", "fp8", "fp4", "fp16")
 # Default profile ranges for our graphs' named dynamic axes: (min, opt, max).
-AXIS_RANGES = {"batch": (1, 1, 8), "seq": (1, 128, 512), "past": (0, 128, 1024)}
+AXIS_RANGES = {BATCH_AXIS: (1, 1, 8), SEQ_AXIS: (1, 128, 512), PAST_AXIS: (0, 128, 1024)}
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,7 @@ def _profile_shapes(inputs, explicit: dict) -> dict[str, tuple]:
             if isinstance(d, int) and d > 0:
                 ranges.append((d, d, d))
             else:
-                key = "past" if "past" in str(d) else ("seq" if "seq" in str(d) else "batch")
-                ranges.append(AXIS_RANGES[key])
+                ranges.append(AXIS_RANGES[axis_of(d) or "batch"])
         shapes[name] = tuple(tuple(r[i] for r in ranges) for i in range(3))
     return shapes
 
@@ -150,6 +151,8 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     try:
         report = {**_build_in_child(flavour, onnx_path, staging, options, requirements), **requirements}
         report["engine"] = str(out)
+        report["profile"] = {name: [list(shape) for shape in shapes]
+                             for name, shapes in _profile_shapes(requirements["inputs"], options.shapes).items()}
         if options.verify:
             report["verify"] = _verify(staging, onnx_path, options, flavour.name)
         write_json(record_path(out), build_record(staging, onnx_path, options, flavour, report))

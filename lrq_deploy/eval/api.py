@@ -13,28 +13,23 @@ def evaluate_checkpoint(
     compare_fp: bool = True, backend: str = "reference", seq_len: int | None = None,
 ) -> dict:
     """Return {"task", "fp": {metric: value} (None when compare_fp is off), "quant": {metric: value}}."""
-    from lrq_deploy.calib.api import resolve_device
-    from lrq_deploy.checkpoint import load_checkpoint
-    from lrq_deploy.models import load_model
+    from lrq_deploy.devices import resolve_device
+    from lrq_deploy.runtime.torch_models import load_torch_target
 
     if limit is not None and limit < 1:
         raise LrqError(f"--limit must be >= 1, got {limit}")
-    dev = resolve_device(device)
-    quant, manifest = load_checkpoint(Path(path), dev)
-    if backend == "torch":
-        from lrq_deploy.plugins.backend import use_kernels
-
-        use_kernels(quant.model)
-    elif backend != "reference":
+    if backend not in ("reference", "torch"):
         raise LrqError(f"backend must be reference or torch, got {backend!r}")
-    adapter = quant.adapter
+    dev = resolve_device(device)
+    quant = load_torch_target(Path(path), dev, kernels="require" if backend == "torch" else "never", checkpoint=True)
+    adapter, manifest = quant.loaded.adapter, quant.manifest
     if task is not None and task != adapter.default_metric:
         raise LrqError(f"task {task!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
-    fp = load_model(manifest["source"], dev) if compare_fp else None
+    fp = load_torch_target(manifest["source"], dev).loaded if compare_fp else None
     return {
         "task": adapter.default_metric,
         "backend": backend,
         "scenario": f"{manifest['calib']['method']} {QuantConfig.from_dict(manifest['quant']).scenario}",
         "fp": adapter.evaluate(fp.model, fp, data, limit, dev, seq_len) if fp else None,
-        "quant": adapter.evaluate(quant.model, quant, data, limit, dev, seq_len),
+        "quant": adapter.evaluate(quant.loaded.model, quant.loaded, data, limit, dev, seq_len),
     }

@@ -1,43 +1,19 @@
-"""The graph op every quantized linear becomes when exported.
+"""The ONNX form of the graph op every quantized linear becomes when exported.
 
-`lrq::quant_linear` is a torch custom op whose eager implementation is the reference
-QuantLinear arithmetic, so torch.export keeps one node per quantized linear; its ONNX
-translation emits one `lrq.QuantLinear` node carrying the packed weights, scales and zero
-points as inputs and the configuration as attributes. Lowering (export/lower.py) then turns
-that node into standard ONNX ops (`--target ort`) or a TensorRT plugin node (`--target trt`).
+The torch custom op `lrq::quant_linear` (quant/op.py) keeps one node per quantized linear
+through torch.export; its ONNX translation here emits one `lrq.QuantLinear` node carrying the
+packed weights, scales and zero points as inputs and the configuration as attributes.
+Lowering (export/lower.py) then turns that node into standard ONNX ops (`--target ort`) or a
+TensorRT plugin node (`--target trt`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from lrq_deploy.quant.pack import unpack_codes
-from lrq_deploy.quant.primitives import dequantize_weight, fake_quant_activation
-from lrq_deploy.quant.scheme import group_from_attr
+from lrq_deploy.quant.op import quant_linear
 
 DOMAIN = "lrq"
-
-
-@torch.library.custom_op("lrq::quant_linear", mutates_args=())
-def quant_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
-    wbits: int, abits: int, group_size: int, in_features: int,
-) -> torch.Tensor:
-    """Reference: per-token activation fake quant (abits < 16), dequantized weight, linear."""
-    if abits < 16:
-        x = fake_quant_activation(x, abits)
-    if wbits < 16:
-        codes = unpack_codes(qweight, wbits)[:, :in_features]
-        weight = dequantize_weight(codes, scales, zeros, group_from_attr(group_size))
-    else:
-        weight = qweight
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-@quant_linear.register_fake
-def _(x, qweight, scales, zeros, bias, wbits, abits, group_size, in_features):
-    return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 def _register_schema() -> None:

@@ -1,4 +1,5 @@
-"""Verification of an exported graph: onnxruntime (graph optimizations off) against the torch reference."""
+"""Verification of an exported graph: onnxruntime (graph optimizations off) against the torch
+reference on the adapter's verification set, through the runtime layer's runners and comparison."""
 
 from __future__ import annotations
 
@@ -7,63 +8,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # The default optimizer fuses DQ(int4) + MatMul into MatMulNBits, which is not bit-exact.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+from lrq_deploy.models.base import PAST_PREFIX, PRESENT_PREFIX
+from lrq_deploy.runtime.compare import compare_runs, run_iterations
+from lrq_deploy.runtime.onnxrt import reference_session
+from lrq_deploy.runtime.runners import TorchRunner, ort_runner
 
 
 def _empty_past(session, batch: int) -> dict[str, np.ndarray]:
     """Zero-length KV cache inputs: the with-past graph then runs as prefill."""
-    feeds = {}
-    for spec in session.get_inputs()[1:]:
-        _, heads, _, head_dim = spec.shape
-        feeds[spec.name] = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
-    return feeds
-
-
-def ort_logits_fn(session):
-    """inputs -> logits through an onnxruntime session (prefill with an empty cache for with-past graphs)."""
-    input_name = session.get_inputs()[0].name
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        feeds = {input_name: batch.numpy(), **_empty_past(session, batch.shape[0])}
-        return torch.from_numpy(session.run(None, feeds)[0]).float()
-
-    return run
+    return {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+            for spec in session.get_inputs() if spec.name.startswith(PAST_PREFIX)}
 
 
 @torch.no_grad()
 def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past: bool = False,
                          static_shape: tuple[int | None, int | None] = (None, None)) -> dict:
-    """Same inputs through onnxruntime and the torch reference: logit error, argmax agreement, metric.
+    """Same inputs through onnxruntime and the torch reference: the logits compared (Polygraphy's
+    error statistics, cosine, argmax agreement) and the model's metric on both.
     static_shape: the graph's fixed (batch, sequence length), where it has them."""
-    adapter, model = loaded.adapter, loaded.model
-    run_ort = ort_logits_fn(ort_session(path))
-    reference = adapter.export_spec(model, None, None, False).module
+    adapter = loaded.adapter
     inputs, labels = adapter.verification_set(loaded, None, limit, *static_shape)
-    ref_logits, ort_logits = [], []
-    for batch in inputs:
-        ref_logits.append(reference(batch).float())
-        ort_logits.append(run_ort(batch))
-    max_err = max((r - o).abs().max().item() for r, o in zip(ref_logits, ort_logits))
-    agree = sum((r.argmax(-1) == o.argmax(-1)).sum().item() for r, o in zip(ref_logits, ort_logits))
-    total = sum(r.argmax(-1).numel() for r in ref_logits)
-    ref_metric = adapter.metric_from_logits(inputs, ref_logits, labels)
-    ort_metric = adapter.metric_from_logits(inputs, ort_logits, labels)
-    name = next(iter(ref_metric))
+    name = adapter.graph_io(loaded.model).input_names[0]
+    feeds = [{name: batch.numpy()} for batch in inputs]
+    reference = run_iterations(TorchRunner(loaded, "cpu", name="torch"), feeds)
+    session = reference_session(path)
+    if with_past:
+        feeds = [{**feed, **_empty_past(session, len(batch))} for feed, batch in zip(feeds, inputs)]
+    candidate = [{"logits": out["logits"]} for out in run_iterations(ort_runner(path, session=session), feeds)]
+    comparison = compare_runs(("torch", reference), ("onnxruntime", candidate), atol=1e-3, rtol=1e-3)["logits"]
+    metric = {side: adapter.metric_from_logits(inputs, [torch.from_numpy(o["logits"]) for o in outs], labels)
+              for side, outs in (("torch", reference), ("onnxruntime", candidate))}
+    key = next(iter(metric["torch"]))
     return {
-        "metric": name,
-        "torch": ref_metric[name],
-        "onnxruntime": ort_metric[name],
-        "relative_difference": abs(ort_metric[name] - ref_metric[name]) / abs(ref_metric[name]),
-        "max_abs_logit_error": max_err,
-        "argmax_agreement": agree / total,
+        "metric": key,
+        "torch": metric["torch"][key],
+        "onnxruntime": metric["onnxruntime"][key],
+        "relative_difference": abs(metric["onnxruntime"][key] - metric["torch"][key]) / abs(metric["torch"][key]),
+        "max_abs_logit_error": comparison["max_abs_error"],
+        "argmax_agreement": comparison["argmax_agreement"],
+        "logits": comparison,
         "samples": int(sum(len(b) for b in inputs)),
         "onnxruntime_version": __import__("onnxruntime").__version__,
     }
@@ -73,7 +56,7 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
 def verify_generation(path: Path, loaded, prompt_len: int = 16, new_tokens: int = 8) -> dict:
     """Greedy decoding with the KV cache in onnxruntime (prefill, then one token at a time)
     against the torch reference: do both produce the same tokens?"""
-    session = ort_session(path)
+    session = reference_session(path)
     names = [o.name for o in session.get_outputs()]
     inputs, _ = loaded.adapter.verification_set(loaded, None, 1)
     prompt = inputs[0][:1, :prompt_len]
@@ -84,7 +67,7 @@ def verify_generation(path: Path, loaded, prompt_len: int = 16, new_tokens: int 
         token = int(outputs["logits"][0, -1].argmax())
         ort_tokens.append(token)
         feeds = {"input_ids": np.array([[token]], dtype=np.int64)}
-        feeds.update({n.replace("present.", "past."): v for n, v in outputs.items() if n.startswith("present.")})
+        feeds.update({n.replace(PRESENT_PREFIX, PAST_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)})
     ref = loaded.model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
     ref_tokens = ref[0, prompt_len:].tolist()
     return {"prompt_tokens": prompt_len, "onnxruntime": ort_tokens, "torch": ref_tokens, "match": ort_tokens == ref_tokens}

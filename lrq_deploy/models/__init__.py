@@ -113,7 +113,7 @@ def _load_timm_spec(spec: str) -> LoadedModel:
 
 
 def _load_timm(timm_spec: dict, weights: Path, spec: str) -> LoadedModel:
-    from lrq_deploy.checkpoint import read_safetensors
+    from lrq_deploy.tensor_files import read_safetensors
 
     if not weights.is_file():
         raise LrqError(f"weights file {weights} does not exist")

@@ -81,6 +81,10 @@ class ModelAdapter:
         """The model's metric; `seq_len` is the scoring window of language models (None: the default)."""
         raise NotImplementedError
 
+    def graph_io(self, model: nn.Module, with_past: bool = False) -> GraphIO:
+        """Names, dtypes and axes of the deployment graph's inputs and outputs."""
+        raise NotImplementedError
+
     def export_spec(self, model: nn.Module, batch: int | None, seq_len: int | None, with_past: bool) -> ExportSpec:
         """The graph to export; dynamic batch (and sequence) axes unless batch / seq_len are given."""
         raise NotImplementedError
@@ -93,6 +97,39 @@ class ModelAdapter:
 
     def metric_from_logits(self, inputs: list, logits: list, labels: list | None) -> dict:
         raise NotImplementedError
+
+
+# Axis names of graph inputs and outputs, shared by export (dynamic axes), the input generator
+# (runtime/inputs.py) and decoding: a symbolic dimension is matched by the name it contains.
+BATCH_AXIS, SEQ_AXIS, PAST_AXIS = "batch", "seq", "past"
+PAST_PREFIX, PRESENT_PREFIX = "past.", "present."
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, dims (ints, or axis names above)."""
+
+    name: str
+    dtype: str
+    dims: tuple
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What a model's deployment graph takes and returns; `kv_cache` when it carries past
+    keys/values (inputs PAST_PREFIX + "{layer}.{key|value}" -> outputs PRESENT_PREFIX + same)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    kv_cache: bool = False
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
 
 
 @dataclass

@@ -9,8 +9,11 @@ from torch import nn
 
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
-from lrq_deploy.eval.perplexity import perplexity, perplexity_from_logits, windows
-from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, static_batches
+from lrq_deploy.metrics.perplexity import perplexity, perplexity_from_logits, windows
+from lrq_deploy.models.base import (
+    BATCH_AXIS, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, BlockInputs, ExportSpec, GraphIO, ModelAdapter,
+    TensorSpec, static_batches,
+)
 
 
 class _StopForward(Exception):
@@ -106,29 +109,35 @@ class CausalLMAdapter(ModelAdapter):
         return data.tokenize(source.tokenizer, text)
 
     # --- export -------------------------------------------------------------------------
+    def graph_io(self, model, with_past=False):
+        logits = TensorSpec("logits", "float32", (BATCH_AXIS, SEQ_AXIS, model.config.vocab_size))
+        ids = TensorSpec("input_ids", "int64", (BATCH_AXIS, SEQ_AXIS))
+        if not with_past:
+            return GraphIO((ids,), (logits,))
+        kv_heads, head_dim = self.kv_cache_shape(model.config)
+        names = [f"{i}.{kind}" for i in range(model.config.num_hidden_layers) for kind in ("key", "value")]
+        past = tuple(TensorSpec(PAST_PREFIX + n, "float32", (BATCH_AXIS, kv_heads, PAST_AXIS, head_dim)) for n in names)
+        present = tuple(TensorSpec(PRESENT_PREFIX + n, "float32", (BATCH_AXIS, kv_heads, "present", head_dim))
+                        for n in names)
+        return GraphIO((ids, *past), (logits, *present), kv_cache=True)
+
     def export_spec(self, model, batch, seq_len, with_past):
         if seq_len is not None:
             self.check_seq_len(model, seq_len, "--seq-len")
+        io = self.graph_io(model, with_past)
         static = batch is not None or seq_len is not None
         batch, seq_len = batch or (1 if static else 2), seq_len or (256 if static else 32)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen)
-        batch_dim = torch.export.Dim("batch", min=1, max=1024)
-        seq_dim = torch.export.Dim("seq", min=1 if with_past else 2, max=4096)
+        batch_dim = torch.export.Dim(BATCH_AXIS, min=1, max=1024)
+        seq_dim = torch.export.Dim(SEQ_AXIS, min=1 if with_past else 2, max=4096)
         ids_shape = {0: batch_dim, 1: seq_dim}
         if not with_past:
-            return ExportSpec(_LogitsOnly(model), (ids,), ["input_ids"], ["logits"], None if static else (ids_shape,))
-        layers = model.config.num_hidden_layers
-        kv_heads, head_dim = self.kv_cache_shape(model.config)
-        kv_shape = (batch, kv_heads, 3, head_dim)  # [batch, kv heads, past length, head dim]
-        past = tuple(torch.randn(kv_shape, generator=gen) for _ in range(2 * layers))
-        past_dim = torch.export.Dim("past", min=1, max=8192)
-        names = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+            return ExportSpec(_LogitsOnly(model), (ids,), io.input_names, io.output_names, None if static else (ids_shape,))
+        past = tuple(torch.randn((batch, t.dims[1], 3, t.dims[3]), generator=gen) for t in io.inputs[1:])
+        past_dim = torch.export.Dim(PAST_AXIS, min=1, max=8192)
         dynamic = (ids_shape, tuple({0: batch_dim, 2: past_dim} for _ in past))
-        return ExportSpec(
-            _WithPast(model), (ids, past), ["input_ids"] + [f"past.{n}" for n in names],
-            ["logits"] + [f"present.{n}" for n in names], dynamic,
-        )
+        return ExportSpec(_WithPast(model), (ids, past), io.input_names, io.output_names, dynamic)
 
     def kv_cache_shape(self, config) -> tuple[int, int]:
         """(key/value heads, head dim) of the KV cache."""

@@ -10,8 +10,10 @@ from torch import nn
 
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
-from lrq_deploy.eval.top1 import top1_accuracy, top1_from_logits
-from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, SmoothGroup, static_batches
+from lrq_deploy.metrics.top1 import top1_accuracy, top1_from_logits
+from lrq_deploy.models.base import (
+    BATCH_AXIS, BlockInputs, ExportSpec, GraphIO, ModelAdapter, SmoothGroup, TensorSpec, static_batches,
+)
 
 
 class VitAdapter(ModelAdapter):
@@ -67,15 +69,20 @@ class VitAdapter(ModelAdapter):
         return {"top1": top1_accuracy(lambda x: model(x.to(device)).cpu(), images, labels)}
 
     # --- export -------------------------------------------------------------------------
-    def export_spec(self, model, batch, seq_len, with_past):
-        if seq_len is not None:
-            raise LrqError("--seq-len applies to language models, not to the ViT")
+    def graph_io(self, model, with_past=False):
         if with_past:
             raise LrqError("--with-past applies to causal language models, not to the ViT")
         size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-        images = torch.randn(batch or 2, *size, generator=torch.Generator().manual_seed(0))
-        dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
-        return ExportSpec(model, (images,), ["pixel_values"], ["logits"], dynamic)
+        return GraphIO((TensorSpec("pixel_values", "float32", (BATCH_AXIS, *size)),),
+                       (TensorSpec("logits", "float32", (BATCH_AXIS, model.num_classes)),))
+
+    def export_spec(self, model, batch, seq_len, with_past):
+        if seq_len is not None:
+            raise LrqError("--seq-len applies to language models, not to the ViT")
+        io = self.graph_io(model, with_past)
+        images = torch.randn(batch or 2, *io.inputs[0].dims[1:], generator=torch.Generator().manual_seed(0))
+        dynamic = None if batch else ({0: torch.export.Dim(BATCH_AXIS, min=1, max=4096)},)
+        return ExportSpec(model, (images,), io.input_names, io.output_names, dynamic)
 
     def verification_set(self, source, data_path, limit, batch=None, seq_len=None):
         if data_path is not None:

@@ -80,7 +80,7 @@ class QuantLinear(nn.Module):
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lrq_deploy.export.ops import quant_linear
+        from lrq_deploy.quant.op import quant_linear
 
         cfg = self.config
         if cfg.quantize_weights:

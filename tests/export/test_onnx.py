@@ -164,7 +164,7 @@ def test_static_shape_is_verified_at_that_shape(checkpoints, tmp_path):
 
 
 def test_dynamic_axes(checkpoints, tmp_path):
-    from lrq_deploy.export.verify import ort_session
+    from lrq_deploy.runtime.onnxrt import reference_session as ort_session
 
     out = tmp_path / "dyn.onnx"
     export_onnx(checkpoints / "w4a16-g64", out, verify=False)

@@ -48,8 +48,8 @@ def test_engine_for_another_gpu_is_refused(tmp_path):
     from click.testing import CliRunner
 
     from lrq_deploy.cli import main
-    from lrq_deploy.engine.flavours import load_flavour
-    from lrq_deploy.engine.record import ENGINE_RECORD
+    from lrq_deploy.runtime.flavours import load_flavour
+    from lrq_deploy.runtime.engine_record import ENGINE_RECORD
     from lrq_deploy.provenance import sha256_of
 
     pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX")

@@ -2,7 +2,6 @@
 the dispatch table's kernel for each node, launch parameters, and PTX that Triton compiles for
 sm_80 / sm_90 / sm_100 with the JIT's alignment hints."""
 
-import importlib.util
 
 import pytest
 
@@ -55,10 +54,13 @@ def test_alignment_hints_as_the_jit_adds_them():
 @pytest.mark.parametrize("sm,target", [(80, "sm_80"), (90, "sm_90a"), (100, "sm_100a")])
 @pytest.mark.parametrize("attrs,op", [(W4A16, "W4A16Linear"), (W2A16, "W2A16Linear"), (W4A4, "W4A4Linear")])
 def test_ptx_for_each_target(sm, target, attrs, op):
-    compiled = compile_ptx(plugin_kernel(op, attrs, sm=sm), sm)
+    kernel = plugin_kernel(op, attrs, sm=sm)
+    compiled = compile_ptx(kernel, sm)
     assert compiled.target == target
     assert f".entry {compiled.name}" in compiled.ptx
-    assert compiled.num_warps >= 1 and compiled.shared_bytes >= 0
+    assert compiled.num_warps == kernel.num_warps  # the dispatch table's warps, not Triton's default
+    assert f".reqntid {32 * kernel.num_warps}" in compiled.ptx or f".maxntid {32 * kernel.num_warps}" in compiled.ptx
+    assert compiled.shared_bytes > 0  # tensor-core tiles are staged through shared memory
     if op == "W4A4Linear":  # INT4 values on integer tensor cores, int32 accumulation
         assert "s32.s8.s8" in compiled.ptx or "kind::i8" in compiled.ptx  # mma.sync / wgmma / tcgen05
     else:
@@ -90,5 +92,29 @@ def test_aot_plugin_launch_arithmetic():
     assert scalar_args(W4A16) == (11008, 4096, 32, 512) and scalar_args(W2A16) == (4096, 4096, 64, 256)
     with pytest.raises(LrqError, match="int32 words"):
         scalar_args({**W4A16, "in_features": 4100, "group_size": 0})
-    if importlib.util.find_spec("tensorrt") is None:
-        assert not supports_aot()  # TensorRT for RTX alone: Python plugins
+
+
+
+def test_supports_aot_follows_the_installed_tensorrt(monkeypatch):
+    """AOT plugins exactly when `tensorrt.plugin` has aot_impl: absent, broken or older
+    packages give the Python plugins."""
+    import sys
+    import types
+
+    from lrq_deploy.plugins.trt_aot import supports_aot
+
+    def install(plugin):
+        package = types.ModuleType("tensorrt")
+        if plugin is not None:
+            package.plugin = plugin
+            monkeypatch.setitem(sys.modules, "tensorrt.plugin", plugin)
+        else:
+            monkeypatch.setitem(sys.modules, "tensorrt.plugin", None)  # import fails
+        monkeypatch.setitem(sys.modules, "tensorrt", package)
+
+    install(None)
+    assert not supports_aot()
+    install(types.SimpleNamespace())  # TensorRT 10.x before AOT plugins
+    assert not supports_aot()
+    install(types.SimpleNamespace(aot_impl=lambda *a: None))
+    assert supports_aot()

@@ -26,6 +26,7 @@ def build_record(engine: Path, onnx_path: Path, options, flavour, report: dict) 
         "tensorrt_version": flavour.version,
         "compute_capabilities": list(options.compute_capabilities) or [this_gpu() or "unknown"],
         "precision": options.precision,
+        "profile": report.get("profile", {}),  # input name -> [min, opt, max] shapes
         "plugins": report.get("plugins"),
         "layers": report.get("layers", {}),
         "bytes": engine.stat().st_size,

@@ -1,0 +1,54 @@
+"""Torch targets for running: a quantized checkpoint (reference backend, or the Triton kernels
+where they serve its scheme) or a full-precision model (HF / timm directory, bundled name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lrq_deploy.errors import LrqError
+
+KERNEL_CHOICES = ("auto", "require", "never")
+
+
+@dataclass
+class TorchTarget:
+    loaded: object  # models.LoadedModel
+    manifest: dict | None  # None: a full-precision model
+    path_name: str  # how it runs, for reports: "full precision", "Triton kernels", "reference dequantize + matmul"
+
+
+def load_torch_target(target, device, kernels: str = "auto", checkpoint: bool = False) -> TorchTarget:
+    """kernels: "auto" puts a checkpoint on the Triton kernels on CUDA where they serve its
+    scheme; "require" on any device (Triton's interpreter on CPU), refused when no kernel
+    serves the scheme; "never" keeps the reference QuantLinear arithmetic. With checkpoint=True
+    anything but a checkpoint is refused with the checkpoint loader's words."""
+    from lrq_deploy.checkpoint import MANIFEST, load_checkpoint
+    from lrq_deploy.models import BUNDLED, load_model
+
+    if kernels not in KERNEL_CHOICES:
+        raise LrqError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    name = str(target)
+    if not checkpoint and (name in BUNDLED or not (Path(target) / MANIFEST).is_file()):
+        return TorchTarget(load_model(name, device), None, "full precision")
+    loaded, manifest = load_checkpoint(Path(target), device)
+    if kernels == "require":
+        from lrq_deploy.plugins.backend import use_kernels
+
+        use_kernels(loaded.model)
+        served = True
+    else:
+        served = kernels == "auto" and device.type == "cuda" and use_kernels_if_served(loaded.model, manifest)
+    return TorchTarget(loaded, manifest, "Triton kernels" if served else "reference dequantize + matmul")
+
+
+def use_kernels_if_served(model, manifest) -> bool:
+    """Put the model on the Triton kernels when they serve its configuration."""
+    from lrq_deploy.config import QuantConfig
+    from lrq_deploy.plugins.backend import use_kernels
+    from lrq_deploy.quant.scheme import QuantScheme
+
+    if QuantScheme.from_config(QuantConfig.from_dict(manifest["quant"])).kernel is None:
+        return False
+    use_kernels(model)
+    return True

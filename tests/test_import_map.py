@@ -1,0 +1,104 @@
+"""The import map: lrq_deploy's packages form layers; nothing imports a layer above it, so there
+is no import cycle among them (docs/ARCHITECTURE.md draws the same map)."""
+
+import ast
+import itertools
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"lrq_deploy": ROOT / "lrq_deploy", "lrq_deploy.plugins": ROOT / "plugins"}
+
+# Lowest first. A module may import its own layer's modules and any layer below.
+LAYERS = [
+    {"errors"},
+    {"config", "atomic", "provenance", "data", "devices", "tensor_files"},
+    {"quant"},
+    {"plugins"},
+    {"metrics"},
+    {"models"},
+    {"fold", "checkpoint"},
+    {"runtime"},
+    {"calib"},  # the stages, in pipeline order
+    {"eval"},
+    {"export"},
+    {"engine"},
+    {"bench"},
+    {"info"},
+    {"cli"},
+]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def unit_of(module: str) -> str:
+    """lrq_deploy.calib.api -> calib; lrq_deploy.errors -> errors."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports() -> dict[str, set[str]]:
+    """Every lrq_deploy module -> the lrq_deploy modules it imports (top level or inside functions)."""
+    graph = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            relative = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *relative)).removesuffix(".__init__")
+            targets = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    module = node.module or ""
+                    if node.level:
+                        module = ".".join(base[: len(base) - node.level + 1] + ([module] if module else []))
+                    if module.startswith("lrq_deploy"):
+                        targets.add(module)
+                        targets.update(f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in _all_modules())
+                elif isinstance(node, ast.Import):
+                    targets.update(a.name for a in node.names if a.name.startswith("lrq_deploy"))
+            graph[name] = targets
+    return graph
+
+
+_MODULES: set[str] = set()
+
+
+def _all_modules() -> set[str]:
+    if not _MODULES:
+        for package, folder in PACKAGES.items():
+            for path in folder.rglob("*.py"):
+                _MODULES.add(".".join((package, *path.relative_to(folder).with_suffix("").parts)).removesuffix(".__init__"))
+    return _MODULES
+
+
+def test_every_unit_has_a_layer():
+    units = {unit_of(m) for m in imports()} - {"__init__"}
+    assert units <= set(RANK), f"place {sorted(units - set(RANK))} in LAYERS"
+
+
+def test_no_unit_imports_a_layer_above_it():
+    upward = []
+    for module, targets in imports().items():
+        for target in targets:
+            source, dest = unit_of(module), unit_of(target)
+            if source == "__init__" or dest == "__init__" or source == dest:
+                continue
+            if RANK[dest] > RANK[source]:
+                upward.append(f"{module} -> {target}")
+    assert not upward, "imports of a higher layer:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycle_among_packages():
+    edges = {(unit_of(m), unit_of(t)) for m, ts in imports().items() for t in ts if unit_of(m) != unit_of(t)}
+    units = {u for edge in edges for u in edge}
+    reach = {u: {b for a, b in edges if a == u} for u in units}
+    for _ in units:  # transitive closure
+        for u, k in itertools.product(units, units):
+            if k in reach[u]:
+                reach[u] |= reach[k]
+    cycles = sorted(u for u in units if u in reach[u])
+    assert not cycles, f"import cycles through {cycles}"
+
+
+def test_the_package_root_stays_torch_free_and_small():
+    """`lrq --help` must not import torch: the package root imports only config and errors."""
+    root = imports()["lrq_deploy"]
+    assert {unit_of(t) for t in root} <= {"config", "errors"}
