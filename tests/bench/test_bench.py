@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from lrq_deploy.bench.harness import measure, report
+from lrq_deploy.bench.report import ratio
 from lrq_deploy.bench.runners import Runner, Timing, Workload
 from lrq_deploy.bench.stats import percentile, summarize
 from lrq_deploy.cli import main
@@ -104,17 +105,29 @@ def test_cli_bench_ort_and_torch_with_json(artifacts, tmp_path):
         assert result.exit_code == 0, result.output
         assert "Throughput:" in result.stdout and "percentile(99%)" in result.stdout
         data = json.loads(out.read_text())
-        assert data["inferences"] >= 10 and data["throughput_tokens_per_s"] > 0
-        assert data["latency_ms"]["min"] <= data["latency_ms"]["median"] <= data["latency_ms"]["max"]
+        assert data["inferences"] >= 10 and data["total_host_walltime_s"] >= 0.2  # trtexec: iterations and duration
+        # throughput is inferences over walltime, in tokens: 32 per prefill of batch 1
+        assert data["throughput_qps"] == pytest.approx(data["inferences"] / data["total_host_walltime_s"])
+        assert data["throughput_tokens_per_s"] == pytest.approx(32 * data["throughput_qps"])
+        # every timed inference happened inside the measured walltime
+        assert data["latency_ms"]["mean"] * data["inferences"] <= data["total_host_walltime_s"] * 1e3
+        printed = float(result.stdout.split("Throughput: ")[1].split()[0])
+        assert printed == pytest.approx(data["throughput_qps"], rel=1e-4)
 
 
-def test_cli_bench_compare(artifacts):
-    result = CliRunner().invoke(main, ["bench", "--compare", str(artifacts / "fp32.onnx"), str(artifacts / "w4.onnx"),
-                                       str(artifacts / "w8a8.onnx"),
-                                       str(artifacts / "w4"), "--duration", "0.1", "--warm-up", "0", "--seq-len", "16"])
+def test_cli_bench_compare(artifacts, tmp_path):
+    targets = [artifacts / "fp32.onnx", artifacts / "w4.onnx", artifacts / "w8a8.onnx", artifacts / "w4"]
+    result = CliRunner().invoke(main, ["bench", "--compare", *map(str, targets), "--duration", "0.1", "--warm-up", "0",
+                                       "--seq-len", "16", "--export-json", str(tmp_path / "c.json")])
     assert result.exit_code == 0, result.output
     table = result.stdout.strip().splitlines()[-4:]
-    assert table[0].rstrip().endswith("1.00x") and "fp32.onnx" in table[0]
+    measured = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert [r["target"] for r in measured] == [str(t) for t in targets]
+    base = measured[0]["latency_ms"]["mean"]
+    for row, target, data in zip(table, targets, measured):  # each row: its own target, its speed over the first's
+        assert target.name in row
+        assert row.split()[-1] == ratio(base / data["latency_ms"]["mean"])
+    assert table[0].rstrip().endswith("1.00x")
 
 
 def test_cli_bench_bad_target(tmp_path):

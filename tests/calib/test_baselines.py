@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lrq_deploy.calib.engine import calibrate_model
+from lrq_deploy.calib.engine import block_errors, calibrate_model
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.data import token_windows
 from lrq_deploy.fold import fold_smoothing
@@ -42,7 +42,17 @@ def test_engine_quantizes_every_block_linear(tiny_llama_dir, method):
         _batches(loaded), "cpu",
     )
     assert len(result.quantized) == 2 * 7
-    assert all(0 <= b["mse"] and 0.5 < b["cosine"] <= 1.0 + 1e-9 for b in result.blocks)
+    # W4-g32 A8 keeps every block close to full precision, and the error is real (not zero)
+    assert all(0 < b["mse"] < 1e-4 and 0.99 < b["cosine"] < 1.0 for b in result.blocks)
+    # the reported block-0 error is the quantized block against the FP block on the same inputs
+    fp = load_model(str(tiny_llama_dir))
+    inputs = fp.adapter.capture_block_inputs(fp.model, _batches(fp))
+    with torch.no_grad():
+        fp_out = fp.adapter.run_block(fp.adapter.blocks(fp.model)[0], inputs.hidden, inputs.kwargs)
+        q_out = loaded.adapter.run_block(loaded.adapter.blocks(loaded.model)[0], inputs.hidden, inputs.kwargs)
+    recomputed = block_errors(fp_out, q_out)
+    assert recomputed["mse"] == pytest.approx(result.blocks[0]["mse"], rel=1e-4)
+    assert recomputed["cosine"] == pytest.approx(result.blocks[0]["cosine"], rel=1e-7)
 
 
 def test_smoothquant_beats_rtn_with_activation_outliers(tiny_llama_dir):

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import math
 
 import pytest
@@ -103,9 +104,30 @@ def test_resume_after_kill_gives_identical_checkpoint(tmp_path, tiny_llama_dir):
     assert not (tmp_path / "resumed").exists()
     run_dir = tmp_path / "resumed.run"
     assert (run_dir / "block_000.safetensors").is_file() and not (run_dir / "block_001.safetensors").exists()
+    block0_curve = json.loads((run_dir / "report.json").read_text())["loss_curves"]["0"]
     calibrate(str(tiny_llama_dir), tmp_path / "resumed", qconfig, cconfig, device="cpu", resume=True)
     assert _sha(tmp_path / "resumed") == _sha(tmp_path / "full")
-    assert (run_dir / "losses.png").stat().st_size > 0
+    curves = json.loads((run_dir / "report.json").read_text())["loss_curves"]
+    assert set(curves) == {"0", "1"} and all(len(c) == cconfig.epochs for c in curves.values())
+    assert curves["0"] == block0_curve  # the saved block was not trained again
+    assert curves == json.loads((tmp_path / "full.run" / "report.json").read_text())["loss_curves"]
+    _assert_plot_has_one_line_per_block(run_dir / "losses.png", blocks=2)
+
+
+def _assert_plot_has_one_line_per_block(path, blocks):
+    """losses.png decodes at the figure size and holds each block's line colour (matplotlib's cycle)."""
+    import matplotlib.image
+    import numpy as np
+    from matplotlib import colors
+
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[:2] == (400, 600)
+    pixels = (image[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    for index in range(blocks):
+        rgb = np.array([round(c * 255) for c in colors.to_rgb(f"C{index}")])
+        assert (np.abs(pixels - rgb).sum(axis=1) <= 6).sum() > 50, f"no line for block {index}"
+    rgb = np.array([round(c * 255) for c in colors.to_rgb(f"C{blocks}")])
+    assert (np.abs(pixels - rgb).sum(axis=1) <= 6).sum() == 0  # and no more lines
 
 
 def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
