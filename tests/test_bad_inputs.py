@@ -313,6 +313,9 @@ CASES = [
     Case("export-onnx-exists", lambda i: ["export", i.checkpoint(), "--onnx", i.file("x.onnx", "mine")], "exists (use --force"),
     Case("export-onnx-read-only", lambda i: ["export", i.checkpoint(), "--onnx", i.read_only_dir() + "/x.onnx"], "cannot write to"),
     Case("export-opset-too-low", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--opset", "13"], "is too low"),
+    Case("export-int8-activations-not-w4a16", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"),
+                                                         "--ort-int8-activations", "--target", "trt"],
+         "--ort-int8-activations applies to group-wise W4A16"),
     Case("export-not-a-checkpoint", lambda i: ["export", i.file("c.txt", "x"), "--onnx", i.path("x.onnx")], "is not an lrq checkpoint"),
     Case("export-tampered-checkpoint", lambda i: ["export", _damaged(i, _flip_byte), "--onnx", i.path("x.onnx")], "sha256 differs"),
     # build-engine

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.runtime.inputs import benchmark_sizes, make_feeds, specs_from_metadata
+from lrq_deploy.runtime.inputs import benchmark_sizes, make_feeds
 
 BACKENDS = ("ort", "torch", "trt")
 
@@ -85,14 +85,12 @@ class OrtRunner(Runner):
     name = "ort"
 
     def __init__(self, path: Path, batch: int, seq_len: int, optimize: bool = True, device: str = "auto"):
-        from lrq_deploy.runtime.runners import ort_runner
+        from lrq_deploy.runtime.onnxrt import deployed_session, input_specs
 
-        self.runner = ort_runner(path, reference=False, optimize=optimize, device=device)
-        self.runner.activate()
-        self.session = self.runner.sess
+        self.session = deployed_session(path, optimize, device)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         _check_graph_shape(path, self.session, batch, seq_len)
-        specs = specs_from_metadata(self.runner.get_input_metadata(use_numpy_dtypes=False))
+        specs = input_specs(self.session)
         sizes, description, items, unit = benchmark_sizes(specs, batch, seq_len)
         self.feeds = make_feeds(specs, sizes)
         self._workload = Workload(description, items, unit)

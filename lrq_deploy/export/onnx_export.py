@@ -21,6 +21,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.export.lower import default_opset, lower, required_opset, set_opset
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.quant import QuantLinear
+from lrq_deploy.runtime.onnxrt import ACCURACY_LEVEL_META, INT8_ACTIVATIONS_LEVEL
 
 TARGETS = ("ort", "trt")
 GRAPH_FORMAT = "lrq-onnx/1"
@@ -30,19 +31,25 @@ INLINE_LIMIT = 2**31 - 2**27  # initializer bytes kept inside the .onnx file (pr
 def export_onnx(
     checkpoint: Path, out: Path, target: str = "ort", opset: int | None = None,
     batch: int | None = None, seq_len: int | None = None, verify: bool = True, limit: int | None = None,
-    with_past: bool = False, force: bool = False,
+    with_past: bool = False, force: bool = False, ort_int8_activations: bool = False,
 ) -> dict:
     """Export a checkpoint (or, for a full-precision baseline, a model spec such as bundled:llama)
     to ONNX; returns a report (sizes, and the verification when run).
 
     The graph is verified before it is moved to `out`: a failed export or verification leaves
-    nothing there. The verification results go to OUT.verify.json with the graph's sha256."""
+    nothing there. The verification results go to OUT.verify.json with the graph's sha256.
+
+    ort_int8_activations: declare the graph for onnxruntime's MatMulNBits at accuracy level 4
+    (activations rounded to int8 per block of K at run time; faster on CPUs, not the calibrated
+    numerics). Verification then runs those numerics and reports their own metric."""
     out = Path(out)
     if target not in TARGETS:
         raise LrqError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     _check_shape_options(batch, seq_len, limit, with_past)
     check_output_file(out, force, inputs=[Path(str(checkpoint))], option="--onnx")
     loaded, manifest = _load_source(checkpoint)
+    if ort_int8_activations:
+        _check_int8_activations(target, manifest)
     model = trace_to_onnx(loaded, batch, seq_len, with_past)
     needed = required_opset(model, target)
     if opset is not None and opset < needed:
@@ -52,6 +59,8 @@ def export_onnx(
     set_opset(model, max(opset or needed, default_opset(model)))
     lower(model, target, manifest["quant"]["symmetric"])
     describe_graph(model, loaded, manifest, target, with_past)
+    if ort_int8_activations:
+        model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
               **size_report(model, manifest)}
 
@@ -99,6 +108,14 @@ def save_graph(model: onnx.ModelProto, out: Path, check: Callable[[Path], None])
         os.replace(inner, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_int8_activations(target: str, manifest: dict) -> None:
+    quant = manifest["quant"]
+    weight_only_int4 = manifest["quantized_modules"] and quant["wbits"] == 4 and quant["abits"] == 16
+    if target != "ort" or not weight_only_int4 or not quant.get("group_size"):
+        raise LrqError("--ort-int8-activations applies to group-wise W4A16 checkpoints exported with --target ort "
+                       "(onnxruntime's MatMulNBits)")
 
 
 def _check_shape_options(batch, seq_len, limit, with_past) -> None:

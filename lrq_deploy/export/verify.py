@@ -10,7 +10,7 @@ import torch
 
 from lrq_deploy.models.base import PAST_PREFIX, PRESENT_PREFIX
 from lrq_deploy.runtime.compare import compare_runs, run_iterations
-from lrq_deploy.runtime.onnxrt import reference_session
+from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, declared_accuracy_level, deployed_session, reference_session
 from lrq_deploy.runtime.runners import TorchRunner, ort_runner
 
 
@@ -31,7 +31,9 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     name = adapter.graph_io(loaded.model).input_names[0]
     feeds = [{name: batch.numpy()} for batch in inputs]
     reference = run_iterations(TorchRunner(loaded, "cpu", name="torch"), feeds)
-    session = reference_session(path)
+    int8_activations = declared_accuracy_level(path) == INT8_ACTIVATIONS_LEVEL
+    # graphs declared for int8 activations are verified with those numerics (as deployed)
+    session = deployed_session(path, device="cpu") if int8_activations else reference_session(path)
     if with_past:
         feeds = [{**feed, **_empty_past(session, len(batch))} for feed, batch in zip(feeds, inputs)]
     candidate = [{"logits": out["logits"]} for out in run_iterations(ort_runner(path, session=session), feeds)]
@@ -47,6 +49,8 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
         "max_abs_logit_error": comparison["max_abs_error"],
         "argmax_agreement": comparison["argmax_agreement"],
         "logits": comparison,
+        "onnxruntime_numerics": ("MatMulNBits accuracy level 4: activations rounded to int8 per block of K"
+                                 if int8_activations else "the graph as written (optimizations off)"),
         "samples": int(sum(len(b) for b in inputs)),
         "onnxruntime_version": __import__("onnxruntime").__version__,
     }

@@ -39,14 +39,6 @@ def make_feeds(specs, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndar
     return feeds
 
 
-def specs_from_metadata(metadata) -> list[TensorSpec]:
-    """Polygraphy TensorMetadata (name -> dtype, shape) as tensor specs."""
-    from polygraphy.datatype import DataType
-
-    return [TensorSpec(name, np.dtype(DataType.to_dtype(meta.dtype, "numpy")).name, tuple(meta.shape))
-            for name, meta in metadata.items()]
-
-
 def has_kv_cache(specs) -> bool:
     return any(s.name.startswith(PAST_PREFIX) for s in specs)
 

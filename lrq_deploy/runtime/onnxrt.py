@@ -7,6 +7,10 @@ from pathlib import Path
 from lrq_deploy.errors import LrqError
 
 MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+# Graph metadata of an export for onnxruntime's int8-activation MatMulNBits (lrq export
+# --ort-int8-activations): sessions as deployed then fuse at that accuracy level.
+ACCURACY_LEVEL_META = "lrq.ort_matmulnbits_accuracy_level"
+INT8_ACTIVATIONS_LEVEL = "4"
 
 
 def reference_session(path: Path):
@@ -37,10 +41,23 @@ def deployed_session(path: Path, optimize: bool = True, device: str = "auto"):
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # The optimizer fuses INT4/INT2 DequantizeLinear + MatMul into MatMulNBits, by default at
-    # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32.
-    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
+    # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32;
+    # level 4 only where the export declared it.
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, declared_accuracy_level(path))
     options.log_severity_level = 3
     return _session(path, options, providers)
+
+
+def declared_accuracy_level(path: Path) -> str:
+    """The MatMulNBits accuracy level the graph was exported for: "1" (fp32, the calibrated
+    numerics) unless its metadata declares int8 activations."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # an unreadable graph is reported by onnxruntime when the session is made
+        return "1"
+    return {p.key: p.value for p in model.metadata_props}.get(ACCURACY_LEVEL_META, "1")
 
 
 def _session(path: Path, options, providers):
@@ -52,5 +69,11 @@ def _session(path: Path, options, providers):
         raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
-def graph_metadata(session) -> dict[str, str]:
-    return dict(session.get_modelmeta().custom_metadata_map)
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def input_specs(session) -> list:
+    """The session's inputs as tensor specs (symbolic dims keep the graph's axis names)."""
+    from lrq_deploy.models.base import TensorSpec
+
+    return [TensorSpec(i.name, ORT_TYPES.get(i.type, "float32"), tuple(i.shape)) for i in session.get_inputs()]

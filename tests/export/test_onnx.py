@@ -214,3 +214,26 @@ def test_weights_beyond_the_protobuf_limit_go_to_external_data(checkpoints, tmp_
     assert info["intact"] and info["external_data_bytes"] == data.stat().st_size
     data.write_bytes(data.read_bytes()[:-1] + b"\x01")
     assert not describe(out)["intact"]
+
+
+def test_ort_int8_activations_is_declared_and_verified_with_its_own_numerics(checkpoints, tmp_path):
+    """--ort-int8-activations: the graph declares MatMulNBits accuracy level 4, sessions as
+    deployed run it (outputs differ from the same graph without the declaration), and the
+    verification report names those numerics and their own perplexity."""
+    import numpy as np
+
+    from lrq_deploy.runtime.onnxrt import ACCURACY_LEVEL_META, deployed_session
+
+    plain = export_onnx(checkpoints / "w4a16-g64", tmp_path / "plain.onnx", limit=2)
+    fast = export_onnx(checkpoints / "w4a16-g64", tmp_path / "int8.onnx", limit=2, ort_int8_activations=True)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "int8.onnx")).metadata_props}
+    assert meta[ACCURACY_LEVEL_META] == "4" and ACCURACY_LEVEL_META not in {
+        p.key for p in onnx.load(str(tmp_path / "plain.onnx")).metadata_props}
+    assert "int8" in fast["verify"]["onnxruntime_numerics"] and "as written" in plain["verify"]["onnxruntime_numerics"]
+    assert plain["verify"]["onnxruntime"] == pytest.approx(plain["verify"]["torch"], rel=1e-5)
+    assert fast["verify"]["onnxruntime"] != plain["verify"]["onnxruntime"]  # its own perplexity
+    assert fast["verify"]["relative_difference"] < 0.02  # close, not equal: another model
+    ids = {"input_ids": np.arange(32, dtype=np.int64).reshape(1, 32)}
+    outputs = [deployed_session(tmp_path / f"{n}.onnx", device="cpu").run(None, ids)[0] for n in ("plain", "int8")]
+    assert not np.array_equal(*outputs)
+    assert np.abs(outputs[0] - outputs[1]).max() < 0.05 * np.abs(outputs[0]).max()
