@@ -16,7 +16,7 @@ import time
 import torch
 
 from lrq_deploy.calib import learnable
-from lrq_deploy.calib.engine import BlockJob, run_block
+from lrq_deploy.calib.blockwise import BlockJob, run_block
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.models import adapter_for_family
 

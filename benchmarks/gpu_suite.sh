@@ -10,7 +10,7 @@ mkdir -p "$out"
 device="$(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")')"
 echo "device: $device" | tee "$out/device.txt"
 
-python -m pytest -q -m gpu tests/gpu > "$out/gpu_tests.log" 2>&1; tests_rc=$?
+python -m pytest -q -m gpu tests > "$out/gpu_tests.log" 2>&1; tests_rc=$?
 python benchmarks/kernel_report.py --json "$out/kernel_report.json" --markdown > "$out/kernel_report.md" 2> "$out/kernel_report.log"
 python benchmarks/kernels.py --json "$out/kernels.json" --markdown "$out/kernels.md" > "$out/kernels.log" 2>&1
 python benchmarks/calib_speed.py --device cuda --method lrquant+ --epochs 2 > "$out/calib_speed.log" 2>&1

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -145,8 +146,49 @@ def check_files(path: Path, manifest: dict) -> None:
                            "truncated or damaged; restore it or calibrate again")
 
 
-def load_checkpoint(path: Path, device="cpu") -> tuple[LoadedModel, dict]:
-    """Rebuild the quantized model (reference torch backend) and return it with its manifest."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded model with what its manifest says, parsed once: a quantized checkpoint, or a
+    full-precision model (quant None) where a stage accepts one as its baseline."""
+
+    loaded: LoadedModel
+    quant: QuantConfig | None
+    calib: CalibConfig | None
+    source: str
+    quantized_modules: tuple[str, ...]
+    manifest: dict
+
+    @classmethod
+    def full_precision(cls, loaded: LoadedModel) -> "Checkpoint":
+        return cls(loaded, None, None, loaded.spec, (), {})
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def adapter(self):
+        return self.loaded.adapter
+
+    @property
+    def scheme(self):
+        """The kernel-facing QuantScheme (None for a full-precision model)."""
+        from lrq_deploy.quant.scheme import QuantScheme
+
+        return QuantScheme.from_config(self.quant) if self.quant else None
+
+    @property
+    def scenario(self) -> str:
+        """"W4A16-g128" and the like; "full precision" for a baseline."""
+        return self.quant.scenario if self.quant else "full precision"
+
+    @property
+    def method(self) -> str:
+        return self.calib.method if self.calib else "none"
+
+
+def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
+    """Rebuild the quantized model (reference torch backend) from a verified checkpoint directory."""
     path = Path(path)
     manifest = read_manifest(path)
     check_files(path, manifest)
@@ -162,7 +204,8 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[LoadedModel, dict]:
         )
     model.to(device).eval()
     loaded = LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=str(path), extras=manifest)
-    return loaded, manifest
+    calib = CalibConfig.from_dict(manifest["calib"]) if isinstance(manifest.get("calib"), dict) else None
+    return Checkpoint(loaded, qconfig, calib, str(manifest["source"]), tuple(manifest["quantized_modules"]), manifest)
 
 
 def _swap_in_shell(model: nn.Module, name: str, qconfig: QuantConfig) -> None:

@@ -139,10 +139,9 @@ def comparison_line(name: str, c: dict) -> str:
 @clean_errors
 def eval_(target, task, data, limit, seq_len, device, backend, as_json):
     """Evaluate checkpoint TARGET and its source model side by side."""
-    from lrq_deploy.eval import evaluate_checkpoint
+    from lrq_deploy.eval import EvalOptions, evaluate_checkpoint
 
-    result = evaluate_checkpoint(target, task=task, data=data, limit=limit, device=device, backend=backend,
-                                 seq_len=seq_len)
+    result = evaluate_checkpoint(target, EvalOptions(task, data, limit, device, backend=backend, seq_len=seq_len))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -173,11 +172,10 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
     exported unquantized as the baseline for benchmarks."""
-    from lrq_deploy.export import export_onnx
+    from lrq_deploy.export import ExportOptions, export_onnx
 
-    report = export_onnx(checkpoint, onnx_path, target=target, opset=opset, batch=batch, seq_len=seq_len,
-                         verify=not no_verify, limit=limit, with_past=with_past, force=force,
-                         ort_int8_activations=ort_int8_activations)
+    options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations)
+    report = export_onnx(checkpoint, onnx_path, options)
     ratio = report["weight_ratio"]
     sizes = (f"; quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16"
              if ratio else "; full precision")

@@ -19,10 +19,10 @@ CASES = [
 
 def _calibrated_model(source, out, qconfig, method):
     """Calibrate through the public API and keep the in-memory quantized model for comparison."""
-    from lrq_deploy.calib import engine
+    from lrq_deploy.calib import blockwise
 
     kept = {}
-    original = engine.calibrate_model
+    original = blockwise.calibrate_model
 
     def keep(*args, **kwargs):
         kept["result"] = original(*args, **kwargs)
@@ -41,8 +41,12 @@ def test_reload_reproduces_calibrated_outputs_exactly(fixture, qconfig, method, 
     source = request.getfixturevalue(fixture)
     out = tmp_path / "ckpt"
     calibrated = _calibrated_model(source, out, qconfig, method)
-    loaded, manifest = load_checkpoint(out)
+    ckpt = load_checkpoint(out)
+    loaded, manifest = ckpt.loaded, ckpt.manifest
     assert manifest["quant"] == qconfig.to_dict() and manifest["calib"]["method"] == method
+    # the typed view is the manifest parsed once
+    assert ckpt.quant == qconfig and ckpt.method == method and ckpt.scheme.group_size == qconfig.group_size
+    assert ckpt.quantized_modules == tuple(manifest["quantized_modules"]) and ckpt.source == manifest["source"]
     ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = calibrated(input_ids=ids).logits
@@ -53,7 +57,7 @@ def test_reload_reproduces_calibrated_outputs_exactly(fixture, qconfig, method, 
 def test_vit_reload_exact(tmp_path):
     out = tmp_path / "vit"
     calibrated = _calibrated_model("bundled:vit", out, QuantConfig(wbits=4, abits=4), "smoothquant")
-    loaded, _ = load_checkpoint(out)
+    loaded = load_checkpoint(out).loaded
     images = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded.model(images), calibrated(images))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lrq_deploy.calib import baselines, learnable  # noqa: F401  (register the methods)
-from lrq_deploy.calib.engine import calibrate_model
+from lrq_deploy.calib.blockwise import calibrate_model
 from lrq_deploy.calib.learnable import RECIPES
 from lrq_deploy.atomic import check_output_dir
 from lrq_deploy.calib.rundir import RunDir, saved_settings

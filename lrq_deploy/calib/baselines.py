@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lrq_deploy.calib.engine import BlockJob, register_method
+from lrq_deploy.calib.blockwise import BlockJob, register_method
 from lrq_deploy.config import QuantConfig
 from lrq_deploy.fold import fold_smoothing, reduce_to_prev
 from lrq_deploy.quant import QuantLinear, gained_scale, quantize_weight, weight_qparams

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lrq_deploy.calib.baselines import input_stats, replace_linears, weight_absmax
-from lrq_deploy.calib.engine import BlockJob, register_method
+from lrq_deploy.calib.blockwise import BlockJob, register_method
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.errors import LrqError
 from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params

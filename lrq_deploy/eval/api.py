@@ -2,34 +2,60 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from lrq_deploy.config import QuantConfig
 from lrq_deploy.errors import LrqError
 
+BACKENDS = ("reference", "torch")
 
-def evaluate_checkpoint(
-    path: Path, task: str | None = None, data: Path | None = None, limit: int | None = None, device: str = "auto",
-    compare_fp: bool = True, backend: str = "reference", seq_len: int | None = None,
-) -> dict:
-    """Return {"task", "fp": {metric: value} (None when compare_fp is off), "quant": {metric: value}}."""
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to measure and how; validated on construction.
+
+    task: the metric (None: the model's own). data: evaluation text (None: WikiText-2 test).
+    limit: at most this many windows / images. backend: "reference" (QuantLinear arithmetic) or
+    "torch" (the Triton kernels, refused where no kernel serves the scheme). seq_len: perplexity
+    window. compare_fp: also evaluate the full-precision source model."""
+
+    task: str | None = None
+    data: Path | None = None
+    limit: int | None = None
+    device: str = "auto"
+    compare_fp: bool = True
+    backend: str = "reference"
+    seq_len: int | None = None
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise LrqError(f"--limit must be >= 1, got {self.limit}")
+        if self.backend not in BACKENDS:
+            raise LrqError(f"backend must be {' or '.join(BACKENDS)}, got {self.backend!r}")
+
+
+def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settings) -> dict:
+    """Return {"task", "backend", "scenario", "fp": {metric: value} (None when compare_fp is off),
+    "quant": {metric: value}}. `settings` are EvalOptions fields, for callers without an object."""
     from lrq_deploy.devices import resolve_device
     from lrq_deploy.runtime.torch_models import load_torch_target
 
-    if limit is not None and limit < 1:
-        raise LrqError(f"--limit must be >= 1, got {limit}")
-    if backend not in ("reference", "torch"):
-        raise LrqError(f"backend must be reference or torch, got {backend!r}")
-    dev = resolve_device(device)
-    quant = load_torch_target(Path(path), dev, kernels="require" if backend == "torch" else "never", checkpoint=True)
-    adapter, manifest = quant.loaded.adapter, quant.manifest
-    if task is not None and task != adapter.default_metric:
-        raise LrqError(f"task {task!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
-    fp = load_torch_target(manifest["source"], dev).loaded if compare_fp else None
+    options = options or EvalOptions(**settings)
+    dev = resolve_device(options.device)
+    kernels = "require" if options.backend == "torch" else "never"
+    ckpt = load_torch_target(Path(path), dev, kernels=kernels, checkpoint=True).checkpoint
+    adapter = ckpt.adapter
+    if options.task is not None and options.task != adapter.default_metric:
+        raise LrqError(f"task {options.task!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
+    fp = load_torch_target(ckpt.source, dev).loaded if options.compare_fp else None
+
+    def metric(model, source):
+        return adapter.evaluate(model, source, options.data, options.limit, dev, options.seq_len)
+
     return {
         "task": adapter.default_metric,
-        "backend": backend,
-        "scenario": f"{manifest['calib']['method']} {QuantConfig.from_dict(manifest['quant']).scenario}",
-        "fp": adapter.evaluate(fp.model, fp, data, limit, dev, seq_len) if fp else None,
-        "quant": adapter.evaluate(quant.loaded.model, quant.loaded, data, limit, dev, seq_len),
+        "backend": options.backend,
+        "scenario": f"{ckpt.method} {ckpt.scenario}",
+        "fp": metric(fp.model, fp) if fp else None,
+        "quant": metric(ckpt.model, ckpt.loaded),
     }

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,6 @@ import torch
 from lrq_deploy.atomic import (atomic_write, check_output_file, make_readable, remove_stale_temporaries, temporary_path,
                                write_json)
 from lrq_deploy.provenance import sha256_of
-from lrq_deploy.config import QuantConfig
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.lower import default_opset, lower, required_opset, set_opset
 from lrq_deploy.export.ops import TRANSLATIONS
@@ -28,41 +28,62 @@ GRAPH_FORMAT = "lrq-onnx/1"
 INLINE_LIMIT = 2**31 - 2**27  # initializer bytes kept inside the .onnx file (protobuf stops at 2 GiB)
 
 
-def export_onnx(
-    checkpoint: Path, out: Path, target: str = "ort", opset: int | None = None,
-    batch: int | None = None, seq_len: int | None = None, verify: bool = True, limit: int | None = None,
-    with_past: bool = False, force: bool = False, ort_int8_activations: bool = False,
-) -> dict:
+@dataclass(frozen=True)
+class ExportOptions:
+    """How a checkpoint becomes a graph; validated on construction.
+
+    batch / seq_len: static axes (default dynamic). limit: verification samples. with_past: a
+    decoder graph with KV-cache inputs and outputs. ort_int8_activations: declare the graph for
+    onnxruntime's MatMulNBits at accuracy level 4 (activations rounded to int8 per block of K at
+    run time; faster on CPUs, not the calibrated numerics): verification then runs those
+    numerics and reports their own metric."""
+
+    target: str = "ort"
+    opset: int | None = None
+    batch: int | None = None
+    seq_len: int | None = None
+    verify: bool = True
+    limit: int | None = None
+    with_past: bool = False
+    force: bool = False
+    ort_int8_activations: bool = False
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise LrqError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        _check_shape_options(self.batch, self.seq_len, self.limit, self.with_past)
+
+
+def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = None, **settings) -> dict:
     """Export a checkpoint (or, for a full-precision baseline, a model spec such as bundled:llama)
-    to ONNX; returns a report (sizes, and the verification when run).
+    to ONNX; returns a report (sizes, and the verification when run). `settings` are
+    ExportOptions fields, for callers without an options object.
 
     The graph is verified before it is moved to `out`: a failed export or verification leaves
-    nothing there. The verification results go to OUT.verify.json with the graph's sha256.
-
-    ort_int8_activations: declare the graph for onnxruntime's MatMulNBits at accuracy level 4
-    (activations rounded to int8 per block of K at run time; faster on CPUs, not the calibrated
-    numerics). Verification then runs those numerics and reports their own metric."""
+    nothing there. The verification results go to OUT.verify.json with the graph's sha256."""
+    options = options or ExportOptions(**settings)
     out = Path(out)
-    if target not in TARGETS:
-        raise LrqError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    _check_shape_options(batch, seq_len, limit, with_past)
-    check_output_file(out, force, inputs=[Path(str(checkpoint))], option="--onnx")
-    loaded, manifest = _load_source(checkpoint)
-    if ort_int8_activations:
-        _check_int8_activations(target, manifest)
+    target, opset, batch, seq_len = options.target, options.opset, options.batch, options.seq_len
+    verify, limit, with_past = options.verify, options.limit, options.with_past
+    check_output_file(out, options.force, inputs=[Path(str(checkpoint))], option="--onnx")
+    ckpt = _load_source(checkpoint)
+    loaded = ckpt.loaded
+    if options.ort_int8_activations:
+        _check_int8_activations(target, ckpt)
     model = trace_to_onnx(loaded, batch, seq_len, with_past)
     needed = required_opset(model, target)
     if opset is not None and opset < needed:
         raise LrqError(
-            f"opset {opset} is too low for W{manifest['quant']['wbits']} weights with target {target}: the minimum is {needed}"
+            f"opset {opset} is too low for W{ckpt.quant.wbits if ckpt.quant else 16} weights with target {target}: "
+            f"the minimum is {needed}"
         )
     set_opset(model, max(opset or needed, default_opset(model)))
-    lower(model, target, manifest["quant"]["symmetric"])
-    describe_graph(model, loaded, manifest, target, with_past)
-    if ort_int8_activations:
+    lower(model, target, bool(ckpt.quant and ckpt.quant.symmetric))
+    describe_graph(model, ckpt, target, with_past)
+    if options.ort_int8_activations:
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
-              **size_report(model, manifest)}
+              **size_report(model, ckpt)}
 
     def check_and_verify(tmp: Path) -> None:
         try:
@@ -110,10 +131,9 @@ def save_graph(model: onnx.ModelProto, out: Path, check: Callable[[Path], None])
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_int8_activations(target: str, manifest: dict) -> None:
-    quant = manifest["quant"]
-    weight_only_int4 = manifest["quantized_modules"] and quant["wbits"] == 4 and quant["abits"] == 16
-    if target != "ort" or not weight_only_int4 or not quant.get("group_size"):
+def _check_int8_activations(target: str, ckpt) -> None:
+    quant = ckpt.quant
+    if target != "ort" or not quant or (quant.wbits, quant.abits) != (4, 16) or not quant.group_size:
         raise LrqError("--ort-int8-activations applies to group-wise W4A16 checkpoints exported with --target ort "
                        "(onnxruntime's MatMulNBits)")
 
@@ -129,17 +149,17 @@ def _check_shape_options(batch, seq_len, limit, with_past) -> None:
         raise LrqError("--with-past graphs keep dynamic batch and sequence axes (prefill and decode); drop --batch/--seq-len")
 
 
-def describe_graph(model: onnx.ModelProto, loaded, manifest: dict, target: str, with_past: bool) -> None:
+def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -> None:
     """Record what the graph is in its metadata (read back by `lrq info`)."""
     from lrq_deploy.provenance import library_versions
 
     versions = library_versions()
-    weights = manifest.get("files", {}).get("model.safetensors", {})
-    quant = manifest["quant"]
+    weights = ckpt.manifest.get("files", {}).get("model.safetensors", {})
+    loaded = ckpt.loaded
     fields = {
         "lrq.format": GRAPH_FORMAT, "lrq.family": loaded.adapter.family, "lrq.target": target,
-        "lrq.scheme": QuantConfig.from_dict(quant).scenario if manifest["quantized_modules"] else "full precision",
-        "lrq.symmetric": str(bool(quant.get("symmetric"))), "lrq.method": manifest.get("calib", {}).get("method", "none"),
+        "lrq.scheme": ckpt.scenario,
+        "lrq.symmetric": str(bool(ckpt.quant and ckpt.quant.symmetric)), "lrq.method": ckpt.method,
         "lrq.with_past": str(with_past), "lrq.source": str(loaded.spec),
         "lrq.max_seq_len": str(loaded.adapter.max_sequence_length(loaded.model) or ""),
         "lrq.source_weights_sha256": weights.get("sha256", ""),
@@ -151,15 +171,15 @@ def describe_graph(model: onnx.ModelProto, loaded, manifest: dict, target: str, 
         model.metadata_props.add(key=key, value=value)
 
 
-def _load_source(source) -> tuple:
-    """A quantized checkpoint with its manifest, or a full-precision model with an empty one."""
-    from lrq_deploy.checkpoint import MANIFEST, load_checkpoint
+def _load_source(source):
+    """A quantized checkpoint, or a full-precision model (HF / timm directory, bundled name)."""
+    from lrq_deploy.checkpoint import MANIFEST, Checkpoint, load_checkpoint
     from lrq_deploy.models import BUNDLED, load_model
 
     path = Path(str(source))
     if str(source) in BUNDLED or (path.is_dir() and not (path / MANIFEST).exists() and
                                   ((path / "config.json").is_file() or (path / "timm.json").is_file())):
-        return load_model(str(source)), {"quant": {"wbits": 16, "symmetric": False}, "quantized_modules": []}
+        return Checkpoint.full_precision(load_model(str(source)))
     return load_checkpoint(path)
 
 
@@ -186,9 +206,9 @@ def graph_ops(model: torch.nn.Module, enabled: bool) -> None:
             module.graph_op = enabled
 
 
-def size_report(model: onnx.ModelProto, manifest: dict) -> dict:
+def size_report(model: onnx.ModelProto, ckpt) -> dict:
     """Bytes of the quantized linears' weights (codes + scales + zero points) vs the same weights in FP16."""
-    quant_names = set(manifest["quantized_modules"])
+    quant_names = set(ckpt.quantized_modules)
     init_bytes = {t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
     plugin_inputs = {name for n in model.graph.node if n.domain == "lrq" for name in n.input[1:4]}
     quant_bytes = sum(b for n, b in init_bytes.items() if n.startswith("lrq_linear_") or n in plugin_inputs)

@@ -18,7 +18,7 @@ def compare_runs(reference: tuple[str, list[dict]], candidate: tuple[str, list[d
     from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # verdicts are returned, not logged
     runs = RunResults()
     for name, iterations in (reference, candidate):
         runs.append((name, [IterationResult({k: np.asarray(v) for k, v in it.items()}, runner_name=name)

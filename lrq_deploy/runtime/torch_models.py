@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrq_deploy.checkpoint import Checkpoint
 from lrq_deploy.errors import LrqError
 
 KERNEL_CHOICES = ("auto", "require", "never")
@@ -13,9 +14,12 @@ KERNEL_CHOICES = ("auto", "require", "never")
 
 @dataclass
 class TorchTarget:
-    loaded: object  # models.LoadedModel
-    manifest: dict | None  # None: a full-precision model
+    checkpoint: Checkpoint  # quant None: a full-precision model
     path_name: str  # how it runs, for reports: "full precision", "Triton kernels", "reference dequantize + matmul"
+
+    @property
+    def loaded(self):
+        return self.checkpoint.loaded
 
 
 def load_torch_target(target, device, kernels: str = "auto", checkpoint: bool = False) -> TorchTarget:
@@ -30,25 +34,15 @@ def load_torch_target(target, device, kernels: str = "auto", checkpoint: bool = 
         raise LrqError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
     name = str(target)
     if not checkpoint and (name in BUNDLED or not (Path(target) / MANIFEST).is_file()):
-        return TorchTarget(load_model(name, device), None, "full precision")
-    loaded, manifest = load_checkpoint(Path(target), device)
+        return TorchTarget(Checkpoint.full_precision(load_model(name, device)), "full precision")
+    ckpt = load_checkpoint(Path(target), device)
     if kernels == "require":
-        from lrq_deploy.plugins.backend import use_kernels
-
-        use_kernels(loaded.model)
+        ckpt.scheme.require_kernel()
         served = True
     else:
-        served = kernels == "auto" and device.type == "cuda" and use_kernels_if_served(loaded.model, manifest)
-    return TorchTarget(loaded, manifest, "Triton kernels" if served else "reference dequantize + matmul")
+        served = kernels == "auto" and device.type == "cuda" and ckpt.scheme.kernel is not None
+    if served:
+        from lrq_deploy.plugins.backend import use_kernels
 
-
-def use_kernels_if_served(model, manifest) -> bool:
-    """Put the model on the Triton kernels when they serve its configuration."""
-    from lrq_deploy.config import QuantConfig
-    from lrq_deploy.plugins.backend import use_kernels
-    from lrq_deploy.quant.scheme import QuantScheme
-
-    if QuantScheme.from_config(QuantConfig.from_dict(manifest["quant"])).kernel is None:
-        return False
-    use_kernels(model)
-    return True
+        use_kernels(ckpt.model)
+    return TorchTarget(ckpt, "Triton kernels" if served else "reference dequantize + matmul")

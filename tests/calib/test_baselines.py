@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lrq_deploy.calib.engine import block_errors, calibrate_model
+from lrq_deploy.calib.blockwise import block_errors, calibrate_model
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.data import token_windows
 from lrq_deploy.fold import fold_smoothing

@@ -7,11 +7,13 @@ import torch
 
 from lrq_deploy.calib import learnable
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.calib.engine import BlockJob, run_block
+from lrq_deploy.calib.blockwise import BlockJob, run_block
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.data import token_windows
 from lrq_deploy.models import load_model
+
+from devices import DEVICES
 
 
 def test_log_equivalent_init_hand_computed():
@@ -130,11 +132,25 @@ def _assert_plot_has_one_line_per_block(path, blocks):
     assert (np.abs(pixels - rgb).sum(axis=1) <= 6).sum() == 0  # and no more lines
 
 
-def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
-    qconfig = QuantConfig(wbits=4, abits=8, group_size=32)
-    cconfig = CalibConfig(method="lrquant", nsamples=4, seqlen=32, epochs=1, batch_size=2)
-    calibrate(str(tiny_llama_dir), tmp_path / "a", qconfig, cconfig, device="cpu")
-    calibrate(str(tiny_llama_dir), tmp_path / "b", qconfig, cconfig, device="cpu", offload=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir, device):
+    """--offload keeps the model in CPU memory and moves one block at a time to the device: the
+    arithmetic is the resident run's, so the checkpoint is too (on CUDA: block-0 inputs are
+    captured on the device in both cases)."""
+    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
+    calibrate(str(tiny_llama_dir), tmp_path / "a", qconfig, cconfig, device=device)
+    calibrate(str(tiny_llama_dir), tmp_path / "b", qconfig, cconfig, device=device, offload=True)
+    assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_gives_identical_checkpoints(tmp_path, tiny_llama_dir, device):
+    """Same settings and seed, same bytes (on CUDA through the deterministic algorithms calibrate sets)."""
+    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, seed=5)
+    for name in ("a", "b"):
+        calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device=device)
     assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
 
 
@@ -144,7 +160,7 @@ def test_offload_captures_block_inputs_on_the_calibration_device(tiny_llama_dir,
     in the last bits, which made offloaded CUDA checkpoints differ from resident ones. Checked
     with the meta device standing in for a GPU: during capture everything outside the blocks
     is there, the blocks stay put, and afterwards everything is back."""
-    from lrq_deploy.calib.engine import outside_blocks_on
+    from lrq_deploy.calib.blockwise import outside_blocks_on
 
     loaded = load_model(str(tiny_llama_dir))
     model, blocks = loaded.model, loaded.adapter.blocks(loaded.model)
@@ -209,7 +225,7 @@ def test_compiled_calibration_within_tolerance_of_eager(tmp_path, tiny_llama_dir
         calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device="cpu")
     settings = __import__("json").loads((tmp_path / "compiled.run" / "run.json").read_text())
     assert settings["calib"]["compile"] is True
-    eager, compiled = (load_checkpoint(tmp_path / n)[0].model for n in ("eager", "compiled"))
+    eager, compiled = (load_checkpoint(tmp_path / n).model for n in ("eager", "compiled"))
     fp = load_model(str(tiny_llama_dir)).model
     ids = torch.randint(0, fp.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -208,7 +208,7 @@ def test_plugin_layer_computes_the_checkpoint_layer(graphs, name):
     node = next(n for n in model.graph.node if n.domain == "lrq")
     attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
     qweight, scales, zeros = (torch.from_numpy(inits[i].copy()) for i in node.input[1:4])
-    loaded, _ = load_checkpoint(graphs / name)
+    loaded = load_checkpoint(graphs / name).loaded
     layer = next(m for m in loaded.model.modules() if isinstance(m, QuantLinear) and torch.equal(m.qweight, qweight.view(torch.uint8)))
     x = torch.randn(5, attrs["in_features"], generator=torch.Generator().manual_seed(0))
     y = run_linear(attrs, x, qweight.view(torch.uint8), scales, zeros.view(torch.uint8))

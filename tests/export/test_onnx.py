@@ -93,7 +93,8 @@ def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, p
     out = tmp_path / f"{name}-trt.onnx"
     export_onnx(checkpoints / name, out, target="trt")
     model = onnx.load(str(out))
-    loaded, manifest = load_checkpoint(checkpoints / name)
+    ckpt = load_checkpoint(checkpoints / name)
+    loaded, manifest = ckpt.loaded, ckpt.manifest
     nodes = [n for n in model.graph.node if n.domain == "lrq"]
     assert len(nodes) == len(manifest["quantized_modules"])
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -119,7 +120,8 @@ def test_trt_symmetric_int4_uses_native_block_dq(checkpoints, tmp_path):
     model = onnx.load(str(out))
     assert not [n for n in model.graph.node if n.domain == "lrq"]
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    loaded, manifest = load_checkpoint(checkpoints / "w4a16-sym")
+    ckpt = load_checkpoint(checkpoints / "w4a16-sym")
+    loaded, manifest = ckpt.loaded, ckpt.manifest
     assert len(dqs) == len(manifest["quantized_modules"])
     inits = {t.name: t for t in model.graph.initializer}
     first = loaded.model.model.layers[0].self_attn.q_proj
@@ -169,7 +171,7 @@ def test_dynamic_axes(checkpoints, tmp_path):
     out = tmp_path / "dyn.onnx"
     export_onnx(checkpoints / "w4a16-g64", out, verify=False)
     session = ort_session(out)
-    loaded, _ = load_checkpoint(checkpoints / "w4a16-g64")
+    loaded = load_checkpoint(checkpoints / "w4a16-g64").loaded
     for shape in [(1, 7), (3, 40)]:
         ids = torch.randint(0, 2048, shape)
         got = session.run(None, {"input_ids": ids.numpy()})[0]

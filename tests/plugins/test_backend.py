@@ -22,7 +22,7 @@ def test_kernel_backend_reproduces_reference_perplexity(tmp_path, qconfig):
     reference = evaluate_checkpoint(out, limit=2, compare_fp=False, seq_len=64)["quant"]["ppl"]
     kernels = evaluate_checkpoint(out, limit=2, compare_fp=False, backend="torch", seq_len=64)["quant"]["ppl"]
     assert abs(kernels - reference) / reference < 0.005
-    loaded, _ = load_checkpoint(out)
+    loaded = load_checkpoint(out).loaded
     use_kernels(loaded.model)
     assert not any(isinstance(m, QuantLinear) for m in loaded.model.modules())
     assert sum(isinstance(m, KernelLinear) for m in loaded.model.modules()) == 28
