@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lrq_deploy.calib.baselines import input_stats, replace_linears, weight_absmax
-from lrq_deploy.calib.blockwise import BlockJob, register_method
+from lrq_deploy.calib.blockwise import BlockJob, block_errors, register_method
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.errors import LrqError
 from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
@@ -81,7 +81,8 @@ class BlockParams(nn.Module):
         return [p for n, p in self.values.items() if n.split("__")[0] in kinds]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.values.items()}
+        """A copy (never a view of the live parameters, which the optimizer keeps changing)."""
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.values.items()}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         if set(tensors) != set(self.values):
@@ -252,7 +253,21 @@ def loss_terms_fn(job: BlockJob, params: BlockParams, objective: Objective):
     return torch.compile(step, options={"emulate_precision_casts": True})
 
 
-def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=None) -> list[float]:
+@torch.no_grad()
+def fake_quant_errors(job: BlockJob, params: BlockParams) -> dict[str, float]:
+    """MSE and per-token cosine of the fake-quantized block (current parameters) against the FP
+    block output, over all calibration samples: the quantity every epoch is judged by (the
+    training loss mixes terms with moving weights and is not comparable across epochs)."""
+    with activation_fake_quant(job):
+        block = _WithParams(job.block, fake_quant_block_params(job, params))
+        output = job.run(job.q_inputs, block=block)
+    return block_errors(job.fp_targets, output)
+
+
+def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=None) -> dict:
+    """Train the block's parameters; keep those of the epoch whose block output is closest to the
+    FP block output (epoch 0: the initialisation), so training never leaves a block worse than it
+    started. Returns the training record: loss_curve, mse / cosine per epoch, best_epoch."""
     cfg = job.cconfig
     groups = [
         {"params": params.of_kind("scale", "shift", "gain", "row_gain"), "lr": cfg.lr_smooth},
@@ -266,6 +281,8 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
     step = loss_terms_fn(job, params, objective)
     generator = torch.Generator().manual_seed(cfg.seed + job.index)
     curve = []
+    errors = [fake_quant_errors(job, params)]
+    best = (errors[0]["mse"], 0, params.tensors())
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(job.q_inputs), generator=generator)
         epoch_loss = 0.0
@@ -279,9 +296,14 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
             optimizer.step()
             epoch_loss += loss.item() * len(batch)
         curve.append(epoch_loss / len(job.q_inputs))
+        errors.append(fake_quant_errors(job, params))
+        if errors[-1]["mse"] < best[0]:
+            best = (errors[-1]["mse"], epoch + 1, params.tensors())
         if progress:
             progress(epoch, curve[-1])
-    return curve
+    params.load({k: v.to(job.device) for k, v in best[2].items()})
+    return {"loss_curve": curve, "mse_per_epoch": [e["mse"] for e in errors],
+            "cosine_per_epoch": [e["cosine"] for e in errors], "best_epoch": best[1]}
 
 
 @torch.no_grad()
@@ -306,13 +328,13 @@ def learnable_method(recipe: Recipe):
         saved = job.run_dir.load_block(job.index) if job.run_dir else None
         if saved is not None:
             params.load({k: v.to(job.device) for k, v in saved.items()})
-            curve = job.run_dir.block_curve(job.index)
+            record = job.run_dir.block_record(job.index)
         else:
-            curve = train_block(job, params, recipe, job.epoch_progress)
+            record = train_block(job, params, recipe, job.epoch_progress)
             if job.run_dir:
-                job.run_dir.save_block(job.index, params.tensors(), curve)
+                job.run_dir.save_block(job.index, params.tensors(), record)
         fold_and_quantize(job, params)
-        return {"loss_curve": curve}
+        return record
 
     return method
 

@@ -23,9 +23,16 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        curve = report.get("loss_curve")
-        loss = f"  loss {curve[0]:.4g} -> {curve[-1]:.4g}" if curve else ""
-        print(
-            f"block {report['block'] + 1}/{total}  mse {report['mse']:.3e}  cosine {report['cosine']:.5f}{loss}",
-            file=self.stream, flush=True,
-        )
+        print(f"block {report['block'] + 1}/{total}  mse {report['mse']:.3e}  cosine {report['cosine']:.5f}"
+              f"{training_line(report)}", file=self.stream, flush=True)
+
+
+def training_line(report: dict) -> str:
+    """What training did to the block, in the comparable quantity (fake-quant block output MSE
+    to the FP output): initialisation -> kept epoch."""
+    mse = report.get("mse_per_epoch")
+    if not mse:
+        return ""
+    best = report["best_epoch"]
+    kept = "initialisation kept" if best == 0 else f"epoch {best}/{len(mse) - 1} kept"
+    return f"  trained mse {mse[0]:.3e} -> {mse[best]:.3e} ({kept})"

@@ -35,7 +35,7 @@ class RunDir:
             raise LrqError(f"run directory {self.path} exists and is not a directory")
         if self.resume:
             _check_same_settings(self.path, read_json(self.path / RUN_FILE), settings)
-            self.curves = self._read_curves()
+            self.records = self._read_records()
             return
         foreign = sorted(f.name for f in self.path.iterdir() if not OWN_FILES.fullmatch(f.name)) if self.path.is_dir() else []
         if foreign:
@@ -45,7 +45,7 @@ class RunDir:
             raise LrqError(f"run directory {self.path} holds an earlier run: continue it with --resume, "
                            "or start over with --force")
         check_output_dir(self.path, force=True)
-        self.curves: dict[int, list[float]] = {}
+        self.records: dict[int, dict] = {}
 
     def start(self) -> None:
         """Create the directory for a new run (replacing an old run's files), or keep a resumed one."""
@@ -59,32 +59,40 @@ class RunDir:
     def _block_file(self, index: int) -> Path:
         return self.path / f"block_{index:03d}.safetensors"
 
-    def _read_curves(self) -> dict[int, list[float]]:
+    def _read_records(self) -> dict[int, dict]:
+        """Per block: loss_curve, and (runs since the training report) mse / cosine per epoch,
+        best_epoch. Epoch 0 is the initialisation."""
         report = self.path / REPORT_FILE
         if not report.is_file():
             return {}
         try:
-            return {int(k): [float(x) for x in v] for k, v in read_json(report)["loss_curves"].items()}
+            data = read_json(report)
+            curves = {int(k): [float(x) for x in v] for k, v in data["loss_curves"].items()}
+            training = {int(k): dict(v) for k, v in data.get("training", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError):
             raise LrqError(f"{report} is damaged; start over with --force (without --resume)") from None
+        return {index: {**training.get(index, {}), "loss_curve": curve} for index, curve in curves.items()}
 
     def load_block(self, index: int) -> dict[str, torch.Tensor] | None:
         from lrq_deploy.tensor_files import read_safetensors
 
         file = self._block_file(index)
-        if not file.is_file() or index not in self.curves:
+        if not file.is_file() or index not in self.records:
             return None
         return read_safetensors(file)
 
-    def block_curve(self, index: int) -> list[float]:
-        return self.curves[index]
+    def block_record(self, index: int) -> dict:
+        return self.records[index]
 
-    def save_block(self, index: int, tensors: dict[str, torch.Tensor], curve: list[float]) -> None:
+    def save_block(self, index: int, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        """The block's kept parameters and its training record (loss_curve, mse / cosine per epoch)."""
         from safetensors.torch import save_file
 
         atomic_write(self._block_file(index), lambda p: save_file(tensors, str(p)))
-        self.curves[index] = curve
-        report = {"loss_curves": {str(k): v for k, v in sorted(self.curves.items())}}
+        self.records[index] = record
+        blocks = sorted(self.records.items())
+        report = {"loss_curves": {str(k): r["loss_curve"] for k, r in blocks},
+                  "training": {str(k): {n: v for n, v in r.items() if n != "loss_curve"} for k, r in blocks}}
         write_json(self.path / REPORT_FILE, report)
         self.plot()
 
@@ -95,10 +103,14 @@ class RunDir:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for index, curve in sorted(self.curves.items()):
-            ax.plot(range(1, len(curve) + 1), curve, label=f"block {index}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
+        for index, record in sorted(self.records.items()):
+            mse = record.get("mse_per_epoch")
+            if mse:  # comparable across epochs and blocks: MSE to the FP block output, relative to the start
+                ax.plot(range(len(mse)), [m / mse[0] for m in mse], label=f"block {index}")
+            else:
+                ax.plot(range(1, len(record["loss_curve"]) + 1), record["loss_curve"], label=f"block {index}")
+        ax.set_xlabel("epoch (0: initialisation)")
+        ax.set_ylabel("block output MSE / MSE at initialisation")
         ax.set_yscale("log")
         ax.legend(fontsize="small", ncol=2)
         fig.tight_layout()

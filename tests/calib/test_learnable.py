@@ -234,3 +234,37 @@ def test_compiled_calibration_within_tolerance_of_eager(tmp_path, tiny_llama_dir
     # the two runs' distance from each other is below the quantization error, and both keep the same fidelity
     assert 1 - torch.nn.functional.cosine_similarity(logits["eager"], logits["compiled"], dim=0) < 1 - fidelity["eager"]
     assert fidelity["compiled"] == pytest.approx(fidelity["eager"], abs=2e-3)
+
+
+def test_training_keeps_the_best_epoch(tiny_llama_dir):
+    """Every epoch is judged by the fake-quant block output's MSE to the FP output; the parameters
+    kept are those of the best epoch (0: the initialisation), so a block never ends worse than
+    it started, even when training drifts (here: a learning rate far too high)."""
+    loaded = load_model(str(tiny_llama_dir))
+    recipe = learnable.RECIPES["lrquant+"]
+    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=0.1, lr_lwc=0.1)
+    job = _job(loaded, QuantConfig(wbits=4, abits=4, group_size=32), cconfig)
+    for p in job.block.parameters():
+        p.requires_grad_(False)
+    params = learnable.init_block_params(job, recipe)
+    initial = learnable.fake_quant_errors(job, params)
+    record = learnable.train_block(job, params, recipe)
+    mse = record["mse_per_epoch"]
+    assert len(mse) == cconfig.epochs + 1 and mse[0] == pytest.approx(initial["mse"])
+    assert record["best_epoch"] == min(range(len(mse)), key=mse.__getitem__)
+    assert max(mse[1:]) > mse[0]  # this training made the block worse at some epoch...
+    kept = learnable.fake_quant_errors(job, params)
+    assert kept["mse"] == pytest.approx(mse[record["best_epoch"]], rel=1e-6) and kept["mse"] <= initial["mse"]
+
+
+def test_run_report_records_training_per_block(tmp_path, tiny_llama_dir):
+    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig(method="lrquant", nsamples=4, seqlen=32, epochs=2, batch_size=2)
+    result = calibrate(str(tiny_llama_dir), tmp_path / "q", qconfig, cconfig, device="cpu")
+    training = json.loads((tmp_path / "q.run" / "report.json").read_text())["training"]
+    assert set(training) == {"0", "1"}
+    for index, record in training.items():
+        assert len(record["mse_per_epoch"]) == len(record["cosine_per_epoch"]) == cconfig.epochs + 1
+        best = record["best_epoch"]
+        assert record["mse_per_epoch"][best] == min(record["mse_per_epoch"])
+        assert result["blocks"][int(index)]["best_epoch"] == best
