@@ -46,3 +46,23 @@ def tiny_opt_dir(tmp_path_factory) -> Path:
         word_embed_proj_dim=64, max_position_embeddings=256,
     )
     return _save_hf(OPTForCausalLM(config), tmp_path_factory.mktemp("tiny-opt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_deit_dir(tmp_path_factory) -> Path:
+    """A random distilled DeiT (class + distillation tokens, two heads) for 8x8 digits, as a
+    timm directory (timm.json + model.safetensors)."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    spec = {"model_name": "deit_tiny_distilled_patch16_224",
+            "kwargs": {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 2,
+                       "num_heads": 2}}
+    model = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    out = tmp_path_factory.mktemp("tiny-deit")
+    (out / "timm.json").write_text(json.dumps(spec))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    return out

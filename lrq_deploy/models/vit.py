@@ -66,6 +66,8 @@ class VitAdapter(ModelAdapter):
         if data_path is not None:
             raise LrqError("--data is not supported for the ViT: top-1 is measured on the held-out digits split")
         images, labels = data.digits_split("test")
+        if limit:
+            images, labels = images[:limit], labels[:limit]
         return {"top1": top1_accuracy(lambda x: model(x.to(device)).cpu(), images, labels)}
 
     # --- export -------------------------------------------------------------------------

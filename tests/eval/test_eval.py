@@ -1,0 +1,40 @@
+"""The eval stage: options validated once, the checkpoint's figures next to its source's."""
+
+import pytest
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.errors import LrqError
+from lrq_deploy.eval import EvalOptions, evaluate_checkpoint
+from lrq_deploy.models import load_model
+
+
+def test_options_are_checked_on_construction():
+    with pytest.raises(LrqError, match="--limit must be >= 1"):
+        EvalOptions(limit=0)
+    with pytest.raises(LrqError, match="backend must be reference or torch"):
+        EvalOptions(backend="tensorrt")
+
+
+@pytest.fixture(scope="module")
+def vit_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "vit"
+    calibrate("bundled:vit", out, QuantConfig(wbits=8, abits=8), CalibConfig(method="rtn", nsamples=32), device="cpu")
+    return out
+
+
+def test_fp_and_quant_side_by_side(vit_checkpoint):
+    result = evaluate_checkpoint(vit_checkpoint, EvalOptions(device="cpu", limit=200))
+    fp = load_model("bundled:vit")
+    assert result["fp"]["top1"] == fp.adapter.evaluate(fp.model, fp, None, 200, "cpu")["top1"]
+    assert result["task"] == "top1" and result["scenario"] == "rtn W8A8"
+    assert abs(result["quant"]["top1"] - result["fp"]["top1"]) <= 0.02  # W8A8 keeps the classifier
+    alone = evaluate_checkpoint(vit_checkpoint, device="cpu", compare_fp=False, limit=200)
+    assert alone["fp"] is None and alone["quant"]["top1"] == result["quant"]["top1"]
+    one = evaluate_checkpoint(vit_checkpoint, device="cpu", compare_fp=False, limit=1)
+    assert one["quant"]["top1"] in (0.0, 1.0)  # --limit: the first N held-out images
+
+
+def test_task_of_another_family_is_refused(vit_checkpoint):
+    with pytest.raises(LrqError, match="task 'ppl' does not apply to a image_classification model"):
+        evaluate_checkpoint(vit_checkpoint, task="ppl", device="cpu")
