@@ -165,21 +165,27 @@ def eval_(target, task, data, limit, seq_len, device, backend, as_json):
 @click.option("--ort-int8-activations", is_flag=True,
               help="Declare the graph for onnxruntime's MatMulNBits at accuracy level 4 (int8 activations per block "
                    "of K: faster on CPUs, other numerics; verified with its own metric). Group-wise W4A16 only.")
+@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+              help="Also write a Triton Inference Server model repository (DIR/NAME/config.pbtxt, DIR/NAME/1/).")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
 @clean_errors
-def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_past, no_verify, ort_int8_activations, force):
+def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_past, no_verify, ort_int8_activations,
+           triton_repo, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
     exported unquantized as the baseline for benchmarks."""
     from lrq_deploy.export import ExportOptions, export_onnx
 
-    options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations)
+    options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
+                            triton_repo)
     report = export_onnx(checkpoint, onnx_path, options)
     ratio = report["weight_ratio"]
     sizes = (f"; quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16"
              if ratio else "; full precision")
     click.echo(f"wrote {report['onnx']} (target {target}, opset {report['opset']}, {report['file_bytes'] / 1e6:.2f} MB{sizes})")
+    if report.get("triton_repo"):
+        click.echo(f"wrote Triton model repository entry {report['triton_repo']}")
     verify = report.get("verify")
     if verify:
         click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
@@ -209,10 +215,12 @@ def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_pas
 @click.option("--plugins/--no-plugins", default=True, show_default=True,
               help="Map lrq-domain nodes (W4A4, W2A16, asymmetric W4A16) to the lrq TensorRT plugins.")
 @click.option("--verify", is_flag=True, help="Run the engine against onnxruntime on the same inputs (needs a GPU).")
+@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+              help="Also write a Triton Inference Server model repository (full TensorRT engines).")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine file.")
 @clean_errors
 def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, timing_cache, workspace, flavour, sm, plugins,
-                 verify, force):
+                 verify, triton_repo, force):
     """Build a TensorRT engine from ONNX_PATH (exported with lrq export --target trt)."""
     from lrq_deploy.engine import BuildOptions, build_engine as build, parse_shapes
 
@@ -220,11 +228,13 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     if not (lows.keys() == opts.keys() == highs.keys()):
         raise LrqError("--min-shapes, --opt-shapes and --max-shapes must name the same inputs")
     shapes = {name: (lows[name], opts[name], highs[name]) for name in lows}
-    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins, verify, force)
+    options = BuildOptions(precision, shapes, timing_cache, workspace, flavour, list(sm), plugins, verify, force, triton_repo)
     report = build(onnx_path, out, options)
     layers = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report["layers"].items(), key=lambda kv: -kv[1])[:6])
     plugins_line = f"; lrq plugin layers ({report['plugins']}): {report['layers']['PLUGIN_V3']}" if report["plugins"] else ""
     click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers}{plugins_line})")
+    if report.get("triton_repo"):
+        click.echo(f"wrote Triton model repository entry {report['triton_repo']}")
     for name, figures in report.get("verify", {}).items():
         click.echo("verify vs onnxruntime, " + comparison_line(name, figures))
 

@@ -18,6 +18,7 @@ LAYERS = [
     {"models"},
     {"fold", "checkpoint"},
     {"runtime"},
+    {"serve"},  # hand-offs to serving engines (Triton repositories), used by export and engine
     {"calib"},  # the stages, in pipeline order
     {"eval"},
     {"export"},

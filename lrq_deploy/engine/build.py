@@ -43,7 +43,8 @@ class BuildOptions:
     compute_capabilities: list[str] = field(default_factory=list)
     plugins: bool = True
     verify: bool = False  # run the engine against onnxruntime after building (needs a GPU)
-    force: bool = False  # replace an existing engine file
+    force: bool = False  # replace an existing engine file (and the --triton-repo model directory)
+    triton_repo: Path | None = None  # also write a Triton Inference Server model repository there
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -144,6 +145,8 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     requirements = graph_requirements(onnx_path, options.precision, options.plugins)
     flavour = load_flavour(options.flavour)
     flavour.compute_capabilities(options.compute_capabilities)  # unknown targets fail before the child starts
+    if options.triton_repo is not None:
+        _check_triton_target(options, flavour, out, requirements)
     if options.verify:
         _check_gpu_for_verify()
     remove_stale_temporaries(out)
@@ -155,11 +158,26 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
                              for name, shapes in _profile_shapes(requirements["inputs"], options.shapes).items()}
         if options.verify:
             report["verify"] = _verify(staging, onnx_path, options, flavour.name)
-        write_json(record_path(out), build_record(staging, onnx_path, options, flavour, report))
+        record = build_record(staging, onnx_path, options, flavour, report)
+        write_json(record_path(out), record)
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)
+    if options.triton_repo is not None:
+        from lrq_deploy.serve.triton import engine_repository
+
+        report["triton_repo"] = str(engine_repository(out, record, options.triton_repo, force=options.force))
     return report
+
+
+def _check_triton_target(options: BuildOptions, flavour: Flavour, out: Path, requirements: dict) -> None:
+    """What --triton-repo would refuse after the build, refused before it."""
+    from lrq_deploy.serve.triton import check_repository_target, model_name_for
+
+    if flavour.name != "tensorrt":
+        raise LrqError("Triton's TensorRT backend runs engines of full TensorRT; --triton-repo needs "
+                       "--flavour tensorrt (this build uses TensorRT for RTX)")
+    check_repository_target(options.triton_repo, model_name_for(out), options.force)
 
 
 def _check_gpu_for_verify() -> None:

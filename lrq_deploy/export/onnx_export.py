@@ -47,6 +47,7 @@ class ExportOptions:
     with_past: bool = False
     force: bool = False
     ort_int8_activations: bool = False
+    triton_repo: Path | None = None  # also write a Triton Inference Server model repository there
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -66,6 +67,10 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     target, opset, batch, seq_len = options.target, options.opset, options.batch, options.seq_len
     verify, limit, with_past = options.verify, options.limit, options.with_past
     check_output_file(out, options.force, inputs=[Path(str(checkpoint))], option="--onnx")
+    if options.triton_repo is not None:
+        from lrq_deploy.serve.triton import check_repository_target, model_name_for
+
+        check_repository_target(options.triton_repo, model_name_for(out), options.force)
     ckpt = _load_source(checkpoint)
     loaded = ckpt.loaded
     if options.ort_int8_activations:
@@ -105,6 +110,10 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     save_graph(model, out, check_and_verify)
     if "verify" in report:
         write_json(out.with_name(out.name + ".verify.json"), report)
+    if options.triton_repo is not None:
+        from lrq_deploy.serve.triton import onnx_repository
+
+        report["triton_repo"] = str(onnx_repository(out, options.triton_repo, force=options.force))
     return report
 
 
