@@ -151,9 +151,11 @@ def eval_(target, task, data, limit, seq_len, device, backend, as_json):
     click.echo(f"{result['scenario']:<28}{result['quant'][metric]:>12.4f}")
 
 
-@main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour).")
+@main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour) or for vLLM.")
 @click.argument("checkpoint")
-@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None, help="ONNX file to write.")
+@click.option("--vllm", "vllm_dir", type=click.Path(path_type=Path), default=None,
+              help="Instead: a Hugging Face directory in the compressed-tensors format (vLLM, transformers).")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="ort: standard ops only; trt: TensorRT native INT4 or lrq plugin nodes.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the minimum the weights need).")
@@ -169,14 +171,23 @@ def eval_(target, task, data, limit, seq_len, device, backend, as_json):
               help="Also write a Triton Inference Server model repository (DIR/NAME/config.pbtxt, DIR/NAME/1/).")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
 @clean_errors
-def export(checkpoint, onnx_path, target, opset, batch, seq_len, limit, with_past, no_verify, ort_int8_activations,
-           triton_repo, force):
+def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
+           ort_int8_activations, triton_repo, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
     exported unquantized as the baseline for benchmarks."""
     from lrq_deploy.export import ExportOptions, export_onnx
 
+    if (onnx_path is None) == (vllm_dir is None):
+        raise LrqError("name one output: --onnx FILE or --vllm DIR")
+    if vllm_dir is not None:
+        from lrq_deploy.export.vllm import export_vllm
+
+        report = export_vllm(Path(checkpoint), vllm_dir, force=force)
+        click.echo(f"wrote {report['vllm']} ({report['scheme']}, compressed-tensors {report['format']}, "
+                   f"{report['quantized_linears']} quantized linears; weights checked after reloading)")
+        return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
                             triton_repo)
     report = export_onnx(checkpoint, onnx_path, options)

@@ -1,0 +1,153 @@
+"""`lrq export CKPT --vllm DIR`: a Hugging Face checkpoint in the compressed-tensors format,
+which vLLM serves and transformers loads (compressed-tensors decompression on CPU).
+
+The compressed-tensors library does the packing: the quantized linears are rebuilt as float
+linears holding exactly the dequantized weights, given the checkpoint's scales and zero points
+as frozen quantization parameters, and compressed; the codes it packs are the checkpoint's
+codes (w / s is an exact small integer). Weight zero points move from our unsigned codes
+[0, 2^b) to the format's signed ones (minus 2^(b-1)); scales are kept in float32, where every
+float16 scale is exact. Before the directory is moved into place it is loaded back with
+transformers and every quantized weight is compared with the checkpoint's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lrq_deploy.atomic import check_output_dir, make_readable, remove_stale_temporaries, temporary_path
+from lrq_deploy.errors import LrqError
+
+INSTALL_HINT = 'pip install "lrq-deploy[serve]"'
+SUPPORTED = "weight-only W4A16 / W8A16 (per channel or group, symmetric or asymmetric) and W8A8"
+
+
+def export_vllm(checkpoint: Path, out: Path, force: bool = False) -> dict:
+    """Write `out` (config.json with quantization_config, model.safetensors, tokenizer)."""
+    from lrq_deploy.checkpoint import load_checkpoint
+
+    out = Path(out)
+    check_output_dir(out, force)
+    ckpt = load_checkpoint(Path(checkpoint))
+    _check_supported(ckpt)
+    _require_library()
+    model, expected = _float_linears(ckpt)
+    remove_stale_temporaries(out)
+    staging = temporary_path(out, "-dir")
+    try:
+        with _quiet():
+            compressor = _attach_qparams(model, ckpt, expected)
+            compressor.compress_model(model)
+            model.save_pretrained(staging, safe_serialization=True)
+            compressor.update_config(str(staging))
+            if ckpt.loaded.tokenizer is not None:
+                ckpt.loaded.tokenizer.save_pretrained(staging)
+            _check_round_trip(staging, expected)
+        make_readable(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"vllm": str(out), "format": compressor.quantization_config.format, "scheme": ckpt.scenario,
+            "quantized_linears": len(expected)}
+
+
+@contextmanager
+def _quiet():
+    """compressed-tensors and transformers draw progress bars and print notes on stderr; the
+    command prints its own one-line summary (errors still surface as exceptions)."""
+    import io
+    from contextlib import redirect_stderr
+
+    with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def _check_supported(ckpt) -> None:
+    quant = ckpt.quant
+    if ckpt.adapter.task != "causal_lm":
+        raise LrqError(f"--vllm exports causal language models; this checkpoint is a {ckpt.adapter.task} model")
+    if quant is None or (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8)):
+        raise LrqError(f"--vllm cannot express {ckpt.scenario}: compressed-tensors checkpoints support {SUPPORTED}")
+
+
+def _require_library() -> None:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise LrqError(f"--vllm needs the compressed-tensors package: {INSTALL_HINT}") from None
+
+
+def _float_linears(ckpt) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, nn.Module]]]:
+    """The model with every QuantLinear replaced by an nn.Linear holding its dequantized weight;
+    returns it and {name: (expected weight, the QuantLinear)}."""
+    from lrq_deploy.quant import QuantLinear
+
+    model = ckpt.model
+    expected = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantized_weight())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            expected[name] = (linear.weight.detach().clone(), module)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model, expected
+
+
+def _attach_qparams(model: nn.Module, ckpt, expected: dict):
+    """The compressed-tensors scheme of the checkpoint, with its scales and zero points frozen in."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
+    )
+
+    quant = ckpt.quant
+    weights = QuantizationArgs(num_bits=quant.wbits, type="int", symmetric=quant.symmetric,
+                               strategy="group" if quant.group_size else "channel", group_size=quant.group_size)
+    activations = (QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+                   if quant.abits == 8 else None)
+    fmt = "int-quantized" if activations else "pack-quantized"
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in expected]
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore,
+                                quantization_status=QuantizationStatus.FROZEN, format=fmt)
+    apply_quantization_config(model, config, show_progress=False)
+    offset = 2 ** (quant.wbits - 1)
+    with torch.no_grad():
+        for name, (_, source) in expected.items():
+            linear = model.get_submodule(name)
+            linear.weight_scale.copy_(source.scales.float().view_as(linear.weight_scale))
+            if getattr(linear, "weight_zero_point", None) is not None:
+                signed = source.zeros.to(torch.int16) - offset
+                linear.weight_zero_point.copy_(signed.to(linear.weight_zero_point.dtype).view_as(linear.weight_zero_point))
+    return ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+
+
+def load_decompressed(path: Path) -> nn.Module:
+    """The exported model through transformers, decompressed to float linears on CPU."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+
+
+def _check_round_trip(path: Path, expected: dict) -> None:
+    model = load_decompressed(path)
+    for name, (weight, _) in expected.items():
+        got = model.get_submodule(name).weight.detach().float()
+        if not torch.equal(got, weight):
+            raise LrqError(f"the compressed-tensors export of {name} does not decompress to the checkpoint's weight "
+                           f"(max difference {(got - weight).abs().max().item():.3g}); nothing written")

@@ -1,0 +1,75 @@
+"""`lrq export --vllm`: compressed-tensors checkpoints that transformers loads and vLLM serves."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.cli import main
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.eval import evaluate_checkpoint
+from lrq_deploy.models import load_model
+
+pytest.importorskip("compressed_tensors", reason="needs lrq-deploy[serve]")
+
+WINDOWS = 20  # WikiText-2 test windows of 256 tokens
+
+
+def _export(tmp_path, quant, method="rtn", name="q"):
+    calibrate("bundled:llama", tmp_path / name, quant, CalibConfig(method=method, nsamples=4, seqlen=64), device="cpu")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / name), "--vllm", str(tmp_path / f"{name}-vllm")])
+    assert result.exit_code == 0, result.output
+    return tmp_path / name, tmp_path / f"{name}-vllm"
+
+
+def _ppl(model):
+    source = load_model("bundled:llama")
+    return source.adapter.evaluate(model, source, None, WINDOWS, "cpu")["ppl"]
+
+
+def test_vllm_w4a16_g64_loads_in_transformers_with_the_checkpoints_perplexity(tmp_path):
+    """Symmetric W4A16-g64: AutoModelForCausalLM.from_pretrained, as is (compressed linears,
+    decompressed on the fly on CPU), scores WikiText-2 like `lrq eval` of the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt, out = _export(tmp_path, QuantConfig(wbits=4, group_size=64, symmetric=True))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["strategy"], weights["group_size"], weights["symmetric"]) == (4, "group", 64, True)
+    assert config["ignore"] == ["lm_head"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = evaluate_checkpoint(ckpt, limit=WINDOWS, device="cpu", compare_fp=False)["quant"]["ppl"]
+    assert _ppl(model) == pytest.approx(reference, rel=0.005)
+
+
+@pytest.mark.parametrize("quant,fmt", [(QuantConfig(wbits=4, group_size=64), "pack-quantized"),
+                                       (QuantConfig(wbits=8), "pack-quantized"),
+                                       (QuantConfig(wbits=8, abits=8), "int-quantized")])
+def test_vllm_weights_decompress_to_the_checkpoints(tmp_path, quant, fmt):
+    """Asymmetric groups (zero points), per-channel INT8 and W8A8: every decompressed weight equals
+    the checkpoint's dequantized weight exactly (the export checks it too, before writing)."""
+    from lrq_deploy.checkpoint import load_checkpoint
+    from lrq_deploy.export.vllm import load_decompressed
+    from lrq_deploy.quant import QuantLinear
+
+    ckpt, out = _export(tmp_path, quant, method="smoothquant" if quant.abits == 8 else "rtn")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == fmt
+    model = load_decompressed(out)
+    linears = {n: m for n, m in load_checkpoint(ckpt).model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(linears) == 28
+    for name, linear in linears.items():
+        assert torch.equal(model.get_submodule(name).weight.float(), linear.dequantized_weight()), name
+
+
+def test_vllm_refuses_what_the_format_cannot_express(tmp_path):
+    calibrate("bundled:llama", tmp_path / "w4a4", QuantConfig(wbits=4, abits=4), CalibConfig(nsamples=2, seqlen=32),
+              device="cpu")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "w4a4"), "--vllm", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: --vllm cannot express W4A4: compressed-tensors checkpoints support weight-only W4A16 / W8A16 "
+        "(per channel or group, symmetric or asymmetric) and W8A8"]
+    assert not (tmp_path / "out").exists()
