@@ -101,6 +101,8 @@ def main(debug):
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run; settings not given are taken from the run directory.")
 @click.option("--offload", is_flag=True, help="Keep the model and block inputs in CPU memory (large models).")
+@click.option("--distributed", is_flag=True,
+              help="Data-parallel over the ranks of a torchrun job (gloo on CPU, NCCL on GPUs); rank 0 writes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow an HF model directory to run its own Python code.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory or an unfinished run.")
 @clean_errors
@@ -118,7 +120,8 @@ def calibrate(**options):
         given = {name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
         options["given"] = given | ({"seqlen"} if alias is not None else set())
     summary = calibrate_from_options(options, progress=ConsoleProgress)
-    click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scenario']})")
+    if summary["rank"] == 0:
+        click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scenario']})")
 
 
 def comparison_line(name: str, c: dict) -> str:

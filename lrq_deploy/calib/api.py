@@ -45,32 +45,49 @@ def calibrate(
     resume: bool = False,
     offload: bool = False,
     trust_remote_code: bool = False,
+    distributed: bool = False,
 ) -> dict:
     """Quantize a model with the configured method and write the checkpoint to `out`.
 
     offload keeps the model and block inputs in CPU memory, one block at a time on the device.
     Learnable methods keep their per-block parameters in `run_dir` (default: OUT.run), so an
     interrupted run continues with resume=True. Outputs are checked before any work starts.
+    distributed: one rank of a torchrun job (calib/distributed.py); rank 0 writes.
     Returns the checkpoint path and per-block errors.
     """
     out = Path(out)
     spec = model_spec or DEFAULT_MODEL
     check_output_dir(out, force or (resume and (out / MANIFEST).is_file()))
+    dev = resolve_device(device)
+    collective = _collective(distributed, dev)
+    if collective.world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", collective.rank)))
     runs = None
     if cconfig.method in RECIPES:
         runs = RunDir(run_dir or default_run_dir(out), run_settings(spec, qconfig, cconfig, calib_data), resume, force)
-    dev = resolve_device(device)
+    collective.barrier()  # every rank has checked the outputs before rank 0 touches them
     deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
     loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
-    if runs:
+    if runs and collective.main:
         runs.start()
-    result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress, run_dir=runs, offload=offload)
+    collective.barrier()
+    result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress if collective.main else None,
+                             run_dir=runs, offload=offload, collective=collective)
     loaded.model.cpu()
-    save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=True)
+    if collective.main:
+        save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=True)
+    collective.barrier()
+    collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
-            "method": cconfig.method, "scenario": qconfig.scenario}
+            "method": cconfig.method, "scenario": qconfig.scenario, "rank": collective.rank}
+
+
+def _collective(distributed: bool, device: torch.device):
+    from lrq_deploy.calib.distributed import SINGLE, TorchDistributed
+
+    return TorchDistributed(device) if distributed else SINGLE
 
 
 def default_run_dir(out: Path) -> Path:
@@ -94,6 +111,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
         options["model"], options["out"], qconfig, cconfig, calib_data=options["calib_data"], device=options["device"],
         force=options["force"], progress=progress(cconfig.epochs) if progress else None, run_dir=options["run_dir"],
         resume=options["resume"], offload=options["offload"], trust_remote_code=options["trust_remote_code"],
+        distributed=options.get("distributed", False),
     )
 
 

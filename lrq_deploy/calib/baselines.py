@@ -50,7 +50,7 @@ def input_stats(job: BlockJob, names: list[str], hidden: torch.Tensor) -> dict[s
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return {name: {"max": job.collective.max(s["max"]), "min": job.collective.min(s["min"])} for name, s in stats.items()}
 
 
 def weight_absmax(job: BlockJob, group) -> torch.Tensor:

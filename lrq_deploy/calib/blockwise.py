@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrq_deploy.calib.distributed import SINGLE, Collective
 from lrq_deploy.calib.rundir import RunDir
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
@@ -40,6 +41,12 @@ class BlockJob:
     device: torch.device
     run_dir: "RunDir | None" = None
     epoch_progress: Callable[[int, float], None] | None = None
+    collective: Collective = SINGLE  # the other calibration ranks (data parallel), if any
+    total_samples: int | None = None  # over all ranks (default: this rank's)
+
+    @property
+    def samples(self) -> int:
+        return self.total_samples or len(self.q_inputs)
 
     def run(self, hidden: torch.Tensor, block: nn.Module | None = None, grad: bool = False) -> torch.Tensor:
         return run_block(self.adapter, block or self.block, hidden, self.kwargs, self.cconfig.batch_size, grad, self.device)
@@ -125,19 +132,20 @@ def check_shapes(loaded: LoadedModel, qconfig: QuantConfig) -> None:
                 )
 
 
-def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor) -> dict:
-    fp, q = fp_out.flatten(1).double(), q_out.flatten(1).double()
-    return {
-        "mse": F.mse_loss(q, fp).item(),
-        "cosine": F.cosine_similarity(q.reshape(-1, fp_out.shape[-1]), fp.reshape(-1, fp_out.shape[-1]), dim=-1)
-        .mean()
-        .item(),
-    }
+def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor, collective: Collective = SINGLE) -> dict:
+    """MSE and mean per-token cosine of q_out against fp_out, over the samples of every rank."""
+    fp, q = fp_out.double(), q_out.double()
+    cosines = F.cosine_similarity(q.reshape(-1, fp_out.shape[-1]), fp.reshape(-1, fp_out.shape[-1]), dim=-1)
+    sums = collective.sum(torch.stack([(q - fp).pow(2).sum(), torch.tensor(float(fp.numel()), dtype=torch.float64,
+                                                                            device=fp.device),
+                                       cosines.sum(), torch.tensor(float(cosines.numel()), dtype=torch.float64,
+                                                                   device=fp.device)]))
+    return {"mse": (sums[0] / sums[1]).item(), "cosine": (sums[2] / sums[3]).item()}
 
 
 def calibrate_model(
     loaded: LoadedModel, qconfig: QuantConfig, cconfig: CalibConfig, batches: list[torch.Tensor], device,
-    progress=None, run_dir: RunDir | None = None, offload: bool = False,
+    progress=None, run_dir: RunDir | None = None, offload: bool = False, collective: Collective = SINGLE,
 ) -> CalibrationResult:
     """Quantize `loaded.model` in place, block by block; return per-block errors.
 
@@ -155,7 +163,8 @@ def calibrate_model(
     with outside_blocks_on(model, blocks, device):
         inputs = adapter.capture_block_inputs(model, [b.to(device) for b in batches])
     kwargs = to_device(inputs.kwargs, device)
-    fp_in = q_in = inputs.hidden.cpu() if offload else inputs.hidden.to(device)
+    hidden = collective.shard(inputs.hidden)  # this rank's samples (all of them in one process)
+    fp_in = q_in = hidden.cpu() if offload else hidden.to(device)
     groups = adapter.smooth_groups(model)
     result = CalibrationResult(model=model, quantized=[])
     for index, block in enumerate(blocks):
@@ -164,15 +173,15 @@ def calibrate_model(
         names = adapter.linear_names(block)
         job = BlockJob(
             index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, kwargs,
-            device, run_dir, progress.epoch if progress else None,
+            device, run_dir, progress.epoch if progress else None, collective, len(inputs.hidden),
         )
         extra = method(job) or {}
         q_out = run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device)
         if offload:
             block.cpu()
-        if not torch.isfinite(q_out).all():
+        if collective.max(torch.tensor(0.0 if torch.isfinite(q_out).all() else 1.0)).item():  # on any rank
             raise LrqError(f"block {index}: quantized output contains NaN or inf")
-        report = {"block": index, **block_errors(fp_out, q_out), **extra}
+        report = {"block": index, **block_errors(fp_out, q_out, collective), **extra}
         result.blocks.append(report)
         prefix = _block_prefix(model, block)
         result.quantized.extend(f"{prefix}.{n}" for n in names)

@@ -224,10 +224,16 @@ class Objective:
             branches.append(values)
         return branches
 
-    def combine(self, branches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def combine(self, branches: list[dict[str, torch.Tensor]], observed: list[dict[str, torch.Tensor]] | None = None):
+        """The loss; with dynamic weighting the running means follow `observed` (the terms of every
+        rank in data-parallel calibration, else the branches themselves)."""
         total = 0.0
         for branch, values in enumerate(branches):
-            total = total + (self.weighting[branch](values) if self.weighting else sum(values.values()))
+            if self.weighting:
+                seen = observed[branch] if observed is not None else None
+                total = total + self.weighting[branch](values, seen)
+            else:
+                total = total + sum(values.values())
         return total
 
     def __call__(self, output: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -253,6 +259,29 @@ def loss_terms_fn(job: BlockJob, params: BlockParams, objective: Objective):
     return torch.compile(step, options={"emulate_precision_casts": True})
 
 
+def _step_loss(job: BlockJob, step, objective: Objective, batch: torch.Tensor, targets: list) -> torch.Tensor:
+    """Backpropagate this rank's part of one batch; return the batch loss (every rank's, the same
+    on all ranks). Each rank's terms are scaled by its share of the batch, so summed over ranks
+    they are the terms of the whole batch (with one rank: the terms as computed)."""
+    local = job.collective.local_positions(batch)
+    if len(local):
+        share = len(local) / len(batch)
+        branches = step(job.q_inputs[local].to(job.device), [t[local].to(job.device) for t in targets])
+        if job.collective.world > 1:
+            branches = [{k: v * share for k, v in b.items()} for b in branches]
+    else:  # none of this batch's samples live on this rank: it still takes part in every reduction
+        branches = [{name: torch.zeros((), device=job.device) for name in objective.terms} for _ in targets]
+    if job.collective.world == 1:
+        loss = objective.combine(branches)
+        loss.backward()
+        return loss.detach()
+    observed = [{k: job.collective.sum(v.detach()) for k, v in b.items()} for b in branches]
+    loss = objective.combine(branches, observed)
+    if len(local):
+        loss.backward()
+    return job.collective.sum(loss.detach())
+
+
 @torch.no_grad()
 def fake_quant_errors(job: BlockJob, params: BlockParams) -> dict[str, float]:
     """MSE and per-token cosine of the fake-quantized block (current parameters) against the FP
@@ -261,7 +290,7 @@ def fake_quant_errors(job: BlockJob, params: BlockParams) -> dict[str, float]:
     with activation_fake_quant(job):
         block = _WithParams(job.block, fake_quant_block_params(job, params))
         output = job.run(job.q_inputs, block=block)
-    return block_errors(job.fp_targets, output)
+    return block_errors(job.fp_targets, output, job.collective)
 
 
 def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=None) -> dict:
@@ -284,18 +313,17 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
     errors = [fake_quant_errors(job, params)]
     best = (errors[0]["mse"], 0, params.tensors())
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(job.q_inputs), generator=generator)
+        order = torch.randperm(job.samples, generator=generator)
         epoch_loss = 0.0
         for batch in order.split(cfg.batch_size):
-            terms = step(job.q_inputs[batch].to(job.device), [t[batch].to(job.device) for t in targets])
-            loss = objective.combine(terms)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _step_loss(job, step, objective, batch, targets)
             if not torch.isfinite(loss):
                 raise LrqError(f"block {job.index}, epoch {epoch}: the loss became NaN or inf (lower the learning rates)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            job.collective.sum_grads(params.values.values())
             optimizer.step()
             epoch_loss += loss.item() * len(batch)
-        curve.append(epoch_loss / len(job.q_inputs))
+        curve.append(epoch_loss / job.samples)
         errors.append(fake_quant_errors(job, params))
         if errors[-1]["mse"] < best[0]:
             best = (errors[-1]["mse"], epoch + 1, params.tensors())
@@ -331,7 +359,7 @@ def learnable_method(recipe: Recipe):
             record = job.run_dir.block_record(job.index)
         else:
             record = train_block(job, params, recipe, job.epoch_progress)
-            if job.run_dir:
+            if job.run_dir and job.collective.main:
                 job.run_dir.save_block(job.index, params.tensors(), record)
         fold_and_quantize(job, params)
         return record

@@ -34,6 +34,8 @@ class DynamicWeighting:
             previous = self.means.get(name)
             self.means[name] = value if previous is None else self.momentum * previous + (1 - self.momentum) * value
 
-    def __call__(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.update(terms)
+    def __call__(self, terms: dict[str, torch.Tensor], observed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Weighted sum of `terms`; the running means follow `observed` (default: the terms
+        themselves; in data-parallel calibration, the terms summed over the ranks)."""
+        self.update(terms if observed is None else observed)
         return sum(terms[n] / max(self.means[n], 1e-12) for n in self.names)
