@@ -13,6 +13,7 @@ A rank that stops ends the others with one line (the collective fails instead of
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -82,6 +83,7 @@ class TorchDistributed(Collective):
             self.dist.all_reduce(out, op=op)
         except Exception as exc:  # gloo / NCCL raise their own types when a peer is gone
             detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", detail)  # gloo prefixes its source location
             raise LrqError(f"rank {self.rank}: another calibration rank stopped ({detail[:120]}); the job ends") from None
         return out.to(tensor.device)
 

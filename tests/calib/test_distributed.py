@@ -136,3 +136,28 @@ def test_distributed_rank_that_dies_ends_the_job_with_one_line(tmp_path, tiny_ll
     text = message.read_text()
     assert text.startswith("rank 0: another calibration rank stopped") and "\n" not in text
     assert not (tmp_path / "out").exists()
+
+
+def _rank_resumed(rank, world, port, model, out, qconfig, cconfig):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    calibrate(model, out, qconfig, cconfig, device="cpu", distributed=True, resume=True)
+
+
+def test_distributed_resume_uses_the_saved_blocks(tmp_path, tiny_llama_dir):
+    """A distributed run whose block 1 parameters were lost resumes from block 0's saved parameters
+    (read by every rank) and retrains only block 1: block 0's file is untouched."""
+    qconfig = QuantConfig(wbits=4, abits=8, group_size=32)
+    cconfig = CalibConfig(method="lrquant", nsamples=4, seqlen=32, epochs=1, batch_size=2)
+    out = _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
+    run = tmp_path / "dist.run"
+    block0 = (run / "block_000.safetensors").read_bytes()
+    first = _weights(out)
+    (run / "block_001.safetensors").unlink()
+    import shutil
+
+    shutil.rmtree(out)
+    mp.spawn(_rank_resumed, args=(2, _free_port(), str(tiny_llama_dir), out, qconfig, cconfig), nprocs=2, join=True)
+    assert (run / "block_000.safetensors").read_bytes() == block0
+    again = _weights(out)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # same samples, same sums: same result
