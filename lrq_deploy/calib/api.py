@@ -68,7 +68,7 @@ def calibrate(
     collective.barrier()  # every rank has checked the outputs before rank 0 touches them
     deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
-    loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code)
+    loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code, lazy=offload)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     if runs and collective.main:
         runs.start()

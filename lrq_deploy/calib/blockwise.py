@@ -168,6 +168,8 @@ def calibrate_model(
     groups = adapter.smooth_groups(model)
     result = CalibrationResult(model=model, quantized=[])
     for index, block in enumerate(blocks):
+        if loaded.materialize:  # a lazily loaded model: this block's weights are read now
+            loaded.materialize(block)
         block.to(device)
         fp_out = run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device)
         names = adapter.linear_names(block)

@@ -39,10 +39,12 @@ def _hf_adapter(model_type: str) -> ModelAdapter:
     raise LrqError(f"unsupported architecture {model_type!r} (supported: {supported}, timm ViT)")
 
 
-def load_model(spec: str | None, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
+def load_model(spec: str | None, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+               lazy: bool = False) -> LoadedModel:
     """Load a full-precision model from a spec: a bundled name, an HF or timm directory,
     or `timm:NAME@WEIGHTS.safetensors`. Weights are read from safetensors only (never
-    unpickled); an HF directory's own Python code runs only with trust_remote_code."""
+    unpickled); an HF directory's own Python code runs only with trust_remote_code.
+    lazy (HF directories, on the CPU): blocks stay on the meta device until `materialize`."""
     spec = spec or DEFAULT_MODEL
     if spec.startswith("timm:"):
         loaded = _load_timm_spec(spec)
@@ -50,6 +52,8 @@ def load_model(spec: str | None, device: str | torch.device = "cpu", trust_remot
         path = BUNDLED.get(spec, Path(spec))
         if not path.exists():
             raise LrqError(f"model path {spec} does not exist")
+        if (path / "config.json").is_file() and lazy:
+            return _load_hf_lazily(path, spec, trust_remote_code)
         if (path / "config.json").is_file():
             loaded = _load_hf(path, spec, trust_remote_code)
         elif (path / "timm.json").is_file():
@@ -91,6 +95,25 @@ def _load_hf(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
     return LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=spec)
 
 
+def _load_hf_lazily(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    from lrq_deploy.models.lazy import lazy_hf_model
+
+    config = _read_json(path / "config.json")
+    adapter = _hf_adapter(str(config.get("model_type", "<missing>")) if isinstance(config, dict) else "<missing>")
+    _check_safetensors_weights(path, spec)
+    model, weights = lazy_hf_model(path, adapter, trust_remote_code)
+    blocks = {id(p) for block in adapter.blocks(model) for p in block.parameters()}
+    missing = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in blocks]
+    if missing:
+        raise LrqError(f"{spec}: {missing[0]} is not in its safetensors files")
+    _check_finite(model, spec, skip_meta=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=spec,
+                       materialize=lambda module: weights.materialize(model, module))
+
+
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5", "flax_model.msgpack")
 
 
@@ -127,7 +150,9 @@ def _load_timm(timm_spec: dict, weights: Path, spec: str) -> LoadedModel:
     return LoadedModel(model=model, adapter=adapter, tokenizer=None, spec=spec, extras={"timm": timm_spec})
 
 
-def _check_finite(model: torch.nn.Module, spec: str) -> None:
+def _check_finite(model: torch.nn.Module, spec: str, skip_meta: bool = False) -> None:
     for name, param in model.state_dict().items():
+        if skip_meta and param.is_meta:
+            continue
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise LrqError(f"{spec}: weight {name} contains NaN or inf values")

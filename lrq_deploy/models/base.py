@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -150,6 +150,8 @@ class LoadedModel:
     tokenizer: Any
     spec: str  # how the user named it, recorded in the manifest
     extras: dict = field(default_factory=dict)
+    # Lazily loaded models (calibrate --offload): reads a block's parameters from disk when it is needed.
+    materialize: "Callable[[nn.Module], None] | None" = None
 
 
 def static_batches(items: torch.Tensor, batch: int | None, default: int) -> list[torch.Tensor]:

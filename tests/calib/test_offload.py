@@ -1,0 +1,83 @@
+"""--offload reads an HF model block by block from its safetensors shards."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.models import load_model
+
+
+def test_offload_materialises_one_block_at_a_time(tmp_path, tiny_llama_dir, monkeypatch):
+    """While block i is quantized, blocks after it hold no weights (meta) yet."""
+    from lrq_deploy.calib import api, blockwise
+
+    seen, loaded = [], {}
+
+    def load(*args, **kwargs):
+        loaded["model"] = load_model(*args, **kwargs)
+        return loaded["model"]
+
+    rtn = blockwise.METHODS["rtn"]
+
+    def watching(job):
+        blocks = loaded["model"].adapter.blocks(loaded["model"].model)
+        seen.append([any(p.is_meta for p in b.parameters()) for b in blocks])
+        return rtn(job)
+
+    monkeypatch.setattr(api, "load_model", load)
+    monkeypatch.setitem(blockwise.METHODS, "rtn", watching)
+    calibrate(str(tiny_llama_dir), tmp_path / "q", QuantConfig(wbits=4, group_size=32), CalibConfig(nsamples=2, seqlen=32),
+              device="cpu", offload=True)
+    assert seen == [[False, True], [False, False]]  # block 1 was read only when its turn came
+
+
+def test_lazy_model_keeps_blocks_on_meta_and_reads_them_from_shards(tmp_path, tiny_llama_dir):
+    """Sharded checkpoints (model.safetensors.index.json) are read by parameter name; a block once
+    materialised equals the eagerly loaded model's."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_llama_dir, sharded)
+    tensors = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for index, part in enumerate((names[:half], names[half:])):
+        file = f"model-0000{index + 1}-of-00002.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, str(sharded / file))
+        weight_map.update({n: file for n in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    lazy = load_model(str(sharded), lazy=True)
+    eager = load_model(str(tiny_llama_dir))
+    blocks = lazy.adapter.blocks(lazy.model)
+    assert all(p.is_meta for b in blocks for p in b.parameters())
+    assert not any(p.is_meta for n, p in lazy.model.named_parameters() if not n.startswith("model.layers."))
+    lazy.materialize(blocks[1])
+    for (name, a), (_, b) in zip(blocks[1].named_parameters(), lazy.adapter.blocks(eager.model)[1].named_parameters()):
+        assert torch.equal(a, b), name
+    assert all(p.is_meta for p in blocks[0].parameters())
+
+
+def test_lazy_model_with_poisoned_block_weights_is_refused_when_read(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lrq_deploy.errors import LrqError
+
+    poisoned = tmp_path / "nan"
+    shutil.copytree(tiny_llama_dir, poisoned)
+    tensors = load_file(str(poisoned / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(poisoned / "model.safetensors"))
+    with pytest.raises(LrqError, match="model.layers.1.mlp.up_proj.weight contains NaN"):
+        calibrate(str(poisoned), tmp_path / "q", QuantConfig(wbits=4, group_size=32), CalibConfig(nsamples=2, seqlen=32),
+                  device="cpu", offload=True)
