@@ -8,6 +8,7 @@ next block. Methods are functions registered in METHODS.
 
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,7 @@ from lrq_deploy.calib.rundir import RunDir
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
+from lrq_deploy.quant import QuantLinear
 
 
 @dataclass
@@ -179,6 +181,10 @@ def calibrate_model(
         )
         extra = method(job) or {}
         q_out = run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device)
+        for module in block.modules():  # a finished block keeps only its packed codes
+            if isinstance(module, QuantLinear):
+                module.drop_cache()
+        gc.collect()  # the replaced float linears sit in reference cycles: free them now, not at exit
         if offload:
             block.cpu()
         if collective.max(torch.tensor(0.0 if torch.isfinite(q_out).all() else 1.0)).item():  # on any rank

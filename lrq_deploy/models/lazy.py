@@ -46,7 +46,9 @@ class ShardedWeights:
             with safe_open(str(file), "pt") as handle:
                 for name in names:
                     if self.files[name] == file:
-                        tensors[name] = handle.get_tensor(name).float()
+                        # a copy: get_tensor's result views the memory-mapped file, and one small
+                        # surviving view (a norm weight) would keep the whole block's pages resident
+                        tensors[name] = handle.get_tensor(name).to(torch.float32, copy=True)
         return tensors
 
     def materialize(self, model: nn.Module, module: nn.Module) -> None:

@@ -66,6 +66,10 @@ class QuantLinear(nn.Module):
             self._dequantized = dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size)
         return self._dequantized
 
+    def drop_cache(self) -> None:
+        """Forget the dequantized weight kept for repeated forwards (as large as the FP weight)."""
+        self._dequantized = None
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._dequantized = None
         super()._load_from_state_dict(*args, **kwargs)
