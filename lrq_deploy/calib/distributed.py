@@ -106,7 +106,10 @@ class TorchDistributed(Collective):
         self.sum(torch.zeros(1, device=self.device))
 
     def close(self) -> None:
+        """Leave together: a rank that tears its connections down while a peer is still inside
+        the last reduction makes that peer's transport abort."""
         if self.dist.is_initialized():
+            self.dist.barrier()
             self.dist.destroy_process_group()
 
 
