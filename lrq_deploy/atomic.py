@@ -114,3 +114,20 @@ def make_readable(tmp: Path) -> None:
     tmp.chmod(0o777 & ~umask)
     for file in tmp.rglob("*"):
         file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
+
+
+def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a staging directory beside `target` with write(staging), then put it in target's place
+    (replacing what was there); a failed or killed write leaves the target as it was."""
+    target = Path(target)
+    remove_stale_temporaries(target)
+    staging = temporary_path(target, "-dir")
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        make_readable(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lrq_deploy.atomic import check_output_dir, make_readable, remove_stale_temporaries, temporary_path

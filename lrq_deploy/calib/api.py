@@ -15,7 +15,6 @@ from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import MANIFEST, save_checkpoint
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.devices import resolve_device
-from lrq_deploy.errors import LrqError
 from lrq_deploy.models import DEFAULT_MODEL, load_model
 
 

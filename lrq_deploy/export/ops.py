@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lrq_deploy.quant.op import quant_linear
+from lrq_deploy.quant.op import quant_linear  # noqa: F401  (registers torch.ops.lrq.quant_linear)
 
 DOMAIN = "lrq"
 

@@ -12,8 +12,6 @@ transformers and every quantized weight is compared with the checkpoint's, bit f
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrq_deploy.atomic import check_output_dir, make_readable, remove_stale_temporaries, temporary_path
+from lrq_deploy.atomic import atomic_directory, check_output_dir
 from lrq_deploy.errors import LrqError
 
 INSTALL_HINT = 'pip install "lrq-deploy[serve]"'
@@ -38,9 +36,9 @@ def export_vllm(checkpoint: Path, out: Path, force: bool = False) -> dict:
     _check_supported(ckpt)
     _require_library()
     model, expected = _float_linears(ckpt)
-    remove_stale_temporaries(out)
-    staging = temporary_path(out, "-dir")
-    try:
+    result = {}
+
+    def write(staging: Path) -> None:
         with _quiet():
             compressor = _attach_qparams(model, ckpt, expected)
             compressor.compress_model(model)
@@ -49,13 +47,10 @@ def export_vllm(checkpoint: Path, out: Path, force: bool = False) -> dict:
             if ckpt.loaded.tokenizer is not None:
                 ckpt.loaded.tokenizer.save_pretrained(staging)
             _check_round_trip(staging, expected)
-        make_readable(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"vllm": str(out), "format": compressor.quantization_config.format, "scheme": ckpt.scenario,
+        result["format"] = compressor.quantization_config.format
+
+    atomic_directory(out, write)
+    return {"vllm": str(out), "format": result["format"], "scheme": ckpt.scenario,
             "quantized_linears": len(expected)}
 
 

@@ -12,12 +12,11 @@ which cannot be stacked into one batch.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
-from lrq_deploy.atomic import check_output_dir, make_readable, remove_stale_temporaries, temporary_path
+from lrq_deploy.atomic import atomic_directory, check_output_dir
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import BATCH_AXIS, PAST_PREFIX
 
@@ -133,18 +132,12 @@ def _model_config_pb2():
 
 
 def _write(target: Path, config, files: dict[str, Path]) -> None:
-    """config.pbtxt and 1/<files> staged beside the target, then moved into place."""
-    remove_stale_temporaries(target)
-    staging = temporary_path(target, "-dir")
-    staging.mkdir(parents=True)
-    try:
+    """config.pbtxt and 1/<files>, staged beside the target, then moved into place."""
+
+    def write(staging: Path) -> None:
         (staging / "config.pbtxt").write_text(config_text(config))
         (staging / "1").mkdir()
         for name, source in files.items():
             shutil.copyfile(source, staging / "1" / name)
-        make_readable(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    atomic_directory(target, write)

@@ -82,7 +82,7 @@ def test_kernel_parameters_follow_the_plugin_inputs(has_bias, pointers, op, attr
 def test_aot_plugin_launch_arithmetic():
     """The arithmetic the ahead-of-time plugins hand TensorRT, on ints (TensorRT runs the same
     code on symbolic shape expressions, which support +, * and //)."""
-    from lrq_deploy.plugins.trt_aot import grid_dims, leading_rows, scalar_args, supports_aot
+    from lrq_deploy.plugins.trt_aot import grid_dims, leading_rows, scalar_args
 
     kernel = plugin_kernel("W4A16Linear", W4A16)
     block_m, block_n = kernel.constexprs["BLOCK_M"], kernel.constexprs["BLOCK_N"]
