@@ -100,9 +100,9 @@ def main(debug):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run; settings not given are taken from the run directory.")
-@click.option("--offload", is_flag=True,
+@click.option("--offload", type=click.Choice(["memory", "disk"]), is_flag=False, flag_value="memory", default=None,
               help="Big models in small memory: each block is read from the safetensors shards when its turn comes; "
-                   "model and block inputs stay in CPU memory.")
+                   "model and block inputs stay in CPU memory (--offload disk: block inputs in files).")
 @click.option("--distributed", is_flag=True,
               help="Data-parallel over the ranks of a torchrun job (gloo on CPU, NCCL on GPUs); rank 0 writes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow an HF model directory to run its own Python code.")

@@ -42,13 +42,14 @@ def calibrate(
     progress=None,
     run_dir: Path | None = None,
     resume: bool = False,
-    offload: bool = False,
+    offload: bool | str = False,
     trust_remote_code: bool = False,
     distributed: bool = False,
 ) -> dict:
     """Quantize a model with the configured method and write the checkpoint to `out`.
 
-    offload keeps the model and block inputs in CPU memory, one block at a time on the device.
+    offload (True / "memory") reads the model block by block and keeps it and the block inputs in
+    CPU memory, one block at a time on the device; "disk" keeps the block inputs in files too.
     Learnable methods keep their per-block parameters in `run_dir` (default: OUT.run), so an
     interrupted run continues with resume=True. Outputs are checked before any work starts.
     distributed: one rank of a torchrun job (calib/distributed.py); rank 0 writes.
@@ -67,7 +68,7 @@ def calibrate(
     collective.barrier()  # every rank has checked the outputs before rank 0 touches them
     deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
-    loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code, lazy=offload)
+    loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code, lazy=bool(offload))
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     if runs and collective.main:
         runs.start()

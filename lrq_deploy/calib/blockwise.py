@@ -9,7 +9,9 @@ next block. Methods are functions registered in METHODS.
 from __future__ import annotations
 
 import gc
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -147,13 +149,19 @@ def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor, collective: Collecti
 
 def calibrate_model(
     loaded: LoadedModel, qconfig: QuantConfig, cconfig: CalibConfig, batches: list[torch.Tensor], device,
-    progress=None, run_dir: RunDir | None = None, offload: bool = False, collective: Collective = SINGLE,
+    progress=None, run_dir: RunDir | None = None, offload: bool | str = False, collective: Collective = SINGLE,
 ) -> CalibrationResult:
     """Quantize `loaded.model` in place, block by block; return per-block errors.
 
     offload: the model and the block inputs/outputs stay in CPU memory and each block visits
-    `device` only while it is calibrated, so the GPU holds one block and one batch at a time.
+    `device` only while it is calibrated, so the GPU holds one block and one batch at a time;
+    "disk" also keeps the block inputs/outputs in files (the kernel pages them in and out).
     """
+    with _activation_store(offload) as keep:
+        return _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_dir, offload, collective, keep)
+
+
+def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_dir, offload, collective, keep):
     if cconfig.method not in METHODS:
         raise LrqError(f"method {cconfig.method!r} is not available (available: {', '.join(METHODS)})")
     method = METHODS[cconfig.method]
@@ -166,25 +174,25 @@ def calibrate_model(
         inputs = adapter.capture_block_inputs(model, [b.to(device) for b in batches])
     kwargs = to_device(inputs.kwargs, device)
     hidden = collective.shard(inputs.hidden)  # this rank's samples (all of them in one process)
-    fp_in = q_in = hidden.cpu() if offload else hidden.to(device)
+    fp_in = q_in = keep(hidden.cpu()) if offload else hidden.to(device)
     groups = adapter.smooth_groups(model)
     result = CalibrationResult(model=model, quantized=[])
     for index, block in enumerate(blocks):
         if loaded.materialize:  # a lazily loaded model: this block's weights are read now
             loaded.materialize(block)
         block.to(device)
-        fp_out = run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device)
+        fp_out = keep(run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device))
         names = adapter.linear_names(block)
         job = BlockJob(
             index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, kwargs,
             device, run_dir, progress.epoch if progress else None, collective, len(inputs.hidden),
         )
         extra = method(job) or {}
-        q_out = run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device)
+        q_out = keep(run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device))
         for module in block.modules():  # a finished block keeps only its packed codes
             if isinstance(module, QuantLinear):
                 module.drop_cache()
-        gc.collect()  # the replaced float linears sit in reference cycles: free them now, not at exit
+        gc.collect()  # release the replaced float linears now, whatever reference cycles they are in
         if offload:
             block.cpu()
         if collective.max(torch.tensor(0.0 if torch.isfinite(q_out).all() else 1.0)).item():  # on any rank
@@ -197,6 +205,25 @@ def calibrate_model(
             progress.block_done(report, len(blocks))
         fp_in, q_in = fp_out, q_out
     return result
+
+
+@contextmanager
+def _activation_store(offload: bool | str):
+    """keep(tensor) -> the tensor where block activations live: as it is, or (offload "disk") in an
+    unlinked file mapped into memory, so the kernel can write it out and read it back as needed."""
+    if offload != "disk":
+        yield lambda tensor: tensor
+        return
+    with tempfile.TemporaryDirectory(prefix="lrq-activations-") as directory:
+        count = iter(range(1 << 30))
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            path = Path(directory) / f"{next(count)}.bin"
+            mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
+            path.unlink()  # the mapping keeps the file's blocks until the tensor is freed
+            return mapped.view(tensor.shape).copy_(tensor)
+
+        yield keep
 
 
 def _block_prefix(model: nn.Module, block: nn.Module) -> str:
