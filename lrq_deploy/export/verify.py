@@ -10,7 +10,7 @@ import torch
 
 from lrq_deploy.models.base import PAST_PREFIX, PRESENT_PREFIX
 from lrq_deploy.runtime.compare import compare_runs, run_iterations
-from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, declared_accuracy_level, deployed_session, reference_session
+from lrq_deploy.runtime.onnxrt import declares_int8_activations, deployed_session, reference_session
 from lrq_deploy.runtime.runners import TorchRunner, ort_runner
 
 
@@ -31,9 +31,10 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     name = adapter.graph_io(loaded.model).input_names[0]
     feeds = [{name: batch.numpy()} for batch in inputs]
     reference = run_iterations(TorchRunner(loaded, "cpu", name="torch"), feeds)
-    int8_activations = declared_accuracy_level(path) == INT8_ACTIVATIONS_LEVEL
-    # graphs declared for int8 activations are verified with those numerics (as deployed)
-    session = deployed_session(path, device="cpu") if int8_activations else reference_session(path)
+    session = reference_session(path)
+    int8_activations = declares_int8_activations(session)
+    if int8_activations:  # verified with the numerics it declares, as deployed
+        session = deployed_session(path, device="cpu")
     if with_past:
         feeds = [{**feed, **_empty_past(session, len(batch))} for feed, batch in zip(feeds, inputs)]
     candidate = [{"logits": out["logits"]} for out in run_iterations(ort_runner(path, session=session), feeds)]

@@ -37,27 +37,26 @@ def deployed_session(path: Path, optimize: bool = True, device: str = "auto"):
             raise LrqError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu, "
                            "or lrq-deploy[trt])")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # The optimizer fuses INT4/INT2 DequantizeLinear + MatMul into MatMulNBits, by default at
-    # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32;
-    # level 4 only where the export declared it.
-    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, declared_accuracy_level(path))
-    options.log_severity_level = 3
-    return _session(path, options, providers)
+
+    def session(level: str):
+        options = ort.SessionOptions()
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # The optimizer fuses INT4/INT2 DequantizeLinear + MatMul into MatMulNBits, by default at
+        # accuracy level 4 (activations rounded to int8): another model. Level 1 computes in fp32;
+        # level 4 only where the export declared it (the declaration is read from the session).
+        options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, level)
+        options.log_severity_level = 3
+        return _session(path, options, providers)
+
+    first = session("1")
+    declared = first.get_modelmeta().custom_metadata_map.get(ACCURACY_LEVEL_META, "1")
+    return first if declared == "1" else session(declared)
 
 
-def declared_accuracy_level(path: Path) -> str:
-    """The MatMulNBits accuracy level the graph was exported for: "1" (fp32, the calibrated
-    numerics) unless its metadata declares int8 activations."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # an unreadable graph is reported by onnxruntime when the session is made
-        return "1"
-    return {p.key: p.value for p in model.metadata_props}.get(ACCURACY_LEVEL_META, "1")
+def declares_int8_activations(session) -> bool:
+    """Whether the graph was exported for MatMulNBits at accuracy level 4 (lrq export --ort-int8-activations)."""
+    return session.get_modelmeta().custom_metadata_map.get(ACCURACY_LEVEL_META) == INT8_ACTIVATIONS_LEVEL
 
 
 def _session(path: Path, options, providers):
