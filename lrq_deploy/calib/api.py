@@ -60,8 +60,7 @@ def calibrate(
     check_output_dir(out, force or (resume and (out / MANIFEST).is_file()))
     dev = resolve_device(device)
     collective = _collective(distributed, dev)
-    if collective.world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", collective.rank)))
+    dev = collective.own_device(dev)
     runs = None
     if cconfig.method in RECIPES:
         runs = RunDir(run_dir or default_run_dir(out), run_settings(spec, qconfig, cconfig, calib_data), resume, force)

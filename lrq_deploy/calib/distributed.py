@@ -33,6 +33,10 @@ class Collective:
     def main(self) -> bool:
         return self.rank == 0
 
+    def own_device(self, device: torch.device) -> torch.device:
+        """The device this rank calibrates on (a rank of a multi-GPU job has its own GPU)."""
+        return device
+
     def shard(self, samples: torch.Tensor) -> torch.Tensor:
         return samples[self.rank::self.world] if self.world > 1 else samples
 
@@ -72,10 +76,16 @@ class TorchDistributed(Collective):
             raise LrqError("--distributed runs under torchrun, e.g. torchrun --nproc-per-node 2 $(which lrq) "
                            "calibrate MODEL -o OUT --distributed")
         self.dist = dist
+        if device.type == "cuda":  # one GPU per rank of this machine
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device
+
+    def own_device(self, device: torch.device) -> torch.device:
+        return self.device
 
     def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         out = tensor.detach().to(self.device, copy=True)  # NCCL reduces device tensors, gloo host ones
