@@ -84,7 +84,7 @@ def main(debug):
 @click.option("--group-size", type=int, default=None, help="Weight group size (default: per output channel).")
 @click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight quantization mapping.")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True)
-@click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="UTF-8 text file for calibration.")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
 @click.option("--seq-len", "seqlen", type=int, default=None,
               help="Tokens per calibration sample (language models; default 256).")
@@ -134,7 +134,8 @@ def comparison_line(name: str, c: dict) -> str:
 @main.command(name="eval", short_help="Compare full-precision and quantized accuracy.")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--task", type=click.Choice(["ppl", "top1"]), default=None, help="Metric (default: the model's own).")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluation text (default: WikiText-2 test).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text (default: WikiText-2 test) or, for the ViT, an image folder DIR/CLASS/IMAGE.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many windows (quick checks).")
 @click.option("--seq-len", type=int, default=None, help="Perplexity window in tokens (default 256).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

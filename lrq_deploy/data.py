@@ -55,3 +55,30 @@ def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.tensor(digits.target)[perm]
     part = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
     return images[part], labels[part]
+
+
+def image_folder(path: Path, size: tuple[int, int], channels: int, mean, std, limit: int | None = None,
+                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of an ImageFolder directory (DIR/CLASS/IMAGE; classes numbered in sorted order, as
+    torchvision and ImageNet label them), resized and centre-cropped to `size`, converted to
+    `channels` channels and normalized; at most `limit` of them (a seeded sample when `seed`)."""
+    from torchvision import datasets, transforms
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LrqError(f"{path} is not an image folder (ImageFolder layout: DIR/CLASS/IMAGE)")
+    steps = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda image: image.convert("RGB"))]
+    steps += [transforms.Resize(min(size)), transforms.CenterCrop(size), transforms.ToTensor(),
+              transforms.Normalize(mean, std)]
+    try:
+        folder = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
+    except (FileNotFoundError, OSError) as exc:
+        raise LrqError(f"{path} is not an image folder (ImageFolder layout: DIR/CLASS/IMAGE): {exc}") from None
+    order = torch.arange(len(folder)) if seed is None else torch.randperm(
+        len(folder), generator=torch.Generator().manual_seed(seed))
+    chosen = order[: limit or len(folder)].tolist()
+    try:
+        pairs = [folder[i] for i in chosen]
+    except OSError as exc:
+        raise LrqError(f"{path}: an image cannot be read ({exc})") from None
+    return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])

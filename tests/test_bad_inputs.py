@@ -260,7 +260,7 @@ CASES = [
                                                    "--calib-data", i.file("l.txt", "caf\xe9 na\xefve ".encode("latin-1") * 50)],
          "is not UTF-8 text"),
     Case("calibrate-calib-data-for-vit", lambda i: ["calibrate", "bundled:vit", "-o", i.path("o"), "--calib-data", i.file("t.txt", "text")],
-         "--calib-data is for text models"),
+         "is not an image folder (ImageFolder layout: DIR/CLASS/IMAGE)"),
     # calibrate: outputs and runs
     Case("calibrate-output-not-empty", lambda i: ["calibrate", "-o", Path(i.file("o/keep.txt", "mine")).parent],
          "is not empty (use --force"),

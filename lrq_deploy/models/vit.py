@@ -46,8 +46,9 @@ class VitAdapter(ModelAdapter):
     def calibration_batches(self, source, calib_path, nsamples, seqlen, seed):
         if seqlen is not None:
             raise LrqError("--seq-len applies to language models; the ViT calibrates on whole images")
-        if calib_path is not None:
-            raise LrqError("--calib-data is for text models; the ViT calibrates on the bundled digits training split")
+        if calib_path is not None:  # an image folder: a seeded sample of it
+            images, _ = self.image_folder(source.model, calib_path, nsamples, seed)
+            return list(images.split(32))
         images, _ = data.digits_split("train")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:nsamples]
         return list(images[order].split(32))
@@ -64,8 +65,9 @@ class VitAdapter(ModelAdapter):
         if seq_len is not None:
             raise LrqError("--seq-len applies to language models, not to the ViT")
         if data_path is not None:
-            raise LrqError("--data is not supported for the ViT: top-1 is measured on the held-out digits split")
-        images, labels = data.digits_split("test")
+            images, labels = self.image_folder(model, data_path, limit)
+        else:
+            images, labels = data.digits_split("test")
         if limit:
             images, labels = images[:limit], labels[:limit]
         return {"top1": top1_accuracy(lambda x: model(x.to(device)).cpu(), images, labels)}
@@ -87,15 +89,24 @@ class VitAdapter(ModelAdapter):
         return ExportSpec(model, (images,), io.input_names, io.output_names, dynamic)
 
     def verification_set(self, source, data_path, limit, batch=None, seq_len=None):
-        if data_path is not None:
-            raise LrqError("--data is not supported for the ViT: verification uses the held-out digits split")
-        images, labels = data.digits_split("test")
+        images, labels = (self.image_folder(source.model, data_path, limit) if data_path is not None
+                          else data.digits_split("test"))
         if limit:
             images, labels = images[:limit], labels[:limit]
         return static_batches(images, batch, 128), static_batches(labels, batch, 128)
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
         return {"top1": top1_from_logits(logits, labels)}
+
+    def image_folder(self, model, path, limit=None, seed=None):
+        """An ImageFolder directory prepared for `model`: its input size and channels; one-channel
+        models use mean = std = 0.5 (the bundled digits' convention), others the timm model's
+        pretrained_cfg normalization (ImageNet's by default)."""
+        channels = model.patch_embed.proj.in_channels
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean, std = ((0.5,), (0.5,)) if channels == 1 else (cfg.get("mean", (0.485, 0.456, 0.406)),
+                                                            cfg.get("std", (0.229, 0.224, 0.225)))
+        return data.image_folder(Path(path), tuple(model.patch_embed.img_size), channels, mean, std, limit, seed)
 
 
 # timm.create_model arguments that read files or fetch weights; lrq loads model.safetensors itself.

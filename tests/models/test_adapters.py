@@ -66,3 +66,35 @@ def test_deit_distilled_calibrates_exports_and_verifies(tiny_deit_dir, tmp_path)
     report = export_onnx(tmp_path / "q", tmp_path / "deit.onnx", limit=64)
     assert report["verify"]["logits"]["passed"] and report["verify"]["argmax_agreement"] == 1.0
     assert report["verify"]["onnxruntime"] == report["verify"]["torch"]  # top-1 on the held-out digits
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    """The held-out digits as PNG files in ImageFolder layout (DIR/<label>/<n>.png)."""
+    from PIL import Image
+
+    from lrq_deploy import data
+
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = data.digits_split("test")
+    for n, (image, label) in enumerate(zip(images[:120], labels[:120])):
+        pixels = ((image[0] * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        (root / str(int(label))).mkdir(exist_ok=True)
+        Image.fromarray(pixels, mode="L").save(root / str(int(label)) / f"{n}.png")
+    return root
+
+
+def test_vit_top1_on_an_image_folder(digits_folder, tmp_path):
+    """--data DIR (ImageFolder): the same images as the bundled split, through PNG (8-bit pixels)."""
+    from lrq_deploy.eval import evaluate_checkpoint
+
+    vit = load_model("bundled:vit")
+    folder = vit.adapter.evaluate(vit.model, vit, digits_folder, None, "cpu")["top1"]
+    bundled = vit.adapter.evaluate(vit.model, vit, None, None, "cpu")  # all held-out digits
+    images, labels = vit.adapter.image_folder(vit.model, digits_folder)
+    assert images.shape == (120, 1, 8, 8) and len(set(labels.tolist())) == 10
+    assert abs(folder - bundled["top1"]) < 0.05  # 120 of the same images, 8-bit rounded
+    calibrate("bundled:vit", tmp_path / "q", QuantConfig(wbits=8, abits=8), CalibConfig(method="rtn", nsamples=64),
+              calib_data=digits_folder, device="cpu")
+    result = evaluate_checkpoint(tmp_path / "q", data=digits_folder, device="cpu")
+    assert result["fp"]["top1"] == folder and abs(result["quant"]["top1"] - folder) <= 0.02
