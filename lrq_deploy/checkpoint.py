@@ -207,6 +207,19 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     return Checkpoint(loaded, qconfig, calib, str(manifest["source"]), tuple(manifest["quantized_modules"]), manifest)
 
 
+def load_source(spec, device="cpu") -> Checkpoint:
+    """A quantized checkpoint directory, or a full-precision model where stages take one as their
+    baseline: a bundled name, timm:NAME@WEIGHTS, or an HF / timm directory. Anything else is
+    reported by the checkpoint loader (missing path, no manifest, ...)."""
+    from lrq_deploy.models import BUNDLED, load_model
+
+    name, path = str(spec), Path(str(spec))
+    full_precision = name in BUNDLED or name.startswith("timm:") or (
+        path.is_dir() and not (path / MANIFEST).exists()
+        and ((path / "config.json").is_file() or (path / "timm.json").is_file()))
+    return Checkpoint.full_precision(load_model(name, device)) if full_precision else load_checkpoint(path, device)
+
+
 def _swap_in_shell(model: nn.Module, name: str, qconfig: QuantConfig) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)

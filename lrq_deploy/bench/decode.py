@@ -21,7 +21,8 @@ import numpy as np
 
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models.base import PAST_PREFIX, PRESENT_PREFIX
+from lrq_deploy.models.base import PAST_PREFIX
+from lrq_deploy.runtime.onnxrt import deployed_session, empty_past, next_past
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,8 @@ class OrtDecoder(Decoder):
     name = "ort"
 
     def __init__(self, path: Path, device: str = "auto"):
-        from lrq_deploy.runtime.onnxrt import deployed_session
-
         self.session = deployed_session(path, device=device)
-        inputs = self.session.get_inputs()
-        self.past = [i for i in inputs if i.name.startswith(PAST_PREFIX)]
-        if not self.past:
+        if not any(i.name.startswith(PAST_PREFIX) for i in self.session.get_inputs()):
             raise LrqError(f"{path} has no KV-cache inputs; export it with lrq export --with-past for --decode")
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
@@ -106,12 +103,11 @@ class OrtDecoder(Decoder):
 
     def _run(self, feeds: dict) -> np.ndarray:
         outputs = dict(zip(self.outputs, self.session.run(None, feeds)))
-        self.feeds = {n.replace(PRESENT_PREFIX, PAST_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
+        self.feeds = next_past(outputs)
         return outputs["logits"][:, -1].argmax(-1)
 
     def prefill(self, ids):
-        empty = {p.name: np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), dtype=np.float32) for p in self.past}
-        return self._run({"input_ids": ids, **empty})
+        return self._run({"input_ids": ids, **empty_past(self.session, ids.shape[0])})
 
     def step(self, tokens):
         return self._run({"input_ids": tokens[:, None].astype(np.int64), **self.feeds})

@@ -262,19 +262,14 @@ def loss_terms_fn(job: BlockJob, params: BlockParams, objective: Objective):
 def _step_loss(job: BlockJob, step, objective: Objective, batch: torch.Tensor, targets: list) -> torch.Tensor:
     """Backpropagate this rank's part of one batch; return the batch loss (every rank's, the same
     on all ranks). Each rank's terms are scaled by its share of the batch, so summed over ranks
-    they are the terms of the whole batch (with one rank: the terms as computed)."""
+    they are the terms of the whole batch (one rank: a share of 1, the terms as computed)."""
     local = job.collective.local_positions(batch)
     if len(local):
         share = len(local) / len(batch)
         branches = step(job.q_inputs[local].to(job.device), [t[local].to(job.device) for t in targets])
-        if job.collective.world > 1:
-            branches = [{k: v * share for k, v in b.items()} for b in branches]
+        branches = [{k: v * share for k, v in b.items()} for b in branches]
     else:  # none of this batch's samples live on this rank: it still takes part in every reduction
         branches = [{name: torch.zeros((), device=job.device) for name in objective.terms} for _ in targets]
-    if job.collective.world == 1:
-        loss = objective.combine(branches)
-        loss.backward()
-        return loss.detach()
     observed = [{k: job.collective.sum(v.detach()) for k, v in b.items()} for b in branches]
     loss = objective.combine(branches, observed)
     if len(local):

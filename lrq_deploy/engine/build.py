@@ -172,11 +172,12 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
 
 def _check_triton_target(options: BuildOptions, flavour: Flavour, out: Path, requirements: dict) -> None:
     """What --triton-repo would refuse after the build, refused before it."""
-    from lrq_deploy.serve.triton import check_repository_target, model_name_for
+    from lrq_deploy.serve.triton import check_plugins_servable, check_repository_target, model_name_for
 
     if flavour.name != "tensorrt":
         raise LrqError("Triton's TensorRT backend runs engines of full TensorRT; --triton-repo needs "
                        "--flavour tensorrt (this build uses TensorRT for RTX)")
+    check_plugins_servable(plugin_kind(flavour, requirements))
     check_repository_target(options.triton_repo, model_name_for(out), options.force)
 
 
@@ -238,22 +239,35 @@ def build_in_this_process(onnx_path: Path, out: Path, options: BuildOptions, fla
     """Parse and build in this process (the worker's side of build_engine, given the parent's
     graph_requirements); writes `out` atomically."""
     flavour = load_flavour(flavour_name)
-    plugins = _register_plugins(flavour, requirements) if requirements["lrq_plugin_nodes"] else None
+    plugins = _register_plugins(flavour, requirements)
     serialized, layers = _build(flavour, onnx_path, options, requirements)
     atomic_write(out, lambda tmp: tmp.write_bytes(bytes(serialized)))
     return {"engine": str(out), "flavour": flavour.name, "bytes": out.stat().st_size, "layers": layers, "plugins": plugins}
 
 
-def _register_plugins(flavour: Flavour, requirements: dict) -> str:
-    """Register the lrq plugins this build embeds: "aot" (kernels inside the engine, full
-    TensorRT with tensorrt.plugin) or "python" (the engine runs where lrq-deploy is installed)."""
+def plugin_kind(flavour: Flavour, requirements: dict) -> str | None:
+    """How a build embeds the graph's lrq plugin nodes: "aot" (kernels inside the engine, full
+    TensorRT with tensorrt.plugin), "python" (the engine runs where lrq-deploy is installed), or
+    None (no lrq nodes)."""
+    from lrq_deploy.plugins import trt_aot
+
+    if not requirements["lrq_plugin_nodes"]:
+        return None
+    if flavour.name == "tensorrt" and not requirements["lrq_nodes_with_bias"] and trt_aot.supports_aot():
+        return "aot"
+    return "python"
+
+
+def _register_plugins(flavour: Flavour, requirements: dict) -> str | None:
+    """Register the lrq plugins this build embeds (plugin_kind); returns the kind."""
     from lrq_deploy.plugins import trt_aot, trt_plugins
 
-    if flavour.name == "tensorrt" and not requirements["lrq_nodes_with_bias"] and trt_aot.supports_aot():
+    kind = plugin_kind(flavour, requirements)
+    if kind == "aot":
         trt_aot.register_aot_plugins()
-        return "aot"
-    trt_plugins.register_plugins(flavour.trt)
-    return "python"
+    elif kind == "python":
+        trt_plugins.register_plugins(flavour.trt)
+    return kind
 
 
 def _build(flavour: Flavour, onnx_path: Path, options: BuildOptions, requirements: dict):

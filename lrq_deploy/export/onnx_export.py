@@ -20,6 +20,7 @@ from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.lower import default_opset, lower, required_opset, set_opset
 from lrq_deploy.export.ops import TRANSLATIONS
+from lrq_deploy.checkpoint import load_source
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.runtime.onnxrt import ACCURACY_LEVEL_META, INT8_ACTIVATIONS_LEVEL
 
@@ -71,7 +72,7 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
         from lrq_deploy.serve.triton import check_repository_target, model_name_for
 
         check_repository_target(options.triton_repo, model_name_for(out), options.force)
-    ckpt = _load_source(checkpoint)
+    ckpt = load_source(checkpoint)
     loaded = ckpt.loaded
     if options.ort_int8_activations:
         _check_int8_activations(target, ckpt)
@@ -178,18 +179,6 @@ def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -
     del model.metadata_props[:]
     for key, value in fields.items():
         model.metadata_props.add(key=key, value=value)
-
-
-def _load_source(source):
-    """A quantized checkpoint, or a full-precision model (HF / timm directory, bundled name)."""
-    from lrq_deploy.checkpoint import MANIFEST, Checkpoint, load_checkpoint
-    from lrq_deploy.models import BUNDLED, load_model
-
-    path = Path(str(source))
-    if str(source) in BUNDLED or (path.is_dir() and not (path / MANIFEST).exists() and
-                                  ((path / "config.json").is_file() or (path / "timm.json").is_file())):
-        return Checkpoint.full_precision(load_model(str(source)))
-    return load_checkpoint(path)
 
 
 def trace_to_onnx(loaded, batch: int | None, seq_len: int | None, with_past: bool = False) -> onnx.ModelProto:

@@ -8,16 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrq_deploy.models.base import PAST_PREFIX, PRESENT_PREFIX
 from lrq_deploy.runtime.compare import compare_runs, run_iterations
-from lrq_deploy.runtime.onnxrt import declares_int8_activations, deployed_session, reference_session
+from lrq_deploy.runtime.onnxrt import declares_int8_activations, deployed_session, empty_past, next_past, reference_session
 from lrq_deploy.runtime.runners import TorchRunner, ort_runner
-
-
-def _empty_past(session, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length KV cache inputs: the with-past graph then runs as prefill."""
-    return {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
-            for spec in session.get_inputs() if spec.name.startswith(PAST_PREFIX)}
 
 
 @torch.no_grad()
@@ -36,7 +29,7 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     if int8_activations:  # verified with the numerics it declares, as deployed
         session = deployed_session(path, device="cpu")
     if with_past:
-        feeds = [{**feed, **_empty_past(session, len(batch))} for feed, batch in zip(feeds, inputs)]
+        feeds = [{**feed, **empty_past(session, len(batch))} for feed, batch in zip(feeds, inputs)]
     candidate = [{"logits": out["logits"]} for out in run_iterations(ort_runner(path, session=session), feeds)]
     comparison = compare_runs(("torch", reference), ("onnxruntime", candidate), atol=1e-3, rtol=1e-3)["logits"]
     metric = {side: adapter.metric_from_logits(inputs, [torch.from_numpy(o["logits"]) for o in outs], labels)
@@ -65,14 +58,14 @@ def verify_generation(path: Path, loaded, prompt_len: int = 16, new_tokens: int 
     names = [o.name for o in session.get_outputs()]
     inputs, _ = loaded.adapter.verification_set(loaded, None, 1)
     prompt = inputs[0][:1, :prompt_len]
-    feeds = {"input_ids": prompt.numpy(), **_empty_past(session, 1)}
+    feeds = {"input_ids": prompt.numpy(), **empty_past(session, 1)}
     ort_tokens = []
     for _ in range(new_tokens):
         outputs = dict(zip(names, session.run(None, feeds)))
         token = int(outputs["logits"][0, -1].argmax())
         ort_tokens.append(token)
         feeds = {"input_ids": np.array([[token]], dtype=np.int64)}
-        feeds.update({n.replace(PRESENT_PREFIX, PAST_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)})
+        feeds.update(next_past(outputs))
     ref = loaded.model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
     ref_tokens = ref[0, prompt_len:].tolist()
     return {"prompt_tokens": prompt_len, "onnxruntime": ort_tokens, "torch": ref_tokens, "match": ort_tokens == ref_tokens}

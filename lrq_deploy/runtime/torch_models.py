@@ -27,15 +27,13 @@ def load_torch_target(target, device, kernels: str = "auto", checkpoint: bool = 
     scheme; "require" on any device (Triton's interpreter on CPU), refused when no kernel
     serves the scheme; "never" keeps the reference QuantLinear arithmetic. With checkpoint=True
     anything but a checkpoint is refused with the checkpoint loader's words."""
-    from lrq_deploy.checkpoint import MANIFEST, load_checkpoint
-    from lrq_deploy.models import BUNDLED, load_model
+    from lrq_deploy.checkpoint import load_checkpoint, load_source
 
     if kernels not in KERNEL_CHOICES:
         raise LrqError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
-    name = str(target)
-    if not checkpoint and (name in BUNDLED or not (Path(target) / MANIFEST).is_file()):
-        return TorchTarget(Checkpoint.full_precision(load_model(name, device)), "full precision")
-    ckpt = load_checkpoint(Path(target), device)
+    ckpt = load_checkpoint(Path(target), device) if checkpoint else load_source(target, device)
+    if ckpt.quant is None:
+        return TorchTarget(ckpt, "full precision")
     if kernels == "require":
         ckpt.scheme.require_kernel()
         served = True

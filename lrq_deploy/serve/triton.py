@@ -38,6 +38,14 @@ def check_repository_target(repo: Path, name: str, force: bool) -> Path:
     return target
 
 
+def check_plugins_servable(plugins: str | None) -> None:
+    """Engines whose lrq plugin layers are Python plugins ("python") need lrq-deploy in the process
+    that runs them, which Triton's TensorRT backend is not; ahead-of-time plugins ("aot") serve."""
+    if plugins == "python":
+        raise LrqError("this engine holds lrq Python plugin layers, which Triton's TensorRT backend cannot load; "
+                       "build with full TensorRT (ahead-of-time plugins) or export the graph with --triton-repo")
+
+
 def onnx_repository(onnx_path: Path, repo: Path, name: str | None = None, force: bool = False) -> Path:
     """REPO/NAME for an ONNX graph (Triton's onnxruntime backend); returns the model directory."""
     import onnx
@@ -59,9 +67,7 @@ def engine_repository(engine: Path, record: dict, repo: Path, name: str | None =
     if record.get("flavour") != "tensorrt":
         raise LrqError("Triton's TensorRT backend runs engines of full TensorRT; this engine was built with "
                        f"{record.get('flavour')} (build with --flavour tensorrt for Triton)")
-    if record.get("plugins") == "python":
-        raise LrqError("this engine holds lrq Python plugin layers, which Triton's TensorRT backend cannot load; "
-                       "build with full TensorRT (ahead-of-time plugins) or export the graph with --triton-repo")
+    check_plugins_servable(record.get("plugins"))
     target = check_repository_target(repo, name or model_name_for(engine), force)
     source = Path(record["onnx"]["path"])
     if not source.is_file():

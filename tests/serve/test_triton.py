@@ -83,3 +83,26 @@ def test_triton_repo_for_a_tensorrt_rtx_engine_is_refused_before_building(tmp_pa
         "error: Triton's TensorRT backend runs engines of full TensorRT; --triton-repo needs --flavour tensorrt "
         "(this build uses TensorRT for RTX)"]
     assert not (tmp_path / "e.engine").exists() and not (tmp_path / "repo").exists()
+
+
+def test_triton_repo_for_python_plugin_engines_is_refused_before_building(tmp_path, monkeypatch):
+    """Full TensorRT without ahead-of-time plugins embeds lrq nodes as Python plugins, which Triton
+    cannot load: refused with the build's own plugin decision, before anything is built."""
+    import types
+
+    from lrq_deploy.engine.build import BuildOptions, _check_triton_target, plugin_kind
+    from lrq_deploy.errors import LrqError
+    from lrq_deploy.plugins import trt_aot
+
+    full = types.SimpleNamespace(name="tensorrt")
+    requirements = {"lrq_plugin_nodes": ["W4A4Linear"], "lrq_nodes_with_bias": 0}
+    options = BuildOptions(triton_repo=tmp_path / "repo")
+    monkeypatch.setattr(trt_aot, "supports_aot", lambda: False)
+    assert plugin_kind(full, requirements) == "python"
+    with pytest.raises(LrqError, match="lrq Python plugin layers, which Triton's TensorRT backend cannot load"):
+        _check_triton_target(options, full, tmp_path / "e.engine", requirements)
+    monkeypatch.setattr(trt_aot, "supports_aot", lambda: True)
+    assert plugin_kind(full, requirements) == "aot"
+    _check_triton_target(options, full, tmp_path / "e.engine", requirements)  # ahead-of-time plugins serve
+    assert plugin_kind(full, {"lrq_plugin_nodes": [], "lrq_nodes_with_bias": 0}) is None
+    assert not (tmp_path / "repo" / "e").exists()
