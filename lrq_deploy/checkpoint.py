@@ -80,9 +80,9 @@ def save_checkpoint(
 
 
 def _source_reference(spec: str) -> str:
-    if spec.startswith(("bundled:", "timm:")):
-        return spec
-    return str(Path(spec).resolve())
+    from lrq_deploy.models import is_named_model
+
+    return spec if is_named_model(spec) else str(Path(spec).resolve())
 
 
 def read_manifest(path: Path) -> dict:
@@ -209,12 +209,12 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
 
 def load_source(spec, device="cpu") -> Checkpoint:
     """A quantized checkpoint directory, or a full-precision model where stages take one as their
-    baseline: a bundled name, timm:NAME@WEIGHTS, or an HF / timm directory. Anything else is
-    reported by the checkpoint loader (missing path, no manifest, ...)."""
-    from lrq_deploy.models import BUNDLED, load_model
+    baseline: a named model (bundled, timm:NAME@WEIGHTS, pypi:...), or an HF / timm directory.
+    Anything else is reported by the checkpoint loader (missing path, no manifest, ...)."""
+    from lrq_deploy.models import is_named_model, load_model
 
     name, path = str(spec), Path(str(spec))
-    full_precision = name in BUNDLED or name.startswith("timm:") or (
+    full_precision = is_named_model(name) or (
         path.is_dir() and not (path / MANIFEST).exists()
         and ((path / "config.json").is_file() or (path / "timm.json").is_file()))
     return Checkpoint.full_precision(load_model(name, device)) if full_precision else load_checkpoint(path, device)

@@ -133,7 +133,8 @@ def comparison_line(name: str, c: dict) -> str:
 
 @main.command(name="eval", short_help="Compare full-precision and quantized accuracy.")
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--task", type=click.Choice(["ppl", "top1"]), default=None, help="Metric (default: the model's own).")
+@click.option("--task", type=click.Choice(["ppl", "top1", "cosine"]), default=None,
+              help="Metric (default: the model's own).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Evaluation text (default: WikiText-2 test) or, for the ViT, an image folder DIR/CLASS/IMAGE.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many windows (quick checks).")
@@ -152,9 +153,15 @@ def eval_(target, task, data, limit, seq_len, device, backend, as_json):
         click.echo(json.dumps(result))
         return
     metric = result["task"]
-    click.echo(f"{'model':<28}{metric:>12}")
-    click.echo(f"{'full precision':<28}{result['fp'][metric]:>12.4f}")
-    click.echo(f"{result['scenario']:<28}{result['quant'][metric]:>12.4f}")
+    if metric in result["quant"]:
+        click.echo(f"{'model':<28}{metric:>12}")
+        click.echo(f"{'full precision':<28}{result['fp'][metric]:>12.4f}")
+        click.echo(f"{result['scenario']:<28}{result['quant'][metric]:>12.4f}")
+    agreement = result.get("agreement")
+    if agreement:
+        top1 = f", top-1 agreement {agreement['top1_agreement']:.2%}" if "top1_agreement" in agreement else ""
+        click.echo(f"{result['scenario']} vs full precision over {agreement['rows']} outputs: cosine mean "
+                   f"{agreement['cosine_mean']:.5f}, 5th percentile {agreement['cosine_p5']:.5f}{top1}")
 
 
 @main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour) or for vLLM.")
@@ -205,10 +212,11 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
         click.echo(f"wrote Triton model repository entry {report['triton_repo']}")
     verify = report.get("verify")
     if verify:
-        click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
-        click.echo(f"{verify['metric']:<14}{verify['torch']:>12.4f}{verify['onnxruntime']:>14.4f}"
-                   f"   (onnxruntime: {verify['onnxruntime_numerics']})")
-        click.echo(comparison_line("logits", verify["logits"]))
+        if verify["metric"]:
+            click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
+            click.echo(f"{verify['metric']:<14}{verify['torch']:>12.4f}{verify['onnxruntime']:>14.4f}"
+                       f"   (onnxruntime: {verify['onnxruntime_numerics']})")
+        click.echo(comparison_line(f"{verify['output']}, onnxruntime vs torch", verify["logits"]))
     generation = report.get("verify_generation")
     if generation:
         verdict = "same tokens" if generation["match"] else "DIFFERENT tokens"

@@ -66,3 +66,27 @@ def tiny_deit_dir(tmp_path_factory) -> Path:
     (out / "timm.json").write_text(json.dumps(spec))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A random post-LN BERT encoder with a WordPiece vocabulary trained on the bundled text."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    text = (ASSETS / "data" / "wikitext2-calib.txt").read_text().splitlines()
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials))
+    wordpiece.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

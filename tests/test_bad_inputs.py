@@ -102,10 +102,10 @@ def _truncated_hf_weights(inputs: Inputs) -> str:
     return str(model)
 
 
-def _timm_with(inputs: Inputs, kwargs: dict) -> str:
+def _timm_with(inputs: Inputs, kwargs: dict, model_name: str = "vit_tiny_patch16_224") -> str:
     directory = inputs.root / "vit"
     directory.mkdir()
-    (directory / "timm.json").write_text(json.dumps({"model_name": "vit_tiny_patch16_224", "kwargs": kwargs}))
+    (directory / "timm.json").write_text(json.dumps({"model_name": model_name, "kwargs": kwargs}))
     (directory / "model.safetensors").write_bytes(b"")
     return str(directory)
 
@@ -207,8 +207,8 @@ CASES = [
     Case("calibrate-not-a-model-dir", lambda i: ["calibrate", i.file("m/readme.txt", "x") and i.path("m"), "-o", i.path("o")],
          "is not a model directory"),
     Case("calibrate-file-as-model", lambda i: ["calibrate", i.file("m.txt", "x"), "-o", i.path("o")], "is not a model directory"),
-    Case("calibrate-unsupported-architecture", lambda i: ["calibrate", _config(i, {"model_type": "bert"}), "-o", i.path("o")],
-         "unsupported architecture 'bert' (supported: llama"),
+    Case("calibrate-unsupported-architecture", lambda i: ["calibrate", _config(i, {"model_type": "gpt2"}), "-o", i.path("o")],
+         "unsupported architecture 'gpt2' (supported: llama (llama, mistral, qwen2), opt"),
     Case("calibrate-config-not-json", lambda i: ["calibrate", _config(i, "{not json"), "-o", i.path("o")], "is not valid JSON"),
     Case("calibrate-config-not-object", lambda i: ["calibrate", _config(i, "[1, 2]"), "-o", i.path("o")], "is not a model config"),
     Case("calibrate-pickle-weights-only", lambda i: ["calibrate", _pickle_only_model(i), "-o", i.path("o")],
@@ -220,6 +220,8 @@ CASES = [
          "contains NaN or inf values"),
     Case("calibrate-timm-spec-malformed", lambda i: ["calibrate", "timm:vit_tiny", "-o", i.path("o")],
          "timm models are named timm:MODEL_NAME@WEIGHTS.safetensors"),
+    Case("calibrate-timm-not-a-vit", lambda i: ["calibrate", _timm_with(i, {}, "resnet18"), "-o", i.path("o")],
+         "unsupported architecture: timm model 'resnet18' is a ResNet (supported: llama"),
     Case("calibrate-timm-json-checkpoint-path", lambda i: ["calibrate", _timm_with(i, {"checkpoint_path": "/x.pth"}), "-o", i.path("o")],
          "timm.json kwargs may not set checkpoint_path"),
     # calibrate: numerics and sample options
@@ -283,8 +285,10 @@ CASES = [
     Case("eval-manifest-future-version", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(format_version=99)))],
          "format version 99; this lrq-deploy reads up to"),
     Case("eval-manifest-without-quant", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.pop("quant")))], "lacks quant"),
-    Case("eval-manifest-unknown-family", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(family="bert")))],
-         "unknown model family 'bert'"),
+    Case("eval-manifest-unknown-family", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(family="gpt2")))],
+         "unknown model family 'gpt2'"),
+    Case("eval-manifest-wrong-family", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(family="bert")))],
+         "manifest.json names family 'bert', but its config.json is a 'llama' model"),
     Case("eval-flipped-byte", lambda i: ["eval", _damaged(i, _flip_byte)], "model.safetensors does not match manifest.json (sha256 differs)"),
     Case("eval-truncated-weights", lambda i: ["eval", _damaged(i, _truncate)], "model.safetensors does not match manifest.json (size differs)"),
     Case("eval-weights-deleted", lambda i: ["eval", _damaged(i, lambda c: (c / "model.safetensors").unlink())],

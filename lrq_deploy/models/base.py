@@ -41,8 +41,10 @@ class ModelAdapter:
     """One model family. Subclasses are small tables plus a few hooks."""
 
     family: str = ""
-    task: str = ""  # "causal_lm" | "image_classification"
+    task: str = ""  # "causal_lm" | "image_classification" | "sentence_embedding" | "image_text_to_text"
     default_metric: str = ""
+    serves: str = ""  # what the family accepts, for error messages (e.g. HF model types)
+    agreement_argmax = False  # agreement_outputs are class / token scores (top-1 agreement is meaningful)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
@@ -81,6 +83,12 @@ class ModelAdapter:
         """The model's metric; `seq_len` is the scoring window of language models (None: the default)."""
         raise NotImplementedError
 
+    def agreement_outputs(self, model: nn.Module, source, data_path: Path | None, limit: int | None,
+                          device) -> list[torch.Tensor] | None:
+        """Outputs on held-out samples that eval compares row by row between the full-precision
+        and the quantized model (metrics.output_agreement); None: the family's metric suffices."""
+        return None
+
     def graph_io(self, model: nn.Module, with_past: bool = False) -> GraphIO:
         """Names, dtypes and axes of the deployment graph's inputs and outputs."""
         raise NotImplementedError
@@ -102,6 +110,7 @@ class ModelAdapter:
 # Axis names of graph inputs and outputs, shared by export (dynamic axes), the input generator
 # (runtime/inputs.py) and decoding: a symbolic dimension is matched by the name it contains.
 BATCH_AXIS, SEQ_AXIS, PAST_AXIS = "batch", "seq", "past"
+ATTENTION_MASK = "attention_mask"  # 1 for real tokens, 0 for padding (generated as all ones)
 PAST_PREFIX, PRESENT_PREFIX = "past.", "present."
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -11,16 +9,12 @@ from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.metrics.perplexity import perplexity, perplexity_from_logits, windows
 from lrq_deploy.models.base import (
-    BATCH_AXIS, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, BlockInputs, ExportSpec, GraphIO, ModelAdapter,
-    TensorSpec, static_batches,
+    BATCH_AXIS, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, ExportSpec, GraphIO, TensorSpec, static_batches,
 )
+from lrq_deploy.models.hf import HFAdapter
 
 
-class _StopForward(Exception):
-    pass
-
-
-class CausalLMAdapter(ModelAdapter):
+class CausalLMAdapter(HFAdapter):
     task = "causal_lm"
     default_metric = "ppl"
     eval_seqlen = 256
@@ -30,36 +24,6 @@ class CausalLMAdapter(ModelAdapter):
 
     def blocks(self, model):
         return self.decoder(model).layers
-
-    def capture_block_inputs(self, model, batches):
-        """Run the model up to block 0 and record its input and keyword arguments.
-
-        The keyword arguments (attention mask, rotary position embeddings, ...) are whatever
-        the real model passes: replaying them keeps causal masking and RoPE exactly as in
-        the model (the mask may be None when SDPA applies causality itself).
-        """
-        first = self.blocks(model)[0]
-        hidden, captured = [], {}
-
-        def hook(_module, args, kwargs):
-            hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
-            if not captured:
-                captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            raise _StopForward
-
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for ids in batches:
-                    try:
-                        model(input_ids=ids, use_cache=False)
-                    except _StopForward:
-                        pass
-        finally:
-            handle.remove()
-        kwargs = {k: v for k, v in captured.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        kwargs["use_cache"] = False
-        return BlockInputs(hidden=torch.cat(hidden), kwargs=kwargs)
 
     def calibration_batches(self, source, calib_path, nsamples, seqlen, seed):
         seqlen = self.check_seq_len(source.model, seqlen, "--seq-len")
@@ -76,25 +40,6 @@ class CausalLMAdapter(ModelAdapter):
         if not 2 <= window <= longest:
             raise LrqError(f"{option} must lie in 2..{longest} for this model, got {window}")
         return window
-
-    def save_architecture(self, source, out_dir: Path) -> dict:
-        source.model.config.save_pretrained(out_dir)
-        if source.tokenizer is not None:
-            source.tokenizer.save_pretrained(out_dir)
-        return {}
-
-    def build_skeleton(self, ckpt_dir: Path, extras: dict):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            config = AutoConfig.from_pretrained(ckpt_dir)
-            tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        except (OSError, ValueError) as exc:
-            raise LrqError(f"{ckpt_dir}: cannot read model config/tokenizer ({_first_line(exc)})") from None
-        with _no_init_weights():  # every weight comes from the checkpoint: random init would only cost time
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.tie_weights()
-        return model, tokenizer
 
     def evaluate(self, model, source, data_path, limit, device, seq_len=None):
         window = self.check_seq_len(model, seq_len, "--seq-len")
@@ -155,14 +100,6 @@ class CausalLMAdapter(ModelAdapter):
         return {"ppl": perplexity_from_logits(zip(inputs, logits))}
 
 
-def _no_init_weights():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
 class _LogitsOnly(nn.Module):
     """input_ids -> logits, without a KV cache: the graph for scoring and benchmarks of prefill."""
 
@@ -202,7 +139,3 @@ def torch_logits(model: nn.Module, device):
         return model(input_ids=ids.to(device), use_cache=False).logits.cpu()
 
     return run
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

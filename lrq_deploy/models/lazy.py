@@ -88,13 +88,13 @@ def parameters_on_meta():
 
 def lazy_hf_model(path: Path, adapter, trust_remote_code: bool):
     """(model with meta blocks and real everything else, the shards to materialise blocks from)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from lrq_deploy.models.causal_lm import _no_init_weights
+    from lrq_deploy.models.hf import no_init_weights
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with parameters_on_meta(), _no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    with parameters_on_meta(), no_init_weights():
+        model = adapter.from_config(config, trust_remote_code=trust_remote_code)
     weights = ShardedWeights(path)
     blocks = {id(p) for block in adapter.blocks(model) for p in block.parameters()}
     outside = [m for m in model.modules() if any(id(p) not in blocks for p in m.parameters(recurse=False))]

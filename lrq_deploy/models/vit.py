@@ -20,6 +20,7 @@ class VitAdapter(ModelAdapter):
     family = "vit"
     task = "image_classification"
     default_metric = "top1"
+    serves = "timm VisionTransformer: ViT, DeiT, distilled DeiT"
 
     def blocks(self, model):
         return model.blocks
@@ -123,6 +124,12 @@ def create_timm_model(spec: dict) -> nn.Module:
     if unsafe:
         raise LrqError(f"timm.json kwargs may not set {', '.join(unsafe)}: lrq reads the weights from model.safetensors")
     try:
-        return timm.create_model(spec["model_name"], pretrained=False, **kwargs)
+        model = timm.create_model(spec["model_name"], pretrained=False, **kwargs)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise LrqError(f"cannot build timm model {spec.get('model_name')!r}: {exc}") from None
+    if not isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        from lrq_deploy.models import supported_families
+
+        raise LrqError(f"unsupported architecture: timm model {spec['model_name']!r} is a {type(model).__name__} "
+                       f"(supported: {supported_families()})")
+    return model

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrq_deploy.models.base import BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS
+from lrq_deploy.models.base import ATTENTION_MASK, BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS
 
 TOKEN_RANGE = 100  # input ids drawn from [0, 100): valid for every vocabulary
 
@@ -27,12 +27,15 @@ def axis_size(dim, sizes: dict[str, int]) -> int:
 
 
 def make_feeds(specs, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs: token ids for integer inputs, standard normal values for float ones."""
+    """Random inputs: token ids for integer inputs (attention masks all ones), standard normal
+    values for float ones."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
         shape = tuple(axis_size(d, sizes) for d in spec.dims)
-        if np.issubdtype(np.dtype(spec.dtype), np.integer):
+        if spec.name == ATTENTION_MASK:
+            feeds[spec.name] = np.ones(shape, dtype=np.dtype(spec.dtype))
+        elif np.issubdtype(np.dtype(spec.dtype), np.integer):
             feeds[spec.name] = rng.integers(0, TOKEN_RANGE, shape, dtype=np.dtype(spec.dtype))
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

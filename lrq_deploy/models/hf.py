@@ -1,0 +1,118 @@
+"""What every Hugging Face `transformers` family shares: the Auto class that loads it, the
+architecture files a checkpoint keeps (config + tokenizer or processor), and block-0 input
+capture that replays the model's own keyword arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lrq_deploy.errors import LrqError
+from lrq_deploy.models.base import BlockInputs, ModelAdapter
+
+
+class _StopForward(Exception):
+    pass
+
+
+class HFAdapter(ModelAdapter):
+    """A family loaded by a transformers Auto class; `model_types` are the config.json
+    `model_type` values it serves."""
+
+    model_types: tuple[str, ...] = ()
+    auto_class = "AutoModelForCausalLM"
+    preprocessor_class = "AutoTokenizer"  # tokenizer, or processor (text + images)
+
+    @property
+    def serves(self) -> str:
+        return ", ".join(self.model_types)
+
+    def load_pretrained(self, path: Path, trust_remote_code: bool):
+        """(model, tokenizer-or-processor) from an HF directory, weights from safetensors only."""
+        import transformers
+
+        model = getattr(transformers, self.auto_class).from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+        preprocessor = getattr(transformers, self.preprocessor_class).from_pretrained(
+            path, trust_remote_code=trust_remote_code)
+        return model, preprocessor
+
+    def from_config(self, config, trust_remote_code: bool = False) -> nn.Module:
+        import transformers
+
+        return getattr(transformers, self.auto_class).from_config(
+            config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+    def save_architecture(self, source, out_dir: Path) -> dict:
+        source.model.config.save_pretrained(out_dir)
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(out_dir)
+        return {}
+
+    def build_skeleton(self, ckpt_dir: Path, extras: dict):
+        import transformers
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(ckpt_dir)
+            preprocessor = getattr(transformers, self.preprocessor_class).from_pretrained(ckpt_dir)
+        except (OSError, ValueError) as exc:
+            raise LrqError(f"{ckpt_dir}: cannot read model config/tokenizer ({first_line(exc)})") from None
+        if config.model_type not in self.model_types:
+            raise LrqError(f"{ckpt_dir}: manifest.json names family {self.family!r}, but its config.json is a "
+                           f"{config.model_type!r} model")
+        with no_init_weights():  # every weight comes from the checkpoint: random init would only cost time
+            model = self.from_config(config)
+        model.tie_weights()
+        return model, preprocessor
+
+    def capture_block_inputs(self, model, batches):
+        return capture_first_block(self.blocks(model)[0], lambda batch: self.forward_for_capture(model, batch), batches)
+
+    def forward_for_capture(self, model: nn.Module, batch) -> None:
+        """Run the model on one calibration batch (it is stopped at block 0)."""
+        model(input_ids=batch, use_cache=False)
+
+
+def capture_first_block(first: nn.Module, run, batches) -> BlockInputs:
+    """Run each batch up to `first` and record its input and keyword arguments.
+
+    The keyword arguments (attention mask, rotary position embeddings, ...) are whatever the
+    real model passes: replaying them keeps masking and RoPE exactly as in the model (the mask
+    may be None when SDPA applies causality itself). They are taken from the first batch, so
+    every calibration batch has the same shape and mask."""
+    hidden, captured = [], {}
+
+    def hook(_module, args, kwargs):
+        hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
+        if not captured:
+            captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    run(batch)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in captured.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
+    kwargs["use_cache"] = False
+    return BlockInputs(hidden=torch.cat(hidden), kwargs=kwargs)
+
+
+def no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights as context
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights as context
+    return context()
+
+
+def first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
