@@ -57,28 +57,46 @@ def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images[part], labels[part]
 
 
+def digits_pictures(split: str) -> tuple[list, torch.Tensor]:
+    """The digits split as 8-bit grayscale PIL images (for models with their own image processor)."""
+    from PIL import Image
+
+    images, labels = digits_split(split)
+    pixels = ((images[:, 0] * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return [Image.fromarray(p, mode="L") for p in pixels], labels
+
+
+def folder_pictures(path: Path, limit: int | None = None, seed: int | None = None) -> list:
+    """PIL images of an ImageFolder directory (at most `limit`; a seeded sample when `seed`)."""
+    return [image for image, _ in _folder_items(Path(path), None, limit, seed)]
+
+
 def image_folder(path: Path, size: tuple[int, int], channels: int, mean, std, limit: int | None = None,
                  seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of an ImageFolder directory (DIR/CLASS/IMAGE; classes numbered in sorted order, as
     torchvision and ImageNet label them), resized and centre-cropped to `size`, converted to
     `channels` channels and normalized; at most `limit` of them (a seeded sample when `seed`)."""
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
-    path = Path(path)
-    if not path.is_dir():
-        raise LrqError(f"{path} is not an image folder (ImageFolder layout: DIR/CLASS/IMAGE)")
     steps = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda image: image.convert("RGB"))]
     steps += [transforms.Resize(min(size)), transforms.CenterCrop(size), transforms.ToTensor(),
               transforms.Normalize(mean, std)]
+    pairs = _folder_items(Path(path), transforms.Compose(steps), limit, seed)
+    return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])
+
+
+def _folder_items(path: Path, transform, limit: int | None, seed: int | None) -> list:
+    from torchvision import datasets
+
+    if not path.is_dir():
+        raise LrqError(f"{path} is not an image folder (ImageFolder layout: DIR/CLASS/IMAGE)")
     try:
-        folder = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
+        folder = datasets.ImageFolder(str(path), transform=transform)
     except (FileNotFoundError, OSError) as exc:
         raise LrqError(f"{path} is not an image folder (ImageFolder layout: DIR/CLASS/IMAGE): {exc}") from None
     order = torch.arange(len(folder)) if seed is None else torch.randperm(
         len(folder), generator=torch.Generator().manual_seed(seed))
-    chosen = order[: limit or len(folder)].tolist()
     try:
-        pairs = [folder[i] for i in chosen]
+        return [folder[i] for i in order[: limit or len(folder)].tolist()]
     except OSError as exc:
         raise LrqError(f"{path}: an image cannot be read ({exc})") from None
-    return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])

@@ -171,7 +171,7 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
     device = torch.device(device)
     blocks = adapter.blocks(model)
     with outside_blocks_on(model, blocks, device):
-        inputs = adapter.capture_block_inputs(model, [b.to(device) for b in batches])
+        inputs = adapter.capture_block_inputs(model, to_device(list(batches), device))
     kwargs = to_device(inputs.kwargs, device)
     hidden = collective.shard(inputs.hidden)  # this rank's samples (all of them in one process)
     fp_in = q_in = keep(hidden.cpu()) if offload else hidden.to(device)

@@ -11,6 +11,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.models.bert import BertAdapter
 from lrq_deploy.models.base import BlockInputs, LoadedModel, ModelAdapter, SmoothGroup
 from lrq_deploy.models.llama import LlamaAdapter
+from lrq_deploy.models.llava import LlavaAdapter
 from lrq_deploy.models.opt import OptAdapter
 from lrq_deploy.models.vit import VitAdapter, create_timm_model
 
@@ -19,7 +20,7 @@ __all__ = [
     "adapter_for_family", "load_model", "BUNDLED",
 ]
 
-ADAPTERS: list[ModelAdapter] = [LlamaAdapter(), OptAdapter(), BertAdapter(), VitAdapter()]
+ADAPTERS: list[ModelAdapter] = [LlamaAdapter(), OptAdapter(), LlavaAdapter(), BertAdapter(), VitAdapter()]
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED = {"bundled:llama": ASSETS / "llama-wikitext2", "bundled:vit": ASSETS / "vit-digits"}
 DEFAULT_MODEL = "bundled:llama"

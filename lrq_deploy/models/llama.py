@@ -11,7 +11,10 @@ class LlamaAdapter(CausalLMAdapter):
     model_types = ("llama", "mistral", "qwen2")
 
     def smooth_groups(self, model):
-        cfg = model.config
+        return self.groups_for(model.config)
+
+    def groups_for(self, cfg):
+        """The smoothing table of a decoder layer with this config (also used inside LLaVA)."""
         kv_heads, _ = self.kv_cache_shape(cfg)
         return [
             SmoothGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
