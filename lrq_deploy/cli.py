@@ -83,6 +83,8 @@ def main(debug):
 @click.option("--abits", type=int, default=16, show_default=True, help=f"Activation bits: {', '.join(map(str, ACT_BITS))}.")
 @click.option("--group-size", type=int, default=None, help="Weight group size (default: per output channel).")
 @click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight quantization mapping.")
+@click.option("--act-asym", is_flag=True,
+              help="Asymmetric per-token activations (each token's [min, max] with a zero point); needs --abits < 16.")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True)
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")

@@ -17,7 +17,8 @@ class QuantConfig:
 
     wbits: weight bits (16 = keep weights in floating point).
     abits: activation bits (16 = keep activations in floating point). Activations are
-        quantized per token, dynamically, symmetrically (round half to even, range ±(2^(b-1)-1)).
+        quantized per token, dynamically (round half to even): symmetrically (range ±(2^(b-1)-1)),
+        or with act_asym over each token's [min, max] with a per-token zero point (quant/primitives.py).
     group_size: weights quantized in groups of this many input channels; None = per output channel.
     symmetric: symmetric weight quantization (zero point fixed at 2^(b-1)); default asymmetric.
     """
@@ -26,6 +27,7 @@ class QuantConfig:
     abits: int = 16
     group_size: int | None = None
     symmetric: bool = False
+    act_asym: bool = False
 
     def __post_init__(self):
         if self.wbits not in WEIGHT_BITS:
@@ -34,6 +36,8 @@ class QuantConfig:
             raise LrqError(f"abits must be one of {', '.join(map(str, ACT_BITS))}, got {self.abits}")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise LrqError(f"group size must be an even number >= 2 (or omitted for per-channel), got {self.group_size}")
+        if self.act_asym and self.abits == 16:
+            raise LrqError("asymmetric activations (--act-asym) need quantized activations: set --abits below 16")
         if self.wbits == 16 and self.abits == 16:
             raise LrqError("wbits=16 and abits=16 quantizes nothing; lower at least one of them")
 
@@ -47,7 +51,8 @@ class QuantConfig:
 
     @property
     def scenario(self) -> str:
-        return f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
+        return (f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
+                + ("-asym" if self.act_asym else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,7 +33,7 @@ _DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # Pointer element types per kernel argument; "act" is the activations' type.
 _POINTERS = {
     "x_ptr": "act", "w_ptr": "i32", "s_ptr": "fp16", "z_ptr": "u8", "b_ptr": "act", "y_ptr": "act",
-    "out_ptr": "act", "xs_ptr": "fp32", "acc_ptr": "i32", "q_ptr": "i8",
+    "out_ptr": "act", "xs_ptr": "fp32", "xz_ptr": "i32", "acc_ptr": "i32", "q_ptr": "i8",
 }
 # Scalars of the kernels, in their order, as TensorRT's AOT launch passes them after the pointers.
 SCALARS = ("M", "N", "K", "G", "stride_w")
@@ -113,8 +113,8 @@ def plugin_kernel(op_type: str, attrs: dict, dtype: str = "float16", sm: int = 9
         absent = ()
     else:
         launch = dispatch.plan("int_gemm", 64, n, k, group, bits, family=family, has_bias=has_bias,
-                               abits=scheme.abits, quantize_x=True)
-        absent = ("xs_ptr", "acc_ptr")
+                               abits=scheme.abits, quantize_x=True, act_asym=scheme.act_asym)
+        absent = ("xs_ptr", "xz_ptr", "acc_ptr")
     # A None pointer is a compile-time constant: the kernel then takes exactly what an
     # ahead-of-time TensorRT plugin passes: input pointers, the output pointer, then scalars.
     absent += () if has_bias else ("b_ptr",)

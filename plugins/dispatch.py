@@ -113,7 +113,8 @@ def chunk_k(cap: int, group: int, k: int, bits: int) -> int:
 
 
 def plan(route: str, m: int, n: int, k: int, group: int, bits: int, *, family: str | None = None,
-         has_bias: bool = False, abits: int = 16, quantize_x: bool = False, store_int: bool = False) -> Launch:
+         has_bias: bool = False, abits: int = 16, quantize_x: bool = False, store_int: bool = False,
+         act_asym: bool = False) -> Launch:
     """The launch of `route` for an [m, k] x [n, k]^T product with `bits`-bit weight containers."""
     family = family or gpu_family()
     cfg = config(route, family)
@@ -146,7 +147,7 @@ def plan(route: str, m: int, n: int, k: int, group: int, bits: int, *, family: s
     if route == "int_gemm":
         if bits not in (4, 8):
             raise LrqError(f"integer kernels take 4- or 8-bit weight containers, got {bits}")
-        constexprs = {**common, "GROUPED": grouped, "QMAX": act_qmax(abits), "QUANTIZE_X": quantize_x,
+        constexprs = {**common, "GROUPED": grouped, "QMAX": act_qmax(abits), "ACT_ASYM": act_asym, "QUANTIZE_X": quantize_x,
                       "HAS_BIAS": has_bias, "STORE_INT": store_int, **tiles}
         return Launch(route, "int_gemm", grid, constexprs, warps, stages)
     raise LrqError(f"unknown kernel route {route!r} (routes: {', '.join(ROUTES)})")

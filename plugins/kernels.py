@@ -183,72 +183,115 @@ def _rint(y):
 
 
 @triton.jit
-def quantize_rows(x_ptr, q_ptr, s_ptr, K, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per token: s = max(max|x|, 1e-5) / QMAX, q = clamp(rint(x / s), -QMAX, QMAX)."""
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-5) / QMAX
-    q = tl.minimum(tl.maximum(_rint(x / scale), -QMAX), QMAX)
-    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=offs < K)
-    tl.store(s_ptr + row, scale)
+def _codes(x, scale, zero, QMAX: tl.constexpr, ASYM: tl.constexpr):
+    """int8 activation codes. Symmetric: clamp(rint(x / s), -QMAX, QMAX). Asymmetric: the codes
+    clamp(rint(x / s) + z, 0, 2 QMAX + 1) centred by QMAX + 1 so that 8-bit ones fit int8; `zero`
+    is the centred zero point z - (QMAX + 1)."""
+    if ASYM:
+        q = tl.minimum(tl.maximum(_rint(x / scale) + (zero + QMAX + 1).to(tl.float32), 0.0), 2.0 * QMAX + 1.0)
+        return (q - (QMAX + 1)).to(tl.int8)
+    return tl.minimum(tl.maximum(_rint(x / scale), -QMAX), QMAX).to(tl.int8)
 
 
 @triton.jit
-def _row_scales(x_ptr, offs_m, M, K, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-token scales max(max|x|, 1e-5) / QMAX of rows offs_m (a pass over K)."""
+def _params(hi, lo, amax, QMAX: tl.constexpr, ASYM: tl.constexpr):
+    """(scale, centred zero point) from a token's max, min (both against 0) and max |x|."""
+    if ASYM:
+        scale = tl.maximum(hi - lo, 1e-5) / (2 * QMAX + 1)
+        return scale, _rint(-lo / scale).to(tl.int32) - (QMAX + 1)
+    return tl.maximum(amax, 1e-5) / QMAX, amax.to(tl.int32) * 0
+
+
+@triton.jit
+def quantize_rows(x_ptr, q_ptr, s_ptr, z_ptr, K, QMAX: tl.constexpr, ASYM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per token: scale, zero point and codes as quant/primitives.py computes them
+    (symmetric: s = max(max|x|, 1e-5) / QMAX; asymmetric: the range [min(x, 0), max(x, 0)] on
+    2 QMAX + 1 levels); zero points stored centred (0 when symmetric)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
+    hi, lo = tl.maximum(tl.max(x, axis=0), 0.0), tl.minimum(tl.min(x, axis=0), 0.0)
+    scale, zero = _params(hi, lo, tl.max(tl.abs(x), axis=0), QMAX, ASYM)
+    tl.store(q_ptr + row * K + offs, _codes(x, scale, zero, QMAX, ASYM), mask=offs < K)
+    tl.store(s_ptr + row, scale)
+    tl.store(z_ptr + row, zero)
+
+
+@triton.jit
+def _row_params(x_ptr, offs_m, M, K, QMAX: tl.constexpr, ASYM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-token (scale, centred zero point) of rows offs_m (a pass over K), as quantize_rows."""
+    hi = tl.zeros((offs_m.shape[0],), dtype=tl.float32)
+    lo = tl.zeros((offs_m.shape[0],), dtype=tl.float32)
     amax = tl.zeros((offs_m.shape[0],), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-    return tl.maximum(amax, 1e-5) / QMAX
+        x = x.to(tl.float32)
+        if ASYM:
+            hi, lo = tl.maximum(hi, tl.max(x, axis=1)), tl.minimum(lo, tl.min(x, axis=1))
+        else:
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    return _params(hi, lo, amax, QMAX, ASYM)
 
 
 @triton.jit
 def int_gemm(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, xs_ptr, acc_ptr, M, N, K, G, stride_w,
-    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPED: tl.constexpr, QMAX: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, xs_ptr, xz_ptr, acc_ptr, M, N, K, G, stride_w,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPED: tl.constexpr, QMAX: tl.constexpr, ACT_ASYM: tl.constexpr,
     QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = xs[m] * sum_g s[n, g] * (sum_{k in g} xq[m, k] q[n, k] - z[n, g] sum_{k in g} xq[m, k]).
+    """y = xs[m] * sum_g s[n, g] * sum_{k in g} (xq[m, k] - xz[m]) (q[n, k] - z[n, g]).
 
     Codes enter the int8 dot centred on OFFSET (128 for 8-bit containers, whose codes exceed
     int8; 0 otherwise) and the zero point moves by the same amount, so every sum is exact in
-    int32. Per-channel weights keep one int32 accumulator and apply the zero point and scale
+    int32. Per-channel weights keep one int32 accumulator and apply the zero points and scale
     once (STORE_INT writes that accumulator too). QUANTIZE_X: x is float and quantized per token
-    here (the same arithmetic as quantize_rows); otherwise x holds int8 codes and xs their scales.
+    here (the same arithmetic as quantize_rows); otherwise x holds int8 codes, xs their scales and
+    xz their centred zero points. ACT_ASYM: the activation zero point enters as the epilogue's
+    correction xz[m] * sum_{k in g} (q[n, k] - z[n, g]), the column sums taken from the weight
+    tiles already loaded.
     """
     OFFSET: tl.constexpr = 128 if BITS == 8 else 0
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if QUANTIZE_X:
-        x_scale = _row_scales(x_ptr, offs_m, M, K, QMAX, BLOCK_K)
+        x_scale, x_zero = _row_params(x_ptr, offs_m, M, K, QMAX, ACT_ASYM, BLOCK_K)
     else:
         x_scale = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
+        x_zero = tl.load(xz_ptr + offs_m, mask=offs_m < M, other=0) if ACT_ASYM else tl.zeros((BLOCK_M,), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_int = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     x_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         if QUANTIZE_X:
-            x = tl.minimum(tl.maximum(_rint(x.to(tl.float32) / x_scale[:, None]), -QMAX), QMAX).to(tl.int8)
+            x = _codes(x.to(tl.float32), x_scale[:, None], x_zero[:, None], QMAX, ACT_ASYM)
+            x = tl.where(offs_k[None, :] < K, x, 0)  # padding columns: no code, no contribution
         w = (_weight_tile(w_ptr, offs_n, k0, N, stride_w, BITS, BLOCK_N, BLOCK_K) - OFFSET).to(tl.int8)
         partial = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
+        if ACT_ASYM:  # sum of (q - OFFSET) over this chunk's real columns (padding loaded as code 0)
+            chunk_w = tl.sum(w.to(tl.int32), axis=1) + (BLOCK_K - tl.minimum(K - k0, BLOCK_K)) * OFFSET
         if GROUPED:
             group = k0 // GROUP
             zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.int32) - OFFSET
             scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
             partial -= tl.sum(x.to(tl.int32), axis=1)[:, None] * zero[None, :]
+            if ACT_ASYM:
+                partial -= x_zero[:, None] * (chunk_w - tl.minimum(K - k0, BLOCK_K) * zero)[None, :]
             acc += partial.to(tl.float32) * scale[None, :]
         else:
             acc_int += partial
             x_sum += tl.sum(x.to(tl.int32), axis=1)
+            if ACT_ASYM:
+                w_sum += chunk_w
     if not GROUPED:
         zero = tl.load(z_ptr + offs_n * G, mask=offs_n < N, other=0).to(tl.int32) - OFFSET
         acc_int -= x_sum[:, None] * zero[None, :]
+        if ACT_ASYM:
+            acc_int -= x_zero[:, None] * (w_sum - K * zero)[None, :]
         acc = acc_int.to(tl.float32) * tl.load(s_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     acc = acc * x_scale[:, None]
     if HAS_BIAS:

@@ -100,8 +100,11 @@ def _(x, qweight, scales, zeros, bias, bits, group):
 
 
 @torch.library.custom_op("lrq_kernels::quantize_rows", mutates_args=())
-def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric quantization: (int8 values in [-(2^(b-1)-1), 2^(b-1)-1] [M, K], float32 scales [M])."""
+def quantize_rows(x: torch.Tensor, bits: int, asym: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token quantization: (int8 codes [M, K], float32 scales [M], int32 zero points [M]).
+    Symmetric: codes in [-(2^(b-1)-1), 2^(b-1)-1], zero points 0. Asymmetric: the codes of
+    quant/primitives.py in [0, 2^b - 1] and their zero points, both minus 2^(b-1) (centred, so
+    8-bit codes fit int8): x = (codes - zero) * scale either way."""
     if x.dtype not in FLOAT_TYPES:
         raise LrqError(f"activations must be float16, bfloat16 or float32, got {x.dtype}")
     if not 2 <= bits <= 8:
@@ -110,62 +113,68 @@ def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     x2 = x.reshape(-1, k).contiguous()
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    kernels.quantize_rows[(x2.shape[0],)](x2, q, s, k, QMAX=act_qmax(bits), BLOCK_K=triton.next_power_of_2(k))
-    return q, s
+    z = torch.empty(x2.shape[0], dtype=torch.int32, device=x.device)
+    kernels.quantize_rows[(x2.shape[0],)](x2, q, s, z, k, QMAX=act_qmax(bits), ASYM=asym, BLOCK_K=triton.next_power_of_2(k))
+    return q, s, z
 
 
 @quantize_rows.register_fake
-def _(x, bits):
+def _(x, bits, asym=False):
     k = x.shape[-1]
     rows = x.numel() // k
-    return x.new_empty(rows, k, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32)
+    return (x.new_empty(rows, k, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.int32))
 
 
-def integer_matmul(xq, xs, qweight, scales, zeros, bias, bits: int, abits: int, group: int, out_dtype,
+def integer_matmul(xq, xs, xz, qweight, scales, zeros, bias, bits: int, abits: int, group: int, out_dtype,
                    return_int: bool = False):
-    """Integer activation codes (int8 [M, K]) x integer weights. Returns y [M, N] (and, for
-    per-channel weights, the exact int32 accumulator sum_k xq (q - z))."""
+    """Integer activation codes (int8 [M, K], scales xs, centred zero points xz or None for
+    symmetric codes) x integer weights. Returns y [M, N] (and, for per-channel weights, the exact
+    int32 accumulator sum_k (xq - xz) (q - z))."""
     if xq.dtype != torch.int8:
         raise LrqError(f"quantized activations must be int8, got {xq.dtype}")
     n, k, groups = check_weight(xs.new_empty(1, xq.shape[-1]), qweight, scales, zeros, bits, group)
     if return_int and groups != 1:
         raise LrqError("the exact int32 accumulator is returned for per-channel weights only")
     m = xq.shape[0]
-    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, store_int=return_int)
+    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, store_int=return_int,
+                           act_asym=xz is not None)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     acc = torch.empty(m, n, dtype=torch.int32, device=xq.device) if return_int else y
     words = kernel_words(qweight)
-    _launch(launch, xq.contiguous(), words, scales, zeros, _bias_arg(bias, scales), y, xs, acc, m, n, k, groups, words.shape[1])
+    _launch(launch, xq.contiguous(), words, scales, zeros, _bias_arg(bias, scales), y, xs, xs if xz is None else xz, acc,
+            m, n, k, groups, words.shape[1])
     return (y, acc) if return_int else y
 
 
-def integer_fused(x, qweight, scales, zeros, bias, bits: int, abits: int, group: int) -> torch.Tensor:
+def integer_fused(x, qweight, scales, zeros, bias, bits: int, abits: int, group: int, act_asym: bool = False) -> torch.Tensor:
     """One launch: per-token activation quantization inside the integer GEMM (the TensorRT AOT
     plugin kernel); equal to quantize_rows + integer_matmul."""
     n, k, groups = check_weight(x, qweight, scales, zeros, bits, group)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, quantize_x=True)
+    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, quantize_x=True,
+                           act_asym=act_asym)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     words = kernel_words(qweight)
-    _launch(launch, x2, words, scales, zeros, _bias_arg(bias, scales), y, scales, y, m, n, k, groups, words.shape[1])
+    _launch(launch, x2, words, scales, zeros, _bias_arg(bias, scales), y, scales, scales, y, m, n, k, groups, words.shape[1])
     return y.reshape(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("lrq_kernels::integer_linear", mutates_args=())
 def integer_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, bits: int, abits: int, group: int,
+    bias: torch.Tensor | None, bits: int, abits: int, group: int, act_asym: bool = False,
 ) -> torch.Tensor:
     """An activation-quantized layer: per-token codes (quantize_rows), then the integer GEMM."""
     check_weight(x, qweight, scales, zeros, bits, group)
-    xq, xs = quantize_rows(x, abits)
-    y = integer_matmul(xq, xs, qweight, scales, zeros, bias, bits, abits, group, x.dtype)
+    xq, xs, xz = quantize_rows(x, abits, act_asym)
+    y = integer_matmul(xq, xs, xz if act_asym else None, qweight, scales, zeros, bias, bits, abits, group, x.dtype)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 @integer_linear.register_fake
-def _(x, qweight, scales, zeros, bias, bits, abits, group):
+def _(x, qweight, scales, zeros, bias, bits, abits, group, act_asym=False):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -174,5 +183,5 @@ def scheme_linear(x, qweight, scales, zeros, bias, scheme: QuantScheme, in_featu
     TensorRT Python plugins both run layers through here)."""
     bits, group = scheme.container_bits, scheme.group_length(in_features)
     if scheme.require_kernel() is KernelFamily.INTEGER:
-        return integer_linear(x, qweight, scales, zeros, bias, bits, scheme.abits, group)
+        return integer_linear(x, qweight, scales, zeros, bias, bits, scheme.abits, group, scheme.act_asym)
     return weight_only_linear(x, qweight, scales, zeros, bias, bits, group)

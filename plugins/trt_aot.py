@@ -75,7 +75,8 @@ def _register(trtp, name: str) -> None:  # noqa: C901 - tensorrt.plugin reads th
 
     @trtp.register(op)
     def describe(x: TensorDesc, qweight: TensorDesc, scales: TensorDesc, zeros: TensorDesc, wbits: int, abits: int,
-                 group_size: int, in_features: int, out_features: int, symmetric: int) -> Tuple[TensorDesc]:
+                 group_size: int, in_features: int, out_features: int, symmetric: int, act_asym: int
+                 ) -> Tuple[TensorDesc]:
         dims = tuple(x.shape_expr[i] for i in range(x.ndim - 1)) + (out_features,)
         return (trtp.from_shape_expr(dims, x.dtype),)
 
@@ -87,12 +88,12 @@ def _register(trtp, name: str) -> None:  # noqa: C901 - tensorrt.plugin reads th
     @trtp.aot_impl(op)
     def compile_kernel(x: TensorDesc, qweight: TensorDesc, scales: TensorDesc, zeros: TensorDesc, wbits: int,
                        abits: int, group_size: int, in_features: int, out_features: int, symmetric: int,
-                       outputs: Tuple[TensorDesc], tactic: int
+                       act_asym: int, outputs: Tuple[TensorDesc], tactic: int
                        ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         import torch
 
         attrs = {"wbits": wbits, "abits": abits, "group_size": group_size, "in_features": in_features,
-                 "out_features": out_features}
+                 "out_features": out_features, "act_asym": act_asym}
         major, minor = torch.cuda.get_device_capability()
         sm = 10 * major + minor
         kernel = aot.plugin_kernel(name, attrs, _DTYPE_NAMES[str(x.dtype).rsplit(".", 1)[-1]], sm)

@@ -24,6 +24,8 @@ NAMESPACE = "lrq"
 VERSION = "1"
 PLUGIN_NAMES = tuple(QuantScheme(w, a).plugin_name for w, a in kernel_schemes())
 ATTRIBUTES = ("wbits", "abits", "group_size", "in_features", "out_features", "symmetric")
+OPTIONAL_ATTRIBUTES = {"act_asym": 0}  # graphs written before the attribute existed: symmetric activations
+FIELDS = ATTRIBUTES + tuple(OPTIONAL_ATTRIBUTES)
 
 _registered: dict[tuple[str, str], object] = {}  # (module, plugin) -> creator; TensorRT keeps raw pointers
 
@@ -33,12 +35,12 @@ def required_attributes(attrs: dict, owner: str = "lrq plugin node") -> dict:
     missing = [name for name in ATTRIBUTES if name not in attrs]
     if missing:
         raise LrqError(f"{owner} lacks attributes {', '.join(missing)}")
-    return {name: int(attrs[name]) for name in ATTRIBUTES}
+    return {name: int(attrs.get(name, OPTIONAL_ATTRIBUTES.get(name))) for name in FIELDS}
 
 
 def plugin_attributes(fields) -> dict:
     """A node's integer attributes from a PluginFieldCollection (other fields are ignored)."""
-    return required_attributes({f.name: f.data.reshape(-1)[0] for f in fields if f.name in ATTRIBUTES})
+    return required_attributes({f.name: f.data.reshape(-1)[0] for f in fields if f.name in FIELDS})
 
 
 def register_plugins(trt) -> list:
@@ -80,7 +82,7 @@ def _make_classes(trt):  # noqa: C901 - the plugin interface is one class by des
             self.attrs = dict(attrs)
             self.phase = phase
             # Layers with equal attributes share timing results.
-            self.timing_cache_id = "|".join(f"{k}={attrs[k]}" for k in ATTRIBUTES)
+            self.timing_cache_id = "|".join(f"{k}={attrs[k]}" for k in FIELDS)
             self.metadata_string = self.timing_cache_id
             aot.plugin_kernel(name, attrs)  # an unsupported combination fails here, while building
 
@@ -117,7 +119,7 @@ def _make_classes(trt):  # noqa: C901 - the plugin interface is one class by des
             pass
 
         def get_fields_to_serialize(self):
-            fields, self._field_data = _int_fields(trt, {k: [self.attrs[k]] for k in ATTRIBUTES})
+            fields, self._field_data = _int_fields(trt, {k: [self.attrs[k]] for k in FIELDS})
             return fields
 
         def get_valid_tactics(self):
@@ -144,7 +146,7 @@ def _make_classes(trt):  # noqa: C901 - the plugin interface is one class by des
             self.name, self.plugin_namespace, self.plugin_version = name, NAMESPACE, VERSION
             self.plugin_class = plugin_class
             # The ONNX parser hands over only the node attributes listed here.
-            self.field_names, self._field_data = _int_fields(trt, {k: [] for k in ATTRIBUTES})
+            self.field_names, self._field_data = _int_fields(trt, {k: [] for k in FIELDS})
 
         def create_plugin(self, name, fields, phase):
             return self.plugin_class(self.name, plugin_attributes(fields), phase)

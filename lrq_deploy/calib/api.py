@@ -115,7 +115,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
 
 
 CALIB_OPTIONS = ("method", "nsamples", "seqlen", "seed", "alpha", "epochs", "lr_smooth", "lr_lwc", "batch_size", "compile")
-QUANT_OPTIONS = ("wbits", "abits", "group_size", "symmetric")
+QUANT_OPTIONS = ("wbits", "abits", "group_size", "symmetric", "act_asym")
 
 
 def _fill_from_run_dir(options: dict, given: set) -> None:

@@ -182,7 +182,7 @@ def activation_fake_quant(job: BlockJob):
     if not job.qconfig.quantize_activations:
         yield
         return
-    bits = job.qconfig.abits
+    bits, asym = job.qconfig.abits, job.qconfig.act_asym
     quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(_module, args):
@@ -190,9 +190,9 @@ def activation_fake_quant(job: BlockJob):
         # one pass instead of three.
         x = args[0]
         if torch.compiler.is_compiling():  # the compiler merges the identical quantizations itself
-            return (fake_quant_activation(x, bits),)
+            return (fake_quant_activation(x, bits, asym),)
         if id(x) not in quantized:
-            quantized[id(x)] = (x, fake_quant_activation(x, bits))  # x kept alive so its id stays unique
+            quantized[id(x)] = (x, fake_quant_activation(x, bits, asym))  # x kept alive so its id stays unique
         return (quantized[id(x)][1],)
 
     handles = [job.block.get_submodule(n).register_forward_pre_hook(hook) for n in job.linear_names]

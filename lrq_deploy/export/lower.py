@@ -44,10 +44,15 @@ class LinearNode:
     abits: int
     group_size: int
     in_features: int
+    act_asym: int = 0
+
+    @classmethod
+    def from_attrs(cls, node: onnx.NodeProto, attrs: dict) -> "LinearNode":
+        return cls(node, attrs["wbits"], attrs["abits"], attrs["group_size"], attrs["in_features"], attrs.get("act_asym", 0))
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.wbits, self.abits, group_from_attr(self.group_size))
+        return QuantScheme(self.wbits, self.abits, group_from_attr(self.group_size), act_asym=bool(self.act_asym))
 
     @property
     def plugin_name(self) -> str:
@@ -57,8 +62,7 @@ class LinearNode:
 def _as_linear(node: onnx.NodeProto) -> LinearNode | None:
     if node.domain != DOMAIN or node.op_type != "QuantLinear":
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return LinearNode(node, attrs["wbits"], attrs["abits"], attrs["group_size"], attrs["in_features"])
+    return LinearNode.from_attrs(node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
 
 
 def quant_linear_nodes(model: onnx.ModelProto) -> list[LinearNode]:
@@ -165,28 +169,51 @@ def _is_native_int4(ln: LinearNode, model: onnx.ModelProto) -> bool:
     return bool(np.all(zeros == 8))
 
 
-def _activation_codes(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[list, str, str]:
-    """Per-token symmetric quantization, the reference arithmetic in standard ops: (nodes, codes
-    as float integers in [-qmax, qmax], scale [..., 1])."""
-    qmax = float(2 ** (bits - 1) - 1)
+def _activation_codes(graph: _Graph, prefix: str, x: str, bits: int, asym: bool = False) -> tuple[list, str, str, str | None]:
+    """Per-token quantization, the reference arithmetic in standard ops: (nodes, codes as float
+    integers, scale [..., 1], zero point [..., 1] or None). Symmetric codes lie in [-qmax, qmax];
+    asymmetric ones in [0, 2^b - 1] with the zero point round(-min(x, 0) / scale)."""
     c = lambda n, v: graph.const(f"{prefix}.{n}", np.array(v, dtype=np.float32))  # noqa: E731
     axes = graph.const(f"{prefix}.axes", np.array([-1], dtype=np.int64))
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{prefix}.{out}"], name=f"{prefix}.{out}", **kw)  # noqa: E731
+    if not asym:
+        qmax = float(2 ** (bits - 1) - 1)
+        nodes = [
+            n("Abs", [x], "abs"),
+            n("ReduceMax", [f"{prefix}.abs", axes], "amax", keepdims=1),
+            n("Max", [f"{prefix}.amax", c("eps", 1e-5)], "amax_clamped"),
+            n("Div", [f"{prefix}.amax_clamped", c("qmax", qmax)], "scale"),
+            n("Div", [x, f"{prefix}.scale"], "scaled"),
+            n("Round", [f"{prefix}.scaled"], "rounded"),
+            n("Clip", [f"{prefix}.rounded", c("lo", -qmax), c("hi", qmax)], "q"),
+        ]
+        return nodes, f"{prefix}.q", f"{prefix}.scale", None
+    levels = float(2**bits - 1)
     nodes = [
-        n("Abs", [x], "abs"),
-        n("ReduceMax", [f"{prefix}.abs", axes], "amax", keepdims=1),
-        n("Max", [f"{prefix}.amax", c("eps", 1e-5)], "amax_clamped"),
-        n("Div", [f"{prefix}.amax_clamped", c("qmax", qmax)], "scale"),
+        n("ReduceMax", [x, axes], "xmax", keepdims=1),
+        n("Max", [f"{prefix}.xmax", c("zero_f", 0.0)], "hi"),
+        n("ReduceMin", [x, axes], "xmin", keepdims=1),
+        n("Min", [f"{prefix}.xmin", f"{prefix}.zero_f"], "lo"),
+        n("Sub", [f"{prefix}.hi", f"{prefix}.lo"], "range"),
+        n("Max", [f"{prefix}.range", c("eps", 1e-5)], "range_clamped"),
+        n("Div", [f"{prefix}.range_clamped", c("levels", levels)], "scale"),
+        n("Neg", [f"{prefix}.lo"], "neg_lo"),
+        n("Div", [f"{prefix}.neg_lo", f"{prefix}.scale"], "zero_scaled"),
+        n("Round", [f"{prefix}.zero_scaled"], "zero"),
         n("Div", [x, f"{prefix}.scale"], "scaled"),
         n("Round", [f"{prefix}.scaled"], "rounded"),
-        n("Clip", [f"{prefix}.rounded", c("lo", -qmax), c("hi", qmax)], "q"),
+        n("Add", [f"{prefix}.rounded", f"{prefix}.zero"], "shifted"),
+        n("Clip", [f"{prefix}.shifted", f"{prefix}.zero_f", c("levels_hi", levels)], "q"),
     ]
-    return nodes, f"{prefix}.q", f"{prefix}.scale"
+    return nodes, f"{prefix}.q", f"{prefix}.scale", f"{prefix}.zero"
 
 
-def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int) -> tuple[list, str]:
-    """Per-token fake quantization: the codes scaled back to float."""
-    nodes, codes, scale = _activation_codes(graph, prefix, x, bits)
+def _activation_quant(graph: _Graph, prefix: str, x: str, bits: int, asym: bool = False) -> tuple[list, str]:
+    """Per-token fake quantization: the codes scaled back to float ((q - z) * s when asymmetric)."""
+    nodes, codes, scale, zero = _activation_codes(graph, prefix, x, bits, asym)
+    if zero is not None:
+        nodes.append(helper.make_node("Sub", [codes, zero], [f"{prefix}.centred"], name=f"{prefix}.centred"))
+        codes = f"{prefix}.centred"
     nodes.append(helper.make_node("Mul", [codes, scale], [f"{prefix}.xq"], name=f"{prefix}.xq"))
     return nodes, f"{prefix}.xq"
 
@@ -198,35 +225,43 @@ def _integer_eligible(ln: LinearNode) -> bool:
 
 
 def _lower_integer(graph: _Graph, ln: LinearNode, prefix: str) -> list:
-    """y = sum_g (sum_{k in g} xq * (q - z)) * w_scale[g] * x_scale, products summed exactly in int32.
+    """y = sum_g (sum_{k in g} (xq - xz) * (q - z)) * w_scale[g] * x_scale, products summed exactly in int32.
 
-    Activation codes are offset by 128 into uint8 (zero point 128) because onnxruntime's CPU
-    integer GEMM is exact for uint8 x uint8; its uint8 x int8 path saturates 16-bit pair sums on
-    CPUs without VNNI. Grouped weights run as one batched MatMulInteger over the groups."""
+    Symmetric activation codes are offset by 128 into uint8 (zero point 128) because onnxruntime's
+    CPU integer GEMM is exact for uint8 x uint8; its uint8 x int8 path saturates 16-bit pair sums on
+    CPUs without VNNI. Asymmetric codes are uint8 already; their per-token zero point xz enters as
+    the correction xz * sum_{k in g} (q - z), subtracted in int32. Grouped weights run as one
+    batched MatMulInteger over the groups."""
     x, y = ln.node.input[0], ln.node.output[0]
     n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{prefix}.{out}"], name=f"{prefix}.{out}", **kw)  # noqa: E731
-    nodes, codes, x_scale = _activation_codes(graph, prefix, x, ln.abits)
-    nodes += [n("Add", [codes, graph.const(f"{prefix}.offset", np.array(128, dtype=np.float32))], "x_offset"),
+    nodes, codes, x_scale, x_zero = _activation_codes(graph, prefix, x, ln.abits, bool(ln.act_asym))
+    offset = 0 if x_zero is not None else 128
+    nodes += [n("Add", [codes, graph.const(f"{prefix}.offset", np.array(offset, dtype=np.float32))], "x_offset"),
               n("Cast", [f"{prefix}.x_offset"], "x_u8", to=TensorProto.UINT8)]
     weight_codes, scales, zeros = _codes_and_params(graph, ln)  # [out, in], [out, groups], [out, groups]
     (out_features, in_features), groups = weight_codes.shape, scales.shape[1]
     grouped = (groups, in_features // groups, out_features) if groups > 1 else (in_features, out_features)
     weight_nodes, weight = _weight_codes_u8(graph, prefix, weight_codes.T.reshape(grouped), ln.wbits)
     nodes += weight_nodes
-    a_zero = graph.const(f"{prefix}.x_zero_point", np.array(128, dtype=np.uint8))
+    a_zero = graph.const(f"{prefix}.x_zero_point", np.array(offset, dtype=np.uint8))
     b_zero = graph.const(f"{prefix}.zero_point", zeros.T.reshape(groups, 1, out_features) if groups > 1 else zeros[:, 0])
+    correction = (_zero_point_correction(graph, prefix, x_zero, weight_codes, zeros, groups)
+                  if x_zero is not None else None)
     has_bias = len(ln.node.input) > 4 and ln.node.input[4]
     out = f"{prefix}.mm" if has_bias else y
     if groups == 1:
+        nodes += [n("MatMulInteger", [f"{prefix}.x_u8", weight, a_zero, b_zero], "acc")]
+        nodes += correction(f"{prefix}.acc", f"{prefix}.acc_exact") if correction else []
+        acc = f"{prefix}.acc_exact" if correction else f"{prefix}.acc"
         nodes += [
-            n("MatMulInteger", [f"{prefix}.x_u8", weight, a_zero, b_zero], "acc"),
-            n("Cast", [f"{prefix}.acc"], "acc_f", to=TensorProto.FLOAT),
+            helper.make_node("Cast", [acc], [f"{prefix}.acc_f"], name=f"{prefix}.acc_f", to=TensorProto.FLOAT),
             n("Mul", [f"{prefix}.acc_f", x_scale], "acc_x"),
             helper.make_node("Mul", [f"{prefix}.acc_x", graph.const(f"{prefix}.weight_scale", scales[:, 0])],
                              [out], name=f"{prefix}.out"),
         ]
     else:
-        nodes += _grouped_integer_gemm(graph, prefix, x, x_scale, weight, a_zero, b_zero, scales, in_features // groups, out)
+        nodes += _grouped_integer_gemm(graph, prefix, x, x_scale, weight, a_zero, b_zero, scales, in_features // groups, out,
+                                       correction)
     if has_bias:
         nodes.append(helper.make_node("Add", [f"{prefix}.mm", ln.node.input[4]], [y], name=f"{prefix}.bias"))
     return nodes
@@ -242,17 +277,22 @@ def _weight_codes_u8(graph: _Graph, prefix: str, codes: np.ndarray, wbits: int) 
 
 
 def _grouped_integer_gemm(graph: _Graph, prefix: str, x: str, x_scale: str, weight: str, a_zero: str, b_zero: str,
-                          scales: np.ndarray, group_size: int, out: str) -> list:
+                          scales: np.ndarray, group_size: int, out: str, correction=None) -> list:
     """[..., K] codes -> [groups, M, K/groups] -> MatMulInteger with [groups, K/groups, N] -> int32
-    [groups, M, N]; each group times its weight scales, summed over groups, back to [..., N]."""
+    [groups, M, N] (minus the activation zero-point correction); each group times its weight
+    scales, summed over groups, back to [..., N]."""
     n = lambda op, ins, o, **kw: helper.make_node(op, ins, [f"{prefix}.{o}"], name=f"{prefix}.{o}", **kw)  # noqa: E731
     out_features, groups = scales.shape
     c = lambda name, value: graph.const(f"{prefix}.{name}", np.array(value, dtype=np.int64))  # noqa: E731
-    return [
+    nodes = [
         n("Reshape", [f"{prefix}.x_u8", c("group_shape", [-1, groups, group_size])], "x_groups"),
         n("Transpose", [f"{prefix}.x_groups"], "x_by_group", perm=[1, 0, 2]),
         n("MatMulInteger", [f"{prefix}.x_by_group", weight, a_zero, b_zero], "acc"),
-        n("Cast", [f"{prefix}.acc"], "acc_f", to=TensorProto.FLOAT),
+    ]
+    nodes += correction(f"{prefix}.acc", f"{prefix}.acc_exact") if correction else []
+    acc = f"{prefix}.acc_exact" if correction else f"{prefix}.acc"
+    return nodes + [
+        helper.make_node("Cast", [acc], [f"{prefix}.acc_f"], name=f"{prefix}.acc_f", to=TensorProto.FLOAT),
         n("Mul", [f"{prefix}.acc_f", graph.const(f"{prefix}.weight_scale", scales.T.reshape(groups, 1, out_features))], "acc_w"),
         n("ReduceSum", [f"{prefix}.acc_w", c("group_axis", [0])], "acc_sum", keepdims=0),
         n("Shape", [x], "x_shape"),
@@ -261,6 +301,32 @@ def _grouped_integer_gemm(graph: _Graph, prefix: str, x: str, x_scale: str, weig
         n("Reshape", [f"{prefix}.acc_sum", f"{prefix}.out_shape"], "acc_shaped"),
         helper.make_node("Mul", [f"{prefix}.acc_shaped", x_scale], [out], name=f"{prefix}.out"),
     ]
+
+
+def _zero_point_correction(graph: _Graph, prefix: str, x_zero: str, weight_codes: np.ndarray, zeros: np.ndarray,
+                           groups: int):
+    """A function (acc, out) -> nodes computing out = acc - xz * colsum in int32, where colsum[g, n] =
+    sum_{k in group g} (q[n, k] - z[n, g]) is a constant of the weights and xz the per-token zero
+    point (rows of acc: tokens; grouped accumulators are [groups, tokens, N])."""
+    out_features, in_features = weight_codes.shape
+    centred = weight_codes.astype(np.int64).reshape(out_features, groups, in_features // groups) - zeros[:, :, None]
+    colsum = centred.sum(axis=2).T.astype(np.int32)  # [groups, N]
+    n = lambda op, ins, o, **kw: helper.make_node(op, ins, [f"{prefix}.{o}"], name=f"{prefix}.{o}", **kw)  # noqa: E731
+
+    def nodes(acc: str, out: str) -> list:
+        zero = [n("Cast", [x_zero], "x_zero_i32", to=TensorProto.INT32)]
+        if groups > 1:
+            rows = graph.const(f"{prefix}.zero_rows", np.array([-1, 1], dtype=np.int64))
+            zero.append(n("Reshape", [f"{prefix}.x_zero_i32", rows], "x_zero_rows"))
+            sums = graph.const(f"{prefix}.weight_colsum", colsum.reshape(groups, 1, out_features))
+        else:
+            sums = graph.const(f"{prefix}.weight_colsum", colsum[0])
+        return zero + [
+            n("Mul", [zero[-1].output[0], sums], "zero_correction"),
+            helper.make_node("Sub", [acc, f"{prefix}.zero_correction"], [out], name=out),
+        ]
+
+    return nodes
 
 
 def _dequantized_weight(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: bool) -> tuple[list, str]:
@@ -286,7 +352,7 @@ def _lower_standard(graph: _Graph, ln: LinearNode, prefix: str, signed_int4: boo
     x, y = ln.node.input[0], ln.node.output[0]
     nodes = []
     if ln.abits < 16:
-        act_nodes, x = _activation_quant(graph, prefix, x, ln.abits)
+        act_nodes, x = _activation_quant(graph, prefix, x, ln.abits, bool(ln.act_asym))
         nodes += act_nodes
     if ln.wbits < 16:
         weight_nodes, weight = _dequantized_weight(graph, ln, prefix, signed_int4)
@@ -316,7 +382,7 @@ def _plugin_node(graph: _Graph, ln: LinearNode, prefix: str, out_features: int, 
     inputs[1], inputs[3] = _as_int8_bytes(graph, inputs[1], prefix), _as_int8_bytes(graph, inputs[3], prefix)
     node = helper.make_node(
         ln.plugin_name, inputs, list(ln.node.output), name=prefix, domain=DOMAIN,
-        wbits=ln.wbits, abits=ln.abits, group_size=ln.group_size, in_features=ln.in_features,
+        wbits=ln.wbits, abits=ln.abits, group_size=ln.group_size, in_features=ln.in_features, act_asym=int(ln.act_asym),
         out_features=out_features, symmetric=int(symmetric), plugin_namespace=PLUGIN_NAMESPACE, aot=1,
     )
     return [node]
@@ -363,7 +429,7 @@ def ort_reference(model: onnx.ModelProto) -> onnx.ModelProto:
         for i in (1, 3):  # uint8 bytes carried as INT8
             inputs[i] = graph.const(f"lrq_reference_{index}.{i}", graph.array(inputs[i]).view(np.uint8))
         ln_node = helper.make_node("QuantLinear", inputs, list(node.output), domain=DOMAIN)
-        ln = LinearNode(ln_node, attrs["wbits"], attrs["abits"], attrs["group_size"], attrs["in_features"])
+        ln = LinearNode.from_attrs(ln_node, attrs)
         new_nodes += _lower_for_ort(graph, ln, f"lrq_reference_{index}")
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)

@@ -40,19 +40,21 @@ def _register_schema() -> None:
             ("TS", ["tensor(float16)", "tensor(float)"], "scales"),
             ("TZ", ["tensor(uint8)"], "zero points"),
         ],
-        attributes=[OpSchema.Attribute(n, attr, "") for n in ("wbits", "abits", "group_size", "in_features")],
+        attributes=[OpSchema.Attribute(n, attr, "") for n in ("wbits", "abits", "group_size", "in_features", "act_asym")],
     )
     onnx.defs.register_schema(schema)
 
 
-def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, group_size: int, in_features: int):
+def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, group_size: int, in_features: int,
+                      act_asym: int = 0):
     """ONNX translation: one node in the lrq domain (lowered later)."""
     from onnxscript.values import Opset
 
     _register_schema()
     lrq = Opset(DOMAIN, 1)
     inputs = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
-    return lrq.QuantLinear(*inputs, wbits=wbits, abits=abits, group_size=group_size, in_features=in_features)
+    return lrq.QuantLinear(*inputs, wbits=wbits, abits=abits, group_size=group_size, in_features=in_features,
+                           act_asym=act_asym)
 
 
 TRANSLATIONS = {torch.ops.lrq.quant_linear.default: quant_linear_onnx}

@@ -16,7 +16,7 @@ from torch import nn
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import (
-    ATTENTION_MASK, BATCH_AXIS, SEQ_AXIS, ExportSpec, GraphIO, SmoothGroup, TensorSpec, static_batches,
+    ATTENTION_MASK, BATCH_AXIS, SEQ_AXIS, ExportSpec, GraphIO, SmoothGroup, TensorSpec,
 )
 from lrq_deploy.models.hf import HFAdapter
 

@@ -78,7 +78,7 @@ class QuantLinear(nn.Module):
         if self.graph_op:
             return self._graph_forward(x)
         if self.config.quantize_activations:
-            x = fake_quant_activation(x, self.config.abits)
+            x = fake_quant_activation(x, self.config.abits, self.config.act_asym)
         weight = self.dequantized_weight()
         bias = self.bias
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -91,7 +91,8 @@ class QuantLinear(nn.Module):
             weight, scales, zeros = self.qweight, self.scales, self.zeros
         else:
             weight, scales, zeros = self.weight, self.weight.new_ones(1), self.weight.new_zeros(1, dtype=torch.uint8)
-        return quant_linear(x, weight, scales, zeros, self.bias, cfg.wbits, cfg.abits, QuantScheme.from_config(cfg).group_attr, self.in_features)
+        return quant_linear(x, weight, scales, zeros, self.bias, cfg.wbits, cfg.abits, QuantScheme.from_config(cfg).group_attr,
+                            self.in_features, int(cfg.act_asym))
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.config.scenario}"

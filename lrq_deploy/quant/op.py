@@ -18,11 +18,12 @@ from lrq_deploy.quant.scheme import group_from_attr
 @torch.library.custom_op("lrq::quant_linear", mutates_args=())
 def quant_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
-    wbits: int, abits: int, group_size: int, in_features: int,
+    wbits: int, abits: int, group_size: int, in_features: int, act_asym: int = 0,
 ) -> torch.Tensor:
-    """Reference: per-token activation fake quant (abits < 16), dequantized weight, linear."""
+    """Reference: per-token activation fake quant (abits < 16; asymmetric with act_asym), dequantized
+    weight, linear."""
     if abits < 16:
-        x = fake_quant_activation(x, abits)
+        x = fake_quant_activation(x, abits, bool(act_asym))
     if wbits < 16:
         codes = unpack_codes(qweight, wbits)[:, :in_features]
         weight = dequantize_weight(codes, scales, zeros, group_from_attr(group_size))
@@ -32,5 +33,5 @@ def quant_linear(
 
 
 @quant_linear.register_fake
-def _(x, qweight, scales, zeros, bias, wbits, abits, group_size, in_features):
+def _(x, qweight, scales, zeros, bias, wbits, abits, group_size, in_features, act_asym=0):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])

@@ -5,9 +5,11 @@ scale s and zero point z, dequantized as (q - z) * s. Symmetric weights use z = 
 Scales are rounded to float16 when computed, because float16 is what the checkpoint and
 every backend store: the value calibrated is the value deployed.
 
-Activations: per-token dynamic symmetric quantization, q = clamp(round(x / s), -Q, Q),
-s = max|x| / Q with Q = 2^(b-1) - 1. `torch.round` rounds half to even, as ONNX
-QuantizeLinear does.
+Activations: per-token dynamic quantization. Symmetric (default): q = clamp(round(x / s), -Q, Q),
+s = max(max|x|, eps) / Q with Q = 2^(b-1) - 1. Asymmetric: the token's range [min(x, 0), max(x, 0)]
+(it always contains 0, so the zero point is a code) mapped onto [0, 2^b - 1]:
+s = max(hi - lo, eps) / (2^b - 1), z = round(-lo / s), q = clamp(round(x / s) + z, 0, 2^b - 1),
+dequantized as (q - z) * s. `torch.round` rounds half to even, as ONNX QuantizeLinear does.
 
 Everything here is differentiable through a straight-through estimator (STE) so the same
 functions serve the learnable calibration methods.
@@ -26,6 +28,7 @@ __all__ = [
     "fake_quant_weight",
     "gained_scale",
     "quantize_activation",
+    "quantize_activation_asym",
     "quantize_weight",
     "round_ste",
     "weight_qparams",
@@ -133,6 +136,21 @@ def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     return q, scale
 
 
-def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_activation_asym(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) asymmetric dynamic quantization: (codes in [0, 2^b - 1] as x.dtype,
+    scale [..., 1], zero point [..., 1] as x.dtype integers in [0, 2^b - 1])."""
+    levels = 2**bits - 1
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    scale = (hi - lo).clamp(min=ACT_SCALE_MIN) / levels
+    zero = round_ste(-lo / scale)
+    q = (round_ste(x / scale) + zero).clamp(0, levels)
+    return q, scale, zero
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int, asym: bool = False) -> torch.Tensor:
+    if asym:
+        q, scale, zero = quantize_activation_asym(x, bits)
+        return (q - zero) * scale
     q, scale = quantize_activation(x, bits)
     return q * scale

@@ -34,15 +34,17 @@ class QuantScheme:
     abits: int
     group_size: int | None = None  # None: per output channel
     symmetric: bool = False
+    act_asym: bool = False  # per-token activation zero points (integer kernels: a correction in the epilogue)
 
     @classmethod
     def from_config(cls, config) -> "QuantScheme":
-        return cls(config.wbits, config.abits, config.group_size, config.symmetric)
+        return cls(config.wbits, config.abits, config.group_size, config.symmetric, config.act_asym)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "QuantScheme":
-        """From an lrq ONNX node's attributes (group_size 0 = per channel)."""
-        return cls(int(attrs["wbits"]), int(attrs["abits"]), group_from_attr(attrs["group_size"]), bool(attrs.get("symmetric", 0)))
+        """From an lrq ONNX node's attributes (group_size 0 = per channel; act_asym absent = 0)."""
+        return cls(int(attrs["wbits"]), int(attrs["abits"]), group_from_attr(attrs["group_size"]),
+                   bool(attrs.get("symmetric", 0)), bool(attrs.get("act_asym", 0)))
 
     @property
     def group_attr(self) -> int:
@@ -51,7 +53,8 @@ class QuantScheme:
 
     @property
     def scenario(self) -> str:
-        return f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
+        return (f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
+                + ("-asym" if self.act_asym else ""))
 
     @property
     def container_bits(self) -> int:

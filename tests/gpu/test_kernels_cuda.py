@@ -43,17 +43,20 @@ def test_gemv_is_deterministic_on_gpu():
 
 @pytest.mark.parametrize("m", [1, 64, 1024])
 @pytest.mark.parametrize("group", [None, 128])
-def test_integer_exact_on_gpu(m, group):
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_integer_exact_on_gpu(m, group, asym):
     from lrq_deploy.plugins import ops
 
     packed, scales, zeros, weight = _layer(256, 512, 4, group)
-    x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
-    xq, xs = ops.quantize_rows(x, 4)
+    x = torch.randn(m, 512, device="cuda", dtype=torch.float16) + (0.5 if asym else 0.0)
+    xq, xs, xz = ops.quantize_rows(x, 4, asym)
     if group is None:
-        y, acc = ops.integer_matmul(xq, xs, packed, scales, zeros, None, 4, 4, 512, torch.float32, return_int=True)
+        y, acc = ops.integer_matmul(xq, xs, xz if asym else None, packed, scales, zeros, None, 4, 4, 512, torch.float32,
+                                    return_int=True)
         codes = unpack_codes(packed.cpu(), 4).long()
-        assert torch.equal(acc.cpu().long(), xq.cpu().long() @ (codes - zeros.cpu().long()).T)
-    y = ops.integer_linear(x.float(), packed, scales, zeros, None, 4, 4, group or 512)
-    torch.testing.assert_close(y, F.linear(fake_quant_activation(x.float(), 4), weight), rtol=1e-3, atol=1e-2)
-    fused = ops.integer_fused(x.float(), packed, scales, zeros, None, 4, 4, group or 512)
+        centred = xq.cpu().long() - (xz.cpu().long()[:, None] if asym else 0)
+        assert torch.equal(acc.cpu().long(), centred @ (codes - zeros.cpu().long()).T)
+    y = ops.integer_linear(x.float(), packed, scales, zeros, None, 4, 4, group or 512, asym)
+    torch.testing.assert_close(y, F.linear(fake_quant_activation(x.float(), 4, asym), weight), rtol=1e-3, atol=1e-2)
+    fused = ops.integer_fused(x.float(), packed, scales, zeros, None, 4, 4, group or 512, asym)
     torch.testing.assert_close(fused, y, rtol=1e-6, atol=1e-5)

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.plugins import dispatch, ops
-from lrq_deploy.quant import dequantize_weight, fake_quant_activation, pack_codes, quantize_activation, quantize_weight, weight_qparams
+from lrq_deploy.quant import (
+    dequantize_weight, fake_quant_activation, pack_codes, quantize_activation, quantize_activation_asym, quantize_weight,
+    weight_qparams,
+)
 from lrq_deploy.quant.scheme import KernelFamily
 
 GEN = torch.Generator().manual_seed(0)
@@ -93,27 +96,47 @@ def test_weight_only_keeps_leading_dims():
 def test_quantize_rows_bit_exact(bits):
     x = torch.randn(37, 100, generator=GEN) * 3
     x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 7.0])  # exact ties round to even
-    q, s = ops.quantize_rows(x, bits)
+    q, s, z = ops.quantize_rows(x, bits)
     ref_q, ref_s = quantize_activation(x, bits)
-    assert torch.equal(q.to(torch.float32), ref_q) and torch.equal(s, ref_s.squeeze(-1))
+    assert torch.equal(q.to(torch.float32), ref_q) and torch.equal(s, ref_s.squeeze(-1)) and not z.any()
 
 
-def _exact_accumulator(xq, packed, zeros, n, k, wbits):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_rows_asymmetric_bit_exact(bits):
+    """Codes, scales and zero points equal quant/primitives.py's, every token, positive-only and
+    negative-only tokens included (their range is widened to contain 0)."""
+    x = torch.randn(37, 100, generator=GEN) * 3 + 1
+    x[1] = x[1].abs() + 0.5  # all positive: zero point 0
+    x[2] = -x[2].abs() - 0.5  # all negative: zero point 2^b - 1
+    q, s, z = ops.quantize_rows(x, bits, True)
+    ref_q, ref_s, ref_z = quantize_activation_asym(x, bits)
+    centre = 2 ** (bits - 1)
+    assert torch.equal(q.to(torch.float32) + centre, ref_q) and torch.equal(s, ref_s.squeeze(-1))
+    assert torch.equal(z.to(torch.float32) + centre, ref_z.squeeze(-1))
+    assert ref_z[1] == 0 and ref_z[2] == 2**bits - 1
+
+
+def _exact_accumulator(xq, packed, zeros, n, k, wbits, xz=None):
     from lrq_deploy.quant import unpack_codes
 
     codes = unpack_codes(packed, 4 if wbits == 3 else 8 if wbits in (6, 8) else wbits)[:, :k].to(torch.int64)
-    return xq.to(torch.int64) @ (codes - zeros.to(torch.int64)).T
+    x = xq.to(torch.int64) - (0 if xz is None else xz.to(torch.int64)[:, None])
+    return x @ (codes - zeros.to(torch.int64)).T
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (70, 130, 192), (5, 40, 320)])
 @pytest.mark.parametrize("wbits,abits", [(4, 4), (4, 8), (8, 8), (6, 6), (3, 4)])
-def test_integer_accumulator_exact(m, n, k, wbits, abits):
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_integer_accumulator_exact(m, n, k, wbits, abits, asym):
+    """int32 accumulators equal sum_k (xq - xz)(q - z) in int64: the asymmetric zero-point
+    correction included, K not a multiple of the K tile (192, 320) included."""
     packed, scales, zeros, _ = _layer(n, k, wbits, None)
-    x = torch.randn(m, k, generator=GEN)
-    xq, xs = ops.quantize_rows(x, abits)
+    x = torch.randn(m, k, generator=GEN) + (0.7 if asym else 0.0)
+    xq, xs, xz = ops.quantize_rows(x, abits, asym)
     bits = 8 if wbits in (6, 8) else 4
-    y, acc = ops.integer_matmul(xq, xs, packed, scales, zeros, None, bits, abits, k, torch.float32, return_int=True)
-    exact = _exact_accumulator(xq, packed, zeros, n, k, wbits)
+    y, acc = ops.integer_matmul(xq, xs, xz if asym else None, packed, scales, zeros, None, bits, abits, k, torch.float32,
+                                return_int=True)
+    exact = _exact_accumulator(xq, packed, zeros, n, k, wbits, xz if asym else None)
     assert torch.equal(acc.to(torch.int64), exact)
     reference = (exact.to(torch.float64) * xs.double()[:, None] * scales.double().T).float()
     torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-5)
@@ -121,22 +144,28 @@ def test_integer_accumulator_exact(m, n, k, wbits, abits):
 
 @pytest.mark.parametrize("group", [None, 64])
 @pytest.mark.parametrize("wbits,abits", [(4, 4), (8, 8)])
-def test_integer_linear_matches_fake_quant_reference(group, wbits, abits):
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_integer_linear_matches_fake_quant_reference(group, wbits, abits, asym):
     packed, scales, zeros, weight = _layer(96, 192, wbits, group)
-    x = torch.randn(3, 9, 192, generator=GEN)
+    x = torch.randn(3, 9, 192, generator=GEN) + (0.5 if asym else 0.0)
     bias = torch.randn(96, generator=GEN)
-    y = ops.integer_linear(x, packed, scales, zeros, bias, 4 if wbits == 4 else 8, abits, group or 192)
-    torch.testing.assert_close(y, F.linear(fake_quant_activation(x, abits), weight, bias), rtol=1e-5, atol=1e-4)
+    y = ops.integer_linear(x, packed, scales, zeros, bias, 4 if wbits == 4 else 8, abits, group or 192, asym)
+    torch.testing.assert_close(y, F.linear(fake_quant_activation(x, abits, asym), weight, bias), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("group", [None, 64])
-def test_integer_fused_equals_two_kernel_path(group):
-    packed, scales, zeros, _ = _layer(130, 192, 4, group)
-    x = torch.randn(70, 192, generator=GEN) * 2
+@pytest.mark.parametrize("wbits", [4, 8])
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_integer_fused_equals_two_kernel_path(group, wbits, asym):
+    packed, scales, zeros, _ = _layer(130, 192, wbits, group)
+    x = torch.randn(70, 192, generator=GEN) * 2 + (1.0 if asym else 0.0)
     bias = torch.randn(130, generator=GEN)
-    xq, xs = ops.quantize_rows(x, 4)
-    two_step = ops.integer_matmul(xq, xs, packed, scales, zeros, bias, 4, 4, group or 192, torch.float32)
-    torch.testing.assert_close(ops.integer_fused(x, packed, scales, zeros, bias, 4, 4, group or 192), two_step, rtol=1e-6, atol=1e-5)
+    abits = 4 if wbits == 4 else 8
+    xq, xs, xz = ops.quantize_rows(x, abits, asym)
+    two_step = ops.integer_matmul(xq, xs, xz if asym else None, packed, scales, zeros, bias, wbits, abits, group or 192,
+                                  torch.float32)
+    fused = ops.integer_fused(x, packed, scales, zeros, bias, wbits, abits, group or 192, asym)
+    torch.testing.assert_close(fused, two_step, rtol=1e-6, atol=1e-5)
 
 
 def test_bad_inputs_are_refused():
@@ -150,7 +179,7 @@ def test_bad_inputs_are_refused():
     with pytest.raises(LrqError, match="no weight-only kernel for 8-bit"):
         ops.weight_only_linear(torch.zeros(2, 64), packed, scales, zeros, None, 8, 32)
     with pytest.raises(LrqError, match="must be int8"):
-        ops.integer_matmul(torch.zeros(2, 64), torch.ones(2), packed, scales, zeros, None, 4, 4, 32, torch.float32)
+        ops.integer_matmul(torch.zeros(2, 64), torch.ones(2), None, packed, scales, zeros, None, 4, 4, 32, torch.float32)
     with pytest.raises(LrqError, match="whole 8-code words"):
         dispatch.plan("gemv", 1, 64, 64, 4, 4)
 

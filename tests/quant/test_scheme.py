@@ -59,7 +59,8 @@ def test_run_linear_routes_by_the_scheme(monkeypatch):
     attrs = {"wbits": 3, "abits": 16, "group_size": 64, "in_features": 192, "out_features": 8, "symmetric": 0}
     run_linear(attrs, *[None] * 4)
     run_linear({**attrs, "wbits": 8, "abits": 8, "group_size": 0}, *[None] * 4)
-    assert calls == [("weight_only", (4, 64)), ("integer", (8, 8, 192))]
+    run_linear({**attrs, "wbits": 4, "abits": 4, "group_size": 0, "act_asym": 1}, *[None] * 4)
+    assert calls == [("weight_only", (4, 64)), ("integer", (8, 8, 192, False)), ("integer", (4, 4, 192, True))]
 
 
 def test_rules_are_defined_once():
