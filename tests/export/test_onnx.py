@@ -24,6 +24,8 @@ SCENARIOS = {
     "w4a4": (QuantConfig(wbits=4, abits=4), "smoothquant"),
     "w4a4-g64": (QuantConfig(wbits=4, abits=4, group_size=64), "rtn"),
     "w4a16-sym": (QuantConfig(wbits=4, group_size=64, symmetric=True), "rtn"),
+    "w4a4-asym": (QuantConfig(wbits=4, abits=4, act_asym=True), "smoothquant"),
+    "w4a8-g64-asym": (QuantConfig(wbits=4, abits=8, group_size=64, act_asym=True), "rtn"),
 }
 
 
@@ -36,7 +38,8 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["w4a16-g64", "w2a16-g64", "w8a8", "w4a4", "w4a4-g64", "vit-w4a4"])
+@pytest.mark.parametrize("name", ["w4a16-g64", "w2a16-g64", "w8a8", "w4a4", "w4a4-g64", "vit-w4a4", "w4a4-asym",
+                                  "w4a8-g64-asym"])
 def test_ort_graph_matches_torch_reference(checkpoints, tmp_path, name):
     out = tmp_path / f"{name}.onnx"
     report = export_onnx(checkpoints / name, out, target="ort", limit=4 if name != "vit-w4a4" else None)
@@ -49,7 +52,7 @@ def test_ort_graph_matches_torch_reference(checkpoints, tmp_path, name):
     assert all(n.domain != "lrq" for n in onnx.load(str(out)).graph.node)
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a4", "w4a4-g64"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a4", "w4a4-g64", "w4a4-asym", "w4a8-g64-asym"])
 def test_ort_graph_is_the_same_model_at_every_optimization_level(checkpoints, tmp_path, name):
     """Activation-quantized layers are integer GEMMs (MatMulInteger, uint8 x uint8): onnxruntime's
     graph optimizations, on by default, must not change what the graph computes (a float
@@ -88,7 +91,8 @@ def _attrs(node):
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-@pytest.mark.parametrize("name,plugin", [("w4a4", "W4A4Linear"), ("w2a16-g64", "W2A16Linear"), ("w4a16-g64", "W4A16Linear")])
+@pytest.mark.parametrize("name,plugin", [("w4a4", "W4A4Linear"), ("w2a16-g64", "W2A16Linear"), ("w4a16-g64", "W4A16Linear"),
+                                         ("w4a4-asym", "W4A4Linear")])
 def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, plugin):
     out = tmp_path / f"{name}-trt.onnx"
     export_onnx(checkpoints / name, out, target="trt")
@@ -108,6 +112,7 @@ def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, p
         layer = next(m for m in layers.values() if np.array_equal(m.qweight.numpy(), qweight))
         assert attrs["in_features"] == layer.in_features and attrs["out_features"] == layer.out_features
         assert attrs["wbits"] == manifest["quant"]["wbits"] and attrs["abits"] == manifest["quant"]["abits"]
+        assert attrs["act_asym"] == int(manifest["quant"]["act_asym"])
         np.testing.assert_array_equal(inits[node.input[2]], layer.scales.numpy())
         np.testing.assert_array_equal(inits[node.input[3]].view(np.uint8), layer.zeros.numpy())
         codes = unpack_flat(qweight.tobytes(), attrs["wbits"], qweight.size * 8 // (4 if attrs["wbits"] != 2 else 2))
@@ -239,3 +244,49 @@ def test_ort_int8_activations_is_declared_and_verified_with_its_own_numerics(che
     outputs = [deployed_session(tmp_path / f"{n}.onnx", device="cpu").run(None, ids)[0] for n in ("plain", "int8")]
     assert not np.array_equal(*outputs)
     assert np.abs(outputs[0] - outputs[1]).max() < 0.05 * np.abs(outputs[0]).max()
+
+
+@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("wbits,abits", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_ort_integer_layer_is_bit_exact(group, wbits, abits, asym):
+    """One lowered layer in onnxruntime: activation codes, scales and zero points equal the
+    reference's bit for bit, and the int32 accumulators (zero-point corrections included) equal
+    sum_k (xq - xz)(q - z) computed in int64."""
+    import onnxruntime as ort
+
+    from lrq_deploy.export.lower import lower
+    from lrq_deploy.quant import quantize_activation, quantize_activation_asym, quantize_weight, weight_qparams
+
+    gen = torch.Generator().manual_seed(0)
+    k, n = 96, 40
+    weight = torch.randn(n, k, generator=gen)
+    config = QuantConfig(wbits=wbits, abits=abits, group_size=group, act_asym=asym)
+    scale, zero = weight_qparams(weight, wbits, group, False)
+    layer = QuantLinear.from_codes(quantize_weight(weight, scale, zero, wbits, group), scale, zero, None, config)
+    inits = [numpy_helper.from_array(t.numpy(), name) for name, t in
+             (("qweight", layer.qweight), ("scales", layer.scales), ("zeros", layer.zeros))]
+    node = helper.make_node("QuantLinear", ["x", "qweight", "scales", "zeros"], ["y"], domain="lrq", wbits=wbits,
+                            abits=abits, group_size=group or 0, in_features=k, act_asym=int(asym))
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["m", n])], inits)
+    model = lower(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lrq", 1)]),
+                  "ort", symmetric=False)
+    probes = ["lrq_linear_0.q", "lrq_linear_0.scale"] + (["lrq_linear_0.zero"] if asym else [])
+    accumulator = "lrq_linear_0.acc_exact" if asym else "lrq_linear_0.acc"
+    for name in probes + [accumulator]:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    x = torch.randn(7, k, generator=gen) * 2 + (0.6 if asym else 0.0)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x.numpy()})))
+    reference = quantize_activation_asym(x, abits) if asym else (*quantize_activation(x, abits), torch.zeros(7, 1))
+    for name, expected in zip(probes, reference):
+        np.testing.assert_array_equal(outputs[name], expected.numpy())
+    codes = (layer.codes().to(torch.int64) - layer.zeros.to(torch.int64).repeat_interleave(group or k, dim=1))
+    centred = (reference[0] - reference[2]).to(torch.int64)
+    if group is None:
+        np.testing.assert_array_equal(outputs[accumulator], (centred @ codes.T).numpy())
+    else:  # [groups, m, n]: one accumulator per weight group
+        per_group = torch.stack([centred[:, g:g + group] @ codes[:, g:g + group].T for g in range(0, k, group)])
+        np.testing.assert_array_equal(outputs[accumulator], per_group.numpy())
+    torch.testing.assert_close(torch.from_numpy(outputs["y"]), layer(x), rtol=1e-5, atol=1e-4)

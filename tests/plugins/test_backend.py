@@ -13,7 +13,7 @@ from lrq_deploy.quant import QuantLinear
 
 @pytest.mark.parametrize("qconfig", [
     QuantConfig(wbits=4, group_size=64), QuantConfig(wbits=2, group_size=64), QuantConfig(wbits=4, abits=4),
-    QuantConfig(wbits=8, abits=8),
+    QuantConfig(wbits=8, abits=8), QuantConfig(wbits=4, abits=4, act_asym=True),
 ], ids=lambda q: q.scenario)
 def test_kernel_backend_reproduces_reference_perplexity(tmp_path, qconfig):
     out = tmp_path / "ckpt"
