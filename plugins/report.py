@@ -39,6 +39,9 @@ CASES = (
     ("int_gemm W4A4-g128 M=1024", "int_gemm", 1024, 4, GROUP_BENCH, {"abits": 4}),
     ("int_gemm W8A8 M=1024", "int_gemm", 1024, 8, K_BENCH, {"abits": 8}),
     ("plugin int_gemm W4A4 fused M=1024", "int_gemm", 1024, 4, K_BENCH, {"abits": 4, "quantize_x": True}),
+    ("int_gemm W4A4-asym M=1024", "int_gemm", 1024, 4, K_BENCH, {"abits": 4, "act_asym": True}),
+    ("plugin int_gemm W4A4-asym fused M=1024", "int_gemm", 1024, 4, K_BENCH,
+     {"abits": 4, "quantize_x": True, "act_asym": True}),
 )
 MATRIX_ROUTES = ("gemm", "int_gemm")
 # 128-bit loads on every route but the 2-bit tl.dot GEMM, whose [32, 8-word] tile gives each

@@ -13,6 +13,7 @@ W4A16 = {"wbits": 4, "abits": 16, "group_size": 128, "in_features": 4096, "out_f
 W2A16 = {"wbits": 2, "abits": 16, "group_size": 64, "in_features": 4096, "out_features": 4096}
 W4A4 = {"wbits": 4, "abits": 4, "group_size": 0, "in_features": 4096, "out_features": 4096}
 W8A8 = {"wbits": 8, "abits": 8, "group_size": 0, "in_features": 4096, "out_features": 4096}
+W4A4_ASYM = {**W4A4, "act_asym": 1}
 
 
 def test_shape_and_type_rules():
@@ -35,6 +36,7 @@ def test_kernel_choice_follows_the_dispatch_table():
     w4a4 = plugin_kernel("W4A4Linear", W4A4)
     assert w4a4.kernel == "int_gemm" and w4a4.constexprs["QUANTIZE_X"] and w4a4.constexprs["GROUP"] == 4096
     assert plugin_kernel("W8A8Linear", W8A8).constexprs["BITS"] == 8
+    assert plugin_kernel("W4A4Linear", W4A4_ASYM).constexprs["ACT_ASYM"] and not w4a4.constexprs["ACT_ASYM"]
     params = launch_params(kernel, m=130, n=11008, num_warps=4, shared_bytes=16384)
     block_m, block_n = kernel.constexprs["BLOCK_M"], kernel.constexprs["BLOCK_N"]
     assert params == {"grid": (-(-130 // block_m), -(-11008 // block_n), 1), "block": (128, 1, 1), "shared_bytes": 16384}
@@ -52,7 +54,8 @@ def test_alignment_hints_as_the_jit_adds_them():
 
 
 @pytest.mark.parametrize("sm,target", [(80, "sm_80"), (90, "sm_90a"), (100, "sm_100a")])
-@pytest.mark.parametrize("attrs,op", [(W4A16, "W4A16Linear"), (W2A16, "W2A16Linear"), (W4A4, "W4A4Linear")])
+@pytest.mark.parametrize("attrs,op", [(W4A16, "W4A16Linear"), (W2A16, "W2A16Linear"), (W4A4, "W4A4Linear"),
+                                      (W4A4_ASYM, "W4A4Linear")])
 def test_ptx_for_each_target(sm, target, attrs, op):
     kernel = plugin_kernel(op, attrs, sm=sm)
     compiled = compile_ptx(kernel, sm)
@@ -68,7 +71,7 @@ def test_ptx_for_each_target(sm, target, attrs, op):
 
 
 @pytest.mark.parametrize("has_bias,pointers", [(False, 5), (True, 6)])
-@pytest.mark.parametrize("op,attrs", [("W4A16Linear", W4A16), ("W4A4Linear", W4A4)])
+@pytest.mark.parametrize("op,attrs", [("W4A16Linear", W4A16), ("W4A4Linear", W4A4), ("W4A4Linear", W4A4_ASYM)])
 def test_kernel_parameters_follow_the_plugin_inputs(has_bias, pointers, op, attrs):
     """TensorRT launches an AOT plugin kernel with its input pointers (x, qweight, scales,
     zeros[, bias]), the output pointer, then scalars (M, N, K, groups, row stride); Triton
