@@ -226,6 +226,8 @@ CASES = [
          "timm.json kwargs may not set checkpoint_path"),
     # calibrate: numerics and sample options
     Case("calibrate-wbits-5", lambda i: ["calibrate", "-o", i.path("o"), "--wbits", "5"], "wbits must be one of 2, 3, 4, 6, 8, 16"),
+    Case("calibrate-act-asym-without-activation-bits", lambda i: ["calibrate", "-o", i.path("o"), "--act-asym"],
+         "asymmetric activations (--act-asym) need quantized activations: set --abits below 16"),
     Case("calibrate-abits-3", lambda i: ["calibrate", "-o", i.path("o"), "--abits", "3"], "abits must be one of 4, 6, 8, 16"),
     Case("calibrate-w16a16", lambda i: ["calibrate", "-o", i.path("o"), "--wbits", "16"], "quantizes nothing"),
     Case("calibrate-group-size-0", lambda i: ["calibrate", "-o", i.path("o"), "--group-size", "0"], "group size must be an even number"),

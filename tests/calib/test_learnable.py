@@ -58,10 +58,13 @@ def _job(loaded, qconfig, cconfig, n=4, seqlen=32):
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_opt_dir"])
 @pytest.mark.parametrize("method", ["lrquant", "lrquant+"])
-def test_training_lowers_loss_and_fold_matches_fake_quant(fixture, method, request):
+@pytest.mark.parametrize("act_asym", [False, True], ids=["sym", "asym"])
+def test_training_lowers_loss_and_fold_matches_fake_quant(fixture, method, act_asym, request):
+    """What is trained is what is deployed: the folded QuantLinear block reproduces the
+    fake-quant block the parameters were learned on, with either activation mapping."""
     loaded = load_model(str(request.getfixturevalue(fixture)))
     recipe = learnable.RECIPES[method]
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
+    qconfig = QuantConfig(wbits=4, abits=4, group_size=32, act_asym=act_asym)
     job = _job(loaded, qconfig, CalibConfig(method=method, nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=1e-2))
     params = learnable.init_block_params(job, recipe)
     targets = [job.fp_targets] + ([job.run(job.q_inputs)] if recipe.two_branch else [])
