@@ -50,12 +50,12 @@ def benchmark_sizes(specs, batch: int, seq_len: int) -> tuple[dict[str, int], st
     """Axis sizes for one timed inference and what it is: a decode step over a KV cache of
     seq_len tokens when the graph has past inputs, else a prefill of seq_len tokens, or images.
     Returns (sizes, description, items per inference, unit)."""
-    names = [s.name for s in specs]
-    if "input_ids" not in names:
+    tokens = any(s.name == "input_ids" for s in specs) or any(axis_of(d) == SEQ_AXIS for s in specs for d in s.dims)
+    if not tokens:  # images
         shape = next(tuple(axis_size(d, {BATCH_AXIS: batch}) for d in s.dims) for s in specs)
         return {BATCH_AXIS: batch}, f"batch {batch} images {shape[1:]}", batch, "images"
     if has_kv_cache(specs):
         sizes = {BATCH_AXIS: batch, SEQ_AXIS: 1, PAST_AXIS: seq_len}
         return sizes, f"decode step, batch {batch}, KV cache {seq_len}", batch, "tokens"
-    sizes = {BATCH_AXIS: batch, SEQ_AXIS: seq_len, PAST_AXIS: 0}
+    sizes = {BATCH_AXIS: batch, SEQ_AXIS: seq_len, PAST_AXIS: 0}  # token ids, or embeddings (LLaVA's language model)
     return sizes, f"prefill, batch {batch} x {seq_len} tokens", batch * seq_len, "tokens"

@@ -40,6 +40,12 @@ def test_input_generator_follows_axis_names():
     assert feeds["input_ids"].dtype == np.int64 and feeds["input_ids"].max() < 100
     assert (items, unit) == (3, "tokens") and "decode step" in description
     assert axis_of("past_seq") == "past" and axis_of("s0") is None
+    embeds = [TensorSpec("inputs_embeds", "float32", ("batch", "seq", 64))]  # LLaVA's language model
+    sizes, description, items, _ = benchmark_sizes(embeds, batch=2, seq_len=40)
+    assert make_feeds(embeds, sizes)["inputs_embeds"].shape == (2, 40, 64) and items == 80 and "prefill" in description
+    masked = [TensorSpec("input_ids", "int64", ("batch", "seq")), TensorSpec("attention_mask", "int64", ("batch", "seq"))]
+    feeds = make_feeds(masked, benchmark_sizes(masked, batch=2, seq_len=8)[0])
+    assert (feeds["attention_mask"] == 1).all() and feeds["input_ids"].shape == (2, 8)  # encoders: no padding
 
 
 def test_torch_runner_speaks_polygraphy_and_matches_the_model():
