@@ -79,10 +79,10 @@ def _make_classes(trt):  # noqa: C901 - the plugin interface is one class by des
             trt.IPluginV3OneRuntime.__init__(self)
             self.plugin_name, self.plugin_namespace, self.plugin_version = name, NAMESPACE, VERSION
             self.num_outputs = 1
-            self.attrs = dict(attrs)
+            self.attrs = required_attributes(attrs)  # optional attributes filled in
             self.phase = phase
             # Layers with equal attributes share timing results.
-            self.timing_cache_id = "|".join(f"{k}={attrs[k]}" for k in FIELDS)
+            self.timing_cache_id = "|".join(f"{k}={self.attrs[k]}" for k in FIELDS)
             self.metadata_string = self.timing_cache_id
             aot.plugin_kernel(name, attrs)  # an unsupported combination fails here, while building
 

@@ -229,8 +229,11 @@ def test_plugin_fields_round_trip_and_format_rules():
     assert names == list(PLUGIN_NAMES) and {"W2A16Linear", "W3A16Linear", "W4A16Linear", "W4A4Linear", "W8A8Linear"} <= set(names)
     attrs = {"wbits": 2, "abits": 16, "group_size": 64, "in_features": 192, "out_features": 512, "symmetric": 0}
     plugin = creators[names.index("W2A16Linear")].plugin_class("W2A16Linear", attrs, trt.TensorRTPhase.BUILD)
-    assert plugin_attributes(plugin.get_fields_to_serialize()) == attrs
-    assert plugin.clone().attrs == attrs and plugin.get_output_data_types([trt.DataType.HALF]) == [trt.DataType.HALF]
+    assert plugin_attributes(plugin.get_fields_to_serialize()) == {**attrs, "act_asym": 0}  # absent: symmetric
+    asym = {**attrs, "wbits": 4, "abits": 4, "act_asym": 1}
+    w4a4 = creators[names.index("W4A4Linear")].plugin_class("W4A4Linear", asym, trt.TensorRTPhase.BUILD)
+    assert plugin_attributes(w4a4.get_fields_to_serialize()) == asym and "act_asym=1" in w4a4.timing_cache_id
+    assert plugin.clone().attrs == {**attrs, "act_asym": 0} and plugin.get_output_data_types([trt.DataType.HALF]) == [trt.DataType.HALF]
     desc = lambda t, f=trt.TensorFormat.LINEAR: SimpleNamespace(desc=SimpleNamespace(type=t, format=f))  # noqa: E731
     io = [desc(trt.DataType.HALF), desc(trt.DataType.INT8), desc(trt.DataType.HALF), desc(trt.DataType.INT8), desc(trt.DataType.HALF)]
     assert all(plugin.supports_format_combination(pos, io, 4) for pos in range(5))
