@@ -105,11 +105,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_checkpoint(point, tiny_llam
 
 def test_sigint_ends_with_one_line_and_no_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
-    command = lrq("calibrate", tiny_llama_dir, "-o", out, *LEARNABLE, "--epochs", "6")
+    # enough epochs that block 1 is still training when the test, on a loaded machine, gets to send the signal
+    command = lrq("calibrate", tiny_llama_dir, "-o", out, *LEARNABLE, "--epochs", "40")
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (tmp_path / "q.run" / "block_000.safetensors").is_file():
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
