@@ -107,7 +107,10 @@ def test_sigint_ends_with_one_line_and_no_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
     # enough epochs that block 1 is still training when the test, on a loaded machine, gets to send the signal
     command = lrq("calibrate", tiny_llama_dir, "-o", out, *LEARNABLE, "--epochs", "40")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a suite started in the background (nohup ... &) ignores SIGINT, and
+    # children inherit that, so the child's disposition is reset to the default first
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (tmp_path / "q.run" / "block_000.safetensors").is_file():
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.005)
