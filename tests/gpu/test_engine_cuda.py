@@ -30,8 +30,9 @@ def _local_target():
 
 
 @pytest.mark.parametrize("quant", [QuantConfig(wbits=4, group_size=64, symmetric=True), QuantConfig(wbits=4, abits=4),
-                                   QuantConfig(wbits=2, group_size=64), QuantConfig(wbits=4, group_size=64)],
-                         ids=["w4a16-native", "w4a4-plugin", "w2a16-plugin", "w4a16-asym-plugin"])
+                                   QuantConfig(wbits=2, group_size=64), QuantConfig(wbits=4, group_size=64),
+                                   QuantConfig(wbits=4, abits=4, act_asym=True)],
+                         ids=["w4a16-native", "w4a4-plugin", "w2a16-plugin", "w4a16-asym-plugin", "w4a4-act-asym-plugin"])
 def test_engine_matches_onnxruntime(tmp_path, quant):
     targets = _local_target()
     calibrate("bundled:llama", tmp_path / "q", quant, CalibConfig(nsamples=2, seqlen=32), device="cuda")
