@@ -141,8 +141,6 @@ def _load_hf(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
 
 
 def _load_hf_lazily(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
-    from transformers import AutoTokenizer
-
     from lrq_deploy.models.lazy import lazy_hf_model
 
     config = _read_json(path / "config.json")
@@ -154,7 +152,7 @@ def _load_hf_lazily(path: Path, spec: str, trust_remote_code: bool) -> LoadedMod
     if missing:
         raise LrqError(f"{spec}: {missing[0]} is not in its safetensors files")
     _check_finite(model, spec, skip_meta=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = adapter.load_preprocessor(path, trust_remote_code)
     return LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=spec,
                        materialize=lambda module: weights.materialize(model, module))
 

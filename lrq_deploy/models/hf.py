@@ -35,9 +35,13 @@ class HFAdapter(ModelAdapter):
 
         model = getattr(transformers, self.auto_class).from_pretrained(
             path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
-        preprocessor = getattr(transformers, self.preprocessor_class).from_pretrained(
-            path, trust_remote_code=trust_remote_code)
-        return model, preprocessor
+        return model, self.load_preprocessor(path, trust_remote_code)
+
+    def load_preprocessor(self, path: Path, trust_remote_code: bool = False):
+        """The family's tokenizer or processor saved in `path`."""
+        import transformers
+
+        return getattr(transformers, self.preprocessor_class).from_pretrained(path, trust_remote_code=trust_remote_code)
 
     def from_config(self, config, trust_remote_code: bool = False) -> nn.Module:
         import transformers
@@ -52,12 +56,11 @@ class HFAdapter(ModelAdapter):
         return {}
 
     def build_skeleton(self, ckpt_dir: Path, extras: dict):
-        import transformers
         from transformers import AutoConfig
 
         try:
             config = AutoConfig.from_pretrained(ckpt_dir)
-            preprocessor = getattr(transformers, self.preprocessor_class).from_pretrained(ckpt_dir)
+            preprocessor = self.load_preprocessor(ckpt_dir)
         except (OSError, ValueError) as exc:
             raise LrqError(f"{ckpt_dir}: cannot read model config/tokenizer ({first_line(exc)})") from None
         if config.model_type not in self.model_types:
