@@ -17,7 +17,8 @@ import torch
 
 from lrq_deploy.calib import learnable
 from lrq_deploy.calib.blockwise import BlockJob, run_block
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.models import adapter_for_family
 
 SHAPES = {
@@ -37,11 +38,11 @@ def make_job(device: str, method: str, epochs: int, batch_size: int, compile: bo
     batches = [torch.randint(0, 1024, (1, seqlen), device=device) for _ in range(nsamples)]
     inputs = adapter.capture_block_inputs(model, batches)
     block = adapter.blocks(model)[0]
-    cconfig = CalibConfig(method=method, nsamples=nsamples, seqlen=seqlen, epochs=epochs, batch_size=batch_size,
+    cconfig = CalibConfig.of(method=method, nsamples=nsamples, seqlen=seqlen, epochs=epochs, batch_size=batch_size,
                            compile=compile)
     targets = run_block(adapter, block, inputs.hidden, inputs.kwargs, batch_size)
     return BlockJob(
-        0, block, adapter, adapter.smooth_groups(model), adapter.linear_names(block), QuantConfig(wbits=4, abits=4),
+        0, block, adapter, adapter.smooth_groups(model), adapter.linear_names(block), QuantScheme(wbits=4, abits=4),
         cconfig, inputs.hidden, inputs.hidden, targets, inputs.kwargs, torch.device(device),
     )
 

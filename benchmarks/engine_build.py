@@ -13,15 +13,16 @@ import time
 from pathlib import Path
 
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.engine import BuildOptions, build_engine
 from lrq_deploy.export import export_onnx
 
 SCENARIOS = {
-    "W4A16-g64 symmetric (native INT4)": QuantConfig(wbits=4, group_size=64, symmetric=True),
-    "W4A16-g64 asymmetric (plugin)": QuantConfig(wbits=4, group_size=64),
-    "W2A16-g64 (plugin)": QuantConfig(wbits=2, group_size=64),
-    "W4A4 (plugin)": QuantConfig(wbits=4, abits=4),
+    "W4A16-g64 symmetric (native INT4)": QuantScheme(wbits=4, group_size=64, symmetric=True),
+    "W4A16-g64 asymmetric (plugin)": QuantScheme(wbits=4, group_size=64),
+    "W2A16-g64 (plugin)": QuantScheme(wbits=2, group_size=64),
+    "W4A4 (plugin)": QuantScheme(wbits=4, abits=4),
 }
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     print(f"{'scenario':36} {'plugins':>8} {'plugin layers':>13} {'engine MB':>10} {'build s':>8}")
     for index, (name, quant) in enumerate(SCENARIOS.items()):
         ckpt, graph = args.out / f"s{index}", args.out / f"s{index}-trt.onnx"
-        calibrate("bundled:llama", ckpt, quant, CalibConfig(nsamples=2, seqlen=32), device="cpu", force=True)
+        calibrate("bundled:llama", ckpt, quant, CalibConfig.of(nsamples=2, seqlen=32), device="cpu", force=True)
         export_onnx(ckpt, graph, target="trt")
         start = time.perf_counter()
         report = build_engine(graph, args.out / f"s{index}.engine", BuildOptions(compute_capabilities=targets))

@@ -5,8 +5,8 @@ Triton kernels choose the interpreter themselves when no CUDA device is present
 (lrq_deploy.plugins._triton.load_triton).
 """
 
-from lrq_deploy.config import CalibConfig, QuantConfig
 from lrq_deploy.errors import LrqError
+from lrq_deploy.quant.scheme import QuantScheme
 
 __version__ = "0.1.0"
-__all__ = ["CalibConfig", "QuantConfig", "LrqError", "__version__"]
+__all__ = ["LrqError", "QuantScheme", "__version__"]

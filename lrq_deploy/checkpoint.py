@@ -8,18 +8,14 @@ which is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from torch import nn
 
-from lrq_deploy.atomic import check_output_dir, make_readable, remove_stale_temporaries, temporary_path
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.atomic import atomic_directory, check_output_dir
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
 from lrq_deploy.provenance import library_versions, sha256_of
@@ -32,32 +28,17 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 
 
-@contextmanager
-def atomic_directory(out: Path, force: bool):
-    """Yield a temporary directory; on success it replaces `out`, on failure it is removed."""
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=temporary_path(out).name + "-", dir=out.parent))
-    try:
-        yield tmp
-        make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_checkpoint(
     out: Path, source: LoadedModel, model: nn.Module, quantized: list[str],
-    qconfig: QuantConfig, cconfig: CalibConfig, blocks: list[dict], force: bool = False,
+    qconfig: QuantScheme, calib: dict, blocks: list[dict], force: bool = False,
 ) -> Path:
     from safetensors.torch import save_model
 
     out = Path(out)
-    with atomic_directory(out, force) as tmp:
+    check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         extras = source.adapter.save_architecture(source, tmp)
         save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         manifest = {
@@ -67,7 +48,7 @@ def save_checkpoint(
             "task": source.adapter.task,
             "source": _source_reference(source.spec),
             "quant": qconfig.to_dict(),
-            "calib": cconfig.to_dict(),
+            "calib": calib,
             "quantized_modules": quantized,
             "blocks": blocks,
             "versions": library_versions(),
@@ -76,6 +57,8 @@ def save_checkpoint(
         }
         manifest["files"] = file_records(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    atomic_directory(out, write)
     return out
 
 
@@ -151,8 +134,8 @@ class Checkpoint:
     full-precision model (quant None) where a stage accepts one as its baseline."""
 
     loaded: LoadedModel
-    quant: QuantConfig | None
-    calib: CalibConfig | None
+    quant: QuantScheme | None
+    calib: dict | None  # how it was calibrated: method, its options, data settings (CalibConfig.to_dict)
     source: str
     quantized_modules: tuple[str, ...]
     manifest: dict
@@ -170,11 +153,9 @@ class Checkpoint:
         return self.loaded.adapter
 
     @property
-    def scheme(self):
-        """The kernel-facing QuantScheme (None for a full-precision model)."""
-        from lrq_deploy.quant.scheme import QuantScheme
-
-        return QuantScheme.from_config(self.quant) if self.quant else None
+    def scheme(self) -> QuantScheme | None:
+        """The QuantScheme (None for a full-precision model)."""
+        return self.quant
 
     @property
     def scenario(self) -> str:
@@ -183,7 +164,7 @@ class Checkpoint:
 
     @property
     def method(self) -> str:
-        return self.calib.method if self.calib else "none"
+        return str(self.calib.get("method", "unknown")) if self.calib else "none"
 
 
 def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
@@ -191,7 +172,7 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     path = Path(path)
     manifest = read_manifest(path)
     check_files(path, manifest)
-    qconfig = QuantConfig.from_dict(manifest["quant"])
+    qconfig = QuantScheme.from_dict(manifest["quant"])
     adapter = adapter_for_family(manifest["family"])
     model, tokenizer = adapter.build_skeleton(path, manifest)
     for name in manifest["quantized_modules"]:
@@ -203,7 +184,7 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
         )
     model.to(device).eval()
     loaded = LoadedModel(model=model, adapter=adapter, tokenizer=tokenizer, spec=str(path), extras=manifest)
-    calib = CalibConfig.from_dict(manifest["calib"]) if isinstance(manifest.get("calib"), dict) else None
+    calib = manifest["calib"] if isinstance(manifest.get("calib"), dict) else None
     return Checkpoint(loaded, qconfig, calib, str(manifest["source"]), tuple(manifest["quantized_modules"]), manifest)
 
 
@@ -220,7 +201,7 @@ def load_source(spec, device="cpu") -> Checkpoint:
     return Checkpoint.full_precision(load_model(name, device)) if full_precision else load_checkpoint(path, device)
 
 
-def _swap_in_shell(model: nn.Module, name: str, qconfig: QuantConfig) -> None:
+def _swap_in_shell(model: nn.Module, name: str, qconfig: QuantScheme) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     linear = getattr(parent, child, None)

@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from lrq_deploy.config import ACT_BITS, METHODS, WEIGHT_BITS
+from lrq_deploy.calib.registry import method_names, option_fields
+from lrq_deploy.quant.scheme import ACT_BITS, WEIGHT_BITS
 from lrq_deploy.errors import LrqError
 
 
@@ -76,6 +77,20 @@ def main(debug):
     """lrq-deploy: low-bit post-training quantization from PyTorch to deployment."""
 
 
+def method_options(command):
+    """One option per method setting, from the registered methods' options dataclasses; each
+    option's help names the methods that take it (others refuse it when given)."""
+    for name, (default, help_text, owners) in reversed(option_fields().items()):
+        flag = "--" + name.replace("_", "-")
+        note = f" [{', '.join(owners)}]"
+        if isinstance(default, bool):
+            command = click.option(flag, name, is_flag=True, default=default, help=help_text + note)(command)
+        else:
+            command = click.option(flag, name, type=type(default), default=default, show_default=True,
+                                   help=help_text + note)(command)
+    return command
+
+
 @main.command(short_help="Quantize a model and write a quantized checkpoint.")
 @click.argument("model", required=False)
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
@@ -85,20 +100,15 @@ def main(debug):
 @click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight quantization mapping.")
 @click.option("--act-asym", is_flag=True,
               help="Asymmetric per-token activations (each token's [min, max] with a zero point); needs --abits < 16.")
-@click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True)
+@click.option("--method", type=click.Choice(method_names()), default="rtn", show_default=True)
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
 @click.option("--seq-len", "seqlen", type=int, default=None,
               help="Tokens per calibration sample (language models; default 256).")
 @click.option("--seqlen", "seqlen_alias", type=int, default=None, hidden=True)
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per block (learnable methods).")
-@click.option("--lr-smooth", type=float, default=5e-3, show_default=True, help="Learning rate of smoothing/rotation.")
-@click.option("--lr-lwc", type=float, default=1e-2, show_default=True, help="Learning rate of weight clipping.")
+@method_options
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per optimizer step.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--compile", "compile", is_flag=True,
-              help="torch.compile each block's training step (faster epochs; results equal within float tolerance).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run; settings not given are taken from the run directory.")
@@ -119,10 +129,9 @@ def calibrate(**options):
     alias = options.pop("seqlen_alias")
     if alias is not None:
         options["seqlen"] = alias
-    if options["resume"]:
-        ctx = click.get_current_context()
-        given = {name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
-        options["given"] = given | ({"seqlen"} if alias is not None else set())
+    ctx = click.get_current_context()
+    given = {name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    options["given"] = given | ({"seqlen"} if alias is not None else set())
     summary = calibrate_from_options(options, progress=ConsoleProgress)
     if summary["rank"] == 0:
         click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scenario']})")
@@ -135,22 +144,24 @@ def comparison_line(name: str, c: dict) -> str:
 
 @main.command(name="eval", short_help="Compare full-precision and quantized accuracy.")
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--task", type=click.Choice(["ppl", "top1", "cosine"]), default=None,
-              help="Metric (default: the model's own).")
+@click.option("--metric", "--task", "metric", type=click.Choice(["ppl", "top1", "cosine"]), default=None,
+              help="Metric (default: the model's own); --task is its earlier name.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Evaluation text (default: WikiText-2 test) or, for the ViT, an image folder DIR/CLASS/IMAGE.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many windows (quick checks).")
 @click.option("--seq-len", type=int, default=None, help="Perplexity window in tokens (default 256).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["reference", "torch"]), default="reference", show_default=True,
-              help="reference: dequantize-then-matmul in PyTorch; torch: the Triton kernels.")
+@click.option("--backend", type=click.Choice(["reference", "kernels", "torch"]), default="reference", show_default=True,
+              help="reference: dequantize-then-matmul in PyTorch; kernels: the Triton kernels (torch: the same, "
+                   "its earlier name).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with keys fp and quant.")
 @clean_errors
-def eval_(target, task, data, limit, seq_len, device, backend, as_json):
+def eval_(target, metric, data, limit, seq_len, device, backend, as_json):
     """Evaluate checkpoint TARGET and its source model side by side."""
     from lrq_deploy.eval import EvalOptions, evaluate_checkpoint
 
-    result = evaluate_checkpoint(target, EvalOptions(task, data, limit, device, backend=backend, seq_len=seq_len))
+    backend = "torch" if backend == "kernels" else backend
+    result = evaluate_checkpoint(target, EvalOptions(metric, data, limit, device, backend=backend, seq_len=seq_len))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -299,6 +310,7 @@ def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, perce
         points = tuple(float(p) for p in percentiles.split(","))
     except ValueError:
         raise LrqError(f"--percentile takes comma-separated numbers, got {percentiles!r}") from None
+    refuse_unused_options(decode, compare)
     if compare and len(targets) < 2:
         raise LrqError("--compare needs at least two targets")
     if not compare and len(targets) != 1:
@@ -316,6 +328,22 @@ def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, perce
         click.echo(table(results))
         return
     click.echo(show(one(targets[0], options, export_json)))
+
+
+def refuse_unused_options(decode: bool, compare: bool) -> None:
+    """Options that would do nothing in this combination are refused, not silently ignored."""
+    ctx = click.get_current_context()
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if decode:
+        problems = [f"{flag(n)} does nothing with --decode" for n in
+                    ("backend", "warm_up", "duration", "no_data_transfers", "seq_len", "export_times") if n in given]
+    else:
+        problems = [f"{flag(n)} applies only with --decode" for n in ("prompt_len", "new_tokens") if n in given]
+        if compare and "export_times" in given:
+            problems.append("--export-times does nothing with --compare (--export-json keeps every target's figures)")
+    if problems:
+        raise LrqError("; ".join(problems))
 
 
 @main.command(short_help="Show what a checkpoint, ONNX graph or engine is, and whether it is intact.")

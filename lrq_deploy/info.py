@@ -10,27 +10,20 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from lrq_deploy.errors import LrqError
 from lrq_deploy.provenance import sha256_of
 
 
 def describe(target: Path) -> dict:
     """A report: {"kind", "path", "intact": bool, "problems": [...], ...kind-specific fields}."""
-    target = Path(target)
-    if not target.exists():
-        raise LrqError(f"{target} does not exist")
-    if target.is_dir():
-        return describe_checkpoint(target)
-    if target.suffix == ".onnx":
-        return describe_onnx(target)
-    if target.suffix in (".engine", ".plan", ".trt"):
-        return describe_engine(target)
-    raise LrqError(f"cannot tell what {target} is: name a checkpoint directory, an .onnx file or an .engine file")
+    from lrq_deploy.artifacts import Kind, artifact_kind
+
+    describers = {Kind.CHECKPOINT: describe_checkpoint, Kind.ONNX: describe_onnx, Kind.ENGINE: describe_engine}
+    return describers[artifact_kind(target)](Path(target))
 
 
 def describe_checkpoint(path: Path) -> dict:
     from lrq_deploy.checkpoint import FORMAT_VERSION, read_manifest, verify_files
-    from lrq_deploy.config import QuantConfig
+    from lrq_deploy.quant.scheme import QuantScheme
 
     manifest = read_manifest(path)
     files = verify_files(path, manifest)
@@ -44,7 +37,7 @@ def describe_checkpoint(path: Path) -> dict:
         "format_version": manifest["format_version"],
         "family": manifest["family"],
         "task": manifest["task"],
-        "scheme": QuantConfig.from_dict(manifest["quant"]).scenario,
+        "scheme": QuantScheme.from_dict(manifest["quant"]).scenario,
         "symmetric_weights": bool(manifest["quant"].get("symmetric")),
         "method": manifest["calib"].get("method"),
         "source": manifest["source"],

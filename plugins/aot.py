@@ -25,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.scheme import KernelFamily, QuantScheme
+from lrq_deploy.quant.scheme import KernelFamily, layer_attributes
 
 from . import dispatch
 
@@ -95,18 +95,17 @@ def kernel_signature(launch: dispatch.Launch, dtype: str, values: dict, absent: 
     return signature, constexprs, tuple(hints)
 
 
-def plugin_kernel(op_type: str, attrs: dict, dtype: str = "float16", sm: int = 90) -> PluginKernel:
-    """The kernel, argument types, compile-time constants and hints of one lrq plugin node."""
-    scheme = QuantScheme.from_attrs(attrs)
+def plugin_kernel(op_type: str, attrs: dict, dtype: str = "float16", sm: int = 90, has_bias: bool = False) -> PluginKernel:
+    """The kernel, argument types, compile-time constants and hints of one lrq plugin node
+    (`attrs`: its scheme and layer attributes; has_bias: the node has a bias input)."""
+    scheme, k, n = layer_attributes(attrs, op_type)
     kernel = scheme.kernel
     if kernel is None:
         raise LrqError(f"no plugin kernel for {op_type} ({scheme.scenario})")
-    k, n = attrs["in_features"], attrs["out_features"]
     bits = scheme.container_bits
     group = scheme.group_length(k)
     if k % (8 // bits):
         raise LrqError(f"{op_type}: in_features {k} does not fit the packing")
-    has_bias = bool(attrs.get("has_bias", False))
     family = dispatch.gpu_family(sm)
     if kernel is KernelFamily.WEIGHT_ONLY:
         launch = dispatch.plan("gemm", 64, n, k, group, bits, family=family, has_bias=has_bias)

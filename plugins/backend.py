@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from lrq_deploy.quant import QuantLinear
-from lrq_deploy.quant.scheme import QuantScheme
 
 
 class KernelLinear(nn.Module):
@@ -14,7 +13,7 @@ class KernelLinear(nn.Module):
 
     def __init__(self, layer: QuantLinear):
         super().__init__()
-        self.scheme = QuantScheme.from_config(layer.config)
+        self.scheme = layer.config
         self.family = self.scheme.require_kernel()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         for name in ("qweight", "scales", "zeros", "bias"):
@@ -34,7 +33,7 @@ def use_kernels(model: nn.Module) -> nn.Module:
     one layer has no kernel)."""
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
     for _, module in targets:
-        QuantScheme.from_config(module.config).require_kernel()
+        module.config.require_kernel()
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, KernelLinear(module))

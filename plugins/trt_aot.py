@@ -18,11 +18,13 @@ and its tiles are the dispatch table's for the building GPU (aot.plugin_kernel).
 # No `from __future__ import annotations`: tensorrt.plugin inspects these annotations as classes.
 from typing import List, Tuple, Union
 
+import inspect
+
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.scheme import QuantScheme
+from lrq_deploy.quant.scheme import layer_attributes
 
 from . import aot
-from .trt_plugins import NAMESPACE, PLUGIN_NAMES
+from .trt_plugins import FIELDS, NAMESPACE, PLUGIN_NAMES
 
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
 _registered: set[str] = set()
@@ -45,11 +47,10 @@ def grid_dims(kernel: aot.PluginKernel, rows, cols) -> tuple:
 
 def scalar_args(attrs: dict) -> tuple:
     """The scalars after M, in aot.SCALARS order: N, K, groups, weight row stride (int32 words)."""
-    scheme = QuantScheme.from_attrs(attrs)
-    k = attrs["in_features"]
+    scheme, k, n = layer_attributes(attrs)
     if (k * scheme.container_bits) % 32:
         raise LrqError(f"ahead-of-time plugins read weight rows as int32 words; in_features {k} does not fill them")
-    return attrs["out_features"], k, scheme.groups(k), k * scheme.container_bits // 32
+    return n, k, scheme.groups(k), k * scheme.container_bits // 32
 
 
 def leading_rows(shape, rank: int):
@@ -92,8 +93,8 @@ def _register(trtp, name: str) -> None:  # noqa: C901 - tensorrt.plugin reads th
                        ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         import torch
 
-        attrs = {"wbits": wbits, "abits": abits, "group_size": group_size, "in_features": in_features,
-                 "out_features": out_features, "act_asym": act_asym}
+        attrs = {"wbits": wbits, "abits": abits, "group_size": group_size, "symmetric": symmetric,
+                 "act_asym": act_asym, "in_features": in_features, "out_features": out_features}
         major, minor = torch.cuda.get_device_capability()
         sm = 10 * major + minor
         kernel = aot.plugin_kernel(name, attrs, _DTYPE_NAMES[str(x.dtype).rsplit(".", 1)[-1]], sm)
@@ -105,3 +106,14 @@ def _register(trtp, name: str) -> None:  # noqa: C901 - tensorrt.plugin reads th
         launch.shared_mem = compiled.shared_bytes
         extra = trtp.SymIntExprs.from_tuple((trtp.SymInt32(rows), *scalar_args(attrs)))
         return compiled.name, compiled.ptx, launch, extra
+
+    check_signature(describe, 4)
+    check_signature(compile_kernel, 4, trailing=2)
+
+
+def check_signature(fn, tensors: int, trailing: int = 0) -> None:
+    """tensorrt.plugin reads the attributes from the function's parameters, which must therefore
+    be spelled out; they must be exactly the scheme's and layer's attributes (trt_plugins.FIELDS)."""
+    names = list(inspect.signature(fn).parameters)[tensors:len(inspect.signature(fn).parameters) - trailing]
+    if sorted(names) != sorted(FIELDS):
+        raise LrqError(f"{fn.__name__} takes attributes {names}, the plugins carry {list(FIELDS)}")

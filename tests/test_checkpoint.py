@@ -5,15 +5,16 @@ import torch
 
 from lrq_deploy.calib.api import calibrate
 from lrq_deploy.checkpoint import load_checkpoint
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import load_model
 
 CASES = [
-    ("tiny_llama_dir", QuantConfig(wbits=4, abits=16, group_size=32), "rtn"),
-    ("tiny_llama_dir", QuantConfig(wbits=8, abits=8), "smoothquant"),
-    ("tiny_opt_dir", QuantConfig(wbits=2, abits=16, group_size=16), "rtn"),
-    ("tiny_opt_dir", QuantConfig(wbits=4, abits=4, symmetric=True), "smoothquant"),
+    ("tiny_llama_dir", QuantScheme(wbits=4, abits=16, group_size=32), "rtn"),
+    ("tiny_llama_dir", QuantScheme(wbits=8, abits=8), "smoothquant"),
+    ("tiny_opt_dir", QuantScheme(wbits=2, abits=16, group_size=16), "rtn"),
+    ("tiny_opt_dir", QuantScheme(wbits=4, abits=4, symmetric=True), "smoothquant"),
 ]
 
 
@@ -32,7 +33,7 @@ def _calibrated_model(source, out, qconfig, method):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine_fn, keep)
         seqlen = None if str(source).endswith("vit") else 32
-        calibrate(str(source), out, qconfig, CalibConfig(method=method, nsamples=4, seqlen=seqlen), device="cpu")
+        calibrate(str(source), out, qconfig, CalibConfig.of(method=method, nsamples=4, seqlen=seqlen), device="cpu")
     return kept["result"].model
 
 
@@ -56,7 +57,7 @@ def test_reload_reproduces_calibrated_outputs_exactly(fixture, qconfig, method, 
 
 def test_vit_reload_exact(tmp_path):
     out = tmp_path / "vit"
-    calibrated = _calibrated_model("bundled:vit", out, QuantConfig(wbits=4, abits=4), "smoothquant")
+    calibrated = _calibrated_model("bundled:vit", out, QuantScheme(wbits=4, abits=4), "smoothquant")
     loaded = load_checkpoint(out).loaded
     images = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -67,7 +68,7 @@ def test_checkpoint_weights_are_packed(tmp_path, tiny_llama_dir):
     from safetensors import safe_open
 
     out = tmp_path / "w2"
-    calibrate(str(tiny_llama_dir), out, QuantConfig(wbits=2, group_size=32), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=2, group_size=32), CalibConfig.of(nsamples=2, seqlen=32), device="cpu")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         qweight = f.get_tensor("model.layers.0.mlp.up_proj.qweight")
         scales = f.get_tensor("model.layers.0.mlp.up_proj.scales")
@@ -77,7 +78,7 @@ def test_checkpoint_weights_are_packed(tmp_path, tiny_llama_dir):
 
 def test_truncated_weights_are_reported(tmp_path, tiny_llama_dir):
     out = tmp_path / "t"
-    calibrate(str(tiny_llama_dir), out, QuantConfig(wbits=4), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=4), CalibConfig.of(nsamples=2, seqlen=32), device="cpu")
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(LrqError, match=r"model.safetensors does not match manifest.json \(size differs\)"):
@@ -91,7 +92,7 @@ def test_truncated_weights_are_reported(tmp_path, tiny_llama_dir):
 
 def test_newer_format_version_is_refused(tmp_path, tiny_llama_dir):
     out = tmp_path / "v"
-    calibrate(str(tiny_llama_dir), out, QuantConfig(wbits=4), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=4), CalibConfig.of(nsamples=2, seqlen=32), device="cpu")
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["format_version"] = 99
     (out / "manifest.json").write_text(json.dumps(manifest))

@@ -1,5 +1,6 @@
 """The import map: lrq_deploy's packages form layers; nothing imports a layer above it, so there
-is no import cycle among them (docs/ARCHITECTURE.md draws the same map)."""
+is no import cycle among them, and no two modules anywhere import each other, directly or
+through others, not even inside one package (docs/ARCHITECTURE.md draws the same map)."""
 
 import ast
 import itertools
@@ -11,7 +12,7 @@ PACKAGES = {"lrq_deploy": ROOT / "lrq_deploy", "lrq_deploy.plugins": ROOT / "plu
 # Lowest first. A module may import its own layer's modules and any layer below.
 LAYERS = [
     {"errors"},
-    {"config", "atomic", "provenance", "data", "devices", "tensor_files"},
+    {"atomic", "provenance", "data", "devices", "tensor_files", "graph_io", "artifacts"},
     {"quant"},
     {"plugins"},
     {"metrics"},
@@ -99,7 +100,67 @@ def test_no_import_cycle_among_packages():
     assert not cycles, f"import cycles through {cycles}"
 
 
+def module_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), imports inside functions included."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in graph:
+                continue
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_between_modules():
+    """Also within one package (engine/build <-> engine/verify was one); a package's __init__
+    re-exporting its modules is not a cycle of the modules themselves."""
+    graph = {m: {t for t in ts if not _is_package_init_of(t, m)} for m, ts in imports().items()}
+    graph = {m: ts for m, ts in graph.items() if not _is_package(m)}
+    assert module_cycles(graph) == []
+
+
+def _is_package(module: str) -> bool:
+    return module in {".".join((pkg, *p.relative_to(folder).parent.parts)).rstrip(".")
+                      for pkg, folder in PACKAGES.items() for p in folder.rglob("__init__.py")}
+
+
+def _is_package_init_of(target: str, module: str) -> bool:
+    return _is_package(target) and module.startswith(target + ".")
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert module_cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert module_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
 def test_the_package_root_stays_torch_free_and_small():
-    """`lrq --help` must not import torch: the package root imports only config and errors."""
+    """`lrq --help` must not import torch: the package root imports only errors and the scheme."""
+    import subprocess
+    import sys
+
     root = imports()["lrq_deploy"]
-    assert {unit_of(t) for t in root} <= {"config", "errors"}
+    assert {unit_of(t) for t in root} <= {"errors", "quant"}
+    code = "import sys, lrq_deploy, lrq_deploy.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

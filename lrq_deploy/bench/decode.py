@@ -21,7 +21,7 @@ import numpy as np
 
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models.base import PAST_PREFIX
+from lrq_deploy.graph_io import PAST_PREFIX
 from lrq_deploy.runtime.onnxrt import deployed_session, empty_past, next_past
 
 
@@ -119,12 +119,13 @@ def make_decoder(target: Path, device: str) -> Decoder:
 
     if str(target) in BUNDLED:
         return _torch_decoder(target, device)
+    from lrq_deploy.artifacts import Kind, artifact_kind
+
     target = Path(target)
-    if not target.exists():
-        raise LrqError(f"benchmark target {target} does not exist")
-    if target.suffix == ".onnx":
+    kind = artifact_kind(target, "benchmark target")
+    if kind is Kind.ONNX:
         return OrtDecoder(target, device)
-    if target.suffix in (".engine", ".plan", ".trt"):
+    if kind is Kind.ENGINE:
         raise LrqError("--decode runs checkpoints, HF directories and --with-past ONNX graphs; engines are timed per "
                        "inference (lrq bench without --decode)")
     return _torch_decoder(target, device)

@@ -186,7 +186,7 @@ class TrtRunner(Runner):
     def _input_specs(session, batch: int, seq_len: int):
         """The engine's inputs with dynamic dims named as the graph named them: the first axis
         batch, the second of input_ids the sequence, the third of past.* the cache length."""
-        from lrq_deploy.models.base import BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS, TensorSpec
+        from lrq_deploy.graph_io import BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS, TensorSpec
 
         specs = []
         for name in session.io_names("INPUT"):
@@ -218,20 +218,15 @@ class TrtRunner(Runner):
 
 
 def detect_backend(target: Path) -> str:
-    if target.is_dir():
-        return "torch"
-    if target.suffix == ".onnx":
-        return "ort"
-    if target.suffix in (".engine", ".plan", ".trt"):
-        return "trt"
-    raise LrqError(f"cannot tell the backend of {target}: name an .onnx file, an .engine file or a checkpoint directory")
+    from lrq_deploy.artifacts import Kind, artifact_kind
+
+    return {Kind.CHECKPOINT: "torch", Kind.ONNX: "ort", Kind.ENGINE: "trt"}[artifact_kind(target, "benchmark target")]
 
 
 def make_runner(target: Path, backend: str | None, batch: int, seq_len: int, device: str, transfers: bool) -> Runner:
     target = Path(target)
-    if not target.exists():
-        raise LrqError(f"benchmark target {target} does not exist")
-    backend = backend or detect_backend(target)
+    detected = detect_backend(target)
+    backend = backend or detected
     if backend == "ort":
         return OrtRunner(target, batch, seq_len, device=device)
     if backend == "torch":

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from lrq_deploy.calib import baselines, learnable  # noqa: F401  (register the methods)
-from lrq_deploy.calib.blockwise import calibrate_model
-from lrq_deploy.calib.learnable import RECIPES
 from lrq_deploy.atomic import check_output_dir
+from lrq_deploy.calib.blockwise import calibrate_model
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import MANIFEST, save_checkpoint
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.devices import resolve_device
 from lrq_deploy.models import DEFAULT_MODEL, load_model
 
@@ -34,7 +34,7 @@ def deterministic_algorithms(device: torch.device) -> None:
 def calibrate(
     model_spec: str | None,
     out: Path,
-    qconfig: QuantConfig,
+    qconfig: QuantScheme,
     cconfig: CalibConfig,
     calib_data: Path | None = None,
     device: str = "auto",
@@ -62,7 +62,7 @@ def calibrate(
     collective = _collective(distributed, dev)
     dev = collective.own_device(dev)
     runs = None
-    if cconfig.method in RECIPES:
+    if cconfig.spec.resumable:
         runs = RunDir(run_dir or default_run_dir(out), run_settings(spec, qconfig, cconfig, calib_data), resume, force)
     collective.barrier()  # every rank has checked the outputs before rank 0 touches them
     deterministic_algorithms(dev)
@@ -76,7 +76,8 @@ def calibrate(
                              run_dir=runs, offload=offload, collective=collective)
     loaded.model.cpu()
     if collective.main:
-        save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig, result.blocks, force=True)
+        save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig.to_dict(), result.blocks,
+                        force=True)
     collective.barrier()
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
@@ -93,38 +94,48 @@ def default_run_dir(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".run")
 
 
-def run_settings(spec: str, qconfig: QuantConfig, cconfig: CalibConfig, calib_data: Path | None) -> dict:
+def run_settings(spec: str, qconfig: QuantScheme, cconfig: CalibConfig, calib_data: Path | None) -> dict:
     return {"model": spec, "quant": qconfig.to_dict(), "calib": cconfig.to_dict(),
             "calib_data": str(calib_data) if calib_data else None}
 
 
 def calibrate_from_options(options: dict, progress=None) -> dict:
-    """`lrq calibrate`: command-line options in, checkpoint out. With resume, options the user
-    did not give (`options["given"]`) are taken from the run directory's settings."""
+    """`lrq calibrate`: command-line options in, checkpoint out. `options["given"]` names the
+    options the user gave: with resume, the others are taken from the run directory's settings;
+    a given method option the chosen method does not take is refused."""
     options = dict(options)
+    given = set(options.pop("given", options))
     if options.get("resume"):
-        _fill_from_run_dir(options, options.pop("given", set(options)))
-    qconfig = QuantConfig(**{name: options[name] for name in QUANT_OPTIONS})
-    cconfig = CalibConfig(**{name: options[name] for name in CALIB_OPTIONS})
+        _fill_from_run_dir(options, given)
+    qconfig = QuantScheme(**{name: options[name] for name in QUANT_OPTIONS})
+    method = get_method(options["method"])
+    own = {f.name for f in fields(method.options)}
+    settings = {name: options[name] for name in CALIB_OPTIONS}
+    settings.update({name: options[name] for name in option_fields() if name in own or name in given})
+    cconfig = CalibConfig.of(options["method"], **settings)
+    epochs = getattr(cconfig.options, "epochs", 0)
     return calibrate(
         options["model"], options["out"], qconfig, cconfig, calib_data=options["calib_data"], device=options["device"],
-        force=options["force"], progress=progress(cconfig.epochs) if progress else None, run_dir=options["run_dir"],
+        force=options["force"], progress=progress(epochs) if progress else None, run_dir=options["run_dir"],
         resume=options["resume"], offload=options["offload"], trust_remote_code=options["trust_remote_code"],
         distributed=options.get("distributed", False),
     )
 
 
-CALIB_OPTIONS = ("method", "nsamples", "seqlen", "seed", "alpha", "epochs", "lr_smooth", "lr_lwc", "batch_size", "compile")
-QUANT_OPTIONS = ("wbits", "abits", "group_size", "symmetric", "act_asym")
+CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size")  # every method's; its own come from the registry
+QUANT_OPTIONS = tuple(f.name for f in fields(QuantScheme))
 
 
 def _fill_from_run_dir(options: dict, given: set) -> None:
     saved = saved_settings(options["run_dir"] or default_run_dir(options["out"]))
     if saved is None:
         return
-    recorded = {"model": saved.get("model"), "calib_data": saved.get("calib_data"),
+    calib = saved.get("calib", {})
+    recorded = {"model": saved.get("model"), "calib_data": saved.get("calib_data"), "method": calib.get("method"),
                 **{k: saved.get("quant", {}).get(k) for k in QUANT_OPTIONS},
-                **{k: saved.get("calib", {}).get(k) for k in CALIB_OPTIONS}}
+                **{k: calib.get(k) for k in CALIB_OPTIONS},
+                **(calib.get("options") or {})}
     for name, value in recorded.items():
         if name not in given and (value is not None or name in ("group_size", "seqlen", "calib_data")):
             options[name] = Path(value) if name == "calib_data" and value else value
+            given.add(name)

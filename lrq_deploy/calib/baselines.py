@@ -1,17 +1,18 @@
-"""Calibration-free and statistics-only baselines: RTN and SmoothQuant."""
+"""Calibration-free and statistics-only baselines (RTN, SmoothQuant) and the helpers the other
+methods share: round-to-nearest linears, activation statistics."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lrq_deploy.calib.blockwise import BlockJob, register_method
-from lrq_deploy.config import QuantConfig
+from lrq_deploy.calib.blockwise import BlockJob
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.fold import fold_smoothing, reduce_to_prev
 from lrq_deploy.quant import QuantLinear, gained_scale, quantize_weight, weight_qparams
 
 
-def quantize_linear(linear: nn.Linear, config: QuantConfig, upper=None, lower=None, row_gain=None) -> QuantLinear:
+def quantize_linear(linear: nn.Linear, config: QuantScheme, upper=None, lower=None, row_gain=None) -> QuantLinear:
     """Round-to-nearest quantization of one linear, optionally with learned LWC clip factors
     (upper/lower, [out, groups]) and a per-row gain carried by the stored scale."""
     weight = linear.weight.detach()
@@ -23,7 +24,7 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig, upper=None, lower=No
     return QuantLinear.from_codes(codes, gained_scale(scale, row_gain), zero, bias, config).to(weight.device)
 
 
-def replace_linears(block: nn.Module, names: list[str], config: QuantConfig, clip_factors: dict | None = None) -> None:
+def replace_linears(block: nn.Module, names: list[str], config: QuantScheme, clip_factors: dict | None = None) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
@@ -59,15 +60,8 @@ def weight_absmax(job: BlockJob, group) -> torch.Tensor:
     return amax.amax(dim=0)
 
 
-@register_method("rtn")
-def rtn(job: BlockJob) -> None:
-    replace_linears(job.block, job.linear_names, job.qconfig)
-
-
-@register_method("smoothquant")
-def smoothquant(job: BlockJob) -> dict:
+def smoothquant(job: BlockJob, alpha: float) -> dict:
     """SmoothQuant: s = max|X|^alpha / max|W|^(1 - alpha), folded into the preceding module."""
-    alpha = job.cconfig.alpha
     firsts = [g.linears[0] for g in job.groups]
     stats = input_stats(job, firsts, job.q_inputs)
     for group in job.groups:

@@ -1,9 +1,9 @@
-"""The block-wise engine shared by every method.
+"""The block-wise calibration loop shared by every method.
 
 For each transformer block in order: compute its full-precision output on full-precision
 inputs (the target), let the method quantize the block in place (seeing the inputs produced
 by the already-quantized blocks before it), then feed the quantized block's output to the
-next block. Methods are functions registered in METHODS.
+next block. Methods come from the registry (calib/registry.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch import nn
 
 from lrq_deploy.calib.distributed import SINGLE, Collective
 from lrq_deploy.calib.rundir import RunDir
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
 from lrq_deploy.quant import QuantLinear
@@ -36,7 +37,7 @@ class BlockJob:
     adapter: ModelAdapter
     groups: list[SmoothGroup]
     linear_names: list[str]
-    qconfig: QuantConfig
+    qconfig: QuantScheme
     cconfig: CalibConfig
     fp_inputs: torch.Tensor
     q_inputs: torch.Tensor
@@ -47,6 +48,11 @@ class BlockJob:
     epoch_progress: Callable[[int, float], None] | None = None
     collective: Collective = SINGLE  # the other calibration ranks (data parallel), if any
     total_samples: int | None = None  # over all ranks (default: this rank's)
+
+    @property
+    def options(self):
+        """The method's own settings (its options dataclass)."""
+        return self.cconfig.options
 
     @property
     def samples(self) -> int:
@@ -61,17 +67,6 @@ class CalibrationResult:
     model: nn.Module
     quantized: list[str]
     blocks: list[dict] = field(default_factory=list)
-
-
-METHODS: dict[str, Callable[[BlockJob], dict | None]] = {}
-
-
-def register_method(name: str):
-    def wrap(fn):
-        METHODS[name] = fn
-        return fn
-
-    return wrap
 
 
 def run_block(adapter, block, hidden, kwargs, batch_size, grad=False, device=None) -> torch.Tensor:
@@ -123,7 +118,7 @@ def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def check_shapes(loaded: LoadedModel, qconfig: QuantConfig) -> None:
+def check_shapes(loaded: LoadedModel, qconfig: QuantScheme) -> None:
     """Fail before any work if a linear cannot be quantized with this configuration."""
     if not qconfig.group_size:
         return
@@ -148,7 +143,7 @@ def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor, collective: Collecti
 
 
 def calibrate_model(
-    loaded: LoadedModel, qconfig: QuantConfig, cconfig: CalibConfig, batches: list[torch.Tensor], device,
+    loaded: LoadedModel, qconfig: QuantScheme, cconfig: CalibConfig, batches: list[torch.Tensor], device,
     progress=None, run_dir: RunDir | None = None, offload: bool | str = False, collective: Collective = SINGLE,
 ) -> CalibrationResult:
     """Quantize `loaded.model` in place, block by block; return per-block errors.
@@ -162,9 +157,7 @@ def calibrate_model(
 
 
 def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_dir, offload, collective, keep):
-    if cconfig.method not in METHODS:
-        raise LrqError(f"method {cconfig.method!r} is not available (available: {', '.join(METHODS)})")
-    method = METHODS[cconfig.method]
+    method = cconfig.spec.quantize_block
     adapter, model = loaded.adapter, loaded.model
     check_shapes(loaded, qconfig)
     torch.manual_seed(cconfig.seed)

@@ -15,14 +15,14 @@ model's own; per-token activation fake quantization is a forward pre-hook on eac
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from lrq_deploy.calib.baselines import input_stats, replace_linears, weight_absmax
-from lrq_deploy.calib.blockwise import BlockJob, block_errors, register_method
+from lrq_deploy.calib.blockwise import BlockJob, block_errors
+from lrq_deploy.calib.recipe import Recipe
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.errors import LrqError
 from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
@@ -30,24 +30,6 @@ from lrq_deploy.quant import fake_quant_activation, fake_quant_weight, gained_sc
 from lrq_deploy.quant.scheme import group_length
 
 LWC_INIT = 4.0
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What distinguishes the learnable methods; everything else is shared."""
-
-    init: str  # "log" (LRQuant) or "smoothquant" (OmniQuant)
-    use_nlc: bool
-    rotation: bool
-    two_branch: bool
-    dynamic_weighting: bool
-
-
-RECIPES = {
-    "omniquant": Recipe(init="smoothquant", use_nlc=False, rotation=False, two_branch=False, dynamic_weighting=False),
-    "lrquant": Recipe(init="log", use_nlc=True, rotation=False, two_branch=False, dynamic_weighting=False),
-    "lrquant+": Recipe(init="log", use_nlc=True, rotation=True, two_branch=True, dynamic_weighting=True),
-}
 
 
 def log_equivalent_scale(act_absmax: torch.Tensor) -> torch.Tensor:
@@ -112,7 +94,7 @@ def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
         if recipe.init == "log":
             scale = log_equivalent_scale(absmax)
         else:
-            scale = smoothquant_scale(absmax, reduce_to_prev(weight_absmax(job, group), group), job.cconfig.alpha)
+            scale = smoothquant_scale(absmax, reduce_to_prev(weight_absmax(job, group), group), job.options.alpha)
         params.add("scale", _group_key(i), scale.clamp(min=1e-5))
         if recipe.rotation:
             params.add("gain", _group_key(i), torch.ones_like(scale))
@@ -251,7 +233,7 @@ def loss_terms_fn(job: BlockJob, params: BlockParams, objective: Objective):
             output = job.adapter.run_block(block, inputs, job.kwargs)
             return objective.terms_of(output, targets)
 
-    if not job.cconfig.compile:
+    if not job.options.compile:
         return step
     torch.compiler.reset()  # a fresh cache per block: guards on one block's modules would pile up to the recompile limit
     # Inductor drops float32 -> float16 -> float32 round trips inside fused kernels unless told to
@@ -292,10 +274,10 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
     """Train the block's parameters; keep those of the epoch whose block output is closest to the
     FP block output (epoch 0: the initialisation), so training never leaves a block worse than it
     started. Returns the training record: loss_curve, mse / cosine per epoch, best_epoch."""
-    cfg = job.cconfig
+    cfg, options = job.cconfig, job.options
     groups = [
-        {"params": params.of_kind("scale", "shift", "gain", "row_gain"), "lr": cfg.lr_smooth},
-        {"params": params.of_kind("lwc_up", "lwc_low"), "lr": cfg.lr_lwc},
+        {"params": params.of_kind("scale", "shift", "gain", "row_gain"), "lr": options.lr_smooth},
+        {"params": params.of_kind("lwc_up", "lwc_low"), "lr": options.lr_lwc},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     targets = [job.fp_targets]
@@ -307,7 +289,7 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
     curve = []
     errors = [fake_quant_errors(job, params)]
     best = (errors[0]["mse"], 0, params.tensors())
-    for epoch in range(cfg.epochs):
+    for epoch in range(options.epochs):
         order = torch.randperm(job.samples, generator=generator)
         epoch_loss = 0.0
         for batch in order.split(cfg.batch_size):
@@ -343,24 +325,19 @@ def fold_and_quantize(job: BlockJob, params: BlockParams) -> None:
     replace_linears(job.block, job.linear_names, job.qconfig, clip)
 
 
-def learnable_method(recipe: Recipe):
-    def method(job: BlockJob) -> dict:
-        for p in job.block.parameters():
-            p.requires_grad_(False)
-        params = init_block_params(job, recipe)
-        saved = job.run_dir.load_block(job.index) if job.run_dir else None
-        if saved is not None:
-            params.load({k: v.to(job.device) for k, v in saved.items()})
-            record = job.run_dir.block_record(job.index)
-        else:
-            record = train_block(job, params, recipe, job.epoch_progress)
-            if job.run_dir and job.collective.main:
-                job.run_dir.save_block(job.index, params.tensors(), record)
-        fold_and_quantize(job, params)
-        return record
-
-    return method
-
-
-for _name, _recipe in RECIPES.items():
-    register_method(_name)(learnable_method(_recipe))
+def learn_block(job: BlockJob, recipe: Recipe) -> dict:
+    """A learnable method on one block: train its parameters (or read them back from the run
+    directory of an interrupted run), fold them, quantize. Returns the training record."""
+    for p in job.block.parameters():
+        p.requires_grad_(False)
+    params = init_block_params(job, recipe)
+    saved = job.run_dir.load_block(job.index) if job.run_dir else None
+    if saved is not None:
+        params.load({k: v.to(job.device) for k, v in saved.items()})
+        record = job.run_dir.block_record(job.index)
+    else:
+        record = train_block(job, params, recipe, job.epoch_progress)
+        if job.run_dir and job.collective.main:
+            job.run_dir.save_block(job.index, params.tensors(), record)
+    fold_and_quantize(job, params)
+    return record

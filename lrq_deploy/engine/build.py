@@ -25,12 +25,12 @@ from lrq_deploy.atomic import atomic_write, check_output_file, remove_stale_temp
 from lrq_deploy.runtime.flavours import Flavour, load_flavour
 from lrq_deploy.runtime.engine_record import build_record, record_path
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models.base import BATCH_AXIS, PAST_AXIS, SEQ_AXIS
+from lrq_deploy.graph_io import AXIS_RANGES
 from lrq_deploy.runtime.inputs import axis_of
 
 PRECISIONS = ("int4", "fp8", "fp4", "fp16")
 # Default profile ranges for our graphs' named dynamic axes: (min, opt, max).
-AXIS_RANGES = {BATCH_AXIS: (1, 1, 8), SEQ_AXIS: (1, 128, 512), PAST_AXIS: (0, 128, 1024)}
+
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.runtime.compare import compare_runs, run_iterations
 from lrq_deploy.runtime.inputs import make_feeds
 from lrq_deploy.runtime.runners import TrtRunner, ort_runner
-from lrq_deploy.models.base import TensorSpec
+from lrq_deploy.graph_io import TensorSpec
 
 
 def verification_feeds(model: onnx.ModelProto, shapes: dict, seed: int = 0) -> dict:
     """Inputs for every graph input at its opt shape (explicit, or the default profile's)."""
-    from lrq_deploy.engine.build import AXIS_RANGES
+    from lrq_deploy.graph_io import AXIS_RANGES
 
     specs = []
     for spec in model.graph.input:

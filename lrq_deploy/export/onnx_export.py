@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,10 +19,12 @@ from lrq_deploy.atomic import (atomic_write, check_output_file, make_readable, r
                                write_json)
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
-from lrq_deploy.export.lower import default_opset, lower, required_opset, set_opset
+from lrq_deploy.export.graph import default_opset, set_opset
+from lrq_deploy.export.lower import lower, required_opset
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.checkpoint import load_source
 from lrq_deploy.quant import QuantLinear
+from lrq_deploy.quant.scheme import DOMAIN
 from lrq_deploy.runtime.onnxrt import ACCURACY_LEVEL_META, INT8_ACTIVATIONS_LEVEL
 
 TARGETS = ("ort", "trt")
@@ -84,7 +87,7 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
             f"the minimum is {needed}"
         )
     set_opset(model, max(opset or needed, default_opset(model)))
-    lower(model, target, bool(ckpt.quant and ckpt.quant.symmetric))
+    lower(model, target)
     describe_graph(model, ckpt, target, with_past)
     if options.ort_int8_activations:
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
@@ -98,12 +101,13 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
             raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
         data = tmp.with_name(tmp.name + ".data")
         report["file_bytes"] = sum(f.stat().st_size for f in (tmp, data) if f.is_file())
-        if verify and target == "ort":
+        if verify:
             from lrq_deploy.export.verify import verify_against_torch, verify_generation
 
-            report["verify"] = verify_against_torch(tmp, loaded, limit, with_past, (batch, seq_len))
-            if with_past:
-                report["verify_generation"] = verify_generation(tmp, loaded)
+            with runnable_by_ort(tmp, target) as graph:
+                report["verify"] = verify_against_torch(graph, loaded, limit, with_past, (batch, seq_len))
+                if with_past:
+                    report["verify_generation"] = verify_generation(graph, loaded)
         report["sha256"] = sha256_of(tmp)
         if data.is_file():
             report["data_sha256"] = sha256_of(data)
@@ -116,6 +120,24 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
 
         report["triton_repo"] = str(onnx_repository(out, options.triton_repo, force=options.force))
     return report
+
+
+@contextmanager
+def runnable_by_ort(graph: Path, target: str):
+    """The graph itself (target ort), or for target trt the same graph with its lrq plugin nodes
+    rewritten into the standard ops onnxruntime runs (lower_trt.ort_reference, from the nodes' own
+    bytes), in a temporary file beside it: a TensorRT graph is verified against torch too."""
+    if target == "ort":
+        yield graph
+        return
+    from lrq_deploy.export.lower_trt import ort_reference
+
+    reference = graph.with_name(graph.name + ".ort-reference.onnx")
+    try:
+        onnx.save(ort_reference(onnx.load(str(graph))), str(reference))
+        yield reference
+    finally:
+        reference.unlink(missing_ok=True)
 
 
 def save_graph(model: onnx.ModelProto, out: Path, check: Callable[[Path], None]) -> None:
@@ -208,7 +230,7 @@ def size_report(model: onnx.ModelProto, ckpt) -> dict:
     """Bytes of the quantized linears' weights (codes + scales + zero points) vs the same weights in FP16."""
     quant_names = set(ckpt.quantized_modules)
     init_bytes = {t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
-    plugin_inputs = {name for n in model.graph.node if n.domain == "lrq" for name in n.input[1:4]}
+    plugin_inputs = {name for n in model.graph.node if n.domain == DOMAIN for name in n.input[1:4]}
     quant_bytes = sum(b for n, b in init_bytes.items() if n.startswith("lrq_linear_") or n in plugin_inputs)
     fp16 = _fp16_linear_bytes(model)
     return {
@@ -227,7 +249,7 @@ def _fp16_linear_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.domain == "lrq" and "out_features" in attrs:
+        if node.domain == DOMAIN and "out_features" in attrs:
             total += attrs["in_features"] * attrs["out_features"] * 2
             continue
         if not node.name.startswith("lrq_linear_") or node.op_type not in ("DequantizeLinear", "MatMulInteger", "MatMul"):

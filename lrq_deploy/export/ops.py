@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from lrq_deploy.quant.op import quant_linear  # noqa: F401  (registers torch.ops.lrq.quant_linear)
+from lrq_deploy.quant.scheme import ATTRIBUTES, DOMAIN
 
-DOMAIN = "lrq"
+NODE_ATTRIBUTES = ATTRIBUTES + ("in_features",)
 
 
 def _register_schema() -> None:
@@ -40,21 +41,22 @@ def _register_schema() -> None:
             ("TS", ["tensor(float16)", "tensor(float)"], "scales"),
             ("TZ", ["tensor(uint8)"], "zero points"),
         ],
-        attributes=[OpSchema.Attribute(n, attr, "") for n in ("wbits", "abits", "group_size", "in_features", "act_asym")],
+        attributes=[OpSchema.Attribute(n, attr, "") for n in NODE_ATTRIBUTES],
     )
     onnx.defs.register_schema(schema)
 
 
-def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, group_size: int, in_features: int,
-                      act_asym: int = 0):
-    """ONNX translation: one node in the lrq domain (lowered later)."""
+def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, group_size: int, symmetric: int,
+                      act_asym: int, in_features: int):
+    """ONNX translation: one node in the lrq domain (lowered later); the op's integer arguments
+    are the node's attributes (NODE_ATTRIBUTES)."""
     from onnxscript.values import Opset
 
     _register_schema()
     lrq = Opset(DOMAIN, 1)
     inputs = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
-    return lrq.QuantLinear(*inputs, wbits=wbits, abits=abits, group_size=group_size, in_features=in_features,
-                           act_asym=act_asym)
+    return lrq.QuantLinear(*inputs, wbits=wbits, abits=abits, group_size=group_size, symmetric=symmetric,
+                           act_asym=act_asym, in_features=in_features)
 
 
 TRANSLATIONS = {torch.ops.lrq.quant_linear.default: quant_linear_onnx}

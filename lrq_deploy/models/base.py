@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lrq_deploy.graph_io import GraphIO
+
 
 @dataclass(frozen=True)
 class SmoothGroup:
@@ -105,40 +107,6 @@ class ModelAdapter:
 
     def metric_from_logits(self, inputs: list, logits: list, labels: list | None) -> dict:
         raise NotImplementedError
-
-
-# Axis names of graph inputs and outputs, shared by export (dynamic axes), the input generator
-# (runtime/inputs.py) and decoding: a symbolic dimension is matched by the name it contains.
-BATCH_AXIS, SEQ_AXIS, PAST_AXIS = "batch", "seq", "past"
-ATTENTION_MASK = "attention_mask"  # 1 for real tokens, 0 for padding (generated as all ones)
-PAST_PREFIX, PRESENT_PREFIX = "past.", "present."
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: name, numpy dtype name, dims (ints, or axis names above)."""
-
-    name: str
-    dtype: str
-    dims: tuple
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    """What a model's deployment graph takes and returns; `kv_cache` when it carries past
-    keys/values (inputs PAST_PREFIX + "{layer}.{key|value}" -> outputs PRESENT_PREFIX + same)."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    kv_cache: bool = False
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
 
 
 @dataclass

@@ -15,9 +15,8 @@ from torch import nn
 
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models.base import (
-    ATTENTION_MASK, BATCH_AXIS, SEQ_AXIS, ExportSpec, GraphIO, SmoothGroup, TensorSpec,
-)
+from lrq_deploy.graph_io import ATTENTION_MASK, BATCH_AXIS, GraphIO, SEQ_AXIS, TensorSpec
+from lrq_deploy.models.base import ExportSpec, SmoothGroup
 from lrq_deploy.models.hf import HFAdapter
 
 EVAL_SENTENCES = 1000  # WikiText-2 test sentences compared by default

@@ -8,9 +8,8 @@ from torch import nn
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.metrics.perplexity import perplexity, perplexity_from_logits, windows
-from lrq_deploy.models.base import (
-    BATCH_AXIS, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, ExportSpec, GraphIO, TensorSpec, static_batches,
-)
+from lrq_deploy.graph_io import BATCH_AXIS, GraphIO, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, TensorSpec
+from lrq_deploy.models.base import ExportSpec, static_batches
 from lrq_deploy.models.hf import HFAdapter
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models.base import BATCH_AXIS, SEQ_AXIS, ExportSpec, GraphIO, TensorSpec, static_batches
+from lrq_deploy.models.base import ExportSpec, static_batches
+from lrq_deploy.graph_io import BATCH_AXIS, SEQ_AXIS, GraphIO, TensorSpec
 from lrq_deploy.models.hf import HFAdapter
 from lrq_deploy.models.llama import LlamaAdapter
 

@@ -11,9 +11,8 @@ from torch import nn
 from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.metrics.top1 import top1_accuracy, top1_from_logits
-from lrq_deploy.models.base import (
-    BATCH_AXIS, BlockInputs, ExportSpec, GraphIO, ModelAdapter, SmoothGroup, TensorSpec, static_batches,
-)
+from lrq_deploy.graph_io import BATCH_AXIS, GraphIO, TensorSpec
+from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, SmoothGroup, static_batches
 
 
 class VitAdapter(ModelAdapter):

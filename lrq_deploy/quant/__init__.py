@@ -1,33 +1,29 @@
-"""Quantizer numerics shared by every stage (calibration, checkpoint, export, kernels)."""
+"""Quantizer numerics shared by every stage (calibration, checkpoint, export, kernels).
 
-from lrq_deploy.quant.linear import QuantLinear
-from lrq_deploy.quant.pack import container_bits, pack_codes, unpack_codes
-from lrq_deploy.quant.primitives import (
-    act_qmax,
-    dequantize_weight,
-    fake_quant_activation,
-    fake_quant_weight,
-    gained_scale,
-    quantize_activation,
-    quantize_activation_asym,
-    quantize_weight,
-    round_ste,
-    weight_qparams,
-)
+The torch parts load on first use, so `lrq_deploy.quant.scheme` and `lrq_deploy.quant.pack`
+stay importable without torch (the CLI and the package root use them).
+"""
 
-__all__ = [
-    "QuantLinear",
-    "act_qmax",
-    "container_bits",
-    "dequantize_weight",
-    "fake_quant_activation",
-    "fake_quant_weight",
-    "gained_scale",
-    "pack_codes",
-    "quantize_activation",
-    "quantize_activation_asym",
-    "quantize_weight",
-    "round_ste",
-    "unpack_codes",
-    "weight_qparams",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "QuantLinear": "linear",
+    "QuantScheme": "scheme",
+    "container_bits": "pack",
+    "pack_codes": "pack",
+    "unpack_codes": "pack",
+    **{name: "primitives" for name in (
+        "act_qmax", "dequantize_weight", "fake_quant_activation", "fake_quant_weight", "gained_scale",
+        "quantize_activation", "quantize_activation_asym", "quantize_weight", "round_ste", "weight_qparams",
+    )},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrq_deploy.config import QuantConfig
 from lrq_deploy.quant.pack import container_bits, pack_codes, unpack_codes
 from lrq_deploy.quant.scheme import QuantScheme, group_length
 from lrq_deploy.quant.primitives import dequantize_weight, fake_quant_activation
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig):
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantScheme):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -37,7 +36,7 @@ class QuantLinear(nn.Module):
         self.graph_op = False  # set by the ONNX exporter: forward through the lrq::quant_linear op
 
     @classmethod
-    def from_codes(cls, codes, scales, zeros, bias, config: QuantConfig) -> "QuantLinear":
+    def from_codes(cls, codes, scales, zeros, bias, config: QuantScheme) -> "QuantLinear":
         out_features, in_features = codes.shape
         layer = cls(in_features, out_features, bias is not None, config)
         layer.qweight.copy_(pack_codes(codes, config.wbits))
@@ -48,7 +47,7 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_float(cls, weight, bias, config: QuantConfig) -> "QuantLinear":
+    def from_float(cls, weight, bias, config: QuantScheme) -> "QuantLinear":
         """Activation-only quantization (wbits=16): weights stay in floating point."""
         layer = cls(weight.shape[1], weight.shape[0], bias is not None, config)
         layer.weight = weight.detach().clone()
@@ -91,8 +90,8 @@ class QuantLinear(nn.Module):
             weight, scales, zeros = self.qweight, self.scales, self.zeros
         else:
             weight, scales, zeros = self.weight, self.weight.new_ones(1), self.weight.new_zeros(1, dtype=torch.uint8)
-        return quant_linear(x, weight, scales, zeros, self.bias, cfg.wbits, cfg.abits, QuantScheme.from_config(cfg).group_attr,
-                            self.in_features, int(cfg.act_asym))
+        return quant_linear(x, weight, scales, zeros, self.bias, *cfg.to_attributes().values(),
+                            self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.config.scenario}"

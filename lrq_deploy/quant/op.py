@@ -18,10 +18,11 @@ from lrq_deploy.quant.scheme import group_from_attr
 @torch.library.custom_op("lrq::quant_linear", mutates_args=())
 def quant_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
-    wbits: int, abits: int, group_size: int, in_features: int, act_asym: int = 0,
+    wbits: int, abits: int, group_size: int, symmetric: int, act_asym: int, in_features: int,
 ) -> torch.Tensor:
     """Reference: per-token activation fake quant (abits < 16; asymmetric with act_asym), dequantized
-    weight, linear."""
+    weight, linear. The integer arguments are QuantScheme.to_attributes() and in_features (symmetry
+    is carried for the lowering; the stored zero points already encode it)."""
     if abits < 16:
         x = fake_quant_activation(x, abits, bool(act_asym))
     if wbits < 16:
@@ -33,5 +34,5 @@ def quant_linear(
 
 
 @quant_linear.register_fake
-def _(x, qweight, scales, zeros, bias, wbits, abits, group_size, in_features, act_asym=0):
+def _(x, qweight, scales, zeros, bias, wbits, abits, group_size, symmetric, act_asym, in_features):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])

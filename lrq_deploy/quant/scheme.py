@@ -1,21 +1,42 @@
-"""QuantScheme: a quantized layer's numerics as every deployment stage needs them, derived once.
+"""QuantScheme: the one description of a quantized layer's numerics, for every stage.
 
-The torch kernel backend, ONNX lowering and both kinds of TensorRT plugin ask the scheme which
-kernel family serves a layer (`kernel`) and how long a weight group is (`group_length`);
-nothing else encodes those rules. Group size has one meaning everywhere: `None` is one group
-per output channel; kernels receive the group's length, which always divides K. ONNX node
-attributes spell per-channel as 0 (attributes cannot be None), converted here only.
+The CLI builds it from options, the manifest stores it (`to_dict` / `from_dict`), the ONNX
+nodes and the TensorRT plugins carry it as integer attributes (`to_attributes` /
+`from_attributes`), and the kernel backend, lowering and plugins ask it which kernel family
+serves a layer (`kernel`) and how long a weight group is (`group_length`). Nothing else
+spells these fields or rules; a new format is a new value here, not a parallel code path.
+
+Group size has one meaning everywhere: `None` is one group per output channel; kernels receive
+the group's length, which always divides K. Node attributes spell per channel as 0 (attributes
+cannot be None), converted here only.
+
+Torch-free: the CLI and `lrq_deploy` import it without loading torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.quant.pack import container_bits
 
-__all__ = ["KernelFamily", "QuantScheme", "group_from_attr", "group_length", "kernel_schemes"]
+__all__ = [
+    "ACT_BITS", "ATTRIBUTES", "DOMAIN", "KernelFamily", "LAYER_ATTRIBUTES", "QuantScheme", "WEIGHT_BITS",
+    "group_from_attr", "group_length", "kernel_schemes", "layer_attributes",
+]
+
+DOMAIN = "lrq"  # ONNX domain of every lrq node, and the TensorRT plugin namespace of their plugins
+
+WEIGHT_BITS = (2, 3, 4, 6, 8, 16)
+ACT_BITS = (4, 6, 8, 16)
+
+# The scheme's fields as integer node / plugin attributes, in wire order; those with a default
+# may be absent (graphs written before the field existed).
+ATTRIBUTES = ("wbits", "abits", "group_size", "symmetric", "act_asym")
+ATTRIBUTE_DEFAULTS = {"act_asym": 0}
+# What a plugin node adds to the scheme: the layer's shape.
+LAYER_ATTRIBUTES = ("in_features", "out_features")
 
 
 class KernelFamily(str, Enum):
@@ -30,29 +51,75 @@ INTEGER_ACT_BITS = (4, 6, 8)
 
 @dataclass(frozen=True)
 class QuantScheme:
-    wbits: int
-    abits: int
-    group_size: int | None = None  # None: per output channel
+    """Numerics of a quantized model (validated on construction).
+
+    wbits: weight bits (16 = keep weights in floating point).
+    abits: activation bits (16 = keep activations in floating point). Activations are quantized
+        per token, dynamically (round half to even): symmetrically (range +-(2^(b-1)-1)), or with
+        act_asym over each token's [min, max] with a per-token zero point (quant/primitives.py).
+    group_size: weights quantized in groups of this many input channels; None = per output channel.
+    symmetric: symmetric weight quantization (zero point fixed at 2^(b-1)); default asymmetric.
+    """
+
+    wbits: int = 4
+    abits: int = 16
+    group_size: int | None = None
     symmetric: bool = False
-    act_asym: bool = False  # per-token activation zero points (integer kernels: a correction in the epilogue)
+    act_asym: bool = False
+
+    def __post_init__(self):
+        if self.wbits not in WEIGHT_BITS:
+            raise LrqError(f"wbits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.wbits}")
+        if self.abits not in ACT_BITS:
+            raise LrqError(f"abits must be one of {', '.join(map(str, ACT_BITS))}, got {self.abits}")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise LrqError(f"group size must be an even number >= 2 (or omitted for per-channel), got {self.group_size}")
+        if self.act_asym and self.abits == 16:
+            raise LrqError("asymmetric activations (--act-asym) need quantized activations: set --abits below 16")
+        if self.wbits == 16 and self.abits == 16:
+            raise LrqError("wbits=16 and abits=16 quantizes nothing; lower at least one of them")
+
+    # -- the wire: manifest / CLI config and node / plugin attributes --------------------------
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
-    def from_config(cls, config) -> "QuantScheme":
-        return cls(config.wbits, config.abits, config.group_size, config.symmetric, config.act_asym)
+    def from_dict(cls, data: dict) -> "QuantScheme":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LrqError(f"unknown quantization fields {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return cls(**data)
+
+    def to_attributes(self) -> dict[str, int]:
+        """The scheme as integer attributes of an lrq ONNX node or TensorRT plugin (group 0 = per channel)."""
+        return {"wbits": self.wbits, "abits": self.abits, "group_size": self.group_size or 0,
+                "symmetric": int(self.symmetric), "act_asym": int(self.act_asym)}
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "QuantScheme":
-        """From an lrq ONNX node's attributes (group_size 0 = per channel; act_asym absent = 0)."""
-        return cls(int(attrs["wbits"]), int(attrs["abits"]), group_from_attr(attrs["group_size"]),
-                   bool(attrs.get("symmetric", 0)), bool(attrs.get("act_asym", 0)))
+    def from_attributes(cls, attrs: dict, owner: str = "lrq node") -> "QuantScheme":
+        """From integer attributes (other keys ignored); one clear error names any missing."""
+        missing = [name for name in ATTRIBUTES if name not in attrs and name not in ATTRIBUTE_DEFAULTS]
+        if missing:
+            raise LrqError(f"{owner} lacks attributes {', '.join(missing)}")
+        value = {name: int(attrs.get(name, ATTRIBUTE_DEFAULTS.get(name))) for name in ATTRIBUTES}
+        return cls(value["wbits"], value["abits"], group_from_attr(value["group_size"]), bool(value["symmetric"]),
+                   bool(value["act_asym"]))
+
+    # -- what stages ask -----------------------------------------------------------------------
 
     @property
-    def group_attr(self) -> int:
-        """The group size as an ONNX attribute: 0 for per channel."""
-        return self.group_size or 0
+    def quantize_weights(self) -> bool:
+        return self.wbits < 16
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.abits < 16
 
     @property
     def scenario(self) -> str:
+        """The scheme's one-line name: W4A16-g64, W4A4-asym, ..."""
         return (f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
                 + ("-asym" if self.act_asym else ""))
 
@@ -78,6 +145,11 @@ class QuantScheme:
         return self.kernel
 
     @property
+    def native_int4(self) -> bool:
+        """TensorRT's own INT4 path serves it: symmetric 4-bit weights, float activations."""
+        return self.wbits == 4 and self.abits == 16 and self.symmetric
+
+    @property
     def plugin_name(self) -> str:
         """The TensorRT plugin / lrq ONNX node type of this scheme."""
         return f"W{self.wbits}A{self.abits}Linear"
@@ -89,8 +161,16 @@ class QuantScheme:
         return in_features // self.group_length(in_features)
 
 
+def layer_attributes(attrs: dict, owner: str = "lrq plugin node") -> tuple[QuantScheme, int, int]:
+    """(scheme, in_features, out_features) from a plugin node's attributes."""
+    missing = [name for name in LAYER_ATTRIBUTES if name not in attrs]
+    if missing:
+        raise LrqError(f"{owner} lacks attributes {', '.join(missing)}")
+    return QuantScheme.from_attributes(attrs, owner), int(attrs["in_features"]), int(attrs["out_features"])
+
+
 def group_from_attr(value: int) -> int | None:
-    """An ONNX attribute's group size (0 = per channel) as the scheme spells it."""
+    """An attribute's group size (0 = per channel) as the scheme spells it."""
     return int(value) or None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrq_deploy.models.base import ATTENTION_MASK, BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS
+from lrq_deploy.graph_io import ATTENTION_MASK, BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS
 
 TOKEN_RANGE = 100  # input ids drawn from [0, 100): valid for every vocabulary
 

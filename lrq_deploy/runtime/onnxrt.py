@@ -73,7 +73,7 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(i
 
 def input_specs(session) -> list:
     """The session's inputs as tensor specs (symbolic dims keep the graph's axis names)."""
-    from lrq_deploy.models.base import TensorSpec
+    from lrq_deploy.graph_io import TensorSpec
 
     return [TensorSpec(i.name, ORT_TYPES.get(i.type, "float32"), tuple(i.shape)) for i in session.get_inputs()]
 
@@ -82,7 +82,7 @@ def empty_past(session, batch: int) -> dict:
     """Zero-length KV-cache inputs of a --with-past graph: the graph then runs as prefill."""
     import numpy as np
 
-    from lrq_deploy.models.base import PAST_PREFIX
+    from lrq_deploy.graph_io import PAST_PREFIX
 
     return {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
             for spec in session.get_inputs() if spec.name.startswith(PAST_PREFIX)}
@@ -90,6 +90,6 @@ def empty_past(session, batch: int) -> dict:
 
 def next_past(outputs: dict) -> dict:
     """The present.* outputs of one step as the past.* inputs of the next."""
-    from lrq_deploy.models.base import PAST_PREFIX, PRESENT_PREFIX
+    from lrq_deploy.graph_io import PAST_PREFIX, PRESENT_PREFIX
 
     return {n.replace(PRESENT_PREFIX, PAST_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lrq_deploy.atomic import atomic_directory, check_output_dir
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models.base import BATCH_AXIS, PAST_PREFIX
+from lrq_deploy.graph_io import BATCH_AXIS, PAST_PREFIX
 
 INSTALL_HINT = 'pip install "lrq-deploy[serve]"'
 ONNX_BATCH_LIMIT = 8  # max_batch_size for graphs with a dynamic batch axis (no profile says otherwise)

@@ -84,12 +84,13 @@ def test_gpu_compute_and_host_bound_warning():
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     from lrq_deploy.calib.api import calibrate
-    from lrq_deploy.config import CalibConfig, QuantConfig
+    from lrq_deploy.calib.registry import CalibConfig
+    from lrq_deploy.quant.scheme import QuantScheme
     from lrq_deploy.export import export_onnx
 
     root = tmp_path_factory.mktemp("bench")
-    calibrate("bundled:llama", root / "w4", QuantConfig(wbits=4, group_size=64), CalibConfig(nsamples=2, seqlen=32), device="cpu")
-    calibrate("bundled:llama", root / "w8a8", QuantConfig(wbits=8, abits=8), CalibConfig(method="smoothquant", nsamples=2, seqlen=32), device="cpu")
+    calibrate("bundled:llama", root / "w4", QuantScheme(wbits=4, group_size=64), CalibConfig.of(nsamples=2, seqlen=32), device="cpu")
+    calibrate("bundled:llama", root / "w8a8", QuantScheme(wbits=8, abits=8), CalibConfig.of(method="smoothquant", nsamples=2, seqlen=32), device="cpu")
     export_onnx(root / "w4", root / "w4.onnx", verify=False)
     export_onnx(root / "w8a8", root / "w8a8.onnx", verify=False)
     report = export_onnx("bundled:llama", root / "fp32.onnx", limit=1)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from lrq_deploy.calib.blockwise import calibrate_model
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.data import token_windows
 from lrq_deploy.fold import fold_smoothing
 from lrq_deploy.models import load_model
@@ -38,7 +39,7 @@ def test_fold_smoothing_is_exact(fixture, request):
 def test_engine_quantizes_every_block_linear(tiny_llama_dir, method):
     loaded = load_model(str(tiny_llama_dir))
     result = calibrate_model(
-        loaded, QuantConfig(wbits=4, abits=8, group_size=32), CalibConfig(method=method, nsamples=4, seqlen=32),
+        loaded, QuantScheme(wbits=4, abits=8, group_size=32), CalibConfig.of(method=method, nsamples=4, seqlen=32),
         _batches(loaded), "cpu",
     )
     assert len(result.quantized) == 2 * 7
@@ -66,7 +67,7 @@ def test_smoothquant_beats_rtn_with_activation_outliers(tiny_llama_dir):
             for block in loaded.adapter.blocks(loaded.model):
                 block.input_layernorm.weight[:4] *= 30.0
         result = calibrate_model(
-            loaded, QuantConfig(wbits=8, abits=8), CalibConfig(method=method, nsamples=4, seqlen=32),
+            loaded, QuantScheme(wbits=8, abits=8), CalibConfig.of(method=method, nsamples=4, seqlen=32),
             _batches(loaded), "cpu",
         )
         errors[method] = result.blocks[0]["mse"]

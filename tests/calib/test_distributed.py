@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 
 
 def _free_port() -> int:
@@ -44,8 +45,8 @@ def _weights(path):
 @pytest.mark.parametrize("method", ["rtn", "smoothquant"])
 def test_distributed_statistics_methods_are_bit_identical(tmp_path, tiny_llama_dir, method):
     """Max / min over samples reduce exactly: the same checkpoint bytes as one process."""
-    qconfig = QuantConfig(wbits=8, abits=8)
-    cconfig = CalibConfig(method=method, nsamples=6, seqlen=32)
+    qconfig = QuantScheme(wbits=8, abits=8)
+    cconfig = CalibConfig.of(method=method, nsamples=6, seqlen=32)
     single = _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     dist = _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     a, b = _weights(single), _weights(dist)
@@ -63,8 +64,8 @@ def test_distributed_lrquant_plus_matches_one_process(tmp_path, tiny_llama_dir):
     same, and the checkpoints' perplexity within 0.5%."""
     from lrq_deploy.checkpoint import load_checkpoint
 
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
-    cconfig = CalibConfig(method="lrquant+", nsamples=6, seqlen=32, epochs=2, batch_size=4)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig.of(method="lrquant+", nsamples=6, seqlen=32, epochs=2, batch_size=4)
     single = _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     dist = _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     reports = [json.loads((tmp_path / f"{n}.run" / "report.json").read_text())["training"] for n in ("single", "dist")]
@@ -80,8 +81,8 @@ def test_distributed_lrquant_plus_matches_one_process(tmp_path, tiny_llama_dir):
 
 def test_distributed_one_batch_step_equals_one_process(tmp_path, tiny_llama_dir):
     """One step over all samples: the learned parameters agree to summation order (3e-5 in norm)."""
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
-    cconfig = CalibConfig(method="lrquant+", nsamples=6, seqlen=32, epochs=1, batch_size=6)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig.of(method="lrquant+", nsamples=6, seqlen=32, epochs=1, batch_size=6)
     _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     for block in ("block_000", "block_001"):
@@ -112,7 +113,7 @@ def _rank_that_may_die(rank, world, port, model, out, message_file):
         rtn = blockwise.METHODS["rtn"]
         blockwise.METHODS["rtn"] = lambda job: os._exit(3) if job.index == 1 else rtn(job)
     try:
-        _rank(rank, world, port, model, out, QuantConfig(wbits=8), CalibConfig(method="rtn", nsamples=4, seqlen=32))
+        _rank(rank, world, port, model, out, QuantScheme(wbits=8), CalibConfig.of(method="rtn", nsamples=4, seqlen=32))
     except LrqError as exc:
         message_file.write_text(str(exc))
 
@@ -147,8 +148,8 @@ def _rank_resumed(rank, world, port, model, out, qconfig, cconfig):
 def test_distributed_resume_uses_the_saved_blocks(tmp_path, tiny_llama_dir):
     """A distributed run whose block 1 parameters were lost resumes from block 0's saved parameters
     (read by every rank) and retrains only block 1: block 0's file is untouched."""
-    qconfig = QuantConfig(wbits=4, abits=8, group_size=32)
-    cconfig = CalibConfig(method="lrquant", nsamples=4, seqlen=32, epochs=1, batch_size=2)
+    qconfig = QuantScheme(wbits=4, abits=8, group_size=32)
+    cconfig = CalibConfig.of(method="lrquant", nsamples=4, seqlen=32, epochs=1, batch_size=2)
     out = _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     run = tmp_path / "dist.run"
     block0 = (run / "block_000.safetensors").read_bytes()

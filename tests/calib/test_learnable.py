@@ -9,7 +9,8 @@ from lrq_deploy.calib import learnable
 from lrq_deploy.calib.api import calibrate
 from lrq_deploy.calib.blockwise import BlockJob, run_block
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.data import token_windows
 from lrq_deploy.models import load_model
 
@@ -64,8 +65,8 @@ def test_training_lowers_loss_and_fold_matches_fake_quant(fixture, method, act_a
     fake-quant block the parameters were learned on, with either activation mapping."""
     loaded = load_model(str(request.getfixturevalue(fixture)))
     recipe = learnable.RECIPES[method]
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32, act_asym=act_asym)
-    job = _job(loaded, qconfig, CalibConfig(method=method, nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=1e-2))
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=act_asym)
+    job = _job(loaded, qconfig, CalibConfig.of(method=method, nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=1e-2))
     params = learnable.init_block_params(job, recipe)
     targets = [job.fp_targets] + ([job.run(job.q_inputs)] if recipe.two_branch else [])
 
@@ -101,8 +102,8 @@ class _KillAfterFirstBlock:
 
 
 def test_resume_after_kill_gives_identical_checkpoint(tmp_path, tiny_llama_dir):
-    qconfig = QuantConfig(wbits=4, abits=8, group_size=32)
-    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
+    qconfig = QuantScheme(wbits=4, abits=8, group_size=32)
+    cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
     calibrate(str(tiny_llama_dir), tmp_path / "full", qconfig, cconfig, device="cpu")
     with pytest.raises(KeyboardInterrupt):
         calibrate(str(tiny_llama_dir), tmp_path / "resumed", qconfig, cconfig, device="cpu", progress=_KillAfterFirstBlock())
@@ -140,8 +141,8 @@ def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir, device):
     """--offload keeps the model in CPU memory and moves one block at a time to the device: the
     arithmetic is the resident run's, so the checkpoint is too (on CUDA: block-0 inputs are
     captured on the device in both cases)."""
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
-    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
     calibrate(str(tiny_llama_dir), tmp_path / "a", qconfig, cconfig, device=device)
     calibrate(str(tiny_llama_dir), tmp_path / "b", qconfig, cconfig, device=device, offload=True)
     assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
@@ -150,8 +151,8 @@ def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_gives_identical_checkpoints(tmp_path, tiny_llama_dir, device):
     """Same settings and seed, same bytes (on CUDA through the deterministic algorithms calibrate sets)."""
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
-    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, seed=5)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, seed=5)
     for name in ("a", "b"):
         calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device=device)
     assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
@@ -179,7 +180,7 @@ def test_nan_loss_stops_with_block_name(tiny_llama_dir, monkeypatch):
     from lrq_deploy.errors import LrqError
 
     loaded = load_model(str(tiny_llama_dir))
-    job = _job(loaded, QuantConfig(wbits=4, abits=4), CalibConfig(method="lrquant", nsamples=2, seqlen=16, epochs=1))
+    job = _job(loaded, QuantScheme(wbits=4, abits=4), CalibConfig.of(method="lrquant", nsamples=2, seqlen=16, epochs=1))
     params = learnable.init_block_params(job, learnable.RECIPES["lrquant"])
     monkeypatch.setattr(learnable, "nlc", lambda out, target: torch.tensor(float("nan"), requires_grad=True))
     for p in job.block.parameters():
@@ -196,8 +197,8 @@ def test_compiled_step_matches_eager_step(tiny_llama_dir):
 
     loaded = load_model(str(tiny_llama_dir))
     recipe = learnable.RECIPES["lrquant+"]
-    cconfig = CalibConfig(method="lrquant+", nsamples=2, seqlen=32, epochs=1)
-    job = _job(loaded, QuantConfig(wbits=4, abits=4, group_size=32), cconfig, n=2)
+    cconfig = CalibConfig.of(method="lrquant+", nsamples=2, seqlen=32, epochs=1)
+    job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32), cconfig, n=2)
     for p in job.block.parameters():
         p.requires_grad_(False)
     params = learnable.init_block_params(job, recipe)
@@ -222,9 +223,9 @@ def test_compiled_calibration_within_tolerance_of_eager(tmp_path, tiny_llama_dir
     order, which can move a few rounding decisions as training proceeds)."""
     from lrq_deploy.checkpoint import load_checkpoint
 
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
     for name, compile in (("eager", False), ("compiled", True)):
-        cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, compile=compile)
+        cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, compile=compile)
         calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device="cpu")
     settings = __import__("json").loads((tmp_path / "compiled.run" / "run.json").read_text())
     assert settings["calib"]["compile"] is True
@@ -245,8 +246,8 @@ def test_training_keeps_the_best_epoch(tiny_llama_dir):
     it started, even when training drifts (here: a learning rate far too high)."""
     loaded = load_model(str(tiny_llama_dir))
     recipe = learnable.RECIPES["lrquant+"]
-    cconfig = CalibConfig(method="lrquant+", nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=0.1, lr_lwc=0.1)
-    job = _job(loaded, QuantConfig(wbits=4, abits=4, group_size=32), cconfig)
+    cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=0.1, lr_lwc=0.1)
+    job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32), cconfig)
     for p in job.block.parameters():
         p.requires_grad_(False)
     params = learnable.init_block_params(job, recipe)
@@ -261,8 +262,8 @@ def test_training_keeps_the_best_epoch(tiny_llama_dir):
 
 
 def test_run_report_records_training_per_block(tmp_path, tiny_llama_dir):
-    qconfig = QuantConfig(wbits=4, abits=4, group_size=32)
-    cconfig = CalibConfig(method="lrquant", nsamples=4, seqlen=32, epochs=2, batch_size=2)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    cconfig = CalibConfig.of(method="lrquant", nsamples=4, seqlen=32, epochs=2, batch_size=2)
     result = calibrate(str(tiny_llama_dir), tmp_path / "q", qconfig, cconfig, device="cpu")
     training = json.loads((tmp_path / "q.run" / "report.json").read_text())["training"]
     assert set(training) == {"0", "1"}

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.models import load_model
 
 
@@ -30,7 +31,7 @@ def test_offload_materialises_one_block_at_a_time(tmp_path, tiny_llama_dir, monk
 
     monkeypatch.setattr(api, "load_model", load)
     monkeypatch.setitem(blockwise.METHODS, "rtn", watching)
-    calibrate(str(tiny_llama_dir), tmp_path / "q", QuantConfig(wbits=4, group_size=32), CalibConfig(nsamples=2, seqlen=32),
+    calibrate(str(tiny_llama_dir), tmp_path / "q", QuantScheme(wbits=4, group_size=32), CalibConfig.of(nsamples=2, seqlen=32),
               device="cpu", offload=True)
     assert seen == [[False, True], [False, False]]  # block 1 was read only when its turn came
 
@@ -79,7 +80,7 @@ def test_lazy_model_with_poisoned_block_weights_is_refused_when_read(tmp_path, t
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, str(poisoned / "model.safetensors"))
     with pytest.raises(LrqError, match="model.layers.1.mlp.up_proj.weight contains NaN"):
-        calibrate(str(poisoned), tmp_path / "q", QuantConfig(wbits=4, group_size=32), CalibConfig(nsamples=2, seqlen=32),
+        calibrate(str(poisoned), tmp_path / "q", QuantScheme(wbits=4, group_size=32), CalibConfig.of(nsamples=2, seqlen=32),
                   device="cpu", offload=True)
 
 

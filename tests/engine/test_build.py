@@ -11,7 +11,8 @@ from onnx import numpy_helper
 
 from lrq_deploy.calib.api import calibrate
 from lrq_deploy.cli import main
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.engine import BuildOptions, build_engine, parse_shapes
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export import export_onnx
@@ -31,9 +32,9 @@ needs_rtx = pytest.mark.skipif(not _have_rtx(), reason="TensorRT for RTX is not 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
-    calibrate("bundled:llama", root / "sym", QuantConfig(wbits=4, group_size=64, symmetric=True), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    calibrate("bundled:llama", root / "sym", QuantScheme(wbits=4, group_size=64, symmetric=True), CalibConfig.of(nsamples=2, seqlen=32), device="cpu")
     for name, quant in PLUGIN_GRAPHS.items():
-        calibrate("bundled:llama", root / name, quant, CalibConfig(nsamples=2, seqlen=32), device="cpu")
+        calibrate("bundled:llama", root / name, quant, CalibConfig.of(nsamples=2, seqlen=32), device="cpu")
         export_onnx(root / name, root / f"{name}-trt.onnx", target="trt")
     export_onnx(root / "sym", root / "sym-trt.onnx", target="trt")
     export_onnx(root / "sym", root / "sym-ort.onnx", target="ort", verify=False)
@@ -41,9 +42,9 @@ def graphs(tmp_path_factory):
 
 
 PLUGIN_GRAPHS = {
-    "w4a4": QuantConfig(wbits=4, abits=4),
-    "w2a16": QuantConfig(wbits=2, group_size=64),
-    "w4a16-asym": QuantConfig(wbits=4, group_size=64),
+    "w4a4": QuantScheme(wbits=4, abits=4),
+    "w2a16": QuantScheme(wbits=2, group_size=64),
+    "w4a16-asym": QuantScheme(wbits=4, group_size=64),
 }
 LINEAR_PARAMS = 4 * (2 * 192 * 192 + 2 * 192 * 64 + 3 * 192 * 512)  # 4 layers of q, o, k, v, gate, up, down
 
@@ -287,7 +288,7 @@ def test_cli_verify_without_gpu_is_one_line_and_writes_nothing(graphs, tmp_path)
 @needs_rtx
 def test_rtx_builds_vit_plugin_engine_with_bias(tmp_path):
     """timm ViT W4A4: every linear has a bias, the plugin's fifth input."""
-    calibrate("bundled:vit", tmp_path / "vit", QuantConfig(wbits=4, abits=4), CalibConfig(method="rtn", nsamples=8), device="cpu")
+    calibrate("bundled:vit", tmp_path / "vit", QuantScheme(wbits=4, abits=4), CalibConfig.of(method="rtn", nsamples=8), device="cpu")
     export_onnx(tmp_path / "vit", tmp_path / "vit-trt.onnx", target="trt")
     report = build_engine(tmp_path / "vit-trt.onnx", tmp_path / "vit.engine", BuildOptions(compute_capabilities=["89"]))
     assert report["lrq_plugin_nodes"] == ["W4A4Linear"]

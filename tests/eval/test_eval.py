@@ -3,7 +3,8 @@
 import pytest
 
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.eval import EvalOptions, evaluate_checkpoint
 from lrq_deploy.models import load_model
@@ -19,7 +20,7 @@ def test_options_are_checked_on_construction():
 @pytest.fixture(scope="module")
 def vit_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "vit"
-    calibrate("bundled:vit", out, QuantConfig(wbits=8, abits=8), CalibConfig(method="rtn", nsamples=32), device="cpu")
+    calibrate("bundled:vit", out, QuantScheme(wbits=8, abits=8), CalibConfig.of(method="rtn", nsamples=32), device="cpu")
     return out
 
 

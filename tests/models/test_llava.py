@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lrq_deploy.calib import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.eval import evaluate_checkpoint
 from lrq_deploy.export import export_onnx
@@ -26,8 +27,8 @@ def test_llava_samples_carry_the_image_tokens(tiny_llava_dir):
 
 
 def test_llava_calibrates_evaluates_exports_and_verifies(tiny_llava_dir, tmp_path):
-    result = calibrate(str(tiny_llava_dir), tmp_path / "q", QuantConfig(wbits=4, abits=8),
-                       CalibConfig(method="lrquant", nsamples=8, epochs=1), device="cpu")
+    result = calibrate(str(tiny_llava_dir), tmp_path / "q", QuantScheme(wbits=4, abits=8),
+                       CalibConfig.of(method="lrquant", nsamples=8, epochs=1), device="cpu")
     assert len(result["blocks"]) == 2  # the language model's blocks
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["family"] == "llava"

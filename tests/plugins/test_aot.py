@@ -9,10 +9,10 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.plugins import dispatch
 from lrq_deploy.plugins.aot import compile_ptx, launch_params, output_dtype, output_shape, plugin_kernel
 
-W4A16 = {"wbits": 4, "abits": 16, "group_size": 128, "in_features": 4096, "out_features": 11008}
-W2A16 = {"wbits": 2, "abits": 16, "group_size": 64, "in_features": 4096, "out_features": 4096}
-W4A4 = {"wbits": 4, "abits": 4, "group_size": 0, "in_features": 4096, "out_features": 4096}
-W8A8 = {"wbits": 8, "abits": 8, "group_size": 0, "in_features": 4096, "out_features": 4096}
+W4A16 = {"wbits": 4, "abits": 16, "group_size": 128, "symmetric": 0, "in_features": 4096, "out_features": 11008}
+W2A16 = {"wbits": 2, "abits": 16, "group_size": 64, "symmetric": 0, "in_features": 4096, "out_features": 4096}
+W4A4 = {"wbits": 4, "abits": 4, "group_size": 0, "symmetric": 0, "in_features": 4096, "out_features": 4096}
+W8A8 = {"wbits": 8, "abits": 8, "group_size": 0, "symmetric": 0, "in_features": 4096, "out_features": 4096}
 W4A4_ASYM = {**W4A4, "act_asym": 1}
 
 
@@ -76,7 +76,7 @@ def test_kernel_parameters_follow_the_plugin_inputs(has_bias, pointers, op, attr
     """TensorRT launches an AOT plugin kernel with its input pointers (x, qweight, scales,
     zeros[, bias]), the output pointer, then scalars (M, N, K, groups, row stride); Triton
     appends its two scratch pointers after those."""
-    compiled = compile_ptx(plugin_kernel(op, {**attrs, "has_bias": has_bias}), 90)
+    compiled = compile_ptx(plugin_kernel(op, attrs, has_bias=has_bias), 90)
     entry = compiled.ptx[compiled.ptx.index(f".entry {compiled.name}("):]
     params = [line.split()[1] for line in entry[: entry.index(")")].splitlines()[1:]]
     assert params == [".u64"] * pointers + [".u32"] * 5 + [".u64"] * 2

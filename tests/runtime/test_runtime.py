@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.export import export_onnx
 from lrq_deploy.models import load_model
-from lrq_deploy.models.base import TensorSpec
+from lrq_deploy.graph_io import TensorSpec
 from lrq_deploy.runtime import compare as compare_module
 from lrq_deploy.runtime.compare import compare_runs, run_iterations
 from lrq_deploy.runtime.inputs import axis_of, benchmark_sizes, make_feeds
@@ -66,7 +67,7 @@ def test_torch_runner_speaks_polygraphy_and_matches_the_model():
 @pytest.fixture(scope="module")
 def w4_graph(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
-    calibrate("bundled:llama", root / "w4", QuantConfig(wbits=4, group_size=64), CalibConfig(nsamples=2, seqlen=32),
+    calibrate("bundled:llama", root / "w4", QuantScheme(wbits=4, group_size=64), CalibConfig.of(nsamples=2, seqlen=32),
               device="cpu")
     return root, export_onnx(root / "w4", root / "w4.onnx", target="ort", limit=2)
 

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from lrq_deploy.calib.api import calibrate
 from lrq_deploy.cli import main
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason='needs lrq-deploy[serve]')
 
@@ -27,7 +28,7 @@ def _sha(path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "w4"
-    calibrate("bundled:llama", out, QuantConfig(wbits=4, group_size=64), CalibConfig(nsamples=2, seqlen=32), device="cpu")
+    calibrate("bundled:llama", out, QuantScheme(wbits=4, group_size=64), CalibConfig.of(nsamples=2, seqlen=32), device="cpu")
     return out
 
 

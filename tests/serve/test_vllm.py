@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from lrq_deploy.calib.api import calibrate
 from lrq_deploy.cli import main
-from lrq_deploy.config import CalibConfig, QuantConfig
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.eval import evaluate_checkpoint
 from lrq_deploy.models import load_model
 
@@ -18,7 +19,7 @@ WINDOWS = 20  # WikiText-2 test windows of 256 tokens
 
 
 def _export(tmp_path, quant, method="rtn", name="q"):
-    calibrate("bundled:llama", tmp_path / name, quant, CalibConfig(method=method, nsamples=4, seqlen=64), device="cpu")
+    calibrate("bundled:llama", tmp_path / name, quant, CalibConfig.of(method=method, nsamples=4, seqlen=64), device="cpu")
     result = CliRunner().invoke(main, ["export", str(tmp_path / name), "--vllm", str(tmp_path / f"{name}-vllm")])
     assert result.exit_code == 0, result.output
     return tmp_path / name, tmp_path / f"{name}-vllm"
@@ -34,7 +35,7 @@ def test_vllm_w4a16_g64_loads_in_transformers_with_the_checkpoints_perplexity(tm
     decompressed on the fly on CPU), scores WikiText-2 like `lrq eval` of the checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    ckpt, out = _export(tmp_path, QuantConfig(wbits=4, group_size=64, symmetric=True))
+    ckpt, out = _export(tmp_path, QuantScheme(wbits=4, group_size=64, symmetric=True))
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     weights = config["config_groups"]["group_0"]["weights"]
@@ -45,9 +46,9 @@ def test_vllm_w4a16_g64_loads_in_transformers_with_the_checkpoints_perplexity(tm
     assert _ppl(model) == pytest.approx(reference, rel=0.005)
 
 
-@pytest.mark.parametrize("quant,fmt", [(QuantConfig(wbits=4, group_size=64), "pack-quantized"),
-                                       (QuantConfig(wbits=8), "pack-quantized"),
-                                       (QuantConfig(wbits=8, abits=8), "int-quantized")])
+@pytest.mark.parametrize("quant,fmt", [(QuantScheme(wbits=4, group_size=64), "pack-quantized"),
+                                       (QuantScheme(wbits=8), "pack-quantized"),
+                                       (QuantScheme(wbits=8, abits=8), "int-quantized")])
 def test_vllm_weights_decompress_to_the_checkpoints(tmp_path, quant, fmt):
     """Asymmetric groups (zero points), per-channel INT8 and W8A8: every decompressed weight equals
     the checkpoint's dequantized weight exactly (the export checks it too, before writing)."""
@@ -65,7 +66,7 @@ def test_vllm_weights_decompress_to_the_checkpoints(tmp_path, quant, fmt):
 
 
 def test_vllm_refuses_what_the_format_cannot_express(tmp_path):
-    calibrate("bundled:llama", tmp_path / "w4a4", QuantConfig(wbits=4, abits=4), CalibConfig(nsamples=2, seqlen=32),
+    calibrate("bundled:llama", tmp_path / "w4a4", QuantScheme(wbits=4, abits=4), CalibConfig.of(nsamples=2, seqlen=32),
               device="cpu")
     result = CliRunner().invoke(main, ["export", str(tmp_path / "w4a4"), "--vllm", str(tmp_path / "out")])
     assert result.exit_code == 1

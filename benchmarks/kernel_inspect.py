@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from lrq_deploy.errors import LrqError
 
-from . import aot, dispatch
+from lrq_deploy.plugins import aot, dispatch
 
 N_BENCH, K_BENCH, GROUP_BENCH = 28672, 8192, 128
 SMS = (80, 89, 90)

@@ -1,0 +1,36 @@
+"""What the learnable block-wise methods (OmniQuant, LRQuant, LRQuant+) share: their options and
+the training loop of calib/learnable.py, which each runs with its own recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lrq_deploy.calib.registry import check_options, option, positive_finite
+
+
+def _non_negative(value) -> str | None:
+    return None if isinstance(value, int) and value >= 0 else "must be an integer >= 0"
+
+
+@dataclass(frozen=True)
+class LearnableOptions:
+    epochs: int = option(10, "Epochs per block.", _non_negative)
+    lr_smooth: float = option(5e-3, "Learning rate of smoothing scales, shifts and rotation gains.", positive_finite)
+    lr_lwc: float = option(1e-2, "Learning rate of the learnable weight clipping.", positive_finite)
+    compile: bool = option(False, "torch.compile each block's training step (faster epochs; results equal "
+                                  "within float tolerance, not bit for bit).")
+
+    def __post_init__(self):
+        check_options(self)
+
+
+def learn_with(recipe):
+    """quantize_block for a learnable method: train the block's parameters (or read them back
+    from the run directory), fold them, quantize."""
+
+    def quantize_block(job):
+        from lrq_deploy.calib.learnable import learn_block
+
+        return learn_block(job, recipe)
+
+    return quantize_block
