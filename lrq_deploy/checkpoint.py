@@ -158,9 +158,9 @@ class Checkpoint:
         return self.quant
 
     @property
-    def scenario(self) -> str:
+    def scheme_name(self) -> str:
         """"W4A16-g128" and the like; "full precision" for a baseline."""
-        return self.quant.scenario if self.quant else "full precision"
+        return self.quant.name if self.quant else "full precision"
 
     @property
     def method(self) -> str:

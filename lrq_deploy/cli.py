@@ -134,7 +134,7 @@ def calibrate(**options):
     options["given"] = given | ({"seqlen"} if alias is not None else set())
     summary = calibrate_from_options(options, progress=ConsoleProgress)
     if summary["rank"] == 0:
-        click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scenario']})")
+        click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scheme']})")
 
 
 def comparison_line(name: str, c: dict) -> str:
@@ -165,15 +165,15 @@ def eval_(target, metric, data, limit, seq_len, device, backend, as_json):
     if as_json:
         click.echo(json.dumps(result))
         return
-    metric = result["task"]
+    metric, label = result["metric"], f"{result['method']} {result['scheme']}"
     if metric in result["quant"]:
         click.echo(f"{'model':<28}{metric:>12}")
         click.echo(f"{'full precision':<28}{result['fp'][metric]:>12.4f}")
-        click.echo(f"{result['scenario']:<28}{result['quant'][metric]:>12.4f}")
+        click.echo(f"{label:<28}{result['quant'][metric]:>12.4f}")
     agreement = result.get("agreement")
     if agreement:
         top1 = f", top-1 agreement {agreement['top1_agreement']:.2%}" if "top1_agreement" in agreement else ""
-        click.echo(f"{result['scenario']} vs full precision over {agreement['rows']} outputs: cosine mean "
+        click.echo(f"{label} vs full precision over {agreement['rows']} outputs: cosine mean "
                    f"{agreement['cosine_mean']:.5f}, 5th percentile {agreement['cosine_p5']:.5f}{top1}")
 
 

@@ -37,7 +37,7 @@ def describe_checkpoint(path: Path) -> dict:
         "format_version": manifest["format_version"],
         "family": manifest["family"],
         "task": manifest["task"],
-        "scheme": QuantScheme.from_dict(manifest["quant"]).scenario,
+        "scheme": QuantScheme.from_dict(manifest["quant"]).name,
         "symmetric_weights": bool(manifest["quant"].get("symmetric")),
         "method": manifest["calib"].get("method"),
         "source": manifest["source"],
@@ -55,7 +55,7 @@ def describe_checkpoint(path: Path) -> dict:
 def describe_onnx(path: Path) -> dict:
     import onnx
 
-    from lrq_deploy.engine.build import read_graph
+    from lrq_deploy.engine.requirements import read_graph
 
     model = read_graph(path)
     metadata = {p.key: p.value for p in model.metadata_props}

@@ -101,7 +101,7 @@ def plugin_kernel(op_type: str, attrs: dict, dtype: str = "float16", sm: int = 9
     scheme, k, n = layer_attributes(attrs, op_type)
     kernel = scheme.kernel
     if kernel is None:
-        raise LrqError(f"no plugin kernel for {op_type} ({scheme.scenario})")
+        raise LrqError(f"no plugin kernel for {op_type} ({scheme.name})")
     bits = scheme.container_bits
     group = scheme.group_length(k)
     if k % (8 // bits):

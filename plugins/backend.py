@@ -25,7 +25,7 @@ class KernelLinear(nn.Module):
         return ops.scheme_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.scheme, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.scheme.scenario}, {self.family.value}"
+        return f"{self.in_features}, {self.out_features}, {self.scheme.name}, {self.family.value}"
 
 
 def use_kernels(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ class Family:
 
     def cell(self, result: dict, side: str = "quant") -> str:
         """One table cell from an evaluate_checkpoint result."""
-        metric = result["task"]
+        metric = result["metric"]
         if metric == "cosine":
             agreement = result["agreement"]
             return "1 / 1" if side == "fp" else f"{agreement['cosine_mean']:.4f} / {agreement['cosine_p5']:.4f}"

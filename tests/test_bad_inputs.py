@@ -304,7 +304,7 @@ CASES = [
     Case("eval-data-binary", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.bin", bytes(range(256)) * 8)], "is not UTF-8 text"),
     Case("eval-data-missing", lambda i: ["eval", i.checkpoint(), "--data", i.path("none.txt")], "does not exist"),
     Case("eval-data-not-utf8", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.bin", b"\xff\xfe\x00" * 100)], "is not UTF-8 text"),
-    Case("eval-wrong-task", lambda i: ["eval", i.checkpoint(), "--task", "top1"], "does not apply to a causal_lm model"),
+    Case("eval-wrong-metric", lambda i: ["eval", i.checkpoint(), "--metric", "top1"], "does not apply to a causal_lm model"),
     # export
     Case("export-batch-0", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--batch", "0"], "--batch must be >= 1"),
     Case("export-seq-len-negative", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--seq-len", "-5"],

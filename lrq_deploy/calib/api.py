@@ -81,7 +81,7 @@ def calibrate(
     collective.barrier()
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
-            "method": cconfig.method, "scenario": qconfig.scenario, "rank": collective.rank}
+            "method": cconfig.method, "scheme": qconfig.name, "rank": collective.rank}
 
 
 def _collective(distributed: bool, device: torch.device):

@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from lrq_deploy.engine.build import BuildOptions, build_in_this_process
+from lrq_deploy.engine.builder import build_in_this_process
+from lrq_deploy.engine.requirements import BuildOptions
 from lrq_deploy.errors import LrqError
 
 

@@ -14,12 +14,12 @@ BACKENDS = ("reference", "torch")
 class EvalOptions:
     """What to measure and how; validated on construction.
 
-    task: the metric (None: the model's own). data: evaluation text (None: WikiText-2 test).
+    metric: the metric (None: the model's own). data: evaluation text (None: WikiText-2 test).
     limit: at most this many windows / images. backend: "reference" (QuantLinear arithmetic) or
     "torch" (the Triton kernels, refused where no kernel serves the scheme). seq_len: perplexity
     window. compare_fp: also evaluate the full-precision source model."""
 
-    task: str | None = None
+    metric: str | None = None
     data: Path | None = None
     limit: int | None = None
     device: str = "auto"
@@ -35,7 +35,7 @@ class EvalOptions:
 
 
 def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settings) -> dict:
-    """Return {"task", "backend", "scenario", "fp": {metric: value} (None when compare_fp is off),
+    """Return {"metric", "backend", "method", "scheme", "fp": {metric: value} (None when compare_fp is off),
     "quant": {metric: value}, "agreement": cosine / top-1 agreement of FP and quantized outputs row by row
     (None where the family's metric suffices)}. `settings` are EvalOptions fields, for callers without an object."""
     from lrq_deploy.devices import resolve_device
@@ -47,8 +47,8 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
     kernels = "require" if options.backend == "torch" else "never"
     ckpt = load_torch_target(Path(path), dev, kernels=kernels, checkpoint=True).checkpoint
     adapter = ckpt.adapter
-    if options.task is not None and options.task != adapter.default_metric:
-        raise LrqError(f"task {options.task!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
+    if options.metric is not None and options.metric != adapter.default_metric:
+        raise LrqError(f"metric {options.metric!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
     fp = load_torch_target(ckpt.source, dev).loaded if options.compare_fp else None
 
     def metric(model, source):
@@ -61,9 +61,10 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
     if reference is None and adapter.default_metric == "cosine":
         raise LrqError(f"a {adapter.task} model is measured against its full-precision outputs; keep compare_fp on")
     return {
-        "task": adapter.default_metric,
+        "metric": adapter.default_metric,
         "backend": options.backend,
-        "scenario": f"{ckpt.method} {ckpt.scenario}",
+        "method": ckpt.method,
+        "scheme": ckpt.scheme_name,
         "fp": metric(fp.model, fp) if fp else None,
         "quant": metric(ckpt.model, ckpt.loaded),
         "agreement": (output_agreement(reference, outputs(ckpt.model, ckpt.loaded), adapter.agreement_argmax)

@@ -88,6 +88,7 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
         )
     set_opset(model, max(opset or needed, default_opset(model)))
     lower(model, target)
+    drop_debug_records(model)
     describe_graph(model, ckpt, target, with_past)
     if options.ort_int8_activations:
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
@@ -181,6 +182,14 @@ def _check_shape_options(batch, seq_len, limit, with_past) -> None:
         raise LrqError("--with-past graphs keep dynamic batch and sequence axes (prefill and decode); drop --batch/--seq-len")
 
 
+def drop_debug_records(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug records (stack traces naming the exporting machine's
+    source paths, FX node text): the graph then depends only on the checkpoint and the options,
+    the same bytes wherever lrq-deploy is installed, and carries no local paths."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+
+
 def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -> None:
     """Record what the graph is in its metadata (read back by `lrq info`)."""
     from lrq_deploy.provenance import library_versions
@@ -190,7 +199,7 @@ def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -
     loaded = ckpt.loaded
     fields = {
         "lrq.format": GRAPH_FORMAT, "lrq.family": loaded.adapter.family, "lrq.target": target,
-        "lrq.scheme": ckpt.scenario,
+        "lrq.scheme": ckpt.scheme_name,
         "lrq.symmetric": str(bool(ckpt.quant and ckpt.quant.symmetric)), "lrq.method": ckpt.method,
         "lrq.with_past": str(with_past), "lrq.source": str(loaded.spec),
         "lrq.max_seq_len": str(loaded.adapter.max_sequence_length(loaded.model) or ""),

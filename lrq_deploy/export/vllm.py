@@ -50,7 +50,7 @@ def export_vllm(checkpoint: Path, out: Path, force: bool = False) -> dict:
         result["format"] = compressor.quantization_config.format
 
     atomic_directory(out, write)
-    return {"vllm": str(out), "format": result["format"], "scheme": ckpt.scenario,
+    return {"vllm": str(out), "format": result["format"], "scheme": ckpt.scheme_name,
             "quantized_linears": len(expected)}
 
 
@@ -71,7 +71,7 @@ def _check_supported(ckpt) -> None:
     if ckpt.adapter.task != "causal_lm":
         raise LrqError(f"--vllm exports causal language models; this checkpoint is a {ckpt.adapter.task} model")
     if quant is None or (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8)):
-        raise LrqError(f"--vllm cannot express {ckpt.scenario}: compressed-tensors checkpoints support {SUPPORTED}")
+        raise LrqError(f"--vllm cannot express {ckpt.scheme_name}: compressed-tensors checkpoints support {SUPPORTED}")
 
 
 def _require_library() -> None:

@@ -94,4 +94,4 @@ class QuantLinear(nn.Module):
                             self.in_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.config.scenario}"
+        return f"{self.in_features}, {self.out_features}, {self.config.name}"

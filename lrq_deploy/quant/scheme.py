@@ -118,7 +118,7 @@ class QuantScheme:
         return self.abits < 16
 
     @property
-    def scenario(self) -> str:
+    def name(self) -> str:
         """The scheme's one-line name: W4A16-g64, W4A4-asym, ..."""
         return (f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
                 + ("-asym" if self.act_asym else ""))
@@ -139,7 +139,7 @@ class QuantScheme:
     def require_kernel(self) -> KernelFamily:
         if self.kernel is None:
             raise LrqError(
-                f"no kernel for {self.scenario} (kernels: weight-only W2/W3/W4 with 16-bit activations; "
+                f"no kernel for {self.name} (kernels: weight-only W2/W3/W4 with 16-bit activations; "
                 "W3/W4/W6/W8 weights with 4/6/8-bit activations); use the reference backend"
             )
         return self.kernel

@@ -28,7 +28,7 @@ def test_fp_and_quant_side_by_side(vit_checkpoint):
     result = evaluate_checkpoint(vit_checkpoint, EvalOptions(device="cpu", limit=200))
     fp = load_model("bundled:vit")
     assert result["fp"]["top1"] == fp.adapter.evaluate(fp.model, fp, None, 200, "cpu")["top1"]
-    assert result["task"] == "top1" and result["scenario"] == "rtn W8A8"
+    assert result["metric"] == "top1" and (result["method"], result["scheme"]) == ("rtn", "W8A8")
     assert abs(result["quant"]["top1"] - result["fp"]["top1"]) <= 0.02  # W8A8 keeps the classifier
     alone = evaluate_checkpoint(vit_checkpoint, device="cpu", compare_fp=False, limit=200)
     assert alone["fp"] is None and alone["quant"]["top1"] == result["quant"]["top1"]
@@ -37,5 +37,5 @@ def test_fp_and_quant_side_by_side(vit_checkpoint):
 
 
 def test_task_of_another_family_is_refused(vit_checkpoint):
-    with pytest.raises(LrqError, match="task 'ppl' does not apply to a image_classification model"):
-        evaluate_checkpoint(vit_checkpoint, task="ppl", device="cpu")
+    with pytest.raises(LrqError, match="metric 'ppl' does not apply to a image_classification model"):
+        evaluate_checkpoint(vit_checkpoint, metric="ppl", device="cpu")

@@ -41,7 +41,7 @@ def test_bert_calibrates_evaluates_exports_and_verifies(tiny_bert_dir, tmp_path)
     assert len(result["blocks"]) == 2
     evaluation = evaluate_checkpoint(tmp_path / "q", limit=64, device="cpu")
     agreement = evaluation["agreement"]
-    assert evaluation["task"] == "cosine" and agreement["rows"] == 64
+    assert evaluation["metric"] == "cosine" and agreement["rows"] == 64
     assert 0.9 < agreement["cosine_p5"] <= agreement["cosine_mean"] < 1.0  # quantized: close, not equal
     report = export_onnx(tmp_path / "q", tmp_path / "bert.onnx", limit=32)
     verify = report["verify"]

@@ -15,7 +15,7 @@ from lrq_deploy.quant import QuantLinear
 @pytest.mark.parametrize("qconfig", [
     QuantScheme(wbits=4, group_size=64), QuantScheme(wbits=2, group_size=64), QuantScheme(wbits=4, abits=4),
     QuantScheme(wbits=8, abits=8), QuantScheme(wbits=4, abits=4, act_asym=True),
-], ids=lambda q: q.scenario)
+], ids=lambda q: q.name)
 def test_kernel_backend_reproduces_reference_perplexity(tmp_path, qconfig):
     out = tmp_path / "ckpt"
     calibrate("bundled:llama", out, qconfig, CalibConfig.of(nsamples=2, seqlen=32), device="cpu")

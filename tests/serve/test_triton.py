@@ -91,7 +91,8 @@ def test_triton_repo_for_python_plugin_engines_is_refused_before_building(tmp_pa
     cannot load: refused with the build's own plugin decision, before anything is built."""
     import types
 
-    from lrq_deploy.engine.build import BuildOptions, _check_triton_target, plugin_kind
+    from lrq_deploy.engine.build import _check_triton_target
+    from lrq_deploy.engine.requirements import BuildOptions, plugin_kind
     from lrq_deploy.errors import LrqError
     from lrq_deploy.plugins import trt_aot
 
