@@ -17,7 +17,7 @@ import torch
 
 from lrq_deploy.calib import learnable
 from lrq_deploy.calib.blockwise import BlockJob, run_block
-from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.calib.registry import CalibConfig, get_method, methods
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.models import adapter_for_family
 
@@ -49,7 +49,8 @@ def make_job(device: str, method: str, epochs: int, batch_size: int, compile: bo
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="lrquant+", choices=list(learnable.RECIPES))
+    learnable_methods = [m.name for m in methods() if m.resumable]  # the ones with a training loop
+    parser.add_argument("--method", default="lrquant+", choices=learnable_methods)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step (as lrq calibrate --compile)")
@@ -57,7 +58,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     job = make_job(args.device, args.method, args.epochs, args.batch_size, args.compile)
-    recipe = learnable.RECIPES[args.method]
+    recipe = get_method(args.method).quantize_block.recipe
     for p in job.block.parameters():
         p.requires_grad_(False)
     params = learnable.init_block_params(job, recipe)

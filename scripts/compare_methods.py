@@ -18,15 +18,15 @@ import json
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lrq_deploy.calib import calibrate
-from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.calib.registry import CalibConfig, get_method, method_names
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.eval import evaluate_checkpoint
 
-METHODS = ["rtn", "smoothquant", "omniquant", "lrquant", "lrquant+"]
+METHODS = method_names()
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,9 @@ def main():
         for scenario in scenarios:
             for method in args.methods:
                 start = time.time()
-                cconfig = CalibConfig.of(method=method, nsamples=nsamples, seqlen=seqlen, epochs=args.epochs,
-                                      batch_size=args.batch_size)
+                learnable = "epochs" in {f.name for f in fields(get_method(method).options)}
+                cconfig = CalibConfig.of(method=method, nsamples=nsamples, seqlen=seqlen, batch_size=args.batch_size,
+                                         **({"epochs": args.epochs} if learnable else {}))
                 out = Path(tmp) / f"{scenario}-{method}"
                 calibrate(model, out, family.scenarios[scenario], cconfig, device="auto")
                 # agreement (cosine) is measured against the full-precision model every time

@@ -115,8 +115,9 @@ def _run_dir(inputs: Inputs, run_json: str | None = None, report: str | None = N
     run = inputs.root / "q.run"
     run.mkdir()
     settings = {"model": str(inputs.shared["llama"]), "quant": {"wbits": 4, "abits": 4, "group_size": None, "symmetric": False},
-                "calib": {"method": "lrquant", "nsamples": 2, "seqlen": 16, "seed": 0, "alpha": 0.5, "epochs": 1,
-                          "lr_smooth": 5e-3, "lr_lwc": 1e-2, "batch_size": 1}, "calib_data": None}
+                "calib": {"method": "lrquant", "nsamples": 2, "seqlen": 16, "seed": 0, "batch_size": 1,
+                          "options": {"epochs": 1, "lr_smooth": 5e-3, "lr_lwc": 1e-2, "compile": False}},
+                "calib_data": None}
     (run / "run.json").write_text(run_json if run_json is not None else json.dumps(settings))
     if report is not None:
         (run / "report.json").write_text(report)
@@ -244,8 +245,14 @@ CASES = [
     Case("calibrate-vit-seq-len", lambda i: ["calibrate", "bundled:vit", "-o", i.path("o"), "--seqlen", "1000000"],
          "--seq-len applies to language models"),
     Case("calibrate-batch-size-0", lambda i: ["calibrate", "-o", i.path("o"), "--batch-size", "0"], "batch size must be >= 1"),
-    Case("calibrate-epochs-negative", lambda i: ["calibrate", "-o", i.path("o"), "--epochs", "-1"], "epochs must be >= 0"),
-    Case("calibrate-alpha-out-of-range", lambda i: ["calibrate", "-o", i.path("o"), "--alpha", "1.5"], "alpha must lie in [0, 1]"),
+    Case("calibrate-epochs-negative", lambda i: ["calibrate", "-o", i.path("o"), "--method", "lrquant", "--epochs", "-1"],
+         "--epochs must be an integer >= 0"),
+    Case("calibrate-alpha-out-of-range", lambda i: ["calibrate", "-o", i.path("o"), "--method", "smoothquant", "--alpha", "1.5"],
+         "--alpha must lie in [0, 1]"),
+    Case("calibrate-option-of-another-method", lambda i: ["calibrate", "-o", i.path("o"), "--epochs", "3"],
+         "--epochs does not apply to method rtn"),
+    Case("calibrate-lr-not-finite", lambda i: ["calibrate", "-o", i.path("o"), "--method", "lrquant", "--lr-lwc", "nan"],
+         "--lr-lwc must be a finite number > 0"),
     Case("calibrate-bits-not-a-number", lambda i: ["calibrate", "-o", i.path("o"), "--wbits", "four"], "'four' is not a valid integer"),
     Case("calibrate-unknown-method", lambda i: ["calibrate", "-o", i.path("o"), "--method", "gptq"], "'gptq' is not one of"),
     Case("calibrate-cuda-without-gpu", lambda i: ["calibrate", "-o", i.path("o"), "--device", "cuda"], "no CUDA device", "no-cuda"),

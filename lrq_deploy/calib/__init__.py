@@ -4,7 +4,7 @@
 modules can be read without torch (the CLI builds its options from them).
 """
 
-from importlib import import_module
+from lrq_deploy.lazy_exports import lazy_getattr
 
 _EXPORTS = {"calibrate": "api", "calibrate_from_options": "api", "CalibrationResult": "blockwise",
             "calibrate_model": "blockwise", "CalibConfig": "registry"}
@@ -12,9 +12,4 @@ _EXPORTS = {"calibrate": "api", "calibrate_from_options": "api", "CalibrationRes
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

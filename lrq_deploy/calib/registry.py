@@ -55,6 +55,7 @@ class Method:
     quantize_block: Callable  # (BlockJob) -> dict | None: quantize job.block in place (job.options: the settings)
     summary: str
     resumable: bool = False  # keeps learned per-block parameters in a run directory (resume after a stop)
+    order: int = 100  # place in listings (--method choices, help); ties by name
 
     def __post_init__(self):
         missing = [f.name for f in fields(self.options) if f.default is MISSING and f.default_factory is MISSING]
@@ -89,10 +90,9 @@ def _load_built_in() -> None:
 
 
 def methods() -> list[Method]:
-    """Every registered method, built-in ones first in their documented order."""
+    """Every registered method, by listing order, then name."""
     _load_built_in()
-    order = {name: i for i, name in enumerate(("rtn", "smoothquant", "omniquant", "lrquant", "lrquant+"))}
-    return sorted(_REGISTRY.values(), key=lambda m: (order.get(m.name, len(order)), m.name))
+    return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
 
 
 def method_names() -> list[str]:

@@ -4,7 +4,7 @@ The torch parts load on first use, so `lrq_deploy.quant.scheme` and `lrq_deploy.
 stay importable without torch (the CLI and the package root use them).
 """
 
-from importlib import import_module
+from lrq_deploy.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "QuantLinear": "linear",
@@ -21,9 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -9,7 +9,7 @@ from lrq_deploy.calib import learnable
 from lrq_deploy.calib.api import calibrate
 from lrq_deploy.calib.blockwise import BlockJob, run_block
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
-from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.calib.registry import CalibConfig, get_method
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.data import token_windows
 from lrq_deploy.models import load_model
@@ -64,7 +64,7 @@ def test_training_lowers_loss_and_fold_matches_fake_quant(fixture, method, act_a
     """What is trained is what is deployed: the folded QuantLinear block reproduces the
     fake-quant block the parameters were learned on, with either activation mapping."""
     loaded = load_model(str(request.getfixturevalue(fixture)))
-    recipe = learnable.RECIPES[method]
+    recipe = get_method(method).quantize_block.recipe
     qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=act_asym)
     job = _job(loaded, qconfig, CalibConfig.of(method=method, nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=1e-2))
     params = learnable.init_block_params(job, recipe)
@@ -181,12 +181,12 @@ def test_nan_loss_stops_with_block_name(tiny_llama_dir, monkeypatch):
 
     loaded = load_model(str(tiny_llama_dir))
     job = _job(loaded, QuantScheme(wbits=4, abits=4), CalibConfig.of(method="lrquant", nsamples=2, seqlen=16, epochs=1))
-    params = learnable.init_block_params(job, learnable.RECIPES["lrquant"])
+    params = learnable.init_block_params(job, get_method("lrquant").quantize_block.recipe)
     monkeypatch.setattr(learnable, "nlc", lambda out, target: torch.tensor(float("nan"), requires_grad=True))
     for p in job.block.parameters():
         p.requires_grad_(False)
     with pytest.raises(LrqError, match="block 0, epoch 0: the loss became NaN"):
-        learnable.train_block(job, params, learnable.RECIPES["lrquant"])
+        learnable.train_block(job, params, get_method("lrquant").quantize_block.recipe)
 
 
 def test_compiled_step_matches_eager_step(tiny_llama_dir):
@@ -196,7 +196,7 @@ def test_compiled_step_matches_eager_step(tiny_llama_dir):
     import dataclasses
 
     loaded = load_model(str(tiny_llama_dir))
-    recipe = learnable.RECIPES["lrquant+"]
+    recipe = get_method("lrquant+").quantize_block.recipe
     cconfig = CalibConfig.of(method="lrquant+", nsamples=2, seqlen=32, epochs=1)
     job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32), cconfig, n=2)
     for p in job.block.parameters():
@@ -245,7 +245,7 @@ def test_training_keeps_the_best_epoch(tiny_llama_dir):
     kept are those of the best epoch (0: the initialisation), so a block never ends worse than
     it started, even when training drifts (here: a learning rate far too high)."""
     loaded = load_model(str(tiny_llama_dir))
-    recipe = learnable.RECIPES["lrquant+"]
+    recipe = get_method("lrquant+").quantize_block.recipe
     cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=0.1, lr_lwc=0.1)
     job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32), cconfig)
     for p in job.block.parameters():

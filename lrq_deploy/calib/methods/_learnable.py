@@ -33,4 +33,5 @@ def learn_with(recipe):
 
         return learn_block(job, recipe)
 
+    quantize_block.recipe = recipe  # for tools that drive the training loop themselves (benchmarks/calib_speed.py)
     return quantize_block

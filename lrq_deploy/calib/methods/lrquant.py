@@ -7,4 +7,5 @@ from lrq_deploy.calib.recipe import Recipe
 from lrq_deploy.calib.registry import Method
 
 RECIPE = Recipe(init="log", use_nlc=True, rotation=False, two_branch=False, dynamic_weighting=False)
-METHOD = Method("lrquant", LearnableOptions, learn_with(RECIPE), "log-equivalent init, MSE + NLC", resumable=True)
+METHOD = Method("lrquant", LearnableOptions, learn_with(RECIPE), "log-equivalent init, MSE + NLC", resumable=True,
+                order=3)

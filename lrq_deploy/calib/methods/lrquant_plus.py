@@ -8,4 +8,4 @@ from lrq_deploy.calib.registry import Method
 
 RECIPE = Recipe(init="log", use_nlc=True, rotation=True, two_branch=True, dynamic_weighting=True)
 METHOD = Method("lrquant+", LearnableOptions, learn_with(RECIPE),
-                "LRQuant + rotation gains, two-branch targets, dynamic weighting", resumable=True)
+                "LRQuant + rotation gains, two-branch targets, dynamic weighting", resumable=True, order=4)

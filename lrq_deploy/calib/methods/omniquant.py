@@ -17,4 +17,4 @@ class OmniQuantOptions(LearnableOptions):
 
 RECIPE = Recipe(init="smoothquant", use_nlc=False, rotation=False, two_branch=False, dynamic_weighting=False)
 METHOD = Method("omniquant", OmniQuantOptions, learn_with(RECIPE), "learnable smoothing + clipping, MSE",
-                resumable=True)
+                resumable=True, order=2)

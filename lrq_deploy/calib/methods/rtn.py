@@ -11,4 +11,4 @@ def quantize_block(job) -> None:
     replace_linears(job.block, job.linear_names, job.qconfig)
 
 
-METHOD = Method("rtn", NoOptions, quantize_block, "round to nearest, no calibration")
+METHOD = Method("rtn", NoOptions, quantize_block, "round to nearest, no calibration", order=0)

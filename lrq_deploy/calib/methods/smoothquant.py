@@ -26,4 +26,5 @@ def quantize_block(job) -> dict:
     return smoothquant(job, job.options.alpha)
 
 
-METHOD = Method("smoothquant", SmoothQuantOptions, quantize_block, "activation statistics, smoothing folded, RTN")
+METHOD = Method("smoothquant", SmoothQuantOptions, quantize_block, "activation statistics, smoothing folded, RTN",
+                order=1)
