@@ -126,39 +126,20 @@ def _(x, bits, asym=False):
             x.new_empty(rows, dtype=torch.int32))
 
 
-def integer_matmul(xq, xs, xz, qweight, scales, zeros, bias, bits: int, abits: int, group: int, out_dtype,
-                   return_int: bool = False):
+def integer_matmul(xq, xs, xz, qweight, scales, zeros, bias, bits: int, abits: int, group: int, out_dtype):
     """Integer activation codes (int8 [M, K], scales xs, centred zero points xz or None for
-    symmetric codes) x integer weights. Returns y [M, N] (and, for per-channel weights, the exact
-    int32 accumulator sum_k (xq - xz) (q - z))."""
+    symmetric codes) x integer weights -> y [M, N]."""
     if xq.dtype != torch.int8:
         raise LrqError(f"quantized activations must be int8, got {xq.dtype}")
     n, k, groups = check_weight(xs.new_empty(1, xq.shape[-1]), qweight, scales, zeros, bits, group)
-    if return_int and groups != 1:
-        raise LrqError("the exact int32 accumulator is returned for per-channel weights only")
     m = xq.shape[0]
-    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, store_int=return_int,
+    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits,
                            act_asym=xz is not None)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    acc = torch.empty(m, n, dtype=torch.int32, device=xq.device) if return_int else y
     words = kernel_words(qweight)
-    _launch(launch, xq.contiguous(), words, scales, zeros, _bias_arg(bias, scales), y, xs, xs if xz is None else xz, acc,
+    _launch(launch, xq.contiguous(), words, scales, zeros, _bias_arg(bias, scales), y, xs, xs if xz is None else xz, y,
             m, n, k, groups, words.shape[1])
-    return (y, acc) if return_int else y
-
-
-def integer_fused(x, qweight, scales, zeros, bias, bits: int, abits: int, group: int, act_asym: bool = False) -> torch.Tensor:
-    """One launch: per-token activation quantization inside the integer GEMM (the TensorRT AOT
-    plugin kernel); equal to quantize_rows + integer_matmul."""
-    n, k, groups = check_weight(x, qweight, scales, zeros, bits, group)
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    launch = dispatch.plan("int_gemm", m, n, k, group, bits, has_bias=bias is not None, abits=abits, quantize_x=True,
-                           act_asym=act_asym)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    words = kernel_words(qweight)
-    _launch(launch, x2, words, scales, zeros, _bias_arg(bias, scales), y, scales, scales, y, m, n, k, groups, words.shape[1])
-    return y.reshape(*x.shape[:-1], n)
+    return y
 
 
 @torch.library.custom_op("lrq_kernels::integer_linear", mutates_args=())

@@ -2,10 +2,15 @@
 every route of the dispatch table, integer paths bit-exact. Integer references run on the CPU
 (CUDA has no int64 matmul)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+import launches  # noqa: E402  (tests/plugins/launches.py)
 from lrq_deploy.quant import dequantize_weight, fake_quant_activation, pack_codes, quantize_weight, unpack_codes, weight_qparams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -51,12 +56,11 @@ def test_integer_exact_on_gpu(m, group, asym):
     x = torch.randn(m, 512, device="cuda", dtype=torch.float16) + (0.5 if asym else 0.0)
     xq, xs, xz = ops.quantize_rows(x, 4, asym)
     if group is None:
-        y, acc = ops.integer_matmul(xq, xs, xz if asym else None, packed, scales, zeros, None, 4, 4, 512, torch.float32,
-                                    return_int=True)
+        y, acc = launches.integer_matmul_with_accumulator(xq, xs, xz if asym else None, packed, scales, zeros, None, 4, 4, 512, torch.float32)
         codes = unpack_codes(packed.cpu(), 4).long()
         centred = xq.cpu().long() - (xz.cpu().long()[:, None] if asym else 0)
         assert torch.equal(acc.cpu().long(), centred @ (codes - zeros.cpu().long()).T)
     y = ops.integer_linear(x.float(), packed, scales, zeros, None, 4, 4, group or 512, asym)
     torch.testing.assert_close(y, F.linear(fake_quant_activation(x.float(), 4, asym), weight), rtol=1e-3, atol=1e-2)
-    fused = ops.integer_fused(x.float(), packed, scales, zeros, None, 4, 4, group or 512, asym)
+    fused = launches.integer_fused(x.float(), packed, scales, zeros, None, 4, 4, group or 512, asym)
     torch.testing.assert_close(fused, y, rtol=1e-6, atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import launches  # tests/plugins/launches.py
 from lrq_deploy.errors import LrqError
 from lrq_deploy.plugins import dispatch, ops
 from lrq_deploy.quant import (
@@ -134,8 +135,7 @@ def test_integer_accumulator_exact(m, n, k, wbits, abits, asym):
     x = torch.randn(m, k, generator=GEN) + (0.7 if asym else 0.0)
     xq, xs, xz = ops.quantize_rows(x, abits, asym)
     bits = 8 if wbits in (6, 8) else 4
-    y, acc = ops.integer_matmul(xq, xs, xz if asym else None, packed, scales, zeros, None, bits, abits, k, torch.float32,
-                                return_int=True)
+    y, acc = launches.integer_matmul_with_accumulator(xq, xs, xz if asym else None, packed, scales, zeros, None, bits, abits, k, torch.float32)
     exact = _exact_accumulator(xq, packed, zeros, n, k, wbits, xz if asym else None)
     assert torch.equal(acc.to(torch.int64), exact)
     reference = (exact.to(torch.float64) * xs.double()[:, None] * scales.double().T).float()
@@ -164,7 +164,7 @@ def test_integer_fused_equals_two_kernel_path(group, wbits, asym):
     xq, xs, xz = ops.quantize_rows(x, abits, asym)
     two_step = ops.integer_matmul(xq, xs, xz if asym else None, packed, scales, zeros, bias, wbits, abits, group or 192,
                                   torch.float32)
-    fused = ops.integer_fused(x, packed, scales, zeros, bias, wbits, abits, group or 192, asym)
+    fused = launches.integer_fused(x, packed, scales, zeros, bias, wbits, abits, group or 192, asym)
     torch.testing.assert_close(fused, two_step, rtol=1e-6, atol=1e-5)
 
 
