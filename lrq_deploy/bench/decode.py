@@ -21,8 +21,7 @@ import numpy as np
 
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
 from lrq_deploy.errors import LrqError
-from lrq_deploy.graph_io import PAST_PREFIX
-from lrq_deploy.runtime.onnxrt import deployed_session, empty_past, next_past
+from lrq_deploy.runtime.onnxrt import OrtSession, empty_past, next_past
 
 
 @dataclass(frozen=True)
@@ -91,18 +90,15 @@ class OrtDecoder(Decoder):
     name = "ort"
 
     def __init__(self, path: Path, device: str = "auto"):
-        self.session = deployed_session(path, device=device)
-        if not any(i.name.startswith(PAST_PREFIX) for i in self.session.get_inputs()):
+        self.ort = OrtSession(path, device=device)
+        if not self.ort.has_kv_cache:
             raise LrqError(f"{path} has no KV-cache inputs; export it with lrq export --with-past for --decode")
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        longest = self.session.get_modelmeta().custom_metadata_map.get("lrq.max_seq_len")
-        self.max_positions = int(longest) if longest else None
+        self.session, self.device, self.max_positions = self.ort.session, self.ort.device, self.ort.max_positions
         self.description = f"{path.name}, onnxruntime {self.device}"
         self.feeds: dict = {}
 
     def _run(self, feeds: dict) -> np.ndarray:
-        outputs = dict(zip(self.outputs, self.session.run(None, feeds)))
+        outputs = self.ort.run(feeds)
         self.feeds = next_past(outputs)
         return outputs["logits"][:, -1].argmax(-1)
 

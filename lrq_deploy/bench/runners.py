@@ -1,5 +1,6 @@
-"""Timed backends for `lrq bench`: each prepares its inputs once (from the runtime layer's input
-generator) and runs one inference per call.
+"""Timed backends for `lrq bench`: timing on top of the runtime layer's session types (OrtSession,
+TorchSession, EngineSession); each prepares its inputs once (the runtime's input generator, from
+the session's input specs) and runs one inference per call.
 
 Every runner reports, per inference, the host latency; CUDA runners also report GPU compute
 time from CUDA events, and host-to-device / device-to-host copy times when the inputs and
@@ -64,13 +65,13 @@ class Runner:
         raise NotImplementedError
 
 
-def _check_graph_shape(path: Path, session, batch: int, seq_len: int) -> None:
+def _check_graph_shape(path: Path, ort, batch: int, seq_len: int) -> None:
     """Refuse shapes the graph cannot run: beyond the model's positions (recorded at export),
     or other than its static axes."""
-    longest = session.get_modelmeta().custom_metadata_map.get("lrq.max_seq_len")
-    if longest and seq_len > int(longest):
+    longest = ort.max_positions
+    if longest and seq_len > longest:
         raise LrqError(f"--seq-len {seq_len} exceeds the {longest} positions of the model in {path}")
-    first = session.get_inputs()[0]
+    first = ort.session.get_inputs()[0]
     wanted = [batch, seq_len] if first.name == "input_ids" and len(first.shape) == 2 else [batch]
     for axis, (dim, value) in enumerate(zip(first.shape, wanted)):
         if isinstance(dim, int) and dim != value:
@@ -85,12 +86,12 @@ class OrtRunner(Runner):
     name = "ort"
 
     def __init__(self, path: Path, batch: int, seq_len: int, optimize: bool = True, device: str = "auto"):
-        from lrq_deploy.runtime.onnxrt import deployed_session, input_specs
+        from lrq_deploy.runtime.onnxrt import OrtSession
 
-        self.session = deployed_session(path, optimize, device)
-        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        _check_graph_shape(path, self.session, batch, seq_len)
-        specs = input_specs(self.session)
+        ort = OrtSession(path, optimize=optimize, device=device)
+        self.session, self.device = ort.session, ort.device
+        _check_graph_shape(path, ort, batch, seq_len)
+        specs = ort.input_specs()
         sizes, description, items, unit = benchmark_sizes(specs, batch, seq_len)
         self.feeds = make_feeds(specs, sizes)
         self._workload = Workload(description, items, unit)
@@ -113,18 +114,17 @@ class TorchRunner(Runner):
         import torch
 
         from lrq_deploy.devices import resolve_device
-        from lrq_deploy.runtime.torch_models import load_torch_target
+        from lrq_deploy.runtime.torch_models import TorchSession, load_torch_target
 
         self.torch = torch
         dev = resolve_device(device)
         self.device = dev.type
         target = load_torch_target(path, dev)
-        loaded = target.loaded
-        spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past=False)
-        self.module = spec.module.eval()
-        io = loaded.adapter.graph_io(loaded.model)
-        sizes, description, items, unit = benchmark_sizes(io.inputs, batch, seq_len)
-        self.host_inputs = tuple(torch.from_numpy(a) for a in make_feeds(io.inputs, sizes).values())
+        session = TorchSession(target.loaded, dev, batch=batch, seq_len=seq_len)
+        self.module = session.module
+        specs = session.input_specs()
+        sizes, description, items, unit = benchmark_sizes(specs, batch, seq_len)
+        self.host_inputs = tuple(torch.from_numpy(a) for a in make_feeds(specs, sizes).values())
         self.inputs = tuple(t.to(dev) for t in self.host_inputs)
         self.transfers = transfers and dev.type == "cuda"
         self._workload = Workload(f"{description}, {target.path_name}", items, unit)
@@ -169,7 +169,7 @@ class TrtRunner(Runner):
         self.engine, self.context = session.engine, session.context
         self.stream = torch.cuda.Stream()
         self.transfers = transfers
-        specs = self._input_specs(session, batch, seq_len)
+        specs = session.input_specs()
         sizes, description, items, unit = benchmark_sizes(specs, batch, seq_len)
         feeds = make_feeds(specs, sizes)
         self.inputs = {}
@@ -181,22 +181,6 @@ class TrtRunner(Runner):
         self.outputs = {name: (torch.empty(device.shape, dtype=device.dtype, pin_memory=True), device)
                         for name, device in devices.items()}
         self._workload = Workload(f"engine, {description}", items, unit)
-
-    @staticmethod
-    def _input_specs(session, batch: int, seq_len: int):
-        """The engine's inputs with dynamic dims named as the graph named them: the first axis
-        batch, the second of input_ids the sequence, the third of past.* the cache length."""
-        from lrq_deploy.graph_io import BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS, TensorSpec
-
-        specs = []
-        for name in session.io_names("INPUT"):
-            dims = list(session.engine.get_tensor_shape(name))
-            named = {0: BATCH_AXIS, 1: SEQ_AXIS} if name == "input_ids" else {0: BATCH_AXIS}
-            if name.startswith(PAST_PREFIX):
-                named[2] = PAST_AXIS
-            dims = tuple(named.get(i, 1) if d < 0 else d for i, d in enumerate(dims))
-            specs.append(TensorSpec(name, str(session.input_dtype(name)).replace("torch.", ""), dims))
-        return specs
 
     def workload(self) -> Workload:
         return self._workload

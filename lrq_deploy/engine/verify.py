@@ -1,7 +1,7 @@
 """`lrq build-engine --verify`: the engine against onnxruntime on the same inputs.
 
 The reference is the graph the engine was built from, with each lrq plugin node rewritten into
-the standard ops of `--target ort` (lrq_deploy.export.lower.ort_reference), run by onnxruntime
+the standard ops of `--target ort` (lrq_deploy.export.lower_trt.ort_reference), run by onnxruntime
 on CPU: both sides then compute the same quantized model. Inputs come from the runtime layer's
 generator at the profile's opt shapes; the comparison is the one export verification uses.
 """
@@ -36,7 +36,7 @@ def verification_feeds(model: onnx.ModelProto, shapes: dict, seed: int = 0) -> d
 
 def verify_engine(engine_path: Path, onnx_path: Path, shapes: dict, flavour: str | None = None) -> dict:
     """Per output: Polygraphy's error statistics, cosine and argmax agreement (runtime.compare)."""
-    from lrq_deploy.export.lower import ort_reference
+    from lrq_deploy.export.lower_trt import ort_reference
 
     model = onnx.load(str(onnx_path))
     feeds = [verification_feeds(model, shapes)]

@@ -27,6 +27,7 @@ def build_record(engine: Path, onnx_path: Path, options, flavour, report: dict) 
         "compute_capabilities": list(options.compute_capabilities) or [this_gpu() or "unknown"],
         "precision": options.precision,
         "profile": report.get("profile", {}),  # input name -> [min, opt, max] shapes
+        "inputs": report.get("inputs", []),  # [name, dims] of the source graph; dynamic dims by axis name
         "plugins": report.get("plugins"),
         "layers": report.get("layers", {}),
         "bytes": engine.stat().st_size,

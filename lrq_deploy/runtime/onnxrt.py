@@ -1,4 +1,5 @@
-"""onnxruntime sessions: the reference (optimizations off, CPU) and as deployed."""
+"""onnxruntime sessions: the reference (optimizations off, CPU) and as deployed; OrtSession is
+the session type every stage runs graphs with (verification, bench, decode)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,39 @@ def deployed_session(path: Path, optimize: bool = True, device: str = "auto"):
     first = session("1")
     declared = first.get_modelmeta().custom_metadata_map.get(ACCURACY_LEVEL_META, "1")
     return first if declared == "1" else session(declared)
+
+
+class OrtSession:
+    """One graph in onnxruntime, as deployed (default) or as the reference (optimizations off,
+    CPU): its inputs as tensor specs, what the export recorded, and runs on numpy feeds."""
+
+    def __init__(self, path: Path, reference: bool = False, optimize: bool = True, device: str = "auto"):
+        self.path = Path(path)
+        self.session = reference_session(self.path) if reference else deployed_session(self.path, optimize, device)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def input_specs(self) -> list:
+        return input_specs(self.session)
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's positions recorded at export (lrq.max_seq_len), if any."""
+        longest = self.metadata.get("lrq.max_seq_len")
+        return int(longest) if longest else None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        from lrq_deploy.graph_io import PAST_PREFIX
+
+        return any(i.name.startswith(PAST_PREFIX) for i in self.session.get_inputs())
+
+    def run(self, feeds: dict) -> dict:
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
 
 
 def declares_int8_activations(session) -> bool:

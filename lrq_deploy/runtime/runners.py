@@ -1,7 +1,7 @@
 """Runners with Polygraphy's interface (polygraphy.backend.base.BaseRunner: activate,
-get_input_metadata, infer(feed_dict) -> {output: array}): onnxruntime through Polygraphy's own
-OnnxrtRunner on our sessions, TensorRT engines (either flavour, lrq plugins registered) and
-torch models (checkpoints and full-precision models, inputs named by the adapter's graph_io)."""
+get_input_metadata, infer(feed_dict) -> {output: array}) on the session type of each backend:
+onnxruntime through Polygraphy's own OnnxrtRunner on an OrtSession, TensorRT engines on an
+EngineSession (either flavour, lrq plugins registered), torch models on a TorchSession."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
-from lrq_deploy.runtime.onnxrt import deployed_session, reference_session
+from lrq_deploy.runtime.onnxrt import OrtSession
 
 
 def ort_runner(path: Path, reference: bool = True, optimize: bool = True, device: str = "auto",
@@ -23,7 +23,7 @@ def ort_runner(path: Path, reference: bool = True, optimize: bool = True, device
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     if session is None:
-        session = reference_session(path) if reference else deployed_session(path, optimize, device)
+        session = OrtSession(path, reference, optimize, device).session
     return OnnxrtRunner(session, name=f"onnxruntime:{Path(path).name}")
 
 
@@ -41,12 +41,7 @@ class TrtRunner(BaseRunner):
         self.session = EngineSession(self.path, self.flavour)
 
     def get_input_metadata_impl(self):
-        meta = TensorMetadata()
-        engine = self.session.engine
-        for name in self.session.io_names("INPUT"):
-            dtype = DataType.from_dtype(self.session.input_dtype(name), "torch")
-            meta.add(name, dtype=dtype, shape=tuple(engine.get_tensor_shape(name)))
-        return meta
+        return _metadata(self.session.input_specs())
 
     def infer_impl(self, feed_dict):
         return OrderedDict(self.session.run(dict(feed_dict)))
@@ -56,33 +51,32 @@ class TrtRunner(BaseRunner):
 
 
 class TorchRunner(BaseRunner):
-    """A torch model run as its deployment graph would be: inputs and outputs named by the
-    adapter's graph_io, the module from its export spec (logits; with past: keys/values too)."""
+    """A torch model (TorchSession) run as its deployment graph would be."""
 
     def __init__(self, loaded, device, with_past: bool = False, name: str | None = None):
         super().__init__(name=name or f"torch:{loaded.spec}", prefix="lrq-torch")
         self.loaded, self.device, self.with_past = loaded, device, with_past
         self.io = loaded.adapter.graph_io(loaded.model, with_past)
-        self.module = None
+        self.session = None
 
     def activate_impl(self):
-        self.module = self.loaded.adapter.export_spec(self.loaded.model, None, None, self.with_past).module.eval()
+        from lrq_deploy.runtime.torch_models import TorchSession
+
+        self.session = TorchSession(self.loaded, self.device, self.with_past)
 
     def get_input_metadata_impl(self):
-        meta = TensorMetadata()
-        for spec in self.io.inputs:
-            meta.add(spec.name, dtype=DataType.from_dtype(np.dtype(spec.dtype)), shape=spec.dims)
-        return meta
+        return _metadata(self.io.inputs)
 
     def infer_impl(self, feed_dict):
-        import torch
-
-        tensors = [torch.from_numpy(np.asarray(feed_dict[n])).to(self.device) for n in self.io.input_names]
-        args = (tensors[0], tuple(tensors[1:])) if self.io.kv_cache else tuple(tensors)
-        with torch.no_grad():
-            out = self.module(*args)
-        outputs = out if isinstance(out, tuple) else (out,)
-        return OrderedDict((n, o.float().cpu().numpy()) for n, o in zip(self.io.output_names, outputs))
+        return OrderedDict(self.session.run(feed_dict))
 
     def deactivate_impl(self):
-        self.module = None
+        self.session = None
+
+
+def _metadata(specs) -> TensorMetadata:
+    """Polygraphy's input metadata from tensor specs (dynamic axes keep their names)."""
+    meta = TensorMetadata()
+    for spec in specs:
+        meta.add(spec.name, dtype=DataType.from_dtype(np.dtype(spec.dtype)), shape=spec.dims)
+    return meta

@@ -1,5 +1,6 @@
 """Torch targets for running: a quantized checkpoint (reference backend, or the Triton kernels
-where they serve its scheme) or a full-precision model (HF / timm directory, bundled name)."""
+where they serve its scheme) or a full-precision model (HF / timm directory, bundled name), and
+TorchSession: such a model run as its deployment graph (verification, bench)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,32 @@ def load_torch_target(target, device, kernels: str = "auto", checkpoint: bool = 
 
         use_kernels(ckpt.model)
     return TorchTarget(ckpt, "Triton kernels" if served else "reference dequantize + matmul")
+
+
+class TorchSession:
+    """A loaded model run as its deployment graph would be: inputs and outputs named by the
+    adapter's graph_io, the module from its export spec (logits; with past: keys/values too);
+    batch / seq_len fix the traced shapes where the adapter needs them."""
+
+    def __init__(self, loaded, device, with_past: bool = False, batch: int | None = None, seq_len: int | None = None):
+        self.loaded, self.device = loaded, device
+        self.io = loaded.adapter.graph_io(loaded.model, with_past)
+        self.module = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past).module.eval()
+
+    def input_specs(self) -> list:
+        return list(self.io.inputs)
+
+    def call(self, tensors: list):
+        """The module on input tensors in graph_io order; returns its outputs as a tuple."""
+        args = (tensors[0], tuple(tensors[1:])) if self.io.kv_cache else tuple(tensors)
+        out = self.module(*args)
+        return out if isinstance(out, tuple) else (out,)
+
+    def run(self, feeds: dict) -> dict:
+        import numpy as np
+        import torch
+
+        tensors = [torch.from_numpy(np.asarray(feeds[n])).to(self.device) for n in self.io.input_names]
+        with torch.no_grad():
+            outputs = self.call(tensors)
+        return {n: o.float().cpu().numpy() for n, o in zip(self.io.output_names, outputs)}

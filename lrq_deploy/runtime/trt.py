@@ -41,6 +41,7 @@ class EngineSession:
         import torch
 
         self.torch = torch
+        self.record = read_build_record(Path(path))
         self.flavour, self.engine = load_engine(path, flavour)
         self.context = self.engine.create_execution_context()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -51,6 +52,27 @@ class EngineSession:
 
     def input_dtype(self, name: str):
         return torch_dtype(self.torch, self.engine.get_tensor_dtype(name))
+
+    def input_specs(self) -> list:
+        """The engine's inputs as tensor specs, dynamic dims named as the source graph named them
+        (recorded at build time in OUT.engine.json); an engine without a record gets the graph
+        convention: batch first, the sequence second of input_ids, the cache length third of past.*."""
+        from lrq_deploy.graph_io import BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS, TensorSpec
+
+        recorded = {name: dims for name, dims in (self.record or {}).get("inputs", [])}
+        specs = []
+        for name in self.io_names("INPUT"):
+            dims = list(self.engine.get_tensor_shape(name))
+            graph_dims = recorded.get(name)
+            if graph_dims and len(graph_dims) == len(dims):
+                named = {i: d for i, d in enumerate(graph_dims) if isinstance(d, str)}
+            else:
+                named = {0: BATCH_AXIS, 1: SEQ_AXIS} if name == "input_ids" else {0: BATCH_AXIS}
+                if name.startswith(PAST_PREFIX):
+                    named[2] = PAST_AXIS
+            dims = tuple(named.get(i, 1) if d < 0 else d for i, d in enumerate(dims))
+            specs.append(TensorSpec(name, str(self.input_dtype(name)).replace("torch.", ""), dims))
+        return specs
 
     def run(self, feeds: dict) -> dict:
         torch = self.torch

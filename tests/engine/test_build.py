@@ -262,7 +262,7 @@ def test_reference_of_a_plugin_graph_is_the_ort_export(graphs, tmp_path, name):
     """--verify compares engines with onnxruntime on the trt graph rewritten into standard ops:
     that rewrite computes exactly what the `--target ort` export computes."""
     from lrq_deploy.engine.verify import verification_feeds
-    from lrq_deploy.export.lower import ort_reference
+    from lrq_deploy.export.lower_trt import ort_reference
     from lrq_deploy.runtime.onnxrt import reference_session as ort_session
 
     model = onnx.load(str(graphs / f"{name}-trt.onnx"))
