@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lrq_deploy.atomic import atomic_directory, check_output_dir
+from lrq_deploy.atomic import OutputKind, atomic_directory, check_output_dir, is_json_of
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
@@ -26,6 +26,7 @@ FORMAT_VERSION = 2  # 2: manifest records size and sha256 of every file
 REQUIRED_KEYS = ("family", "task", "source", "quant", "calib", "quantized_modules")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+OUTPUT = OutputKind("checkpoint", directory=True, recognise=lambda p: is_json_of(Path(p) / MANIFEST, "format", FORMAT))
 
 
 def save_checkpoint(

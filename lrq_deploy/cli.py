@@ -297,9 +297,10 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
 @click.option("--compare", is_flag=True, help="Measure several targets; print one table with ratios to the first.")
 @click.option("--export-json", type=click.Path(path_type=Path), default=None, help="Write the figures as JSON.")
 @click.option("--export-times", type=click.Path(path_type=Path), default=None, help="Write per-inference timings as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite existing --export-json / --export-times files written by lrq bench.")
 @clean_errors
 def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, percentiles, device, no_data_transfers,
-          decode, prompt_len, new_tokens, compare, export_json, export_times):
+          decode, prompt_len, new_tokens, compare, export_json, export_times, force):
     """Benchmark TARGETS (one, or several with --compare)."""
     from lrq_deploy.bench import bench as run, bench_compare, bench_decode
     from lrq_deploy.bench.api import BenchOptions
@@ -318,12 +319,12 @@ def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, perce
     if decode:
         explicit = click.get_current_context().get_parameter_source("iterations") is not ParameterSource.DEFAULT
         options = DecodeOptions(batch, prompt_len, new_tokens, iterations if explicit else 3, points, device)
-        one, show, table = bench_decode, decode_summary, decode_comparison
+        one, show, table = (lambda t, o, j: bench_decode(t, o, j, force)), decode_summary, decode_comparison
     else:
         options = BenchOptions(backend, batch, seq_len, warm_up, iterations, duration, points, device, not no_data_transfers)
-        one, show, table = (lambda t, o, j: run(t, o, j, export_times)), summary, comparison
+        one, show, table = (lambda t, o, j: run(t, o, j, export_times, force)), summary, comparison
     if compare:
-        results = bench_compare(list(targets), options, export_json)
+        results = bench_compare(list(targets), options, export_json, force)
         click.echo("\n\n".join(show(result) for _, result in results) + "\n")
         click.echo(table(results))
         return

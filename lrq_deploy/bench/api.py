@@ -6,12 +6,30 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lrq_deploy.atomic import check_output_file, write_json
+from lrq_deploy.atomic import (
+    OutputKind, check_distinct_outputs, claim_output, is_json_of, output_scope, write_json,
+)
 from lrq_deploy.bench.decode import DecodeOptions, make_decoder, measure_decode
 from lrq_deploy.bench.harness import measure, report
 from lrq_deploy.bench.runners import make_runner
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options
 from lrq_deploy.errors import LrqError
+
+
+RECORD_FORMAT = "lrq-bench/1"
+OUTPUT = OutputKind("benchmark record", directory=False, recognise=lambda p: is_json_of(p, "format", RECORD_FORMAT))
+
+
+def claim_records(records: dict, targets: list, force: bool) -> None:
+    """--export-json / --export-times files, claimed before anything is measured."""
+    check_distinct_outputs(records)
+    for option, path in records.items():
+        if path is not None:
+            claim_output(Path(path), OUTPUT, force, inputs=targets, option=option)
+
+
+def write_record(path: Path, data: dict) -> None:
+    write_json(Path(path), {"format": RECORD_FORMAT, **data})
 
 
 @dataclass(frozen=True)
@@ -31,44 +49,44 @@ class BenchOptions:
                        ("--duration", self.duration_s, 0), ("--warm-up", self.warm_up_ms, 0)), self.percentiles)
 
 
-def bench(target: Path, options: BenchOptions, export_json: Path | None = None, export_times: Path | None = None) -> dict:
+@output_scope()
+def bench(target: Path, options: BenchOptions, export_json: Path | None = None, export_times: Path | None = None,
+          force: bool = False) -> dict:
     """Per-inference latency and throughput of one target (trtexec semantics)."""
-    for path, option in ((export_json, "--export-json"), (export_times, "--export-times")):
-        if path is not None:
-            check_output_file(Path(path), True, inputs=[Path(target)], option=option)
+    claim_records({"--export-json": export_json, "--export-times": export_times}, [target], force)
     runner = make_runner(Path(target), options.backend, options.batch, options.seq_len, options.device, options.data_transfers)
     with runtime_errors(runner.name, target, f"batch {options.batch}, seq-len {options.seq_len}"):
         timings, walltime = measure(runner, options.warm_up_ms, options.iterations, options.duration_s)
     result = {"target": str(target), **report(runner, timings, walltime, options.percentiles)}
     if export_json:
-        write_json(Path(export_json), result)
+        write_record(export_json, result)
     if export_times:
-        write_json(Path(export_times), {"times": [asdict(t) for t in timings]})
+        write_record(export_times, {"times": [asdict(t) for t in timings]})
     return result
 
 
-def bench_decode(target: Path, options: DecodeOptions, export_json: Path | None = None) -> dict:
+@output_scope()
+def bench_decode(target: Path, options: DecodeOptions, export_json: Path | None = None, force: bool = False) -> dict:
     """Generation speed of one target: time to first token, per-token latency, tokens/s."""
-    if export_json is not None:
-        check_output_file(Path(export_json), True, inputs=[Path(target)], option="--export-json")
+    claim_records({"--export-json": export_json}, [target], force)
     decoder = make_decoder(Path(target), options.device)
     with runtime_errors(decoder.name, target, f"batch {options.batch}, prompt {options.prompt_len}"):
         result = {"target": str(target), **measure_decode(decoder, options)}
     if export_json:
-        write_json(Path(export_json), result)
+        write_record(export_json, result)
     return result
 
 
+@output_scope()
 def bench_compare(targets: list[Path], options: BenchOptions | DecodeOptions,
-                  export_json: Path | None = None) -> list[tuple[str, dict]]:
+                  export_json: Path | None = None, force: bool = False) -> list[tuple[str, dict]]:
     """Measure several targets one after the other in one process, same settings
     (per inference with BenchOptions, generation with DecodeOptions)."""
-    if export_json is not None:
-        check_output_file(Path(export_json), True, inputs=targets, option="--export-json")
+    claim_records({"--export-json": export_json}, targets, force)
     one = bench_decode if isinstance(options, DecodeOptions) else bench
     results = [(str(t), one(t, options)) for t in targets]
     if export_json:
-        write_json(Path(export_json), {"results": [r for _, r in results]})
+        write_record(export_json, {"results": [r for _, r in results]})
     return results
 
 

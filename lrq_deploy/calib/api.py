@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from lrq_deploy.atomic import check_output_dir
+from lrq_deploy.atomic import claim_output, output_scope
 from lrq_deploy.calib.blockwise import calibrate_model
 from lrq_deploy.calib.rundir import RunDir, saved_settings
-from lrq_deploy.checkpoint import MANIFEST, save_checkpoint
+from lrq_deploy.checkpoint import MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.devices import resolve_device
@@ -31,6 +31,7 @@ def deterministic_algorithms(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+@output_scope()
 def calibrate(
     model_spec: str | None,
     out: Path,
@@ -57,9 +58,10 @@ def calibrate(
     """
     out = Path(out)
     spec = model_spec or DEFAULT_MODEL
-    check_output_dir(out, force or (resume and (out / MANIFEST).is_file()))
     dev = resolve_device(device)
     collective = _collective(distributed, dev)
+    claim_output(out, OUTPUT, force or (resume and (out / MANIFEST).is_file()), inputs=[spec, calib_data], option="-o",
+                 lock=collective.main)
     dev = collective.own_device(dev)
     runs = None
     if cconfig.spec.resumable:

@@ -17,22 +17,29 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from lrq_deploy.atomic import check_output_file, remove_stale_temporaries, temporary_path, write_json
+from lrq_deploy.atomic import (
+    OutputKind, check_distinct_outputs, check_output_file, claim_output, is_json_of, output_scope,
+    remove_stale_temporaries, temporary_path, write_json,
+)
 from lrq_deploy.engine.requirements import BuildOptions, graph_requirements, plugin_kind, profile_shapes
 from lrq_deploy.errors import LrqError
-from lrq_deploy.runtime.engine_record import build_record, record_path
+from lrq_deploy.runtime.engine_record import ENGINE_RECORD, build_record, record_path
 from lrq_deploy.runtime.flavours import Flavour, load_flavour
 
 VERIFY_MIN_COSINE = 0.999
+OUTPUT = OutputKind("TensorRT engine", directory=False,
+                    recognise=lambda p: is_json_of(record_path(Path(p)), "format", ENGINE_RECORD))
 
 
+@output_scope()
 def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     """Build `out` from `onnx_path`; writes the engine and its build record OUT.json (what
     `lrq info` and the engine loader check) atomically."""
     onnx_path, out = Path(onnx_path), Path(out)
     if not onnx_path.is_file():
         raise LrqError(f"ONNX file {onnx_path} does not exist")
-    check_output_file(out, options.force, inputs=[onnx_path], option="-o")
+    claim_output(out, OUTPUT, options.force, inputs=[onnx_path], option="-o")
+    check_distinct_outputs({"-o": out, "--timing-cache": options.timing_cache})
     if options.timing_cache is not None:
         check_output_file(options.timing_cache, True, inputs=[onnx_path, out], option="--timing-cache")
     requirements = graph_requirements(onnx_path, options.precision, options.plugins)
@@ -71,6 +78,7 @@ def _check_triton_target(options: BuildOptions, flavour: Flavour, out: Path, req
         raise LrqError("Triton's TensorRT backend runs engines of full TensorRT; --triton-repo needs "
                        "--flavour tensorrt (this build uses TensorRT for RTX)")
     check_plugins_servable(plugin_kind(flavour, requirements))
+    check_distinct_outputs({"-o": out, "--triton-repo": Path(options.triton_repo) / model_name_for(out)})
     check_repository_target(options.triton_repo, model_name_for(out), options.force)
 
 

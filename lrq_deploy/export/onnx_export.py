@@ -15,8 +15,10 @@ import numpy as np
 import onnx
 import torch
 
-from lrq_deploy.atomic import (atomic_write, check_output_file, make_readable, remove_stale_temporaries, temporary_path,
-                               write_json)
+from lrq_deploy.atomic import (
+    OutputKind, atomic_write, check_distinct_outputs, claim_output, make_readable, output_scope,
+    remove_stale_temporaries, temporary_path, write_json,
+)
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.graph import default_opset, set_opset
@@ -59,6 +61,7 @@ class ExportOptions:
         _check_shape_options(self.batch, self.seq_len, self.limit, self.with_past)
 
 
+@output_scope()
 def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = None, **settings) -> dict:
     """Export a checkpoint (or, for a full-precision baseline, a model spec such as bundled:llama)
     to ONNX; returns a report (sizes, and the verification when run). `settings` are
@@ -70,11 +73,12 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     out = Path(out)
     target, opset, batch, seq_len = options.target, options.opset, options.batch, options.seq_len
     verify, limit, with_past = options.verify, options.limit, options.with_past
-    check_output_file(out, options.force, inputs=[Path(str(checkpoint))], option="--onnx")
+    claim_output(out, OUTPUT, options.force, inputs=[checkpoint], option="--onnx")
     if options.triton_repo is not None:
         from lrq_deploy.serve.triton import check_repository_target, model_name_for
 
-        check_repository_target(options.triton_repo, model_name_for(out), options.force)
+        check_distinct_outputs({"--onnx": out, "--triton-repo": Path(options.triton_repo) / model_name_for(out)})
+        check_repository_target(options.triton_repo, model_name_for(out), options.force, inputs=[checkpoint])
     ckpt = load_source(checkpoint)
     loaded = ckpt.loaded
     if options.ort_int8_activations:
@@ -180,6 +184,16 @@ def _check_shape_options(batch, seq_len, limit, with_past) -> None:
         raise LrqError(f"--limit must be >= 1, got {limit}")
     if with_past and (batch is not None or seq_len is not None):
         raise LrqError("--with-past graphs keep dynamic batch and sequence axes (prefill and decode); drop --batch/--seq-len")
+
+
+def _is_lrq_graph(path: Path) -> bool:
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "lrq-deploy"
+    except Exception:  # not an ONNX file at all
+        return False
+
+
+OUTPUT = OutputKind("ONNX graph", directory=False, recognise=_is_lrq_graph)
 
 
 def drop_debug_records(model: onnx.ModelProto) -> None:

@@ -19,19 +19,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrq_deploy.atomic import atomic_directory, check_output_dir
+from lrq_deploy.atomic import OutputKind, atomic_directory, claim_output, is_json_of, output_scope, write_json
 from lrq_deploy.errors import LrqError
 
 INSTALL_HINT = 'pip install "lrq-deploy[serve]"'
 SUPPORTED = "weight-only W4A16 / W8A16 (per channel or group, symmetric or asymmetric) and W8A8"
+MARKER, MARKER_FORMAT = "lrq-export.json", "lrq-vllm/1"  # says lrq wrote the directory (--force may replace it)
+OUTPUT = OutputKind("vLLM export", directory=True, recognise=lambda p: is_json_of(Path(p) / MARKER, "format", MARKER_FORMAT))
 
 
+@output_scope()
 def export_vllm(checkpoint: Path, out: Path, force: bool = False) -> dict:
     """Write `out` (config.json with quantization_config, model.safetensors, tokenizer)."""
     from lrq_deploy.checkpoint import load_checkpoint
 
     out = Path(out)
-    check_output_dir(out, force)
+    claim_output(out, OUTPUT, force, inputs=[checkpoint], option="--vllm")
     ckpt = load_checkpoint(Path(checkpoint))
     _check_supported(ckpt)
     _require_library()
@@ -48,6 +51,8 @@ def export_vllm(checkpoint: Path, out: Path, force: bool = False) -> dict:
                 ckpt.loaded.tokenizer.save_pretrained(staging)
             _check_round_trip(staging, expected)
         result["format"] = compressor.quantization_config.format
+        write_json(staging / MARKER, {"format": MARKER_FORMAT, "source": str(Path(checkpoint).resolve()),
+                                      "scheme": ckpt.scheme_name, "method": ckpt.method})
 
     atomic_directory(out, write)
     return {"vllm": str(out), "format": result["format"], "scheme": ckpt.scheme_name,

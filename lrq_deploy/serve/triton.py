@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from lrq_deploy.atomic import atomic_directory, check_output_dir
+from lrq_deploy.atomic import OutputKind, atomic_directory, claim_output
 from lrq_deploy.errors import LrqError
 from lrq_deploy.graph_io import BATCH_AXIS, PAST_PREFIX
 
@@ -31,10 +31,15 @@ def model_name_for(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem) or "model"
 
 
-def check_repository_target(repo: Path, name: str, force: bool) -> Path:
-    """The model directory REPO/NAME, checked before any work (writable; not occupied without force)."""
+OUTPUT = OutputKind("Triton model directory", directory=True,
+                    recognise=lambda p: (Path(p) / "config.pbtxt").is_file() and (Path(p) / "1").is_dir())
+
+
+def check_repository_target(repo: Path, name: str, force: bool, inputs=()) -> Path:
+    """The model directory REPO/NAME, claimed before any work (writable; not an input; replaced
+    only with force, and only when it is a Triton model directory)."""
     target = Path(repo) / name
-    check_output_dir(target, force)
+    claim_output(target, OUTPUT, force, inputs=inputs, option="--triton-repo")
     return target
 
 
@@ -51,7 +56,7 @@ def onnx_repository(onnx_path: Path, repo: Path, name: str | None = None, force:
     import onnx
 
     onnx_path = Path(onnx_path)
-    target = check_repository_target(repo, name or model_name_for(onnx_path), force)
+    target = check_repository_target(repo, name or model_name_for(onnx_path), force, inputs=[onnx_path])
     model = onnx.load(str(onnx_path), load_external_data=False)
     config = model_config(target.name, "onnxruntime_onnx", model.graph, max_batch=ONNX_BATCH_LIMIT)
     data = [onnx_path.with_name(loc) for loc in _external_locations(model.graph)]
@@ -68,7 +73,7 @@ def engine_repository(engine: Path, record: dict, repo: Path, name: str | None =
         raise LrqError("Triton's TensorRT backend runs engines of full TensorRT; this engine was built with "
                        f"{record.get('flavour')} (build with --flavour tensorrt for Triton)")
     check_plugins_servable(record.get("plugins"))
-    target = check_repository_target(repo, name or model_name_for(engine), force)
+    target = check_repository_target(repo, name or model_name_for(engine), force, inputs=[engine])
     source = Path(record["onnx"]["path"])
     if not source.is_file():
         raise LrqError(f"the graph {source} the engine was built from is gone; its inputs and outputs name the "
