@@ -106,12 +106,15 @@ def test_distributed_without_torchrun_is_one_line(tmp_path, tiny_llama_dir, monk
 
 def _rank_that_may_die(rank, world, port, model, out, message_file):
     """Rank 1 dies (os._exit) when it reaches block 1; rank 0 records what it was told."""
-    from lrq_deploy.calib import blockwise
+    from dataclasses import replace
+
+    from lrq_deploy.calib import registry
     from lrq_deploy.errors import LrqError
 
-    if rank == 1:
-        rtn = blockwise.METHODS["rtn"]
-        blockwise.METHODS["rtn"] = lambda job: os._exit(3) if job.index == 1 else rtn(job)
+    if rank == 1:  # this process only (spawned): its rtn dies at block 1
+        rtn = registry.get_method("rtn")
+        registry._REGISTRY["rtn"] = replace(rtn, quantize_block=lambda job: os._exit(3) if job.index == 1
+                                            else rtn.quantize_block(job))
     try:
         _rank(rank, world, port, model, out, QuantScheme(wbits=8), CalibConfig.of(method="rtn", nsamples=4, seqlen=32))
     except LrqError as exc:

@@ -14,7 +14,9 @@ from lrq_deploy.models import load_model
 
 def test_offload_materialises_one_block_at_a_time(tmp_path, tiny_llama_dir, monkeypatch):
     """While block i is quantized, blocks after it hold no weights (meta) yet."""
-    from lrq_deploy.calib import api, blockwise
+    from dataclasses import replace
+
+    from lrq_deploy.calib import api, registry
 
     seen, loaded = [], {}
 
@@ -22,7 +24,7 @@ def test_offload_materialises_one_block_at_a_time(tmp_path, tiny_llama_dir, monk
         loaded["model"] = load_model(*args, **kwargs)
         return loaded["model"]
 
-    rtn = blockwise.METHODS["rtn"]
+    rtn = registry.get_method("rtn").quantize_block
 
     def watching(job):
         blocks = loaded["model"].adapter.blocks(loaded["model"].model)
@@ -30,7 +32,7 @@ def test_offload_materialises_one_block_at_a_time(tmp_path, tiny_llama_dir, monk
         return rtn(job)
 
     monkeypatch.setattr(api, "load_model", load)
-    monkeypatch.setitem(blockwise.METHODS, "rtn", watching)
+    monkeypatch.setitem(registry._REGISTRY, "rtn", replace(registry.get_method("rtn"), quantize_block=watching))
     calibrate(str(tiny_llama_dir), tmp_path / "q", QuantScheme(wbits=4, group_size=32), CalibConfig.of(nsamples=2, seqlen=32),
               device="cpu", offload=True)
     assert seen == [[False, True], [False, False]]  # block 1 was read only when its turn came
