@@ -164,3 +164,20 @@ def test_the_package_root_stays_torch_free_and_small():
     assert {unit_of(t) for t in root} <= {"errors", "quant"}
     code = "import sys, lrq_deploy, lrq_deploy.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_every_package_and_data_file_is_shipped():
+    """pyproject.toml lists packages explicitly: a new folder, or a data file the code reads,
+    must be listed too, or a non-editable install lacks it."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {".".join((pkg, *p.parent.relative_to(folder).parts)) for pkg, folder in PACKAGES.items()
+               for p in folder.rglob("__init__.py")}
+    assert folders <= listed, f"add {sorted(folders - listed)} to [tool.setuptools] packages"
+    data = config["package-data"]
+    for pkg, folder in PACKAGES.items():
+        shipped = {f for pattern in data.get(pkg, []) for f in folder.glob(pattern)}
+        files = {f for f in folder.glob("*") if f.is_file() and f.suffix not in (".py", ".pyc")}
+        assert files <= shipped, f"add {sorted(f.name for f in files - shipped)} to package-data of {pkg}"
