@@ -7,6 +7,7 @@ which is renamed into place only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,7 +23,8 @@ from lrq_deploy.provenance import library_versions, sha256_of
 from lrq_deploy.quant import QuantLinear
 
 FORMAT = "lrq-checkpoint"
-FORMAT_VERSION = 2  # 2: manifest records size and sha256 of every file
+FORMAT_VERSION = 3  # 2: manifest records size and sha256 of every file; 3: and the sha256 of its own fields
+SELF_HASH = "manifest_sha256"
 REQUIRED_KEYS = ("family", "task", "source", "quant", "calib", "quantized_modules")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -57,6 +59,7 @@ def save_checkpoint(
             **extras,
         }
         manifest["files"] = file_records(tmp)
+        manifest[SELF_HASH] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     atomic_directory(out, write)
@@ -104,10 +107,18 @@ def file_records(directory: Path) -> dict[str, dict]:
     }
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's fields (all but the digest itself), in one canonical JSON form."""
+    fields = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify_files(path: Path, manifest: dict) -> dict[str, str]:
-    """Check every file the manifest covers; {name: "ok" | "missing" | "size differs" | "sha256 differs"}.
-    Format-1 checkpoints recorded no hashes: {}."""
+    """Check every file the manifest covers, and (format 3) the manifest's own fields; {name: "ok" |
+    "missing" | "size differs" | "sha256 differs" | "edited"}. Format-1 checkpoints recorded no hashes: {}."""
     results = {}
+    if SELF_HASH in manifest or manifest.get("format_version", 0) >= 3:
+        results[MANIFEST] = "ok" if manifest.get(SELF_HASH) == manifest_digest(manifest) else "edited"
     for name, record in manifest.get("files", {}).items():
         file = Path(path) / name
         if not file.is_file():
@@ -124,6 +135,9 @@ def verify_files(path: Path, manifest: dict) -> dict[str, str]:
 def check_files(path: Path, manifest: dict) -> None:
     """Refuse a checkpoint whose files do not match their manifest records, naming the first."""
     for name, verdict in verify_files(path, manifest).items():
+        if verdict == "edited":
+            raise LrqError(f"{Path(path) / MANIFEST} was edited after lrq wrote it (its fields no longer match their "
+                           f"recorded sha256): the scheme or records it states cannot be trusted; calibrate again")
         if verdict != "ok":
             raise LrqError(f"{Path(path) / name} does not match {MANIFEST} ({verdict}): the file was changed, "
                            "truncated or damaged; restore it or calibrate again")

@@ -44,7 +44,7 @@ def describe_checkpoint(path: Path) -> dict:
         "quantized_linears": len(manifest["quantized_modules"]),
         "blocks": len(blocks),
         "worst_block_cosine": min((b["cosine"] for b in blocks if "cosine" in b), default=None),
-        "files": {name: {**manifest["files"][name], "check": verdict} for name, verdict in files.items()},
+        "files": {name: {**manifest.get("files", {}).get(name, {}), "check": verdict} for name, verdict in files.items()},
         "versions": manifest.get("versions", {}),
         "created": manifest.get("created"),
         "intact": not any(v != "ok" for v in files.values()),

@@ -142,10 +142,16 @@ def _truncate(ckpt: Path) -> None:
     (ckpt / "model.safetensors").write_bytes(data[:-64])
 
 
-def _edit_manifest(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+def _edit_manifest(edit: Callable[[dict], None], resign: bool = True) -> Callable[[Path], None]:
+    """Change the manifest; resign: record the digest of the edited fields, as a writer would (the
+    case then reaches the check behind the digest), else leave the old one (a hand edit)."""
+    from lrq_deploy.checkpoint import SELF_HASH, manifest_digest
+
     def damage(ckpt: Path) -> None:
         manifest = json.loads((ckpt / "manifest.json").read_text())
         edit(manifest)
+        if resign:
+            manifest[SELF_HASH] = manifest_digest(manifest)
         (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
     return damage
@@ -293,6 +299,10 @@ CASES = [
     Case("eval-manifest-invalid-json", lambda i: ["eval", _damaged(i, lambda c: (c / "manifest.json").write_text("{"))], "is corrupt"),
     Case("eval-manifest-future-version", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(format_version=99)))],
          "format version 99; this lrq-deploy reads up to"),
+    Case("eval-manifest-edited-scheme", lambda i: ["eval", _damaged(i, _edit_manifest(
+        lambda m: m["quant"].update(wbits=8), resign=False))], "manifest.json was edited after lrq wrote it"),
+    Case("info-manifest-edited-scheme", lambda i: ["info", _damaged(i, _edit_manifest(
+        lambda m: m["quant"].update(symmetric=True), resign=False))], "is not intact: manifest.json: edited", report=True),
     Case("eval-manifest-without-quant", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.pop("quant")))], "lacks quant"),
     Case("eval-manifest-unknown-family", lambda i: ["eval", _damaged(i, _edit_manifest(lambda m: m.update(family="gpt2")))],
          "unknown model family 'gpt2'"),

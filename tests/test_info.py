@@ -37,7 +37,8 @@ def test_checkpoint(artifacts):
     report = info(artifacts / "ckpt")
     assert report["kind"] == "lrq checkpoint" and report["intact"] and report["problems"] == []
     assert report["family"] == "llama" and report["scheme"] == "W4A16-g64" and report["symmetric_weights"]
-    assert report["format_version"] == 2 and report["quantized_linears"] == 28
+    assert report["format_version"] == 3 and report["quantized_linears"] == 28
+    assert report["files"]["manifest.json"]["check"] == "ok"
     assert report["files"]["model.safetensors"]["check"] == "ok" and len(report["files"]["model.safetensors"]["sha256"]) == 64
     assert {"torch", "lrq-deploy", "safetensors"} <= set(report["versions"])
     text = lrq("info", artifacts / "ckpt").stdout
