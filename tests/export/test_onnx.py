@@ -95,8 +95,12 @@ def _attrs(node):
 @pytest.mark.parametrize("name,plugin", [("w4a4", "W4A4Linear"), ("w2a16-g64", "W2A16Linear"), ("w4a16-g64", "W4A16Linear"),
                                          ("w4a4-asym", "W4A4Linear")])
 def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, plugin):
+    """... and the graph is verified against torch before it is written (its plugin nodes rewritten
+    into the standard ops of --target ort, from their own bytes)."""
     out = tmp_path / f"{name}-trt.onnx"
-    export_onnx(checkpoints / name, out, target="trt")
+    report = export_onnx(checkpoints / name, out, target="trt", limit=2)
+    assert report["verify"]["relative_difference"] < 0.005 and report["verify"]["argmax_agreement"] >= 0.995
+    assert json.loads(out.with_name(out.name + ".verify.json").read_text())["verify"] == report["verify"]
     model = onnx.load(str(out))
     ckpt = load_checkpoint(checkpoints / name)
     loaded, manifest = ckpt.loaded, ckpt.manifest
@@ -122,7 +126,8 @@ def test_trt_graph_has_one_plugin_node_per_linear(checkpoints, tmp_path, name, p
 
 def test_trt_symmetric_int4_uses_native_block_dq(checkpoints, tmp_path):
     out = tmp_path / "sym-trt.onnx"
-    export_onnx(checkpoints / "w4a16-sym", out, target="trt")
+    report = export_onnx(checkpoints / "w4a16-sym", out, target="trt", limit=2)
+    assert report["verify"]["max_abs_logit_error"] < 1e-3  # weight-only: the same float ops as the reference
     model = onnx.load(str(out))
     assert not [n for n in model.graph.node if n.domain == "lrq"]
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
