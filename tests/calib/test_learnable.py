@@ -114,7 +114,7 @@ def test_resume_after_kill_gives_identical_checkpoint(tmp_path, tiny_llama_dir):
     calibrate(str(tiny_llama_dir), tmp_path / "resumed", qconfig, cconfig, device="cpu", resume=True)
     assert _sha(tmp_path / "resumed") == _sha(tmp_path / "full")
     curves = json.loads((run_dir / "report.json").read_text())["loss_curves"]
-    assert set(curves) == {"0", "1"} and all(len(c) == cconfig.epochs for c in curves.values())
+    assert set(curves) == {"0", "1"} and all(len(c) == cconfig.options.epochs for c in curves.values())
     assert curves["0"] == block0_curve  # the saved block was not trained again
     assert curves == json.loads((tmp_path / "full.run" / "report.json").read_text())["loss_curves"]
     _assert_plot_has_one_line_per_block(run_dir / "losses.png", blocks=2)
@@ -204,7 +204,8 @@ def test_compiled_step_matches_eager_step(tiny_llama_dir):
     params = learnable.init_block_params(job, recipe)
     objective = learnable.Objective(recipe)
     targets = [job.fp_targets, job.run(job.q_inputs)]
-    compiled_job = dataclasses.replace(job, cconfig=dataclasses.replace(cconfig, compile=True))
+    compiled = dataclasses.replace(cconfig, options=dataclasses.replace(cconfig.options, compile=True))
+    compiled_job = dataclasses.replace(job, cconfig=compiled)
     results = []
     for step_job in (job, compiled_job):
         params.zero_grad(set_to_none=True)
@@ -228,7 +229,7 @@ def test_compiled_calibration_within_tolerance_of_eager(tmp_path, tiny_llama_dir
         cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, compile=compile)
         calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device="cpu")
     settings = __import__("json").loads((tmp_path / "compiled.run" / "run.json").read_text())
-    assert settings["calib"]["compile"] is True
+    assert settings["calib"]["options"]["compile"] is True
     eager, compiled = (load_checkpoint(tmp_path / n).model for n in ("eager", "compiled"))
     fp = load_model(str(tiny_llama_dir)).model
     ids = torch.randint(0, fp.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -254,7 +255,7 @@ def test_training_keeps_the_best_epoch(tiny_llama_dir):
     initial = learnable.fake_quant_errors(job, params)
     record = learnable.train_block(job, params, recipe)
     mse = record["mse_per_epoch"]
-    assert len(mse) == cconfig.epochs + 1 and mse[0] == pytest.approx(initial["mse"])
+    assert len(mse) == cconfig.options.epochs + 1 and mse[0] == pytest.approx(initial["mse"])
     assert record["best_epoch"] == min(range(len(mse)), key=mse.__getitem__)
     assert max(mse[1:]) > mse[0]  # this training made the block worse at some epoch...
     kept = learnable.fake_quant_errors(job, params)
@@ -268,7 +269,7 @@ def test_run_report_records_training_per_block(tmp_path, tiny_llama_dir):
     training = json.loads((tmp_path / "q.run" / "report.json").read_text())["training"]
     assert set(training) == {"0", "1"}
     for index, record in training.items():
-        assert len(record["mse_per_epoch"]) == len(record["cosine_per_epoch"]) == cconfig.epochs + 1
+        assert len(record["mse_per_epoch"]) == len(record["cosine_per_epoch"]) == cconfig.options.epochs + 1
         best = record["best_epoch"]
         assert record["mse_per_epoch"][best] == min(record["mse_per_epoch"])
         assert result["blocks"][int(index)]["best_epoch"] == best
