@@ -22,11 +22,13 @@ def describe(target: Path) -> dict:
 
 
 def describe_checkpoint(path: Path) -> dict:
-    from lrq_deploy.checkpoint import FORMAT_VERSION, read_manifest, verify_files
+    from lrq_deploy.checkpoint import FORMAT_VERSION, MANIFEST, SELF_HASH, read_manifest, verify_files
     from lrq_deploy.quant.scheme import QuantScheme
 
     manifest = read_manifest(path)
     files = verify_files(path, manifest)
+    records = {**manifest.get("files", {}),  # the manifest's own record: its size and the digest of its fields
+               MANIFEST: {"bytes": (Path(path) / MANIFEST).stat().st_size, "sha256": str(manifest.get(SELF_HASH, ""))}}
     problems = [f"{name}: {verdict}" for name, verdict in files.items() if verdict != "ok"]
     if not files:
         problems.append(f"format version {manifest['format_version']} records no hashes (version {FORMAT_VERSION} does)")
@@ -44,7 +46,7 @@ def describe_checkpoint(path: Path) -> dict:
         "quantized_linears": len(manifest["quantized_modules"]),
         "blocks": len(blocks),
         "worst_block_cosine": min((b["cosine"] for b in blocks if "cosine" in b), default=None),
-        "files": {name: {**manifest.get("files", {}).get(name, {}), "check": verdict} for name, verdict in files.items()},
+        "files": {name: {**records.get(name, {}), "check": verdict} for name, verdict in files.items()},
         "versions": manifest.get("versions", {}),
         "created": manifest.get("created"),
         "intact": not any(v != "ok" for v in files.values()),
