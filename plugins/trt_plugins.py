@@ -23,7 +23,10 @@ from . import aot
 NAMESPACE = DOMAIN
 VERSION = "1"
 PLUGIN_NAMES = tuple(QuantScheme(w, a).plugin_name for w, a in kernel_schemes())
-FIELDS = ATTRIBUTES + LAYER_ATTRIBUTES  # the scheme's attributes, then the layer's shape
+# The plugin's serialized fields, in the order engines store them (built engines keep this order:
+# it is part of their bytes): the scheme's attributes and the layer's shape.
+FIELDS = ("wbits", "abits", "group_size", "in_features", "out_features", "symmetric", "act_asym")
+assert sorted(FIELDS) == sorted(ATTRIBUTES + LAYER_ATTRIBUTES)
 
 _registered: dict[tuple[str, str], object] = {}  # (module, plugin) -> creator; TensorRT keeps raw pointers
 
@@ -32,7 +35,8 @@ def required_attributes(attrs: dict, owner: str = "lrq plugin node") -> dict:
     """The plugin's integer attributes out of `attrs`, defaults filled in; one clear error names
     any that are missing."""
     scheme, in_features, out_features = layer_attributes(attrs, owner)
-    return {**scheme.to_attributes(), "in_features": in_features, "out_features": out_features}
+    values = {**scheme.to_attributes(), "in_features": in_features, "out_features": out_features}
+    return {name: values[name] for name in FIELDS}
 
 
 def plugin_attributes(fields) -> dict:
