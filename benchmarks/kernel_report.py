@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-import kernel_inspect as report  # noqa: E402  (benchmarks/kernel_inspect.py, beside this script)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_inspect.py lies beside this script
+import kernel_inspect as report  # noqa: E402
 
 
 def markdown(rows) -> str:
