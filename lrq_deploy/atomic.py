@@ -233,20 +233,31 @@ def lock_output(path: Path) -> None:
         ancestor = ancestor.parent
     digest = hashlib.sha1(target.encode()).hexdigest()[:16]
     lock = ancestor / f".lrq-lock-{Path(target).name[:40]}-{digest}"
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise LrqError(f"cannot write to {ancestor} ({exc.strerror}); choose another output location") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        raise LrqError(f"another lrq process{f' (pid {holder})' if holder else ''} is writing {path}; "
-                       "wait for it to finish or choose another output") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LrqError(f"cannot write to {ancestor} ({exc.strerror}); choose another output location") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise LrqError(f"another lrq process{f' (pid {holder})' if holder else ''} is writing {path}; "
+                           "wait for it to finish or choose another output") from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the holder released and removed the file between our open and lock: take the new one
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _LOCKS[target] = (fd, lock)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 @atexit.register
