@@ -84,7 +84,8 @@ def method_options(command):
         flag = "--" + name.replace("_", "-")
         note = f" [{', '.join(owners)}]"
         if isinstance(default, bool):
-            command = click.option(flag, name, is_flag=True, default=default, help=help_text + note)(command)
+            flags = f"{flag}/--no-{flag[2:]}" if default else flag  # an option on by default can be turned off
+            command = click.option(flags, name, is_flag=True, default=default, help=help_text + note)(command)
         else:
             command = click.option(flag, name, type=type(default), default=default, show_default=True,
                                    help=help_text + note)(command)
@@ -98,8 +99,9 @@ def method_options(command):
 @click.option("--abits", type=int, default=16, show_default=True, help=f"Activation bits: {', '.join(map(str, ACT_BITS))}.")
 @click.option("--group-size", type=int, default=None, help="Weight group size (default: per output channel).")
 @click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight quantization mapping.")
-@click.option("--act-asym", is_flag=True,
-              help="Asymmetric per-token activations (each token's [min, max] with a zero point); needs --abits < 16.")
+@click.option("--act-asym/--act-sym", "act_asym", default=None,
+              help="Per-token activations: asymmetric (each token's [min, max] with a zero point; the default "
+                   "when --abits < 16) or symmetric (+-max, for kernels that prefer it).")
 @click.option("--method", type=click.Choice(method_names()), default="rtn", show_default=True)
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")

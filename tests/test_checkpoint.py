@@ -12,9 +12,9 @@ from lrq_deploy.models import load_model
 
 CASES = [
     ("tiny_llama_dir", QuantScheme(wbits=4, abits=16, group_size=32), "rtn"),
-    ("tiny_llama_dir", QuantScheme(wbits=8, abits=8), "smoothquant"),
+    ("tiny_llama_dir", QuantScheme(wbits=8, abits=8, act_asym=False), "smoothquant"),
     ("tiny_opt_dir", QuantScheme(wbits=2, abits=16, group_size=16), "rtn"),
-    ("tiny_opt_dir", QuantScheme(wbits=4, abits=4, symmetric=True), "smoothquant"),
+    ("tiny_opt_dir", QuantScheme(wbits=4, abits=4, symmetric=True, act_asym=False), "smoothquant"),
 ]
 
 
@@ -57,7 +57,7 @@ def test_reload_reproduces_calibrated_outputs_exactly(fixture, qconfig, method, 
 
 def test_vit_reload_exact(tmp_path):
     out = tmp_path / "vit"
-    calibrated = _calibrated_model("bundled:vit", out, QuantScheme(wbits=4, abits=4), "smoothquant")
+    calibrated = _calibrated_model("bundled:vit", out, QuantScheme(wbits=4, abits=4, act_asym=False), "smoothquant")
     loaded = load_checkpoint(out).loaded
     images = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

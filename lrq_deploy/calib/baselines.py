@@ -72,3 +72,22 @@ def smoothquant(job: BlockJob, alpha: float) -> dict:
         fold_smoothing(job.block, group, scale)
     replace_linears(job.block, job.linear_names, job.qconfig)
     return {}
+
+
+@torch.no_grad()
+def capture_inputs(job: BlockJob, names: list[str], max_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """The input rows (tokens, float32) each named linear receives over this rank's calibration
+    samples, evenly thinned to at most `max_rows` tokens."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [job.block.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: seen[name].append(args[0].detach().flatten(0, -2).float())) for name in names]
+    try:
+        job.run(job.q_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = {name: torch.cat(chunks) for name, chunks in seen.items()}
+    if max_rows is None:
+        return rows
+    return {name: x[torch.linspace(0, len(x) - 1, min(max_rows, len(x)), device=x.device).round().long()]
+            for name, x in rows.items()}

@@ -322,7 +322,14 @@ def fold_and_quantize(job: BlockJob, params: BlockParams) -> None:
             n: (lwc_factor(params.get("lwc_up", n)), lwc_factor(params.get("lwc_low", n)), params.get("row_gain", n))
             for n in job.linear_names
         }
-    replace_linears(job.block, job.linear_names, job.qconfig, clip)
+    if job.qconfig.quantize_weights and getattr(job.options, "rounding", "nearest") == "gptq":
+        from lrq_deploy.calib.gptq import gptq_block
+        from lrq_deploy.calib.methods.gptq import GPTQOptions
+
+        gptq = GPTQOptions()
+        gptq_block(job, gptq.damp, gptq.act_order, gptq.block_size, clip=clip)
+    else:
+        replace_linears(job.block, job.linear_names, job.qconfig, clip)
 
 
 def learn_block(job: BlockJob, recipe: Recipe) -> dict:

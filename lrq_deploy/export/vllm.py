@@ -116,7 +116,7 @@ def _attach_qparams(model: nn.Module, ckpt, expected: dict):
     quant = ckpt.quant
     weights = QuantizationArgs(num_bits=quant.wbits, type="int", symmetric=quant.symmetric,
                                strategy="group" if quant.group_size else "channel", group_size=quant.group_size)
-    activations = (QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    activations = (QuantizationArgs(num_bits=8, type="int", symmetric=not quant.act_asym, strategy="token", dynamic=True)
                    if quant.abits == 8 else None)
     fmt = "int-quantized" if activations else "pack-quantized"
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in expected]

@@ -55,8 +55,9 @@ class QuantScheme:
 
     wbits: weight bits (16 = keep weights in floating point).
     abits: activation bits (16 = keep activations in floating point). Activations are quantized
-        per token, dynamically (round half to even): symmetrically (range +-(2^(b-1)-1)), or with
-        act_asym over each token's [min, max] with a per-token zero point (quant/primitives.py).
+        per token, dynamically (round half to even): with act_asym (the default when abits < 16) over
+        each token's [min, max] with a per-token zero point, as LRQuant / OmniQuant quantize them,
+        or symmetrically (range +-(2^(b-1)-1)) for kernels that prefer it (quant/primitives.py).
     group_size: weights quantized in groups of this many input channels; None = per output channel.
     symmetric: symmetric weight quantization (zero point fixed at 2^(b-1)); default asymmetric.
     """
@@ -65,9 +66,11 @@ class QuantScheme:
     abits: int = 16
     group_size: int | None = None
     symmetric: bool = False
-    act_asym: bool = False
+    act_asym: bool | None = None  # None: asymmetric whenever activations are quantized
 
     def __post_init__(self):
+        if self.act_asym is None:
+            object.__setattr__(self, "act_asym", self.abits < 16)
         if self.wbits not in WEIGHT_BITS:
             raise LrqError(f"wbits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.wbits}")
         if self.abits not in ACT_BITS:
@@ -76,6 +79,7 @@ class QuantScheme:
             raise LrqError(f"group size must be an even number >= 2 (or omitted for per-channel), got {self.group_size}")
         if self.act_asym and self.abits == 16:
             raise LrqError("asymmetric activations (--act-asym) need quantized activations: set --abits below 16")
+        object.__setattr__(self, "act_asym", bool(self.act_asym))
         if self.wbits == 16 and self.abits == 16:
             raise LrqError("wbits=16 and abits=16 quantizes nothing; lower at least one of them")
 
@@ -90,7 +94,7 @@ class QuantScheme:
         unknown = sorted(set(data) - names)
         if unknown:
             raise LrqError(f"unknown quantization fields {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return cls(**data)
+        return cls(**{"act_asym": False, **data})  # records made before the field existed were symmetric
 
     def to_attributes(self) -> dict[str, int]:
         """The scheme as integer attributes of an lrq ONNX node or TensorRT plugin (group 0 = per channel)."""

@@ -39,7 +39,7 @@ def test_fold_smoothing_is_exact(fixture, request):
 def test_engine_quantizes_every_block_linear(tiny_llama_dir, method):
     loaded = load_model(str(tiny_llama_dir))
     result = calibrate_model(
-        loaded, QuantScheme(wbits=4, abits=8, group_size=32), CalibConfig.of(method=method, nsamples=4, seqlen=32),
+        loaded, QuantScheme(wbits=4, abits=8, group_size=32, act_asym=False), CalibConfig.of(method=method, nsamples=4, seqlen=32),
         _batches(loaded), "cpu",
     )
     assert len(result.quantized) == 2 * 7
@@ -67,7 +67,7 @@ def test_smoothquant_beats_rtn_with_activation_outliers(tiny_llama_dir):
             for block in loaded.adapter.blocks(loaded.model):
                 block.input_layernorm.weight[:4] *= 30.0
         result = calibrate_model(
-            loaded, QuantScheme(wbits=8, abits=8), CalibConfig.of(method=method, nsamples=4, seqlen=32),
+            loaded, QuantScheme(wbits=8, abits=8, act_asym=False), CalibConfig.of(method=method, nsamples=4, seqlen=32),
             _batches(loaded), "cpu",
         )
         errors[method] = result.blocks[0]["mse"]

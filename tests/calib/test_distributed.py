@@ -45,7 +45,7 @@ def _weights(path):
 @pytest.mark.parametrize("method", ["rtn", "smoothquant"])
 def test_distributed_statistics_methods_are_bit_identical(tmp_path, tiny_llama_dir, method):
     """Max / min over samples reduce exactly: the same checkpoint bytes as one process."""
-    qconfig = QuantScheme(wbits=8, abits=8)
+    qconfig = QuantScheme(wbits=8, abits=8, act_asym=False)
     cconfig = CalibConfig.of(method=method, nsamples=6, seqlen=32)
     single = _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     dist = _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
@@ -64,7 +64,7 @@ def test_distributed_lrquant_plus_matches_one_process(tmp_path, tiny_llama_dir):
     same, and the checkpoints' perplexity within 0.5%."""
     from lrq_deploy.checkpoint import load_checkpoint
 
-    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant+", nsamples=6, seqlen=32, epochs=2, batch_size=4)
     single = _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     dist = _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
@@ -81,7 +81,7 @@ def test_distributed_lrquant_plus_matches_one_process(tmp_path, tiny_llama_dir):
 
 def test_distributed_one_batch_step_equals_one_process(tmp_path, tiny_llama_dir):
     """One step over all samples: the learned parameters agree to summation order (3e-5 in norm)."""
-    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant+", nsamples=6, seqlen=32, epochs=1, batch_size=6)
     _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
@@ -151,7 +151,7 @@ def _rank_resumed(rank, world, port, model, out, qconfig, cconfig):
 def test_distributed_resume_uses_the_saved_blocks(tmp_path, tiny_llama_dir):
     """A distributed run whose block 1 parameters were lost resumes from block 0's saved parameters
     (read by every rank) and retrains only block 1: block 0's file is untouched."""
-    qconfig = QuantScheme(wbits=4, abits=8, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=8, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant", nsamples=4, seqlen=32, epochs=1, batch_size=2)
     out = _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     run = tmp_path / "dist.run"

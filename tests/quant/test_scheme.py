@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (6, 6, KernelFamily.INTEGER), (2, 4, None), (16, 8, None),
 ])
 def test_kernel_rule(wbits, abits, family):
-    scheme = QuantScheme(wbits=wbits, abits=abits)
+    scheme = QuantScheme(wbits=wbits, abits=abits, act_asym=False)
     assert scheme.kernel is family
     if family is None:
         with pytest.raises(LrqError, match=f"no kernel for W{wbits}A{abits}"):
@@ -124,3 +124,13 @@ def test_the_wire_refuses_what_it_cannot_read():
     with pytest.raises(LrqError, match="unknown quantization fields"):
         QuantScheme.from_dict({"wbits": 4, "abits": 16, "wformat": "fp4"})
     assert QuantScheme.from_attributes({"wbits": 4, "abits": 4, "group_size": 0, "symmetric": 0}).act_asym is False
+
+
+def test_activations_are_asymmetric_by_default_and_old_records_stay_symmetric():
+    assert QuantScheme(wbits=4, abits=4).act_asym is True
+    assert QuantScheme(wbits=4, abits=8, act_asym=False).act_asym is False
+    assert QuantScheme(wbits=4).act_asym is False  # nothing to quantize: the flag is off
+    assert QuantScheme.from_dict({"wbits": 4, "abits": 4, "group_size": None, "symmetric": False}).act_asym is False
+    scheme = QuantScheme(wbits=4, abits=4)
+    assert QuantScheme.from_dict(scheme.to_dict()) == scheme
+    assert QuantScheme.from_attributes(scheme.to_attributes()) == scheme

@@ -48,7 +48,7 @@ def test_vllm_w4a16_g64_loads_in_transformers_with_the_checkpoints_perplexity(tm
 
 @pytest.mark.parametrize("quant,fmt", [(QuantScheme(wbits=4, group_size=64), "pack-quantized"),
                                        (QuantScheme(wbits=8), "pack-quantized"),
-                                       (QuantScheme(wbits=8, abits=8), "int-quantized")])
+                                       (QuantScheme(wbits=8, abits=8, act_asym=False), "int-quantized")])
 def test_vllm_weights_decompress_to_the_checkpoints(tmp_path, quant, fmt):
     """Asymmetric groups (zero points), per-channel INT8 and W8A8: every decompressed weight equals
     the checkpoint's dequantized weight exactly (the export checks it too, before writing)."""
@@ -66,7 +66,7 @@ def test_vllm_weights_decompress_to_the_checkpoints(tmp_path, quant, fmt):
 
 
 def test_vllm_refuses_what_the_format_cannot_express(tmp_path):
-    calibrate("bundled:llama", tmp_path / "w4a4", QuantScheme(wbits=4, abits=4), CalibConfig.of(nsamples=2, seqlen=32),
+    calibrate("bundled:llama", tmp_path / "w4a4", QuantScheme(wbits=4, abits=4, act_asym=False), CalibConfig.of(nsamples=2, seqlen=32),
               device="cpu")
     result = CliRunner().invoke(main, ["export", str(tmp_path / "w4a4"), "--vllm", str(tmp_path / "out")])
     assert result.exit_code == 1

@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from lrq_deploy.calib.registry import check_options, option, positive_finite
 
 
+ROUNDINGS = ("nearest", "gptq")
+
+
+def _rounding(value) -> str | None:
+    return None if value in ROUNDINGS else f"must be one of {', '.join(ROUNDINGS)}"
+
+
 def _non_negative(value) -> str | None:
     return None if isinstance(value, int) and value >= 0 else "must be an integer >= 0"
 
@@ -19,6 +26,8 @@ class LearnableOptions:
     lr_lwc: float = option(1e-2, "Learning rate of the learnable weight clipping.", positive_finite)
     compile: bool = option(False, "torch.compile each block's training step (faster epochs; results equal "
                                   "within float tolerance, not bit for bit).")
+    rounding: str = option("nearest", "How the trained block's weights are rounded: nearest, or gptq (GPTQ rounding "
+                                      "under the learned clipping, after the learned transforms are folded).", _rounding)
 
     def __post_init__(self):
         check_options(self)

@@ -1,0 +1,104 @@
+"""AWQ (Lin et al., 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression"):
+per smoothing group, the channel scale s = mean|X|^r (r on a grid) that minimises the group's
+quantized output error, folded exactly into the module before the group; then, per linear, the
+clipping ratio of each weight group that minimises its output error. Both searches score every
+candidate on the calibration inputs of every rank (losses summed), so all ranks choose alike.
+
+The result is what the other methods produce: smoothing folded by fold.py, clip factors of
+quant/primitives.weight_qparams, codes by round to nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrq_deploy.calib.baselines import capture_inputs, replace_linears
+from lrq_deploy.calib.blockwise import BlockJob
+from lrq_deploy.fold import expand_to_consumer, fold_smoothing, reduce_to_prev
+from lrq_deploy.models.base import SmoothGroup
+from lrq_deploy.quant.primitives import fake_quant_activation, fake_quant_weight, weight_qparams
+from lrq_deploy.quant.scheme import QuantScheme, group_length
+
+__all__ = ["awq_block", "search_clip", "search_scale"]
+
+SCALE_ROWS = 4096  # tokens per rank scored by the scale search
+CLIP_ROWS = 512  # tokens per rank scored by the clipping search
+MAX_SHRINK = 0.5  # clipping ratios tried: 1, 1 - 1/grid, ... down to 1 - MAX_SHRINK
+
+
+def rtn(weight: torch.Tensor, scheme: QuantScheme, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize, both ends of each group's range scaled by `factor`."""
+    scale, zero = weight_qparams(weight, scheme.wbits, scheme.group_size, scheme.symmetric, factor, factor)
+    return fake_quant_weight(weight, scale, zero, scheme.wbits, scheme.group_size)
+
+
+@torch.no_grad()
+def awq_block(job: BlockJob, grid: int, clip: bool) -> dict:
+    """Search and fold every group's scales, search clipping, round the block's linears to nearest."""
+    scheme = job.qconfig
+    if not scheme.quantize_weights:  # nothing to protect: activations only
+        replace_linears(job.block, job.linear_names, scheme)
+        return {}
+    inputs = capture_inputs(job, [g.linears[0] for g in job.groups], SCALE_ROWS)
+    ratios = []
+    for group in job.groups:
+        scale, ratio = search_scale(job, group, inputs[group.linears[0]], grid)
+        fold_smoothing(job.block, group, scale)
+        ratios.append(ratio)
+    factors = {}
+    if clip:
+        inputs = capture_inputs(job, job.linear_names, CLIP_ROWS)
+        for name in job.linear_names:
+            factor = search_clip(job, job.block.get_submodule(name).weight, inputs[name], grid)
+            factors[name] = (factor, factor, None)
+    replace_linears(job.block, job.linear_names, scheme, factors)
+    return {"awq_ratios": ratios}
+
+
+def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, float]:
+    """The scale (prev's channel space) among mean|X|^r, r = 0, 1/grid, ..., with the least summed
+    squared output error of the group's linears; r = 0 is plain round to nearest."""
+    scheme = job.qconfig
+    weights = [job.block.get_submodule(n).weight.float() for n in group.linears]
+    targets = [x @ w.T for w in weights]
+    activity = reduce_to_prev(x.abs().mean(dim=0), group)
+    candidates, losses = [], []
+    for step in range(grid):
+        scale = activity.pow(step / grid).clamp(min=1e-4)
+        scale = scale / (scale.max() * scale.min()).sqrt()
+        consumer = expand_to_consumer(scale, group)
+        seen = x / consumer
+        if scheme.quantize_activations:
+            seen = fake_quant_activation(seen, scheme.abits, scheme.act_asym)
+        losses.append(sum((seen @ rtn(w * consumer, scheme).T - t).pow(2).sum() for w, t in zip(weights, targets)))
+        candidates.append(scale)
+    best = int(job.collective.sum(torch.stack(losses).double()).argmin())
+    return candidates[best].to(weights[0].dtype), best / grid
+
+
+def search_clip(job: BlockJob, weight: torch.Tensor, x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Per output row and weight group, the clipping ratio with the least squared output error
+    (cross-group terms ignored, as in AWQ): factors [out, groups] for weight_qparams."""
+    scheme = job.qconfig
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    size = group_length(scheme.group_size, in_features)
+    groups = in_features // size
+    x_groups = x.view(len(x), groups, size)
+    best_error = torch.full((out_features, groups), float("inf"), dtype=torch.float64, device=w.device)
+    best = torch.ones(out_features, groups, device=w.device)
+    for step in range(int(MAX_SHRINK * grid) + 1):
+        factor = torch.full_like(best, 1 - step / grid)
+        error = (w - rtn(w, scheme, factor)).view(out_features, groups, size)
+        error = job.collective.sum(_group_output_error(x_groups, error))
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better, factor, best)
+    return best
+
+
+def _group_output_error(x_groups: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """sum_t (x_t,g . e_o,g)^2 for every row o and group g, in row chunks that bound the memory."""
+    rows = max(1, (1 << 24) // (x_groups.shape[0] * x_groups.shape[1]))
+    parts = [torch.einsum("tgs,ogs->tog", x_groups, chunk).pow(2).sum(dim=0) for chunk in error.split(rows)]
+    return torch.cat(parts).double()

@@ -1,0 +1,159 @@
+"""GPTQ rounding (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): quantize a linear's weight one input column at a time and spread each
+column's rounding error over the columns not yet quantized, weighted by the inverse Hessian of
+the layer's reconstruction loss ||X W^T - X Q^T||^2, H = 2/n sum x x^T.
+
+The output is the checkpoint's own form (integer codes, float16-exact scales, zero points), so
+export and kernels are unchanged. With activation order (columns by decreasing H diagonal) and
+groups, the groups' scales and zero points are taken from the weight before any update ("static
+groups"): every group keeps its contiguous input channels, and no permutation reaches the
+checkpoint or the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrq_deploy.calib.distributed import SINGLE, Collective
+from lrq_deploy.errors import LrqError
+from lrq_deploy.quant.primitives import weight_qparams
+from lrq_deploy.quant.scheme import QuantScheme, group_length
+
+__all__ = ["HessianCapture", "gptq_quantize"]
+
+
+class HessianCapture:
+    """Accumulates H = 2/n sum x x^T over the inputs a module receives (forward pre-hook)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, args) -> None:
+        x = args[0].detach().flatten(0, -2).float()
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+        self.sum += (x.T @ x).double()  # float64 sums: the result does not depend on the batch split
+        self.count += x.shape[0]
+
+    def finish(self, collective: Collective = SINGLE) -> torch.Tensor:
+        """Remove the hook and return H (float32), summed over every calibration rank."""
+        self._handle.remove()
+        if self.sum is None:
+            raise LrqError("GPTQ: a linear received no calibration input")
+        total = collective.sum(torch.cat([self.sum.flatten(), self.sum.new_tensor([self.count])]))
+        count = total[-1]
+        return (2 * total[:-1].view_as(self.sum) / count).float()
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is too ill-conditioned."""
+    eye = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
+    mean_diag = torch.diag(hessian).mean()
+    for attempt in range(4):
+        dampened = hessian + (damp * 10**attempt) * mean_diag * eye
+        factor, info = torch.linalg.cholesky_ex(dampened)
+        if not info:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if not info:
+                return upper
+    raise LrqError(f"GPTQ: the Hessian stays singular with dampening up to {damp * 1000:g}; "
+                   "use more calibration samples or a larger --damp")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp: float = 0.01, act_order: bool = False,
+    block_size: int = 128, qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ-round `weight` [out, in] under `scheme`: (codes uint8 [out, in], scale, zero [out, groups]).
+
+    qparams: fixed scales and zero points (e.g. from learned clipping); by default they come from
+    the weight as round-to-nearest computes them: per group as each group is reached (from the
+    weight as updated so far), or from the original weight with act_order or per-channel.
+    With an identity Hessian no error is spread and the result is round-to-nearest's.
+    """
+    w = weight.detach().float().clone()
+    out_features, in_features = w.shape
+    size = group_length(scheme.group_size, in_features)
+    bits, levels = scheme.wbits, 2**scheme.wbits - 1
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0  # inputs that never fire: their weights do not matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    if qparams is None and (act_order or scheme.group_size is None):
+        qparams = weight_qparams(w, bits, scheme.group_size, scheme.symmetric)
+    dynamic = qparams is None
+    groups = in_features // size
+    if dynamic:
+        scale = w.new_empty(out_features, groups)
+        zero = w.new_empty(out_features, groups)
+    else:
+        scale, zero = (t.detach().float().clone() for t in qparams)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(in_features)
+    w, h = w[:, order], h[order][:, order]
+    hinv = _inverse_cholesky(h, damp)
+    step = max(block_size // size, 1) * size if scheme.group_size else block_size  # blocks hold whole groups
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    for start in range(0, in_features, step):
+        end = min(start + step, in_features)
+        block, errors, hblock = w[:, start:end].clone(), w.new_zeros(out_features, end - start), hinv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            group = int(order[column]) // size
+            if dynamic and column % size == 0:
+                s, z = weight_qparams(block[:, i:i + size], bits, None, scheme.symmetric)
+                scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
+            s, z = scale[:, group], zero[:, group]
+            q = (torch.round(block[:, i] / s) + z).clamp(0, levels)
+            codes[:, column] = q.to(torch.uint8)
+            error = (block[:, i] - (q - z) * s) / hblock[i, i]
+            block[:, i:] -= error[:, None] * hblock[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return codes[:, torch.argsort(order)], scale, zero
+
+
+def input_stages(job) -> list[list[str]]:
+    """The block's linears in order, those sharing one input (a smoothing group) together."""
+    stages, seen = [], set()
+    for name in job.linear_names:
+        if name in seen:
+            continue
+        group = next((g.linears for g in job.groups if name in g.linears), (name,))
+        stage = [n for n in group if n in job.linear_names and n not in seen]
+        stages.append(stage)
+        seen.update(stage)
+    return stages
+
+
+@torch.no_grad()
+def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | None = None) -> dict:
+    """GPTQ-quantize a block's linears sequentially: each stage's Hessian is taken from inputs
+    that passed through the stages already quantized. clip: learned (upper, lower, row_gain)
+    factors per linear (LRQuant's clipping), which fix the scales and zero points."""
+    from lrq_deploy.quant import QuantLinear, gained_scale
+
+    scheme = job.qconfig
+    for stage in input_stages(job):
+        capture = HessianCapture(job.block.get_submodule(stage[0]))
+        try:
+            job.run(job.q_inputs)
+        finally:
+            hessian = capture.finish(job.collective)
+        for name in stage:
+            parent_name, _, child = name.rpartition(".")
+            parent = job.block.get_submodule(parent_name) if parent_name else job.block
+            linear = getattr(parent, child)
+            upper, lower, gain = (clip or {}).get(name, (None, None, None))
+            qparams = None
+            if upper is not None:
+                qparams = weight_qparams(linear.weight.detach().float(), scheme.wbits, scheme.group_size,
+                                         scheme.symmetric, upper, lower)
+            codes, scale, zero = gptq_quantize(linear.weight, hessian, scheme, damp, act_order, block_size, qparams)
+            bias = None if linear.bias is None else linear.bias.detach()
+            layer = QuantLinear.from_codes(codes, gained_scale(scale, gain), zero, bias, scheme)
+            setattr(parent, child, layer.to(linear.weight.device))
+    return {}
