@@ -75,14 +75,16 @@ def smoothquant(job: BlockJob, alpha: float) -> dict:
 
 
 @torch.no_grad()
-def capture_inputs(job: BlockJob, names: list[str], max_rows: int | None = None) -> dict[str, torch.Tensor]:
-    """The input rows (tokens, float32) each named linear receives over this rank's calibration
-    samples, evenly thinned to at most `max_rows` tokens."""
+def capture_inputs(job: BlockJob, names: list[str], max_rows: int | None = None,
+                   block: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The input rows (tokens, float32) each named linear of `block` (default the job's) receives
+    over this rank's calibration samples, evenly thinned to at most `max_rows` tokens."""
+    block = block or job.block
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    handles = [job.block.get_submodule(name).register_forward_pre_hook(
+    handles = [block.get_submodule(name).register_forward_pre_hook(
         lambda _m, args, name=name: seen[name].append(args[0].detach().flatten(0, -2).float())) for name in names]
     try:
-        job.run(job.q_inputs)
+        job.run(job.q_inputs, block=block)
     finally:
         for handle in handles:
             handle.remove()

@@ -2,7 +2,8 @@
 
 Per block, parameters are learned against the block's full-precision output:
 - smoothing scales per smoothing group (and shifts where the producing module has a bias),
-- learnable weight clipping (LWC): sigmoid factors on each group's max and min, init 4,
+- learnable weight clipping (LWC): sigmoid factors on each group's max and min, initialised at
+  each weight group's best clipping ratio on the initially smoothed block (searched_init),
 - LRQuant+ only: rank-1 "rotation" factors, init ones, placed where they fold exactly:
   a per-output-row gain carried by the stored scale, and a per-input-channel gain of each
   smoothing group folded into the module that produces the group's input (docs/METHOD.md).
@@ -16,20 +17,23 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
+import copy
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from lrq_deploy.calib.baselines import input_stats, replace_linears, weight_absmax
+from lrq_deploy.calib.baselines import capture_inputs, input_stats, replace_linears, weight_absmax
 from lrq_deploy.calib.blockwise import BlockJob, block_errors
 from lrq_deploy.calib.recipe import Recipe
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.errors import LrqError
-from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
+from lrq_deploy.fold import expand_to_consumer, fold_smoothing, group_params, reduce_to_prev, smooth_params
 from lrq_deploy.quant import fake_quant_activation, fake_quant_weight, gained_scale, weight_qparams
 from lrq_deploy.quant.scheme import group_length
 
-LWC_INIT = 4.0
+LWC_INIT = 4.0  # the largest initial clipping logit: sigmoid(4) = 0.982
+SEARCH_GRID = 20
 
 
 def log_equivalent_scale(act_absmax: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,39 @@ def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
             params.add("lwc_low", name, torch.full(shape, LWC_INIT))
             if recipe.rotation:
                 params.add("row_gain", name, torch.ones(linear.out_features))
-    return params.to(job.device)
+    params = params.to(job.device)
+    searched_init(job, params)
+    return params
+
+
+@torch.no_grad()
+def searched_init(job: BlockJob, params: BlockParams) -> None:
+    """Start from searched values where fixed ones start far from a good solution: weight-only
+    schemes take AWQ's activation-aware scales (activation-statistics inits serve activation
+    quantization, which weight-only schemes do not have), and clipping starts at each weight
+    group's best ratio on the smoothed block instead of almost none. Training then improves on
+    a starting point no worse than AWQ / a clipping search, and best-epoch selection keeps it
+    if training does not."""
+    from lrq_deploy.calib import awq
+
+    if not job.qconfig.quantize_weights:
+        return
+    if not job.qconfig.quantize_activations:
+        inputs = capture_inputs(job, [g.linears[0] for g in job.groups], awq.SCALE_ROWS)
+        for i, group in enumerate(job.groups):
+            x, shift = inputs[group.linears[0]], params.get("shift", _group_key(i))
+            if shift is not None:
+                x = x - expand_to_consumer(shift, group)
+            params.get("scale", _group_key(i)).copy_(awq.search_scale(job, group, x, SEARCH_GRID)[0])
+    smoothed = copy.deepcopy(job.block)
+    for i, group in enumerate(job.groups):
+        fold_smoothing(smoothed, group, *_smoothing(params, i))
+    inputs = capture_inputs(job, job.linear_names, awq.CLIP_ROWS, block=smoothed)
+    for name in job.linear_names:
+        ratio = awq.search_clip(job, smoothed.get_submodule(name).weight, inputs[name], SEARCH_GRID)
+        logit = torch.logit(ratio.clamp(max=torch.sigmoid(torch.tensor(LWC_INIT)).item()))
+        params.get("lwc_up", name).copy_(logit)
+        params.get("lwc_low", name).copy_(logit)
 
 
 def _has_biases(block: nn.Module, group) -> bool:

@@ -68,6 +68,9 @@ def test_training_lowers_loss_and_fold_matches_fake_quant(fixture, method, act_a
     qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=act_asym)
     job = _job(loaded, qconfig, CalibConfig.of(method=method, nsamples=4, seqlen=32, epochs=3, batch_size=2, lr_smooth=1e-2))
     params = learnable.init_block_params(job, recipe)
+    with torch.no_grad():  # start clipping from the fixed value, so that training has work to do
+        for p in params.of_kind("lwc_up", "lwc_low"):
+            p.fill_(learnable.LWC_INIT)
     targets = [job.fp_targets] + ([job.run(job.q_inputs)] if recipe.two_branch else [])
 
     def fake_quant_loss():
@@ -273,3 +276,25 @@ def test_run_report_records_training_per_block(tmp_path, tiny_llama_dir):
         best = record["best_epoch"]
         assert record["mse_per_epoch"][best] == min(record["mse_per_epoch"])
         assert result["blocks"][int(index)]["best_epoch"] == best
+
+
+@pytest.mark.parametrize("qconfig", [QuantScheme(wbits=3), QuantScheme(wbits=4, abits=4, group_size=32)],
+                         ids=lambda q: q.name)
+def test_searched_init_starts_no_worse_than_the_fixed_init(tiny_llama_dir, qconfig):
+    """The searched start (AWQ scales for weight-only schemes, searched clipping) has a lower
+    fake-quant block error than the fixed start (LWC logits 4, statistics-based scales)."""
+    loaded = load_model(str(tiny_llama_dir))
+    job = _job(loaded, qconfig, CalibConfig.of(method="lrquant", nsamples=4, seqlen=32))
+    recipe = get_method("lrquant").quantize_block.recipe
+    searched = learnable.init_block_params(job, recipe)
+    fixed = learnable.init_block_params(job, recipe)
+    with torch.no_grad():
+        for p in fixed.of_kind("lwc_up", "lwc_low"):
+            p.fill_(learnable.LWC_INIT)
+        if not qconfig.quantize_activations:
+            stats = learnable.input_stats(job, [g.linears[0] for g in job.groups], job.q_inputs)
+            for i, group in enumerate(job.groups):
+                first = stats[group.linears[0]]
+                absmax = learnable.reduce_to_prev(torch.maximum(first["max"], -first["min"]), group).clamp(min=1e-5)
+                fixed.get("scale", f"group{i}").copy_(learnable.log_equivalent_scale(absmax))
+    assert learnable.fake_quant_errors(job, searched)["mse"] < learnable.fake_quant_errors(job, fixed)["mse"]
