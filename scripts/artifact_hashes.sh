@@ -21,7 +21,7 @@ scenario() {  # name, calibrate options...
 scenario readme                                    # the README's first command (rtn W4A16)
 scenario rtn-w4a16-g64 --method rtn --wbits 4 --group-size 64
 scenario rtn-w4sym-g64 --method rtn --wbits 4 --group-size 64 --symmetric
-scenario lrqplus-w4a4 --method lrquant+ --wbits 4 --abits 4 --epochs 2 --nsamples 8
+scenario lrqplus-w4a4 --method lrquant+ --wbits 4 --abits 4 --act-sym --epochs 2 --nsamples 8
 scenario rtn-w2a16 --method rtn --wbits 2 --group-size 64
 scenario lrquant-w4a4-asym --method lrquant --wbits 4 --abits 4 --act-asym --epochs 2 --nsamples 8
 

