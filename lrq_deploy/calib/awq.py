@@ -61,7 +61,8 @@ def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) 
     scheme = job.qconfig
     weights = [job.block.get_submodule(n).weight.float() for n in group.linears]
     targets = [x @ w.T for w in weights]
-    activity = reduce_to_prev(x.abs().mean(dim=0), group)
+    totals = job.collective.sum(torch.cat([x.abs().sum(dim=0), x.new_tensor([len(x)])]).double())
+    activity = reduce_to_prev((totals[:-1] / totals[-1]).float(), group)  # mean |x| over every rank's tokens
     candidates, losses = [], []
     for step in range(grid):
         scale = activity.pow(step / grid).clamp(min=1e-4)

@@ -117,3 +117,16 @@ def test_activation_store_on_disk_is_file_backed(tmp_path, monkeypatch):
         spill = next(tmp_path.glob("lrq-activations-*"))
         assert list(spill.iterdir()) == []  # unlinked at once: the mapping alone holds the data
     assert not any(tmp_path.glob("lrq-activations-*"))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_rounding_methods_offloaded_give_the_same_checkpoint(tmp_path, tiny_llama_dir, method):
+    """GPTQ / AWQ with --offload (one block at a time on the device, the rest in CPU memory)."""
+    import hashlib
+
+    qconfig, cconfig = QuantScheme(wbits=3, group_size=32), CalibConfig.of(method, nsamples=4, seqlen=32)
+    calibrate(str(tiny_llama_dir), tmp_path / "plain", qconfig, cconfig, device="cpu")
+    calibrate(str(tiny_llama_dir), tmp_path / "offload", qconfig, cconfig, device="cpu", offload=True)
+    digest = [hashlib.sha256((tmp_path / n / "model.safetensors").read_bytes()).hexdigest()
+              for n in ("plain", "offload")]
+    assert digest[0] == digest[1]

@@ -1,0 +1,154 @@
+"""lrq's weight rounding against llm-compressor's GPTQ on the same model, windows and settings.
+
+Both sides quantize the same Hugging Face directory with the same calibration windows (token ids
+written once, read by both) and are scored on the same WikiText-2 test windows; each side also
+reports the full-precision perplexity, which must agree. llm-compressor runs in its own Python
+(its pins on torch / transformers rarely match lrq's), given by --peer-python:
+
+    python -m venv /tmp/peer && /tmp/peer/bin/pip install torch llmcompressor
+    python benchmarks/peer_quality.py --peer-python /tmp/peer/bin/python --wbits 3
+    python benchmarks/peer_quality.py --peer-python /tmp/peer/bin/python --wbits 4 --group-size 64 --seeds 0 1 2
+
+Prints one line per method: perplexity, degradation (ppl - FP) and its ratio to the peer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+PEER_SCRIPT = r'''
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+import llmcompressor
+
+model_dir, windows_file, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+torch.manual_seed(0)
+tensors = load_file(windows_file)
+calib, test = tensors["calib"], tensors["test"]
+
+@torch.no_grad()
+def perplexity(model):
+    nll, count = 0.0, 0
+    for batch in test.split(8):
+        logits = model(batch).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return float(torch.tensor(nll / count).exp())
+
+model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+fp = perplexity(model)
+weights = {"num_bits": settings["wbits"], "type": "int", "symmetric": settings["symmetric"],
+           "strategy": "group" if settings["group_size"] else "channel"}
+if settings["group_size"]:
+    weights["group_size"] = settings["group_size"]
+recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+                      dampening_frac=settings["damp"], block_size=128)
+data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(calib),
+        max_seq_length=calib.shape[1])
+print(json.dumps({"fp": fp, "quant": perplexity(model), "version": llmcompressor.__version__}))
+'''
+
+
+def lrq_side(model: str, out: Path, settings: dict, method: str, options: dict, seed: int, eval_windows: int) -> float:
+    from lrq_deploy.calib import calibrate
+    from lrq_deploy.calib.registry import CalibConfig
+    from lrq_deploy.eval import evaluate_checkpoint
+    from lrq_deploy.quant.scheme import QuantScheme
+
+    scheme = QuantScheme(wbits=settings["wbits"], group_size=settings["group_size"], symmetric=settings["symmetric"])
+    cconfig = CalibConfig.of(method, nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=seed, **options)
+    calibrate(model, out, scheme, cconfig, device="auto", force=True)
+    return evaluate_checkpoint(out, limit=eval_windows)
+
+
+def windows_file(model: str, path: Path, settings: dict, seed: int, eval_windows: int) -> Path:
+    """The calibration windows lrq draws for this seed and the first test windows, as token ids."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lrq_deploy import data
+    from lrq_deploy.metrics.perplexity import windows
+    from lrq_deploy.models import load_model
+
+    loaded = load_model(model)
+    calib = loaded.adapter.calibration_batches(loaded, None, settings["nsamples"], settings["seqlen"], seed)
+    test = windows(data.tokenize(loaded.tokenizer, data.bundled_text("test")), loaded.adapter.eval_seqlen,
+                   eval_windows)
+    save_file({"calib": torch.cat(list(calib)).contiguous(), "test": test.contiguous()}, str(path))
+    return path
+
+
+def hf_directory(model: str) -> Path:
+    """The Hugging Face directory llm-compressor loads (the bundled model's own files)."""
+    if model == "bundled:llama":
+        import lrq_deploy
+
+        return Path(lrq_deploy.__file__).parent / "assets" / "llama-wikitext2"
+    return Path(model)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer-python", required=True, help="a Python with llmcompressor installed")
+    parser.add_argument("--model", default="bundled:llama", help="bundled:llama or a Hugging Face directory")
+    parser.add_argument("--wbits", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--eval-windows", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    settings = {"wbits": args.wbits, "group_size": args.group_size, "symmetric": args.symmetric,
+                "nsamples": args.nsamples, "seqlen": args.seqlen, "damp": args.damp}
+    methods = {"lrq gptq": ("gptq", {"damp": args.damp}), "lrq rtn": ("rtn", {}), "lrq awq": ("awq", {}),
+               "lrq lrquant": ("lrquant", {}), "lrq lrquant --rounding gptq": ("lrquant", {"rounding": "gptq"})}
+    results: dict[str, list[float]] = {}
+    fps, version = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            ids = windows_file(args.model, Path(tmp) / f"windows-{seed}.safetensors", settings, seed, args.eval_windows)
+            start = time.time()
+            peer = subprocess.run([args.peer_python, "-c", PEER_SCRIPT, str(hf_directory(args.model)), str(ids),
+                                   json.dumps(settings)], capture_output=True, text=True)
+            if peer.returncode:
+                raise SystemExit(f"llm-compressor failed:\n{peer.stderr[-3000:]}")
+            record = json.loads(peer.stdout.strip().splitlines()[-1])
+            version = record["version"]
+            fps.append(record["fp"])
+            results.setdefault(f"llm-compressor {version} GPTQ", []).append(record["quant"])
+            print(f"seed {seed}: llm-compressor GPTQ {record['quant']:.4f} (FP {record['fp']:.4f}, "
+                  f"{time.time() - start:.0f}s)", flush=True)
+            for name, (method, options) in methods.items():
+                result = lrq_side(args.model, Path(tmp) / "ckpt", settings, method, options, seed, args.eval_windows)
+                results.setdefault(name, []).append(result["quant"]["ppl"])
+                print(f"seed {seed}: {name} {result['quant']['ppl']:.4f} (FP {result['fp']['ppl']:.4f})", flush=True)
+    fp = statistics.mean(fps)
+    peer_drop = statistics.mean(results[f"llm-compressor {version} GPTQ"]) - fp
+    scheme = f"W{args.wbits}A16" + (f"-g{args.group_size}" if args.group_size else "") + (
+        "-sym" if args.symmetric else "")
+    print(f"\n{scheme}, {args.nsamples} x {args.seqlen} calibration tokens, {args.eval_windows} test windows, "
+          f"seeds {args.seeds}; FP perplexity {fp:.4f}")
+    print(f"{'method':<36} {'ppl':>16} {'ppl - FP':>10} {'vs peer':>8}")
+    for name, values in results.items():
+        mean = statistics.mean(values)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"{name:<36} {mean:>9.4f} ± {sd:<5.3f} {mean - fp:>10.4f} {(mean - fp) / peer_drop:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
