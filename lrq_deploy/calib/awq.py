@@ -71,7 +71,8 @@ def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) 
         seen = x / consumer
         if scheme.quantize_activations:
             seen = fake_quant_activation(seen, scheme.abits, scheme.act_asym)
-        losses.append(sum((seen @ rtn(w * consumer, scheme).T - t).pow(2).sum() for w, t in zip(weights, targets)))
+        losses.append(sum((seen @ rtn(w * consumer, scheme).T - t).double().pow(2).sum()
+                          for w, t in zip(weights, targets)))
         candidates.append(scale)
     best = int(job.collective.sum(torch.stack(losses).double()).argmin())
     return candidates[best].to(weights[0].dtype), best / grid
@@ -99,7 +100,9 @@ def search_clip(job: BlockJob, weight: torch.Tensor, x: torch.Tensor, grid: int)
 
 
 def _group_output_error(x_groups: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-    """sum_t (x_t,g . e_o,g)^2 for every row o and group g, in row chunks that bound the memory."""
+    """sum_t (x_t,g . e_o,g)^2 for every row o and group g, in row chunks that bound the memory.
+    In float64, so that sums over ranks in another order pick the same candidates."""
     rows = max(1, (1 << 24) // (x_groups.shape[0] * x_groups.shape[1]))
-    parts = [torch.einsum("tgs,ogs->tog", x_groups, chunk).pow(2).sum(dim=0) for chunk in error.split(rows)]
-    return torch.cat(parts).double()
+    x_groups = x_groups.double()
+    parts = [torch.einsum("tgs,ogs->tog", x_groups, chunk.double()).pow(2).sum(dim=0) for chunk in error.split(rows)]
+    return torch.cat(parts)
