@@ -85,7 +85,7 @@ def test_distributed_one_batch_step_equals_one_process(tmp_path, tiny_llama_dir)
     """One step over all samples: the summed gradients equal the single-process gradient up to
     summation order, and Adam's first step moves every element by +-lr times the sign of its
     gradient. Elements whose gradient is ~0 may take either sign: stated tolerance, no element
-    apart by more than 2 lr, and at most 1% of each tensor's elements apart by more than 1e-4."""
+    apart by more than 2 lr, and at most one element or 1% of each tensor apart by more than 1e-4."""
     qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant+", nsamples=6, seqlen=32, epochs=1, batch_size=6)
     _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
@@ -97,7 +97,7 @@ def test_distributed_one_batch_step_equals_one_process(tmp_path, tiny_llama_dir)
             apart = (a[name] - b[name]).abs()
             lr = cconfig.options.lr_lwc if name.startswith("lwc") else cconfig.options.lr_smooth
             assert apart.max() <= 2 * lr + 1e-6, (block, name)
-            assert (apart > 1e-4).float().mean() <= 0.01, (block, name)
+            assert (apart > 1e-4).sum() <= max(1, 0.01 * apart.numel()), (block, name)
 
 
 def test_distributed_without_torchrun_is_one_line(tmp_path, tiny_llama_dir, monkeypatch):
