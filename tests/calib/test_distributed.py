@@ -85,12 +85,14 @@ def test_distributed_one_batch_step_equals_one_process(tmp_path, tiny_llama_dir)
     """One step over all samples: the summed gradients equal the single-process gradient up to
     summation order, and Adam's first step moves every element by +-lr times the sign of its
     gradient. Elements whose gradient is ~0 may take either sign: stated tolerance, no element
-    apart by more than 2 lr, and at most one element or 1% of each tensor apart by more than 1e-4."""
+    apart by more than 2 lr, and at most one element or 1% of each tensor apart by more than 1e-4.
+    Checked on block 0, whose inputs are the same in both runs: block 1 sees block 0's slightly
+    different output, and its searched start (a clipping ratio per weight group) may differ."""
     qconfig = QuantScheme(wbits=4, abits=4, group_size=32, act_asym=False)
     cconfig = CalibConfig.of(method="lrquant+", nsamples=6, seqlen=32, epochs=1, batch_size=6)
     _single(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
     _distributed(tmp_path, str(tiny_llama_dir), qconfig, cconfig)
-    for block in ("block_000", "block_001"):
+    for block in ("block_000",):
         a = load_file(str(tmp_path / "single.run" / f"{block}.safetensors"))
         b = load_file(str(tmp_path / "dist.run" / f"{block}.safetensors"))
         for name in a:
