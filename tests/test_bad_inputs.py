@@ -260,7 +260,7 @@ CASES = [
     Case("calibrate-lr-not-finite", lambda i: ["calibrate", "-o", i.path("o"), "--method", "lrquant", "--lr-lwc", "nan"],
          "--lr-lwc must be a finite number > 0"),
     Case("calibrate-bits-not-a-number", lambda i: ["calibrate", "-o", i.path("o"), "--wbits", "four"], "'four' is not a valid integer"),
-    Case("calibrate-unknown-method", lambda i: ["calibrate", "-o", i.path("o"), "--method", "gptq"], "'gptq' is not one of"),
+    Case("calibrate-unknown-method", lambda i: ["calibrate", "-o", i.path("o"), "--method", "gptq4"], "'gptq4' is not one of"),
     Case("calibrate-cuda-without-gpu", lambda i: ["calibrate", "-o", i.path("o"), "--device", "cuda"], "no CUDA device", "no-cuda"),
     # calibrate: calibration text
     Case("calibrate-calib-data-missing", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", i.path("no.txt")],

@@ -34,7 +34,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise LrqError(f"run directory {self.path} exists and is not a directory")
         if self.resume:
-            _check_same_settings(self.path, read_json(self.path / RUN_FILE), settings)
+            _check_same_settings(self.path, read_settings(self.path / RUN_FILE), settings)
             self.records = self._read_records()
             return
         foreign = sorted(f.name for f in self.path.iterdir() if not OWN_FILES.fullmatch(f.name)) if self.path.is_dir() else []
@@ -131,7 +131,24 @@ def read_json(file: Path) -> dict:
 def saved_settings(path: Path) -> dict | None:
     """The settings a run directory was made with, or None when there is no run there."""
     file = Path(path) / RUN_FILE
-    return read_json(file) if file.is_file() else None
+    return read_settings(file) if file.is_file() else None
+
+
+def read_settings(file: Path) -> dict:
+    """A run's settings in today's full form: fields added since the run was made take the values
+    the run was made with (symmetric activations, round-to-nearest rounding)."""
+    from lrq_deploy.calib.registry import CalibConfig
+    from lrq_deploy.quant.scheme import QuantScheme
+
+    settings = read_json(file)
+    try:
+        if isinstance(settings.get("quant"), dict):
+            settings["quant"] = QuantScheme.from_dict(settings["quant"]).to_dict()
+        if isinstance(settings.get("calib"), dict):
+            settings["calib"] = CalibConfig.from_dict(settings["calib"]).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise LrqError(f"{file} is damaged ({exc}); start over with --force (without --resume)") from None
+    return settings
 
 
 def _check_same_settings(path: Path, saved: dict, settings: dict) -> None:
