@@ -15,9 +15,8 @@ model's own; per-token activation fake quantization is a forward pre-hook on eac
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-
 import copy
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
