@@ -141,15 +141,15 @@ def test_new_methods_beat_rtn_on_block_error(tiny_llama_dir, method, settings):
     assert errors[method] < errors["rtn"]
 
 
-def test_act_order_checkpoint_exports_verifies_and_reloads(tmp_path):
+def test_act_order_checkpoint_exports_verifies_and_reloads(tmp_path, tiny_llama_dir):
     """Act-order GPTQ with groups keeps the stored layout: the checkpoint reloads bit for bit what
     calibration produced, and its ONNX graph verifies in onnxruntime."""
     from lrq_deploy.checkpoint import load_checkpoint, save_checkpoint
     from lrq_deploy.export import export_onnx
     from lrq_deploy.quant import QuantLinear
 
-    scheme, cconfig = QuantScheme(wbits=4, group_size=64), CalibConfig.of("gptq", nsamples=2, seqlen=32, act_order=True)
-    loaded = load_model("bundled:llama")
+    scheme, cconfig = QuantScheme(wbits=4, group_size=32), CalibConfig.of("gptq", nsamples=4, seqlen=32, act_order=True)
+    loaded = load_model(str(tiny_llama_dir))
     batches = loaded.adapter.calibration_batches(loaded, None, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     result = calibrate_model(loaded, scheme, cconfig, batches, "cpu")
     save_checkpoint(tmp_path / "ckpt", loaded, result.model, result.quantized, scheme, cconfig.to_dict(), result.blocks)
