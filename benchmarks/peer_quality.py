@@ -62,7 +62,7 @@ print(json.dumps({"fp": fp, "quant": perplexity(model), "version": llmcompressor
 '''
 
 
-def lrq_side(model: str, out: Path, settings: dict, method: str, options: dict, seed: int, eval_windows: int) -> float:
+def lrq_side(model: str, out: Path, settings: dict, method: str, options: dict, seed: int, eval_windows: int) -> dict:
     from lrq_deploy.calib import calibrate
     from lrq_deploy.calib.registry import CalibConfig
     from lrq_deploy.eval import evaluate_checkpoint

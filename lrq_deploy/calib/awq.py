@@ -19,7 +19,7 @@ from lrq_deploy.models.base import SmoothGroup
 from lrq_deploy.quant.primitives import fake_quant_activation, fake_quant_weight, weight_qparams
 from lrq_deploy.quant.scheme import QuantScheme, group_length
 
-__all__ = ["awq_block", "search_clip", "search_scale"]
+__all__ = ["awq_block", "search_clip", "search_clips", "search_scale", "search_scales"]
 
 SCALE_ROWS = 4096  # tokens per rank scored by the scale search
 CLIP_ROWS = 512  # tokens per rank scored by the clipping search
@@ -39,20 +39,34 @@ def awq_block(job: BlockJob, grid: int, clip: bool) -> dict:
     if not scheme.quantize_weights:  # nothing to protect: activations only
         replace_linears(job.block, job.linear_names, scheme)
         return {}
-    inputs = capture_inputs(job, [g.linears[0] for g in job.groups], SCALE_ROWS)
-    ratios = []
-    for group in job.groups:
-        scale, ratio = search_scale(job, group, inputs[group.linears[0]], grid)
+    found = search_scales(job, grid)
+    for group, (scale, _) in zip(job.groups, found):
         fold_smoothing(job.block, group, scale)
-        ratios.append(ratio)
-    factors = {}
-    if clip:
-        inputs = capture_inputs(job, job.linear_names, CLIP_ROWS)
-        for name in job.linear_names:
-            factor = search_clip(job, job.block.get_submodule(name).weight, inputs[name], grid)
-            factors[name] = (factor, factor, None)
+    factors = {name: (factor, factor, None) for name, factor in search_clips(job, grid).items()} if clip else {}
     replace_linears(job.block, job.linear_names, scheme, factors)
-    return {"awq_ratios": ratios}
+    return {"awq_ratios": [ratio for _, ratio in found]}
+
+
+def search_scales(job: BlockJob, grid: int, shifts: list | None = None) -> list[tuple[torch.Tensor, float]]:
+    """(scale, exponent) of every smoothing group, searched on the inputs the groups receive now
+    (less the group's shift, where `shifts` gives one). Searches read only each group's own
+    linears, so folding one group's scale does not change another's search."""
+    inputs = capture_inputs(job, [g.linears[0] for g in job.groups], SCALE_ROWS)
+    found = []
+    for i, group in enumerate(job.groups):
+        x, shift = inputs[group.linears[0]], shifts[i] if shifts else None
+        if shift is not None:
+            x = x - expand_to_consumer(shift, group)
+        found.append(search_scale(job, group, x, grid))
+    return found
+
+
+def search_clips(job: BlockJob, grid: int, block: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Clip factors [out, groups] of every linear of `block` (default the job's), searched on the
+    inputs each receives."""
+    block = block or job.block
+    inputs = capture_inputs(job, job.linear_names, CLIP_ROWS, block=block)
+    return {name: search_clip(job, block.get_submodule(name).weight, inputs[name], grid) for name in job.linear_names}
 
 
 def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, float]:

@@ -26,10 +26,14 @@ def quantize_linear(linear: nn.Linear, config: QuantScheme, upper=None, lower=No
 
 def replace_linears(block: nn.Module, names: list[str], config: QuantScheme, clip_factors: dict | None = None) -> None:
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
         factors = (clip_factors or {}).get(name, ())
-        setattr(parent, child, quantize_linear(getattr(parent, child), config, *factors))
+        replace_module(block, name, quantize_linear(block.get_submodule(name), config, *factors))
+
+
+def replace_module(block: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` inside `block`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
 
 
 @torch.no_grad()

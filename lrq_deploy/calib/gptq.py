@@ -134,6 +134,7 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
     """GPTQ-quantize a block's linears sequentially: each stage's Hessian is taken from inputs
     that passed through the stages already quantized. clip: learned (upper, lower, row_gain)
     factors per linear (LRQuant's clipping), which fix the scales and zero points."""
+    from lrq_deploy.calib.baselines import replace_module
     from lrq_deploy.quant import QuantLinear, gained_scale
 
     scheme = job.qconfig
@@ -144,9 +145,7 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
         finally:
             hessian = capture.finish(job.collective)
         for name in stage:
-            parent_name, _, child = name.rpartition(".")
-            parent = job.block.get_submodule(parent_name) if parent_name else job.block
-            linear = getattr(parent, child)
+            linear = job.block.get_submodule(name)
             upper, lower, gain = (clip or {}).get(name, (None, None, None))
             qparams = None
             if upper is not None:
@@ -155,5 +154,5 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
             codes, scale, zero = gptq_quantize(linear.weight, hessian, scheme, damp, act_order, block_size, qparams)
             bias = None if linear.bias is None else linear.bias.detach()
             layer = QuantLinear.from_codes(codes, gained_scale(scale, gain), zero, bias, scheme)
-            setattr(parent, child, layer.to(linear.weight.device))
+            replace_module(job.block, name, layer.to(linear.weight.device))
     return {}

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lrq_deploy.calib.baselines import capture_inputs, input_stats, replace_linears, weight_absmax
+from lrq_deploy.calib.baselines import input_stats, replace_linears, weight_absmax
 from lrq_deploy.calib.blockwise import BlockJob, block_errors
 from lrq_deploy.calib.recipe import Recipe
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.errors import LrqError
-from lrq_deploy.fold import expand_to_consumer, fold_smoothing, group_params, reduce_to_prev, smooth_params
+from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
 from lrq_deploy.quant import fake_quant_activation, fake_quant_weight, gained_scale, weight_qparams
 from lrq_deploy.quant.scheme import group_length
 
@@ -128,19 +128,15 @@ def searched_init(job: BlockJob, params: BlockParams) -> None:
     if not job.qconfig.quantize_weights:
         return
     if not job.qconfig.quantize_activations:
-        inputs = capture_inputs(job, [g.linears[0] for g in job.groups], awq.SCALE_ROWS)
-        for i, group in enumerate(job.groups):
-            x, shift = inputs[group.linears[0]], params.get("shift", _group_key(i))
-            if shift is not None:
-                x = x - expand_to_consumer(shift, group)
-            params.get("scale", _group_key(i)).copy_(awq.search_scale(job, group, x, SEARCH_GRID)[0])
+        shifts = [params.get("shift", _group_key(i)) for i in range(len(job.groups))]
+        for i, (scale, _) in enumerate(awq.search_scales(job, SEARCH_GRID, shifts)):
+            params.get("scale", _group_key(i)).copy_(scale)
     smoothed = copy.deepcopy(job.block)
     for i, group in enumerate(job.groups):
         fold_smoothing(smoothed, group, *_smoothing(params, i))
-    inputs = capture_inputs(job, job.linear_names, awq.CLIP_ROWS, block=smoothed)
-    for name in job.linear_names:
-        ratio = awq.search_clip(job, smoothed.get_submodule(name).weight, inputs[name], SEARCH_GRID)
-        logit = torch.logit(ratio.clamp(max=torch.sigmoid(torch.tensor(LWC_INIT)).item()))
+    most = torch.sigmoid(torch.tensor(LWC_INIT)).item()
+    for name, ratio in awq.search_clips(job, SEARCH_GRID, block=smoothed).items():
+        logit = torch.logit(ratio.clamp(max=most))
         params.get("lwc_up", name).copy_(logit)
         params.get("lwc_low", name).copy_(logit)
 
@@ -357,7 +353,7 @@ def fold_and_quantize(job: BlockJob, params: BlockParams) -> None:
             n: (lwc_factor(params.get("lwc_up", n)), lwc_factor(params.get("lwc_low", n)), params.get("row_gain", n))
             for n in job.linear_names
         }
-    if job.qconfig.quantize_weights and getattr(job.options, "rounding", "nearest") == "gptq":
+    if job.qconfig.quantize_weights and job.options.rounding == "gptq":
         from lrq_deploy.calib.gptq import gptq_block
         from lrq_deploy.calib.methods.gptq import GPTQOptions
 
