@@ -26,6 +26,27 @@ def artifact_kind(path: Path, what: str = "target") -> Kind:
     if path.suffix == ".onnx":
         return Kind.ONNX
     if path.suffix in ENGINE_SUFFIXES:
+        if looks_like_onnx(path):
+            raise LrqError(f"{path} is an ONNX graph named like an engine; rename it to .onnx "
+                           "(lrq build-engine makes an engine from it)")
         return Kind.ENGINE
+    if looks_like_onnx(path):
+        raise LrqError(f"{path} looks like an ONNX graph; name it .onnx")
     raise LrqError(f"cannot tell what {path} is: name a checkpoint directory, an .onnx file or an "
                    f"{'/'.join(ENGINE_SUFFIXES)} engine file")
+
+
+# ModelProto's first fields as protobuf writes them: ir_version (field 1, varint), then a string
+# or message field (producer_name 2, producer_version 3, domain 4, doc_string 6, graph 7, opset_import 8)
+# or model_version (5, varint).
+_ONNX_SECOND_FIELD = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42}
+
+
+def looks_like_onnx(path: Path) -> bool:
+    """Whether a file starts as a serialized ONNX ModelProto does (16 bytes read, not parsed)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return False
+    return len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in _ONNX_SECOND_FIELD

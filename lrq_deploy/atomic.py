@@ -100,12 +100,54 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise LrqError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LrqError(f"output directory {out} is not empty (use --force to overwrite it)")
-    ancestor = out.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(out.absolute().parent)
     if not ancestor.is_dir():
         raise LrqError(f"cannot create {out}: {ancestor} is not a directory")
     check_writable(ancestor)
+
+
+TEMPORARY_TAG_BYTES = 40  # what temporary_path adds to a name: ".", ".tmp-", a process id and a tag
+
+
+def check_name_lengths(path: Path, option: str = "output") -> None:
+    """Every component of an output path, with room for its temporary name, within the file
+    system's limit (found at the end of a run otherwise, when the first file is written)."""
+    where = nearest_existing(Path(path).absolute().parent)
+    try:
+        limit = os.pathconf(where if where.is_dir() else where.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in Path(path).parts:
+        if len(part.encode()) + TEMPORARY_TAG_BYTES > limit:
+            raise LrqError(f"{option}: the name {part[:40]}... is {len(part.encode())} bytes; this file system allows "
+                           f"{limit} (lrq needs {TEMPORARY_TAG_BYTES} more for its temporary name): choose a shorter name")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists (where a new output's directories would start)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(path: Path, need_bytes: int | None, option: str = "output") -> None:
+    """Refuse an output whose file system cannot hold `need_bytes` (a lower bound of its size)
+    before any work, instead of failing on a full disk after it."""
+    if not need_bytes:
+        return
+    where = nearest_existing(Path(path).absolute().parent)
+    free = shutil.disk_usage(where).free
+    if free < need_bytes:
+        raise LrqError(f"{option} {path}: {where} has {human_size(free)} free, and the output needs at least "
+                       f"{human_size(need_bytes)}; free space there or choose another location")
+
+
+def human_size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def check_writable(directory: Path) -> None:
@@ -156,12 +198,14 @@ class OutputKind:
 
 
 def claim_output(path: Path, kind: OutputKind, force: bool = False, inputs: Iterable = (),
-                 option: str = "output", lock: bool = True) -> Path:
+                 option: str = "output", lock: bool = True, need_bytes: int | None = None) -> Path:
     """Check `path` as an output of `kind` (module docstring) and lock it for this process
-    (lock=False: checked only, for the ranks of a job whose rank 0 writes)."""
+    (lock=False: checked only, for the ranks of a job whose rank 0 writes). need_bytes: a lower
+    bound of the output's size, checked against the free space where it goes."""
     path = Path(path)
     if not str(path).strip():
         raise LrqError(f"{option} is empty; name a {'directory' if kind.directory else 'file'}")
+    check_name_lengths(path, option)
     check_not_an_input(path, inputs, option)
     if path.exists() or path.is_symlink():
         _check_replaceable(path, kind, force, option)
@@ -171,6 +215,7 @@ def claim_output(path: Path, kind: OutputKind, force: bool = False, inputs: Iter
         if not path.parent.is_dir():
             raise LrqError(f"output directory {path.parent} does not exist")
         check_writable(path.parent)
+    check_free_space(path, need_bytes, option)
     if lock:
         lock_output(path)
     return path
@@ -228,9 +273,7 @@ def lock_output(path: Path) -> None:
     target = os.path.abspath(path)
     if target in _LOCKS:
         return
-    ancestor = Path(target).parent
-    while not ancestor.is_dir():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(Path(target).parent)
     digest = hashlib.sha1(target.encode()).hexdigest()[:16]
     lock = ancestor / f".lrq-lock-{Path(target).name[:40]}-{digest}"
     while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from functools import wraps
@@ -44,11 +45,19 @@ def _debug() -> bool:
     return bool(ctx and ctx.find_root().params.get("debug"))
 
 
+OUT_OF_MEMORY = "out of memory; use smaller --batch-size / --seq-len / --nsamples, or --offload"
+
+
 def _one_line(exc: Exception) -> str:
     if isinstance(exc, LrqError):
         return str(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory; use smaller --batch / --seq-len / --nsamples, or --offload"
+    if isinstance(exc, MemoryError) or "OutOfMemoryError" in type(exc).__name__ or "can't allocate memory" in str(exc):
+        return OUT_OF_MEMORY
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return f"no space left on the device{where}; no partial output was kept: free space and rerun"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return (f"unexpected {type(exc).__name__}: {detail[:300]} "
             "(rerun with lrq --debug ... for the traceback, and please report it)")
@@ -73,8 +82,13 @@ class OneLineErrors(click.Group):
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lrq-deploy")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
-def main(debug):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or step lines (they show only on a terminal).")
+def main(debug, quiet):
     """lrq-deploy: low-bit post-training quantization from PyTorch to deployment."""
+    if quiet:
+        from lrq_deploy.progress import set_quiet
+
+        set_quiet(True)
 
 
 def method_options(command):
@@ -139,6 +153,20 @@ def calibrate(**options):
         click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scheme']})")
 
 
+def verification_line(verify: dict) -> str:
+    """The figures that judge a graph against torch, and the tolerance they were held to."""
+    c, tol = verify["logits"], verify["tolerance"]
+    what = (f"{verify['metric']} differs by {verify['relative_difference']:.2g} (relative)" if verify["metric"]
+            else f"1 - cosine {verify['relative_difference']:.2g}")
+    share = c["max_abs_error"] / c["reference_max_abs"] if c.get("reference_max_abs") else float("nan")
+    verdict = "within tolerance" if verify["within_tolerance"] else "OUTSIDE tolerance"
+    return (f"onnxruntime vs torch over {verify['samples']} samples: {what}, argmax agreement "
+            f"{c['argmax_agreement']:.2%}, cosine {c['cosine']:.6f}, largest {verify['output']} error "
+            f"{c['max_abs_error']:.3g} ({share:.2%} of the largest {verify['output']} value): {verdict} "
+            f"({'metric' if verify['metric'] else '1 - cosine'} <= {tol['relative_difference']:.0%}, argmax >= "
+            f"{tol['argmax_agreement']:.0%}, cosine >= {tol['cosine']})")
+
+
 def comparison_line(name: str, c: dict) -> str:
     return (f"{name}: max |error| {c['max_abs_error']:.3e}, mean |error| {c['mean_abs_error']:.3e}, "
             f"max rel error {c['max_rel_error']:.3e}, cosine {c['cosine']:.6f}, argmax agreement {c['argmax_agreement']:.4%}")
@@ -156,21 +184,28 @@ def comparison_line(name: str, c: dict) -> str:
 @click.option("--backend", type=click.Choice(["reference", "kernels", "torch"]), default="reference", show_default=True,
               help="reference: dequantize-then-matmul in PyTorch; kernels: the Triton kernels (torch: the same, "
                    "its earlier name).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with keys fp and quant.")
+@click.option("--fp-cache/--no-fp-cache", default=True, show_default=True,
+              help="Read the full-precision figure from an earlier evaluation of the same source model, data and "
+                   "settings (kept in ~/.cache/lrq/fp-eval or $LRQ_CACHE/fp-eval) instead of recomputing it.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: fp and quant ({metric: value}), fp_cached, and agreement for families "
+                   "judged by their outputs.")
 @clean_errors
-def eval_(target, metric, data, limit, seq_len, device, backend, as_json):
+def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_json):
     """Evaluate checkpoint TARGET and its source model side by side."""
     from lrq_deploy.eval import EvalOptions, evaluate_checkpoint
 
     backend = "torch" if backend == "kernels" else backend
-    result = evaluate_checkpoint(target, EvalOptions(metric, data, limit, device, backend=backend, seq_len=seq_len))
+    options = EvalOptions(metric, data, limit, device, backend=backend, seq_len=seq_len, fp_cache=fp_cache)
+    result = evaluate_checkpoint(target, options)
     if as_json:
         click.echo(json.dumps(result))
         return
     metric, label = result["metric"], f"{result['method']} {result['scheme']}"
     if metric in result["quant"]:
+        fp_label = "full precision" + (" (cached)" if result["fp_cached"] else "")
         click.echo(f"{'model':<28}{metric:>12}")
-        click.echo(f"{'full precision':<28}{result['fp'][metric]:>12.4f}")
+        click.echo(f"{fp_label:<28}{result['fp'][metric]:>12.4f}")
         click.echo(f"{label:<28}{result['quant'][metric]:>12.4f}")
     agreement = result.get("agreement")
     if agreement:
@@ -231,7 +266,7 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
             click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
             click.echo(f"{verify['metric']:<14}{verify['torch']:>12.4f}{verify['onnxruntime']:>14.4f}"
                        f"   (onnxruntime: {verify['onnxruntime_numerics']})")
-        click.echo(comparison_line(f"{verify['output']}, onnxruntime vs torch", verify["logits"]))
+        click.echo(verification_line(verify))
     generation = report.get("verify_generation")
     if generation:
         verdict = "same tokens" if generation["match"] else "DIFFERENT tokens"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -17,21 +18,82 @@ def bundled_text(name: str) -> str:
     return read_text(BUNDLED_TEXT[name])
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """A file lrq reads whole must be a regular file: a directory, a FIFO or a device is named as
+    such (a FIFO would block the read forever, a device never end)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LrqError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise LrqError(f"cannot read {what} {path} ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise LrqError(f"{what} {path} is a directory; give a UTF-8 text file")
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        raise LrqError(f"{what} {path} is a pipe or socket; give a regular UTF-8 text file")
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise LrqError(f"{what} {path} is a device; give a regular UTF-8 text file")
+    if not stat.S_ISREG(mode):
+        raise LrqError(f"{what} {path} is not a regular file")
+
+
+def check_readable_data(path: Path) -> None:
+    """Calibration data given on the command line, checked before the model loads: it exists and
+    is a file or a directory (text, or an image folder), not a pipe or a device."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LrqError(f"data file {path} does not exist") from None
+    except OSError as exc:
+        raise LrqError(f"cannot read data file {path} ({exc.strerror or exc})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        check_regular_file(path, "data file")
+
+
 def read_text(path: Path | str) -> str:
     path = Path(path)
-    if not path.is_file():
-        raise LrqError(f"data file {path} does not exist")
+    check_regular_file(path, "data file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LrqError(f"data file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise LrqError(f"cannot read data file {path} ({exc.strerror or exc})") from None
     if not text.strip():
         raise LrqError(f"data file {path} is empty")
     return text
 
 
+_TOKENIZED: dict[tuple[str, str], torch.Tensor] = {}
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    """Token ids of `text`; kept for the process, so the full-precision and quantized models of
+    one evaluation (same tokenizer, saved with the checkpoint) tokenize the test set once."""
+    key = _tokenizer_fingerprint(tokenizer)
+    if key is not None:
+        key = (key, hashlib.sha1(text.encode()).hexdigest())
+        if key in _TOKENIZED:
+            return _TOKENIZED[key]
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if key is not None:
+        _TOKENIZED.clear()  # one text at a time: the test set, then perhaps calibration text
+        _TOKENIZED[key] = ids
+    return ids
+
+
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    """A digest of everything a fast tokenizer does (vocabulary, normalizer, special tokens) and of
+    how it is called; None for other tokenizers (not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    calls = (type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
+    return hashlib.sha1((backend.to_str() + repr(calls)).encode()).hexdigest()
 
 
 def token_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> list[torch.Tensor]:

@@ -1,5 +1,7 @@
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -9,6 +11,24 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores instead of oversubscribing them
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+# Full-precision evaluation figures are cached between runs (lrq_deploy/eval/fp_cache.py): tests
+# keep theirs apart from the user's cache, one directory per test process.
+os.environ["LRQ_CACHE"] = tempfile.mkdtemp(prefix="lrq-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LRQ_CACHE"], True)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -n auto`: one worker per core this process may use, at most one per 3 GiB of memory
+    (a worker holds models, graphs and engine builds of its own)."""
+    from lrq_deploy.calib.blockwise import available_memory
+
+    cores = len(os.sched_getaffinity(0))
+    memory = available_memory()
+    return max(1, min(cores, memory // (3 << 30) if memory else cores))
 
 ASSETS = Path(__file__).resolve().parents[1] / "lrq_deploy" / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -102,6 +102,68 @@ def _truncated_hf_weights(inputs: Inputs) -> str:
     return str(model)
 
 
+def _edited_weights(inputs: Inputs, edit: Callable[[dict], None]) -> str:
+    from safetensors.torch import load_file, save_file
+
+    model = inputs.model()
+    state = load_file(str(model / "model.safetensors"))
+    edit(state)
+    save_file(state, str(model / "model.safetensors"))
+    return str(model)
+
+
+def _integer_weight(state: dict) -> None:
+    name = next(k for k in state if k.endswith("q_proj.weight"))
+    state[name] = state[name].mul(100).to(torch.int8)
+
+
+def _timm_int_weights(inputs: Inputs) -> str:
+    import timm
+    from safetensors.torch import save_file
+
+    directory = inputs.root / "vit"
+    directory.mkdir()
+    spec = {"model_name": "vit_tiny_patch16_224", "kwargs": {"img_size": 8, "patch_size": 4, "in_chans": 1,
+                                                             "num_classes": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}}
+    (directory / "timm.json").write_text(json.dumps(spec))
+    state = {k: v.contiguous() for k, v in timm.create_model(spec["model_name"], **spec["kwargs"]).state_dict().items()}
+    state["head.weight"] = state["head.weight"].mul(100).to(torch.int8)
+    save_file(state, str(directory / "model.safetensors"))
+    return str(directory)
+
+
+def _damaged_header(inputs: Inputs, head: bytes) -> str:
+    model = inputs.model()
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(head + data[len(head):])
+    return str(model)
+
+
+def _index_naming_a_missing_shard(inputs: Inputs) -> str:
+    model = inputs.model()
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    weight_map = {"model.norm.weight": "model-00002-of-00002.safetensors"}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return str(model)
+
+
+def _without_files(inputs: Inputs, *names: str) -> str:
+    model = inputs.model()
+    for name in names:
+        (model / name).unlink(missing_ok=True)
+    return str(model)
+
+
+def _fifo(inputs: Inputs) -> str:
+    path = inputs.root / "calib.fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+def _onnx_named_engine(inputs: Inputs) -> str:
+    return str(shutil.copy(inputs.shared["onnx"], inputs.root / "model.engine"))
+
+
 def _timm_with(inputs: Inputs, kwargs: dict, model_name: str = "vit_tiny_patch16_224") -> str:
     directory = inputs.root / "vit"
     directory.mkdir()
@@ -220,11 +282,34 @@ CASES = [
     Case("calibrate-config-not-object", lambda i: ["calibrate", _config(i, "[1, 2]"), "-o", i.path("o")], "is not a model config"),
     Case("calibrate-pickle-weights-only", lambda i: ["calibrate", _pickle_only_model(i), "-o", i.path("o")],
          "holds pytorch_model.bin but no .safetensors weights; lrq does not unpickle"),
-    Case("calibrate-truncated-hf-weights", lambda i: ["calibrate", _truncated_hf_weights(i), "-o", i.path("o")], "cannot load"),
+    Case("calibrate-truncated-hf-weights", lambda i: ["calibrate", _truncated_hf_weights(i), "-o", i.path("o")], "is truncated"),
     Case("calibrate-nan-weights", lambda i: ["calibrate", _poisoned_weights(i, float("nan")), "-o", i.path("o"), *FAST],
          "contains NaN or inf values"),
     Case("calibrate-inf-weights", lambda i: ["calibrate", _poisoned_weights(i, float("inf")), "-o", i.path("o"), *FAST],
          "contains NaN or inf values"),
+    # calibrate: config and weights that disagree, found from the safetensors headers before loading
+    Case("calibrate-config-claims-more-layers", lambda i: ["calibrate", _config(i, {**_llama_config(i), "num_hidden_layers": 5}),
+                                                           "-o", i.path("o")], "config.json describes 5 layers but the weights hold 2"),
+    Case("calibrate-config-other-width", lambda i: ["calibrate", _config(i, {**_llama_config(i), "intermediate_size": 96}),
+                                                    "-o", i.path("o")], "config.json and the weights are of different models"),
+    Case("calibrate-config-missing-field", lambda i: ["calibrate", _config(i, {k: v for k, v in _llama_config(i).items()
+                                                                               if k != "hidden_size"}), "-o", i.path("o")],
+         "config.json and the weights are of different models"),
+    Case("calibrate-integer-weights", lambda i: ["calibrate", _edited_weights(i, _integer_weight), "-o", i.path("o")],
+         "is stored as I8"),
+    Case("calibrate-weights-header-length", lambda i: ["calibrate", _damaged_header(i, b"\xff" * 8), "-o", i.path("o")],
+         "not a safetensors file: bad header length"),
+    Case("calibrate-weights-header-not-json", lambda i: ["calibrate", _damaged_header(i, b"\x10\x00\x00\x00\x00\x00\x00\x00"
+                                                                                     + b"]" * 16), "-o", i.path("o")],
+         "safetensors header is not JSON"),
+    Case("calibrate-index-names-missing-shard", lambda i: ["calibrate", _index_naming_a_missing_shard(i), "-o", i.path("o")],
+         "does not exist (named by the safetensors index)"),
+    Case("calibrate-tokenizer-missing", lambda i: ["calibrate", _without_files(i, "tokenizer.json", "tokenizer_config.json",
+                                                                               "special_tokens_map.json"), "-o", i.path("o")],
+         "no tokenizer files (none of tokenizer.json"),
+    Case("calibrate-tokenizer-damaged", lambda i: ["calibrate", (m := i.model()) and i.file("model/tokenizer.json", "{oops")
+                                                   and str(m), "-o", i.path("o")], "cannot load its tokenizer (present: tokenizer.json"),
+    Case("calibrate-timm-integer-weights", lambda i: ["calibrate", _timm_int_weights(i), "-o", i.path("o")], "is stored as torch.int8"),
     Case("calibrate-timm-spec-malformed", lambda i: ["calibrate", "timm:vit_tiny", "-o", i.path("o")],
          "timm models are named timm:MODEL_NAME@WEIGHTS.safetensors"),
     Case("calibrate-timm-not-a-vit", lambda i: ["calibrate", _timm_with(i, {}, "resnet18"), "-o", i.path("o")],
@@ -265,6 +350,14 @@ CASES = [
     # calibrate: calibration text
     Case("calibrate-calib-data-missing", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", i.path("no.txt")],
          "data file"),
+    Case("calibrate-calib-data-directory", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data",
+                                                      Path(i.file("texts/a.txt", "x")).parent, *FAST],
+         "is a directory; give a UTF-8 text file"),
+    Case("calibrate-calib-data-fifo", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", _fifo(i)],
+         "is a pipe or socket"),
+    Case("calibrate-calib-data-device", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", "/dev/zero"],
+         "is a device"),
+    Case("calibrate-output-name-too-long", lambda i: ["calibrate", "-o", i.path("q" * 250)], "choose a shorter name"),
     Case("calibrate-calib-data-empty", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"), "--calib-data", i.file("e.txt", "")],
          "is empty"),
     Case("calibrate-calib-data-whitespace", lambda i: ["calibrate", i.shared["llama"], "-o", i.path("o"),
@@ -321,6 +414,8 @@ CASES = [
     Case("eval-data-binary", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.bin", bytes(range(256)) * 8)], "is not UTF-8 text"),
     Case("eval-data-missing", lambda i: ["eval", i.checkpoint(), "--data", i.path("none.txt")], "does not exist"),
     Case("eval-data-not-utf8", lambda i: ["eval", i.checkpoint(), "--data", i.file("d.bin", b"\xff\xfe\x00" * 100)], "is not UTF-8 text"),
+    Case("eval-data-directory", lambda i: ["eval", i.checkpoint(), "--data", Path(i.file("texts/a.txt", "x")).parent],
+         "is a directory"),
     Case("eval-wrong-metric", lambda i: ["eval", i.checkpoint(), "--metric", "top1"], "does not apply to a causal_lm model"),
     # export
     # data-loss paths: --force never reaches an input or what lrq did not write (tests/test_outputs.py: every command)
@@ -355,7 +450,14 @@ CASES = [
     Case("export-onnx-parent-missing", lambda i: ["export", i.checkpoint(), "--onnx", i.path("no/x.onnx")], "does not exist"),
     Case("export-onnx-exists", lambda i: ["export", i.checkpoint(), "--onnx", i.file("x.onnx", "mine")], "exists (use --force"),
     Case("export-onnx-read-only", lambda i: ["export", i.checkpoint(), "--onnx", i.read_only_dir() + "/x.onnx"], "cannot write to"),
-    Case("export-opset-too-low", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--opset", "13"], "is too low"),
+    Case("export-opset-too-low", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--opset", "20"],
+         "opset 20 is too low for W4 weights with target ort: the minimum is 21"),
+    Case("export-opset-before-quantization", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--opset", "13"],
+         "--opset must lie in 18.."),
+    Case("export-opset-beyond-the-runtime", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--opset", "99"],
+         "--opset must lie in 18.."),
+    Case("export-onnx-name-too-long", lambda i: ["export", i.checkpoint(), "--onnx", i.path("g" * 240 + ".onnx")],
+         "choose a shorter name"),
     Case("export-int8-activations-not-w4a16", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"),
                                                          "--ort-int8-activations", "--target", "trt"],
          "--ort-int8-activations applies to group-wise W4A16"),
@@ -392,6 +494,7 @@ CASES = [
     Case("bench-batch-0", lambda i: ["bench", i.onnx(), "--batch", "0"], "--batch must be >= 1, got 0"),
     Case("bench-seq-len-beyond-positions", lambda i: ["bench", i.onnx(), "--seq-len", "100000"], "exceeds the 256 positions"),
     Case("bench-ort-cuda-without-provider", lambda i: ["bench", i.onnx(), "--device", "cuda"], "has no CUDA provider", "no-cuda"),
+    Case("bench-onnx-named-engine", lambda i: ["bench", _onnx_named_engine(i)], "is an ONNX graph named like an engine"),
     Case("bench-engine-on-cpu", lambda i: ["bench", i.file("m.engine", b"x"), "--device", "cpu"], "TensorRT engines run on a CUDA GPU"),
     Case("bench-decode-engine", lambda i: ["bench", "--decode", i.file("m.engine", b"x")], "--decode runs checkpoints"),
     Case("bench-decode-prefill-graph", lambda i: ["bench", "--decode", i.onnx()], "export it with lrq export --with-past"),
@@ -404,6 +507,9 @@ CASES = [
     Case("bench-engine-tampered", lambda i: ["bench", _tampered_engine(i)], "does not match the sha256 in its build record", "trt"),
     # info
     Case("info-missing", lambda i: ["info", i.path("none")], "does not exist"),
+    Case("info-onnx-named-engine", lambda i: ["info", _onnx_named_engine(i)], "is an ONNX graph named like an engine"),
+    Case("info-onnx-without-suffix", lambda i: ["info", str(shutil.copy(i.shared["onnx"], i.root / "model"))],
+         "looks like an ONNX graph; name it .onnx"),
     Case("info-unknown-kind", lambda i: ["info", i.file("x.bin", "x")], "cannot tell what"),
     Case("info-flipped-byte", lambda i: ["info", _damaged(i, _flip_byte)], "is not intact: model.safetensors: sha256 differs",
          report=True),

@@ -12,7 +12,7 @@ PACKAGES = {"lrq_deploy": ROOT / "lrq_deploy", "lrq_deploy.plugins": ROOT / "plu
 # Lowest first. A module may import its own layer's modules and any layer below.
 LAYERS = [
     {"errors"},
-    {"atomic", "provenance", "data", "devices", "tensor_files", "graph_io", "artifacts", "lazy_exports"},
+    {"atomic", "provenance", "data", "devices", "tensor_files", "graph_io", "artifacts", "lazy_exports", "progress"},
     {"quant"},
     {"plugins"},
     {"metrics"},

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
+from lrq_deploy.progress import bar, step
 from lrq_deploy.errors import LrqError
 from lrq_deploy.runtime.onnxrt import OrtSession, empty_past, next_past
 
@@ -145,9 +146,10 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
     if decoder.max_positions and total > decoder.max_positions:
         raise LrqError(f"--prompt-len + --new-tokens = {total} exceeds the model's {decoder.max_positions} positions")
     prompt = np.random.default_rng(0).integers(0, 100, (options.batch, options.prompt_len), dtype=np.int64)
-    _generate(decoder, prompt, options.new_tokens)
+    with step(f"warming up {decoder.name}"):
+        _generate(decoder, prompt, options.new_tokens)
     first, steps, decode_s = [], [], 0.0
-    for _ in range(options.runs):
+    for _ in bar(range(options.runs), f"decode {decoder.name}", unit="run"):
         ttft, latencies = _generate(decoder, prompt, options.new_tokens)
         first.append(ttft)
         steps += latencies

@@ -15,7 +15,9 @@ from lrq_deploy.checkpoint import MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.devices import resolve_device
+from lrq_deploy.data import check_readable_data
 from lrq_deploy.models import DEFAULT_MODEL, load_model
+from lrq_deploy.models.headers import weight_elements
 
 
 def deterministic_algorithms(device: torch.device) -> None:
@@ -61,7 +63,9 @@ def calibrate(
     dev = resolve_device(device)
     collective = _collective(distributed, dev)
     claim_output(out, OUTPUT, force or (resume and (out / MANIFEST).is_file()), inputs=[spec, calib_data], option="-o",
-                 lock=collective.main)
+                 lock=collective.main, need_bytes=_checkpoint_bytes_at_least(spec, qconfig))
+    if calib_data is not None:
+        check_readable_data(Path(calib_data))
     dev = collective.own_device(dev)
     runs = None
     if cconfig.spec.resumable:
@@ -84,6 +88,12 @@ def calibrate(
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
             "method": cconfig.method, "scheme": qconfig.name, "rank": collective.rank}
+
+
+def _checkpoint_bytes_at_least(spec: str, qconfig: QuantScheme) -> int | None:
+    """A lower bound of the checkpoint's size: every weight element at least at its quantized width."""
+    elements = weight_elements(spec)
+    return elements * qconfig.wbits // 8 if elements else None
 
 
 def _collective(distributed: bool, device: torch.device):

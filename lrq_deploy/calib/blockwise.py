@@ -163,7 +163,10 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
     torch.manual_seed(cconfig.seed)
     device = torch.device(device)
     blocks = adapter.blocks(model)
+    batches = list(batches)
     with outside_blocks_on(model, blocks, device):
+        first = adapter.capture_block_inputs(model, to_device(list(batches[:1]), device))
+        check_activation_memory(first.hidden.nbytes * len(batches) // collective.world, device, offload)
         inputs = adapter.capture_block_inputs(model, to_device(list(batches), device))
     kwargs = to_device(inputs.kwargs, device)
     hidden = collective.shard(inputs.hidden)  # this rank's samples (all of them in one process)
@@ -198,6 +201,38 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             progress.block_done(report, len(blocks))
         fp_in, q_in = fp_out, q_out
     return result
+
+
+ACTIVATION_COPIES = 4  # block inputs and outputs, full precision and quantized, alive at once
+
+
+def check_activation_memory(sample_bytes: int, device: torch.device, offload: bool | str) -> None:
+    """Refuse a calibration set whose block activations cannot fit where they are kept, before
+    any block runs (an allocation error after minutes of work otherwise)."""
+    if offload == "disk":
+        return
+    need = sample_bytes * ACTIVATION_COPIES
+    on_gpu = device.type == "cuda" and not offload
+    available = torch.cuda.mem_get_info(device)[0] if on_gpu else available_memory()
+    if available is not None and need > available:
+        where = "GPU memory" if on_gpu else "memory"
+        from lrq_deploy.atomic import human_size
+
+        raise LrqError(f"the calibration set needs about {human_size(need)} of {where} for block activations "
+                       f"({ACTIVATION_COPIES} copies of every sample's hidden states), {human_size(available)} is "
+                       "available: use fewer --nsamples, a shorter --seq-len, or --offload disk")
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @contextmanager

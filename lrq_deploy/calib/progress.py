@@ -14,8 +14,11 @@ class ConsoleProgress:
     def epoch(self, epoch: int, loss: float) -> None:
         from tqdm import tqdm
 
+        from lrq_deploy.progress import bar_size, shown
+
         if self._bar is None:
-            self._bar = tqdm(total=self.epochs, desc="  epochs", file=self.stream, leave=False, disable=None)
+            self._bar = tqdm(total=self.epochs, desc="  epochs", file=self.stream, leave=False, **bar_size(),
+                             disable=not (shown() and self.stream.isatty()))
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{loss:.4g}")
 

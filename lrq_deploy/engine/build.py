@@ -22,6 +22,7 @@ from lrq_deploy.atomic import (
     remove_stale_temporaries, temporary_path, write_json,
 )
 from lrq_deploy.engine.requirements import BuildOptions, graph_requirements, plugin_kind, profile_shapes
+from lrq_deploy.progress import step
 from lrq_deploy.errors import LrqError
 from lrq_deploy.runtime.engine_record import ENGINE_RECORD, build_record, record_path
 from lrq_deploy.runtime.flavours import Flavour, load_flavour
@@ -45,6 +46,9 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     requirements = graph_requirements(onnx_path, options.precision, options.plugins)
     flavour = load_flavour(options.flavour)
     flavour.compute_capabilities(options.compute_capabilities)  # unknown targets fail before the child starts
+    if options.timing_cache is not None and flavour.strongly_typed_only:
+        raise LrqError(f"--timing-cache does nothing with {flavour.name} (TensorRT for RTX keeps no timing cache); "
+                       "leave it out, or build with the tensorrt flavour")
     if options.triton_repo is not None:
         _check_triton_target(options, flavour, out, requirements)
     if options.verify:
@@ -52,12 +56,14 @@ def build_engine(onnx_path: Path, out: Path, options: BuildOptions) -> dict:
     remove_stale_temporaries(out)
     staging = temporary_path(out, "-build")
     try:
-        report = {**_build_in_child(flavour, onnx_path, staging, options, requirements), **requirements}
+        with step(f"building the engine with {flavour.name}"):
+            report = {**_build_in_child(flavour, onnx_path, staging, options, requirements), **requirements}
         report["engine"] = str(out)
         report["profile"] = {name: [list(shape) for shape in shapes]
                              for name, shapes in profile_shapes(requirements["inputs"], options.shapes).items()}
         if options.verify:
-            report["verify"] = _verify(staging, onnx_path, options, flavour.name)
+            with step("verifying the engine against onnxruntime"):
+                report["verify"] = _verify(staging, onnx_path, options, flavour.name)
         record = build_record(staging, onnx_path, options, flavour, report)
         write_json(record_path(out), record)
         os.replace(staging, out)

@@ -75,6 +75,9 @@ def _load_timing_cache(config, path: Path | None):
         return None
     data = Path(path).read_bytes() if Path(path).is_file() else b""
     cache = config.create_timing_cache(data)
+    if data and len(cache.serialize()) < len(data) // 2:  # TensorRT drops an unreadable cache without an error
+        raise LrqError(f"--timing-cache {path} is not a TensorRT timing cache this TensorRT can read; "
+                       "remove it or name another file (lrq replaces only a timing cache)")
     config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
 

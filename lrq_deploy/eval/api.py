@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrq_deploy.data import check_readable_data
 from lrq_deploy.errors import LrqError
+from lrq_deploy.progress import step
 
 BACKENDS = ("reference", "torch")
 
@@ -26,6 +28,7 @@ class EvalOptions:
     compare_fp: bool = True
     backend: str = "reference"
     seq_len: int | None = None
+    fp_cache: bool = True  # read / keep the full-precision figure (eval/fp_cache.py)
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -36,20 +39,23 @@ class EvalOptions:
 
 def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settings) -> dict:
     """Return {"metric", "backend", "method", "scheme", "fp": {metric: value} (None when compare_fp is off),
-    "quant": {metric: value}, "agreement": cosine / top-1 agreement of FP and quantized outputs row by row
-    (None where the family's metric suffices)}. `settings` are EvalOptions fields, for callers without an object."""
+    "fp_cached": whether the FP figure was read from the cache, "quant": {metric: value}, and, for families
+    judged by their outputs (ViT, encoders), "agreement": cosine / top-1 agreement of FP and quantized
+    outputs row by row}. `settings` are EvalOptions fields, for callers without an object."""
     from lrq_deploy.devices import resolve_device
+    from lrq_deploy.eval import fp_cache
     from lrq_deploy.metrics import output_agreement
     from lrq_deploy.runtime.torch_models import load_torch_target
 
     options = options or EvalOptions(**settings)
+    if options.data is not None:
+        check_readable_data(Path(options.data))
     dev = resolve_device(options.device)
     kernels = "require" if options.backend == "torch" else "never"
     ckpt = load_torch_target(Path(path), dev, kernels=kernels, checkpoint=True).checkpoint
     adapter = ckpt.adapter
     if options.metric is not None and options.metric != adapter.default_metric:
         raise LrqError(f"metric {options.metric!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
-    fp = load_torch_target(ckpt.source, dev).loaded if options.compare_fp else None
 
     def metric(model, source):
         return adapter.evaluate(model, source, options.data, options.limit, dev, options.seq_len)
@@ -57,16 +63,28 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
     def outputs(model, source):
         return adapter.agreement_outputs(model, source, options.data, options.limit, dev)
 
-    reference = outputs(fp.model, fp) if fp else None
-    if reference is None and adapter.default_metric == "cosine":
+    result = {"metric": adapter.default_metric, "backend": options.backend, "method": ckpt.method,
+              "scheme": ckpt.scheme_name, "fp": None, "fp_cached": False}
+    if adapter.compares_outputs and not options.compare_fp:
         raise LrqError(f"a {adapter.task} model is measured against its full-precision outputs; keep compare_fp on")
-    return {
-        "metric": adapter.default_metric,
-        "backend": options.backend,
-        "method": ckpt.method,
-        "scheme": ckpt.scheme_name,
-        "fp": metric(fp.model, fp) if fp else None,
-        "quant": metric(ckpt.model, ckpt.loaded),
-        "agreement": (output_agreement(reference, outputs(ckpt.model, ckpt.loaded), adapter.agreement_argmax)
-                      if reference is not None else None),
-    }
+    key = (fp_cache.fp_key(ckpt.source, options.data, _fp_settings(options, adapter, dev))
+           if options.compare_fp and options.fp_cache and not adapter.compares_outputs else None)
+    cached = fp_cache.read_fp(key)
+    if cached is not None:
+        result.update(fp=cached, fp_cached=True)
+    elif options.compare_fp:
+        with step("loading the full-precision model"):
+            fp = load_torch_target(ckpt.source, dev).loaded
+        result["fp"] = metric(fp.model, fp)
+        fp_cache.write_fp(key, result["fp"])
+        if adapter.compares_outputs:
+            reference = outputs(fp.model, fp)
+            result["agreement"] = output_agreement(reference, outputs(ckpt.model, ckpt.loaded), adapter.agreement_argmax)
+        del fp
+    result["quant"] = metric(ckpt.model, ckpt.loaded)
+    return result
+
+
+def _fp_settings(options: EvalOptions, adapter, device) -> dict:
+    return {"family": adapter.family, "metric": adapter.default_metric, "limit": options.limit,
+            "seq_len": options.seq_len, "device": device.type}

@@ -21,11 +21,15 @@ TARGETS = {"ort": lower_for_ort, "trt": lower_for_trt}
 
 def required_opset(model: onnx.ModelProto, target: str) -> int:
     """The lowest default-domain opset the lowered graph needs (block-wise DequantizeLinear)."""
-    needed = 18
-    for qn in quant_nodes(model):
-        if target == "ort" or qn.scheme.native_int4:
-            needed = max(needed, MIN_OPSET[qn.scheme.wbits])
-    return needed
+    return max([18, *(scheme_opset(qn.scheme, target) for qn in quant_nodes(model))])
+
+
+def scheme_opset(scheme, target: str) -> int:
+    """The lowest opset a linear of `scheme` needs once lowered for `target` (None: full precision),
+    known from the checkpoint's scheme before anything is traced."""
+    if scheme is None or not (target == "ort" or scheme.native_int4):
+        return 18
+    return MIN_OPSET[scheme.wbits]
 
 
 def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:

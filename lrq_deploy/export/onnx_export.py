@@ -19,10 +19,11 @@ from lrq_deploy.atomic import (
     OutputKind, atomic_write, check_distinct_outputs, claim_output, make_readable, output_scope,
     remove_stale_temporaries, temporary_path, write_json,
 )
+from lrq_deploy.progress import step
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.graph import default_opset, set_opset
-from lrq_deploy.export.lower import lower, required_opset
+from lrq_deploy.export.lower import lower, required_opset, scheme_opset
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.checkpoint import load_source
 from lrq_deploy.quant import QuantLinear
@@ -58,7 +59,32 @@ class ExportOptions:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise LrqError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.opset is not None and not 18 <= self.opset <= highest_opset():
+            raise LrqError(f"--opset must lie in 18..{highest_opset()} (the highest this onnx and onnxruntime "
+                           f"support), got {self.opset}")
         _check_shape_options(self.batch, self.seq_len, self.limit, self.with_past)
+
+
+def graph_bytes_at_least(checkpoint) -> int | None:
+    """A lower bound of the graph's size, from the source's safetensors header: a checkpoint's
+    packed codes (every target carries them as they are), or a full-precision model's weights in float32."""
+    from lrq_deploy.models.headers import INTEGER_DTYPES, header_bytes, read_file_header, weight_elements
+
+    weights = Path(str(checkpoint)) / "model.safetensors"
+    if (Path(str(checkpoint)) / "manifest.json").is_file():
+        try:
+            return header_bytes(read_file_header(weights), INTEGER_DTYPES)
+        except LrqError:
+            return None  # the checkpoint's load names what is wrong with it
+    elements = weight_elements(str(checkpoint))
+    return elements * 4 if elements else None
+
+
+def highest_opset() -> int:
+    """The highest default-domain opset both the installed onnx (checker) and onnxruntime know."""
+    from lrq_deploy.runtime.onnxrt import onnxruntime_opset
+
+    return min(onnx.defs.onnx_opset_version(), onnxruntime_opset())
 
 
 @output_scope()
@@ -73,25 +99,29 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     out = Path(out)
     target, opset, batch, seq_len = options.target, options.opset, options.batch, options.seq_len
     verify, limit, with_past = options.verify, options.limit, options.with_past
-    claim_output(out, OUTPUT, options.force, inputs=[checkpoint], option="--onnx")
+    claim_output(out, OUTPUT, options.force, inputs=[checkpoint], option="--onnx",
+                 need_bytes=graph_bytes_at_least(checkpoint))
     if options.triton_repo is not None:
         from lrq_deploy.serve.triton import check_repository_target, model_name_for
 
         check_distinct_outputs({"--onnx": out, "--triton-repo": Path(options.triton_repo) / model_name_for(out)})
         check_repository_target(options.triton_repo, model_name_for(out), options.force, inputs=[checkpoint])
-    ckpt = load_source(checkpoint)
+    with step(f"loading {checkpoint}"):
+        ckpt = load_source(checkpoint)
     loaded = ckpt.loaded
     if options.ort_int8_activations:
         _check_int8_activations(target, ckpt)
-    model = trace_to_onnx(loaded, batch, seq_len, with_past)
-    needed = required_opset(model, target)
-    if opset is not None and opset < needed:
+    if opset is not None and opset < scheme_opset(ckpt.quant, target):  # before the trace: known from the scheme
         raise LrqError(
             f"opset {opset} is too low for W{ckpt.quant.wbits if ckpt.quant else 16} weights with target {target}: "
-            f"the minimum is {needed}"
+            f"the minimum is {scheme_opset(ckpt.quant, target)}"
         )
+    with step("tracing the model (torch.export)"):
+        model = trace_to_onnx(loaded, batch, seq_len, with_past)
+    needed = required_opset(model, target)
     set_opset(model, max(opset or needed, default_opset(model)))
-    lower(model, target)
+    with step(f"lowering the quantized linears for {target}"):
+        lower(model, target)
     drop_debug_records(model)
     describe_graph(model, ckpt, target, with_past)
     if options.ort_int8_activations:
@@ -101,7 +131,8 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
 
     def check_and_verify(tmp: Path) -> None:
         try:
-            onnx.checker.check_model(str(tmp), full_check=True)
+            with step("checking the graph (onnx.checker)"):
+                onnx.checker.check_model(str(tmp), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
         data = tmp.with_name(tmp.name + ".data")
@@ -109,7 +140,7 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
         if verify:
             from lrq_deploy.export.verify import verify_against_torch, verify_generation
 
-            with runnable_by_ort(tmp, target) as graph:
+            with runnable_by_ort(tmp, target) as graph, step("verifying onnxruntime against torch"):
                 report["verify"] = verify_against_torch(graph, loaded, limit, with_past, (batch, seq_len))
                 if with_past:
                     report["verify_generation"] = verify_generation(graph, loaded)

@@ -13,6 +13,17 @@ from lrq_deploy.runtime.onnxrt import declares_int8_activations, deployed_sessio
 from lrq_deploy.runtime.runners import TorchRunner, ort_runner
 
 
+# What a graph must show against the torch reference to be "within tolerance". The graph computes
+# the calibrated numerics exactly (integer codes, same scales); what differs is float work: GEMM
+# accumulation order, and for activation-quantized layers an activation that lands on a rounding
+# boundary flips one code. Those move single logits by up to a few percent of their range (the
+# largest logit error alone says little), so the figures that matter are the model's metric, the
+# argmax and the cosine over all outputs. onnxruntime's int8-activation MatMulNBits (accuracy
+# level 4) runs other numerics by design: its bounds are wider.
+TOLERANCE = {"relative_difference": 0.01, "argmax_agreement": 0.99, "cosine": 0.999}
+TOLERANCE_INT8_ACTIVATIONS = {"relative_difference": 0.05, "argmax_agreement": 0.9, "cosine": 0.99}
+
+
 @torch.no_grad()
 def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past: bool = False,
                          static_shape: tuple[int | None, int | None] = (None, None)) -> dict:
@@ -36,12 +47,18 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     metric = {side: adapter.metric_from_logits(inputs, [torch.from_numpy(o[output]) for o in outs], labels)
               for side, outs in (("torch", reference), ("onnxruntime", candidate))}
     key = next(iter(metric["torch"]), None)  # None: outputs compared directly (embeddings)
+    relative = (abs(metric["onnxruntime"][key] - metric["torch"][key]) / abs(metric["torch"][key])
+                if key else 1.0 - comparison["cosine"])
+    tolerance = TOLERANCE_INT8_ACTIVATIONS if int8_activations else TOLERANCE
     return {
         "metric": key,
         "torch": metric["torch"].get(key),
         "onnxruntime": metric["onnxruntime"].get(key),
-        "relative_difference": (abs(metric["onnxruntime"][key] - metric["torch"][key]) / abs(metric["torch"][key])
-                                if key else 1.0 - comparison["cosine"]),
+        "relative_difference": relative,
+        "tolerance": tolerance,
+        "within_tolerance": bool(relative <= tolerance["relative_difference"]
+                                 and comparison["argmax_agreement"] >= tolerance["argmax_agreement"]
+                                 and comparison["cosine"] >= tolerance["cosine"]),
         "output": output,
         "max_abs_logit_error": comparison["max_abs_error"],
         "argmax_agreement": comparison["argmax_agreement"],

@@ -32,9 +32,10 @@ def perplexity(
     max_windows: int | None = None, batch_size: int = 8, progress: bool = False,
 ) -> float:
     """Perplexity of `logits_fn` (input ids -> logits) on a token stream, mean over predicted tokens.
-    progress: a bar on stderr when it is a terminal."""
-    from tqdm import tqdm
+    progress: a bar on stderr when it is a terminal (lrq_deploy.progress)."""
+    from lrq_deploy.progress import bar
 
     batches = windows(ids, seqlen, max_windows).split(batch_size)
-    bar = tqdm(batches, desc="  perplexity", unit="batch", leave=False, disable=None if progress else True)
-    return perplexity_from_logits((batch, logits_fn(batch)) for batch in bar)
+    if progress:
+        batches = bar(batches, "perplexity", total=len(batches), unit="batch")
+    return perplexity_from_logits((batch, logits_fn(batch)) for batch in batches)

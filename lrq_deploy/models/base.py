@@ -47,6 +47,7 @@ class ModelAdapter:
     default_metric: str = ""
     serves: str = ""  # what the family accepts, for error messages (e.g. HF model types)
     agreement_argmax = False  # agreement_outputs are class / token scores (top-1 agreement is meaningful)
+    compares_outputs = False  # eval also compares agreement_outputs of the FP and quantized models
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError

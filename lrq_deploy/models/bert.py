@@ -67,6 +67,8 @@ class BertAdapter(HFAdapter):
     def evaluate(self, model, source, data_path, limit, device, seq_len=None):
         return {}  # a sentence encoder is judged against its full-precision embeddings (agreement_outputs)
 
+    compares_outputs = True
+
     @torch.no_grad()
     def agreement_outputs(self, model, source, data_path, limit, device):
         return [sentence_embedding(model, ids.to(device), mask.to(device)).cpu()

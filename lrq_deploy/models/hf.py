@@ -38,10 +38,25 @@ class HFAdapter(ModelAdapter):
         return model, self.load_preprocessor(path, trust_remote_code)
 
     def load_preprocessor(self, path: Path, trust_remote_code: bool = False):
-        """The family's tokenizer or processor saved in `path`."""
+        """The family's tokenizer or processor saved in `path`; a missing or damaged file is named."""
         import transformers
 
-        return getattr(transformers, self.preprocessor_class).from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            preprocessor = getattr(transformers, self.preprocessor_class).from_pretrained(
+                path, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # tokenizers raise many types (Exception from the Rust side among them)
+            if not any((Path(path) / name).is_file() for name in PREPROCESSOR_FILES):
+                raise LrqError(f"{path}: no {self.preprocessor_kind} files ({_preprocessor_files(path)}); copy the "
+                               f"model's {self.preprocessor_kind} files into it") from None
+            raise LrqError(f"{path}: cannot load its {self.preprocessor_kind} ({_preprocessor_files(path)}): "
+                           f"{first_line(exc)}") from None
+        if isinstance(preprocessor, bool) or preprocessor is None:  # transformers returns False when nothing is found
+            raise LrqError(f"{path}: no {self.preprocessor_kind} files ({_preprocessor_files(path)})")
+        return preprocessor
+
+    @property
+    def preprocessor_kind(self) -> str:
+        return "processor" if "Processor" in self.preprocessor_class else "tokenizer"
 
     def from_config(self, config, trust_remote_code: bool = False) -> nn.Module:
         import transformers
@@ -107,6 +122,15 @@ def capture_first_block(first: nn.Module, run, batches) -> BlockInputs:
     kwargs = {k: v for k, v in captured.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
     kwargs["use_cache"] = False
     return BlockInputs(hidden=torch.cat(hidden), kwargs=kwargs)
+
+
+PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                      "merges.txt", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json")
+
+
+def _preprocessor_files(path: Path) -> str:
+    present = [name for name in PREPROCESSOR_FILES if (Path(path) / name).is_file()]
+    return "present: " + ", ".join(present) if present else "none of " + ", ".join(PREPROCESSOR_FILES[:4]) + " is there"
 
 
 def no_init_weights():

@@ -87,6 +87,8 @@ class LlavaAdapter(HFAdapter):
     def evaluate(self, model, source, data_path, limit, device, seq_len=None):
         return {}  # judged against the full-precision model's next-token logits (agreement_outputs)
 
+    compares_outputs = True
+
     @torch.no_grad()
     def agreement_outputs(self, model, source, data_path, limit, device):
         """Next-token logits at the text positions of held-out image + text samples."""

@@ -10,6 +10,7 @@ import torch
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel
+from lrq_deploy.models.headers import check_weights_match_config
 from lrq_deploy.models.registry import adapter_for_family, hf_adapter
 from lrq_deploy.models.specs import DEFAULT_MODEL, TIMM_PREFIX, model_path
 from lrq_deploy.models.vit import create_timm_model
@@ -60,6 +61,7 @@ def _load_hf(path: Path, spec: str, trust_remote_code: bool) -> LoadedModel:
         raise LrqError(f"{path / 'config.json'} is not a model config (not a JSON object)")
     adapter = hf_adapter(str(config.get("model_type", "<missing>")))
     _check_safetensors_weights(path, spec)
+    check_weights_match_config(path, adapter, spec, trust_remote_code)
     try:
         model, tokenizer = adapter.load_pretrained(path, trust_remote_code)
     except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError) as exc:
@@ -74,6 +76,7 @@ def _load_hf_lazily(path: Path, spec: str, trust_remote_code: bool) -> LoadedMod
     config = _read_json(path / "config.json")
     adapter = hf_adapter(str(config.get("model_type", "<missing>")) if isinstance(config, dict) else "<missing>")
     _check_safetensors_weights(path, spec)
+    check_weights_match_config(path, adapter, spec, trust_remote_code)
     model, weights = lazy_hf_model(path, adapter, trust_remote_code)
     blocks = {id(p) for block in adapter.blocks(model) for p in block.parameters()}
     missing = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in blocks]
@@ -112,7 +115,13 @@ def _load_timm(timm_spec: dict, weights: Path, spec: str) -> LoadedModel:
     if not weights.is_file():
         raise LrqError(f"weights file {weights} does not exist")
     model = create_timm_model(timm_spec)
-    state = {k: v.float() for k, v in read_safetensors(weights).items()}
+    state = read_safetensors(weights)
+    parameters = dict(model.named_parameters())
+    integer = next((k for k, v in state.items() if k in parameters and not v.is_floating_point()), None)
+    if integer is not None:
+        raise LrqError(f"{weights}: weight {integer} is stored as {state[integer].dtype}; lrq quantizes "
+                       "floating-point weights (is this model already quantized?)")
+    state = {k: v.float() for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -3,6 +3,7 @@ the session type every stage runs graphs with (verification, bench, decode)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
@@ -12,6 +13,29 @@ MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 # --ort-int8-activations): sessions as deployed then fuse at that accuracy level.
 ACCURACY_LEVEL_META = "lrq.ort_matmulnbits_accuracy_level"
 INT8_ACTIVATIONS_LEVEL = "4"
+
+
+@lru_cache(maxsize=1)
+def onnxruntime_opset() -> int:
+    """The highest default-domain opset the installed onnxruntime loads (it has no query for
+    it): a one-node graph tried from onnx's highest opset down."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", value[:1], value[1:])
+    for version in range(onnx.defs.onnx_opset_version(), 17, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)])
+        model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return version
+        except Exception:  # onnxruntime's errors are its own types: "opset N is under development" and the like
+            continue
+    return 18
 
 
 def reference_session(path: Path):

@@ -80,16 +80,19 @@ def test_rtx_builds_native_int4_engine_for_sm89_and_sm120(graphs, tmp_path):
 
 
 @needs_rtx
-def test_cli_build_engine_with_timing_cache(graphs, tmp_path):
+def test_cli_build_engine_shapes_and_refused_timing_cache(graphs, tmp_path):
     args = ["build-engine", str(graphs / "sym-trt.onnx"), "-o", str(tmp_path / "a.engine"), "--int4", "--sm", "89",
             "--timing-cache", str(tmp_path / "cache.bin"), "--min-shapes", "input_ids:1x1",
             "--opt-shapes", "input_ids:1x64", "--max-shapes", "input_ids:4x256"]
-    result = CliRunner().invoke(main, args)
+    (tmp_path / "cache.bin").write_bytes(b"not a timing cache")
+    refused = CliRunner().invoke(main, args)  # TensorRT for RTX keeps no timing cache: the option would do nothing
+    assert refused.exit_code == 1 and "--timing-cache does nothing with tensorrt_rtx" in refused.output
+    assert (tmp_path / "cache.bin").read_bytes() == b"not a timing cache" and not (tmp_path / "a.engine").exists()
+    result = CliRunner().invoke(main, [a for a in args if a not in ("--timing-cache", str(tmp_path / "cache.bin"))])
     assert result.exit_code == 0, result.output
     described = describe(tmp_path / "a.engine")
     assert described["intact"] and described["precision"] == "int4" and described["compute_capabilities"] == ["89"]
     assert described["profile"] == {"input_ids": [[1, 1], [1, 64], [4, 256]]}  # the shapes given, as built
-    assert not (tmp_path / "cache.bin").exists()  # TensorRT for RTX keeps no timing cache
 
 
 @needs_rtx

@@ -1,0 +1,66 @@
+"""What can be known before the work is checked before it: free disk space against the output's
+size, memory against the calibration set, and a disk that fills during a write ends in one line
+with nothing left at the output."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections import namedtuple
+
+from click.testing import CliRunner
+
+from lrq_deploy import atomic
+from lrq_deploy.calib import blockwise
+from lrq_deploy.cli import main
+
+Usage = namedtuple("Usage", "total used free")
+FAST = ["--nsamples", "2", "--seq-len", "16"]
+
+
+def lrq(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def test_outputs_the_disk_cannot_hold_are_refused_before_any_work(tiny_llama_dir, tmp_path, monkeypatch):
+    code, _ = lrq("calibrate", tiny_llama_dir, "-o", tmp_path / "ckpt", *FAST)
+    assert code == 0
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: Usage(1 << 30, (1 << 30) - 4096, 4096))
+    for args in (["calibrate", tiny_llama_dir, "-o", tmp_path / "again", *FAST],
+                 ["export", tmp_path / "ckpt", "--onnx", tmp_path / "g.onnx", "--no-verify"]):
+        code, lines = lrq(*args)
+        assert code == 1 and len(lines) == 1, lines
+        assert "has 4.0 KiB free, and the output needs at least" in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_calibration_set_beyond_memory_is_refused_before_the_first_block(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(blockwise, "available_memory", lambda: 1 << 20)
+    def first_block(*args, **kwargs):
+        raise RuntimeError("reached the first block")
+
+    monkeypatch.setattr(blockwise, "run_block", first_block)
+    code, lines = lrq("calibrate", tiny_llama_dir, "-o", tmp_path / "q", "--nsamples", "64", "--seq-len", "128")
+    assert code == 1 and len(lines) == 1, lines
+    assert "the calibration set needs about" in lines[0] and "--offload disk" in lines[0], lines[0]
+    assert not (tmp_path / "q").exists()
+    code, lines = lrq("calibrate", tiny_llama_dir, "-o", tmp_path / "q", "--nsamples", "64", "--seq-len", "128",
+                      "--offload", "disk")
+    assert code == 1 and "reached the first block" in lines[-1]  # block activations in files: no memory limit
+
+
+def test_a_disk_that_fills_during_the_write_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    code, lines = lrq("calibrate", tiny_llama_dir, "-o", tmp_path / "q", *FAST)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: no space left on the device while writing") and "please report" not in lines[0]
+    assert list(tmp_path.iterdir()) == []
+    shutil.rmtree(tmp_path, ignore_errors=True)
