@@ -33,7 +33,7 @@ OUTPUT = OutputKind("checkpoint", directory=True, recognise=lambda p: is_json_of
 
 def save_checkpoint(
     out: Path, source: LoadedModel, model: nn.Module, quantized: list[str],
-    qconfig: QuantScheme, calib: dict, blocks: list[dict], force: bool = False,
+    qconfig: QuantScheme, calib: dict, blocks: list[dict], force: bool = False, calib_data: str | None = None,
 ) -> Path:
     from safetensors.torch import save_model
 
@@ -49,9 +49,10 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "family": source.adapter.family,
             "task": source.adapter.task,
-            "source": _source_reference(source.spec),
+            "source": source_reference(source.spec),
             "quant": qconfig.to_dict(),
             "calib": calib,
+            "calib_data": calib_data,
             "quantized_modules": quantized,
             "blocks": blocks,
             "versions": library_versions(),
@@ -66,7 +67,7 @@ def save_checkpoint(
     return out
 
 
-def _source_reference(spec: str) -> str:
+def source_reference(spec: str) -> str:
     from lrq_deploy.models import is_named_model
 
     return spec if is_named_model(spec) else str(Path(spec).resolve())
@@ -130,6 +131,10 @@ def verify_files(path: Path, manifest: dict) -> dict[str, str]:
         else:
             results[name] = "ok"
     return results
+
+
+def intact(path: Path, manifest: dict) -> bool:
+    return all(verdict == "ok" for verdict in verify_files(path, manifest).values())
 
 
 def check_files(path: Path, manifest: dict) -> None:

@@ -149,7 +149,10 @@ def calibrate(**options):
     given = {name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
     options["given"] = given | ({"seqlen"} if alias is not None else set())
     summary = calibrate_from_options(options, progress=ConsoleProgress)
-    if summary["rank"] == 0:
+    if summary.get("already_complete"):
+        click.echo(f"{summary['checkpoint']} is complete already ({summary['method']} {summary['scheme']}, same model, "
+                   "data and settings, files intact): nothing to resume")
+    elif summary["rank"] == 0:
         click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scheme']})")
 
 

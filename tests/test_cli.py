@@ -12,6 +12,9 @@ from lrq_deploy.eval import evaluate_checkpoint
 from lrq_deploy.models import load_model
 
 
+FAST = ["--nsamples", "2", "--seq-len", "16"]
+
+
 def run(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -135,3 +138,33 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     proc = subprocess.run([sys.executable, "-m", "lrq_deploy.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "calibrate" in proc.stdout
+
+
+def test_eval_keeps_the_full_precision_figure_of_a_source(tmp_path, tiny_llama_dir, monkeypatch):
+    """The FP figure depends on the source model, the data and the settings only: a second
+    checkpoint of the same source reads it back; another data file, window or limit computes it."""
+    monkeypatch.setenv("LRQ_CACHE", str(tmp_path / "cache"))
+    for name, bits in (("a", "4"), ("b", "8")):
+        assert run("calibrate", tiny_llama_dir, "-o", tmp_path / name, "--wbits", bits, *FAST).exit_code == 0
+    first = json.loads(run("eval", tmp_path / "a", "--json", "--limit", "2").stdout)
+    second = json.loads(run("eval", tmp_path / "b", "--json", "--limit", "2").stdout)
+    assert not first["fp_cached"] and second["fp_cached"] and second["fp"] == first["fp"]
+    fresh = json.loads(run("eval", tmp_path / "b", "--json", "--limit", "2", "--no-fp-cache").stdout)
+    assert not fresh["fp_cached"] and fresh["fp"] == first["fp"]  # the cached figure is the figure
+    other = json.loads(run("eval", tmp_path / "b", "--json", "--limit", "3").stdout)
+    assert not other["fp_cached"] and other["fp"] != first["fp"]
+    text = tmp_path / "text.txt"
+    text.write_text((tiny_llama_dir / "config.json").read_text() * 20)
+    assert not json.loads(run("eval", tmp_path / "b", "--json", "--limit", "2", "--data", text).stdout)["fp_cached"]
+    assert "full precision (cached)" in run("eval", tmp_path / "a", "--limit", "2").stdout
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path, tiny_llama_dir):
+    out = tmp_path / "q"
+    assert run("calibrate", tiny_llama_dir, "-o", out, *FAST).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run("calibrate", tiny_llama_dir, "-o", out, *FAST, "--resume")
+    assert again.exit_code == 0 and "is complete already" in again.stdout and "nothing to resume" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    other = run("calibrate", tiny_llama_dir, "-o", out, *FAST[:2], "--seq-len", "24", "--resume")
+    assert other.exit_code == 0 and other.stdout.startswith("wrote")  # other settings: calibrated again

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
+from lrq_deploy.models.hf import cache_argument, output_cache
 from lrq_deploy.progress import bar, step
 from lrq_deploy.errors import LrqError
 from lrq_deploy.runtime.onnxrt import OrtSession, empty_past, next_past
@@ -72,8 +73,9 @@ class TorchDecoder(Decoder):
     def _next(self, ids) -> np.ndarray:
         torch = self.torch
         with torch.no_grad():
-            out = self.model(input_ids=torch.from_numpy(ids).to(self.dev), past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+            out = self.model(input_ids=torch.from_numpy(ids).to(self.dev), use_cache=True,
+                             **cache_argument(self.model, self.cache))
+        self.cache = output_cache(out)
         tokens = out.logits[:, -1].argmax(-1)
         return tokens.cpu().numpy()  # the copy to the host synchronizes, as a generation loop must
 

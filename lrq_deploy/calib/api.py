@@ -15,6 +15,7 @@ from lrq_deploy.checkpoint import MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.devices import resolve_device
+from lrq_deploy.errors import LrqError
 from lrq_deploy.data import check_readable_data
 from lrq_deploy.models import DEFAULT_MODEL, load_model
 from lrq_deploy.models.headers import weight_elements
@@ -66,6 +67,10 @@ def calibrate(
                  lock=collective.main, need_bytes=_checkpoint_bytes_at_least(spec, qconfig))
     if calib_data is not None:
         check_readable_data(Path(calib_data))
+    if resume and not distributed:
+        finished = finished_checkpoint(out, spec, qconfig, cconfig, calib_data)
+        if finished is not None:
+            return finished
     dev = collective.own_device(dev)
     runs = None
     if cconfig.spec.resumable:
@@ -83,11 +88,32 @@ def calibrate(
     loaded.model.cpu()
     if collective.main:
         save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig.to_dict(), result.blocks,
-                        force=True)
+                        force=True, calib_data=_data_reference(calib_data))
     collective.barrier()
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
             "method": cconfig.method, "scheme": qconfig.name, "rank": collective.rank}
+
+
+def finished_checkpoint(out: Path, spec: str, qconfig: QuantScheme, cconfig: CalibConfig, calib_data) -> dict | None:
+    """--resume of a run whose checkpoint is written, intact and made from the same model, data and
+    settings: the summary of that checkpoint (nothing to recompute), else None."""
+    from lrq_deploy.checkpoint import intact, read_manifest, source_reference
+
+    try:
+        manifest = read_manifest(out)
+    except LrqError:
+        return None
+    same = (manifest.get("source") == source_reference(spec) and manifest.get("quant") == qconfig.to_dict()
+            and manifest.get("calib") == cconfig.to_dict() and manifest.get("calib_data") == _data_reference(calib_data))
+    if not same or not intact(out, manifest):
+        return None
+    return {"checkpoint": str(out), "blocks": manifest.get("blocks", []), "run_dir": None, "method": cconfig.method,
+            "scheme": qconfig.name, "rank": 0, "already_complete": True}
+
+
+def _data_reference(calib_data) -> str | None:
+    return str(Path(calib_data).resolve()) if calib_data is not None else None
 
 
 def _checkpoint_bytes_at_least(spec: str, qconfig: QuantScheme) -> int | None:

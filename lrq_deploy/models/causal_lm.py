@@ -10,7 +10,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.metrics.perplexity import perplexity, perplexity_from_logits, windows
 from lrq_deploy.graph_io import BATCH_AXIS, GraphIO, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, TensorSpec
 from lrq_deploy.models.base import ExportSpec, static_batches
-from lrq_deploy.models.hf import HFAdapter
+from lrq_deploy.models.hf import HFAdapter, cache_argument, output_cache
 
 
 class CausalLMAdapter(HFAdapter):
@@ -126,9 +126,9 @@ class _WithPast(nn.Module):
         cache = DynamicCache(config=self.model.config)
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, use_cache=True, **cache_argument(self.model, cache))
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

@@ -133,6 +133,21 @@ def _preprocessor_files(path: Path) -> str:
     return "present: " + ", ".join(present) if present else "none of " + ", ".join(PREPROCESSOR_FILES[:4]) + " is there"
 
 
+def cache_argument(model: nn.Module, cache) -> dict:
+    """The KV-cache keyword of the model's forward: `cache` (transformers >= 5.2x) or the earlier
+    `past_key_values` (deprecated there, with a FutureWarning on every call)."""
+    import inspect
+
+    accepts = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in accepts else {"past_key_values": cache}
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def no_init_weights():
     try:
         from transformers.initialization import no_init_weights as context
