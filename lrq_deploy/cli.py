@@ -63,6 +63,18 @@ def _one_line(exc: Exception) -> str:
             "(rerun with lrq --debug ... for the traceback, and please report it)")
 
 
+class NonEmptyPath(click.Path):
+    """A path option or argument; an empty string is refused (click would read it as ".")."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; name a file or directory", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = NonEmptyPath(path_type=Path)
+
+
 class OneLineErrors(click.Group):
     """Usage errors as one line too (click's default prints the usage, a hint and the error)."""
 
@@ -108,7 +120,7 @@ def method_options(command):
 
 @main.command(short_help="Quantize a model and write a quantized checkpoint.")
 @click.argument("model", required=False)
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
+@click.option("-o", "--out", "out", type=PATH, required=True, help="Checkpoint directory to write.")
 @click.option("--wbits", type=int, default=4, show_default=True, help=f"Weight bits: {', '.join(map(str, WEIGHT_BITS))}.")
 @click.option("--abits", type=int, default=16, show_default=True, help=f"Activation bits: {', '.join(map(str, ACT_BITS))}.")
 @click.option("--group-size", type=int, default=None, help="Weight group size (default: per output channel).")
@@ -117,7 +129,7 @@ def method_options(command):
               help="Per-token activations: asymmetric (each token's [min, max] with a zero point; the default "
                    "when --abits < 16) or symmetric (+-max, for kernels that prefer it).")
 @click.option("--method", type=click.Choice(method_names()), default="rtn", show_default=True)
-@click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
+@click.option("--calib-data", type=PATH, default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
 @click.option("--seq-len", "seqlen", type=int, default=None,
               help="Tokens per calibration sample (language models; default 256).")
@@ -126,7 +138,7 @@ def method_options(command):
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per optimizer step.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Per-block learned parameters (default OUT.run).")
+@click.option("--run-dir", type=PATH, default=None, help="Per-block learned parameters (default OUT.run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run; settings not given are taken from the run directory.")
 @click.option("--offload", type=click.Choice(["memory", "disk"]), is_flag=False, flag_value="memory", default=None,
               help="Big models in small memory: each block is read from the safetensors shards when its turn comes; "
@@ -176,10 +188,10 @@ def comparison_line(name: str, c: dict) -> str:
 
 
 @main.command(name="eval", short_help="Compare full-precision and quantized accuracy.")
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("target", type=PATH)
 @click.option("--metric", "--task", "metric", type=click.Choice(["ppl", "top1", "cosine"]), default=None,
               help="Metric (default: the model's own); --task is its earlier name.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--data", type=PATH, default=None,
               help="Evaluation text (default: WikiText-2 test) or, for the ViT, an image folder DIR/CLASS/IMAGE.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many windows (quick checks).")
 @click.option("--seq-len", type=int, default=None, help="Perplexity window in tokens (default 256).")
@@ -219,8 +231,8 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
 
 @main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour) or for vLLM.")
 @click.argument("checkpoint")
-@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None, help="ONNX file to write.")
-@click.option("--vllm", "vllm_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--onnx", "onnx_path", type=PATH, default=None, help="ONNX file to write.")
+@click.option("--vllm", "vllm_dir", type=PATH, default=None,
               help="Instead: a Hugging Face directory in the compressed-tensors format (vLLM, transformers).")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="ort: standard ops only; trt: TensorRT native INT4 or lrq plugin nodes.")
@@ -233,7 +245,7 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
 @click.option("--ort-int8-activations", is_flag=True,
               help="Declare the graph for onnxruntime's MatMulNBits at accuracy level 4 (int8 activations per block "
                    "of K: faster on CPUs, other numerics; verified with its own metric). Group-wise W4A16 only.")
-@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+@click.option("--triton-repo", type=PATH, default=None,
               help="Also write a Triton Inference Server model repository (DIR/NAME/config.pbtxt, DIR/NAME/1/).")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
 @clean_errors
@@ -277,8 +289,8 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
 
 
 @main.command(name="build-engine", short_help="Build a TensorRT engine from an lrq ONNX graph.")
-@click.argument("onnx_path", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Engine file to write.")
+@click.argument("onnx_path", type=PATH)
+@click.option("-o", "--out", type=PATH, required=True, help="Engine file to write.")
 @click.option("--int4", "precision", flag_value="int4", default=True, help="INT4 weights (native block DQ). Default.")
 @click.option("--fp8", "precision", flag_value="fp8", help="FP8 Q/DQ graph.")
 @click.option("--fp4", "precision", flag_value="fp4", help="NVFP4 graph (Blackwell).")
@@ -286,14 +298,14 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
 @click.option("--min-shapes", default=None, help="name:DxD,... (with --opt-shapes and --max-shapes).")
 @click.option("--opt-shapes", default=None)
 @click.option("--max-shapes", default=None)
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Read and update this timing cache.")
+@click.option("--timing-cache", type=PATH, default=None, help="Read and update this timing cache.")
 @click.option("--workspace", type=int, default=None, help="Workspace limit in MiB.")
 @click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default=None, help="Default: the one installed.")
 @click.option("--sm", "sm", multiple=True, help="Target compute capability (tensorrt_rtx), e.g. --sm 89 --sm 120.")
 @click.option("--plugins/--no-plugins", default=True, show_default=True,
               help="Map lrq-domain nodes (W4A4, W2A16, asymmetric W4A16) to the lrq TensorRT plugins.")
 @click.option("--verify", is_flag=True, help="Run the engine against onnxruntime on the same inputs (needs a GPU).")
-@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+@click.option("--triton-repo", type=PATH, default=None,
               help="Also write a Triton Inference Server model repository (full TensorRT engines).")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine file.")
 @clean_errors
@@ -318,7 +330,7 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
 
 
 @main.command(short_help="Measure latency and throughput (trtexec-style) of engines, ONNX graphs, checkpoints.")
-@click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("targets", nargs=-1, required=True, type=PATH)
 @click.option("--backend", type=click.Choice(["trt", "ort", "torch"]), default=None,
               help="Default: from the target (.engine: trt, .onnx: ort, checkpoint directory: torch).")
 @click.option("--batch", type=int, default=1, show_default=True)
@@ -335,8 +347,8 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
 @click.option("--prompt-len", type=int, default=128, show_default=True, help="With --decode: prompt tokens.")
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="With --decode: tokens generated.")
 @click.option("--compare", is_flag=True, help="Measure several targets; print one table with ratios to the first.")
-@click.option("--export-json", type=click.Path(path_type=Path), default=None, help="Write the figures as JSON.")
-@click.option("--export-times", type=click.Path(path_type=Path), default=None, help="Write per-inference timings as JSON.")
+@click.option("--export-json", type=PATH, default=None, help="Write the figures as JSON.")
+@click.option("--export-times", type=PATH, default=None, help="Write per-inference timings as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite existing --export-json / --export-times files written by lrq bench.")
 @clean_errors
 def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, percentiles, device, no_data_transfers,
@@ -388,7 +400,7 @@ def refuse_unused_options(decode: bool, compare: bool) -> None:
 
 
 @main.command(short_help="Show what a checkpoint, ONNX graph or engine is, and whether it is intact.")
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("target", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @clean_errors
 def info(target, as_json):

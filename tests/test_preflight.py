@@ -64,3 +64,38 @@ def test_a_disk_that_fills_during_the_write_leaves_nothing(tiny_llama_dir, tmp_p
     assert lines[0].startswith("error: no space left on the device while writing") and "please report" not in lines[0]
     assert list(tmp_path.iterdir()) == []
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_disk_that_fills_during_a_learnable_run_keeps_what_resumes(tiny_llama_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from lrq_deploy.calib import rundir
+
+    args = ["calibrate", tiny_llama_dir, "-o", tmp_path / "q", "--method", "lrquant", "--epochs", "1", *FAST]
+    real_write_json = rundir.write_json
+
+    def settings_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rundir, "write_json", settings_full)  # the run's settings cannot be written
+    code, lines = lrq(*args)
+    assert code == 1 and "no space left on the device" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no run directory without its settings
+    monkeypatch.setattr(rundir, "write_json", real_write_json)
+
+    real_save, saved = safetensors.torch.save_file, []
+
+    def second_block_full(tensors, path, *args, **kwargs):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        saved.append(path)
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", second_block_full)
+    code, lines = lrq(*args)
+    assert code == 1 and len(lines) == 1, lines
+    assert "while saving block 1" in lines[0] and "its 1 finished blocks are kept" in lines[0] and "--resume" in lines[0]
+    assert (tmp_path / "q.run" / "block_000.safetensors").is_file() and not (tmp_path / "q").exists()
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    code, lines = lrq(*args, "--resume")
+    assert code == 0 and (tmp_path / "q" / "manifest.json").is_file(), lines

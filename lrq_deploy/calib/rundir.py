@@ -9,6 +9,7 @@ block that looks valid.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -54,7 +55,11 @@ class RunDir:
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
-        write_json(self.path / RUN_FILE, self.settings)
+        try:
+            write_json(self.path / RUN_FILE, self.settings)
+        except OSError:  # a full disk, say: no run directory without its settings is left behind
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def _block_file(self, index: int) -> Path:
         return self.path / f"block_{index:03d}.safetensors"
@@ -88,7 +93,13 @@ class RunDir:
         """The block's kept parameters and its training record (loss_curve, mse / cosine per epoch)."""
         from safetensors.torch import save_file
 
-        atomic_write(self._block_file(index), lambda p: save_file(tensors, str(p)))
+        try:
+            atomic_write(self._block_file(index), lambda p: save_file(tensors, str(p)))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise LrqError(f"no space left on the device while saving block {index} to {self.path}; its "
+                           f"{len(self.records)} finished blocks are kept: free space and continue with --resume") from None
         self.records[index] = record
         blocks = sorted(self.records.items())
         report = {"loss_curves": {str(k): r["loss_curve"] for k, r in blocks},
