@@ -136,6 +136,9 @@ def method_options(command):
 @click.option("--seqlen", "seqlen_alias", type=int, default=None, hidden=True)
 @method_options
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per optimizer step.")
+@click.option("--quantize-head", is_flag=True,
+              help="Also quantize the output head (lm_head / classifier) with the blocks' scheme and the method's "
+                   "rounding; a head tied to the embeddings is untied (embeddings stay full precision).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=PATH, default=None, help="Per-block learned parameters (default OUT.run).")
@@ -341,6 +344,8 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
 @click.option("--duration", type=float, default=3.0, show_default=True, help="Minimum measuring time in seconds.")
 @click.option("--percentile", "percentiles", default="90,95,99", show_default=True, help="Comma-separated percentiles.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of onnxruntime and torch (default: theirs); recorded in the figures.")
 @click.option("--no-data-transfers", is_flag=True, help="Keep inputs and outputs on the device (no H2D/D2H).")
 @click.option("--decode", is_flag=True, help="Generation speed: prompt, then tokens one at a time with a KV cache "
                                              "(checkpoints, HF directories, --with-past ONNX graphs).")
@@ -351,8 +356,8 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
 @click.option("--export-times", type=PATH, default=None, help="Write per-inference timings as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite existing --export-json / --export-times files written by lrq bench.")
 @clean_errors
-def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, percentiles, device, no_data_transfers,
-          decode, prompt_len, new_tokens, compare, export_json, export_times, force):
+def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, percentiles, device, threads,
+          no_data_transfers, decode, prompt_len, new_tokens, compare, export_json, export_times, force):
     """Benchmark TARGETS (one, or several with --compare)."""
     from lrq_deploy.bench import bench as run, bench_compare, bench_decode
     from lrq_deploy.bench.api import BenchOptions
@@ -370,10 +375,11 @@ def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, perce
         raise LrqError("give one target, or several with --compare")
     if decode:
         explicit = click.get_current_context().get_parameter_source("iterations") is not ParameterSource.DEFAULT
-        options = DecodeOptions(batch, prompt_len, new_tokens, iterations if explicit else 3, points, device)
+        options = DecodeOptions(batch, prompt_len, new_tokens, iterations if explicit else 3, points, device, threads)
         one, show, table = (lambda t, o, j: bench_decode(t, o, j, force)), decode_summary, decode_comparison
     else:
-        options = BenchOptions(backend, batch, seq_len, warm_up, iterations, duration, points, device, not no_data_transfers)
+        options = BenchOptions(backend, batch, seq_len, warm_up, iterations, duration, points, device,
+                               not no_data_transfers, threads)
         one, show, table = (lambda t, o, j: run(t, o, j, export_times, force)), summary, comparison
     if compare:
         results = bench_compare(list(targets), options, export_json, force)

@@ -13,6 +13,7 @@ from lrq_deploy.bench.decode import DecodeOptions, make_decoder, measure_decode
 from lrq_deploy.bench.harness import measure, report
 from lrq_deploy.bench.runners import make_runner
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options
+from lrq_deploy.runtime.threads import threads_in_use, use_threads
 from lrq_deploy.errors import LrqError
 
 
@@ -43,6 +44,7 @@ class BenchOptions:
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     device: str = "auto"
     data_transfers: bool = True
+    threads: int | None = None  # intra-op threads of onnxruntime / torch (None: their defaults)
 
     def __post_init__(self):
         check_options((("--batch", self.batch, 1), ("--seq-len", self.seq_len, 1), ("--iterations", self.iterations, 1),
@@ -54,10 +56,11 @@ def bench(target: Path, options: BenchOptions, export_json: Path | None = None, 
           force: bool = False) -> dict:
     """Per-inference latency and throughput of one target (trtexec semantics)."""
     claim_records({"--export-json": export_json, "--export-times": export_times}, [target], force)
+    use_threads(options.threads)
     runner = make_runner(Path(target), options.backend, options.batch, options.seq_len, options.device, options.data_transfers)
     with runtime_errors(runner.name, target, f"batch {options.batch}, seq-len {options.seq_len}"):
         timings, walltime = measure(runner, options.warm_up_ms, options.iterations, options.duration_s)
-    result = {"target": str(target), **report(runner, timings, walltime, options.percentiles)}
+    result = {"target": str(target), **report(runner, timings, walltime, options.percentiles), **threads_in_use()}
     if export_json:
         write_record(export_json, result)
     if export_times:
@@ -69,9 +72,10 @@ def bench(target: Path, options: BenchOptions, export_json: Path | None = None, 
 def bench_decode(target: Path, options: DecodeOptions, export_json: Path | None = None, force: bool = False) -> dict:
     """Generation speed of one target: time to first token, per-token latency, tokens/s."""
     claim_records({"--export-json": export_json}, [target], force)
+    use_threads(options.threads)
     decoder = make_decoder(Path(target), options.device)
     with runtime_errors(decoder.name, target, f"batch {options.batch}, prompt {options.prompt_len}"):
-        result = {"target": str(target), **measure_decode(decoder, options)}
+        result = {"target": str(target), **measure_decode(decoder, options), **threads_in_use()}
     if export_json:
         write_record(export_json, result)
     return result

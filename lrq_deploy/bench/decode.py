@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
-from lrq_deploy.models.hf import cache_argument, output_cache
+from lrq_deploy.bench.report import threads_note
 from lrq_deploy.progress import bar, step
 from lrq_deploy.errors import LrqError
 from lrq_deploy.runtime.onnxrt import OrtSession, empty_past, next_past
@@ -34,6 +34,7 @@ class DecodeOptions:
     runs: int = 3
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     device: str = "auto"
+    threads: int | None = None  # intra-op threads of onnxruntime / torch (None: their defaults)
 
     def __post_init__(self):
         check_options((("--batch", self.batch, 1), ("--prompt-len", self.prompt_len, 1), ("--new-tokens", self.new_tokens, 2),
@@ -71,6 +72,8 @@ class TorchDecoder(Decoder):
         self.cache = None
 
     def _next(self, ids) -> np.ndarray:
+        from lrq_deploy.models.hf import cache_argument, output_cache
+
         torch = self.torch
         with torch.no_grad():
             out = self.model(input_ids=torch.from_numpy(ids).to(self.dev), use_cache=True,
@@ -192,7 +195,7 @@ def decode_summary(result: dict) -> str:
     lat = result["token_latency_ms"]
     points = ", ".join(f"percentile({p}%) = {v:.5g} ms" for p, v in lat["percentiles"].items())
     return "\n".join([
-        f"=== Decode summary ({result['backend']} on {result['device']}: {result['workload']}) ===",
+        f"=== Decode summary ({result['backend']} on {result['device']}: {result['workload']}{threads_note(result)}) ===",
         f"Throughput: {result['tokens_per_s']:.5g} tokens/s generated (prefill {result['prefill_tokens_per_s']:.5g} tokens/s)",
         f"Time to first token: mean = {result['ttft_ms']:.5g} ms",
         f"Per-token latency: min = {lat['min']:.5g} ms, mean = {lat['mean']:.5g} ms, median = {lat['median']:.5g} ms, {points}",

@@ -10,11 +10,16 @@ def _line(name: str, stats: dict) -> str:
     return f"{name}: " + ", ".join(parts)
 
 
+def threads_note(result: dict) -> str:
+    threads = result.get("threads")
+    return f"; {threads} threads" if isinstance(threads, int) else ""
+
+
 def summary(result: dict) -> str:
     unit_key = next(k for k in result if k.startswith("throughput_") and k.endswith("_per_s"))
     unit = unit_key[len("throughput_"):-len("_per_s")]
     lines = [
-        f"=== Performance summary ({result['backend']} on {result['device']}: {result['workload']}) ===",
+        f"=== Performance summary ({result['backend']} on {result['device']}: {result['workload']}{threads_note(result)}) ===",
         f"Throughput: {result['throughput_qps']:.5g} qps ({result[unit_key]:.5g} {unit}/s)",
         _line("Latency", result["latency_ms"]),
     ]

@@ -10,6 +10,7 @@ import torch
 
 from lrq_deploy.atomic import claim_output, output_scope
 from lrq_deploy.calib.blockwise import calibrate_model
+from lrq_deploy.calib.head import quantize_head
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
@@ -19,6 +20,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.data import check_readable_data
 from lrq_deploy.models import DEFAULT_MODEL, load_model
 from lrq_deploy.models.headers import weight_elements
+from lrq_deploy.progress import step
 
 
 def deterministic_algorithms(device: torch.device) -> None:
@@ -85,6 +87,11 @@ def calibrate(
     collective.barrier()
     result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress if collective.main else None,
                              run_dir=runs, offload=offload, collective=collective)
+    if cconfig.quantize_head:
+        with step("quantizing the output head"):
+            head_device = torch.device("cpu") if offload else dev  # offloaded: the whole model fits only there
+            result.quantized.append(quantize_head(loaded, qconfig, cconfig, collective.shard(list(batches)),
+                                                  head_device, collective))
     loaded.model.cpu()
     if collective.main:
         save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig.to_dict(), result.blocks,
@@ -160,7 +167,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
     )
 
 
-CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size")  # every method's; its own come from the registry
+CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "quantize_head")  # every method's; its own come from the registry
 QUANT_OPTIONS = tuple(f.name for f in fields(QuantScheme))
 
 

@@ -56,6 +56,7 @@ class Method:
     summary: str
     resumable: bool = False  # keeps learned per-block parameters in a run directory (resume after a stop)
     order: int = 100  # place in listings (--method choices, help); ties by name
+    quantize_head: Callable | None = None  # (calib.head.HeadJob) -> QuantLinear; None: round to nearest
 
     def __post_init__(self):
         missing = [f.name for f in fields(self.options) if f.default is MISSING and f.default_factory is MISSING]
@@ -132,6 +133,7 @@ class CalibConfig:
     seed: int = 0
     batch_size: int = 1  # samples per forward chunk and per optimizer step
     options: Any = None  # the method's options dataclass; None: its defaults
+    quantize_head: bool = False  # also the output head, by the method's head rounding (calib/head.py)
 
     def __post_init__(self):
         spec = get_method(self.method)
@@ -166,8 +168,11 @@ class CalibConfig:
         return cls(method=method, options=options, **{k: v for k, v in settings.items() if k in common})
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
-                "batch_size": self.batch_size, "options": asdict(self.options)}
+        """The manifest's "calib"; quantize_head appears only when set (records made before it existed
+        then read back equal, which resuming their runs relies on)."""
+        record = {"method": self.method, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
+                  "batch_size": self.batch_size, "options": asdict(self.options)}
+        return {**record, "quantize_head": True} if self.quantize_head else record
 
     @classmethod
     def from_dict(cls, data: dict) -> "CalibConfig":

@@ -52,6 +52,10 @@ class ModelAdapter:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
+    def head(self, model: nn.Module) -> tuple[str, nn.Linear] | None:
+        """(name, linear) of the output head that --quantize-head quantizes; None: the model has none."""
+        return None
+
     def linear_names(self, block: nn.Module) -> list[str]:
         """Names (relative to the block) of the linears to quantize."""
         return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]

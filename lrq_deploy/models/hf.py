@@ -29,6 +29,14 @@ class HFAdapter(ModelAdapter):
     def serves(self) -> str:
         return ", ".join(self.model_types)
 
+    def head(self, model: nn.Module) -> tuple[str, nn.Linear] | None:
+        """The output embeddings (lm_head) of a model with a head."""
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if get is not None else None
+        if not isinstance(head, nn.Linear):
+            return None
+        return next(name for name, module in model.named_modules() if module is head), head
+
     def load_pretrained(self, path: Path, trust_remote_code: bool):
         """(model, tokenizer-or-processor) from an HF directory, weights from safetensors only."""
         import transformers

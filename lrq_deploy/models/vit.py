@@ -24,6 +24,9 @@ class VitAdapter(ModelAdapter):
     def blocks(self, model):
         return model.blocks
 
+    def head(self, model):
+        return ("head", model.head) if isinstance(getattr(model, "head", None), nn.Linear) else None
+
     def smooth_groups(self, model):
         dim = model.embed_dim
         return [

@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.runtime.threads import intra_op_threads
 
 MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 # Graph metadata of an export for onnxruntime's int8-activation MatMulNBits (lrq export
@@ -72,6 +73,9 @@ def deployed_session(path: Path, optimize: bool = True, device: str = "auto"):
         # level 4 only where the export declared it (the declaration is read from the session).
         options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, level)
         options.log_severity_level = 3
+        threads = intra_op_threads()
+        if threads is not None:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         return _session(path, options, providers)
 
     first = session("1")

@@ -44,3 +44,11 @@ def learn_with(recipe):
 
     quantize_block.recipe = recipe  # for tools that drive the training loop themselves (benchmarks/calib_speed.py)
     return quantize_block
+
+
+def quantize_head(job):
+    """The head rounded as the blocks were: GPTQ under --rounding gptq, else to nearest (nothing is
+    learned for the head)."""
+    from lrq_deploy.calib.head import gptq_rounding, round_to_nearest
+
+    return gptq_rounding(job) if job.options.rounding == "gptq" else round_to_nearest(job)

@@ -27,4 +27,11 @@ def quantize_block(job) -> dict:
     return awq_block(job, job.options.grid, job.options.clip)
 
 
-METHOD = Method("awq", AWQOptions, quantize_block, "activation-aware scales + clipping search, RTN (AWQ)", order=5)
+def quantize_head(job):
+    from lrq_deploy.calib.head import clip_search, round_to_nearest
+
+    return clip_search(job, job.options.grid) if job.options.clip else round_to_nearest(job)
+
+
+METHOD = Method("awq", AWQOptions, quantize_block, "activation-aware scales + clipping search, RTN (AWQ)", order=5,
+                quantize_head=quantize_head)

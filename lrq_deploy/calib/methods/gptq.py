@@ -37,4 +37,11 @@ def quantize_block(job) -> dict:
     return gptq_block(job, options.damp, options.act_order, options.block_size)
 
 
-METHOD = Method("gptq", GPTQOptions, quantize_block, "Hessian-aware sequential rounding (GPTQ)", order=6)
+def quantize_head(job):
+    from lrq_deploy.calib.head import gptq_rounding
+
+    return gptq_rounding(job, job.options.damp, job.options.act_order, job.options.block_size)
+
+
+METHOD = Method("gptq", GPTQOptions, quantize_block, "Hessian-aware sequential rounding (GPTQ)", order=6,
+                quantize_head=quantize_head)

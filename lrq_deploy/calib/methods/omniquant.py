@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lrq_deploy.calib.methods._learnable import LearnableOptions, learn_with
+from lrq_deploy.calib.methods._learnable import LearnableOptions, learn_with, quantize_head
 from lrq_deploy.calib.methods.smoothquant import unit_interval
 from lrq_deploy.calib.recipe import Recipe
 from lrq_deploy.calib.registry import Method, option
@@ -17,4 +17,4 @@ class OmniQuantOptions(LearnableOptions):
 
 RECIPE = Recipe(init="smoothquant", use_nlc=False, rotation=False, two_branch=False, dynamic_weighting=False)
 METHOD = Method("omniquant", OmniQuantOptions, learn_with(RECIPE), "learnable smoothing + clipping, MSE",
-                resumable=True, order=2)
+                resumable=True, order=2, quantize_head=quantize_head)
