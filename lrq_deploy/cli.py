@@ -250,10 +250,12 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
                    "of K: faster on CPUs, other numerics; verified with its own metric). Group-wise W4A16 only.")
 @click.option("--triton-repo", type=PATH, default=None,
               help="Also write a Triton Inference Server model repository (DIR/NAME/config.pbtxt, DIR/NAME/1/).")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="--target ort: quantized linears that read one input (q/k/v, gate/up) as one GEMM (exact).")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
 @clean_errors
 def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
-           ort_int8_activations, triton_repo, force):
+           ort_int8_activations, triton_repo, fuse, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
@@ -270,7 +272,7 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
                    f"{report['quantized_linears']} quantized linears; weights checked after reloading)")
         return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
-                            triton_repo)
+                            triton_repo, fuse)
     report = export_onnx(checkpoint, onnx_path, options)
     ratio = report["weight_ratio"]
     sizes = (f"; quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16"

@@ -20,13 +20,29 @@ def lower_for_ort(graph: Graph, qn: QuantNode, prefix: str) -> list:
     """The integer form where an integer kernel serves the scheme, the standard form otherwise."""
     if qn.scheme.kernel is KernelFamily.INTEGER:
         return lower_integer(graph, qn, prefix)
-    return lower_standard(graph, qn, prefix)
+    return lower_standard(graph, qn, prefix, matmulnbits_blocks=True)
 
 
-def _dequantized_weight(graph: Graph, qn: QuantNode, prefix: str, signed_int4: bool) -> tuple[list, str]:
+MATMULNBITS_BLOCKS = (256, 128, 64, 32, 16)  # block sizes onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits
+
+
+def matmulnbits_block(in_features: int) -> int | None:
+    """The largest block onnxruntime's MatMulNBits takes that divides the input width (None: none does)."""
+    return next((b for b in MATMULNBITS_BLOCKS if in_features % b == 0), None)
+
+
+def _dequantized_weight(graph: Graph, qn: QuantNode, prefix: str, signed_int4: bool,
+                        matmulnbits_blocks: bool = False) -> tuple[list, str]:
     codes, scales, zeros = codes_and_params(graph, qn)
-    codes_t, scales_t, zeros_t = codes.T, scales.T, zeros.T  # [in, out], [groups, out]
     group = qn.scheme.group_length(qn.in_features)
+    block = matmulnbits_block(qn.in_features) if matmulnbits_blocks else None
+    if qn.scheme.group_size is None and qn.scheme.wbits == 4 and block is not None and block < group:
+        # Per-channel 4-bit weights as blocks of one scale repeated: the same dequantized weight,
+        # and a block size onnxruntime fuses into MatMulNBits (a 192- or 11008-wide block it
+        # does not, and would dequantize the whole weight to fp32 at every step instead).
+        repeats = group // block
+        scales, zeros, group = np.repeat(scales, repeats, axis=1), np.repeat(zeros, repeats, axis=1), block
+    codes_t, scales_t, zeros_t = codes.T, scales.T, zeros.T  # [in, out], [groups, out]
     inputs = []
     if signed_int4:
         w = packed_tensor(f"{prefix}.weight_int4", codes_t.astype(np.int16) - 8, 4, TensorProto.INT4)
@@ -42,14 +58,15 @@ def _dequantized_weight(graph: Graph, qn: QuantNode, prefix: str, signed_int4: b
     return [node], f"{prefix}.weight"
 
 
-def lower_standard(graph: Graph, qn: QuantNode, prefix: str, signed_int4: bool = False) -> list:
+def lower_standard(graph: Graph, qn: QuantNode, prefix: str, signed_int4: bool = False,
+                   matmulnbits_blocks: bool = False) -> list:
     x, y = qn.node.input[0], qn.node.output[0]
     nodes = []
     if qn.scheme.abits < 16:
         act_nodes, x = activation_quant(graph, prefix, x, qn.scheme.abits, qn.scheme.act_asym)
         nodes += act_nodes
     if qn.scheme.wbits < 16:
-        weight_nodes, weight = _dequantized_weight(graph, qn, prefix, signed_int4)
+        weight_nodes, weight = _dequantized_weight(graph, qn, prefix, signed_int4, matmulnbits_blocks)
         nodes += weight_nodes
     else:
         weight = graph.const(f"{prefix}.weight_t", graph.array(qn.node.input[1]).T.copy())

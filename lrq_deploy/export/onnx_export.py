@@ -22,6 +22,7 @@ from lrq_deploy.atomic import (
 from lrq_deploy.progress import step
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
+from lrq_deploy.export.fuse import fuse_shared_inputs
 from lrq_deploy.export.graph import default_opset, set_opset
 from lrq_deploy.export.lower import lower, required_opset, scheme_opset
 from lrq_deploy.export.ops import TRANSLATIONS
@@ -55,6 +56,7 @@ class ExportOptions:
     force: bool = False
     ort_int8_activations: bool = False
     triton_repo: Path | None = None  # also write a Triton Inference Server model repository there
+    fuse: bool = True  # target ort: linears reading one input (q/k/v, gate/up) as one (export/fuse.py)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -120,6 +122,7 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
         model = trace_to_onnx(loaded, batch, seq_len, with_past)
     needed = required_opset(model, target)
     set_opset(model, max(opset or needed, default_opset(model)))
+    fused = fuse_shared_inputs(model) if options.fuse and target == "ort" else 0
     with step(f"lowering the quantized linears for {target}"):
         lower(model, target)
     drop_debug_records(model)
@@ -127,7 +130,7 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     if options.ort_int8_activations:
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
-              **size_report(model, ckpt)}
+              "fused_linears": fused, **size_report(model, ckpt)}
 
     def check_and_verify(tmp: Path) -> None:
         try:

@@ -1,0 +1,69 @@
+"""Graphs for onnxruntime: linears reading one input fused into one GEMM (exact), and per-channel
+4-bit weights in blocks onnxruntime fuses into MatMulNBits (the same dequantized weight)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.export import export_onnx
+from lrq_deploy.export.lower_ort import matmulnbits_block
+from lrq_deploy.quant.scheme import QuantScheme
+from lrq_deploy.runtime.onnxrt import deployed_session, reference_session
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuse")
+    for name, scheme in (("w4g32", QuantScheme(wbits=4, group_size=32)), ("w4a4", QuantScheme(wbits=4, abits=4))):
+        calibrate(str(tiny_llama_dir), root / name, scheme, CalibConfig.of("rtn", nsamples=2, seqlen=16), device="cpu")
+    return root
+
+
+def logits(session, ids) -> np.ndarray:
+    return session.run(None, {"input_ids": ids})[0]
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w4a4"])
+def test_fused_graph_computes_what_the_unfused_one_does(checkpoints, tmp_path, name):
+    fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
+    report = export_onnx(checkpoints / name, fused, target="ort", limit=2)
+    export_onnx(checkpoints / name, plain, target="ort", verify=False, fuse=False)
+    assert report["fused_linears"] == 3 * 2  # per layer: k, v into q; up into gate
+    assert report["verify"]["within_tolerance"]
+    gemm = "MatMulInteger" if name == "w4a4" else "MatMul"
+    counts = [Counter(n.op_type for n in onnx.load(str(g)).graph.node if n.name.startswith("lrq_linear_"))[gemm]
+              for g in (fused, plain)]
+    assert counts == [4 * 2, 7 * 2]  # q/k/v, o, gate/up, down per layer
+    ids = np.random.default_rng(0).integers(0, 2048, (2, 48))
+    a, b = logits(reference_session(fused), ids), logits(reference_session(plain), ids)
+    if name == "w4a4":  # integer GEMMs: the activation quantized once or three times, the same codes
+        assert np.array_equal(a, b)
+    else:
+        assert np.abs(a - b).max() < 1e-5
+    deployed = [logits(deployed_session(g, device="cpu"), ids) for g in (fused, plain)]
+    assert np.abs(deployed[0] - deployed[1]).max() < 1e-4
+    assert (deployed[0].argmax(-1) == deployed[1].argmax(-1)).all()
+
+
+def test_per_channel_int4_runs_as_matmulnbits(tmp_path):
+    """The bundled LLaMA's widths (192, 512) are no MatMulNBits block: its per-channel scales go in
+    blocks of 64 / 256 (one scale repeated), so onnxruntime fuses every linear into MatMulNBits."""
+    assert (matmulnbits_block(192), matmulnbits_block(512), matmulnbits_block(11008), matmulnbits_block(100)) == \
+        (64, 256, 256, None)
+    ckpt, graph = tmp_path / "q", tmp_path / "q.onnx"
+    calibrate("bundled:llama", ckpt, QuantScheme(wbits=4), CalibConfig.of("rtn", nsamples=2, seqlen=32), device="cpu")
+    report = export_onnx(ckpt, graph, target="ort", limit=2)
+    assert report["verify"]["within_tolerance"] and report["verify"]["max_abs_logit_error"] < 1e-3
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["DequantizeLinear"] == 0 and ops["MatMulNBits"] == 4 * 4  # 4 layers, q/k/v and gate/up fused
