@@ -23,12 +23,7 @@ def check_regular_file(path: Path, what: str) -> None:
     such (a FIFO would block the read forever, a device never end)."""
     import stat
 
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise LrqError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise LrqError(f"cannot read {what} {path} ({exc.strerror or exc})") from None
+    mode = _mode(path, what)
     if stat.S_ISDIR(mode):
         raise LrqError(f"{what} {path} is a directory; give a UTF-8 text file")
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
@@ -39,17 +34,21 @@ def check_regular_file(path: Path, what: str) -> None:
         raise LrqError(f"{what} {path} is not a regular file")
 
 
+def _mode(path: Path, what: str) -> int:
+    try:
+        return path.stat().st_mode
+    except FileNotFoundError:
+        raise LrqError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise LrqError(f"cannot read {what} {path} ({exc.strerror or exc})") from None
+
+
 def check_readable_data(path: Path) -> None:
     """Calibration data given on the command line, checked before the model loads: it exists and
     is a file or a directory (text, or an image folder), not a pipe or a device."""
     import stat
 
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise LrqError(f"data file {path} does not exist") from None
-    except OSError as exc:
-        raise LrqError(f"cannot read data file {path} ({exc.strerror or exc})") from None
+    mode = _mode(path, "data file")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         check_regular_file(path, "data file")
 

@@ -7,11 +7,12 @@ import platform
 from pathlib import Path
 
 
-def library_versions() -> dict:
+def library_versions(*extra: str) -> dict:
+    """Versions of Python and the libraries an artifact depends on (and of `extra` packages)."""
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
-    for name in ("lrq-deploy", "torch", "transformers", "timm", "safetensors"):
+    for name in ("lrq-deploy", "torch", "transformers", "timm", "safetensors", *extra):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

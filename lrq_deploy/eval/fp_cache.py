@@ -29,7 +29,7 @@ def fp_key(source: str, data: Path | None, settings: dict) -> str | None:
     if not files:
         return None
     record = {"format": CACHE_FORMAT, "source": [_stat(f) for f in files], "data": _data_stats(data),
-              "settings": settings, "versions": {**library_versions(), **_versions("tokenizers", "scikit-learn")}}
+              "settings": settings, "versions": library_versions("tokenizers", "scikit-learn")}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -79,18 +79,6 @@ def _data_stats(data: Path | None) -> list:
     data = Path(data)
     files = sorted(p for p in data.rglob("*") if p.is_file()) if data.is_dir() else [data]
     return [_stat(f) for f in files]
-
-
-def _versions(*names: str) -> dict:
-    import importlib.metadata as md
-
-    found = {}
-    for name in names:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 def _stat(path: Path) -> list:

@@ -20,7 +20,9 @@ def lower_for_ort(graph: Graph, qn: QuantNode, prefix: str) -> list:
     """The integer form where an integer kernel serves the scheme, the standard form otherwise."""
     if qn.scheme.kernel is KernelFamily.INTEGER:
         return lower_integer(graph, qn, prefix)
-    return lower_standard(graph, qn, prefix, matmulnbits_blocks=True)
+    # Symmetric 4-bit weights as signed INT4 codes without zero points (the zero point is 8 for
+    # every group): the same dequantized weight, one input less, and MatMulNBits without zero points.
+    return lower_standard(graph, qn, prefix, signed_int4=qn.scheme.native_int4, matmulnbits_blocks=True)
 
 
 MATMULNBITS_BLOCKS = (256, 128, 64, 32, 16)  # block sizes onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits
