@@ -1,0 +1,133 @@
+"""Decode speed of lrq's `--with-past` graphs beside onnxruntime-genai's model builder graphs of the
+same Hugging Face model, timed interleaved in one run with one protocol (prompt, new tokens,
+threads, greedy), each generation in a fresh process; the table gives tokens/s and ratios to the
+first target, median over the rounds.
+
+onnxruntime-genai runs in its own environment (its own onnxruntime), named by --peer-python:
+
+    python -m venv /tmp/genai && /tmp/genai/bin/pip install torch==2.13.0 onnxruntime-genai transformers onnx
+    python benchmarks/random_llama.py -o llama --layers 2
+    /tmp/genai/bin/python -m onnxruntime_genai.models.builder -i llama -o genai-a4 -p int4 -e cpu \\
+        --extra_options int4_accuracy_level=4 int4_block_size=128
+    cp -r genai-a4 genai-a1 && python benchmarks/peer_decode.py --set-accuracy genai-a1 1
+    lrq calibrate llama -o w4 --wbits 4 --group-size 128 --symmetric --quantize-head --nsamples 4 --seq-len 64
+    lrq export llama --onnx fp.onnx --with-past --no-verify
+    lrq export w4 --onnx w4.onnx --with-past --no-verify                # and --ort-int8-activations
+    python benchmarks/peer_decode.py fp.onnx w4.onnx w4-a8.onnx --genai genai-a1 genai-a4 \\
+        --peer-python /tmp/genai/bin/python --threads 1 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Runs under the peer's Python: greedy generation with onnxruntime-genai, timed like lrq bench
+# --decode (prefill = the first token; tokens/s over the tokens after it).
+GENAI_TIMER = r"""
+import json, sys, time
+import numpy as np
+import onnxruntime_genai as og
+directory, prompt_len, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = og.Model(directory)  # threads: set in its genai_config.json by the caller
+prompt = np.random.default_rng(0).integers(0, 100, (1, prompt_len), dtype=np.int32)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=prompt_len + new_tokens, min_length=prompt_len + new_tokens, do_sample=False)
+for timed in (False, True):  # a warm-up generation first, as lrq bench --decode does
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt)
+    generator.generate_next_token()
+    first = time.perf_counter()
+    steps = 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps += 1
+    end = time.perf_counter()
+print(json.dumps({"ttft_ms": (first - start) * 1e3, "tokens_per_s": steps / (end - first), "tokens": steps}))
+"""
+
+
+def time_lrq(graph: Path, prompt_len: int, new_tokens: int, threads: int | None) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        record = Path(scratch) / "decode.json"
+        command = [sys.executable, "-m", "lrq_deploy.cli", "--quiet", "bench", "--decode", str(graph), "--prompt-len",
+                   str(prompt_len), "--new-tokens", str(new_tokens), "--iterations", "1", "--export-json", str(record)]
+        if threads:
+            command += ["--threads", str(threads)]
+        subprocess.run(command, check=True, capture_output=True)
+        result = json.loads(record.read_text())
+    return {"ttft_ms": result["ttft_ms"], "tokens_per_s": result["tokens_per_s"]}
+
+
+def time_genai(directory: Path, peer_python: str, prompt_len: int, new_tokens: int, threads: int | None) -> dict:
+    config = json.loads((directory / "genai_config.json").read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    if threads:  # the thread count travels in the model's genai_config.json
+        options["intra_op_num_threads"], options["inter_op_num_threads"] = threads, 1
+    else:
+        options.pop("intra_op_num_threads", None)
+    (directory / "genai_config.json").write_text(json.dumps(config, indent=4))
+    out = subprocess.run([peer_python, "-c", GENAI_TIMER, str(directory), str(prompt_len), str(new_tokens)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def set_accuracy(directory: Path, level: int) -> int:
+    """Set every MatMulNBits node's accuracy_level in a genai model (the builder, 0.18.0, writes 4
+    whatever int4_accuracy_level says): 1 computes in fp32, the class of lrq's exact graphs."""
+    import onnx
+
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.name == "accuracy_level":
+                attribute.i = level
+    onnx.save(model, str(directory / "model.onnx"))  # the weights stay in model.onnx.data
+    return len(nodes)
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--set-accuracy"]:
+        print(f"{set_accuracy(Path(sys.argv[2]), int(sys.argv[3]))} MatMulNBits nodes set to accuracy {sys.argv[3]}")
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("graphs", nargs="+", type=Path, help="lrq --with-past graphs (the first is the baseline)")
+    parser.add_argument("--genai", nargs="*", type=Path, default=[], help="onnxruntime-genai model directories")
+    parser.add_argument("--peer-python", default=None, help="the Python that has onnxruntime-genai")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.genai and not args.peer_python:
+        parser.error("--genai needs --peer-python")
+    targets = [("lrq", g) for g in args.graphs] + [("onnxruntime-genai", d) for d in args.genai]
+    runs: dict[str, list[dict]] = {str(t): [] for _, t in targets}
+    for round_index in range(args.rounds):
+        for kind, target in targets:
+            if kind == "lrq":
+                figures = time_lrq(target, args.prompt_len, args.new_tokens, args.threads)
+            else:
+                figures = time_genai(target, args.peer_python, args.prompt_len, args.new_tokens, args.threads)
+            runs[str(target)].append(figures)
+            print(f"round {round_index + 1}: {kind} {target}: {figures['tokens_per_s']:.2f} tokens/s", file=sys.stderr)
+    base = statistics.median(r["tokens_per_s"] for r in runs[str(targets[0][1])])
+    print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} thread(s), {args.rounds} rounds "
+          "(median)\n")
+    print("| engine | target | TTFT ms | tokens/s | vs first |\n|---|---|---|---|---|")
+    for kind, target in targets:
+        tps = statistics.median(r["tokens_per_s"] for r in runs[str(target)])
+        ttft = statistics.median(r["ttft_ms"] for r in runs[str(target)])
+        print(f"| {kind} | {target.name} | {ttft:.1f} | {tps:.2f} | {tps / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
