@@ -47,8 +47,8 @@ def test_onnx_lowering_and_plugins_ask_the_scheme(monkeypatch):
         for abits in (4, 6, 8, 16):
             scheme = QuantScheme(wbits, abits)
             chosen = []
-            monkeypatch.setattr(lower_ort, "lower_integer", lambda *a: chosen.append("integer") or [])
-            monkeypatch.setattr(lower_ort, "lower_standard", lambda *a: chosen.append("standard") or [])
+            monkeypatch.setattr(lower_ort, "lower_integer", lambda *a, **k: chosen.append("integer") or [])
+            monkeypatch.setattr(lower_ort, "lower_standard", lambda *a, **k: chosen.append("standard") or [])
             lower_ort.lower_for_ort(None, QuantNode(node, scheme, 64), "p")
             assert chosen == ["integer" if scheme.kernel is KernelFamily.INTEGER else "standard"]
     assert list(PLUGIN_NAMES) == [QuantScheme(w, a).plugin_name for w, a in kernel_schemes()]
