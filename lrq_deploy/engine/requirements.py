@@ -77,7 +77,8 @@ def read_graph(path: Path) -> onnx.ModelProto:
 def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict:
     """Check what the graph carries against the requested precision, before TensorRT sees it."""
     model = read_graph(path)
-    if {p.key: p.value for p in model.metadata_props}.get("lrq.target") == "ort":
+    quantized = any(n.op_type in ("DequantizeLinear", "MatMulInteger", "MatMulNBits") for n in model.graph.node)
+    if quantized and {p.key: p.value for p in model.metadata_props}.get("lrq.target") == "ort":
         raise LrqError(f"{path} is an lrq graph for onnxruntime (--target ort); export with --target trt")
     lrq_nodes = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
     if "QuantLinear" in lrq_nodes:
