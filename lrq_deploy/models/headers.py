@@ -7,6 +7,7 @@ calibrated as floats."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,19 +79,19 @@ def check_weights_match_config(path: Path, adapter, spec: str, trust_remote_code
 
     import torch
 
-    from lrq_deploy.models.hf import no_init_weights
+    from lrq_deploy.models.hf import first_line, no_init_weights
 
     headers = read_headers(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LrqError(f"{path / 'config.json'} is not a usable {adapter.family} config ({_first_line(exc)})") from None
+        raise LrqError(f"{path / 'config.json'} is not a usable {adapter.family} config ({first_line(exc)})") from None
     try:
         with torch.device("meta"), no_init_weights():
             model = adapter.from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
         raise LrqError(f"{path / 'config.json'} does not describe a buildable {adapter.family} model "
-                       f"({_first_line(exc)})") from None
+                       f"({first_line(exc)})") from None
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     found = {name: _lookup(headers, name, model) for name in expected}
     _check_layers(adapter, model, found, headers, spec)
@@ -141,18 +142,13 @@ def _layers_in_weights(headers: dict, block0_param: str) -> int | None:
     return max(indices) + 1 if indices else None
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 def header_bytes(headers: dict[str, TensorHeader], dtypes: set[str] | None = None) -> int:
     """Bytes of the tensors in `headers` (of the given dtypes only, when named)."""
-    return sum(_numel(h.shape) * DTYPE_BYTES.get(h.dtype, 4) for h in headers.values()
+    return sum(math.prod(h.shape) * DTYPE_BYTES.get(h.dtype, 4) for h in headers.values()
                if dtypes is None or h.dtype in dtypes)
 
 
@@ -173,11 +169,4 @@ def weight_elements(spec: str) -> int | None:
                 read_file_header(path / "model.safetensors") if (path / "model.safetensors").is_file() else {})
     except LrqError:
         return None  # a damaged file is reported by the loader, with the model's context
-    return sum(_numel(h.shape) for h in headers.values()) or None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for dim in shape:
-        total *= dim
-    return total
+    return sum(math.prod(h.shape) for h in headers.values()) or None

@@ -4,6 +4,7 @@ capture that replays the model's own keyword arguments."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -144,10 +145,15 @@ def _preprocessor_files(path: Path) -> str:
 def cache_argument(model: nn.Module, cache) -> dict:
     """The KV-cache keyword of the model's forward: `cache` (transformers >= 5.2x) or the earlier
     `past_key_values` (deprecated there, with a FutureWarning on every call)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    """Read once per model class: decoding asks at every token."""
     import inspect
 
-    accepts = inspect.signature(type(model).forward).parameters
-    return {"cache": cache} if "cache" in accepts else {"past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def output_cache(output):
