@@ -232,11 +232,14 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
                    f"{agreement['cosine_mean']:.5f}, 5th percentile {agreement['cosine_p5']:.5f}{top1}")
 
 
-@main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour) or for vLLM.")
+@main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour), onnxruntime-genai or vLLM.")
 @click.argument("checkpoint")
 @click.option("--onnx", "onnx_path", type=PATH, default=None, help="ONNX file to write.")
 @click.option("--vllm", "vllm_dir", type=PATH, default=None,
               help="Instead: a Hugging Face directory in the compressed-tensors format (vLLM, transformers).")
+@click.option("--genai", "genai_dir", type=PATH, default=None,
+              help="Instead: a directory onnxruntime-genai generates with (decoder graph with its KV cache, "
+                   "genai_config.json, tokenizer).")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="ort: standard ops only; trt: TensorRT native INT4 or lrq plugin nodes.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the minimum the weights need).")
@@ -252,9 +255,9 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
               help="Also write a Triton Inference Server model repository (DIR/NAME/config.pbtxt, DIR/NAME/1/).")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="--target ort: quantized linears that read one input (q/k/v, gate/up) as one GEMM (exact).")
-@click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing lrq output of the same kind.")
 @clean_errors
-def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
+def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
            ort_int8_activations, triton_repo, fuse, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
@@ -262,8 +265,8 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
     exported unquantized as the baseline for benchmarks."""
     from lrq_deploy.export import ExportOptions, export_onnx
 
-    if (onnx_path is None) == (vllm_dir is None):
-        raise LrqError("name one output: --onnx FILE or --vllm DIR")
+    if sum(out is not None for out in (onnx_path, vllm_dir, genai_dir)) != 1:
+        raise LrqError("name one output: --onnx FILE, --genai DIR or --vllm DIR")
     if vllm_dir is not None:
         from lrq_deploy.export.vllm import export_vllm
 
@@ -273,7 +276,12 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
         return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
                             triton_repo, fuse)
-    report = export_onnx(checkpoint, onnx_path, options)
+    if genai_dir is not None:
+        from lrq_deploy.export.genai import export_genai
+
+        report = export_genai(checkpoint, genai_dir, options)
+    else:
+        report = export_onnx(checkpoint, onnx_path, options)
     ratio = report["weight_ratio"]
     sizes = (f"; quantized linear weights {report['quantized_weight_bytes'] / 1e6:.2f} MB = {ratio:.3f} x FP16"
              if ratio else "; full precision")
@@ -291,6 +299,21 @@ def export(checkpoint, onnx_path, vllm_dir, target, opset, batch, seq_len, limit
     if generation:
         verdict = "same tokens" if generation["match"] else "DIFFERENT tokens"
         click.echo(f"greedy decoding with the KV cache, onnxruntime vs torch: {verdict}")
+    if genai_dir is not None and not no_verify:
+        click.echo(genai_line(report["genai_generation"]))
+
+
+def genai_line(generation: dict | None) -> str:
+    if generation is None:
+        from lrq_deploy.export.genai import INSTALL_HINT
+
+        return f"onnxruntime-genai is not installed: generation with it not checked ({INSTALL_HINT})"
+    tokens = len(generation["torch"])
+    if generation["match"]:
+        return f"onnxruntime-genai {generation['onnxruntime_genai_version']}: {tokens} greedy tokens, same as torch"
+    first = next(i for i, (a, b) in enumerate(zip(generation["onnxruntime_genai"], generation["torch"])) if a != b)
+    return (f"onnxruntime-genai {generation['onnxruntime_genai_version']}: greedy tokens DIFFER from torch's "
+            f"from token {first + 1} of {tokens}")
 
 
 @main.command(name="build-engine", short_help="Build a TensorRT engine from an lrq ONNX graph.")

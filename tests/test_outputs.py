@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from lrq_deploy.atomic import lock_output, release_outputs
-from lrq_deploy.cli import main
+from cli_runner import invoke
 
 
 def tree(root: Path) -> dict:
@@ -22,9 +21,7 @@ def tree(root: Path) -> dict:
 
 
 def lrq(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
+    result = invoke(*args)
     return result.exit_code, result.output
 
 

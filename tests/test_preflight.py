@@ -8,20 +8,17 @@ import errno
 import shutil
 from collections import namedtuple
 
-from click.testing import CliRunner
 
 from lrq_deploy import atomic
 from lrq_deploy.calib import blockwise
-from lrq_deploy.cli import main
+from cli_runner import invoke
 
 Usage = namedtuple("Usage", "total used free")
 FAST = ["--nsamples", "2", "--seq-len", "16"]
 
 
 def lrq(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
+    result = invoke(*args)
     return result.exit_code, result.output.strip().splitlines()
 
 

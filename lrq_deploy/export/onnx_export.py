@@ -99,8 +99,6 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     nothing there. The verification results go to OUT.verify.json with the graph's sha256."""
     options = options or ExportOptions(**settings)
     out = Path(out)
-    target, opset, batch, seq_len = options.target, options.opset, options.batch, options.seq_len
-    verify, limit, with_past = options.verify, options.limit, options.with_past
     claim_output(out, OUTPUT, options.force, inputs=[checkpoint], option="--onnx",
                  need_bytes=graph_bytes_at_least(checkpoint))
     if options.triton_repo is not None:
@@ -110,6 +108,20 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
         check_repository_target(options.triton_repo, model_name_for(out), options.force, inputs=[checkpoint])
     with step(f"loading {checkpoint}"):
         ckpt = load_source(checkpoint)
+    report = export_loaded(ckpt, out, options)
+    if options.triton_repo is not None:
+        from lrq_deploy.serve.triton import onnx_repository
+
+        report["triton_repo"] = str(onnx_repository(out, options.triton_repo, force=options.force))
+    return report
+
+
+def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Path, dict], None] | None = None) -> dict:
+    """The graph of a loaded checkpoint (or full-precision source) written, checked and verified
+    at `out` (claimed by the caller); finish(graph, report), when given, runs on the written
+    graph before its check (a rewrite of the file in place, such as export/genai.py's)."""
+    target, opset, batch, seq_len = options.target, options.opset, options.batch, options.seq_len
+    verify, limit, with_past = options.verify, options.limit, options.with_past
     loaded = ckpt.loaded
     if options.ort_int8_activations:
         _check_int8_activations(target, ckpt)
@@ -133,6 +145,8 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
               "fused_linears": fused, **size_report(model, ckpt)}
 
     def check_and_verify(tmp: Path) -> None:
+        if finish is not None:
+            finish(tmp, report)
         try:
             with step("checking the graph (onnx.checker)"):
                 onnx.checker.check_model(str(tmp), full_check=True)
@@ -154,10 +168,6 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     save_graph(model, out, check_and_verify)
     if "verify" in report:
         write_json(out.with_name(out.name + ".verify.json"), report)
-    if options.triton_repo is not None:
-        from lrq_deploy.serve.triton import onnx_repository
-
-        report["triton_repo"] = str(onnx_repository(out, options.triton_repo, force=options.force))
     return report
 
 

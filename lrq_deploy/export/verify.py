@@ -82,8 +82,7 @@ def verify_generation(path: Path, loaded, prompt_len: int = 16, new_tokens: int 
     against the torch reference: do both produce the same tokens?"""
     session = reference_session(path)
     names = [o.name for o in session.get_outputs()]
-    inputs, _ = loaded.adapter.verification_set(loaded, None, 1)
-    prompt = inputs[0][:1, :prompt_len]
+    prompt = verification_prompt(loaded, prompt_len)
     feeds = {"input_ids": prompt.numpy(), **empty_past(session, 1)}
     ort_tokens = []
     for _ in range(new_tokens):
@@ -92,6 +91,19 @@ def verify_generation(path: Path, loaded, prompt_len: int = 16, new_tokens: int 
         ort_tokens.append(token)
         feeds = {"input_ids": np.array([[token]], dtype=np.int64)}
         feeds.update(next_past(outputs))
-    ref = loaded.model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
-    ref_tokens = ref[0, prompt_len:].tolist()
+    ref_tokens = torch_greedy(loaded, prompt, new_tokens)
     return {"prompt_tokens": prompt_len, "onnxruntime": ort_tokens, "torch": ref_tokens, "match": ort_tokens == ref_tokens}
+
+
+def verification_prompt(loaded, prompt_len: int = 16) -> torch.Tensor:
+    """A (1, prompt_len) prompt: the start of the adapter's first verification window."""
+    inputs, _ = loaded.adapter.verification_set(loaded, None, 1)
+    return inputs[0][:1, :prompt_len]
+
+
+@torch.no_grad()
+def torch_greedy(loaded, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """The torch reference's greedy continuation of `prompt`: exactly new_tokens tokens (an
+    end-of-sequence token does not stop it, as it does not stop the graphs compared with it)."""
+    out = loaded.model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    return out[0, prompt.shape[1]:].tolist()

@@ -8,13 +8,12 @@ import json
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from lrq_deploy.calib.distributed import SINGLE
 from lrq_deploy.calib.head import HeadJob, gptq_rounding, round_to_nearest
 from lrq_deploy.checkpoint import load_checkpoint
-from lrq_deploy.cli import main
+from cli_runner import invoke as lrq
 from lrq_deploy.export import export_onnx
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.scheme import QuantScheme
@@ -22,11 +21,6 @@ from lrq_deploy.quant.scheme import QuantScheme
 FAST = ["--nsamples", "4", "--seq-len", "32"]
 
 
-def lrq(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

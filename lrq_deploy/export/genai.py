@@ -1,0 +1,170 @@
+"""`lrq export CKPT --genai DIR`: a directory onnxruntime-genai generates with.
+
+DIR holds model.onnx (the --target ort decoder graph with its KV cache), genai_config.json and
+the tokenizer files. The graph is the lrq graph after onnxruntime's own graph optimizations at
+the extended level, saved by onnxruntime (its DequantizeLinear + MatMul pairs become MatMulNBits
+nodes): the accuracy level lrq verified (1, exact activations; 4 with --ort-int8-activations) is
+then written into every MatMulNBits node, where onnxruntime-genai, which cannot pass session
+configuration entries, reads it. That saved graph is what is verified against torch. When
+onnxruntime-genai is installed, the directory is also loaded by it and its greedy tokens are
+compared with the torch reference's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from lrq_deploy.atomic import OutputKind, atomic_directory, claim_output, is_json_of, output_scope, write_json
+from lrq_deploy.errors import LrqError
+from lrq_deploy.export.onnx_export import ExportOptions, export_loaded, graph_bytes_at_least
+from lrq_deploy.progress import step
+from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, MATMULNBITS_ACCURACY_KEY
+
+GRAPH, CONFIG = "model.onnx", "genai_config.json"
+MARKER, MARKER_FORMAT = "lrq-export.json", "lrq-genai/1"
+OUTPUT = OutputKind("onnxruntime-genai export", directory=True,
+                    recognise=lambda p: is_json_of(Path(p) / MARKER, "format", MARKER_FORMAT))
+INSTALL_HINT = 'pip install "lrq-deploy[genai]"'
+# onnxruntime-genai's decoder-only model types (a config.json model_type it does not know runs as
+# its generic "decoder": the graph's inputs and outputs are named in genai_config.json either way)
+DECODER_TYPES = ("chatglm", "gemma", "gemma2", "gpt2", "granite", "llama", "mistral", "nemotron", "olmo", "phi",
+                 "phi3", "qwen2", "qwen3", "smollm3")
+GENERATION_TOKENS = 32
+
+
+@output_scope()
+def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) -> dict:
+    """Write `out` (module docstring); returns the graph's export report with the genai check
+    ("genai_generation": None when onnxruntime-genai is not installed)."""
+    out = Path(out)
+    options = _genai_options(options or ExportOptions())
+    claim_output(out, OUTPUT, options.force, inputs=[checkpoint], option="--genai",
+                 need_bytes=graph_bytes_at_least(checkpoint))
+    from lrq_deploy.checkpoint import load_source
+
+    with step(f"loading {checkpoint}"):
+        ckpt = load_source(checkpoint)
+    loaded = ckpt.loaded
+    if loaded.adapter.task != "causal_lm":
+        raise LrqError(f"--genai exports decoder-only language models; {checkpoint} is a {loaded.adapter.task} model")
+    report = {}
+
+    def write(staging: Path) -> None:
+        level = INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1"
+        report.update(export_loaded(ckpt, staging / GRAPH, options, lambda graph, _: save_optimized(graph, level)))
+        write_json(staging / CONFIG, genai_config(loaded))
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(staging)
+        if options.verify:
+            with step("generating with onnxruntime-genai"):
+                report["genai_generation"] = genai_generation(staging, loaded)
+        write_json(staging / MARKER, {"format": MARKER_FORMAT, "source": str(loaded.spec), "scheme": ckpt.scheme_name,
+                                      "method": ckpt.method})
+
+    atomic_directory(out, write)
+    report.update(genai=str(out), onnx=str(out / GRAPH))
+    return report
+
+
+def _genai_options(options: ExportOptions) -> ExportOptions:
+    if options.target != "ort":
+        raise LrqError("--genai writes an onnxruntime graph: drop --target trt")
+    if options.triton_repo is not None:
+        raise LrqError("--genai and --triton-repo are separate exports; run them one at a time")
+    if options.batch is not None or options.seq_len is not None:
+        raise LrqError("--genai graphs keep dynamic batch and sequence axes; drop --batch/--seq-len")
+    return replace(options, with_past=True)
+
+
+def save_optimized(graph: Path, accuracy_level: str) -> None:
+    """Replace `graph` by onnxruntime's extended-level optimization of it (MatMulNBits nodes at
+    `accuracy_level`), saved by onnxruntime itself; external weights stay external."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    optimized = graph.with_name(graph.name + ".optimized")
+    options.optimized_model_filepath = str(optimized)
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, accuracy_level)
+    data = graph.with_name(graph.name + ".data")
+    if data.is_file():  # weights past protobuf's 2 GiB limit: keep them in one file beside the graph
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         optimized.name + ".data")
+    with step("optimizing the graph for onnxruntime-genai (onnxruntime, extended level)"):
+        ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    if data.is_file():
+        _rename_external_data(optimized, optimized.name + ".data", data.name)
+        os.replace(optimized.with_name(optimized.name + ".data"), data)
+    os.replace(optimized, graph)
+
+
+def _rename_external_data(graph: Path, old: str, new: str) -> None:
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    onnx.save(model, str(graph))
+
+
+def genai_config(loaded) -> dict:
+    """genai_config.json for the graph lrq exports with --with-past: input_ids and past.N.key /
+    past.N.value in, logits and present.N.* out (positions follow from the past length, so there
+    is no attention_mask or position_ids input), greedy search by default."""
+    config = loaded.model.config
+    kv_heads, head_dim = loaded.adapter.kv_cache_shape(config)
+    context = loaded.adapter.max_sequence_length(loaded.model)
+    eos = config.eos_token_id if config.eos_token_id is not None else getattr(loaded.tokenizer, "eos_token_id", None)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    return {
+        "model": {
+            "type": config.model_type if config.model_type in DECODER_TYPES else "decoder",
+            "bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": pad,
+            "vocab_size": config.vocab_size, "context_length": context,
+            "decoder": {
+                "filename": GRAPH, "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": head_dim, "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": kv_heads,
+                "inputs": {"input_ids": "input_ids", "past_key_names": "past.%d.key",
+                           "past_value_names": "past.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
+                   "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "repetition_penalty": 1.0},
+    }
+
+
+def genai_generation(directory: Path, loaded, new_tokens: int = GENERATION_TOKENS) -> dict | None:
+    """Greedy tokens of onnxruntime-genai loading `directory` against the torch reference's, from
+    the first verification window's first 16 tokens; None without onnxruntime-genai."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return None
+    from lrq_deploy.export.verify import torch_greedy, verification_prompt
+
+    prompt = verification_prompt(loaded)
+    try:
+        model = og.Model(str(directory))
+    except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
+        raise LrqError(f"onnxruntime-genai cannot load the export: {str(exc).splitlines()[0]}") from None
+    params = og.GeneratorParams(model)
+    total = prompt.shape[1] + new_tokens
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt[0].tolist())
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    reference = torch_greedy(loaded, prompt, new_tokens)
+    return {"prompt_tokens": int(prompt.shape[1]), "onnxruntime_genai": tokens, "torch": reference,
+            "match": tokens == reference, "onnxruntime_genai_version": og.__version__}

@@ -1,0 +1,113 @@
+"""`lrq export --genai DIR`: a directory onnxruntime-genai loads and generates with, its greedy
+tokens equal to the torch reference's; the MatMulNBits accuracy level written into the graph."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import onnx
+import pytest
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.errors import LrqError
+from lrq_deploy.export import ExportOptions
+from lrq_deploy.export.genai import GENERATION_TOKENS, export_genai, genai_config
+from lrq_deploy.quant.scheme import QuantScheme
+from cli_runner import invoke
+
+
+@pytest.fixture(scope="module")
+def bundled_w4(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("genai") / "w4g64"
+    calibrate("bundled:llama", ckpt, QuantScheme(wbits=4, group_size=64), CalibConfig.of("rtn", nsamples=2, seqlen=32),
+              device="cpu")
+    return ckpt
+
+
+def accuracy_levels(graph) -> set[int]:
+    nodes = [n for n in onnx.load(str(graph)).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes, "no MatMulNBits node in the graph"
+    return {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"}
+
+
+def test_genai_directory_generates_what_torch_generates(bundled_w4, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "genai"
+    report = export_genai(bundled_w4, out, ExportOptions(limit=2))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "genai_config.json", "lrq-export.json", "model.onnx", "model.onnx.verify.json", "tokenizer.json",
+        "tokenizer_config.json"]
+    assert report["verify"]["within_tolerance"] and report["verify_generation"]["match"]
+    generation = report["genai_generation"]
+    assert len(generation["torch"]) == GENERATION_TOKENS
+    assert generation["onnxruntime_genai"] == generation["torch"]
+    assert accuracy_levels(out / "model.onnx") == {1}  # exact activations, as verified
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops["DequantizeLinear"] == 0 and ops["MatMulNBits"] == 4 * 4  # q/k/v, o, gate/up, down in 4 layers
+
+
+def test_int8_activation_export_writes_accuracy_level_4(bundled_w4, tmp_path):
+    out = tmp_path / "genai"
+    report = export_genai(bundled_w4, out, ExportOptions(limit=2, ort_int8_activations=True))
+    assert accuracy_levels(out / "model.onnx") == {4}
+    assert report["verify"]["within_tolerance"]  # checked with the int8-activation tolerance
+
+
+def test_opt_runs_in_genai_as_its_generic_decoder(tiny_opt_dir, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    report = export_genai(str(tiny_opt_dir), tmp_path / "opt", ExportOptions(limit=2))
+    assert report["genai_generation"]["match"], report["genai_generation"]
+
+
+def test_config_describes_the_graph(tiny_llama_dir, tiny_opt_dir):
+    from lrq_deploy.checkpoint import load_source
+
+    llama = genai_config(load_source(str(tiny_llama_dir)).loaded)["model"]
+    decoder = llama["decoder"]
+    assert llama["type"] == "llama" and llama["vocab_size"] == 2048 and llama["context_length"] == 256
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"],
+            decoder["num_hidden_layers"], decoder["hidden_size"]) == (4, 2, 16, 2, 64)
+    assert decoder["inputs"]["past_key_names"] == "past.%d.key"
+    assert genai_config(load_source(str(tiny_opt_dir)).loaded)["model"]["type"] == "decoder"  # not a genai type
+
+
+def test_fp_model_and_opt_export_without_genai_installed(tiny_opt_dir, tmp_path, monkeypatch):
+    """Without onnxruntime-genai the directory is still written (the graph verified by onnxruntime),
+    and the report says the generation check did not run."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_genai(name, *args, **kwargs):
+        if name == "onnxruntime_genai":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_genai)
+    report = export_genai(str(tiny_opt_dir), tmp_path / "opt", ExportOptions(limit=2))
+    assert report["genai_generation"] is None and report["verify"]["within_tolerance"]
+    assert json.loads((tmp_path / "opt" / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "trt"], "drop --target trt"),
+    (["--batch", "1"], "dynamic batch and sequence axes"),
+    (["--onnx", "x.onnx"], "name one output"),
+])
+def test_bad_genai_options(bundled_w4, tmp_path, args, message):
+    result = invoke("export", bundled_w4, "--genai", tmp_path / "g", *args)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "g").exists()
+
+
+def test_genai_refuses_a_vision_model_and_foreign_directories(tmp_path):
+    with pytest.raises(LrqError, match="decoder-only language models"):
+        export_genai("bundled:vit", tmp_path / "vit", ExportOptions(verify=False))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(LrqError, match="not an lrq onnxruntime-genai export"):
+        export_genai("bundled:llama", foreign, ExportOptions(verify=False, force=True))
+    assert (foreign / "notes.txt").read_text() == "keep me"
