@@ -254,7 +254,8 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
 @click.option("--triton-repo", type=PATH, default=None,
               help="Also write a Triton Inference Server model repository (DIR/NAME/config.pbtxt, DIR/NAME/1/).")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
-              help="--target ort: quantized linears that read one input (q/k/v, gate/up) as one GEMM (exact).")
+              help="--target ort: quantized linears that read one input (q/k/v, gate/up) as one GEMM (exact), "
+                   "RMSNorm in the form onnxruntime fuses into one kernel.")
 @click.option("--force", is_flag=True, help="Overwrite an existing lrq output of the same kind.")
 @clean_errors
 def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq_len, limit, with_past, no_verify,

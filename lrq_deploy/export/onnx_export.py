@@ -23,6 +23,7 @@ from lrq_deploy.progress import step
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.fuse import fuse_shared_inputs
+from lrq_deploy.export.norms import norms_as_division
 from lrq_deploy.export.graph import default_opset, set_opset
 from lrq_deploy.export.lower import lower, required_opset, scheme_opset
 from lrq_deploy.export.ops import TRANSLATIONS
@@ -56,7 +57,7 @@ class ExportOptions:
     force: bool = False
     ort_int8_activations: bool = False
     triton_repo: Path | None = None  # also write a Triton Inference Server model repository there
-    fuse: bool = True  # target ort: linears reading one input (q/k/v, gate/up) as one (export/fuse.py)
+    fuse: bool = True  # target ort: linears reading one input as one (export/fuse.py), norms fusable (export/norms.py)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -135,6 +136,7 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     needed = required_opset(model, target)
     set_opset(model, max(opset or needed, default_opset(model)))
     fused = fuse_shared_inputs(model) if options.fuse and target == "ort" else 0
+    norms = norms_as_division(model) if options.fuse and target == "ort" else 0
     with step(f"lowering the quantized linears for {target}"):
         lower(model, target)
     drop_debug_records(model)
@@ -142,7 +144,7 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     if options.ort_int8_activations:
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
-              "fused_linears": fused, **size_report(model, ckpt)}
+              "fused_linears": fused, "norms_for_ort": norms, **size_report(model, ckpt)}
 
     def check_and_verify(tmp: Path) -> None:
         if finish is not None:

@@ -14,6 +14,7 @@ from lrq_deploy.calib.api import calibrate
 from lrq_deploy.calib.registry import CalibConfig
 from lrq_deploy.export import export_onnx
 from lrq_deploy.export.lower_ort import matmulnbits_block
+from lrq_deploy.export.norms import norms_as_division
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.runtime.onnxrt import deployed_session, reference_session
 
@@ -26,6 +27,12 @@ def checkpoints(tiny_llama_dir, tmp_path_factory):
     return root
 
 
+def with_norms_as_division(graph) -> None:
+    model = onnx.load(str(graph))
+    norms_as_division(model)
+    onnx.save(model, str(graph))
+
+
 def logits(session, ids) -> np.ndarray:
     return session.run(None, {"input_ids": ids})[0]
 
@@ -35,6 +42,7 @@ def test_fused_graph_computes_what_the_unfused_one_does(checkpoints, tmp_path, n
     fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
     report = export_onnx(checkpoints / name, fused, target="ort", limit=2)
     export_onnx(checkpoints / name, plain, target="ort", verify=False, fuse=False)
+    with_norms_as_division(plain)  # what fuse=True also does: the comparison is about the linears
     assert report["fused_linears"] == 3 * 2  # per layer: k, v into q; up into gate
     assert report["verify"]["within_tolerance"]
     gemm = "MatMulInteger" if name == "w4a4" else "MatMul"
@@ -67,3 +75,23 @@ def test_per_channel_int4_runs_as_matmulnbits(tmp_path):
     ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
     assert ops["DequantizeLinear"] == 0 and ops["MatMulNBits"] == 4 * 4  # 4 layers, q/k/v and gate/up fused
+
+
+def test_rms_norms_become_one_onnxruntime_kernel(checkpoints, tmp_path):
+    """Every RMSNorm (2 per layer and the final one) is written as a division, which onnxruntime
+    fuses into SimplifiedLayerNormalization; the logits stay those of the reciprocal form."""
+    rewritten, plain = tmp_path / "norms.onnx", tmp_path / "plain.onnx"
+    report = export_onnx(checkpoints / "w4g32", rewritten, target="ort", limit=2)
+    export_onnx(checkpoints / "w4g32", plain, target="ort", verify=False, fuse=False)
+    assert report["norms_for_ort"] == 2 * 2 + 1 and report["verify"]["within_tolerance"]
+    ops = Counter(n.op_type for n in onnx.load(str(rewritten)).graph.node)
+    assert ops["Reciprocal"] == 0 and ops["Div"] >= 5
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(rewritten), options, providers=["CPUExecutionProvider"])
+    optimized = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert optimized["SimplifiedLayerNormalization"] + optimized["SkipSimplifiedLayerNormalization"] == 5
+    assert optimized["Pow"] == optimized["ReduceMean"] == 0
+    ids = np.random.default_rng(1).integers(0, 2048, (2, 48))
+    a, b = logits(reference_session(rewritten), ids), logits(reference_session(plain), ids)
+    assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
