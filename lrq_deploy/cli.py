@@ -256,10 +256,13 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="--target ort: quantized linears that read one input (q/k/v, gate/up) as one GEMM (exact), "
                    "RMSNorm in the form onnxruntime fuses into one kernel.")
+@click.option("--contrib-ops/--standard-ops", default=True, show_default=True,
+              help="--target ort --with-past: each attention as onnxruntime's GroupQueryAttention kernel (rotary, KV "
+                   "cache, grouped heads in one node); --standard-ops keeps every node in the ONNX standard.")
 @click.option("--force", is_flag=True, help="Overwrite an existing lrq output of the same kind.")
 @clean_errors
 def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
-           ort_int8_activations, triton_repo, fuse, force):
+           ort_int8_activations, triton_repo, fuse, contrib_ops, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
@@ -276,7 +279,7 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
                    f"{report['quantized_linears']} quantized linears; weights checked after reloading)")
         return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
-                            triton_repo, fuse)
+                            triton_repo, fuse, contrib_ops)
     if genai_dir is not None:
         from lrq_deploy.export.genai import export_genai
 

@@ -58,6 +58,7 @@ class ExportOptions:
     ort_int8_activations: bool = False
     triton_repo: Path | None = None  # also write a Triton Inference Server model repository there
     fuse: bool = True  # target ort: linears reading one input as one (export/fuse.py), norms fusable (export/norms.py)
+    contrib_ops: bool = True  # target ort --with-past: attention as com.microsoft.GroupQueryAttention (export/attention.py)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -119,8 +120,8 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
 
 def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Path, dict], None] | None = None) -> dict:
     """The graph of a loaded checkpoint (or full-precision source) written, checked and verified
-    at `out` (claimed by the caller); finish(graph, report), when given, runs on the written
-    graph before its check (a rewrite of the file in place, such as export/genai.py's)."""
+    at `out` (claimed by the caller); finish(graph, report), when given, runs on the written and
+    checked graph before its verification (a rewrite of the file in place, such as export/genai.py's)."""
     target, opset, batch, seq_len = options.target, options.opset, options.batch, options.seq_len
     verify, limit, with_past = options.verify, options.limit, options.with_past
     loaded = ckpt.loaded
@@ -131,8 +132,9 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
             f"opset {opset} is too low for W{ckpt.quant.wbits if ckpt.quant else 16} weights with target {target}: "
             f"the minimum is {scheme_opset(ckpt.quant, target)}"
         )
+    layout = loaded.adapter.attention_layout(loaded.model) if options.contrib_ops and target == "ort" and with_past else None
     with step("tracing the model (torch.export)"):
-        model = trace_to_onnx(loaded, batch, seq_len, with_past)
+        model = trace_to_onnx(loaded, batch, seq_len, with_past, layout)
     needed = required_opset(model, target)
     set_opset(model, max(opset or needed, default_opset(model)))
     fused = fuse_shared_inputs(model) if options.fuse and target == "ort" else 0
@@ -144,16 +146,17 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     if options.ort_int8_activations:
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
-              "fused_linears": fused, "norms_for_ort": norms, **size_report(model, ckpt)}
+              "fused_linears": fused, "norms_for_ort": norms,
+              "attention": "GroupQueryAttention" if layout else "standard ops", **size_report(model, ckpt)}
 
     def check_and_verify(tmp: Path) -> None:
-        if finish is not None:
-            finish(tmp, report)
         try:
             with step("checking the graph (onnx.checker)"):
                 onnx.checker.check_model(str(tmp), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise LrqError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        if finish is not None:
+            finish(tmp, report)
         data = tmp.with_name(tmp.name + ".data")
         report["file_bytes"] = sum(f.stat().st_size for f in (tmp, data) if f.is_file())
         if verify:
@@ -272,12 +275,19 @@ def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -
         model.metadata_props.add(key=key, value=value)
 
 
-def trace_to_onnx(loaded, batch: int | None, seq_len: int | None, with_past: bool = False) -> onnx.ModelProto:
-    """torch.export the reference model with every QuantLinear as one lrq.QuantLinear node."""
+def trace_to_onnx(loaded, batch: int | None, seq_len: int | None, with_past: bool = False,
+                  attention_layout=None) -> onnx.ModelProto:
+    """torch.export the reference model with every QuantLinear as one lrq.QuantLinear node (and,
+    given an attention layout, every attention as one GroupQueryAttention node)."""
+    from contextlib import nullcontext
+
+    from lrq_deploy.export.attention import group_query_attention_modules
+
     spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past)
     graph_ops(loaded.model, True)
+    fused = group_query_attention_modules(attention_layout) if attention_layout else nullcontext()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), fused:
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
             program = torch.onnx.export(
                 spec.module.eval(), spec.example_args, dynamo=True, dynamic_shapes=spec.dynamic_shapes,

@@ -100,6 +100,11 @@ class ModelAdapter:
         """Names, dtypes and axes of the deployment graph's inputs and outputs."""
         raise NotImplementedError
 
+    def attention_layout(self, model: nn.Module):
+        """The model's attention as onnxruntime's GroupQueryAttention runs it (export/attention.py
+        AttentionLayout), or None where that kernel does not compute what the model does."""
+        return None
+
     def export_spec(self, model: nn.Module, batch: int | None, seq_len: int | None, with_past: bool) -> ExportSpec:
         """The graph to export; dynamic batch (and sequence) axes unless batch / seq_len are given."""
         raise NotImplementedError

@@ -95,3 +95,68 @@ def test_rms_norms_become_one_onnxruntime_kernel(checkpoints, tmp_path):
     ids = np.random.default_rng(1).integers(0, 2048, (2, 48))
     a, b = logits(reference_session(rewritten), ids), logits(reference_session(plain), ids)
     assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def kv_graphs(checkpoints, tmp_path_factory):
+    """The W4-g32 checkpoint's --with-past graph with GroupQueryAttention and in standard ops."""
+    root = tmp_path_factory.mktemp("gqa")
+    report = export_onnx(checkpoints / "w4g32", root / "gqa.onnx", target="ort", with_past=True, limit=2)
+    export_onnx(checkpoints / "w4g32", root / "std.onnx", target="ort", with_past=True, contrib_ops=False, verify=False)
+    return report, root / "gqa.onnx", root / "std.onnx"
+
+
+def decode(session, prompt: np.ndarray, steps: int) -> list[np.ndarray]:
+    """Prefill then greedy steps; the logits of every run."""
+    from lrq_deploy.runtime.onnxrt import empty_past, next_past
+
+    names = [o.name for o in session.get_outputs()]
+    feeds, out = {"input_ids": prompt, **empty_past(session, len(prompt))}, []
+    for _ in range(steps):
+        outputs = dict(zip(names, session.run(None, feeds)))
+        out.append(outputs["logits"])
+        feeds = {"input_ids": outputs["logits"][:, -1:].argmax(-1), **next_past(outputs)}
+    return out
+
+
+def test_attention_is_one_group_query_attention_node_per_layer(kv_graphs):
+    report, gqa, std = kv_graphs
+    assert report["attention"] == "GroupQueryAttention" and report["verify"]["within_tolerance"]
+    assert report["verify_generation"]["match"]
+    ops = Counter(n.op_type for n in onnx.load(str(gqa)).graph.node)
+    assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0
+    assert Counter(n.op_type for n in onnx.load(str(std)).graph.node)["GroupQueryAttention"] == 0
+    prompt = np.random.default_rng(2).integers(0, 2048, (2, 12))
+    for a, b in zip(decode(reference_session(gqa), prompt, 4), decode(reference_session(std), prompt, 4)):
+        assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()  # float order of the fused kernel, same values
+
+
+def test_group_query_attention_op_computes_the_models_attention(tiny_llama_dir):
+    """The custom op's eager body with the adapter's rotary tables is the HF attention it replaces,
+    prefill from an empty cache and a chunk after a past."""
+    import torch
+
+    from lrq_deploy.export.attention import group_query_attention_modules
+    from lrq_deploy.models import load_model
+    from lrq_deploy.models.causal_lm import _WithPast
+
+    loaded = load_model(str(tiny_llama_dir))
+    layout = loaded.adapter.attention_layout(loaded.model)
+    assert (layout.num_heads, layout.kv_heads, layout.head_dim) == (4, 2, 16)
+    wrapper = _WithPast(loaded.model)
+    ids = torch.randint(0, 2048, (2, 9), generator=torch.Generator().manual_seed(0))
+    past = tuple(torch.randn(2, 2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(4))
+    with torch.no_grad():
+        reference = wrapper(ids, past)
+        with group_query_attention_modules(layout):
+            fused = wrapper(ids, past)
+    for a, b in zip(fused, reference):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_attention_keeps_standard_ops(tiny_llama_dir):
+    from lrq_deploy.models import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    loaded.model.config.sliding_window = 64
+    assert loaded.adapter.attention_layout(loaded.model) is None

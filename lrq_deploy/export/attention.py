@@ -1,0 +1,164 @@
+"""Attention of `--with-past` graphs for onnxruntime as one GroupQueryAttention node.
+
+torch exports a decoder layer's attention as some thirty standard ops (rotary embedding spelled
+out in Slice / Neg / Concat / Mul, the KV-cache Concat, key/value heads repeated with Expand,
+MatMul, the causal mask, Softmax, MatMul, and the reshapes and transposes between them).
+onnxruntime runs all of it as one contrib kernel, com.microsoft.GroupQueryAttention: rotary
+embedding from cos/sin tables, the cache append, grouped-query attention with the causal offset
+of the past. During the trace each attention module of the layout an adapter gives
+(ModelAdapter.attention_layout) calls the custom op `lrq::group_query_attention` between its
+projections; the op's eager body is the reference arithmetic, its ONNX form that one node.
+
+The graph's inputs and outputs stay those of every lrq `--with-past` graph: the node's
+seqlens_k and total_sequence_length are computed in the graph from the shapes of the past and of
+the new tokens (no padding: every row has the same length).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MICROSOFT = "com.microsoft"
+
+
+@dataclass
+class AttentionLayout:
+    """What GroupQueryAttention needs of a model: its attention modules (with q_proj, k_proj,
+    v_proj, o_proj and layer_idx), head counts, and the rotary tables over every position."""
+
+    modules: list[nn.Module]
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    cos: torch.Tensor  # [max positions, head_dim / 2]
+    sin: torch.Tensor
+    scale: float
+
+
+def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin of every position from an HF rotary-embedding module (its own frequencies and
+    attention scaling), halved: rotate-half rotary repeats each frequency twice."""
+    probe = torch.zeros(1, dtype=torch.float32)
+    cos, sin = rotary_embedding(probe, torch.arange(positions)[None])
+    return cos[0, :, : head_dim // 2].contiguous(), sin[0, :, : head_dim // 2].contiguous()
+
+
+@torch.library.custom_op("lrq::group_query_attention", mutates_args=())
+def group_query_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+    seqlens_k: torch.Tensor, total_length: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+    kv_heads: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: rotary (rotate-half) at positions past..past+S-1, cache append, causal
+    grouped-query attention. query [B, S, H·D], key/value [B, S, KV·D], past [B, KV, P, D],
+    seqlens_k [B] int32 (P+S-1 in every row: no padding), total_length int32 scalar (P+S) ->
+    (out [B, S, H·D], present key, present value [B, KV, P+S, D])."""
+    batch, seq, _ = query.shape
+    head_dim = past_key.shape[-1]
+    start = past_key.shape[2]
+    c, s = cos[start:start + seq], sin[start:start + seq]
+    q = _rotate(query.view(batch, seq, num_heads, head_dim).transpose(1, 2), c, s)
+    k = _rotate(key.view(batch, seq, kv_heads, head_dim).transpose(1, 2), c, s)
+    v = value.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+    present_key, present_value = torch.cat([past_key, k], 2), torch.cat([past_value, v], 2)
+    repeat = num_heads // kv_heads
+    allowed = torch.arange(start + seq)[None, :] <= (start + torch.arange(seq))[:, None]
+    out = F.scaled_dot_product_attention(q, present_key.repeat_interleave(repeat, 1),
+                                         present_value.repeat_interleave(repeat, 1), attn_mask=allowed, scale=scale)
+    return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim), present_key, present_value
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin, num_heads, kv_heads, scale):
+    batch, seq, _ = query.shape
+    present = past_key.new_empty(batch, kv_heads, past_key.shape[2] + seq, past_key.shape[3])
+    return query.new_empty(query.shape), present, torch.empty_like(present)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def group_query_attention_onnx(query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin,
+                               num_heads: int, kv_heads: int, scale: float):
+    """ONNX translation: one com.microsoft.GroupQueryAttention with its rotary."""
+    from onnxscript.values import Opset
+
+    _register_schema()
+    microsoft = Opset(MICROSOFT, 1)
+    return microsoft.GroupQueryAttention(
+        query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin,
+        num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
+        _num_outputs=3)
+
+
+def _register_schema() -> None:
+    """Declare com.microsoft.GroupQueryAttention (the inputs and attributes used here) to onnx, so
+    onnxscript can emit it; onnxruntime holds the kernel."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("GroupQueryAttention", MICROSOFT):
+        return
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    names = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+             "sin_cache")
+    types = {"seqlens_k": "M", "total_sequence_length": "M"}
+    schema = OpSchema(
+        "GroupQueryAttention", MICROSOFT, 1, doc="onnxruntime's grouped-query attention with KV cache and rotary",
+        inputs=[param(n, types.get(n, "T"), param_option=optional if n.endswith("_cache") else
+                      OpSchema.FormalParameterOption.Single) for n in names],
+        outputs=[param(n, "T") for n in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                          ("M", ["tensor(int32)"], "lengths")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
+                    OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "")],
+    )
+    onnx.defs.register_schema(schema)
+
+
+TRANSLATIONS = {torch.ops.lrq.group_query_attention.default: group_query_attention_onnx}
+
+
+@contextmanager
+def group_query_attention_modules(layout: AttentionLayout):
+    """Inside: every attention module of the layout runs through lrq::group_query_attention,
+    reading its past from the cache the model is called with and leaving the present there."""
+    originals = [module.forward for module in layout.modules]
+    cos, sin = layout.cos, layout.sin
+    for module in layout.modules:
+        module.forward = _fused_forward(module, layout, cos, sin)
+    try:
+        yield
+    finally:
+        for module, forward in zip(layout.modules, originals):
+            module.forward = forward
+
+
+def _fused_forward(module: nn.Module, layout: AttentionLayout, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layer = cache.layers[module.layer_idx]
+        batch, seq = hidden_states.shape[:2]
+        # from the symbolic sizes every layer shares: one computation in the graph, not one per layer
+        total = layer.keys.shape[2] + seq
+        seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
+        total_length = torch.full((), total, dtype=torch.int32)
+        out, present_key, present_value = torch.ops.lrq.group_query_attention(
+            module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states),
+            layer.keys, layer.values, seqlens_k, total_length, cos, sin, layout.num_heads, layout.kv_heads,
+            layout.scale)
+        layer.keys, layer.values = present_key, present_value
+        return module.o_proj(out), None
+
+    return forward
