@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MICROSOFT = "com.microsoft"
+OPTIONAL_INPUTS = ("key", "value", "cos_cache", "sin_cache")  # key / value: absent when query packs q, k, v
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _register_schema() -> None:
     types = {"seqlens_k": "M", "total_sequence_length": "M"}
     schema = OpSchema(
         "GroupQueryAttention", MICROSOFT, 1, doc="onnxruntime's grouped-query attention with KV cache and rotary",
-        inputs=[param(n, types.get(n, "T"), param_option=optional if n.endswith("_cache") else
+        inputs=[param(n, types.get(n, "T"), param_option=optional if n in OPTIONAL_INPUTS else
                       OpSchema.FormalParameterOption.Single) for n in names],
         outputs=[param(n, "T") for n in ("output", "present_key", "present_value")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
@@ -162,3 +163,29 @@ def _fused_forward(module: nn.Module, layout: AttentionLayout, cos: torch.Tensor
         return module.o_proj(out), None
 
     return forward
+
+
+def pack_qkv(model) -> int:
+    """Where one fused linear computes q, k and v and a Split hands them to a GroupQueryAttention
+    (export/fuse.py), give the node the packed [B, S, (H + 2 KV)·D] tensor instead (its packed-QKV
+    form, key and value inputs empty) and drop the Split; returns how many nodes were packed."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    dropped = set()
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MICROSOFT:
+            continue
+        split = producers.get(node.input[0])
+        if (split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3])
+                or any(consumers.get(name, 0) != 1 for name in split.output)):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        dropped.add(split.output[0])
+    if dropped:
+        nodes = [n for n in model.graph.node if not (n.op_type == "Split" and n.output[0] in dropped)]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return len(dropped)

@@ -22,6 +22,7 @@ from lrq_deploy.atomic import (
 from lrq_deploy.progress import step
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
+from lrq_deploy.export.attention import pack_qkv
 from lrq_deploy.export.fuse import fuse_shared_inputs
 from lrq_deploy.export.norms import norms_as_division
 from lrq_deploy.export.graph import default_opset, set_opset
@@ -139,6 +140,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     set_opset(model, max(opset or needed, default_opset(model)))
     fused = fuse_shared_inputs(model) if options.fuse and target == "ort" else 0
     norms = norms_as_division(model) if options.fuse and target == "ort" else 0
+    if fused and layout:
+        pack_qkv(model)
     with step(f"lowering the quantized linears for {target}"):
         lower(model, target)
     drop_debug_records(model)

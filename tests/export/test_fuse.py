@@ -123,8 +123,12 @@ def test_attention_is_one_group_query_attention_node_per_layer(kv_graphs):
     report, gqa, std = kv_graphs
     assert report["attention"] == "GroupQueryAttention" and report["verify"]["within_tolerance"]
     assert report["verify_generation"]["match"]
-    ops = Counter(n.op_type for n in onnx.load(str(gqa)).graph.node)
+    nodes = onnx.load(str(gqa)).graph.node
+    ops = Counter(n.op_type for n in nodes)
     assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0
+    # q/k/v are one fused linear: its output goes to the node packed, without the Split
+    assert all(n.input[1] == n.input[2] == "" for n in nodes if n.op_type == "GroupQueryAttention")
+    assert ops["Split"] == 2  # gate/up only
     assert Counter(n.op_type for n in onnx.load(str(std)).graph.node)["GroupQueryAttention"] == 0
     prompt = np.random.default_rng(2).integers(0, 2048, (2, 12))
     for a, b in zip(decode(reference_session(gqa), prompt, 4), decode(reference_session(std), prompt, 4)):
