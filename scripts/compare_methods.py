@@ -13,6 +13,8 @@ sections are kept) and its entry in docs/RESULTS.json.
     python scripts/compare_methods.py --family llama-wide --model /tmp/llama-wide --seeds 0 1 2
     python scripts/compare_methods.py --family minilm-rounding --seeds 0 1 2
     python scripts/compare_methods.py --epochs 2 --eval-limit 50 --scenarios W4A4   # quick look
+    python scripts/compare_methods.py --family minilm-rounding --merge-logs a.log b.log --settings "..."
+        # one table from the per-run lines of runs split across processes (scenarios, methods or seeds)
 
 A method may also be a variant of a registered one: lrquant+gptq is lrquant with --rounding gptq.
 """
@@ -123,6 +125,9 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several: cells are mean ± sd")
     parser.add_argument("--eval-limit", type=int, default=None, help="limit eval windows / images / sentences")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--merge-logs", type=Path, nargs="+", default=None,
+                        help="no runs: the table from the per-run lines these earlier runs printed")
+    parser.add_argument("--settings", default=None, help="with --merge-logs: the settings line of the table")
     parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     args = parser.parse_args()
     if args.threads:
@@ -130,6 +135,10 @@ def main():
 
         torch.set_num_threads(args.threads)
     family = FAMILIES[args.family]
+    if args.merge_logs:
+        order = DEFAULT_METHODS.get(args.family, METHODS)
+        write_section(args.out, args.family, family, *merged_rows(family, args.merge_logs, order), args.settings or "")
+        return
     scenarios = args.scenarios or list(family.scenarios)
     unknown = [s for s in scenarios if s not in family.scenarios]
     if unknown:
@@ -170,6 +179,31 @@ def main():
                 + "; calibration seconds per block (this machine, mean over the runs): "
                 + ", ".join(f"{m} {statistics.mean(t):.1f}" for m, t in seconds.items()))
     write_section(args.out, args.family, family, scenarios, rows, fp_cell, settings)
+
+
+RUN_LINE = re.compile(r"^(?P<scenario>\S+)\s+(?P<method>\S+)\s+seed (?P<seed>\d+)\s+(?P<cell>.+?)\s+\(\d+s\)$")
+
+
+def merged_rows(family: Family, logs: list[Path], order: list[str]) -> tuple[list[str], dict, str]:
+    """(scenarios, rows, FP cell) from the per-run lines of earlier runs (main's print): cells
+    are the mean ± sd over the seeds found, a run seen twice counted once (the later line)."""
+    runs: dict[tuple[str, str], dict[str, str]] = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            match = RUN_LINE.match(line.strip())
+            if match:
+                runs.setdefault((match["scenario"], match["method"]), {})[match["seed"]] = match["cell"]
+    scenarios = [s for s in family.scenarios if any(key[0] == s for key in runs)]
+    rows: dict[str, dict[str, str]] = {}
+    for (scenario, method), cells in sorted(runs.items(), key=lambda item: (order + METHODS).index(item[0][1])):
+        values = [float(cell.split(" / ")[0].rstrip("%")) for cell in cells.values()]
+        only = next(iter(cells.values()))
+        rows.setdefault(method, {})[scenario] = only if len(values) == 1 else family.spread(values)
+    for values in rows.values():
+        for scenario in scenarios:
+            values.setdefault(scenario, "-")
+    fp = "1 / 1" if "cosine" in family.measure else "-"
+    return scenarios, rows, fp
 
 
 def calib_config(method: str, nsamples: int, seqlen: int | None, batch_size: int, seed: int, epochs: int) -> CalibConfig:
