@@ -257,8 +257,9 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
               help="--target ort: quantized linears that read one input (q/k/v, gate/up) as one GEMM (exact), "
                    "RMSNorm in the form onnxruntime fuses into one kernel.")
 @click.option("--contrib-ops/--standard-ops", default=True, show_default=True,
-              help="--target ort --with-past: each attention as onnxruntime's GroupQueryAttention kernel (rotary, KV "
-                   "cache, grouped heads in one node); --standard-ops keeps every node in the ONNX standard.")
+              help="--target ort: onnxruntime's contrib kernels where they compute the same: residual add + RMSNorm "
+                   "in one node, and with --with-past each attention as GroupQueryAttention (rotary, KV cache, grouped "
+                   "heads in one node); --standard-ops keeps every node in the ONNX standard.")
 @click.option("--force", is_flag=True, help="Overwrite an existing lrq output of the same kind.")
 @clean_errors
 def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq_len, limit, with_past, no_verify,

@@ -24,7 +24,7 @@ from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.attention import pack_qkv
 from lrq_deploy.export.fuse import fuse_shared_inputs
-from lrq_deploy.export.norms import norms_as_division
+from lrq_deploy.export.norms import norms_as_division, residual_norms_as_contrib
 from lrq_deploy.export.graph import default_opset, set_opset
 from lrq_deploy.export.lower import lower, required_opset, scheme_opset
 from lrq_deploy.export.ops import TRANSLATIONS
@@ -59,7 +59,9 @@ class ExportOptions:
     ort_int8_activations: bool = False
     triton_repo: Path | None = None  # also write a Triton Inference Server model repository there
     fuse: bool = True  # target ort: linears reading one input as one (export/fuse.py), norms fusable (export/norms.py)
-    contrib_ops: bool = True  # target ort --with-past: attention as com.microsoft.GroupQueryAttention (export/attention.py)
+    # target ort: onnxruntime's contrib operators where exact: residual + RMSNorm as SkipSimplifiedLayerNormalization
+    # (export/norms.py), and with_past attention as GroupQueryAttention (export/attention.py)
+    contrib_ops: bool = True
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -140,6 +142,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     set_opset(model, max(opset or needed, default_opset(model)))
     fused = fuse_shared_inputs(model) if options.fuse and target == "ort" else 0
     norms = norms_as_division(model) if options.fuse and target == "ort" else 0
+    if norms and options.contrib_ops:
+        residual_norms_as_contrib(model)
     if fused and layout:
         pack_qkv(model)
     with step(f"lowering the quantized linears for {target}"):

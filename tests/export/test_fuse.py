@@ -40,7 +40,7 @@ def logits(session, ids) -> np.ndarray:
 @pytest.mark.parametrize("name", ["w4g32", "w4a4"])
 def test_fused_graph_computes_what_the_unfused_one_does(checkpoints, tmp_path, name):
     fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
-    report = export_onnx(checkpoints / name, fused, target="ort", limit=2)
+    report = export_onnx(checkpoints / name, fused, target="ort", limit=2, contrib_ops=False)
     export_onnx(checkpoints / name, plain, target="ort", verify=False, fuse=False)
     with_norms_as_division(plain)  # what fuse=True also does: the comparison is about the linears
     assert report["fused_linears"] == 3 * 2  # per layer: k, v into q; up into gate
@@ -85,7 +85,9 @@ def test_rms_norms_become_one_onnxruntime_kernel(checkpoints, tmp_path):
     export_onnx(checkpoints / "w4g32", plain, target="ort", verify=False, fuse=False)
     assert report["norms_for_ort"] == 2 * 2 + 1 and report["verify"]["within_tolerance"]
     ops = Counter(n.op_type for n in onnx.load(str(rewritten)).graph.node)
-    assert ops["Reciprocal"] == 0 and ops["Div"] >= 5
+    # the norms after a residual add are one SkipSimplifiedLayerNormalization with it; the
+    # first (reading the embeddings) stays in division form, which onnxruntime fuses itself
+    assert ops["Reciprocal"] == 0 and ops["SkipSimplifiedLayerNormalization"] == 4 and ops["Div"] == 1
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(rewritten), options, providers=["CPUExecutionProvider"])
