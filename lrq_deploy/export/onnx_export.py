@@ -215,13 +215,25 @@ def save_graph(model: onnx.ModelProto, out: Path, check: Callable[[Path], None])
     staging.mkdir()
     try:
         inner, data = staging / out.name, out.name + ".data"
-        onnx.save(model, str(inner), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        _mark_external(model, data)
+        onnx.save(model, str(inner))  # writes the marked tensors to staging/data
         check(inner)
         make_readable(staging)
         os.replace(staging / data, out.with_name(data))
         os.replace(inner, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mark_external(model: onnx.ModelProto, location: str, threshold: int = 1024) -> None:
+    """Mark every initializer of at least `threshold` bytes to go to `location` (one file beside the
+    graph). onnx's own save_as_external_data refuses when a file named `location` exists in the
+    current directory (not the graph's), which an earlier export run from there leaves."""
+    from onnx.external_data_helper import set_external_data
+
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+            set_external_data(tensor, location)
 
 
 def _check_int8_activations(target: str, ckpt) -> None:

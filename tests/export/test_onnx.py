@@ -1,6 +1,7 @@
 """ONNX export: onnxruntime parity with the torch reference, TensorRT-flavour node contents, bad inputs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -227,6 +228,20 @@ def test_weights_beyond_the_protobuf_limit_go_to_external_data(checkpoints, tmp_
     assert info["intact"] and info["external_data_bytes"] == data.stat().st_size
     data.write_bytes(data.read_bytes()[:-1] + b"\x01")
     assert not describe(out)["intact"]
+
+
+
+def test_external_data_graph_is_replaced_from_its_own_directory(checkpoints, tmp_path, monkeypatch):
+    """--force over a graph with OUT.data, run from the directory that holds them (onnx's own
+    external-data save refuses when the data file's name exists in the current directory)."""
+    from lrq_deploy.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "INLINE_LIMIT", 1)
+    monkeypatch.chdir(tmp_path)
+    export_onnx(checkpoints / "w4a16-g64", Path("big.onnx"), verify=False)
+    first = (tmp_path / "big.onnx.data").read_bytes()
+    export_onnx(checkpoints / "w4a16-g64", Path("big.onnx"), verify=False, force=True)
+    assert (tmp_path / "big.onnx.data").read_bytes() == first
 
 
 def test_ort_int8_activations_is_declared_and_verified_with_its_own_numerics(checkpoints, tmp_path):
