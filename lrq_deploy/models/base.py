@@ -101,7 +101,7 @@ class ModelAdapter:
         raise NotImplementedError
 
     def attention_layout(self, model: nn.Module):
-        """The model's attention as onnxruntime's GroupQueryAttention runs it (export/attention.py
+        """The model's attention as onnxruntime's GroupQueryAttention runs it (models/attention.py
         AttentionLayout), or None where that kernel does not compute what the model does."""
         return None
 

@@ -15,7 +15,7 @@ class LlamaAdapter(CausalLMAdapter):
 
     def attention_layout(self, model):
         """Full rotate-half rotary from fixed tables, causal attention without a sliding window."""
-        from lrq_deploy.export.attention import AttentionLayout, rotary_tables
+        from lrq_deploy.models.attention import AttentionLayout, rotary_tables
 
         cfg = model.config
         rotary = getattr(self.decoder(model), "rotary_emb", None)
