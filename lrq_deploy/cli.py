@@ -149,11 +149,15 @@ def method_options(command):
 @click.option("--distributed", is_flag=True,
               help="Data-parallel over the ranks of a torchrun job (gloo on CPU, NCCL on GPUs); rank 0 writes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow an HF model directory to run its own Python code.")
+@click.option("--revision", default=None,
+              help="Branch, tag or commit of a Hugging Face model id (same as MODEL@REVISION).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory or an unfinished run.")
 @clean_errors
 def calibrate(**options):
-    """Quantize MODEL (an HF directory, a timm directory, timm:NAME@WEIGHTS.safetensors,
-    bundled:llama or bundled:vit; default bundled:llama) and write a checkpoint to OUT."""
+    """Quantize MODEL (a Hugging Face id ORG/NAME[@REVISION], an HF directory, a timm directory,
+    timm:NAME@WEIGHTS.safetensors, bundled:llama or bundled:vit; default bundled:llama) and write a
+    checkpoint to OUT. Model ids are fetched into the Hugging Face cache (safetensors and JSON
+    files only); with HF_HUB_OFFLINE=1 only the cache is read."""
     from lrq_deploy.calib import calibrate_from_options
     from lrq_deploy.calib.progress import ConsoleProgress
 

