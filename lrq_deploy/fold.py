@@ -3,7 +3,8 @@
 For a smoothing group with input X shared by linears W_i (y_i = X W_i^T + b_i):
     X' = g * (X - delta) / s,   W_i' = W_i * s,   b_i' = b_i + W_i delta
 The module producing X (a norm, or the output rows of a linear) absorbs the map:
-    prev.weight' = prev.weight * g / s,   prev.bias' = (prev.bias - delta) * g / s.
+    prev.weight' = prev.weight * g / s,   prev.bias' = (prev.bias - delta) * g / s
+(a norm scaling by (c + weight), as Gemma's (1 + weight): prev.weight' = (c + prev.weight) * g / s - c).
 With the gain g = 1 (every method but LRQuant+) the block computes exactly the same
 function. LRQuant+ learns g (its input-side rotation factor): it changes what the
 quantized linears see, and still folds exactly into prev.
@@ -58,9 +59,9 @@ def smooth_params(
         out[f"{name}.weight"] = weight * consumer_scale.view(1, -1)
     factor = 1.0 / scale if gain is None else gain / scale
     rows = slice(*group.rows) if group.rows else slice(None)
-    prev_weight = params[f"{group.prev}.weight"]
+    prev_weight = params[f"{group.prev}.weight"] + group.norm_offset
     view = (-1, 1) if group.prev_kind == "linear" else (-1,)
-    out[f"{group.prev}.weight"] = _scale_rows(prev_weight, rows, factor.view(*view))
+    out[f"{group.prev}.weight"] = _scale_rows(prev_weight, rows, factor.view(*view)) - group.norm_offset
     bias_name = f"{group.prev}.bias"
     if bias_name in params:
         bias = params[bias_name]

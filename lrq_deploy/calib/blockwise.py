@@ -168,7 +168,7 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
         first = adapter.capture_block_inputs(model, to_device(list(batches[:1]), device))
         check_activation_memory(first.hidden.nbytes * len(batches) // collective.world, device, offload)
         inputs = adapter.capture_block_inputs(model, to_device(list(batches), device))
-    kwargs = to_device(inputs.kwargs, device)
+    on_device: dict[int, dict] = {}  # one copy per distinct kwargs dict (blocks of one layer type share it)
     hidden = collective.shard(inputs.hidden)  # this rank's samples (all of them in one process)
     fp_in = q_in = keep(hidden.cpu()) if offload else hidden.to(device)
     groups = adapter.smooth_groups(model)
@@ -177,6 +177,10 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
         if loaded.materialize:  # a lazily loaded model: this block's weights are read now
             loaded.materialize(block)
         block.to(device)
+        own = inputs.kwargs_for(index)
+        if id(own) not in on_device:
+            on_device[id(own)] = to_device(own, device)
+        kwargs = on_device[id(own)]
         fp_out = keep(run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device))
         names = adapter.linear_names(block)
         job = BlockJob(

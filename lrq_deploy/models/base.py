@@ -29,6 +29,7 @@ class SmoothGroup:
     kv_heads: int = 1  # with repeat > 1: prev's channels are kv_heads blocks, each repeated `repeat` times
     rows: tuple[int, int] | None = None  # slice of prev's output rows feeding the group (fused qkv)
     shiftable: bool = False
+    norm_offset: float = 0.0  # a norm that multiplies by (norm_offset + weight), e.g. Gemma's (1 + weight)
 
 
 @dataclass
@@ -37,6 +38,12 @@ class BlockInputs:
 
     hidden: torch.Tensor  # [N, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # blocks whose keyword arguments differ from block 0's (another layer type: sliding-window
+    # mask, local rotary tables); blocks of one type share one dict
+    block_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def kwargs_for(self, index: int) -> dict[str, Any]:
+        return self.block_kwargs.get(index, self.kwargs)
 
 
 class ModelAdapter:

@@ -113,7 +113,9 @@ class _LogitsOnly(nn.Module):
 class _WithPast(nn.Module):
     """(input_ids, past keys/values) -> (logits, present keys/values).
 
-    One graph serves prefill (past length 0) and decode (new tokens appended to the cache).
+    One graph serves prefill (past length 0) and decode (new tokens appended to the cache). Every
+    layer's cache keeps every token (sliding-window layers included: their window is applied by
+    the mask), so all present outputs share one length axis.
     """
 
     def __init__(self, model: nn.Module):
@@ -123,7 +125,7 @@ class _WithPast(nn.Module):
     def forward(self, input_ids, past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # not from the config: that one crops sliding-window layers to the window
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(input_ids=input_ids, use_cache=True, **cache_argument(self.model, cache))

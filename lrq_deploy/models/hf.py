@@ -96,7 +96,11 @@ class HFAdapter(ModelAdapter):
         return model, preprocessor
 
     def capture_block_inputs(self, model, batches):
-        return capture_first_block(self.blocks(model)[0], lambda batch: self.forward_for_capture(model, batch), batches)
+        blocks = self.blocks(model)
+        run = lambda batch: self.forward_for_capture(model, batch)  # noqa: E731
+        inputs = capture_first_block(blocks[0], run, batches)
+        inputs.block_kwargs = kwargs_of_other_layer_types(model.config, blocks, run, batches[0])
+        return inputs
 
     def forward_for_capture(self, model: nn.Module, batch) -> None:
         """Run the model on one calibration batch (it is stopped at block 0)."""
@@ -131,6 +135,32 @@ def capture_first_block(first: nn.Module, run, batches) -> BlockInputs:
     kwargs = {k: v for k, v in captured.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
     kwargs["use_cache"] = False
     return BlockInputs(hidden=torch.cat(hidden), kwargs=kwargs)
+
+
+def kwargs_of_other_layer_types(config, blocks: nn.ModuleList, run, batch) -> dict[int, dict]:
+    """{block index: keyword arguments} for blocks whose `config.layer_types` entry differs from
+    block 0's (sliding-window and full attention get different masks, Gemma 3 different rotary
+    tables). Each type's arguments come from one forward that reaches its first block through
+    pass-through stand-ins for the blocks before it (nothing is computed, meta blocks included)."""
+    types = list(getattr(config, "layer_types", None) or [])[: len(blocks)]
+    by_type: dict[str, dict] = {}
+    for index, layer_type in enumerate(types):
+        if layer_type == types[0] or layer_type in by_type:
+            continue
+        originals = [blocks[i] for i in range(index)]
+        for i in range(index):
+            blocks[i] = _PassThrough()
+        try:
+            by_type[layer_type] = capture_first_block(blocks[index], run, [batch]).kwargs
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+    return {i: by_type[t] for i, t in enumerate(types) if t in by_type}
+
+
+class _PassThrough(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
 
 
 PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",

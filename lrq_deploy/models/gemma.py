@@ -1,0 +1,29 @@
+"""Gemma, Gemma 2 and Gemma 3 (text): RMSNorm that scales by (1 + weight), GeLU-tanh MLP,
+Gemma 2/3's extra norms around attention and MLP (the MLP reads pre_feedforward_layernorm),
+logit soft-capping, and sliding-window layers alternating with full ones (Gemma 3: with their
+own rotary tables; each layer type gets its own mask and tables during calibration)."""
+
+from __future__ import annotations
+
+from lrq_deploy.models.base import SmoothGroup
+from lrq_deploy.models.causal_lm import CausalLMAdapter
+
+GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
+
+
+class GemmaAdapter(CausalLMAdapter):
+    family = "gemma"
+    model_types = ("gemma", "gemma2", "gemma3_text")
+
+    def smooth_groups(self, model):
+        kv_heads, _ = self.kv_cache_shape(model.config)
+        block = self.blocks(model)[0]
+        mlp_norm = "pre_feedforward_layernorm" if hasattr(block, "pre_feedforward_layernorm") else "post_attention_layernorm"
+        return [
+            SmoothGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                        norm_offset=GEMMA_NORM_OFFSET),
+            SmoothGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",),
+                        repeat=model.config.num_attention_heads // kv_heads, kv_heads=kv_heads),
+            SmoothGroup(mlp_norm, "norm", ("mlp.gate_proj", "mlp.up_proj"), norm_offset=GEMMA_NORM_OFFSET),
+            SmoothGroup("mlp.up_proj", "linear", ("mlp.down_proj",)),
+        ]
