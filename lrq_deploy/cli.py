@@ -212,12 +212,23 @@ def comparison_line(name: str, c: dict) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: fp and quant ({metric: value}), fp_cached, and agreement for families "
                    "judged by their outputs.")
+@click.option("--tasks", default=None,
+              help="lm-evaluation-harness tasks instead of the metric, comma-separated (piqa,arc_easy,...; needs the "
+                   "lmeval extra). --limit then caps the documents per task.")
+@click.option("--task-path", type=PATH, default=None, help="A folder of your own lm-eval task YAML files.")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per lm-eval task (default: the task's).")
+@click.option("--onnx", "onnx_graph", type=PATH, default=None,
+              help="With --tasks: score the quantized side with this exported graph (onnxruntime) instead of torch.")
 @clean_errors
-def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_json):
+def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_json, tasks, task_path, num_fewshot,
+          onnx_graph):
     """Evaluate checkpoint TARGET and its source model side by side."""
     from lrq_deploy.eval import EvalOptions, evaluate_checkpoint
 
     backend = "torch" if backend == "kernels" else backend
+    if tasks or task_path or num_fewshot is not None or onnx_graph:
+        return _eval_tasks(target, tasks, task_path, num_fewshot, onnx_graph, limit, device, backend, as_json,
+                           refused={"--metric": metric, "--data": data, "--seq-len": seq_len})
     options = EvalOptions(metric, data, limit, device, backend=backend, seq_len=seq_len, fp_cache=fp_cache)
     result = evaluate_checkpoint(target, options)
     if as_json:
@@ -234,6 +245,37 @@ def eval_(target, metric, data, limit, seq_len, device, backend, fp_cache, as_js
         top1 = f", top-1 agreement {agreement['top1_agreement']:.2%}" if "top1_agreement" in agreement else ""
         click.echo(f"{label} vs full precision over {agreement['rows']} outputs: cosine mean "
                    f"{agreement['cosine_mean']:.5f}, 5th percentile {agreement['cosine_p5']:.5f}{top1}")
+
+
+def _eval_tasks(target, tasks, task_path, num_fewshot, onnx_graph, limit, device, backend, as_json, refused):
+    from lrq_deploy.eval.tasks import TaskOptions, evaluate_tasks
+
+    if not tasks:
+        raise LrqError("--task-path, --num-fewshot and --onnx go with --tasks (name the lm-eval tasks to run)")
+    given = [name for name, value in refused.items() if value is not None]
+    if given:
+        raise LrqError(f"{given[0]} does not apply to lm-eval tasks (--tasks)")
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    result = evaluate_tasks(target, TaskOptions(names, task_path, limit, num_fewshot, onnx_graph, device, backend))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"lm-eval {result['lm_eval_version']}, quantized side scored by {result['scorer']}"
+               + (f", at most {limit} documents per task" if limit else ""))
+    click.echo(f"{'task':<24}{'metric':<12}{'full precision':>20}{result['method'] + ' ' + result['scheme']:>24}")
+    for task, sides in result["tasks"].items():
+        for name, value in sides["quant"].items():
+            if name.endswith("_stderr"):
+                continue
+            cells = [_with_stderr(sides.get(side, {}), name) for side in ("fp", "quant")]
+            click.echo(f"{task:<24}{name:<12}{cells[0]:>20}{cells[1]:>24}")
+
+
+def _with_stderr(metrics: dict, name: str) -> str:
+    if name not in metrics:
+        return "-"
+    stderr = metrics.get(name + "_stderr")
+    return f"{metrics[name]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) and stderr == stderr else "")
 
 
 @main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour), onnxruntime-genai or vLLM.")

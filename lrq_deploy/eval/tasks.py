@@ -1,0 +1,236 @@
+"""lm-evaluation-harness tasks (PIQA, ARC, HellaSwag, MMLU, ... or a task of the user's own) on a
+quantized checkpoint and its full-precision source, side by side.
+
+`scoring_lm` gives lm-eval's `LM` interface over one function, token ids -> logits: the torch model
+(reference arithmetic or the kernels) or an exported onnxruntime graph, so a graph is judged by
+the same requests as the model it came from. Log-likelihoods are summed in float64 from the
+logits; generation is greedy and stops at the task's `until` strings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lrq_deploy.errors import LrqError
+from lrq_deploy.progress import step
+
+Logits = Callable[[torch.Tensor], torch.Tensor]  # (1, T) int64 ids -> (1, T, vocab) logits
+
+
+def _lm_base():
+    try:
+        from lm_eval.api.model import LM
+    except ImportError:
+        raise LrqError("lm-eval tasks need lm-evaluation-harness: pip install 'lrq-deploy[lmeval]'") from None
+    return LM
+
+
+def scoring_lm(logits: Logits, tokenizer, max_length: int):
+    """An lm-eval LM over `logits` (the class is made when lm_eval is importable)."""
+    LM = _lm_base()
+
+    class _ScoringLM(LM):
+        def __init__(self):
+            super().__init__()
+            self.tokenizer, self.max_length = tokenizer, max_length
+            prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            self.prefix_token = int(prefix if prefix is not None else 0)
+
+        def encode(self, text: str) -> list[int]:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+        def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            """Tokens of context and continuation as lm-eval's HF model splits them: trailing spaces
+            of the context move to the continuation, and the continuation is what encoding the
+            whole adds to the context's tokens."""
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            if not context:
+                return [self.prefix_token], self.encode(continuation)
+            whole, head = self.encode(context + continuation), self.encode(context)
+            return head, whole[len(head):]
+
+        def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+            ids = (context + continuation)[-(self.max_length + 1):][:-1]
+            out = logits(torch.tensor([ids], dtype=torch.long))[0, -len(continuation):].double()
+            logprobs = torch.log_softmax(out, dim=-1)
+            target = torch.tensor(continuation)
+            chosen = logprobs.gather(1, target[:, None]).sum().item()
+            return chosen, bool((logprobs.argmax(dim=-1) == target).all())
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return [self._score(*self._pair(*request.args)) for request in requests]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+            totals = []
+            for request in requests:
+                windows = get_rolling_token_windows(self.encode(request.args[0]), self.prefix_token,
+                                                    self.max_length, context_len=1)
+                totals.append(sum(self._score(*make_disjoint_window(w))[0] for w in windows))
+            return totals
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return [self._generate(*request.args) for request in requests]
+
+        def _generate(self, context: str, settings: dict) -> str:
+            until = settings.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            ids = self.encode(context) or [self.prefix_token]
+            new: list[int] = []
+            for _ in range(int(settings.get("max_gen_toks", 256))):
+                window = (ids + new)[-self.max_length:]
+                token = int(logits(torch.tensor([window], dtype=torch.long))[0, -1].argmax())
+                if token == self.tokenizer.eos_token_id:
+                    break
+                new.append(token)
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                if any(stop in text for stop in until):
+                    break
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            for stop in until:
+                text = text.split(stop)[0]
+            return text
+
+    return _ScoringLM()
+
+
+def torch_scorer(model, device) -> Logits:
+    @torch.no_grad()
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+    return run
+
+
+def onnx_scorer(graph: Path) -> Logits:
+    """Logits from an exported graph as written (onnxruntime's reference session; a graph with a
+    KV cache is fed an empty one)."""
+    from lrq_deploy.runtime.onnxrt import empty_past, reference_session
+
+    session = reference_session(Path(graph))
+    names = [i.name for i in session.get_inputs()]
+    if "input_ids" not in names:
+        raise LrqError(f"{graph} does not take input_ids: not a language-model graph")
+    output = session.get_outputs()[0].name
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        feed = {"input_ids": ids.numpy().astype(np.int64), **empty_past(session, ids.shape[0])}
+        return torch.from_numpy(session.run([output], feed)[0])
+
+    return run
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    tasks: tuple[str, ...]
+    task_path: Path | None = None  # a folder of the user's own task YAMLs (lm-eval's include_path)
+    limit: int | None = None
+    num_fewshot: int | None = None
+    onnx: Path | None = None  # score the quantized side with this graph instead of torch
+    device: str = "auto"
+    backend: str = "reference"
+    compare_fp: bool = True
+
+
+def evaluate_tasks(path: Path, options: TaskOptions) -> dict:
+    """{"tasks": {task: {"fp": {metric: value, metric_stderr: ...}, "quant": {...}}}, "scorer",
+    "method", "scheme", "lm_eval_version", "limit", "num_fewshot"} for checkpoint `path`."""
+    import lm_eval
+
+    from lrq_deploy.devices import resolve_device
+    from lrq_deploy.runtime.torch_models import load_torch_target
+
+    _lm_base()
+    manager = _task_manager(options.task_path)
+    _check_tasks(manager, options.tasks)
+    dev = resolve_device(options.device)
+    kernels = "require" if options.backend == "torch" else "never"
+    ckpt = load_torch_target(Path(path), dev, kernels=kernels, checkpoint=True).checkpoint
+    if ckpt.adapter.task != "causal_lm":
+        raise LrqError(f"lm-eval tasks score language models; {path} is a {ckpt.adapter.task} model")
+    length = ckpt.adapter.max_sequence_length(ckpt.model)
+    scorer = onnx_scorer(options.onnx) if options.onnx else torch_scorer(ckpt.model, dev)
+    result = {"scorer": f"onnxruntime {options.onnx}" if options.onnx else f"torch ({options.backend})",
+              "method": ckpt.method, "scheme": ckpt.scheme_name, "lm_eval_version": lm_eval.__version__,
+              "limit": options.limit, "num_fewshot": options.num_fewshot, "tasks": {}}
+    sides = {"quant": scoring_lm(scorer, ckpt.loaded.tokenizer, length)}
+    if options.compare_fp:
+        with step("loading the full-precision model"):
+            fp = load_torch_target(ckpt.source, dev).loaded
+        sides = {"fp": scoring_lm(torch_scorer(fp.model, dev), fp.tokenizer, length), **sides}
+    for side, lm in sides.items():
+        with step(f"lm-eval tasks, {'full precision' if side == 'fp' else 'quantized'}"):
+            scores = _run(lm, manager, options)
+        for task, metrics in scores.items():
+            result["tasks"].setdefault(task, {})[side] = metrics
+    return result
+
+
+def _task_manager(task_path: Path | None):
+    from lm_eval.tasks import TaskManager
+
+    if task_path is not None and not Path(task_path).is_dir():
+        raise LrqError(f"--task-path {task_path} is not a directory of task YAML files")
+    return TaskManager(include_path=str(task_path) if task_path else None)
+
+
+def _check_tasks(manager, tasks: tuple[str, ...]) -> None:
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise LrqError(f"unknown lm-eval task {unknown[0]!r} ({len(known)} known, e.g. piqa, arc_easy, arc_challenge, "
+                       "boolq, hellaswag, winogrande, mmlu; `lm-eval ls tasks` lists them; your own with --task-path)")
+
+
+def _run(lm, manager, options: TaskOptions) -> dict:
+    import contextlib
+    import io
+
+    from lm_eval import simple_evaluate
+
+    from lrq_deploy.progress import shown
+
+    # lm-eval's and datasets' own bars follow lrq's rule: terminals only, never with --quiet
+    quiet = contextlib.nullcontext() if shown() else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            out = simple_evaluate(model=lm, tasks=list(options.tasks), task_manager=manager, limit=options.limit,
+                                  num_fewshot=options.num_fewshot, bootstrap_iters=1000, log_samples=False,
+                                  verbosity="ERROR")
+    except LrqError:
+        raise
+    except Exception as exc:  # datasets / hub errors while loading task data come in many types
+        raise LrqError(_data_error(options.tasks, exc)) from None
+    return {task: _metrics(values) for task, values in out["results"].items()}
+
+
+def _metrics(values: dict) -> dict:
+    """lm-eval's {"acc,none": v, "acc_stderr,none": s, "alias": ...} as {"acc": v, "acc_stderr": s}."""
+    metrics = {}
+    for key, value in values.items():
+        name, _, _filter = key.partition(",")
+        if isinstance(value, (int, float)) and name not in ("sample_len",):
+            metrics[name] = float(value)
+    return metrics
+
+
+def _data_error(tasks, exc: Exception) -> str:
+    import os
+
+    from lrq_deploy.models.hf import first_line
+
+    cache = os.environ.get("HF_DATASETS_CACHE") or str(Path.home() / ".cache" / "huggingface" / "datasets")
+    message = first_line(exc)
+    if re.search(r"offline|connect|reach|resolve|not found|doesn't exist|couldn't find|no such file", message, re.I):
+        return (f"cannot load the data of {', '.join(tasks)} ({message}); lm-eval reads task data through the Hugging "
+                f"Face datasets cache ({cache}, HF_DATASETS_CACHE): run once online, or define the task over local files "
+                "(a YAML with dataset_path: json and data_files) in a folder given as --task-path")
+    return f"lm-eval failed on {', '.join(tasks)}: {message}"
