@@ -39,7 +39,7 @@ def reduce_to_prev(values: torch.Tensor, group: SmoothGroup) -> torch.Tensor:
 def group_params(block: nn.Module, group: SmoothGroup) -> dict[str, torch.Tensor]:
     """The block parameters a smoothing group touches, by their names in the block."""
     names = [f"{group.prev}.weight", f"{group.prev}.bias"]
-    for linear in group.linears:
+    for linear in group.linears + group.followers:
         names += [f"{linear}.weight", f"{linear}.bias"]
     own = dict(block.named_parameters())
     return {n: own[n] for n in names if n in own}
@@ -52,7 +52,7 @@ def smooth_params(
     """Return a copy of `params` with the group's smoothing applied (scale/shift/gain in prev space)."""
     out = dict(params)
     consumer_scale = expand_to_consumer(scale, group)
-    for name in group.linears:
+    for name in group.linears + group.followers:
         weight = params[f"{name}.weight"]
         if shift is not None:
             out[f"{name}.bias"] = params[f"{name}.bias"] + weight @ expand_to_consumer(shift, group)

@@ -51,10 +51,10 @@ def search_scales(job: BlockJob, grid: int, shifts: list | None = None) -> list[
     """(scale, exponent) of every smoothing group, searched on the inputs the groups receive now
     (less the group's shift, where `shifts` gives one). Searches read only each group's own
     linears, so folding one group's scale does not change another's search."""
-    inputs = capture_inputs(job, [g.linears[0] for g in job.groups], SCALE_ROWS)
+    inputs = capture_inputs(job, [g.observed for g in job.groups], SCALE_ROWS)
     found = []
     for i, group in enumerate(job.groups):
-        x, shift = inputs[group.linears[0]], shifts[i] if shifts else None
+        x, shift = inputs[group.observed], shifts[i] if shifts else None
         if shift is not None:
             x = x - expand_to_consumer(shift, group)
         found.append(search_scale(job, group, x, grid))

@@ -66,10 +66,9 @@ def weight_absmax(job: BlockJob, group) -> torch.Tensor:
 
 def smoothquant(job: BlockJob, alpha: float) -> dict:
     """SmoothQuant: s = max|X|^alpha / max|W|^(1 - alpha), folded into the preceding module."""
-    firsts = [g.linears[0] for g in job.groups]
-    stats = input_stats(job, firsts, job.q_inputs)
+    stats = input_stats(job, [g.observed for g in job.groups], job.q_inputs)
     for group in job.groups:
-        first = stats[group.linears[0]]
+        first = stats[group.observed]
         a = reduce_to_prev(torch.maximum(first["max"], -first["min"]), group)
         w = reduce_to_prev(weight_absmax(job, group), group)
         scale = (a.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)

@@ -117,12 +117,13 @@ def gptq_quantize(
 
 
 def input_stages(job) -> list[list[str]]:
-    """The block's linears in order, those sharing one input (a smoothing group) together."""
+    """The block's linears in order, those sharing one input (a smoothing group) together; routed
+    experts each alone (each sees its own tokens)."""
     stages, seen = [], set()
     for name in job.linear_names:
         if name in seen:
             continue
-        group = next((g.linears for g in job.groups if name in g.linears), (name,))
+        group = next((g.linears for g in job.groups if name in g.linears and not g.routed), (name,))
         stage = [n for n in group if n in job.linear_names and n not in seen]
         stages.append(stage)
         seen.update(stage)

@@ -84,9 +84,9 @@ def _group_key(index: int) -> str:
 def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
     params = BlockParams()
     qcfg = job.qconfig
-    stats = input_stats(job, [g.linears[0] for g in job.groups], job.q_inputs)
+    stats = input_stats(job, [g.observed for g in job.groups], job.q_inputs)
     for i, group in enumerate(job.groups):
-        amax, amin = (reduce_to_prev(s, group) for s in (stats[group.linears[0]]["max"], -stats[group.linears[0]]["min"]))
+        amax, amin = (reduce_to_prev(s, group) for s in (stats[group.observed]["max"], -stats[group.observed]["min"]))
         amin = -amin
         shift = None
         if group.shiftable and _has_biases(job.block, group):

@@ -30,6 +30,13 @@ class SmoothGroup:
     rows: tuple[int, int] | None = None  # slice of prev's output rows feeding the group (fused qkv)
     shiftable: bool = False
     norm_offset: float = 0.0  # a norm that multiplies by (norm_offset + weight), e.g. Gemma's (1 + weight)
+    followers: tuple[str, ...] = ()  # modules reading the same input that absorb the scale, unquantized (MoE router)
+    routed: bool = False  # the linears see routed subsets of the input (experts): not one shared input
+
+    @property
+    def observed(self) -> str:
+        """The module whose input statistics stand for the group's input."""
+        return self.followers[0] if self.routed and self.followers else self.linears[0]
 
 
 @dataclass
@@ -56,8 +63,14 @@ class ModelAdapter:
     agreement_argmax = False  # agreement_outputs are class / token scores (top-1 agreement is meaningful)
     compares_outputs = False  # eval also compares agreement_outputs of the FP and quantized models
 
+    restructures = False  # restructure() rewrites modules (lazy loading by safetensors names cannot serve it)
+
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
+
+    def restructure(self, model: nn.Module) -> None:
+        """Rewrite, in place, modules lrq cannot quantize as they are (e.g. experts stored as 3-D
+        tensors) into linears computing the same; applied to every model the family loads or builds."""
 
     def head(self, model: nn.Module) -> tuple[str, nn.Linear] | None:
         """(name, linear) of the output head that --quantize-head quantizes; None: the model has none."""

@@ -44,6 +44,7 @@ class HFAdapter(ModelAdapter):
 
         model = getattr(transformers, self.auto_class).from_pretrained(
             path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+        self.restructure(model)
         return model, self.load_preprocessor(path, trust_remote_code)
 
     def load_preprocessor(self, path: Path, trust_remote_code: bool = False):
@@ -92,6 +93,7 @@ class HFAdapter(ModelAdapter):
                            f"{config.model_type!r} model")
         with no_init_weights():  # every weight comes from the checkpoint: random init would only cost time
             model = self.from_config(config)
+        self.restructure(model)
         model.tie_weights()
         return model, preprocessor
 

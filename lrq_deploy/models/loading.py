@@ -75,6 +75,9 @@ def _load_hf_lazily(path: Path, spec: str, trust_remote_code: bool) -> LoadedMod
 
     config = _read_json(path / "config.json")
     adapter = hf_adapter(str(config.get("model_type", "<missing>")) if isinstance(config, dict) else "<missing>")
+    if adapter.restructures:
+        raise LrqError(f"--offload does not serve {adapter.family} models yet (their modules are rewritten after "
+                       "loading); calibrate without --offload")
     _check_safetensors_weights(path, spec)
     check_weights_match_config(path, adapter, spec, trust_remote_code)
     model, weights = lazy_hf_model(path, adapter, trust_remote_code)

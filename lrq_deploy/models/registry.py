@@ -9,13 +9,14 @@ from lrq_deploy.models.bert import BertAdapter
 from lrq_deploy.models.gemma import GemmaAdapter
 from lrq_deploy.models.llama import LlamaAdapter
 from lrq_deploy.models.llava import LlavaAdapter
+from lrq_deploy.models.moe import MoeAdapter
 from lrq_deploy.models.opt import OptAdapter
 from lrq_deploy.models.phi3 import Phi3Adapter
 from lrq_deploy.models.qwen3 import Qwen3Adapter
 from lrq_deploy.models.vit import VitAdapter
 
-ADAPTERS: list[ModelAdapter] = [LlamaAdapter(), Qwen3Adapter(), GemmaAdapter(), Phi3Adapter(), OptAdapter(),
-                                LlavaAdapter(), BertAdapter(), VitAdapter()]
+ADAPTERS: list[ModelAdapter] = [LlamaAdapter(), Qwen3Adapter(), GemmaAdapter(), Phi3Adapter(), MoeAdapter(),
+                                OptAdapter(), LlavaAdapter(), BertAdapter(), VitAdapter()]
 
 
 def adapter_for_family(family: str) -> ModelAdapter:

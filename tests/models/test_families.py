@@ -1,8 +1,9 @@
-"""The decoder families beyond LLaMA / OPT (tiny random configs): Qwen3 (q/k norms), Phi-3 (fused
-qkv and gate_up projections), Gemma 2 and Gemma 3 text ((1 + weight) norms, extra norms, soft-capping,
-sliding-window layers with their own masks and rotary tables). Each: smoothing folds exactly,
-the block chain replays the model, every method calibrates, and the quantized graph verifies in
-onnxruntime."""
+"""The decoder families beyond LLaMA / OPT (tiny random configs, models/tiny.py): Qwen3 (q/k norms),
+Phi-3 (fused qkv and gate_up projections), Gemma 2 and Gemma 3 text ((1 + weight) norms, extra norms,
+soft-capping, sliding-window layers with their own masks and rotary tables), Mixtral and Qwen3-MoE
+(experts as linears, router in the smoothing group). Each: lrq's model computes what transformers'
+does, smoothing folds exactly, the block chain replays the model, every method calibrates, and the
+quantized graph with its KV cache verifies in onnxruntime (logits and greedy tokens)."""
 
 from __future__ import annotations
 
@@ -16,41 +17,17 @@ from conftest import _save_hf
 from lrq_deploy.calib.registry import method_names
 from lrq_deploy.fold import fold_smoothing
 from lrq_deploy.models import load_model
-
-COMMON = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def _config(family: str):
-    import transformers
-
-    if family == "qwen3":
-        return transformers.Qwen3Config(**COMMON, head_dim=16)
-    if family == "phi3":
-        return transformers.Phi3Config(**COMMON)
-    if family == "gemma2":
-        return transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
-    # Gemma 3: sliding layers (local rotary base) around a full one; the window is shorter than the test windows
-    return transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=8,
-                                         query_pre_attn_scalar=16,
-                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-
+from lrq_deploy.models.tiny import tiny_model
 
 LEARNABLE = ("omniquant", "lrquant", "lrquant+")
-FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma", "gemma3_text": "gemma"}
+FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma", "gemma3_text": "gemma", "mixtral": "moe",
+            "qwen3_moe": "moe"}
+LINEARS_PER_BLOCK = {"phi3": 4, "mixtral": 4 + 2 * 4, "qwen3_moe": 4 + 2 * 4}  # fused qkv / gate_up; 4 experts
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_dir(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(request.param))
-    with torch.no_grad():  # non-trivial norm weights: Gemma's start at 0 (a scale of 1)
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.rand_like(param) * 0.5)
-    return request.param, _save_hf(model, tmp_path_factory.mktemp(request.param))
+    return request.param, _save_hf(tiny_model(request.param), tmp_path_factory.mktemp(request.param))
 
 
 def test_family_adapter_serves_the_model_type(family_dir):
@@ -101,7 +78,7 @@ def test_every_method_calibrates(family_dir, tmp_path, method):
                     "--nsamples", "2", "--seq-len", "16", *epochs, "--device", "cpu")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
-    per_block = 4 if model_type == "phi3" else 7  # fused qkv / gate_up: 4 linears a block
+    per_block = LINEARS_PER_BLOCK.get(model_type, 7)
     layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
     assert len(manifest["quantized_modules"]) == layers * per_block
 
@@ -125,3 +102,26 @@ def test_calibrate_eval_export_verify_info(family_dir, tmp_path):
     assert report["verify_generation"]["match"], report["verify_generation"]
     result = invoke("info", graph, "--json")
     assert result.exit_code == 0 and not json.loads(result.output)["problems"], result.output
+
+
+def test_loaded_model_computes_what_transformers_does(family_dir):
+    """lrq's model (experts rewritten as linears for the MoE families) has the logits of the
+    transformers model read from the same directory: long windows (experts routed many tokens)
+    and single tokens (experts routed none: run on every token with weight 0)."""
+    from transformers import AutoModelForCausalLM
+
+    _, path = family_dir
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    loaded = load_model(str(path))
+    for shape in ((2, 32), (1, 1)):
+        ids = torch.randint(0, 2048, shape, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_moe_offload_is_refused_in_one_line(tmp_path):
+    path = _save_hf(tiny_model("mixtral"), tmp_path / "mixtral")
+    result = invoke("calibrate", path, "-o", tmp_path / "q", "--offload")
+    assert result.exit_code != 0 and "--offload does not serve moe models" in result.output
+    assert len(result.output.strip().splitlines()) == 1
