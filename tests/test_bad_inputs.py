@@ -277,7 +277,8 @@ CASES = [
          "is not a model directory"),
     Case("calibrate-file-as-model", lambda i: ["calibrate", i.file("m.txt", "x"), "-o", i.path("o")], "is not a model directory"),
     Case("calibrate-unsupported-architecture", lambda i: ["calibrate", _config(i, {"model_type": "gpt2"}), "-o", i.path("o")],
-         "unsupported architecture 'gpt2' (supported: llama (llama, mistral, qwen2), opt"),
+         "unsupported architecture 'gpt2' (supported: llama (llama, mistral, qwen2), qwen3 (qwen3), gemma (gemma, "
+         "gemma2, gemma3_text), phi3 (phi3), moe (mixtral, qwen3_moe), opt"),
     Case("calibrate-config-not-json", lambda i: ["calibrate", _config(i, "{not json"), "-o", i.path("o")], "is not valid JSON"),
     Case("calibrate-config-not-object", lambda i: ["calibrate", _config(i, "[1, 2]"), "-o", i.path("o")], "is not a model config"),
     Case("calibrate-pickle-weights-only", lambda i: ["calibrate", _pickle_only_model(i), "-o", i.path("o")],

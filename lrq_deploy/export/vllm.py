@@ -75,6 +75,9 @@ def _check_supported(ckpt) -> None:
     quant = ckpt.quant
     if ckpt.adapter.task != "causal_lm":
         raise LrqError(f"--vllm exports causal language models; this checkpoint is a {ckpt.adapter.task} model")
+    if ckpt.adapter.restructures:
+        raise LrqError(f"--vllm does not serve {ckpt.adapter.family} checkpoints yet (lrq keeps their experts as "
+                       "one linear pair per expert; vLLM loads the fused layout); use --onnx or --genai")
     if quant is None or (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8)):
         raise LrqError(f"--vllm cannot express {ckpt.scheme_name}: compressed-tensors checkpoints support {SUPPORTED}")
 
