@@ -419,6 +419,10 @@ CASES = [
     Case("eval-data-directory", lambda i: ["eval", i.checkpoint(), "--data", Path(i.file("texts/a.txt", "x")).parent],
          "is a directory"),
     Case("eval-wrong-metric", lambda i: ["eval", i.checkpoint(), "--metric", "top1"], "does not apply to a causal_lm model"),
+    Case("eval-unknown-lm-eval-task", lambda i: ["eval", i.checkpoint(), "--tasks", "no_such_task"], "unknown lm-eval task"),
+    Case("eval-task-options-without-tasks", lambda i: ["eval", i.checkpoint(), "--num-fewshot", "2"], "go with --tasks"),
+    Case("eval-task-path-missing", lambda i: ["eval", i.checkpoint(), "--tasks", "x", "--task-path", i.path("none")],
+         "is not a directory of task YAML files"),
     # export
     # data-loss paths: --force never reaches an input or what lrq did not write (tests/test_outputs.py: every command)
     Case("calibrate-output-is-the-model", lambda i: ["calibrate", (m := i.model()), "-o", m, "--force"], "is the input"),
