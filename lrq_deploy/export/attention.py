@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrq_deploy.export.graph import consumers, producers, set_nodes
 from lrq_deploy.models.attention import AttentionLayout
 
 MICROSOFT = "com.microsoft"
@@ -37,7 +38,8 @@ def group_query_attention(
     """Reference: rotary (rotate-half) at positions past..past+S-1, cache append, causal
     grouped-query attention. query [B, S, H·D], key/value [B, S, KV·D], past [B, KV, P, D],
     seqlens_k [B] int32 (P+S-1 in every row: no padding), total_length int32 scalar (P+S) ->
-    (out [B, S, H·D], present key, present value [B, KV, P+S, D])."""
+    (out [B, S, H·D], present key, present value [B, KV, P+S, D]). seqlens_k and total_length are
+    carried for the ONNX node only: this reference takes both from the shapes (no padded rows)."""
     batch, seq, _ = query.shape
     head_dim = past_key.shape[-1]
     start = past_key.shape[2]
@@ -115,9 +117,8 @@ def group_query_attention_modules(layout: AttentionLayout):
     """Inside: every attention module of the layout runs through lrq::group_query_attention,
     reading its past from the cache the model is called with and leaving the present there."""
     originals = [module.forward for module in layout.modules]
-    cos, sin = layout.cos, layout.sin
     for module in layout.modules:
-        module.forward = _fused_forward(module, layout, cos, sin)
+        module.forward = _fused_forward(module, layout)
     try:
         yield
     finally:
@@ -125,7 +126,7 @@ def group_query_attention_modules(layout: AttentionLayout):
             module.forward = forward
 
 
-def _fused_forward(module: nn.Module, layout: AttentionLayout, cos: torch.Tensor, sin: torch.Tensor):
+def _fused_forward(module: nn.Module, layout: AttentionLayout):
     def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layer = cache.layers[module.layer_idx]
@@ -136,7 +137,7 @@ def _fused_forward(module: nn.Module, layout: AttentionLayout, cos: torch.Tensor
         total_length = torch.full((), total, dtype=torch.int32)
         out, present_key, present_value = torch.ops.lrq.group_query_attention(
             module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states),
-            layer.keys, layer.values, seqlens_k, total_length, cos, sin, layout.num_heads, layout.kv_heads,
+            layer.keys, layer.values, seqlens_k, total_length, layout.cos, layout.sin, layout.num_heads, layout.kv_heads,
             layout.scale)
         layer.keys, layer.values = present_key, present_value
         return module.o_proj(out), None
@@ -148,23 +149,17 @@ def pack_qkv(model) -> int:
     """Where one fused linear computes q, k and v and a Split hands them to a GroupQueryAttention
     (export/fuse.py), give the node the packed [B, S, (H + 2 KV)·D] tensor instead (its packed-QKV
     form, key and value inputs empty) and drop the Split; returns how many nodes were packed."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    producer, readers = producers(model), consumers(model)
     dropped = set()
     for node in model.graph.node:
         if node.op_type != "GroupQueryAttention" or node.domain != MICROSOFT:
             continue
-        split = producers.get(node.input[0])
+        split = producer.get(node.input[0])
         if (split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3])
-                or any(consumers.get(name, 0) != 1 for name in split.output)):
+                or any(len(readers[name]) != 1 for name in split.output)):
             continue
         node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
         dropped.add(split.output[0])
     if dropped:
-        nodes = [n for n in model.graph.node if not (n.op_type == "Split" and n.output[0] in dropped)]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+        set_nodes(model, [n for n in model.graph.node if not (n.op_type == "Split" and n.output[0] in dropped)])
     return len(dropped)

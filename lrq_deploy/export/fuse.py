@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lrq_deploy.export.graph import Graph, QuantNode, as_quant_node
+from lrq_deploy.export.graph import Graph, QuantNode, as_quant_node, set_nodes
 
 
 def fuse_shared_inputs(model: onnx.ModelProto) -> int:
@@ -41,8 +41,7 @@ def fuse_shared_inputs(model: onnx.ModelProto) -> int:
         if node.name in removed:
             continue
         nodes += replacements.get(node.name, [node])
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    set_nodes(model, nodes)
     graph.drop_unused_initializers()
     return len(removed)
 

@@ -7,6 +7,7 @@ the scheme's (QuantScheme.to_attributes) plus in_features. Lowerings read it as 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,26 @@ def packed_tensor(name: str, codes: np.ndarray, bits: int, data_type: int) -> Te
     tensor.dims.extend(codes.shape)
     tensor.raw_data = pack_array(codes, bits)
     return tensor
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """The node computing each tensor (graph inputs and initializers have none)."""
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes reading each tensor (an empty list for a tensor nobody reads)."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    return readers
+
+
+def set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    """Replace the graph's node list (nodes kept in topological order by the caller)."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 class Graph:

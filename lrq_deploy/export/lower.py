@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.export.graph import MIN_OPSET, Graph, as_quant_node, drop_domain, quant_nodes
+from lrq_deploy.export.graph import MIN_OPSET, Graph, as_quant_node, drop_domain, quant_nodes, set_nodes
 from lrq_deploy.export.lower_ort import lower_for_ort
 from lrq_deploy.export.lower_trt import lower_for_trt
 
@@ -46,8 +46,7 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
             continue
         new_nodes += lower_node(graph, qn, f"lrq_linear_{index}")
         index += 1
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    set_nodes(model, new_nodes)
     graph.drop_unused_initializers()
     if target == "ort":
         drop_domain(model)

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lrq_deploy.export.graph import (
-    MIN_OPSET, Graph, QuantNode, attributes, default_opset, drop_domain, set_opset,
+    MIN_OPSET, Graph, QuantNode, attributes, default_opset, drop_domain, set_nodes, set_opset,
 )
 from lrq_deploy.export.lower_ort import lower_for_ort, lower_standard
 from lrq_deploy.quant.scheme import DOMAIN, layer_attributes
@@ -64,8 +64,7 @@ def ort_reference(model: onnx.ModelProto) -> onnx.ModelProto:
             inputs[i] = graph.const(f"lrq_reference_{index}.{i}", graph.array(inputs[i]).view(np.uint8))
         qn = QuantNode(helper.make_node("QuantLinear", inputs, list(node.output), domain=DOMAIN), scheme, in_features)
         new_nodes += lower_for_ort(graph, qn, f"lrq_reference_{index}")
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    set_nodes(model, new_nodes)
     graph.drop_unused_initializers()
     drop_domain(model)
     set_opset(model, opset)

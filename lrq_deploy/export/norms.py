@@ -10,20 +10,16 @@ difference of an ulp of the normalised value, far inside the verification tolera
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import onnx
 from onnx import helper
+
+from lrq_deploy.export.graph import consumers, producers, set_nodes
 
 
 def norms_as_division(model: onnx.ModelProto) -> int:
     """Rewrite every Mul(x, Reciprocal(Sqrt(v))) as Div(x, Sqrt(v)); returns how many norms
     were rewritten (a Reciprocal with any other consumer is left as it is)."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    producer, readers = producers(model), consumers(model)
     graph_outputs = {o.name for o in model.graph.output}
     rewrites: dict[str, onnx.NodeProto] = {}
     dropped: set[str] = set()
@@ -31,7 +27,7 @@ def norms_as_division(model: onnx.ModelProto) -> int:
         if node.op_type != "Reciprocal" or node.output[0] in graph_outputs:
             continue
         source = producer.get(node.input[0])
-        users = consumers[node.output[0]]
+        users = readers[node.output[0]]
         if source is None or source.op_type != "Sqrt" or not users or any(u.op_type != "Mul" for u in users):
             continue
         for mul in users:
@@ -40,9 +36,7 @@ def norms_as_division(model: onnx.ModelProto) -> int:
         dropped.add(node.output[0])
     if not dropped:
         return 0
-    nodes = [rewrites.get(n.output[0], n) for n in model.graph.node if n.output[0] not in dropped]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    set_nodes(model, [rewrites.get(n.output[0], n) for n in model.graph.node if n.output[0] not in dropped])
     return len(dropped)
 
 
@@ -52,16 +46,12 @@ def residual_norms_as_contrib(model: onnx.ModelProto) -> int:
     sum still an output for the next residual); returns how many were replaced. onnxruntime's
     own fusion of this pattern needs shapes it cannot always infer in these graphs."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    producer, readers = producers(model), consumers(model)
     constants = {t.name: t for t in graph.initializer}
     replaced: dict[str, onnx.NodeProto] = {}  # output[0] of the norm's final Mul -> the fused node
     removed: set[str] = set()  # output[0] of the nodes folded into it
     for add in graph.node:
-        chain = _rms_norm_chain(add, consumers, constants) if add.op_type == "Add" else None
+        chain = _rms_norm_chain(add, readers, constants) if add.op_type == "Add" else None
         if chain is None or any(name in constants or name not in producer for name in add.input):
             continue
         mul, weight, epsilon = chain[-1], chain[-1].input, _scalar(constants, chain[2], 1)
@@ -72,9 +62,7 @@ def residual_norms_as_contrib(model: onnx.ModelProto) -> int:
         removed.update(node.output[0] for node in (add, *chain[:-1]))
     if not replaced:
         return 0
-    nodes = [replaced.get(n.output[0], n) for n in graph.node if n.output[0] not in removed]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    set_nodes(model, [replaced.get(n.output[0], n) for n in graph.node if n.output[0] not in removed])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replaced)

@@ -25,7 +25,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.export.attention import pack_qkv
 from lrq_deploy.export.fuse import fuse_shared_inputs
 from lrq_deploy.export.norms import norms_as_division, residual_norms_as_contrib
-from lrq_deploy.export.graph import default_opset, set_opset
+from lrq_deploy.export.graph import default_opset, producers, set_opset
 from lrq_deploy.export.lower import lower, required_opset, scheme_opset
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.checkpoint import load_source
@@ -343,7 +343,7 @@ def _fp16_linear_bytes(model: onnx.ModelProto) -> int:
     """Bytes the quantized linears' weights would take in FP16, from the weight tensor each
     lowered pattern consumes (DequantizeLinear data, MatMulInteger codes, or a plugin's shape)."""
     inits = {t.name: t for t in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producer = producers(model)
     total = 0
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -353,8 +353,8 @@ def _fp16_linear_bytes(model: onnx.ModelProto) -> int:
         if not node.name.startswith("lrq_linear_") or node.op_type not in ("DequantizeLinear", "MatMulInteger", "MatMul"):
             continue
         weight = node.input[0] if node.op_type == "DequantizeLinear" else node.input[1]
-        if weight in producers and producers[weight].op_type == "Cast":  # UINT4 codes cast to UINT8
-            weight = producers[weight].input[0]
+        if weight in producer and producer[weight].op_type == "Cast":  # UINT4 codes cast to UINT8
+            weight = producer[weight].input[0]
         if weight in inits and (node.op_type != "MatMul" or weight.endswith("weight_t")):
             total += int(np.prod(inits[weight].dims)) * 2
     return total
