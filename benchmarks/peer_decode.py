@@ -8,7 +8,7 @@ onnxruntime-genai runs in its own environment (its own onnxruntime), named by --
     python -m venv /tmp/genai && /tmp/genai/bin/pip install torch==2.13.0 onnxruntime-genai transformers onnx
     python benchmarks/random_llama.py -o llama --layers 2
     /tmp/genai/bin/python -m onnxruntime_genai.models.builder -i llama -o genai-a4 -p int4 -e cpu \\
-        --extra_options int4_accuracy_level=4 int4_block_size=128
+        --extra_options accuracy_level=4 block_size=128     # 0.18.0's keys: int4_* ones are ignored
     cp -r genai-a4 genai-a1 && python benchmarks/peer_decode.py --set-accuracy genai-a1 1
     lrq calibrate llama -o w4 --wbits 4 --group-size 128 --symmetric --quantize-head --nsamples 4 --seq-len 64
     lrq export llama --onnx fp.onnx --with-past --no-verify
@@ -78,6 +78,24 @@ def time_genai(directory: Path, peer_python: str, prompt_len: int, new_tokens: i
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def weights_of(target: Path) -> str:
+    """What a target's quantized linears compute with, from its graph: lrq's scheme and the
+    MatMulNBits accuracy level it declares, or the genai graph's MatMulNBits block size and
+    accuracy level (the table shows it so that only like numerics are compared)."""
+    import onnx
+
+    graph = target / "model.onnx" if target.is_dir() else target
+    model = onnx.load(str(graph), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "lrq.scheme" in meta:
+        level = meta.get("lrq.ort_matmulnbits_accuracy_level")
+        return meta["lrq.scheme"] + (f", accuracy {level}" if level else "")
+    found = {(a["block_size"], a["accuracy_level"]) for a in (
+        {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        for n in model.graph.node if n.op_type == "MatMulNBits")}
+    return ", ".join(f"int4 g{block}, accuracy {level}" for block, level in sorted(found)) or "float"
+
+
 def set_accuracy(directory: Path, level: int) -> int:
     """Set every MatMulNBits node's accuracy_level in a genai model (the builder, 0.18.0, writes 4
     whatever int4_accuracy_level says): 1 computes in fp32, the class of lrq's exact graphs."""
@@ -121,11 +139,11 @@ def main() -> int:
     base = statistics.median(r["tokens_per_s"] for r in runs[str(targets[0][1])])
     print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} thread(s), {args.rounds} rounds "
           "(median)\n")
-    print("| engine | target | TTFT ms | tokens/s | vs first |\n|---|---|---|---|---|")
+    print("| engine | target | weights | TTFT ms | tokens/s | vs first |\n|---|---|---|---|---|---|")
     for kind, target in targets:
         tps = statistics.median(r["tokens_per_s"] for r in runs[str(target)])
         ttft = statistics.median(r["ttft_ms"] for r in runs[str(target)])
-        print(f"| {kind} | {target.name} | {ttft:.1f} | {tps:.2f} | {tps / base:.2f}x |")
+        print(f"| {kind} | {target.name} | {weights_of(target)} | {ttft:.1f} | {tps:.2f} | {tps / base:.2f}x |")
     return 0
 
 
