@@ -62,6 +62,22 @@ def test_gemv_split_over_k_is_deterministic_and_exact_to_tolerance():
     torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=2e-4)
 
 
+def test_gemv_split_past_k_reads_no_scale_beyond_the_row():
+    """When splits x chunks per program exceed K's chunks, the last program's extra chunk must add
+    nothing: its group index lies past the last row's scales (here: NaN-filled memory after them)."""
+    n, k, group = 40, 320, 64
+    launch = dispatch.plan("gemv", 8, n, k, group, 4)
+    chunks = -(-k // launch.constexprs["BLOCK_K"])
+    if launch.split_k * launch.constexprs["K_ITERS"] == chunks:
+        pytest.skip("this dispatch table gives the shape no chunk beyond K")
+    packed, scales, zeros, weight = _layer(n, k, 3, group)
+    poisoned = torch.full((scales.numel() + 64,), float("nan"), dtype=scales.dtype)
+    poisoned[: scales.numel()] = scales.flatten()
+    x = torch.randn(8, k, generator=GEN)
+    y = ops.weight_only_linear(x, packed, poisoned[: scales.numel()].view(n, -1), zeros, None, 4, group)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [2, 20, 300])
 def test_weight_only_half_precision(dtype, m):
