@@ -51,8 +51,7 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
     if options.data is not None:
         check_readable_data(Path(options.data))
     dev = resolve_device(options.device)
-    kernels = "require" if options.backend == "torch" else "never"
-    ckpt = load_torch_target(Path(path), dev, kernels=kernels, checkpoint=True).checkpoint
+    ckpt = load_for_eval(path, dev, options.backend)
     adapter = ckpt.adapter
     if options.metric is not None and options.metric != adapter.default_metric:
         raise LrqError(f"metric {options.metric!r} does not apply to a {adapter.task} model (use {adapter.default_metric})")
@@ -83,6 +82,15 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
         del fp
     result["quant"] = metric(ckpt.model, ckpt.loaded)
     return result
+
+
+def load_for_eval(path: Path, device, backend: str):
+    """The checkpoint at `path` on `device`, its quantized linears on the reference arithmetic or
+    (backend "torch") the Triton kernels."""
+    from lrq_deploy.runtime.torch_models import load_torch_target
+
+    kernels = "require" if backend == "torch" else "never"
+    return load_torch_target(Path(path), device, kernels=kernels, checkpoint=True).checkpoint
 
 
 def _fp_settings(options: EvalOptions, adapter, device) -> dict:

@@ -103,11 +103,10 @@ def scoring_lm(logits: Logits, tokenizer, max_length: int):
 
 
 def torch_scorer(model, device) -> Logits:
-    @torch.no_grad()
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+    """The model's logits (models/causal_lm.py torch_logits), without autograd."""
+    from lrq_deploy.models.causal_lm import torch_logits
 
-    return run
+    return torch.no_grad()(torch_logits(model, device))
 
 
 def onnx_scorer(graph: Path) -> Logits:
@@ -146,14 +145,14 @@ def evaluate_tasks(path: Path, options: TaskOptions) -> dict:
     import lm_eval
 
     from lrq_deploy.devices import resolve_device
+    from lrq_deploy.eval.api import load_for_eval
     from lrq_deploy.runtime.torch_models import load_torch_target
 
     _lm_base()
     manager = _task_manager(options.task_path)
     _check_tasks(manager, options.tasks)
     dev = resolve_device(options.device)
-    kernels = "require" if options.backend == "torch" else "never"
-    ckpt = load_torch_target(Path(path), dev, kernels=kernels, checkpoint=True).checkpoint
+    ckpt = load_for_eval(path, dev, options.backend)
     if ckpt.adapter.task != "causal_lm":
         raise LrqError(f"lm-eval tasks score language models; {path} is a {ckpt.adapter.task} model")
     length = ckpt.adapter.max_sequence_length(ckpt.model)

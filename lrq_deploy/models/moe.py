@@ -50,26 +50,18 @@ class RoutedExperts(nn.ModuleList):
     def __init__(self, fused: nn.Module):
         super().__init__(Expert(fused.gate_up_proj[e], fused.down_proj[e], fused.act_fn)
                          for e in range(fused.gate_up_proj.shape[0]))
-        self.num_experts = len(self)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        weights = torch.zeros(hidden.shape[0], self.num_experts, dtype=top_k_weights.dtype, device=hidden.device)
-        weights = weights.scatter(1, top_k_index, top_k_weights)  # per token and expert; 0 where not routed
-        if torch.compiler.is_exporting():
-            return self._dense(hidden, weights)
+        weights = torch.zeros(hidden.shape[0], len(self), dtype=top_k_weights.dtype, device=hidden.device)
+        weights = weights.scatter(1, top_k_index, top_k_weights).to(hidden.dtype)  # 0 where not routed
+        dense = torch.compiler.is_exporting()  # a traced graph has no data-dependent row selection
         out = torch.zeros_like(hidden)
         for e, expert in enumerate(self):
-            rows = weights[:, e].nonzero().flatten()
-            if len(rows) < MIN_ROUTED_TOKENS:  # too few to calibrate on: every token, weight 0 where not routed
-                out += expert(hidden) * weights[:, e, None].to(hidden.dtype)
+            rows = None if dense else weights[:, e].nonzero().flatten()
+            if rows is None or len(rows) < MIN_ROUTED_TOKENS:  # every token, weight 0 where not routed
+                out = out + expert(hidden) * weights[:, e, None]
             else:
-                out.index_add_(0, rows, expert(hidden[rows]) * weights[rows, e, None].to(hidden.dtype))
-        return out
-
-    def _dense(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden)
-        for e, expert in enumerate(self):
-            out = out + expert(hidden) * weights[:, e, None].to(hidden.dtype)
+                out = out.index_add(0, rows, expert(hidden[rows]) * weights[rows, e, None])
         return out
 
 
@@ -97,7 +89,7 @@ class MoeAdapter(LlamaAdapter):
         kv_heads, _ = self.kv_cache_shape(cfg)
         experts = self.blocks(model)[0].mlp.experts
         inner = experts[0].down_proj.in_features
-        names = [f"mlp.experts.{e}" for e in range(experts.num_experts)]
+        names = [f"mlp.experts.{e}" for e in range(len(experts))]
         return [
             SmoothGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             SmoothGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",),
