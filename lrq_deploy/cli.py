@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import sys
 from functools import wraps
 from pathlib import Path
@@ -264,7 +265,7 @@ def _eval_tasks(target, tasks, task_path, num_fewshot, onnx_graph, limit, device
                + (f", at most {limit} documents per task" if limit else ""))
     click.echo(f"{'task':<24}{'metric':<12}{'full precision':>20}{result['method'] + ' ' + result['scheme']:>24}")
     for task, sides in result["tasks"].items():
-        for name, value in sides["quant"].items():
+        for name in sides["quant"]:
             if name.endswith("_stderr"):
                 continue
             cells = [_with_stderr(sides.get(side, {}), name) for side in ("fp", "quant")]
@@ -275,7 +276,7 @@ def _with_stderr(metrics: dict, name: str) -> str:
     if name not in metrics:
         return "-"
     stderr = metrics.get(name + "_stderr")
-    return f"{metrics[name]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) and stderr == stderr else "")
+    return f"{metrics[name]:.4f}" + ("" if stderr is None or math.isnan(stderr) else f" ± {stderr:.4f}")
 
 
 @main.command(short_help="Export a checkpoint to ONNX (onnxruntime or TensorRT flavour), onnxruntime-genai or vLLM.")

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrq_deploy.export.graph import consumers, producers, set_nodes
+from lrq_deploy.export.graph import MICROSOFT, consumers, producers, set_nodes
 from lrq_deploy.models.attention import AttentionLayout
 
-MICROSOFT = "com.microsoft"
 OPTIONAL_INPUTS = ("key", "value", "cos_cache", "sin_cache")  # key / value: absent when query packs q, k, v
 
 

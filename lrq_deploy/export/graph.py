@@ -18,6 +18,8 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.quant.pack import pack_array, unpack_array
 from lrq_deploy.quant.scheme import DOMAIN, QuantScheme
 
+MICROSOFT = "com.microsoft"  # onnxruntime's contrib-operator domain
+
 # Minimum opset of a DequantizeLinear per weight type (block-wise DQ and INT4/UINT4: 21, INT2/UINT2: 25).
 MIN_OPSET = {2: 25, 3: 21, 4: 21, 6: 21, 8: 21, 16: 18}
 

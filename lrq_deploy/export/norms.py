@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from lrq_deploy.export.graph import consumers, producers, set_nodes
+from lrq_deploy.export.graph import MICROSOFT, consumers, producers, set_nodes
 
 
 def norms_as_division(model: onnx.ModelProto) -> int:
@@ -58,27 +58,27 @@ def residual_norms_as_contrib(model: onnx.ModelProto) -> int:
         gamma = weight[0] if weight[0] in constants else weight[1]
         replaced[mul.output[0]] = helper.make_node(
             "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], gamma], [mul.output[0], "", "", add.output[0]],
-            name=f"{mul.name}.skip_norm", domain="com.microsoft", epsilon=epsilon)
+            name=f"{mul.name}.skip_norm", domain=MICROSOFT, epsilon=epsilon)
         removed.update(node.output[0] for node in (add, *chain[:-1]))
     if not replaced:
         return 0
     set_nodes(model, [replaced.get(n.output[0], n) for n in graph.node if n.output[0] not in removed])
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if not any(o.domain == MICROSOFT for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
     return len(replaced)
 
 
-def _rms_norm_chain(x_node, consumers, constants):
+def _rms_norm_chain(x_node, readers, constants):
     """[Pow, ReduceMean, Add, Sqrt, Div, Mul] of x / sqrt(mean(x^2, -1) + eps) * w reading
     x_node's output, or None."""
     x = x_node.output[0]
-    users = consumers[x]
+    users = readers[x]
     pow_ = next((u for u in users if u.op_type == "Pow" and u.input[0] == x and _scalar(constants, u, 1) == 2.0), None)
     if pow_ is None:
         return None
     chain, current = [pow_], pow_
     for op in ("ReduceMean", "Add", "Sqrt", "Div", "Mul"):
-        nxt = consumers[current.output[0]]
+        nxt = readers[current.output[0]]
         if len(nxt) != 1 or nxt[0].op_type != op:
             return None
         current = nxt[0]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lrq_deploy.errors import LrqError
+
 __all__ = ["E2M1", "E4M3", "FloatFormat", "MXFP4_BLOCK", "NVFP4_BLOCK", "decode", "e8m0_scale", "encode",
            "fake_quant_fp8", "fake_quant_mxfp4", "fake_quant_nvfp4", "fp8_scale", "mxfp4_quantize",
            "nvfp4_quantize", "round_ste", "round_to_format"]
@@ -122,8 +124,6 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] % size:
-        from lrq_deploy.errors import LrqError
-
         raise LrqError(f"the last dimension ({x.shape[-1]}) must be a multiple of the {size}-element block")
     return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
 
