@@ -95,11 +95,11 @@ def gemv(
         offs_k = k0 + in_word
         if GROUPED:
             # the last split-K program may run past K (splits * K_ITERS chunks >= the chunks K has):
-            # such a chunk's group lies beyond the row's scales, and scale 0 makes it add nothing
-            group = k0 // GROUP
-            live = (offs_n < N) & (k0 < K)
-            scale = tl.load(s_ptr + offs_n * G + group, mask=live, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + offs_n * G + group, mask=live, other=0).to(tl.float32)
+            # such a chunk reads the row's last group (its codes and x are zero, so it adds nothing)
+            # rather than the scale beyond the row
+            group = tl.minimum(k0 // GROUP, G - 1)
+            scale = tl.load(s_ptr + offs_n * G + group, mask=offs_n < N, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + offs_n * G + group, mask=offs_n < N, other=0).to(tl.float32)
         for r in tl.static_range(ROWS):
             x = tl.load(x_ptr + r * K + offs_k, mask=(offs_k < K) & (r < M), other=0.0).to(tl.float32)
             qx = tl.sum(tl.sum(codes * x[None, :, :], axis=2), axis=1)  # [BLOCK_N]
