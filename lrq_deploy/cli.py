@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from lrq_deploy.calib.registry import method_names, option_fields
-from lrq_deploy.quant.scheme import ACT_BITS, WEIGHT_BITS
+from lrq_deploy.quant.scheme import ACT_BITS, FORMATS, PRESETS, WEIGHT_BITS
 from lrq_deploy.errors import LrqError
 
 
@@ -129,6 +129,13 @@ def method_options(command):
 @click.option("--act-asym/--act-sym", "act_asym", default=None,
               help="Per-token activations: asymmetric (each token's [min, max] with a zero point; the default "
                    "when --abits < 16) or symmetric (+-max, for kernels that prefer it).")
+@click.option("--wformat", type=click.Choice(FORMATS), default="int", show_default=True,
+              help="Weight number grid: integers, FP8 E4M3 (per output channel), NVFP4 (E2M1, blocks of 16 with E4M3 "
+                   "scales) or MXFP4 (E2M1, blocks of 32 with power-of-two scales); a float grid sets its bits and block.")
+@click.option("--aformat", type=click.Choice(FORMATS), default="int", show_default=True,
+              help="Activation number grid: per-token integers, or the weights' float grid (static calibrated scale).")
+@click.option("--scheme", type=click.Choice(list(PRESETS)), default=None,
+              help="A named float scheme: fp8 (W8A8 E4M3), nvfp4 / mxfp4 (W4A4), w8a16-fp8, w4a16-nvfp4, w4a16-mxfp4.")
 @click.option("--method", type=click.Choice(method_names()), default="rtn", show_default=True)
 @click.option("--calib-data", type=PATH, default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")

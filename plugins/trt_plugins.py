@@ -24,9 +24,10 @@ NAMESPACE = DOMAIN
 VERSION = "1"
 PLUGIN_NAMES = tuple(QuantScheme(w, a).plugin_name for w, a in kernel_schemes())
 # The plugin's serialized fields, in the order engines store them (built engines keep this order:
-# it is part of their bytes): the scheme's attributes and the layer's shape.
+# it is part of their bytes): the scheme's attributes and the layer's shape. The number formats are
+# not among them: plugins serve integer grids only (float grids are TensorRT's own Q/DQ layers).
 FIELDS = ("wbits", "abits", "group_size", "in_features", "out_features", "symmetric", "act_asym")
-assert sorted(FIELDS) == sorted(ATTRIBUTES + LAYER_ATTRIBUTES)
+assert sorted(FIELDS) == sorted(set(ATTRIBUTES + LAYER_ATTRIBUTES) - {"wformat", "aformat"})
 
 _registered: dict[tuple[str, str], object] = {}  # (module, plugin) -> creator; TensorRT keeps raw pointers
 

@@ -14,7 +14,7 @@ from lrq_deploy.calib.head import quantize_head
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
-from lrq_deploy.quant.scheme import QuantScheme
+from lrq_deploy.quant.scheme import FLOAT_FORMATS, QuantScheme
 from lrq_deploy.devices import resolve_device
 from lrq_deploy.errors import LrqError
 from lrq_deploy.data import check_readable_data
@@ -154,6 +154,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
     if options.get("revision"):
         options["model"] = with_revision(options["model"] or DEFAULT_MODEL, options["revision"])
     options.pop("revision", None)
+    _apply_format(options, given)
     if options.get("resume"):
         _fill_from_run_dir(options, given)
     qconfig = QuantScheme(**{name: options[name] for name in QUANT_OPTIONS})
@@ -173,6 +174,25 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
 
 CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "quantize_head")  # every method's; its own come from the registry
 QUANT_OPTIONS = tuple(f.name for f in fields(QuantScheme))
+
+
+def _apply_format(options: dict, given: set) -> None:
+    """--scheme PRESET fills the scheme fields not given; a float --wformat / --aformat not given its
+    bits (or block) takes the format's own."""
+    preset = options.pop("scheme", None)
+    if preset:
+        for name, value in QuantScheme.preset(preset).to_dict().items():
+            if name not in given:
+                options[name] = value
+                given.add(name)
+    for fmt_field, bits_field in (("wformat", "wbits"), ("aformat", "abits")):
+        fmt = options.get(fmt_field)
+        if fmt in FLOAT_FORMATS and bits_field not in given:
+            options[bits_field] = FLOAT_FORMATS[fmt][0]
+            given.add(bits_field)
+            if fmt_field == "wformat" and "group_size" not in given:
+                options["group_size"] = FLOAT_FORMATS[fmt][1]
+                given.add("group_size")
 
 
 def _fill_from_run_dir(options: dict, given: set) -> None:

@@ -16,7 +16,7 @@ from lrq_deploy.calib.baselines import capture_inputs, replace_linears
 from lrq_deploy.calib.blockwise import BlockJob
 from lrq_deploy.fold import expand_to_consumer, fold_smoothing, reduce_to_prev
 from lrq_deploy.models.base import SmoothGroup
-from lrq_deploy.quant.primitives import fake_quant_activation, fake_quant_weight, weight_qparams
+from lrq_deploy.quant.grids import fake_quant_input, weight_grid
 from lrq_deploy.quant.scheme import QuantScheme, group_length
 
 __all__ = ["awq_block", "search_clip", "search_clips", "search_scale", "search_scales"]
@@ -28,8 +28,8 @@ MAX_SHRINK = 0.5  # clipping ratios tried: 1, 1 - 1/grid, ... down to 1 - MAX_SH
 
 def rtn(weight: torch.Tensor, scheme: QuantScheme, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize, both ends of each group's range scaled by `factor`."""
-    scale, zero = weight_qparams(weight, scheme.wbits, scheme.group_size, scheme.symmetric, factor, factor)
-    return fake_quant_weight(weight, scale, zero, scheme.wbits, scheme.group_size)
+    grid = weight_grid(scheme)
+    return grid.fake_quant(weight, grid.qparams(weight, factor, factor))
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) 
         consumer = expand_to_consumer(scale, group)
         seen = x / consumer
         if scheme.quantize_activations:
-            seen = fake_quant_activation(seen, scheme.abits, scheme.act_asym)
+            seen = fake_quant_input(seen, scheme)
         losses.append(sum((seen @ rtn(w * consumer, scheme).T - t).double().pow(2).sum()
                           for w, t in zip(weights, targets)))
         candidates.append(scale)

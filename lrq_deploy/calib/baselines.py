@@ -9,7 +9,8 @@ from torch import nn
 from lrq_deploy.calib.blockwise import BlockJob
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.fold import fold_smoothing, reduce_to_prev
-from lrq_deploy.quant import QuantLinear, gained_scale, quantize_weight, weight_qparams
+from lrq_deploy.quant import QuantLinear
+from lrq_deploy.quant.grids import weight_grid
 
 
 def quantize_linear(linear: nn.Linear, config: QuantScheme, upper=None, lower=None, row_gain=None) -> QuantLinear:
@@ -19,9 +20,9 @@ def quantize_linear(linear: nn.Linear, config: QuantScheme, upper=None, lower=No
     bias = None if linear.bias is None else linear.bias.detach()
     if not config.quantize_weights:
         return QuantLinear.from_float(weight, bias, config)
-    scale, zero = weight_qparams(weight, config.wbits, config.group_size, config.symmetric, upper, lower)
-    codes = quantize_weight(weight, scale, zero, config.wbits, config.group_size)
-    return QuantLinear.from_codes(codes, gained_scale(scale, row_gain), zero, bias, config).to(weight.device)
+    grid = weight_grid(config)
+    stored = grid.stored(weight, grid.qparams(weight, upper, lower), row_gain)
+    return QuantLinear.from_stored(stored, weight.shape[1], bias, config).to(weight.device)
 
 
 def replace_linears(block: nn.Module, names: list[str], config: QuantScheme, clip_factors: dict | None = None) -> None:

@@ -26,6 +26,7 @@ from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
 from lrq_deploy.quant import QuantLinear
+from lrq_deploy.quant.grids import input_scale_of
 
 
 @dataclass
@@ -188,6 +189,7 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             device, run_dir, progress.epoch if progress else None, collective, len(inputs.hidden),
         )
         extra = method(job) or {}
+        calibrate_input_scales(job)
         q_out = keep(run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device))
         for module in block.modules():  # a finished block keeps only its packed codes
             if isinstance(module, QuantLinear):
@@ -205,6 +207,28 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             progress.block_done(report, len(blocks))
         fp_in, q_in = fp_out, q_out
     return result
+
+
+@torch.no_grad()
+def calibrate_input_scales(job: BlockJob) -> None:
+    """Set the static input scale of the block's float-grid linears from the largest |input| each
+    receives over the calibration inputs (all ranks), the block quantized as the method left it."""
+    layers = {name: job.block.get_submodule(name) for name in job.linear_names}
+    layers = {name: layer for name, layer in layers.items() if getattr(layer, "input_scale", None) is not None}
+    if not layers or not job.qconfig.quantize_activations:
+        return
+    amax: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda _m, args, name=name: amax.__setitem__(name, torch.maximum(
+            amax.get(name, torch.zeros((), device=args[0].device)), args[0].detach().abs().amax().float())))
+        for name, layer in layers.items()]
+    try:
+        job.run(job.q_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, layer in layers.items():
+        layer.tensor_scales[1] = input_scale_of(job.collective.max(amax[name]), job.qconfig)
 
 
 ACTIVATION_COPIES = 4  # block inputs and outputs, full precision and quantized, alive at once

@@ -3,8 +3,9 @@ Pre-trained Transformers"): quantize a linear's weight one input column at a tim
 column's rounding error over the columns not yet quantized, weighted by the inverse Hessian of
 the layer's reconstruction loss ||X W^T - X Q^T||^2, H = 2/n sum x x^T.
 
-The output is the checkpoint's own form (integer codes, float16-exact scales, zero points), so
-export and kernels are unchanged. With activation order (columns by decreasing H diagonal) and
+The output is the checkpoint's own form (the scheme's grid: integer codes, float16-exact scales,
+zero points, or a float grid's codes and scales), so export and kernels are unchanged. Float grids
+take their scales from the weight before any update (their block scales are not re-derived). With activation order (columns by decreasing H diagonal) and
 groups, the groups' scales and zero points are taken from the weight before any update ("static
 groups"): every group keeps its contiguous input channels, and no permutation reaches the
 checkpoint or the kernels.
@@ -16,10 +17,11 @@ import torch
 
 from lrq_deploy.calib.distributed import SINGLE, Collective
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.primitives import weight_qparams
+from lrq_deploy.quant.grids import weight_grid
+from lrq_deploy.quant.primitives import quantize_weight, weight_qparams
 from lrq_deploy.quant.scheme import QuantScheme, group_length
 
-__all__ = ["HessianCapture", "gptq_quantize"]
+__all__ = ["HessianCapture", "gptq_quantize", "gptq_round"]
 
 
 class HessianCapture:
@@ -68,35 +70,46 @@ def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp: float = 0.01, act_order: bool = False,
     block_size: int = 128, qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ-round `weight` [out, in] under `scheme`: (codes uint8 [out, in], scale, zero [out, groups]).
+    """GPTQ-round `weight` [out, in] on an integer grid: (codes uint8 [out, in], scale, zero [out, groups]).
+    See gptq_round."""
+    rounded, (scale, zero) = gptq_round(weight, hessian, scheme, damp, act_order, block_size, qparams)
+    return quantize_weight(rounded, scale, zero, scheme.wbits, scheme.group_size), scale, zero
 
-    qparams: fixed scales and zero points (e.g. from learned clipping); by default they come from
+
+@torch.no_grad()
+def gptq_round(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp: float = 0.01, act_order: bool = False,
+    block_size: int = 128, qparams: tuple | None = None,
+) -> tuple[torch.Tensor, tuple]:
+    """GPTQ-round `weight` [out, in] under `scheme`: (the rounded weight on the grid, its qparams).
+
+    qparams: fixed group parameters (e.g. from learned clipping); by default they come from
     the weight as round-to-nearest computes them: per group as each group is reached (from the
-    weight as updated so far), or from the original weight with act_order or per-channel.
+    weight as updated so far; integer grids), or from the original weight with act_order,
+    per-channel groups or a float grid.
     With an identity Hessian no error is spread and the result is round-to-nearest's.
     """
+    grid = weight_grid(scheme)
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
     size = group_length(scheme.group_size, in_features)
-    bits, levels = scheme.wbits, 2**scheme.wbits - 1
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0  # inputs that never fire: their weights do not matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    if qparams is None and (act_order or scheme.group_size is None):
-        qparams = weight_qparams(w, bits, scheme.group_size, scheme.symmetric)
+    if qparams is None and (act_order or scheme.group_size is None or scheme.float_format):
+        qparams = grid.qparams(w)
     dynamic = qparams is None
     groups = in_features // size
     if dynamic:
-        scale = w.new_empty(out_features, groups)
-        zero = w.new_empty(out_features, groups)
+        qparams = (w.new_empty(out_features, groups), w.new_empty(out_features, groups))
     else:
-        scale, zero = (t.detach().float().clone() for t in qparams)
+        qparams = tuple(t.detach().float().clone() for t in qparams)
     order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(in_features)
     w, h = w[:, order], h[order][:, order]
     hinv = _inverse_cholesky(h, damp)
     step = max(block_size // size, 1) * size if scheme.group_size else block_size  # blocks hold whole groups
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    rounded = torch.empty_like(w)
     for start in range(0, in_features, step):
         end = min(start + step, in_features)
         block, errors, hblock = w[:, start:end].clone(), w.new_zeros(out_features, end - start), hinv[start:end, start:end]
@@ -104,16 +117,14 @@ def gptq_quantize(
             column = start + i
             group = int(order[column]) // size
             if dynamic and column % size == 0:
-                s, z = weight_qparams(block[:, i:i + size], bits, None, scheme.symmetric)
-                scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
-            s, z = scale[:, group], zero[:, group]
-            q = (torch.round(block[:, i] / s) + z).clamp(0, levels)
-            codes[:, column] = q.to(torch.uint8)
-            error = (block[:, i] - (q - z) * s) / hblock[i, i]
+                s, z = weight_qparams(block[:, i:i + size], scheme.wbits, None, scheme.symmetric)
+                qparams[0][:, group], qparams[1][:, group] = s[:, 0], z[:, 0]
+            rounded[:, column] = grid.round_columns(block[:, i:i + 1], qparams, slice(group, group + 1))[:, 0]
+            error = (block[:, i] - rounded[:, column]) / hblock[i, i]
             block[:, i:] -= error[:, None] * hblock[i, i:][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return codes[:, torch.argsort(order)], scale, zero
+    return rounded[:, torch.argsort(order)], qparams
 
 
 def input_stages(job) -> list[list[str]]:
@@ -136,9 +147,10 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
     that passed through the stages already quantized. clip: learned (upper, lower, row_gain)
     factors per linear (LRQuant's clipping), which fix the scales and zero points."""
     from lrq_deploy.calib.baselines import replace_module
-    from lrq_deploy.quant import QuantLinear, gained_scale
+    from lrq_deploy.quant import QuantLinear
 
     scheme = job.qconfig
+    grid = weight_grid(scheme)
     for stage in input_stages(job):
         capture = HessianCapture(job.block.get_submodule(stage[0]))
         try:
@@ -148,12 +160,10 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
         for name in stage:
             linear = job.block.get_submodule(name)
             upper, lower, gain = (clip or {}).get(name, (None, None, None))
-            qparams = None
-            if upper is not None:
-                qparams = weight_qparams(linear.weight.detach().float(), scheme.wbits, scheme.group_size,
-                                         scheme.symmetric, upper, lower)
-            codes, scale, zero = gptq_quantize(linear.weight, hessian, scheme, damp, act_order, block_size, qparams)
+            qparams = None if upper is None else grid.qparams(linear.weight.detach().float(), upper, lower)
+            rounded, qparams = gptq_round(linear.weight, hessian, scheme, damp, act_order, block_size, qparams)
             bias = None if linear.bias is None else linear.bias.detach()
-            layer = QuantLinear.from_codes(codes, gained_scale(scale, gain), zero, bias, scheme)
+            stored = grid.stored(rounded, qparams, gain)
+            layer = QuantLinear.from_stored(stored, rounded.shape[1], bias, scheme)
             replace_module(job.block, name, layer.to(linear.weight.device))
     return {}

@@ -28,7 +28,7 @@ from lrq_deploy.calib.recipe import Recipe
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.errors import LrqError
 from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
-from lrq_deploy.quant import fake_quant_activation, fake_quant_weight, gained_scale, weight_qparams
+from lrq_deploy.quant.grids import fake_quant_input, weight_grid
 from lrq_deploy.quant.scheme import group_length
 
 LWC_INIT = 4.0  # the largest initial clipping logit: sigmoid(4) = 0.982
@@ -167,13 +167,12 @@ def fake_quant_block_params(job: BlockJob, params: BlockParams) -> dict[str, tor
     current = smoothed_block_params(job, params)
     if not qcfg.quantize_weights:
         return current
+    grid = weight_grid(qcfg)
     for name in job.linear_names:
         key = f"{name}.weight"
         weight = current.get(key, job.block.get_submodule(name).weight.detach())
         up, low = lwc_factor(params.get("lwc_up", name)), lwc_factor(params.get("lwc_low", name))
-        scale, zero = weight_qparams(weight, qcfg.wbits, qcfg.group_size, qcfg.symmetric, up, low)
-        dequant = gained_scale(scale, params.get("row_gain", name))
-        current[key] = fake_quant_weight(weight, scale, zero, qcfg.wbits, qcfg.group_size, dequant)
+        current[key] = grid.fake_quant(weight, grid.qparams(weight, up, low), params.get("row_gain", name))
     return current
 
 
@@ -191,11 +190,12 @@ class _WithParams(nn.Module):
 
 @contextmanager
 def activation_fake_quant(job: BlockJob):
-    """Per-token activation fake quantization on every quantized linear's input."""
-    if not job.qconfig.quantize_activations:
+    """Activation fake quantization on every quantized linear's input (float grids: with a scale
+    taken from each input, until the layer's static scale is calibrated after the block)."""
+    scheme = job.qconfig
+    if not scheme.quantize_activations:
         yield
         return
-    bits, asym = job.qconfig.abits, job.qconfig.act_asym
     quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(_module, args):
@@ -203,9 +203,9 @@ def activation_fake_quant(job: BlockJob):
         # one pass instead of three.
         x = args[0]
         if torch.compiler.is_compiling():  # the compiler merges the identical quantizations itself
-            return (fake_quant_activation(x, bits, asym),)
+            return (fake_quant_input(x, scheme),)
         if id(x) not in quantized:
-            quantized[id(x)] = (x, fake_quant_activation(x, bits, asym))  # x kept alive so its id stays unique
+            quantized[id(x)] = (x, fake_quant_input(x, scheme))  # x kept alive so its id stays unique
         return (quantized[id(x)][1],)
 
     handles = [job.block.get_submodule(n).register_forward_pre_hook(hook) for n in job.linear_names]

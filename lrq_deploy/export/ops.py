@@ -39,8 +39,8 @@ def _register_schema() -> None:
         type_constraints=[
             ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
             ("TW", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "packed codes or float weight"),
-            ("TS", ["tensor(float16)", "tensor(float)"], "scales"),
-            ("TZ", ["tensor(uint8)"], "zero points"),
+            ("TS", ["tensor(float16)", "tensor(float)", "tensor(uint8)"], "scales (float, or float grids' codes)"),
+            ("TZ", ["tensor(uint8)", "tensor(float)"], "zero points, or a float grid's tensor and input scales"),
         ],
         attributes=[OpSchema.Attribute(n, attr, "") for n in NODE_ATTRIBUTES],
     )
@@ -48,7 +48,7 @@ def _register_schema() -> None:
 
 
 def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, group_size: int, symmetric: int,
-                      act_asym: int, in_features: int):
+                      act_asym: int, wformat: int, aformat: int, in_features: int):
     """ONNX translation: one node in the lrq domain (lowered later); the op's integer arguments
     are the node's attributes (NODE_ATTRIBUTES)."""
     from onnxscript.values import Opset
@@ -57,7 +57,7 @@ def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, g
     lrq = Opset(DOMAIN, 1)
     inputs = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
     return lrq.QuantLinear(*inputs, wbits=wbits, abits=abits, group_size=group_size, symmetric=symmetric,
-                           act_asym=act_asym, in_features=in_features)
+                           act_asym=act_asym, wformat=wformat, aformat=aformat, in_features=in_features)
 
 
 TRANSLATIONS = {torch.ops.lrq.quant_linear.default: quant_linear_onnx, **attention.TRANSLATIONS}

@@ -1,8 +1,10 @@
 """QuantLinear: the deployed form of a quantized linear layer (reference torch backend).
 
-Its state dict *is* the checkpoint format: packed weight codes, float16 scales, uint8 zero
-points, optional bias. The forward pass dequantizes with the reference formula and applies
-per-token activation fake quantization when abits < 16.
+Its state dict *is* the checkpoint format: packed weight codes and scales with zero points
+(integer grids) or tensor-level scales (float grids), in the layout the scheme's grid defines
+(quant/grids.py, docs/FORMATS.md), optional bias. The forward pass dequantizes with the reference
+formula and quantizes its input as the scheme says (per-token integers, or a float grid with the
+layer's calibrated input scale).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrq_deploy.quant.pack import container_bits, pack_codes, unpack_codes
-from lrq_deploy.quant.scheme import QuantScheme, group_length
-from lrq_deploy.quant.primitives import dequantize_weight, fake_quant_activation
+from lrq_deploy.quant.grids import fake_quant_input, weight_grid
+from lrq_deploy.quant.pack import pack_codes, unpack_codes
+from lrq_deploy.quant.scheme import QuantScheme
 
 
 class QuantLinear(nn.Module):
@@ -23,12 +25,10 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.config = config
         self.group_size = config.group_size
+        self.grid = weight_grid(config)
         if config.quantize_weights:
-            groups = in_features // group_length(config.group_size, in_features)
-            packed = in_features * container_bits(config.wbits) // 8
-            self.register_buffer("qweight", torch.zeros(out_features, packed, dtype=torch.uint8))
-            self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
-            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+            for name, (shape, dtype) in self.grid.buffers(out_features, in_features).items():
+                self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         else:
             self.register_buffer("weight", torch.zeros(out_features, in_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -37,14 +37,29 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, bias, config: QuantScheme) -> "QuantLinear":
-        out_features, in_features = codes.shape
-        layer = cls(in_features, out_features, bias is not None, config)
-        layer.qweight.copy_(pack_codes(codes, config.wbits))
-        layer.scales.copy_(scales.to(torch.float16))
-        layer.zeros.copy_(zeros.to(torch.uint8))
+        """From integer codes [out, in] with their scales and zero points."""
+        stored = {"qweight": pack_codes(codes, config.wbits), "scales": scales.to(torch.float16),
+                  "zeros": zeros.to(torch.uint8)}
+        return cls.from_stored(stored, codes.shape[1], bias, config)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, torch.Tensor], in_features: int, bias, config: QuantScheme) -> "QuantLinear":
+        """From the buffers the scheme's grid stores (grids.weight_grid(config).stored(...))."""
+        layer = cls(in_features, stored["qweight"].shape[0], bias is not None, config)
+        for name, value in stored.items():
+            getattr(layer, name).copy_(value)
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
+
+    @property
+    def input_scale(self) -> torch.Tensor | None:
+        """The calibrated static input scale of a float-grid layer (0 until calibrated), else None."""
+        return self.tensor_scales[1] if self.config.float_format else None
+
+    def weight_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros or tensor_scales): the op's weight inputs."""
+        return self.qweight, self.scales, getattr(self, self.grid.third)
 
     @classmethod
     def from_float(cls, weight, bias, config: QuantScheme) -> "QuantLinear":
@@ -56,13 +71,16 @@ class QuantLinear(nn.Module):
         return layer
 
     def codes(self) -> torch.Tensor:
+        """Weight codes [out, in], one per byte (integers, or the float grid's bit patterns)."""
+        if self.qweight.shape[1] == self.in_features:
+            return self.qweight
         return unpack_codes(self.qweight, self.config.wbits)[:, : self.in_features]
 
     def dequantized_weight(self) -> torch.Tensor:
         if not self.config.quantize_weights:
             return self.weight
         if self._dequantized is None or self._dequantized.device != self.qweight.device:
-            self._dequantized = dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size)
+            self._dequantized = self.grid.dequantize(*self.weight_tensors(), self.in_features)
         return self._dequantized
 
     def drop_cache(self) -> None:
@@ -76,8 +94,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.graph_op:
             return self._graph_forward(x)
-        if self.config.quantize_activations:
-            x = fake_quant_activation(x, self.config.abits, self.config.act_asym)
+        x = fake_quant_input(x, self.config, self.input_scale)
         weight = self.dequantized_weight()
         bias = self.bias
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -87,7 +104,7 @@ class QuantLinear(nn.Module):
 
         cfg = self.config
         if cfg.quantize_weights:
-            weight, scales, zeros = self.qweight, self.scales, self.zeros
+            weight, scales, zeros = self.weight_tensors()
         else:
             weight, scales, zeros = self.weight, self.weight.new_ones(1), self.weight.new_zeros(1, dtype=torch.uint8)
         return quant_linear(x, weight, scales, zeros, self.bias, *cfg.to_attributes().values(),

@@ -22,7 +22,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.quant.pack import container_bits
 
 __all__ = [
-    "ACT_BITS", "ATTRIBUTES", "DOMAIN", "KernelFamily", "LAYER_ATTRIBUTES", "QuantScheme", "WEIGHT_BITS",
+    "ACT_BITS", "ATTRIBUTES", "DOMAIN", "FLOAT_FORMATS", "FORMATS", "KernelFamily", "PRESETS", "LAYER_ATTRIBUTES", "QuantScheme", "WEIGHT_BITS",
     "group_from_attr", "group_length", "kernel_schemes", "layer_attributes",
 ]
 
@@ -33,8 +33,24 @@ ACT_BITS = (4, 6, 8, 16)
 
 # The scheme's fields as integer node / plugin attributes, in wire order; those with a default
 # may be absent (graphs written before the field existed).
-ATTRIBUTES = ("wbits", "abits", "group_size", "symmetric", "act_asym")
-ATTRIBUTE_DEFAULTS = {"act_asym": 0}
+ATTRIBUTES = ("wbits", "abits", "group_size", "symmetric", "act_asym", "wformat", "aformat")
+ATTRIBUTE_DEFAULTS = {"act_asym": 0, "wformat": 0, "aformat": 0}
+
+# Number grids. "int": uniform integer codes with scale and zero point (quant/primitives.py); the
+# float grids (quant/floats.py) with their bits and the block each scale covers (None: per output
+# channel for weights / one static scale per layer input for activations).
+FORMATS = ("int", "fp8", "nvfp4", "mxfp4")
+FLOAT_FORMATS = {"fp8": (8, None), "nvfp4": (4, 16), "mxfp4": (4, 32)}
+
+# Named schemes of the float formats, as users of other tools know them.
+PRESETS = {
+    "fp8": {"wformat": "fp8", "aformat": "fp8", "wbits": 8, "abits": 8, "group_size": None},
+    "nvfp4": {"wformat": "nvfp4", "aformat": "nvfp4", "wbits": 4, "abits": 4, "group_size": 16},
+    "mxfp4": {"wformat": "mxfp4", "aformat": "mxfp4", "wbits": 4, "abits": 4, "group_size": 32},
+    "w8a16-fp8": {"wformat": "fp8", "aformat": "int", "wbits": 8, "abits": 16, "group_size": None},
+    "w4a16-nvfp4": {"wformat": "nvfp4", "aformat": "int", "wbits": 4, "abits": 16, "group_size": 16},
+    "w4a16-mxfp4": {"wformat": "mxfp4", "aformat": "int", "wbits": 4, "abits": 16, "group_size": 32},
+}
 # What a plugin node adds to the scheme: the layer's shape.
 LAYER_ATTRIBUTES = ("in_features", "out_features")
 
@@ -60,17 +76,25 @@ class QuantScheme:
         or symmetrically (range +-(2^(b-1)-1)) for kernels that prefer it (quant/primitives.py).
     group_size: weights quantized in groups of this many input channels; None = per output channel.
     symmetric: symmetric weight quantization (zero point fixed at 2^(b-1)); default asymmetric.
+    wformat / aformat: the number grid of weights / activations (FORMATS). A float grid fixes the
+        bits and the block (FLOAT_FORMATS: FP8 per output channel, NVFP4 blocks of 16, MXFP4 of 32)
+        and is symmetric by construction. Float activations share the weights' format: FP8 and NVFP4
+        with one static scale per layer input (calibrated, as TensorRT needs it), NVFP4 / MXFP4 with
+        dynamic block scales on top. A later KV-cache format is one more field of the same kind.
     """
 
     wbits: int = 4
     abits: int = 16
     group_size: int | None = None
     symmetric: bool = False
-    act_asym: bool | None = None  # None: asymmetric whenever activations are quantized
+    act_asym: bool | None = None  # None: asymmetric whenever integer activations are quantized
+    wformat: str = "int"
+    aformat: str = "int"
 
     def __post_init__(self):
+        self._check_formats()
         if self.act_asym is None:
-            object.__setattr__(self, "act_asym", self.abits < 16)
+            object.__setattr__(self, "act_asym", self.abits < 16 and self.aformat == "int")
         if self.wbits not in WEIGHT_BITS:
             raise LrqError(f"wbits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.wbits}")
         if self.abits not in ACT_BITS:
@@ -82,6 +106,31 @@ class QuantScheme:
         object.__setattr__(self, "act_asym", bool(self.act_asym))
         if self.wbits == 16 and self.abits == 16:
             raise LrqError("wbits=16 and abits=16 quantizes nothing; lower at least one of them")
+
+    def _check_formats(self) -> None:
+        for role, fmt in (("weight", self.wformat), ("activation", self.aformat)):
+            if fmt not in FORMATS:
+                raise LrqError(f"{role} format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if self.wformat in FLOAT_FORMATS:
+            bits, block = FLOAT_FORMATS[self.wformat]
+            if (self.wbits, self.group_size) != (bits, block):
+                raise LrqError(f"{self.wformat} weights are {bits}-bit with "
+                               + (f"blocks of {block}" if block else "one scale per output channel")
+                               + f": use --wbits {bits}" + (f" --group-size {block}" if block else " without --group-size")
+                               + f" (or --scheme {self.wformat})")
+            if self.symmetric:
+                raise LrqError(f"{self.wformat} weights are symmetric by construction: drop --symmetric")
+        if self.aformat in FLOAT_FORMATS:
+            if self.aformat != self.wformat:
+                raise LrqError(f"{self.aformat} activations need {self.aformat} weights (--wformat {self.aformat})")
+            if self.abits != FLOAT_FORMATS[self.aformat][0]:
+                raise LrqError(f"{self.aformat} activations are {FLOAT_FORMATS[self.aformat][0]}-bit: use --abits "
+                               f"{FLOAT_FORMATS[self.aformat][0]}")
+            if self.act_asym:
+                raise LrqError(f"{self.aformat} activations are symmetric: drop --act-asym")
+        elif self.wformat in FLOAT_FORMATS and self.abits < 16:
+            raise LrqError(f"{self.wformat} weights take {self.wformat} or 16-bit activations, not {self.abits}-bit "
+                           f"integers (--aformat {self.wformat} or --abits 16)")
 
     # -- the wire: manifest / CLI config and node / plugin attributes --------------------------
 
@@ -96,10 +145,19 @@ class QuantScheme:
             raise LrqError(f"unknown quantization fields {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         return cls(**{"act_asym": False, **data})  # records made before the field existed were symmetric
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "QuantScheme":
+        """A named float scheme (PRESETS), optionally with other fields set."""
+        if name not in PRESETS:
+            raise LrqError(f"unknown scheme {name!r} (schemes: {', '.join(PRESETS)})")
+        return cls(**{**PRESETS[name], **overrides})
+
     def to_attributes(self) -> dict[str, int]:
-        """The scheme as integer attributes of an lrq ONNX node or TensorRT plugin (group 0 = per channel)."""
+        """The scheme as integer attributes of an lrq ONNX node or TensorRT plugin (group 0 = per channel,
+        formats by their index in FORMATS)."""
         return {"wbits": self.wbits, "abits": self.abits, "group_size": self.group_size or 0,
-                "symmetric": int(self.symmetric), "act_asym": int(self.act_asym)}
+                "symmetric": int(self.symmetric), "act_asym": int(self.act_asym),
+                "wformat": FORMATS.index(self.wformat), "aformat": FORMATS.index(self.aformat)}
 
     @classmethod
     def from_attributes(cls, attrs: dict, owner: str = "lrq node") -> "QuantScheme":
@@ -108,8 +166,10 @@ class QuantScheme:
         if missing:
             raise LrqError(f"{owner} lacks attributes {', '.join(missing)}")
         value = {name: int(attrs.get(name, ATTRIBUTE_DEFAULTS.get(name))) for name in ATTRIBUTES}
+        if not all(0 <= value[f] < len(FORMATS) for f in ("wformat", "aformat")):
+            raise LrqError(f"{owner} has an unknown number format ({value['wformat']}, {value['aformat']})")
         return cls(value["wbits"], value["abits"], group_from_attr(value["group_size"]), bool(value["symmetric"]),
-                   bool(value["act_asym"]))
+                   bool(value["act_asym"]), FORMATS[value["wformat"]], FORMATS[value["aformat"]])
 
     # -- what stages ask -----------------------------------------------------------------------
 
@@ -122,8 +182,15 @@ class QuantScheme:
         return self.abits < 16
 
     @property
+    def float_format(self) -> str | None:
+        """The float grid of this scheme (weights', which activations share), or None for integers."""
+        return self.wformat if self.wformat in FLOAT_FORMATS else None
+
+    @property
     def name(self) -> str:
-        """The scheme's one-line name: W4A16-g64, W4A4-asym, ..."""
+        """The scheme's one-line name: W4A16-g64, W4A4-asym, W4A4-nvfp4, W8A8-fp8, ..."""
+        if self.float_format:
+            return f"W{self.wbits}A{self.abits}-{self.float_format}"
         return (f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
                 + ("-asym" if self.act_asym else ""))
 
@@ -134,6 +201,8 @@ class QuantScheme:
     @property
     def kernel(self) -> KernelFamily | None:
         """The kernel family serving this scheme, or None (reference arithmetic only)."""
+        if self.float_format:
+            return None
         if self.abits == 16 and self.wbits in WEIGHT_ONLY_BITS:
             return KernelFamily.WEIGHT_ONLY
         if self.abits in INTEGER_ACT_BITS and self.wbits in INTEGER_WEIGHT_BITS:
@@ -151,7 +220,7 @@ class QuantScheme:
     @property
     def native_int4(self) -> bool:
         """TensorRT's own INT4 path serves it: symmetric 4-bit weights, float activations."""
-        return self.wbits == 4 and self.abits == 16 and self.symmetric
+        return self.wbits == 4 and self.abits == 16 and self.symmetric and not self.float_format
 
     @property
     def plugin_name(self) -> str:

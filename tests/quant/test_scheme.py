@@ -122,7 +122,9 @@ def test_the_wire_refuses_what_it_cannot_read():
     with pytest.raises(LrqError, match="lacks attributes symmetric"):
         QuantScheme.from_attributes({"wbits": 4, "abits": 16, "group_size": 0})
     with pytest.raises(LrqError, match="unknown quantization fields"):
-        QuantScheme.from_dict({"wbits": 4, "abits": 16, "wformat": "fp4"})
+        QuantScheme.from_dict({"wbits": 4, "abits": 16, "kvformat": "fp8"})
+    with pytest.raises(LrqError, match="weight format must be one of"):
+        QuantScheme(wbits=4, wformat="fp4")
     assert QuantScheme.from_attributes({"wbits": 4, "abits": 4, "group_size": 0, "symmetric": 0}).act_asym is False
 
 
