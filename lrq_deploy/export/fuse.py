@@ -3,7 +3,8 @@ before lowering: their codes, scales and zero points are concatenated along the 
 a Split hands each consumer its columns back.
 
 Exact: every output column is the same dot product of the same input with the same codes and
-scale as before (a per-token activation quantizer sees the same input, so it quantizes it the
+scale as before (float grids fuse only linears whose tensor-level scales are equal: they are one
+value per layer, not per row) (a per-token activation quantizer sees the same input, so it quantizes it the
 same once instead of three times). What changes is the work per step: one weight dequantization,
 one GEMM (onnxruntime's MatMulNBits) and one activation quantization instead of two or three.
 """
@@ -27,7 +28,8 @@ def fuse_shared_inputs(model: onnx.ModelProto) -> int:
     for node in model.graph.node:
         qn = as_quant_node(node)
         if qn is not None and _fusable(graph, qn):
-            groups[(qn.node.input[0], qn.scheme, qn.in_features)].append(qn)
+            tensor_scales = graph.array(qn.node.input[3]).tobytes() if qn.scheme.float_format else b""
+            groups[(qn.node.input[0], qn.scheme, qn.in_features, tensor_scales)].append(qn)
     replacements: dict[str, list[onnx.NodeProto]] = {}
     removed: set[str] = set()
     for index, members in enumerate(m for m in groups.values() if len(m) > 1):
@@ -58,6 +60,8 @@ def _fused(graph: Graph, members: list[QuantNode], prefix: str) -> list[onnx.Nod
     first = members[0].node
     arrays = [[graph.array(m.node.input[i]) for m in members] for i in (1, 2, 3)]
     names = []
+    if members[0].scheme.float_format:  # one [weight tensor scale, input scale] for all (equal by grouping)
+        arrays[2] = arrays[2][:1]
     for part, tensors in zip(("qweight", "scales", "zeros"), arrays):
         names.append(graph.add_init(numpy_helper.from_array(np.concatenate(tensors, axis=0), f"{prefix}.{part}")))
     rows = [len(t) for t in arrays[1]]  # scales [out, groups]: one row per output feature

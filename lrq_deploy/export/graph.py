@@ -7,6 +7,8 @@ the scheme's (QuantScheme.to_attributes) plus in_features. Lowerings read it as 
 
 from __future__ import annotations
 
+import json
+
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ from lrq_deploy.quant.pack import pack_array, unpack_array
 from lrq_deploy.quant.scheme import DOMAIN, QuantScheme
 
 MICROSOFT = "com.microsoft"  # onnxruntime's contrib-operator domain
+FLOAT_LAYERS_KEY = "lrq.float_layers"  # metadata: the float-grid layers of a --target trt graph (lower_float.py)
 
 # Minimum opset of a DequantizeLinear per weight type (block-wise DQ and INT4/UINT4: 21, INT2/UINT2: 25).
 MIN_OPSET = {2: 25, 3: 21, 4: 21, 6: 21, 8: 21, 16: 18}
@@ -50,6 +53,12 @@ def as_quant_node(node: onnx.NodeProto) -> QuantNode | None:
 
 def quant_nodes(model: onnx.ModelProto) -> list[QuantNode]:
     return [qn for qn in map(as_quant_node, model.graph.node) if qn is not None]
+
+
+def float_layers(model: onnx.ModelProto) -> list[dict]:
+    """The float-grid layers a --target trt graph records (prefix, input, output, bias, scheme)."""
+    value = next((p.value for p in model.metadata_props if p.key == FLOAT_LAYERS_KEY), None)
+    return json.loads(value) if value else []
 
 
 def default_opset(model: onnx.ModelProto) -> int:

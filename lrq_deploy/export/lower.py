@@ -13,6 +13,7 @@ import onnx
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.graph import MIN_OPSET, Graph, as_quant_node, drop_domain, quant_nodes, set_nodes
+from lrq_deploy.export.lower_float import FLOAT_OPSET
 from lrq_deploy.export.lower_ort import lower_for_ort
 from lrq_deploy.export.lower_trt import lower_for_trt
 
@@ -27,6 +28,8 @@ def required_opset(model: onnx.ModelProto, target: str) -> int:
 def scheme_opset(scheme, target: str) -> int:
     """The lowest opset a linear of `scheme` needs once lowered for `target` (None: full precision),
     known from the checkpoint's scheme before anything is traced."""
+    if scheme is not None and scheme.float_format:
+        return FLOAT_OPSET[target]
     if scheme is None or not (target == "ort" or scheme.native_int4):
         return 18
     return MIN_OPSET[scheme.wbits]

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from lrq_deploy.export.activations import activation_quant
 from lrq_deploy.export.graph import Graph, QuantNode, codes_and_params, packed_tensor
+from lrq_deploy.export.lower_float import lower_float_ort
 from lrq_deploy.export.lower_integer import lower_integer
 from lrq_deploy.quant.scheme import KernelFamily
 
@@ -17,7 +18,10 @@ _ONNX_TYPE = {2: TensorProto.UINT2, 3: TensorProto.UINT4, 4: TensorProto.UINT4, 
 
 
 def lower_for_ort(graph: Graph, qn: QuantNode, prefix: str) -> list:
-    """The integer form where an integer kernel serves the scheme, the standard form otherwise."""
+    """The integer form where an integer kernel serves the scheme, the float form for float grids,
+    the standard form otherwise."""
+    if qn.scheme.float_format:
+        return lower_float_ort(graph, qn, prefix)
     if qn.scheme.kernel is KernelFamily.INTEGER:
         return lower_integer(graph, qn, prefix)
     # Symmetric 4-bit weights as signed INT4 codes without zero points (the zero point is 8 for

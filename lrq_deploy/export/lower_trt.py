@@ -18,13 +18,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lrq_deploy.export.graph import (
-    MIN_OPSET, Graph, QuantNode, attributes, default_opset, drop_domain, set_nodes, set_opset,
+    MIN_OPSET, Graph, QuantNode, attributes, default_opset, drop_domain, float_layers, set_nodes, set_opset,
 )
+from lrq_deploy.export.lower_float import FLOAT_OPSET, TRT_DOMAIN, lower_float_trt, ort_form_of_trt_layer
 from lrq_deploy.export.lower_ort import lower_for_ort, lower_standard
 from lrq_deploy.quant.scheme import DOMAIN, layer_attributes
 
 
 def lower_for_trt(graph: Graph, qn: QuantNode, prefix: str) -> list:
+    if qn.scheme.float_format:
+        return lower_float_trt(graph, qn, prefix)
     if qn.scheme.native_int4:
         return lower_standard(graph, qn, prefix, signed_int4=True)
     return _plugin_node(graph, qn, prefix)
@@ -53,7 +56,15 @@ def ort_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     standard ops `--target ort` writes. Native INT4 nodes are standard already."""
     graph = Graph(model)
     new_nodes, opset = [], default_opset(model)
+    floats = {entry["prefix"]: entry for entry in float_layers(model)}
+    pending = dict(floats)
     for index, node in enumerate(model.graph.node):
+        prefix = node.name.rsplit(".", 1)[0]
+        if prefix in floats:  # a TensorRT float layer: its onnxruntime form once, where its first node was
+            if prefix in pending:
+                new_nodes += ort_form_of_trt_layer(graph, pending.pop(prefix))
+                opset = max(opset, FLOAT_OPSET["ort"])
+            continue
         if node.domain != DOMAIN:
             new_nodes.append(node)
             continue
@@ -67,5 +78,6 @@ def ort_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     set_nodes(model, new_nodes)
     graph.drop_unused_initializers()
     drop_domain(model)
+    drop_domain(model, TRT_DOMAIN)
     set_opset(model, opset)
     return model

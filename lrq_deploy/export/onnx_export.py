@@ -25,7 +25,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.export.attention import pack_qkv
 from lrq_deploy.export.fuse import fuse_shared_inputs
 from lrq_deploy.export.norms import norms_as_division, residual_norms_as_contrib
-from lrq_deploy.export.graph import default_opset, producers, set_opset
+from lrq_deploy.export.graph import FLOAT_LAYERS_KEY, default_opset, producers, set_opset
 from lrq_deploy.export.lower import lower, required_opset, scheme_opset
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.checkpoint import load_source
@@ -289,6 +289,7 @@ def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -
         "lrq.versions": json.dumps({**versions, "onnx": onnx.__version__}),
     }
     model.producer_name, model.producer_version = "lrq-deploy", versions.get("lrq-deploy", "")
+    fields.update({p.key: p.value for p in model.metadata_props if p.key == FLOAT_LAYERS_KEY})  # lowering's record
     del model.metadata_props[:]
     for key, value in fields.items():
         model.metadata_props.add(key=key, value=value)

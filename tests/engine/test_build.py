@@ -174,23 +174,31 @@ def test_parse_shapes():
         parse_shapes("input_ids=1x2")
 
 
+@pytest.fixture(scope="module")
+def float_graphs(tmp_path_factory):
+    """The bundled model calibrated for FP8 and NVFP4 (RTN) and exported for TensorRT."""
+    root = tmp_path_factory.mktemp("float-engines")
+    for preset in ("fp8", "nvfp4"):
+        calibrate("bundled:llama", root / preset, QuantScheme.preset(preset), CalibConfig.of(nsamples=2, seqlen=32),
+                  device="cpu")
+        export_onnx(root / preset, root / f"{preset}-trt.onnx", target="trt", verify=False)
+    return root
+
+
 @needs_rtx
-def test_rtx_builds_fp8_engine_for_sm89(tmp_path):
-    from qdq_graphs import fp8_linear
-
-    fp8_linear(tmp_path / "fp8.onnx")
-    report = build_engine(tmp_path / "fp8.onnx", tmp_path / "fp8.engine", BuildOptions("fp8", compute_capabilities=["89"]))
-    assert report["fp8_weights"] == 2 and report["layers"]["QUANTIZE"] == 1  # the activation is quantized once
-    assert report["layers"]["DEQUANTIZE"] == 2  # weight and activation
-
-
-@needs_rtx
-def test_rtx_builds_nvfp4_engine_for_sm120(tmp_path):
-    from qdq_graphs import nvfp4_linear
-
-    nvfp4_linear(tmp_path / "fp4.onnx")
-    report = build_engine(tmp_path / "fp4.onnx", tmp_path / "fp4.engine", BuildOptions("fp4", compute_capabilities=["120"]))
-    assert report["fp4_weights"] == 1 and report["layers"]["DYNAMIC_QUANTIZE"] == 1
+@pytest.mark.parametrize("preset, precision, sm, quantize_layer", [
+    ("fp8", "fp8", "89", "QUANTIZE"), ("nvfp4", "fp4", "120", "DYNAMIC_QUANTIZE")])
+def test_rtx_builds_float_engines_of_the_bundled_model(float_graphs, tmp_path, preset, precision, sm, quantize_layer):
+    """FP8 for SM89 and NVFP4 for SM120 from lrq's own graphs: every linear's input quantized by
+    TensorRT (28 = 4 blocks x 7 linears), its weight dequantized from FP8 / FP4 initializers."""
+    engine = tmp_path / f"{preset}.engine"
+    report = build_engine(float_graphs / f"{preset}-trt.onnx", engine,
+                          BuildOptions(precision, compute_capabilities=[sm]))
+    assert report[f"{precision}_weights"] == 28 and report["layers"][quantize_layer] == 28
+    described = describe(engine)
+    assert described["intact"] and described["precision"] == precision and described["compute_capabilities"] == [sm]
+    assert described["source_onnx"]["metadata"]["lrq.scheme"] == QuantScheme.preset(preset).name
+    assert described["source_onnx"]["metadata"]["lrq.float_layers"] == "28 layers"
 
 
 def test_precision_must_match_the_graph(graphs, tmp_path):
