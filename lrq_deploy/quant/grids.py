@@ -9,6 +9,11 @@ the reference forward call, so that a number format is a value of QuantScheme, n
 - stored(w, qparams, row_gain): the checkpoint's buffers (qweight, scales and zeros or tensor_scales);
 - dequantize(qweight, scales, third): the reference weight every backend is compared against.
 
+NVFP4's tensor scales (weights' and inputs') are the power of two at or above amax / 2688: the
+largest block scale lands in [224, 448] (amax / 2688 would put it at 448, same precision), and
+a power of two has an exact reciprocal, so consumers that multiply by it (TensorRT) and those
+that divide by its reciprocal (compressed-tensors' global scale, vLLM) compute the same bits.
+
 A per-row gain (LRQuant+) rides on the stored scales, rounded to the scales' own format (float16,
 E4M3, a power of two or float32), so what is trained is what is stored.
 
@@ -29,7 +34,7 @@ from lrq_deploy.quant.primitives import (
 )
 from lrq_deploy.quant.scheme import QuantScheme, group_length
 
-__all__ = ["FloatGrid", "IntGrid", "fake_quant_input", "input_scale_of", "weight_grid"]
+__all__ = ["FloatGrid", "IntGrid", "fake_quant_input", "input_scale_of", "nvfp4_tensor_scale", "weight_grid"]
 
 E8M0_BIAS = 127
 NVFP4_TENSOR_RANGE = E2M1.max_value * E4M3.max_value  # 2688: tensor scale = amax / 2688
@@ -112,8 +117,7 @@ class FloatGrid:
         if self.format == "fp8":
             return torch.where(amax > 0, amax / E4M3.max_value, torch.ones_like(amax)), w.new_ones(())
         if self.format == "nvfp4":
-            top = w.detach().abs().amax()
-            tensor = torch.where(top > 0, top / NVFP4_TENSOR_RANGE, torch.ones_like(top))
+            tensor = nvfp4_tensor_scale(w.detach().abs().amax())
             return floats.round_ste(amax / E2M1.max_value / tensor, E4M3), tensor
         return _e8m0_ste(amax), w.new_ones(())
 
@@ -197,16 +201,24 @@ def _e8m0_codes(scale: torch.Tensor) -> torch.Tensor:
     return (exp.to(torch.int32) - 1 + E8M0_BIAS).clamp(0, 254).to(torch.uint8)
 
 
+def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The power of two at or above amax / 2688 (1 for a zero tensor)."""
+    ideal = torch.where(amax > 0, amax.float() / NVFP4_TENSOR_RANGE, torch.ones_like(amax.float()))
+    mantissa, exponent = torch.frexp(ideal)  # ideal = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(ideal), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
 # --- activations -------------------------------------------------------------------------------------
 
 def input_scale_of(amax: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """The static input scale of a layer whose inputs reach `amax` (FP8: amax / 448; NVFP4's tensor
-    scale: amax / 2688; MXFP4 has none: 1)."""
+    scale: the power of two at or above amax / 2688; MXFP4 has none: 1)."""
     fmt = scheme.float_format
     if fmt == "mxfp4" or not scheme.quantize_activations:
         return torch.ones_like(amax)
-    top = E4M3.max_value if fmt == "fp8" else NVFP4_TENSOR_RANGE
-    return torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    if fmt == "nvfp4":
+        return nvfp4_tensor_scale(amax)
+    return torch.where(amax > 0, amax / E4M3.max_value, torch.ones_like(amax))
 
 
 def fake_quant_input(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tensor | None = None) -> torch.Tensor:

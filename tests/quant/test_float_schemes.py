@@ -68,13 +68,15 @@ def test_nvfp4_layout_is_what_tensorrt_and_compressed_tensors_read():
     scheme = QuantScheme.preset("nvfp4")
     grid, w = weight_grid(scheme), _weight()
     stored = grid.stored(w, grid.qparams(w))
-    codes, block_scales, tensor_scale = floats.nvfp4_quantize(w)
+    tensor_scale = 2.0 ** torch.ceil(torch.log2(w.abs().amax() / (6 * 448)))  # a power of two: exact reciprocal
+    codes, block_scales, _ = floats.nvfp4_quantize(w, tensor_scale)
     # E2M1 codes two per byte, element 2j in the low nibble; E4M3 block scales as float8_e4m3fn bytes
     assert torch.equal(stored["qweight"] & 0xF, codes[:, 0::2]) and torch.equal(stored["qweight"] >> 4, codes[:, 1::2])
     assert torch.equal(stored["scales"], block_scales)
     assert torch.equal(stored["scales"].view(torch.float8_e4m3fn).float(), floats.decode(block_scales, floats.E4M3))
-    assert stored["tensor_scales"][0] == tensor_scale == w.abs().amax() / (6 * 448)
-    assert torch.equal(grid.fake_quant(w, grid.qparams(w)), floats.fake_quant_nvfp4(w))
+    assert stored["tensor_scales"][0] == tensor_scale and 1 / (1 / tensor_scale) == tensor_scale
+    assert 224 <= floats.decode(block_scales, floats.E4M3).max() <= 448  # the largest block scale near E4M3's top
+    assert torch.equal(grid.fake_quant(w, grid.qparams(w)), floats.fake_quant_nvfp4(w, tensor_scale))
 
 
 def test_fp8_weights_match_torchs_float8_cast():
@@ -128,7 +130,8 @@ def test_inputs_use_the_static_scale_once_calibrated():
     half = fake_quant_input(x, fp8, scale / 2)  # a smaller calibrated range saturates at 448 * scale / 2
     assert half.abs().max() == 448 * (scale / 2)
     nv = QuantScheme.preset("nvfp4")
-    assert torch.equal(fake_quant_input(x, nv), floats.fake_quant_nvfp4(x))
+    tensor_scale = 2.0 ** torch.ceil(torch.log2(x.abs().amax() / (6 * 448)))
+    assert torch.equal(fake_quant_input(x, nv), floats.fake_quant_nvfp4(x, tensor_scale))
     assert torch.equal(fake_quant_input(x, QuantScheme.preset("w4a16-nvfp4")), x)
 
 
@@ -149,3 +152,10 @@ def test_methods_calibrate_float_schemes_and_checkpoints_reload(tiny_llama_dir, 
     again = load_checkpoint(out)
     with torch.no_grad():
         assert torch.equal(ckpt.model(tokens).logits, again.model(tokens).logits)
+
+
+def test_nvfp4_tensor_scale_is_the_power_of_two_at_or_above_amax_over_2688():
+    from lrq_deploy.quant.grids import nvfp4_tensor_scale
+
+    amax = torch.tensor([2688.0, 2689.0, 1344.0, 1000.0, 1e-30, 0.0])
+    assert nvfp4_tensor_scale(amax).tolist() == [1.0, 2.0, 0.5, 0.5, 2.0 ** -111, 1.0]
