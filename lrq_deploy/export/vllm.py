@@ -6,7 +6,10 @@ linears holding exactly the dequantized weights, given the checkpoint's scales a
 as frozen quantization parameters, and compressed; the codes it packs are the checkpoint's
 codes (w / s is an exact small integer). Weight zero points move from our unsigned codes
 [0, 2^b) to the format's signed ones (minus 2^(b-1)); scales are kept in float32, where every
-float16 scale is exact. Before the directory is moved into place it is loaded back with
+float16 scale is exact. Float grids take compressed-tensors' float schemes: FP8 (per-channel
+E4M3 weights, static per-tensor E4M3 inputs, "float-quantized") and NVFP4 (E2M1 in blocks of 16
+with E4M3 block scales, "nvfp4-pack-quantized"; its global scales are the reciprocals of lrq's
+power-of-two tensor scales, so exact). Before the directory is moved into place it is loaded back with
 transformers and every quantized weight is compared with the checkpoint's, bit for bit.
 """
 
@@ -23,7 +26,8 @@ from lrq_deploy.atomic import OutputKind, atomic_directory, claim_output, is_jso
 from lrq_deploy.errors import LrqError
 
 INSTALL_HINT = 'pip install "lrq-deploy[serve]"'
-SUPPORTED = "weight-only W4A16 / W8A16 (per channel or group, symmetric or asymmetric) and W8A8"
+SUPPORTED = ("weight-only W4A16 / W8A16 (per channel or group, symmetric or asymmetric), W8A8, FP8 (W8A8, W8A16) and "
+             "NVFP4 (W4A4, W4A16)")
 MARKER, MARKER_FORMAT = "lrq-export.json", "lrq-vllm/1"  # says lrq wrote the directory (--force may replace it)
 OUTPUT = OutputKind("vLLM export", directory=True, recognise=lambda p: is_json_of(Path(p) / MARKER, "format", MARKER_FORMAT))
 
@@ -64,11 +68,18 @@ def _quiet():
     """compressed-tensors and transformers draw progress bars and print notes on stderr; the
     command prints its own one-line summary (errors still surface as exceptions)."""
     import io
-    from contextlib import redirect_stderr
+    from contextlib import redirect_stderr, redirect_stdout
 
-    with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists the activation scales decompression drops
+    try:
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _check_supported(ckpt) -> None:
@@ -78,7 +89,11 @@ def _check_supported(ckpt) -> None:
     if ckpt.adapter.restructures:
         raise LrqError(f"--vllm does not serve {ckpt.adapter.family} checkpoints yet (lrq keeps their experts as "
                        "one linear pair per expert; vLLM loads the fused layout); use --onnx or --genai")
-    if quant is None or (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8)):
+    if quant is not None and quant.float_format == "mxfp4":
+        raise LrqError(f"--vllm cannot express {ckpt.scheme_name}: lrq's MXFP4 has no compressed-tensors form it writes "
+                       f"yet (compressed-tensors checkpoints support {SUPPORTED}); use --onnx")
+    if quant is None or (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8), (4, 4)) or (
+            quant.abits == 4 and quant.float_format != "nvfp4"):
         raise LrqError(f"--vllm cannot express {ckpt.scheme_name}: compressed-tensors checkpoints support {SUPPORTED}")
 
 
@@ -117,25 +132,61 @@ def _attach_qparams(model: nn.Module, ckpt, expected: dict):
     )
 
     quant = ckpt.quant
-    weights = QuantizationArgs(num_bits=quant.wbits, type="int", symmetric=quant.symmetric,
-                               strategy="group" if quant.group_size else "channel", group_size=quant.group_size)
-    activations = (QuantizationArgs(num_bits=8, type="int", symmetric=not quant.act_asym, strategy="token", dynamic=True)
-                   if quant.abits == 8 else None)
-    fmt = "int-quantized" if activations else "pack-quantized"
+    weights, activations, fmt = _float_args(quant) if quant.float_format else _int_args(quant)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in expected]
     scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore,
                                 quantization_status=QuantizationStatus.FROZEN, format=fmt)
     apply_quantization_config(model, config, show_progress=False)
-    offset = 2 ** (quant.wbits - 1)
     with torch.no_grad():
         for name, (_, source) in expected.items():
-            linear = model.get_submodule(name)
-            linear.weight_scale.copy_(source.scales.float().view_as(linear.weight_scale))
-            if getattr(linear, "weight_zero_point", None) is not None:
-                signed = source.zeros.to(torch.int16) - offset
-                linear.weight_zero_point.copy_(signed.to(linear.weight_zero_point.dtype).view_as(linear.weight_zero_point))
+            for param, value in _qparams(source).items():
+                target = getattr(model.get_submodule(name), param)
+                target.copy_(value.to(target.dtype).view_as(target))
     return ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+
+
+def _int_args(quant):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    weights = QuantizationArgs(num_bits=quant.wbits, type="int", symmetric=quant.symmetric,
+                               strategy="group" if quant.group_size else "channel", group_size=quant.group_size)
+    activations = (QuantizationArgs(num_bits=8, type="int", symmetric=not quant.act_asym, strategy="token", dynamic=True)
+                   if quant.abits == 8 else None)
+    return weights, activations, "int-quantized" if activations else "pack-quantized"
+
+
+def _float_args(quant):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.quant_scheme import NVFP4
+
+    if quant.float_format == "nvfp4":
+        return NVFP4["weights"], NVFP4["input_activations"] if quant.quantize_activations else None, "nvfp4-pack-quantized"
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+    activations = (QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+                   if quant.quantize_activations else None)
+    return weights, activations, "float-quantized"
+
+
+def _qparams(source) -> dict[str, torch.Tensor]:
+    """The compressed-tensors parameters of one QuantLinear (names as the scheme registers them)."""
+    quant = source.config
+    if not quant.float_format:
+        params = {"weight_scale": source.scales.float()}
+        if not quant.symmetric:
+            params["weight_zero_point"] = source.zeros.to(torch.int16) - 2 ** (quant.wbits - 1)
+        return params
+    if quant.float_format == "fp8":
+        params = {"weight_scale": source.scales.float()}
+        if quant.quantize_activations:
+            params["input_scale"] = source.tensor_scales[1:]
+        return params
+    from lrq_deploy.quant.floats import E4M3, decode
+
+    params = {"weight_scale": decode(source.scales, E4M3), "weight_global_scale": 1 / source.tensor_scales[:1]}
+    if quant.quantize_activations:
+        params["input_global_scale"] = 1 / source.tensor_scales[1:]
+    return params
 
 
 def load_decompressed(path: Path) -> nn.Module:

@@ -72,5 +72,45 @@ def test_vllm_refuses_what_the_format_cannot_express(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         "error: --vllm cannot express W4A4: compressed-tensors checkpoints support weight-only W4A16 / W8A16 "
-        "(per channel or group, symmetric or asymmetric) and W8A8"]
+        "(per channel or group, symmetric or asymmetric), W8A8, FP8 (W8A8, W8A16) and NVFP4 (W4A4, W4A16)"]
     assert not (tmp_path / "out").exists()
+    calibrate("bundled:llama", tmp_path / "mx", QuantScheme.preset("mxfp4"), CalibConfig.of(nsamples=2, seqlen=32),
+              device="cpu")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "mx"), "--vllm", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "--vllm cannot express W4A4-mxfp4" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset, fmt", [("fp8", "float-quantized"), ("nvfp4", "nvfp4-pack-quantized"),
+                                         ("w4a16-nvfp4", "nvfp4-pack-quantized")])
+def test_vllm_float_schemes_are_compressed_tensors_own(tmp_path, preset, fmt):
+    """FP8 and NVFP4 in compressed-tensors' own layout: the packed E2M1 bytes and E4M3 block scales are
+    the checkpoint's (compared as values: compressed-tensors writes a code that rounds to zero as +0
+    where lrq keeps the sign), the global scales the reciprocals of its tensor scales (exact: powers
+    of two), the input scales the calibrated ones; every weight decompresses to the checkpoint's exactly."""
+    from safetensors.torch import load_file
+
+    from lrq_deploy.checkpoint import load_checkpoint
+    from lrq_deploy.export.vllm import load_decompressed
+    from lrq_deploy.quant import QuantLinear, unpack_codes
+    from lrq_deploy.quant.floats import E2M1, decode
+
+    ckpt, out = _export(tmp_path, QuantScheme.preset(preset))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == fmt
+    assert config["config_groups"]["group_0"]["weights"]["type"] == "float"
+    tensors = load_file(out / "model.safetensors")
+    linears = {n: m for n, m in load_checkpoint(ckpt).model.named_modules() if isinstance(m, QuantLinear)}
+    decompressed = load_decompressed(out)
+    for name, linear in linears.items():
+        assert torch.equal(decompressed.get_submodule(name).weight.float(), linear.dequantized_weight()), name
+        if preset == "fp8":
+            assert torch.equal(tensors[f"{name}.weight"].float(), linear.qweight.view(torch.float8_e4m3fn).float())
+            assert torch.equal(tensors[f"{name}.input_scale"].reshape(1), linear.tensor_scales[1:])
+            continue
+        assert torch.equal(decode(unpack_codes(tensors[f"{name}.weight_packed"], 4), E2M1),
+                           decode(unpack_codes(linear.qweight, 4), E2M1))
+        assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8), linear.scales)
+        assert tensors[f"{name}.weight_global_scale"].item() * linear.tensor_scales[0].item() == 1.0
+        if linear.config.quantize_activations:
+            assert tensors[f"{name}.input_global_scale"].item() * linear.input_scale.item() == 1.0
