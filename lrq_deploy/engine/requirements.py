@@ -19,6 +19,8 @@ from lrq_deploy.runtime.flavours import Flavour
 from lrq_deploy.runtime.inputs import axis_of
 
 PRECISIONS = ("int4", "fp8", "fp4", "fp16")
+# The oldest GPU that runs each float precision: FP8 tensor cores from Ada (SM89) / Hopper, FP4 from Blackwell.
+MIN_COMPUTE_CAPABILITY = {"fp8": (89, "Ada / Hopper"), "fp4": (100, "Blackwell")}
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,24 @@ class BuildOptions:
             raise LrqError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.workspace_mib is not None and self.workspace_mib < 1:
             raise LrqError(f"--workspace must be >= 1 MiB, got {self.workspace_mib}")
+        self._check_targets_run_precision()
         for name, (lo, opt, hi) in self.shapes.items():
             if not len(lo) == len(opt) == len(hi):
                 raise LrqError(f"shapes of {name} have different ranks in --min/--opt/--max-shapes")
             if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
                 raise LrqError(f"shapes of {name} must satisfy min <= opt <= max in every dimension, "
                                f"got {_dims(lo)}, {_dims(opt)}, {_dims(hi)}")
+
+
+    def _check_targets_run_precision(self) -> None:
+        if self.precision not in MIN_COMPUTE_CAPABILITY:
+            return
+        oldest, family = MIN_COMPUTE_CAPABILITY[self.precision]
+        for name in self.compute_capabilities:
+            digits = str(name).upper().removeprefix("SM")
+            if digits.isdigit() and int(digits) < oldest:
+                raise LrqError(f"--{self.precision} needs compute capability {oldest // 10}.{oldest % 10} or newer "
+                               f"({family}); SM{digits} cannot run it (name --sm {oldest} or newer)")
 
 
 def _dims(shape: tuple[int, ...]) -> str:
