@@ -24,8 +24,10 @@ from lrq_deploy.plugins import aot, dispatch
 
 N_BENCH, K_BENCH, GROUP_BENCH = 28672, 8192, 128
 SMS = (80, 89, 90)
+FLOAT_SMS = (89, 90, 100, 120)
 H100 = {"sms": 132, "bytes_per_s": 3.0e12, "fp16_flops": 790e12, "int8_ops": 1400e12}
-REGISTERS_PER_SM, MAX_WARPS_PER_SM, SHARED_PER_SM = 65536, 64, {80: 164 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+REGISTERS_PER_SM, MAX_WARPS_PER_SM, SHARED_PER_SM = 65536, 64, {80: 164 * 1024, 89: 100 * 1024, 90: 228 * 1024,
+                                                                100: 228 * 1024, 120: 100 * 1024}
 
 # (route label, dispatch route, rows M at which it is reported, container bits, group, plan options)
 CASES = (
@@ -43,7 +45,15 @@ CASES = (
     ("plugin int_gemm W4A4-asym fused M=1024", "int_gemm", 1024, 4, K_BENCH,
      {"abits": 4, "quantize_x": True, "act_asym": True}),
 )
-MATRIX_ROUTES = ("gemm", "int_gemm")
+MATRIX_ROUTES = ("gemm", "int_gemm", "fp8_linear", "fp4_linear")
+# Float-grid kernels (plugins/float_kernels.py), on the GPUs that have their tensor cores:
+# (route label, kernel, SMs, activation rows M, weight bits, scale block, scale pointer type)
+FLOAT_CASES = (
+    ("fp8 W8A8 M=1024", "fp8_linear", (89, 90), 1024, 8, 0, None),
+    ("nvfp4 W4A4 M=1024", "fp4_linear", (100, 120), 1024, 4, 16, "fp8e4nv"),
+    ("mxfp4 W4A4 M=1024", "fp4_linear", (100, 120), 1024, 4, 32, "u8"),
+)
+FLOAT_PEAK = {8: 1979e12}  # H100 dense FP8; FP4 rows (no FP4 on H100) keep the traffic floor only
 # 128-bit loads on every route but the 2-bit tl.dot GEMM, whose [32, 8-word] tile gives each
 # thread two words (64 bits); a wider tile spills there (measured, benchmarks/RESULTS.md).
 MIN_WEIGHT_LOAD_BITS = 64
@@ -94,7 +104,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 def sass_facts(cubin: bytes) -> dict:
     sass = _cuobjdump(cubin, "-sass")
-    mma = sorted(set(re.findall(r"\b((?:[HIQ]GMMA|[HI]MMA|UTC[HI]?MMA)[.\w]*)", sass)))
+    mma = sorted(set(re.findall(r"\b((?:[HIQ]GMMA|[HIQO]MMA|UTC[A-Z]*MMA)[.\w]*)", sass)))
     spills = len(re.findall(r"\b(?:LDL|STL)\b", sass))
     return {"tensor_core": mma, "spill_instructions": spills}
 
@@ -186,6 +196,57 @@ def _case_launches(sm: int) -> list[tuple[str, int, int, int, dispatch.Launch, t
         absent = ("b_ptr", "acc_ptr") + (("xs_ptr",) if options.get("quantize_x") else ())
         out.append((label, m, bits, group, launch, absent))
     return out
+
+
+def _float_requests(sms: tuple) -> list[tuple]:
+    """(label, m, bits, block, launch-like record, sm, signature, request) of every float case on the
+    requested SMs among those it targets."""
+    from lrq_deploy.plugins import float_kernels
+
+    out = []
+    for label, kernel, targets, m, bits, block, scale_type in FLOAT_CASES:
+        tiles = dict(float_kernels.FP8_TILES if kernel == "fp8_linear" else float_kernels.FP4_TILES)
+        warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+        if kernel == "fp8_linear":
+            signature = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "constexpr",
+                         "y_ptr": "*fp16", "x_scale": "fp32"}
+            constexprs = {"b_ptr": None, **tiles}
+        else:
+            signature = {"x_ptr": "*u8", "xs_ptr": f"*{scale_type}", "w_ptr": "*u8", "ws_ptr": f"*{scale_type}",
+                         "b_ptr": "constexpr", "y_ptr": "*fp16", "alpha": "fp32"}
+            constexprs = {"b_ptr": None, "SCALE_BLOCK": block, **tiles}
+        signature.update({"M": "i32", "N": "i32", "K": "i32", **{name: "constexpr" for name in constexprs if name != "b_ptr"}})
+        hints = [name for name in signature if name.endswith("_ptr") and name != "b_ptr"] + ["N", "K"]  # as the JIT specializes them
+        grid = -(-m // tiles["BLOCK_M"]) * -(-N_BENCH // tiles["BLOCK_N"])
+        for sm in (s for s in targets if s in sms):
+            request = aot.compile_request(kernel, signature, constexprs, hints, sm, warps, stages)
+            out.append((label, kernel, m, bits, block, grid, tiles, sm, signature, request))
+    return out
+
+
+def float_report(sms: tuple = FLOAT_SMS) -> list[KernelRow]:
+    """One row per (float case, SM it targets)."""
+    planned = _float_requests(sms)
+    compiled = aot.compile_kernels([p[-1] for p in planned])
+    rows = []
+    for (label, kernel_name, m, bits, block, grid, tiles, sm, signature, _), kernel in zip(planned, compiled):
+        cubin = base64.b64decode(kernel.cubin)
+        usage, facts = resource_usage(cubin), sass_facts(cubin)
+        params = [name for name, kind in signature.items() if kind != "constexpr"]
+        loads = ptx_loads_by_pointer(kernel.ptx, kernel.name, params)
+        weight = loads.get("w_ptr", [])
+        weights = N_BENCH * K_BENCH * bits / 8 + (N_BENCH * K_BENCH // block if block else N_BENCH * 4)
+        seconds = (weights + m * K_BENCH * bits / 8 + m * N_BENCH * 2) / H100["bytes_per_s"]
+        if bits in FLOAT_PEAK:
+            seconds = max(seconds, 2 * m * N_BENCH * K_BENCH / FLOAT_PEAK[bits])
+        rows.append(KernelRow(
+            route=label, kernel=kernel_name, sm=sm, regs=usage.get("REG", 0), stack_bytes=usage.get("STACK", 0),
+            spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0), spill_instructions=facts["spill_instructions"],
+            shared_bytes=kernel.shared_bytes, occupancy=occupancy(usage.get("REG", 0), kernel.num_warps, kernel.shared_bytes, sm),
+            weight_load_bits=max(weight, default=0), weight_loads=sorted(set(weight)),
+            scale_loads=len(loads.get("ws_ptr", [])), tensor_core=facts["tensor_core"], grid_programs=grid, tiles=tiles,
+            num_warps=kernel.num_warps, floor_us=round(1e6 * seconds, 2)))
+    return rows
 
 
 def kernel_report(sms: tuple = SMS, dtype: str = "float16") -> list[KernelRow]:

@@ -1,7 +1,8 @@
 """CPU kernel report: every kernel the dispatch table can choose, compiled for sm_80 / sm_89 /
-sm_90 as the JIT compiles it, read from its PTX and SASS (no GPU needed).
+sm_90 as the JIT compiles it, and the float-grid kernels for the GPUs with their tensor cores
+(FP8: sm_89 / sm_90, FP4: sm_100 / sm_120), read from PTX and SASS (no GPU needed).
 
-    python benchmarks/kernel_report.py [--sm 80 89 90] [--json FILE] [--markdown]
+    python benchmarks/kernel_report.py [--sm 80 89 90] [--float-sm 89 90 100 120] [--json FILE] [--markdown]
 
 Columns: registers, spills, occupancy, widest load of packed weights, scale loads (static),
 tensor-core instructions, programs at N=28672 K=8192, and the H100 traffic-model floor.
@@ -31,10 +32,12 @@ def markdown(rows) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sm", nargs="+", type=int, default=list(report.SMS))
+    parser.add_argument("--float-sm", nargs="+", type=int, default=list(report.FLOAT_SMS),
+                        help="SMs for the float-grid kernels (FP8 rows on 89 / 90, FP4 rows on 100 / 120)")
     parser.add_argument("--json", dest="json_path", help="write the rows as a JSON list")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args()
-    rows = report.kernel_report(tuple(args.sm))
+    rows = report.kernel_report(tuple(args.sm)) + report.float_report(tuple(args.float_sm))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report.as_dicts(rows), f, indent=2)

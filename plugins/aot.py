@@ -187,9 +187,9 @@ def _compile(request: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import kernels
+    from . import float_kernels, kernels
 
-    fn = getattr(kernels, request["kernel"])
+    fn = getattr(kernels, request["kernel"], None) or getattr(float_kernels, request["kernel"])
     names = fn.arg_names
     attrs = {(names.index(h),): [["tt.divisibility", 16]] for h in request["hints"]}
     source = ASTSource(fn=fn, signature=request["signature"], constexprs=request["constexprs"], attrs=attrs)

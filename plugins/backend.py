@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrq_deploy.errors import LrqError
 from lrq_deploy.quant import QuantLinear
+from lrq_deploy.quant.scheme import KernelFamily, QuantScheme
 
 
 class KernelLinear(nn.Module):
@@ -16,8 +18,9 @@ class KernelLinear(nn.Module):
         self.scheme = layer.config
         self.family = self.scheme.require_kernel()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        for name in ("qweight", "scales", "zeros", "bias"):
-            self.register_buffer(name, getattr(layer, name))
+        for name, value in zip(("qweight", "scales", "zeros"), layer.weight_tensors()):
+            self.register_buffer(name, value)  # zeros: a float grid's tensor_scales
+        self.register_buffer("bias", layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops
@@ -28,16 +31,32 @@ class KernelLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.scheme.name}, {self.family.value}"
 
 
+def check_kernels_run(scheme: QuantScheme, device: torch.device) -> None:
+    """One clear error when no kernel serves `scheme` on `device` (float grids need FP8 / FP4 hardware)."""
+    if scheme.require_kernel() is KernelFamily.FLOAT:
+        from .float_ops import check_float_kernel_runs
+
+        check_float_kernel_runs(scheme, device)
+
+
+def kernels_run(scheme: QuantScheme, device: torch.device) -> bool:
+    try:
+        check_kernels_run(scheme, device)
+    except LrqError:
+        return False
+    return True
+
+
 def use_kernels(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear of `model` by a KernelLinear, in place (refused as a whole when
-    one layer has no kernel)."""
+    one layer has no kernel, or its kernel cannot run where the layer is)."""
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
     for _, module in targets:
-        module.config.require_kernel()
+        check_kernels_run(module.config, module.scales.device if module.config.quantize_weights else module.weight.device)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, KernelLinear(module))
     return model
 
 
-__all__ = ["KernelLinear", "use_kernels"]
+__all__ = ["KernelLinear", "check_kernels_run", "kernels_run", "use_kernels"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.quant.primitives import act_qmax
-from lrq_deploy.quant.scheme import KernelFamily, QuantScheme
+from lrq_deploy.quant.scheme import FORMATS, KernelFamily, QuantScheme
 
 from . import dispatch, kernels
 from ._triton import load_triton
@@ -161,8 +161,13 @@ def _(x, qweight, scales, zeros, bias, bits, abits, group, act_asym=False):
 
 def scheme_linear(x, qweight, scales, zeros, bias, scheme: QuantScheme, in_features: int) -> torch.Tensor:
     """A layer of `scheme` on the kernel family the scheme names (the torch backend and the
-    TensorRT Python plugins both run layers through here)."""
+    TensorRT Python plugins both run layers through here); `zeros` is a float grid's tensor_scales."""
+    family = scheme.require_kernel()
+    if family is KernelFamily.FLOAT:
+        from .float_ops import float_linear
+
+        return float_linear(x, qweight, scales, zeros, bias, FORMATS.index(scheme.float_format), scheme.group_size or 0)
     bits, group = scheme.container_bits, scheme.group_length(in_features)
-    if scheme.require_kernel() is KernelFamily.INTEGER:
+    if family is KernelFamily.INTEGER:
         return integer_linear(x, qweight, scales, zeros, bias, bits, scheme.abits, group, scheme.act_asym)
     return weight_only_linear(x, qweight, scales, zeros, bias, bits, group)

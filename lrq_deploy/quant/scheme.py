@@ -58,6 +58,7 @@ LAYER_ATTRIBUTES = ("in_features", "out_features")
 class KernelFamily(str, Enum):
     WEIGHT_ONLY = "weight_only"  # float activations x 2/3/4-bit weights (in 2- or 4-bit containers)
     INTEGER = "integer"  # per-token integer activations x 3/4/6/8-bit weights, exact int32 sums
+    FLOAT = "float"  # FP8 W8A8 on FP8 tensor cores, NVFP4 / MXFP4 W4A4 on block-scaled FP4 tensor cores
 
 
 WEIGHT_ONLY_BITS = (2, 3, 4)
@@ -202,7 +203,7 @@ class QuantScheme:
     def kernel(self) -> KernelFamily | None:
         """The kernel family serving this scheme, or None (reference arithmetic only)."""
         if self.float_format:
-            return None
+            return KernelFamily.FLOAT if self.quantize_activations else None
         if self.abits == 16 and self.wbits in WEIGHT_ONLY_BITS:
             return KernelFamily.WEIGHT_ONLY
         if self.abits in INTEGER_ACT_BITS and self.wbits in INTEGER_WEIGHT_BITS:
@@ -213,7 +214,7 @@ class QuantScheme:
         if self.kernel is None:
             raise LrqError(
                 f"no kernel for {self.name} (kernels: weight-only W2/W3/W4 with 16-bit activations; "
-                "W3/W4/W6/W8 weights with 4/6/8-bit activations); use the reference backend"
+                "W3/W4/W6/W8 weights with 4/6/8-bit activations; FP8 W8A8, NVFP4 / MXFP4 W4A4); use the reference backend"
             )
         return self.kernel
 

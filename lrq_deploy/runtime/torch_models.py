@@ -39,12 +39,18 @@ def load_torch_target(target, device, kernels: str = "auto", checkpoint: bool = 
         ckpt.scheme.require_kernel()
         served = True
     else:
-        served = kernels == "auto" and device.type == "cuda" and ckpt.scheme.kernel is not None
+        served = kernels == "auto" and device.type == "cuda" and ckpt.scheme.kernel is not None and _kernels_run(ckpt, device)
     if served:
         from lrq_deploy.plugins.backend import use_kernels
 
         use_kernels(ckpt.model)
     return TorchTarget(ckpt, "Triton kernels" if served else "reference dequantize + matmul")
+
+
+def _kernels_run(ckpt, device) -> bool:
+    from lrq_deploy.plugins.backend import kernels_run
+
+    return kernels_run(ckpt.scheme, device)
 
 
 class TorchSession:

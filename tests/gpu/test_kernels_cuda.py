@@ -64,3 +64,33 @@ def test_integer_exact_on_gpu(m, group, asym):
     torch.testing.assert_close(y, F.linear(fake_quant_activation(x.float(), 4, asym), weight), rtol=1e-3, atol=1e-2)
     fused = launches.integer_fused(x.float(), packed, scales, zeros, None, 4, 4, group or 512, asym)
     torch.testing.assert_close(fused, y, rtol=1e-6, atol=1e-5)
+
+
+def _capability() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+@pytest.mark.parametrize("preset, oldest", [("fp8", 89), ("nvfp4", 100), ("mxfp4", 100)])
+def test_float_kernels_on_their_tensor_cores(preset, oldest):
+    """FP8 (SM89+) and NVFP4 / MXFP4 (SM100+) layers equal the reference up to float32 summation order;
+    older GPUs are refused in one line."""
+    from lrq_deploy.errors import LrqError
+    from lrq_deploy.plugins.backend import KernelLinear
+    from lrq_deploy.quant import QuantLinear
+    from lrq_deploy.quant.grids import input_scale_of, weight_grid
+    from lrq_deploy.quant.scheme import QuantScheme
+
+    scheme = QuantScheme.preset(preset)
+    w, x = torch.randn(4096, 2048), torch.randn(2, 64, 2048) * torch.logspace(-2, 1, 2048)
+    grid = weight_grid(scheme)
+    layer = QuantLinear.from_stored(grid.stored(w, grid.qparams(w)), 2048, None, scheme)
+    layer.tensor_scales[1] = input_scale_of(x.abs().amax(), scheme)
+    reference = layer(x)
+    layer, x = layer.cuda(), x.cuda()
+    if _capability() < oldest:
+        with pytest.raises(LrqError, match="need compute capability"):
+            KernelLinear(layer)(x)
+        return
+    got = KernelLinear(layer)(x).cpu()
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))

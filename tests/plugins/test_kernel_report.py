@@ -1,6 +1,7 @@
 """The kernels are fast by construction, checked on the CPU: every launch the dispatch table can
-choose, compiled for sm_80 / sm_89 / sm_90 with the JIT's hints, has no spills, reads packed
-weights with wide loads, runs matrix routes on tensor cores and fills an H100 with programs."""
+choose, compiled for sm_80 / sm_89 / sm_90 with the JIT's hints (and the float-grid kernels for
+sm_89 / sm_90 / sm_100 / sm_120), has no spills, reads packed weights with wide loads, runs matrix
+routes on tensor cores (FP8 and block-scaled FP4 ones for the float grids) and fills an H100 with programs."""
 
 import json
 import subprocess
@@ -24,8 +25,10 @@ def rows(tmp_path_factory):
 
 
 def test_report_covers_every_route_and_target(rows):
-    assert {r["sm"] for r in rows} == set(report.SMS)
-    assert {r["kernel"] for r in rows} == {"gemv", "gemm", "dequantize", "int_gemm"}
+    assert {r["sm"] for r in rows} == set(report.SMS) | set(report.FLOAT_SMS)
+    assert {r["kernel"] for r in rows} == {"gemv", "gemm", "dequantize", "int_gemm", "fp8_linear", "fp4_linear"}
+    assert {(r["route"].split()[0], r["sm"]) for r in rows if r["kernel"] in ("fp8_linear", "fp4_linear")} == {
+        ("fp8", 89), ("fp8", 90), ("nvfp4", 100), ("nvfp4", 120), ("mxfp4", 100), ("mxfp4", 120)}
     keys = {"route", "sm", "regs", "spill_bytes", "weight_load_bits", "tensor_core", "grid_programs", "floor_us"}
     assert all(keys <= set(r) for r in rows)
 
@@ -36,12 +39,20 @@ def test_no_spills(rows):
 
 def test_packed_weights_are_read_wide(rows):
     assert all(r["weight_load_bits"] >= report.MIN_WEIGHT_LOAD_BITS for r in rows), [(r["route"], r["weight_loads"]) for r in rows]
-    assert all(r["weight_load_bits"] == 128 for r in rows if "W2A16" not in r["route"])
+    # 128-bit loads but the 2-bit GEMM (see MIN_WEIGHT_LOAD_BITS) and the FP4 GEMM, whose [128, 32-byte]
+    # tile of packed E2M1 codes gives each thread 8 bytes
+    assert all(r["weight_load_bits"] == 128 for r in rows if "W2A16" not in r["route"] and r["kernel"] != "fp4_linear")
 
 
 def test_matrix_kernels_use_tensor_cores(rows):
+    float_instructions = {  # FP8 tensor cores (Ada, Hopper), block-scaled FP4 ones (Blackwell: tcgen05, sm_120 mma)
+        ("fp8_linear", 89): ("QMMA", "E4M3"), ("fp8_linear", 90): ("QGMMA", "E4M3"),
+        ("fp4_linear", 100): ("UTCOMMA", ""), ("fp4_linear", 120): ("OMMA.SF", "E2M1")}
     for r in rows:
-        if r["kernel"] in report.MATRIX_ROUTES:
+        if (r["kernel"], r["sm"]) in float_instructions:
+            prefix, operand = float_instructions[r["kernel"], r["sm"]]
+            assert any(n.startswith(prefix) and operand in n for n in r["tensor_core"]), (r["route"], r["sm"], r["tensor_core"])
+        elif r["kernel"] in report.MATRIX_ROUTES:
             expected = ("HGMMA", "IGMMA") if r["sm"] == 90 else ("HMMA", "IMMA")
             assert any(name.startswith(expected) for name in r["tensor_core"]), (r["route"], r["sm"], r["tensor_core"])
 
