@@ -99,13 +99,7 @@ def lower_float_ort(graph: Graph, qn: QuantNode, prefix: str) -> list:
 def ort_float_layer(graph: Graph, layer: FloatLayer) -> list:
     n = _Nodes(graph, layer.prefix)
     x = _ort_input(n, layer) if layer.scheme.quantize_activations else layer.x
-    weight = _ort_weight(n, layer)
-    out = n("MatMul", [x, weight], "mm")
-    if layer.bias:
-        out = n("Add", [out, layer.bias], "biased")
-    n("Identity", [out], "out")
-    n.nodes[-1].output[0] = layer.y
-    return n.nodes
+    return _matmul(n, layer, x, _ort_weight(n, layer))
 
 
 def _ort_weight(n: _Nodes, layer: FloatLayer) -> str:
@@ -215,9 +209,9 @@ def _trt_nvfp4(graph: Graph, layer: FloatLayer) -> list:
     x = n("Cast", [layer.x], "x16", to=TensorProto.FLOAT16)
     if layer.scheme.quantize_activations:
         tensor = n.const("x_tensor_scale", layer.input_scale)
-        xq, block_scale = n("TRT_FP4DynamicQuantize", [x, tensor], ["xq", "x_block_scale"], domain=TRT_DOMAIN,
-                            axis=-1, block_size=layer.block, scale_type=TensorProto.FLOAT8E4M3FN), \
-            f"{layer.prefix}.x_block_scale"
+        xq = n("TRT_FP4DynamicQuantize", [x, tensor], ["xq", "x_block_scale"], domain=TRT_DOMAIN,
+               axis=-1, block_size=layer.block, scale_type=TensorProto.FLOAT8E4M3FN)
+        block_scale = f"{layer.prefix}.x_block_scale"
         x_scale = n("DequantizeLinear", [block_scale, tensor], "x_scale")
         x = n("Cast", [n("DequantizeLinear", [xq, x_scale], "xd32", axis=-1, block_size=layer.block)], "xd",
               to=TensorProto.FLOAT16)
@@ -226,20 +220,19 @@ def _trt_nvfp4(graph: Graph, layer: FloatLayer) -> list:
     w_scale = n("DequantizeLinear", [raw, n.const("w_tensor_scale", layer.tensor_scale)], "w_scale")
     weight = n("Cast", [n("DequantizeLinear", [codes, w_scale], "w32", axis=0, block_size=layer.block)], "w16",
                to=TensorProto.FLOAT16)
-    y16 = n("MatMul", [x, weight], "mm16")
-    y = n("Cast", [y16], "mm", to=TensorProto.FLOAT)
-    if layer.bias:
-        y = n("Add", [y, layer.bias], "biased")
-    n("Identity", [y], "out")
-    n.nodes[-1].output[0] = layer.y
-    return n.nodes
+    return _output(n, layer, n("Cast", [n("MatMul", [x, weight], "mm16")], "mm", to=TensorProto.FLOAT))
 
 
 def _matmul(n: _Nodes, layer: FloatLayer, x: str, weight: str) -> list:
-    out = n("MatMul", [x, weight], "mm")
+    return _output(n, layer, n("MatMul", [x, weight], "mm"))
+
+
+def _output(n: _Nodes, layer: FloatLayer, product: str) -> list:
+    """The layer's nodes, the last writing its output (plus the bias where it has one)."""
     if layer.bias:
-        out = n("Add", [out, layer.bias], "biased")
-    n("Identity", [out], "out")
+        n("Add", [product, layer.bias], "out")
+    else:
+        n("Identity", [product], "out")
     n.nodes[-1].output[0] = layer.y
     return n.nodes
 
