@@ -61,6 +61,7 @@ def describe_onnx(path: Path) -> dict:
     import onnx
 
     from lrq_deploy.engine.requirements import read_graph
+    from lrq_deploy.export.graph import summarized_metadata
 
     model = read_graph(path)
     metadata = summarized_metadata(model)
@@ -91,16 +92,6 @@ def describe_onnx(path: Path) -> dict:
     report["verification"] = _sidecar(path.with_name(path.name + ".verify.json"), sha, report["problems"], data)
     report["intact"] = not report["problems"]
     return report
-
-
-def summarized_metadata(model) -> dict[str, str]:
-    """A graph's metadata, the per-layer record of its float layers as their count."""
-    from lrq_deploy.export.graph import FLOAT_LAYERS_KEY, float_layers
-
-    metadata = {p.key: p.value for p in model.metadata_props}
-    if FLOAT_LAYERS_KEY in metadata:
-        metadata[FLOAT_LAYERS_KEY] = f"{len(float_layers(model))} layers"
-    return metadata
 
 
 def describe_engine(path: Path) -> dict:

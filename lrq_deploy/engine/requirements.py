@@ -13,7 +13,7 @@ from onnx import helper
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.graph_io import AXIS_RANGES
-from lrq_deploy.info import summarized_metadata
+from lrq_deploy.export.graph import summarized_metadata
 from lrq_deploy.quant.scheme import DOMAIN
 from lrq_deploy.runtime.flavours import Flavour
 from lrq_deploy.runtime.inputs import axis_of

@@ -61,6 +61,14 @@ def float_layers(model: onnx.ModelProto) -> list[dict]:
     return json.loads(value) if value else []
 
 
+def summarized_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """A graph's metadata, the per-layer record of its float layers as their count."""
+    metadata = {p.key: p.value for p in model.metadata_props}
+    if FLOAT_LAYERS_KEY in metadata:
+        metadata[FLOAT_LAYERS_KEY] = f"{len(float_layers(model))} layers"
+    return metadata
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
