@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.quant.primitives import act_qmax
-from lrq_deploy.quant.scheme import FORMATS, KernelFamily, QuantScheme
+from lrq_deploy.quant.scheme import KernelFamily, QuantScheme
 
 from . import dispatch, kernels
 from ._triton import load_triton
@@ -166,7 +166,8 @@ def scheme_linear(x, qweight, scales, zeros, bias, scheme: QuantScheme, in_featu
     if family is KernelFamily.FLOAT:
         from .float_ops import float_linear
 
-        return float_linear(x, qweight, scales, zeros, bias, FORMATS.index(scheme.float_format), scheme.group_size or 0)
+        attrs = scheme.to_attributes()  # the node-attribute encoding: format index, block (0 = per channel)
+        return float_linear(x, qweight, scales, zeros, bias, attrs["wformat"], attrs["group_size"])
     bits, group = scheme.container_bits, scheme.group_length(in_features)
     if family is KernelFamily.INTEGER:
         return integer_linear(x, qweight, scales, zeros, bias, bits, scheme.abits, group, scheme.act_asym)

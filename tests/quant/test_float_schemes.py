@@ -12,7 +12,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.quant import QuantLinear, floats
 from lrq_deploy.quant.grids import fake_quant_input, weight_grid
 from lrq_deploy.quant.pack import unpack_codes
-from lrq_deploy.quant.scheme import PRESETS, QuantScheme
+from lrq_deploy.quant.scheme import PRESETS, KernelFamily, QuantScheme
 
 FLOAT_PRESETS = sorted(PRESETS)
 
@@ -31,7 +31,8 @@ def test_presets_names_attributes_and_refusals():
         scheme = QuantScheme.preset(preset)
         assert QuantScheme.from_attributes(scheme.to_attributes()) == scheme
         assert QuantScheme.from_dict(scheme.to_dict()) == scheme
-        assert scheme.kernel is None and not scheme.native_int4 and not scheme.act_asym
+        assert scheme.kernel is (KernelFamily.FLOAT if scheme.quantize_activations else None)
+        assert not scheme.native_int4 and not scheme.act_asym
     with pytest.raises(LrqError, match="nvfp4 weights are 4-bit with blocks of 16: use --wbits 4 --group-size 16"):
         QuantScheme(wbits=4, group_size=32, wformat="nvfp4")
     with pytest.raises(LrqError, match="fp8 activations need fp8 weights"):
