@@ -32,7 +32,7 @@ from lrq_deploy.quant.grids import E8M0_BIAS
 from lrq_deploy.quant.pack import pack_array, unpack_array
 from lrq_deploy.quant.scheme import QuantScheme
 
-__all__ = ["FLOAT_LAYERS_KEY", "FLOAT_OPSET", "float_layers", "lower_float_ort", "lower_float_trt", "ort_float_layer"]
+__all__ = ["FLOAT_OPSET", "TRT_DOMAIN", "lower_float_ort", "lower_float_trt", "ort_float_layer", "ort_form_of_trt_layer"]
 
 FLOAT_OPSET = {"ort": 21, "trt": 23}  # FLOAT8 Q/DQ and UINT4 DQ: 21; FLOAT4E2M1 initializers: 23
 TRT_DOMAIN = "trt"
