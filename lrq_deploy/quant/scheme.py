@@ -136,7 +136,9 @@ class QuantScheme:
     # -- the wire: manifest / CLI config and node / plugin attributes --------------------------
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; the number formats only when not integer, so integer schemes are recorded (manifests,
+        run directories) exactly as before the formats existed and earlier runs resume."""
+        return {k: v for k, v in asdict(self).items() if not (k in ("wformat", "aformat") and v == "int")}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantScheme":

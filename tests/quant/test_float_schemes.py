@@ -24,6 +24,15 @@ def _weight(out=16, k=64, seed=0):
     return w
 
 
+def test_integer_schemes_are_recorded_as_before_the_formats():
+    """Manifests and run directories of integer schemes keep their fields (earlier runs resume, earlier
+    checkpoints compare equal); float schemes record their formats."""
+    assert QuantScheme(wbits=4, group_size=64).to_dict() == {
+        "wbits": 4, "abits": 16, "group_size": 64, "symmetric": False, "act_asym": False}
+    assert QuantScheme.from_dict(QuantScheme(wbits=4, abits=8).to_dict()) == QuantScheme(wbits=4, abits=8)
+    assert QuantScheme.preset("nvfp4").to_dict()["wformat"] == "nvfp4"
+
+
 def test_presets_names_attributes_and_refusals():
     names = {p: QuantScheme.preset(p).name for p in PRESETS}
     assert names["nvfp4"] == "W4A4-nvfp4" and names["fp8"] == "W8A8-fp8" and names["w4a16-mxfp4"] == "W4A16-mxfp4"
