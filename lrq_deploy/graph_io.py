@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # Axis names of graph inputs and outputs, shared by export (dynamic axes), the input generator
 # (runtime/inputs.py), decoding and engine profiles: a symbolic dimension is matched by the name it contains.
 BATCH_AXIS, SEQ_AXIS, PAST_AXIS = "batch", "seq", "past"
+TOTAL_AXIS = "total"  # past + new tokens: the attention mask of a graph whose cache is kept in place
 ATTENTION_MASK = "attention_mask"  # 1 for real tokens, 0 for padding (generated as all ones)
 PAST_PREFIX, PRESENT_PREFIX = "past.", "present."
 

@@ -14,13 +14,13 @@ import torch
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.quant import floats
+from lrq_deploy.quant.grids import E8M0_BIAS
 from lrq_deploy.quant.pack import pack_codes
 from lrq_deploy.quant.scheme import FORMATS, QuantScheme
 
 from . import float_kernels
 from ._triton import interpreted
 
-E8M0_BIAS = 127
 MIN_SM = {"fp8": 89, "nvfp4": 100, "mxfp4": 100}
 
 

@@ -23,7 +23,8 @@ from lrq_deploy.bench.stats import DEFAULT_PERCENTILES, check_options, summarize
 from lrq_deploy.bench.report import threads_note
 from lrq_deploy.progress import bar, step
 from lrq_deploy.errors import LrqError
-from lrq_deploy.runtime.onnxrt import OrtSession, empty_past, next_past
+from lrq_deploy.graph_io import ATTENTION_MASK, PAST_PREFIX, PRESENT_PREFIX
+from lrq_deploy.runtime.onnxrt import OrtSession, next_past, step_feeds
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Decoder:
     name = ""
     device = "cpu"
     max_positions: int | None = None
+
+    def reserve(self, total: int) -> None:
+        """The longest generation to come (prompt + new tokens): a decoder may size its cache by it."""
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         """Run the prompt [B, P]; return the next tokens [B]."""
@@ -91,7 +95,11 @@ class TorchDecoder(Decoder):
 
 
 class OrtDecoder(Decoder):
-    """A `--with-past` ONNX graph in onnxruntime: present.* outputs feed the next step's past.*."""
+    """A `--with-past` ONNX graph in onnxruntime: present.* outputs feed the next step's past.*.
+
+    A graph that takes an attention mask (its cache kept in place: lrq export --genai) runs on the
+    CPU as onnxruntime-genai runs it: one buffer per layer of the full length is bound as past and
+    present at once, and GroupQueryAttention appends each step's keys and values to it."""
 
     name = "ort"
 
@@ -100,19 +108,57 @@ class OrtDecoder(Decoder):
         if not self.ort.has_kv_cache:
             raise LrqError(f"{path} has no KV-cache inputs; export it with lrq export --with-past for --decode")
         self.session, self.device, self.max_positions = self.ort.session, self.ort.device, self.ort.max_positions
-        self.description = f"{path.name}, onnxruntime {self.device}"
+        inputs = self.session.get_inputs()
+        self.in_place = self.device == "cpu" and any(i.name == ATTENTION_MASK for i in inputs)
+        self.description = f"{path.name}, onnxruntime {self.device}" + (", cache in place" if self.in_place else "")
+        self.past_specs = [i for i in inputs if i.name.startswith(PAST_PREFIX)]
+        self.capacity, self.length = 0, 0
         self.feeds: dict = {}
+
+    def reserve(self, total):
+        self.capacity = total
 
     def _run(self, feeds: dict) -> np.ndarray:
         outputs = self.ort.run(feeds)
         self.feeds = next_past(outputs)
         return outputs["logits"][:, -1].argmax(-1)
 
+    def _run_in_place(self, ids: np.ndarray) -> np.ndarray:
+        self.length += ids.shape[1]
+        if self.length > self.capacity:  # past what was reserved: a cache twice as long, filled from this one
+            self._allocate(ids.shape[0], 2 * self.length)
+        binding = self.session.io_binding()
+        binding.bind_output("logits")
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input(ATTENTION_MASK, np.ones((ids.shape[0], self.length), dtype=np.int64))
+        for name, buffer in self.cache.items():
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(name.replace(PAST_PREFIX, PRESENT_PREFIX), buffer)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, -1].argmax(-1)
+
     def prefill(self, ids):
-        return self._run({"input_ids": ids, **empty_past(self.session, ids.shape[0])})
+        if not self.in_place:
+            return self._run(step_feeds(self.session, ids))
+        self.cache, self.length = {}, 0
+        self._allocate(ids.shape[0], max(self.capacity, ids.shape[1]))
+        return self._run_in_place(ids)
+
+    def _allocate(self, batch: int, capacity: int) -> None:
+        from onnxruntime import OrtValue
+
+        cache = {}
+        for spec in self.past_specs:
+            buffer = np.zeros((batch, spec.shape[1], capacity, spec.shape[3]), dtype=np.float32)
+            if spec.name in self.cache:
+                old = self.cache[spec.name].numpy()
+                buffer[:, :, :old.shape[2]] = old
+            cache[spec.name] = OrtValue.ortvalue_from_numpy(buffer)
+        self.cache, self.capacity = cache, capacity
 
     def step(self, tokens):
-        return self._run({"input_ids": tokens[:, None].astype(np.int64), **self.feeds})
+        ids = tokens[:, None].astype(np.int64)
+        return self._run_in_place(ids) if self.in_place else self._run(step_feeds(self.session, ids, self.feeds))
 
 
 def make_decoder(target: Path, device: str) -> Decoder:
@@ -151,6 +197,7 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
     if decoder.max_positions and total > decoder.max_positions:
         raise LrqError(f"--prompt-len + --new-tokens = {total} exceeds the model's {decoder.max_positions} positions")
     prompt = np.random.default_rng(0).integers(0, 100, (options.batch, options.prompt_len), dtype=np.int64)
+    decoder.reserve(total)
     with step(f"warming up {decoder.name}"):
         _generate(decoder, prompt, options.new_tokens)
     first, steps, decode_s = [], [], 0.0

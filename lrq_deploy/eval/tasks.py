@@ -112,7 +112,7 @@ def torch_scorer(model, device) -> Logits:
 def onnx_scorer(graph: Path) -> Logits:
     """Logits from an exported graph as written (onnxruntime's reference session; a graph with a
     KV cache is fed an empty one)."""
-    from lrq_deploy.runtime.onnxrt import empty_past, reference_session
+    from lrq_deploy.runtime.onnxrt import reference_session, step_feeds
 
     session = reference_session(Path(graph))
     names = [i.name for i in session.get_inputs()]
@@ -121,7 +121,7 @@ def onnx_scorer(graph: Path) -> Logits:
     output = session.get_outputs()[0].name
 
     def run(ids: torch.Tensor) -> torch.Tensor:
-        feed = {"input_ids": ids.numpy().astype(np.int64), **empty_past(session, ids.shape[0])}
+        feed = step_feeds(session, ids.numpy().astype(np.int64))
         return torch.from_numpy(session.run([output], feed)[0])
 
     return run

@@ -11,18 +11,24 @@ projections; the op's eager body is the reference arithmetic, its ONNX form that
 
 The graph's inputs and outputs stay those of every lrq `--with-past` graph: the node's
 seqlens_k and total_sequence_length are computed in the graph from the shapes of the past and of
-the new tokens (no padding: every row has the same length).
+the new tokens (no padding: every row has the same length). `lengths_from_mask` gives a graph an
+attention_mask input instead and computes both from it: a runtime can then keep each layer's cache
+in one buffer of the full length, bound as past and present at once, which the node appends to in
+place rather than copying the past into a new present every step (onnxruntime-genai's
+past_present_share_buffer; OrtDecoder in bench/decode.py).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrq_deploy.export.graph import MICROSOFT, consumers, producers, set_nodes
+from lrq_deploy.export.graph import MICROSOFT, consumers, drop_dead_nodes, producers, set_nodes
+from lrq_deploy.graph_io import ATTENTION_MASK, BATCH_AXIS, TOTAL_AXIS
 from lrq_deploy.models.attention import AttentionLayout
 
 OPTIONAL_INPUTS = ("key", "value", "cos_cache", "sin_cache")  # key / value: absent when query packs q, k, v
@@ -162,3 +168,33 @@ def pack_qkv(model) -> int:
     if dropped:
         set_nodes(model, [n for n in model.graph.node if not (n.op_type == "Split" and n.output[0] in dropped)])
     return len(dropped)
+
+
+def lengths_from_mask(model) -> int:
+    """Give a GroupQueryAttention graph an attention_mask input [batch, total] (int64, 1 per token of
+    past and new ones) and feed every node seqlens_k = sum(mask) - 1 and total_sequence_length =
+    the mask's length, computed once; the shape arithmetic it replaces is removed. Returns how
+    many nodes now read the mask (0: the graph has none, and is left as it was)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == MICROSOFT]
+    if not nodes:
+        return 0
+    model.graph.input.insert(1, helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, [BATCH_AXIS, TOTAL_AXIS]))
+    constants = [numpy_helper.from_array(np.array(value, np.int64), name) for name, value in
+                 (("lrq.mask.axis", [1]), ("lrq.mask.one", 1), ("lrq.mask.first", [0]))]
+    model.graph.initializer.extend(constants)
+    seqlens, total = "lrq.mask.seqlens_k", "lrq.mask.total_sequence_length"
+    computed = [
+        helper.make_node("ReduceSum", [ATTENTION_MASK, "lrq.mask.axis"], ["lrq.mask.lengths"], keepdims=0),
+        helper.make_node("Sub", ["lrq.mask.lengths", "lrq.mask.one"], ["lrq.mask.last"]),
+        helper.make_node("Cast", ["lrq.mask.last"], [seqlens], to=TensorProto.INT32),
+        helper.make_node("Shape", [ATTENTION_MASK], ["lrq.mask.length"], start=1, end=2),
+        helper.make_node("Squeeze", ["lrq.mask.length", "lrq.mask.first"], ["lrq.mask.length_scalar"]),
+        helper.make_node("Cast", ["lrq.mask.length_scalar"], [total], to=TensorProto.INT32),
+    ]
+    for node in nodes:
+        node.input[5], node.input[6] = seqlens, total
+    set_nodes(model, computed + list(model.graph.node))
+    drop_dead_nodes(model)
+    return len(nodes)

@@ -19,6 +19,7 @@ from pathlib import Path
 from lrq_deploy.atomic import OutputKind, atomic_directory, claim_output, is_json_of, output_scope, write_json
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.onnx_export import ExportOptions, export_loaded, graph_bytes_at_least
+from lrq_deploy.graph_io import ATTENTION_MASK
 from lrq_deploy.progress import step
 from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, MATMULNBITS_ACCURACY_KEY
 
@@ -54,7 +55,7 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
     def write(staging: Path) -> None:
         level = INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1"
         report.update(export_loaded(ckpt, staging / GRAPH, options, lambda graph, _: save_optimized(graph, level)))
-        write_json(staging / CONFIG, genai_config(loaded))
+        write_json(staging / CONFIG, genai_config(loaded, in_place=report["kv_cache_in_place"]))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
         if options.verify:
@@ -75,7 +76,7 @@ def _genai_options(options: ExportOptions) -> ExportOptions:
         raise LrqError("--genai and --triton-repo are separate exports; run them one at a time")
     if options.batch is not None or options.seq_len is not None:
         raise LrqError("--genai graphs keep dynamic batch and sequence axes; drop --batch/--seq-len")
-    return replace(options, with_past=True)
+    return replace(options, with_past=True, kv_in_place=True)
 
 
 def save_optimized(graph: Path, accuracy_level: str) -> None:
@@ -111,10 +112,12 @@ def _rename_external_data(graph: Path, old: str, new: str) -> None:
     onnx.save(model, str(graph))
 
 
-def genai_config(loaded) -> dict:
+def genai_config(loaded, in_place: bool) -> dict:
     """genai_config.json for the graph lrq exports with --with-past: input_ids and past.N.key /
-    past.N.value in, logits and present.N.* out (positions follow from the past length, so there
-    is no attention_mask or position_ids input), greedy search by default."""
+    past.N.value in, logits and present.N.* out, greedy search by default. A graph whose cache is
+    kept in place (GroupQueryAttention) also takes attention_mask, and onnxruntime-genai binds one
+    buffer per layer as past and present (past_present_share_buffer); a standard-op graph takes no
+    mask (positions follow from the past length) and gets a new present every step."""
     config = loaded.model.config
     kv_heads, head_dim = loaded.adapter.kv_cache_shape(config)
     context = loaded.adapter.max_sequence_length(loaded.model)
@@ -131,13 +134,13 @@ def genai_config(loaded) -> dict:
                 "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
                 "num_key_value_heads": kv_heads,
                 "inputs": {"input_ids": "input_ids", "past_key_names": "past.%d.key",
-                           "past_value_names": "past.%d.value"},
+                           "past_value_names": "past.%d.value", **({ATTENTION_MASK: ATTENTION_MASK} if in_place else {})},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
             },
         },
         "search": {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
-                   "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "past_present_share_buffer": in_place, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
                    "repetition_penalty": 1.0},
     }
 

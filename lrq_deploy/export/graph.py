@@ -115,6 +115,19 @@ def set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
     model.graph.node.extend(nodes)
 
 
+def drop_dead_nodes(model: onnx.ModelProto) -> int:
+    """Remove the nodes whose outputs reach no graph output; returns how many were removed."""
+    live = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(out in live for out in node.output):
+            kept.append(node)
+            live.update(node.input)
+    removed = len(model.graph.node) - len(kept)
+    set_nodes(model, kept[::-1])
+    return removed
+
+
 class Graph:
     """Initializer lookup and node/initializer replacement on a model being lowered."""
 

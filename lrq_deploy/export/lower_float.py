@@ -188,19 +188,8 @@ def lower_float_trt(graph: Graph, qn: QuantNode, prefix: str) -> list:
     if layer.scheme.quantize_activations and layer.scheme.float_format == "nvfp4" and not any(
             o.domain == TRT_DOMAIN for o in graph.model.opset_import):
         graph.model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
-    return (_trt_fp8 if layer.scheme.float_format == "fp8" else _trt_nvfp4)(graph, layer)
-
-
-def _trt_fp8(graph: Graph, layer: FloatLayer) -> list:
-    n = _Nodes(graph, layer.prefix)
-    k, out = layer.codes.shape
-    x = layer.x
-    if layer.scheme.quantize_activations:
-        scale, zero = n.const("x_scale", layer.input_scale), n.raw("x_zero", TensorProto.FLOAT8E4M3FN, (), b"\x00")
-        x = n("DequantizeLinear", [n("QuantizeLinear", [x, scale, zero], "xq"), scale], "xd")
-    codes = n.raw("w_fp8", TensorProto.FLOAT8E4M3FN, (k, out), layer.codes.tobytes())
-    weight = n("DequantizeLinear", [codes, n.const("w_scale", layer.scales)], "w", axis=1)
-    return _matmul(n, layer, x, weight)
+    # FP8 Q/DQ is one form for both runtimes
+    return (ort_float_layer if layer.scheme.float_format == "fp8" else _trt_nvfp4)(graph, layer)
 
 
 def _trt_nvfp4(graph: Graph, layer: FloatLayer) -> list:

@@ -22,7 +22,7 @@ from lrq_deploy.atomic import (
 from lrq_deploy.progress import step
 from lrq_deploy.provenance import sha256_of
 from lrq_deploy.errors import LrqError
-from lrq_deploy.export.attention import pack_qkv
+from lrq_deploy.export.attention import lengths_from_mask, pack_qkv
 from lrq_deploy.export.fuse import fuse_shared_inputs
 from lrq_deploy.export.norms import norms_as_division, residual_norms_as_contrib
 from lrq_deploy.export.graph import FLOAT_LAYERS_KEY, default_opset, producers, set_opset
@@ -62,6 +62,9 @@ class ExportOptions:
     # target ort: onnxruntime's contrib operators where exact: residual + RMSNorm as SkipSimplifiedLayerNormalization
     # (export/norms.py), and with_past attention as GroupQueryAttention (export/attention.py)
     contrib_ops: bool = True
+    # with_past GroupQueryAttention graphs: an attention_mask input gives the lengths, so a runtime can keep
+    # each layer's cache in one full-length buffer that is past and present at once (export/attention.py)
+    kv_in_place: bool = False
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -146,6 +149,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         residual_norms_as_contrib(model)
     if fused and layout:
         pack_qkv(model)
+    if layout and options.kv_in_place:
+        lengths_from_mask(model)
     with step(f"lowering the quantized linears for {target}"):
         lower(model, target)
     drop_debug_records(model)
@@ -154,7 +159,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
               "fused_linears": fused, "norms_for_ort": norms,
-              "attention": "GroupQueryAttention" if layout else "standard ops", **size_report(model, ckpt)}
+              "attention": "GroupQueryAttention" if layout else "standard ops",
+              "kv_cache_in_place": bool(layout and options.kv_in_place), **size_report(model, ckpt)}
 
     def check_and_verify(tmp: Path) -> None:
         try:

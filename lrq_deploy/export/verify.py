@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lrq_deploy.runtime.compare import compare_runs, run_iterations
-from lrq_deploy.runtime.onnxrt import declares_int8_activations, deployed_session, empty_past, next_past, reference_session
+from lrq_deploy.runtime.onnxrt import declares_int8_activations, deployed_session, next_past, reference_session, step_feeds
 from lrq_deploy.runtime.runners import TorchRunner, ort_runner
 
 
@@ -41,7 +41,7 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     if int8_activations:  # verified with the numerics it declares, as deployed
         session = deployed_session(path, device="cpu")
     if with_past:
-        feeds = [{**feed, **empty_past(session, len(next(iter(feed.values()))))} for feed in feeds]
+        feeds = [step_feeds(session, feed["input_ids"]) for feed in feeds]
     candidate = [{output: out[output]} for out in run_iterations(ort_runner(path, session=session), feeds)]
     comparison = compare_runs(("torch", reference), ("onnxruntime", candidate), atol=1e-3, rtol=1e-3)[output]
     metric = {side: adapter.metric_from_logits(inputs, [torch.from_numpy(o[output]) for o in outs], labels)
@@ -83,14 +83,13 @@ def verify_generation(path: Path, loaded, prompt_len: int = 16, new_tokens: int 
     session = reference_session(path)
     names = [o.name for o in session.get_outputs()]
     prompt = verification_prompt(loaded, prompt_len)
-    feeds = {"input_ids": prompt.numpy(), **empty_past(session, 1)}
+    feeds = step_feeds(session, prompt.numpy())
     ort_tokens = []
     for _ in range(new_tokens):
         outputs = dict(zip(names, session.run(None, feeds)))
         token = int(outputs["logits"][0, -1].argmax())
         ort_tokens.append(token)
-        feeds = {"input_ids": np.array([[token]], dtype=np.int64)}
-        feeds.update(next_past(outputs))
+        feeds = step_feeds(session, np.array([[token]], dtype=np.int64), next_past(outputs))
     ref_tokens = torch_greedy(loaded, prompt, new_tokens)
     return {"prompt_tokens": prompt_len, "onnxruntime": ort_tokens, "torch": ref_tokens, "match": ort_tokens == ref_tokens}
 

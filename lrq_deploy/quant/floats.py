@@ -110,7 +110,11 @@ def round_ste(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 def fp8_scale(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """amax / 448 over the whole tensor (dim None) or along `dim` (kept): per tensor, per output
     channel (weights, dim=-1) or per token (activations, dim=-1). Zero amax gives scale 1."""
-    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    return fp8_scale_of(x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True))
+
+
+def fp8_scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """The FP8 scale of values reaching `amax`: amax / 448 (1 where amax is zero)."""
     return torch.where(amax > 0, amax / E4M3.max_value, torch.ones_like(amax))
 
 

@@ -115,7 +115,7 @@ class FloatGrid:
             lo = lo * lower
         amax = torch.maximum(hi, lo)
         if self.format == "fp8":
-            return torch.where(amax > 0, amax / E4M3.max_value, torch.ones_like(amax)), w.new_ones(())
+            return floats.fp8_scale_of(amax), w.new_ones(())
         if self.format == "nvfp4":
             tensor = nvfp4_tensor_scale(w.detach().abs().amax())
             return floats.round_ste(amax / E2M1.max_value / tensor, E4M3), tensor
@@ -218,7 +218,7 @@ def input_scale_of(amax: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
         return torch.ones_like(amax)
     if fmt == "nvfp4":
         return nvfp4_tensor_scale(amax)
-    return torch.where(amax > 0, amax / E4M3.max_value, torch.ones_like(amax))
+    return floats.fp8_scale_of(amax)
 
 
 def fake_quant_input(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tensor | None = None) -> torch.Tensor:

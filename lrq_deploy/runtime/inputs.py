@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrq_deploy.graph_io import ATTENTION_MASK, BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS
+from lrq_deploy.graph_io import ATTENTION_MASK, BATCH_AXIS, PAST_AXIS, PAST_PREFIX, SEQ_AXIS, TOTAL_AXIS
 
 TOKEN_RANGE = 100  # input ids drawn from [0, 100): valid for every vocabulary
 
@@ -19,9 +19,12 @@ def axis_of(dim) -> str | None:
 
 
 def axis_size(dim, sizes: dict[str, int]) -> int:
-    """A dim's size: fixed ints as they are; a symbolic dim by its axis (unknown axes: 1)."""
+    """A dim's size: fixed ints as they are; a symbolic dim by its axis (the total axis: past +
+    new tokens; unknown axes: 1)."""
     if isinstance(dim, (int, np.integer)) and dim > 0:
         return int(dim)
+    if str(dim) == TOTAL_AXIS:
+        return sizes.get(PAST_AXIS, 0) + sizes.get(SEQ_AXIS, 1)
     axis = axis_of(dim)
     return sizes[axis] if axis in sizes else 1
 

@@ -150,6 +150,22 @@ def empty_past(session, batch: int) -> dict:
             for spec in session.get_inputs() if spec.name.startswith(PAST_PREFIX)}
 
 
+def step_feeds(session, input_ids, past: dict | None = None) -> dict:
+    """One step's feeds of a --with-past graph: the new tokens [B, S], the cache so far (None: an
+    empty one; the graph then runs as prefill) and, for a graph that takes one (its cache kept in
+    place, export/attention.py lengths_from_mask), the attention mask over past and new tokens."""
+    import numpy as np
+
+    from lrq_deploy.graph_io import ATTENTION_MASK
+
+    past = empty_past(session, input_ids.shape[0]) if past is None else past
+    feeds = {"input_ids": input_ids, **past}
+    if any(spec.name == ATTENTION_MASK for spec in session.get_inputs()):
+        past_length = next(iter(past.values())).shape[2] if past else 0
+        feeds[ATTENTION_MASK] = np.ones((input_ids.shape[0], past_length + input_ids.shape[1]), dtype=np.int64)
+    return feeds
+
+
 def next_past(outputs: dict) -> dict:
     """The present.* outputs of one step as the past.* inputs of the next."""
     from lrq_deploy.graph_io import PAST_PREFIX, PRESENT_PREFIX

@@ -50,6 +50,28 @@ def test_decoders_generate_the_greedy_tokens(targets):
     assert (_tokens(ort_decoder, prompt, 6) == expected).all()
 
 
+def test_cache_kept_in_place_generates_what_the_copying_graph_generates(targets, tmp_path):
+    """The graph lrq export --genai writes takes an attention mask; OrtDecoder binds one buffer per
+    layer as its past and present (grown when the generation outlives what was reserved), and the
+    greedy tokens are those of the graph that copies its cache every step."""
+    import onnx
+
+    from lrq_deploy.export import export_onnx
+
+    graph = tmp_path / "in-place.onnx"
+    report = export_onnx(targets["w4"], graph, with_past=True, kv_in_place=True, limit=1)
+    assert report["kv_cache_in_place"] and report["verify"]["within_tolerance"] and report["verify_generation"]["match"]
+    model = onnx.load(str(graph))
+    assert [i.name for i in model.graph.input][:2] == ["input_ids", "attention_mask"]
+    assert not any(n.op_type == "Shape" and n.input[0].startswith("past.") for n in model.graph.node)
+    prompt = np.random.default_rng(2).integers(0, 100, (2, 12), dtype=np.int64)
+    in_place = make_decoder(graph, "cpu")
+    assert in_place.in_place and "cache in place" in in_place.description
+    in_place.reserve(14)  # the generation needs 12 + 7 positions
+    assert (_tokens(in_place, prompt, 8) == _tokens(make_decoder(targets["onnx"], "cpu"), prompt, 8)).all()
+    assert in_place.capacity > 14
+
+
 def test_generation_times_every_step(targets):
     decoder = make_decoder(targets["fp"], "cpu")
     ttft, steps = _generate(decoder, np.zeros((1, 8), dtype=np.int64), 5)

@@ -44,6 +44,9 @@ def test_genai_directory_generates_what_torch_generates(bundled_w4, tmp_path):
     assert len(generation["torch"]) == GENERATION_TOKENS
     assert generation["onnxruntime_genai"] == generation["torch"]
     assert accuracy_levels(out / "model.onnx") == {1}  # exact activations, as verified
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"]  # one buffer per layer, appended in place
+    assert config["model"]["decoder"]["inputs"]["attention_mask"] == "attention_mask"
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
     assert ops["DequantizeLinear"] == 0 and ops["MatMulNBits"] == 4 * 4  # q/k/v, o, gate/up, down in 4 layers
 
@@ -64,13 +67,16 @@ def test_opt_runs_in_genai_as_its_generic_decoder(tiny_opt_dir, tmp_path):
 def test_config_describes_the_graph(tiny_llama_dir, tiny_opt_dir):
     from lrq_deploy.checkpoint import load_source
 
-    llama = genai_config(load_source(str(tiny_llama_dir)).loaded)["model"]
+    llama = genai_config(load_source(str(tiny_llama_dir)).loaded, in_place=True)["model"]
     decoder = llama["decoder"]
     assert llama["type"] == "llama" and llama["vocab_size"] == 2048 and llama["context_length"] == 256
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"],
             decoder["num_hidden_layers"], decoder["hidden_size"]) == (4, 2, 16, 2, 64)
     assert decoder["inputs"]["past_key_names"] == "past.%d.key"
-    assert genai_config(load_source(str(tiny_opt_dir)).loaded)["model"]["type"] == "decoder"  # not a genai type
+    assert decoder["inputs"]["attention_mask"] == "attention_mask"
+    opt = genai_config(load_source(str(tiny_opt_dir)).loaded, in_place=False)
+    assert opt["model"]["type"] == "decoder"  # not a genai type
+    assert "attention_mask" not in opt["model"]["decoder"]["inputs"] and not opt["search"]["past_present_share_buffer"]
 
 
 def test_fp_model_and_opt_export_without_genai_installed(tiny_opt_dir, tmp_path, monkeypatch):

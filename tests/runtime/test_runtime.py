@@ -47,6 +47,9 @@ def test_input_generator_follows_axis_names():
     masked = [TensorSpec("input_ids", "int64", ("batch", "seq")), TensorSpec("attention_mask", "int64", ("batch", "seq"))]
     feeds = make_feeds(masked, benchmark_sizes(masked, batch=2, seq_len=8)[0])
     assert (feeds["attention_mask"] == 1).all() and feeds["input_ids"].shape == (2, 8)  # encoders: no padding
+    in_place = specs + [TensorSpec("attention_mask", "int64", ("batch", "total"))]  # a cache kept in place
+    feeds = make_feeds(in_place, benchmark_sizes(in_place, batch=3, seq_len=40)[0])
+    assert feeds["attention_mask"].shape == (3, 41) and (feeds["attention_mask"] == 1).all()  # past + the new token
 
 
 def test_torch_runner_speaks_polygraphy_and_matches_the_model():
