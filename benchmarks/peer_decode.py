@@ -78,22 +78,35 @@ def time_genai(directory: Path, peer_python: str, prompt_len: int, new_tokens: i
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def weights_of(target: Path) -> str:
-    """What a target's quantized linears compute with, from its graph: lrq's scheme and the
-    MatMulNBits accuracy level it declares, or the genai graph's MatMulNBits block size and
-    accuracy level (the table shows it so that only like numerics are compared)."""
+def graph_of(target: Path) -> "onnx.ModelProto":
     import onnx
 
-    graph = target / "model.onnx" if target.is_dir() else target
-    model = onnx.load(str(graph), load_external_data=False)
+    return onnx.load(str(target / "model.onnx" if target.is_dir() else target), load_external_data=False)
+
+
+def weights_of(target: Path) -> tuple[str, int | None, bool]:
+    """What a target's quantized linears compute with, from its graph: (description, MatMulNBits
+    accuracy level or None for a float graph, whether lrq wrote it): lrq's scheme and the accuracy
+    level it declares, or the genai builder graph's block size and accuracy level (the table shows
+    it so that only like numerics are compared)."""
+    import onnx
+
+    model = graph_of(target)
     meta = {p.key: p.value for p in model.metadata_props}
     if "lrq.scheme" in meta:
         level = meta.get("lrq.ort_matmulnbits_accuracy_level")
-        return meta["lrq.scheme"] + (f", accuracy {level}" if level else "")
+        quantized = meta["lrq.scheme"] != "full precision"
+        return meta["lrq.scheme"] + (f", accuracy {level}" if level else ""), (int(level or 1) if quantized else None), True
     found = {(a["block_size"], a["accuracy_level"]) for a in (
         {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
         for n in model.graph.node if n.op_type == "MatMulNBits")}
-    return ", ".join(f"int4 g{block}, accuracy {level}" for block, level in sorted(found)) or "float"
+    levels = {level for _, level in found}
+    return (", ".join(f"int4 g{block}, accuracy {level}" for block, level in sorted(found)) or "float",
+            levels.pop() if len(levels) == 1 else None, False)
+
+
+def label(target: Path) -> str:
+    return f"{target.parent.name}/{target.name}" if target.name == "model.onnx" else target.name
 
 
 def set_accuracy(directory: Path, level: int) -> int:
@@ -135,15 +148,26 @@ def main() -> int:
             else:
                 figures = time_genai(target, args.peer_python, args.prompt_len, args.new_tokens, args.threads)
             runs[str(target)].append(figures)
-            print(f"round {round_index + 1}: {kind} {target}: {figures['tokens_per_s']:.2f} tokens/s", file=sys.stderr)
-    base = statistics.median(r["tokens_per_s"] for r in runs[str(targets[0][1])])
+            print(f"round {round_index + 1}: {kind} {target}: {figures['tokens_per_s']:.2f} tokens/s", file=sys.stderr,
+                  flush=True)
+    median = {str(t): statistics.median(r["tokens_per_s"] for r in runs[str(t)]) for _, t in targets}
+    weights = {str(t): weights_of(t) for _, t in targets}
+    base = median[str(targets[0][1])]
+    builder = {}  # the peer of each numerics class: the first builder graph at that accuracy level
+    for kind, target in targets:
+        _, level, by_lrq = weights[str(target)]
+        if kind == "onnxruntime-genai" and not by_lrq and level is not None:
+            builder.setdefault(level, median[str(target)])
     print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} thread(s), {args.rounds} rounds "
           "(median)\n")
-    print("| engine | target | weights | TTFT ms | tokens/s | vs first |\n|---|---|---|---|---|---|")
+    print("| runtime | graph | weights | TTFT ms | tokens/s | vs first | vs the builder's graph, same accuracy |\n"
+          "|---|---|---|---|---|---|---|")
     for kind, target in targets:
-        tps = statistics.median(r["tokens_per_s"] for r in runs[str(target)])
+        tps, (description, level, _) = median[str(target)], weights[str(target)]
         ttft = statistics.median(r["ttft_ms"] for r in runs[str(target)])
-        print(f"| {kind} | {target.name} | {weights_of(target)} | {ttft:.1f} | {tps:.2f} | {tps / base:.2f}x |")
+        peer = f"{tps / builder[level]:.3f}x" if level in builder else ""
+        runtime = "lrq bench" if kind == "lrq" else "onnxruntime-genai"
+        print(f"| {runtime} | {label(target)} | {description} | {ttft:.1f} | {tps:.2f} | {tps / base:.2f}x | {peer} |")
     return 0
 
 
