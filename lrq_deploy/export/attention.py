@@ -141,8 +141,7 @@ def _fused_forward(module: nn.Module, layout: AttentionLayout):
         seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
         total_length = torch.full((), total, dtype=torch.int32)
         out, present_key, present_value = torch.ops.lrq.group_query_attention(
-            module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states),
-            layer.keys, layer.values, seqlens_k, total_length, layout.cos, layout.sin, layout.num_heads, layout.kv_heads,
+            *layout.project(module, hidden_states), layer.keys, layer.values, seqlens_k, total_length, layout.cos, layout.sin, layout.num_heads, layout.kv_heads,
             layout.scale)
         layer.keys, layer.values = present_key, present_value
         return module.o_proj(out), None

@@ -147,7 +147,7 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     norms = norms_as_division(model) if options.fuse and target == "ort" else 0
     if norms and options.contrib_ops:
         residual_norms_as_contrib(model)
-    if fused and layout:
+    if layout:
         pack_qkv(model)
     if layout and options.kv_in_place:
         lengths_from_mask(model)

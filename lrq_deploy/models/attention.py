@@ -3,16 +3,26 @@ the modules, head counts and rotary tables onnxruntime's GroupQueryAttention com
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+# rotary embeddings whose tables do not depend on the sequence (GroupQueryAttention reads fixed ones)
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def separate_projections(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k and v of an attention module with q_proj, k_proj and v_proj."""
+    return module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
+
 
 @dataclass
 class AttentionLayout:
-    """What GroupQueryAttention needs of a model: its attention modules (with q_proj, k_proj,
-    v_proj, o_proj and layer_idx), head counts, and the rotary tables over every position."""
+    """What GroupQueryAttention needs of a model: its attention modules (with o_proj and
+    layer_idx), how one computes q, k and v from its input, head counts, and the rotary tables
+    over every position."""
 
     modules: list[nn.Module]
     num_heads: int
@@ -21,6 +31,7 @@ class AttentionLayout:
     cos: torch.Tensor  # [max positions, head_dim / 2]
     sin: torch.Tensor
     scale: float
+    project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = separate_projections
 
 
 def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,3 +40,20 @@ def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int) ->
     probe = torch.zeros(1, dtype=torch.float32)
     cos, sin = rotary_embedding(probe, torch.arange(positions)[None])
     return cos[0, :, : head_dim // 2].contiguous(), sin[0, :, : head_dim // 2].contiguous()
+
+
+def rotary_attention_layout(adapter, model: nn.Module, project=separate_projections) -> AttentionLayout | None:
+    """The layout of a decoder whose layers' `self_attn` apply full rotate-half rotary from fixed
+    tables (the decoder's rotary_emb) with causal attention and no sliding window; None otherwise
+    (the graph then keeps standard ops)."""
+    cfg = model.config
+    rotary = getattr(adapter.decoder(model), "rotary_emb", None)
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if rotary is None or window or getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
+        return None
+    if (getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
+        return None
+    kv_heads, head_dim = adapter.kv_cache_shape(cfg)
+    modules = [block.self_attn for block in adapter.blocks(model)]
+    cos, sin = rotary_tables(rotary, adapter.max_sequence_length(model), head_dim)
+    return AttentionLayout(modules, cfg.num_attention_heads, kv_heads, head_dim, cos, sin, modules[0].scaling, project)

@@ -10,22 +10,10 @@ class LlamaAdapter(CausalLMAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2")
 
-    # rotary embeddings whose tables do not depend on the sequence (GroupQueryAttention reads fixed ones)
-    STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-
     def attention_layout(self, model):
-        """Full rotate-half rotary from fixed tables, causal attention without a sliding window."""
-        from lrq_deploy.models.attention import AttentionLayout, rotary_tables
+        from lrq_deploy.models.attention import rotary_attention_layout
 
-        cfg = model.config
-        rotary = getattr(self.decoder(model), "rotary_emb", None)
-        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-        if rotary is None or window or getattr(rotary, "rope_type", "default") not in self.STATIC_ROPE:
-            return None
-        kv_heads, head_dim = self.kv_cache_shape(cfg)
-        modules = [block.self_attn for block in self.blocks(model)]
-        cos, sin = rotary_tables(rotary, self.max_sequence_length(model), head_dim)
-        return AttentionLayout(modules, cfg.num_attention_heads, kv_heads, head_dim, cos, sin, modules[0].scaling)
+        return rotary_attention_layout(self, model)
 
     def smooth_groups(self, model):
         return self.groups_for(model.config)

@@ -11,6 +11,15 @@ class Phi3Adapter(CausalLMAdapter):
     family = "phi3"
     model_types = ("phi3",)
 
+    def attention_layout(self, model):
+        """LLaMA's GroupQueryAttention layout, q, k and v split from the one qkv_proj (the export
+        then hands the node the packed projection itself: export/attention.py pack_qkv)."""
+        from lrq_deploy.models.attention import rotary_attention_layout
+
+        kv_heads, head_dim = self.kv_cache_shape(model.config)
+        sizes = [model.config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        return rotary_attention_layout(self, model, lambda module, hidden: module.qkv_proj(hidden).split(sizes, dim=-1))
+
     def smooth_groups(self, model):
         cfg = model.config
         kv_heads, head_dim = self.kv_cache_shape(cfg)

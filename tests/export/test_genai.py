@@ -64,6 +64,21 @@ def test_opt_runs_in_genai_as_its_generic_decoder(tiny_opt_dir, tmp_path):
     assert report["genai_generation"]["match"], report["genai_generation"]
 
 
+def test_phi3_fused_projection_feeds_group_query_attention_in_genai(tmp_path):
+    """Phi-3's one qkv_proj hands GroupQueryAttention its packed output (no Split between them)
+    and onnxruntime-genai generates torch's tokens with the cache in place."""
+    pytest.importorskip("onnxruntime_genai")
+    from conftest import _save_hf
+    from lrq_deploy.models.tiny import tiny_model
+
+    path = _save_hf(tiny_model("phi3"), tmp_path / "phi3")
+    report = export_genai(str(path), tmp_path / "genai", ExportOptions(limit=2))
+    assert report["attention"] == "GroupQueryAttention" and report["kv_cache_in_place"]
+    assert report["genai_generation"]["match"], report["genai_generation"]
+    nodes = onnx.load(str(tmp_path / "genai" / "model.onnx")).graph.node
+    assert all(n.input[1] == n.input[2] == "" for n in nodes if n.op_type == "GroupQueryAttention")
+
+
 def test_config_describes_the_graph(tiny_llama_dir, tiny_opt_dir):
     from lrq_deploy.checkpoint import load_source
 
