@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+# a directory lrq export wrote around one graph (--genai) holds this record, naming the graph in "graph"
+EXPORT_RECORD = "lrq-export.json"
 
 
 class Kind(str, Enum):
@@ -18,9 +21,35 @@ class Kind(str, Enum):
 
 def artifact_kind(path: Path, what: str = "target") -> Kind:
     """The kind of an existing artifact, from its type and name; one clear error otherwise."""
+    return resolve_artifact(path, what)[0]
+
+
+def resolve_artifact(path: Path, what: str = "target") -> tuple[Kind, Path]:
+    """(kind, the file or directory to open): an export directory stands for the graph it holds."""
     path = Path(path)
     if not path.exists():
         raise LrqError(f"{what} {path} does not exist")
+    graph = exported_graph(path)
+    if graph is not None:
+        return Kind.ONNX, graph
+    return _kind_of(path), path
+
+
+def exported_graph(directory: Path) -> Path | None:
+    """The graph inside an lrq export directory (None: `directory` is none)."""
+    record = Path(directory) / EXPORT_RECORD
+    if not record.is_file():
+        return None
+    try:
+        graph = directory / json.loads(record.read_text()).get("graph", "model.onnx")  # older records: model.onnx
+    except (ValueError, AttributeError, TypeError):
+        raise LrqError(f"{record} is not a readable export record") from None
+    if not graph.is_file():
+        raise LrqError(f"{directory} is an lrq export directory without its graph {graph.name}")
+    return graph
+
+
+def _kind_of(path: Path) -> Kind:
     if path.is_dir():
         return Kind.CHECKPOINT
     if path.suffix == ".onnx":

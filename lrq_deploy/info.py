@@ -15,10 +15,11 @@ from lrq_deploy.provenance import sha256_of
 
 def describe(target: Path) -> dict:
     """A report: {"kind", "path", "intact": bool, "problems": [...], ...kind-specific fields}."""
-    from lrq_deploy.artifacts import Kind, artifact_kind
+    from lrq_deploy.artifacts import Kind, resolve_artifact
 
     describers = {Kind.CHECKPOINT: describe_checkpoint, Kind.ONNX: describe_onnx, Kind.ENGINE: describe_engine}
-    return describers[artifact_kind(target)](Path(target))
+    kind, path = resolve_artifact(target)
+    return describers[kind](path)
 
 
 def describe_checkpoint(path: Path) -> dict:
@@ -81,6 +82,9 @@ def describe_onnx(path: Path) -> dict:
         "lrq": {k.removeprefix("lrq."): v for k, v in metadata.items() if k.startswith("lrq.")},
         "problems": [],
     }
+    from lrq_deploy.runtime.onnxrt import declare_onnxruntime_norm
+
+    declare_onnxruntime_norm()  # graphs onnxruntime saved (--genai) hold its SimplifiedLayerNormalization
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:

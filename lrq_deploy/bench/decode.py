@@ -162,15 +162,15 @@ class OrtDecoder(Decoder):
 
 
 def make_decoder(target: Path, device: str) -> Decoder:
-    """The decoder for a checkpoint directory, a full-precision HF directory or a with-past graph."""
+    """The decoder for a checkpoint directory, a full-precision HF directory or a with-past graph
+    (an lrq export directory: the graph in it)."""
     from lrq_deploy.models import BUNDLED
 
     if str(target) in BUNDLED:
         return _torch_decoder(target, device)
-    from lrq_deploy.artifacts import Kind, artifact_kind
+    from lrq_deploy.artifacts import Kind, resolve_artifact
 
-    target = Path(target)
-    kind = artifact_kind(target, "benchmark target")
+    kind, target = resolve_artifact(target, "benchmark target")
     if kind is Kind.ONNX:
         return OrtDecoder(target, device)
     if kind is Kind.ENGINE:

@@ -201,15 +201,16 @@ class TrtRunner(Runner):
         return timed_on_cuda(self.torch, h2d if transfers else None, compute, d2h if transfers else None, self.stream)
 
 
-def detect_backend(target: Path) -> str:
-    from lrq_deploy.artifacts import Kind, artifact_kind
+def detect_backend(target: Path) -> tuple[str, Path]:
+    """(the backend that runs `target`, the file or directory it opens)."""
+    from lrq_deploy.artifacts import Kind, resolve_artifact
 
-    return {Kind.CHECKPOINT: "torch", Kind.ONNX: "ort", Kind.ENGINE: "trt"}[artifact_kind(target, "benchmark target")]
+    kind, path = resolve_artifact(target, "benchmark target")
+    return {Kind.CHECKPOINT: "torch", Kind.ONNX: "ort", Kind.ENGINE: "trt"}[kind], path
 
 
 def make_runner(target: Path, backend: str | None, batch: int, seq_len: int, device: str, transfers: bool) -> Runner:
-    target = Path(target)
-    detected = detect_backend(target)
+    detected, target = detect_backend(target)
     backend = backend or detected
     if backend == "ort":
         return OrtRunner(target, batch, seq_len, device=device)

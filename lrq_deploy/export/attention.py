@@ -114,6 +114,16 @@ def _register_schema() -> None:
     onnx.defs.register_schema(schema)
 
 
+def _forget_schema() -> None:
+    """Take the partial schema back after the trace: onnx's checker then reads GroupQueryAttention
+    as onnxruntime's own op (not checked), as it does in any other process; with the schema in place
+    it would refuse the attributes onnxruntime writes into graphs it saves (--genai)."""
+    import onnx
+
+    if onnx.defs.has("GroupQueryAttention", MICROSOFT):
+        onnx.defs.deregister_schema("GroupQueryAttention", 1, MICROSOFT)
+
+
 TRANSLATIONS = {torch.ops.lrq.group_query_attention.default: group_query_attention_onnx}
 
 
@@ -129,6 +139,7 @@ def group_query_attention_modules(layout: AttentionLayout):
     finally:
         for module, forward in zip(layout.modules, originals):
             module.forward = forward
+        _forget_schema()
 
 
 def _fused_forward(module: nn.Module, layout: AttentionLayout):

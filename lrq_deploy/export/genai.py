@@ -16,6 +16,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from lrq_deploy.artifacts import EXPORT_RECORD
 from lrq_deploy.atomic import OutputKind, atomic_directory, claim_output, is_json_of, output_scope, write_json
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.onnx_export import ExportOptions, export_loaded, graph_bytes_at_least
@@ -24,7 +25,7 @@ from lrq_deploy.progress import step
 from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, MATMULNBITS_ACCURACY_KEY
 
 GRAPH, CONFIG = "model.onnx", "genai_config.json"
-MARKER, MARKER_FORMAT = "lrq-export.json", "lrq-genai/1"
+MARKER, MARKER_FORMAT = EXPORT_RECORD, "lrq-genai/1"
 OUTPUT = OutputKind("onnxruntime-genai export", directory=True,
                     recognise=lambda p: is_json_of(Path(p) / MARKER, "format", MARKER_FORMAT))
 INSTALL_HINT = 'pip install "lrq-deploy[genai]"'
@@ -61,8 +62,8 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
         if options.verify:
             with step("generating with onnxruntime-genai"):
                 report["genai_generation"] = genai_generation(staging, loaded)
-        write_json(staging / MARKER, {"format": MARKER_FORMAT, "source": str(loaded.spec), "scheme": ckpt.scheme_name,
-                                      "method": ckpt.method})
+        write_json(staging / MARKER, {"format": MARKER_FORMAT, "graph": GRAPH, "source": str(loaded.spec),
+                                      "scheme": ckpt.scheme_name, "method": ckpt.method})
 
     atomic_directory(out, write)
     report.update(genai=str(out), onnx=str(out / GRAPH))

@@ -171,3 +171,26 @@ def next_past(outputs: dict) -> dict:
     from lrq_deploy.graph_io import PAST_PREFIX, PRESENT_PREFIX
 
     return {n.replace(PRESENT_PREFIX, PAST_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
+
+
+def declare_onnxruntime_norm() -> None:
+    """Declare SimplifiedLayerNormalization to onnx: onnxruntime registers it in the default ONNX
+    domain, so graphs onnxruntime saves with it (lrq export --genai) read as unknown ops to onnx's
+    checker without this."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("SimplifiedLayerNormalization"):
+        return
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    schema = OpSchema(
+        "SimplifiedLayerNormalization", "", 1, doc="onnxruntime's RMSNorm: x / sqrt(mean(x^2) + epsilon) * scale",
+        inputs=[param("X", "T"), param("scale", "V")],
+        outputs=[param("Y", "V"), param("inv_std_var", "U", param_option=optional)],
+        type_constraints=[("T", floats, ""), ("V", floats, ""), ("U", ["tensor(float)", "tensor(double)"], "")],
+        attributes=[OpSchema.Attribute("axis", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, ""),
+                    OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "")],
+    )
+    onnx.defs.register_schema(schema)

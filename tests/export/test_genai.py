@@ -58,6 +58,22 @@ def test_int8_activation_export_writes_accuracy_level_4(bundled_w4, tmp_path):
     assert report["verify"]["within_tolerance"]  # checked with the int8-activation tolerance
 
 
+def test_info_and_bench_take_the_directory_for_its_graph(bundled_w4, tmp_path):
+    out = tmp_path / "genai"
+    export_genai(bundled_w4, out, ExportOptions(verify=False))
+    result = invoke("info", out, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["path"] == str(out / "model.onnx"), result.output
+    result = invoke("bench", "--decode", out, "--prompt-len", "8", "--new-tokens", "4", "--iterations", "1")
+    assert result.exit_code == 0 and "cache in place" in result.output, result.output
+    (out / "lrq-export.json").write_text("{not json")
+    result = invoke("info", out)
+    assert result.exit_code != 0 and "not a readable export record" in result.output and "Traceback" not in result.output
+    (out / "lrq-export.json").write_text(json.dumps({"format": "lrq-genai/1", "graph": "model.onnx"}))
+    (out / "model.onnx").unlink()
+    result = invoke("bench", out)
+    assert result.exit_code != 0 and "without its graph model.onnx" in result.output
+
+
 def test_opt_runs_in_genai_as_its_generic_decoder(tiny_opt_dir, tmp_path):
     pytest.importorskip("onnxruntime_genai")
     report = export_genai(str(tiny_opt_dir), tmp_path / "opt", ExportOptions(limit=2))
