@@ -12,9 +12,13 @@ onnxruntime-genai runs in its own environment (its own onnxruntime), named by --
     cp -r genai-a4 genai-a1 && python benchmarks/peer_decode.py --set-accuracy genai-a1 1
     lrq calibrate llama -o w4 --wbits 4 --group-size 128 --symmetric --quantize-head --nsamples 4 --seq-len 64
     lrq export llama --onnx fp.onnx --with-past --no-verify
-    lrq export w4 --onnx w4.onnx --with-past --no-verify                # and --ort-int8-activations
-    python benchmarks/peer_decode.py fp.onnx w4.onnx w4-a8.onnx --genai genai-a1 genai-a4 \\
-        --peer-python /tmp/genai/bin/python --threads 1 --rounds 3
+    lrq export w4 --genai lrq-w4 && lrq export w4 --genai lrq-w4-a8 --ort-int8-activations
+    python benchmarks/peer_decode.py fp.onnx lrq-w4/model.onnx lrq-w4-a8/model.onnx \\
+        --genai lrq-w4 lrq-w4-a8 genai-a1 genai-a4 --peer-python /tmp/genai/bin/python --threads 1 --rounds 5
+
+lrq's graphs are timed by `lrq bench --decode` (positional graphs) and, from the directories
+`lrq export --genai` writes, inside onnxruntime-genai's own loop (--genai); each row's last column
+is its ratio to the builder's graph of the same MatMulNBits accuracy level.
 """
 
 from __future__ import annotations

@@ -504,6 +504,11 @@ CASES = [
     # bench
     Case("bench-missing-target", lambda i: ["bench", i.path("none.onnx")], "does not exist"),
     Case("bench-unknown-kind", lambda i: ["bench", i.file("m.txt", "x")], "cannot tell what"),
+    Case("bench-export-record-not-json", lambda i: ["bench", i.file("g/lrq-export.json", "{not json") and i.path("g")],
+         "is not a readable export record"),
+    Case("bench-export-directory-without-graph", lambda i: ["bench", "--decode", i.file(
+        "g/lrq-export.json", '{"format": "lrq-genai/1", "graph": "model.onnx"}') and i.path("g")],
+         "is an lrq export directory without its graph model.onnx"),
     Case("bench-iterations-0", lambda i: ["bench", i.onnx(), "--iterations", "0"], "--iterations must be >= 1, got 0"),
     Case("bench-percentile-150", lambda i: ["bench", i.onnx(), "--percentile", "150"], "--percentile values must lie in (0, 100], got 150"),
     Case("bench-percentile-not-number", lambda i: ["bench", i.onnx(), "--percentile", "p99"], "--percentile takes comma-separated numbers"),
