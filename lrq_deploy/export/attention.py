@@ -38,13 +38,14 @@ OPTIONAL_INPUTS = ("key", "value", "cos_cache", "sin_cache")  # key / value: abs
 def group_query_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
     seqlens_k: torch.Tensor, total_length: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-    kv_heads: int, scale: float,
+    kv_heads: int, scale: float, window: int = -1, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference: rotary (rotate-half) at positions past..past+S-1, cache append, causal
-    grouped-query attention. query [B, S, H·D], key/value [B, S, KV·D], past [B, KV, P, D],
-    seqlens_k [B] int32 (P+S-1 in every row: no padding), total_length int32 scalar (P+S) ->
-    (out [B, S, H·D], present key, present value [B, KV, P+S, D]). seqlens_k and total_length are
-    carried for the ONNX node only: this reference takes both from the shapes (no padded rows)."""
+    grouped-query attention (each query sees the last `window` tokens, itself included, where
+    window > 0; scores soft-capped where softcap > 0). query [B, S, H·D], key/value [B, S, KV·D],
+    past [B, KV, P, D], seqlens_k [B] int32 (P+S-1 in every row: no padding), total_length int32
+    scalar (P+S) -> (out [B, S, H·D], present key, present value [B, KV, P+S, D]). seqlens_k and
+    total_length are carried for the ONNX node only: this reference takes both from the shapes."""
     batch, seq, _ = query.shape
     head_dim = past_key.shape[-1]
     start = past_key.shape[2]
@@ -54,14 +55,20 @@ def group_query_attention(
     v = value.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
     present_key, present_value = torch.cat([past_key, k], 2), torch.cat([past_value, v], 2)
     repeat = num_heads // kv_heads
-    allowed = torch.arange(start + seq)[None, :] <= (start + torch.arange(seq))[:, None]
-    out = F.scaled_dot_product_attention(q, present_key.repeat_interleave(repeat, 1),
-                                         present_value.repeat_interleave(repeat, 1), attn_mask=allowed, scale=scale)
+    keys, values = present_key.repeat_interleave(repeat, 1), present_value.repeat_interleave(repeat, 1)
+    behind = (start + torch.arange(seq))[:, None] - torch.arange(start + seq)[None, :]  # query position - key position
+    allowed = (behind >= 0) & ((behind < window) if window > 0 else True)
+    if softcap > 0:
+        scores = torch.tanh(q @ keys.transpose(-1, -2) * (scale / softcap)) * softcap
+        out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ values
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
     return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim), present_key, present_value
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin, num_heads, kv_heads, scale):
+def _(query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin, num_heads, kv_heads, scale,
+      window=-1, softcap=0.0):
     batch, seq, _ = query.shape
     present = past_key.new_empty(batch, kv_heads, past_key.shape[2] + seq, past_key.shape[3])
     return query.new_empty(query.shape), present, torch.empty_like(present)
@@ -74,7 +81,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def group_query_attention_onnx(query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin,
-                               num_heads: int, kv_heads: int, scale: float):
+                               num_heads: int, kv_heads: int, scale: float, window: int = -1, softcap: float = 0.0):
     """ONNX translation: one com.microsoft.GroupQueryAttention with its rotary."""
     from onnxscript.values import Opset
 
@@ -83,7 +90,8 @@ def group_query_attention_onnx(query, key, value, past_key, past_value, seqlens_
     return microsoft.GroupQueryAttention(
         query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin,
         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
-        _num_outputs=3)
+        local_window_size=window,  # the same count as transformers' sliding_window (the query included); -1: none
+        softcap=softcap, _num_outputs=3)
 
 
 def _register_schema() -> None:
@@ -109,7 +117,9 @@ def _register_schema() -> None:
                     OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
                     OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
                     OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, ""),
-                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "")],
+                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("local_window_size", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("softcap", OpSchema.AttrType.FLOAT, "")],
     )
     onnx.defs.register_schema(schema)
 
@@ -143,6 +153,8 @@ def group_query_attention_modules(layout: AttentionLayout):
 
 
 def _fused_forward(module: nn.Module, layout: AttentionLayout):
+    window = layout.window_of(layout.modules.index(module))
+
     def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layer = cache.layers[module.layer_idx]
@@ -152,8 +164,8 @@ def _fused_forward(module: nn.Module, layout: AttentionLayout):
         seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
         total_length = torch.full((), total, dtype=torch.int32)
         out, present_key, present_value = torch.ops.lrq.group_query_attention(
-            *layout.project(module, hidden_states), layer.keys, layer.values, seqlens_k, total_length, layout.cos, layout.sin, layout.num_heads, layout.kv_heads,
-            layout.scale)
+            *layout.project(module, hidden_states), layer.keys, layer.values, seqlens_k, total_length, layout.cos,
+            layout.sin, layout.num_heads, layout.kv_heads, layout.scale, window, layout.softcap)
         layer.keys, layer.values = present_key, present_value
         return module.o_proj(out), None
 

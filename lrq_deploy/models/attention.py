@@ -32,6 +32,11 @@ class AttentionLayout:
     sin: torch.Tensor
     scale: float
     project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = separate_projections
+    windows: list[int] | None = None  # per module: the tokens a query sees, itself included (-1: all); None: all
+    softcap: float = 0.0  # attention scores through softcap * tanh(score / softcap) where > 0
+
+    def window_of(self, index: int) -> int:
+        return -1 if self.windows is None else self.windows[index]
 
 
 def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,18 +47,20 @@ def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int) ->
     return cos[0, :, : head_dim // 2].contiguous(), sin[0, :, : head_dim // 2].contiguous()
 
 
-def rotary_attention_layout(adapter, model: nn.Module, project=separate_projections) -> AttentionLayout | None:
+def rotary_attention_layout(adapter, model: nn.Module, project=separate_projections, windows: list[int] | None = None,
+                            softcap: float = 0.0) -> AttentionLayout | None:
     """The layout of a decoder whose layers' `self_attn` apply full rotate-half rotary from fixed
-    tables (the decoder's rotary_emb) with causal attention and no sliding window; None otherwise
-    (the graph then keeps standard ops)."""
+    tables (the decoder's rotary_emb) with causal attention, a sliding window only where `windows`
+    gives it per layer; None otherwise (the graph then keeps standard ops)."""
     cfg = model.config
     rotary = getattr(adapter.decoder(model), "rotary_emb", None)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if rotary is None or window or getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
+    if rotary is None or (window and windows is None) or getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
         return None
     if (getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
         return None
     kv_heads, head_dim = adapter.kv_cache_shape(cfg)
     modules = [block.self_attn for block in adapter.blocks(model)]
     cos, sin = rotary_tables(rotary, adapter.max_sequence_length(model), head_dim)
-    return AttentionLayout(modules, cfg.num_attention_heads, kv_heads, head_dim, cos, sin, modules[0].scaling, project)
+    return AttentionLayout(modules, cfg.num_attention_heads, kv_heads, head_dim, cos, sin, modules[0].scaling, project,
+                           windows, softcap)

@@ -15,6 +15,19 @@ class GemmaAdapter(CausalLMAdapter):
     family = "gemma"
     model_types = ("gemma", "gemma2", "gemma3_text")
 
+    def attention_layout(self, model):
+        """GroupQueryAttention with Gemma 2's per-layer sliding windows and score soft-capping;
+        None for Gemma 3 (its q/k norms come before rotary, and its local layers have their own
+        rotary tables)."""
+        from lrq_deploy.models.attention import rotary_attention_layout
+
+        modules = [block.self_attn for block in self.blocks(model)]
+        if hasattr(modules[0], "q_norm"):
+            return None
+        windows = [getattr(module, "sliding_window", None) or -1 for module in modules]
+        softcap = getattr(model.config, "attn_logit_softcapping", None) or 0.0
+        return rotary_attention_layout(self, model, windows=windows, softcap=softcap)
+
     def smooth_groups(self, model):
         kv_heads, _ = self.kv_cache_shape(model.config)
         block = self.blocks(model)[0]

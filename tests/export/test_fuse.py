@@ -160,6 +160,31 @@ def test_group_query_attention_op_computes_the_models_attention(tiny_llama_dir):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_group_query_attention_op_windows_and_soft_capping(tmp_path):
+    """Gemma 2's layers: an 8-token sliding window on every other layer and soft-capped scores;
+    the custom op's eager body is the HF attention after a past longer than the window."""
+    import torch
+
+    from conftest import _save_hf
+    from lrq_deploy.export.attention import group_query_attention_modules
+    from lrq_deploy.models import load_model
+    from lrq_deploy.models.causal_lm import _WithPast
+    from lrq_deploy.models.tiny import tiny_model
+
+    loaded = load_model(str(_save_hf(tiny_model("gemma2"), tmp_path / "gemma2")))
+    layout = loaded.adapter.attention_layout(loaded.model)
+    assert layout.windows == [8, -1] and layout.softcap == 50.0
+    wrapper = _WithPast(loaded.model)
+    ids = torch.randint(0, 2048, (2, 7), generator=torch.Generator().manual_seed(0))
+    past = tuple(torch.randn(2, 2, 11, 16, generator=torch.Generator().manual_seed(i)) for i in range(4))
+    with torch.no_grad():
+        reference = wrapper(ids, past)
+        with group_query_attention_modules(layout):
+            fused = wrapper(ids, past)
+    for a, b in zip(fused, reference):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_sliding_window_attention_keeps_standard_ops(tiny_llama_dir):
     from lrq_deploy.models import load_model
 
