@@ -22,7 +22,7 @@ from lrq_deploy.models.tiny import tiny_model
 LEARNABLE = ("omniquant", "lrquant", "lrquant+")
 FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma", "gemma3_text": "gemma", "mixtral": "moe",
             "qwen3_moe": "moe"}
-GROUP_QUERY_ATTENTION = ("phi3", "gemma2", "mixtral")  # the others: q/k norms before rotary (Qwen3, Gemma 3)
+GROUP_QUERY_ATTENTION = ("qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe")  # Gemma 3: per-layer-type rotary tables
 LINEARS_PER_BLOCK = {"phi3": 4, "mixtral": 4 + 2 * 4, "qwen3_moe": 4 + 2 * 4}  # fused qkv / gate_up; 4 experts
 
 
