@@ -153,7 +153,8 @@ def group_query_attention_modules(layout: AttentionLayout):
 
 
 def _fused_forward(module: nn.Module, layout: AttentionLayout):
-    window = layout.window_of(layout.modules.index(module))
+    index = layout.modules.index(module)
+    window, (cos, sin) = layout.window_of(index), layout.tables_of(index)
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -164,8 +165,8 @@ def _fused_forward(module: nn.Module, layout: AttentionLayout):
         seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
         total_length = torch.full((), total, dtype=torch.int32)
         out, present_key, present_value = torch.ops.lrq.group_query_attention(
-            *layout.project(module, hidden_states), layer.keys, layer.values, seqlens_k, total_length, layout.cos,
-            layout.sin, layout.num_heads, layout.kv_heads, layout.scale, window, layout.softcap)
+            *layout.project(module, hidden_states), layer.keys, layer.values, seqlens_k, total_length, cos, sin,
+            layout.num_heads, layout.kv_heads, layout.scale, window, layout.softcap)
         layer.keys, layer.values = present_key, present_value
         return module.o_proj(out), None
 

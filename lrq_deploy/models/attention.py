@@ -34,16 +34,22 @@ class AttentionLayout:
     project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = separate_projections
     windows: list[int] | None = None  # per module: the tokens a query sees, itself included (-1: all); None: all
     softcap: float = 0.0  # attention scores through softcap * tanh(score / softcap) where > 0
+    layer_tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per module (cos, sin); None: cos, sin
 
     def window_of(self, index: int) -> int:
         return -1 if self.windows is None else self.windows[index]
 
+    def tables_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.cos, self.sin) if self.layer_tables is None else self.layer_tables[index]
 
-def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int, *layer_type: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos / sin of every position from an HF rotary-embedding module (its own frequencies and
-    attention scaling), halved: rotate-half rotary repeats each frequency twice."""
+    attention scaling; of one layer type where it keeps one per type), halved: rotate-half rotary
+    repeats each frequency twice."""
     probe = torch.zeros(1, dtype=torch.float32)
-    cos, sin = rotary_embedding(probe, torch.arange(positions)[None])
+    cos, sin = rotary_embedding(probe, torch.arange(positions)[None], *layer_type)
     return cos[0, :, : head_dim // 2].contiguous(), sin[0, :, : head_dim // 2].contiguous()
 
 
@@ -67,12 +73,22 @@ def rotary_attention_layout(adapter, model: nn.Module, project=separate_projecti
     cfg = model.config
     rotary = getattr(adapter.decoder(model), "rotary_emb", None)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if rotary is None or (window and windows is None) or getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
+    rope = getattr(rotary, "rope_type", "default")
+    per_type = isinstance(rope, dict)  # one rotary per layer type (Gemma 3: local and global layers)
+    if rotary is None or (window and windows is None) or any(r not in STATIC_ROPE for r in
+                                                              (rope.values() if per_type else [rope])):
         return None
     if (getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
         return None
     kv_heads, head_dim = adapter.kv_cache_shape(cfg)
     modules = [block.self_attn for block in adapter.blocks(model)]
-    cos, sin = rotary_tables(rotary, adapter.max_sequence_length(model), head_dim)
+    positions = adapter.max_sequence_length(model)
+    layer_tables = None
+    if per_type:
+        tables = {kind: rotary_tables(rotary, positions, head_dim, kind) for kind in set(cfg.layer_types)}
+        layer_tables = [tables[kind] for kind in cfg.layer_types[:len(modules)]]
+        cos, sin = layer_tables[0]
+    else:
+        cos, sin = rotary_tables(rotary, positions, head_dim)
     return AttentionLayout(modules, cfg.num_attention_heads, kv_heads, head_dim, cos, sin, modules[0].scaling, project,
-                           windows, softcap)
+                           windows, softcap, layer_tables)
