@@ -154,7 +154,7 @@ def group_query_attention_modules(layout: AttentionLayout):
 
 def _fused_forward(module: nn.Module, layout: AttentionLayout):
     index = layout.modules.index(module)
-    window, (cos, sin) = layout.window_of(index), layout.tables_of(index)
+    window, (cos, sin) = layout.window_of(index), layout.tables[index]
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -1,5 +1,6 @@
 """What an adapter says about its attention for fused attention kernels (export/attention.py):
-the modules, head counts and rotary tables onnxruntime's GroupQueryAttention computes with."""
+the modules, head counts, rotary tables and windows onnxruntime's GroupQueryAttention computes
+with."""
 
 from __future__ import annotations
 
@@ -21,26 +22,21 @@ def separate_projections(module: nn.Module, hidden: torch.Tensor) -> tuple[torch
 @dataclass
 class AttentionLayout:
     """What GroupQueryAttention needs of a model: its attention modules (with o_proj and
-    layer_idx), how one computes q, k and v from its input, head counts, and the rotary tables
-    over every position."""
+    layer_idx), how one computes q, k and v from its input, head counts, and per module its
+    rotary tables over every position and its window."""
 
     modules: list[nn.Module]
     num_heads: int
     kv_heads: int
     head_dim: int
-    cos: torch.Tensor  # [max positions, head_dim / 2]
-    sin: torch.Tensor
+    tables: list[tuple[torch.Tensor, torch.Tensor]]  # per module (cos, sin) [max positions, head_dim / 2], shared
     scale: float
     project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = separate_projections
     windows: list[int] | None = None  # per module: the tokens a query sees, itself included (-1: all); None: all
     softcap: float = 0.0  # attention scores through softcap * tanh(score / softcap) where > 0
-    layer_tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per module (cos, sin); None: cos, sin
 
     def window_of(self, index: int) -> int:
         return -1 if self.windows is None else self.windows[index]
-
-    def tables_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.cos, self.sin) if self.layer_tables is None else self.layer_tables[index]
 
 
 def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int, *layer_type: str
@@ -83,12 +79,10 @@ def rotary_attention_layout(adapter, model: nn.Module, project=separate_projecti
     kv_heads, head_dim = adapter.kv_cache_shape(cfg)
     modules = [block.self_attn for block in adapter.blocks(model)]
     positions = adapter.max_sequence_length(model)
-    layer_tables = None
     if per_type:
-        tables = {kind: rotary_tables(rotary, positions, head_dim, kind) for kind in set(cfg.layer_types)}
-        layer_tables = [tables[kind] for kind in cfg.layer_types[:len(modules)]]
-        cos, sin = layer_tables[0]
+        by_type = {kind: rotary_tables(rotary, positions, head_dim, kind) for kind in set(cfg.layer_types)}
+        tables = [by_type[kind] for kind in cfg.layer_types[:len(modules)]]
     else:
-        cos, sin = rotary_tables(rotary, positions, head_dim)
-    return AttentionLayout(modules, cfg.num_attention_heads, kv_heads, head_dim, cos, sin, modules[0].scaling, project,
-                           windows, softcap, layer_tables)
+        tables = [rotary_tables(rotary, positions, head_dim)] * len(modules)
+    return AttentionLayout(modules, cfg.num_attention_heads, kv_heads, head_dim, tables, modules[0].scaling, project,
+                           windows, softcap)
