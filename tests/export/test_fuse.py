@@ -137,52 +137,47 @@ def test_attention_is_one_group_query_attention_node_per_layer(kv_graphs):
         assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()  # float order of the fused kernel, same values
 
 
-def test_group_query_attention_op_computes_the_models_attention(tiny_llama_dir):
-    """The custom op's eager body with the adapter's rotary tables is the HF attention it replaces,
-    prefill from an empty cache and a chunk after a past."""
+def assert_op_is_the_models_attention(loaded, layout, new_tokens: int, past_tokens: int) -> None:
+    """The custom op's eager body, swapped into every attention module, gives the logits and
+    present cache of the HF model it replaces for a chunk of new tokens after a random past."""
     import torch
 
     from lrq_deploy.export.attention import group_query_attention_modules
-    from lrq_deploy.models import load_model
     from lrq_deploy.models.causal_lm import _WithPast
+
+    wrapper = _WithPast(loaded.model)
+    ids = torch.randint(0, 2048, (2, new_tokens), generator=torch.Generator().manual_seed(0))
+    shape = (2, layout.kv_heads, past_tokens, layout.head_dim)
+    past = tuple(torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(2 * len(layout.modules)))
+    with torch.no_grad():
+        reference = wrapper(ids, past)
+        with group_query_attention_modules(layout):
+            fused = wrapper(ids, past)
+    for a, b in zip(fused, reference):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_group_query_attention_op_computes_the_models_attention(tiny_llama_dir):
+    from lrq_deploy.models import load_model
 
     loaded = load_model(str(tiny_llama_dir))
     layout = loaded.adapter.attention_layout(loaded.model)
     assert (layout.num_heads, layout.kv_heads, layout.head_dim) == (4, 2, 16)
-    wrapper = _WithPast(loaded.model)
-    ids = torch.randint(0, 2048, (2, 9), generator=torch.Generator().manual_seed(0))
-    past = tuple(torch.randn(2, 2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(4))
-    with torch.no_grad():
-        reference = wrapper(ids, past)
-        with group_query_attention_modules(layout):
-            fused = wrapper(ids, past)
-    for a, b in zip(fused, reference):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert_op_is_the_models_attention(loaded, layout, new_tokens=9, past_tokens=5)
 
 
-def test_group_query_attention_op_windows_and_soft_capping(tmp_path):
-    """Gemma 2's layers: an 8-token sliding window on every other layer and soft-capped scores;
-    the custom op's eager body is the HF attention after a past longer than the window."""
-    import torch
-
+def test_group_query_attention_op_windows_soft_capping_and_qk_norms(tmp_path):
+    """Gemma 2: an 8-token sliding window on every other layer and soft-capped scores; Gemma 3:
+    q/k norms and a rotary table per layer type; both after a past longer than the window."""
     from conftest import _save_hf
-    from lrq_deploy.export.attention import group_query_attention_modules
     from lrq_deploy.models import load_model
-    from lrq_deploy.models.causal_lm import _WithPast
     from lrq_deploy.models.tiny import tiny_model
 
-    loaded = load_model(str(_save_hf(tiny_model("gemma2"), tmp_path / "gemma2")))
-    layout = loaded.adapter.attention_layout(loaded.model)
-    assert layout.windows == [8, -1] and layout.softcap == 50.0
-    wrapper = _WithPast(loaded.model)
-    ids = torch.randint(0, 2048, (2, 7), generator=torch.Generator().manual_seed(0))
-    past = tuple(torch.randn(2, 2, 11, 16, generator=torch.Generator().manual_seed(i)) for i in range(4))
-    with torch.no_grad():
-        reference = wrapper(ids, past)
-        with group_query_attention_modules(layout):
-            fused = wrapper(ids, past)
-    for a, b in zip(fused, reference):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for model_type, windows, softcap in (("gemma2", [8, -1], 50.0), ("gemma3_text", [8, -1, 8], 0.0)):
+        loaded = load_model(str(_save_hf(tiny_model(model_type), tmp_path / model_type)))
+        layout = loaded.adapter.attention_layout(loaded.model)
+        assert layout.windows == windows and layout.softcap == softcap
+        assert_op_is_the_models_attention(loaded, layout, new_tokens=7, past_tokens=11)
 
 
 def test_sliding_window_attention_keeps_standard_ops(tiny_llama_dir):
