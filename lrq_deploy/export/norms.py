@@ -101,4 +101,3 @@ def _scalar(constants, node, index: int = 1):
         return None
     value = onnx.numpy_helper.to_array(constants[node.input[index]]).reshape(-1)
     return float(value[0]) if value.size == 1 else None
-

@@ -49,16 +49,14 @@ def rotary_tables(rotary_embedding: nn.Module, positions: int, head_dim: int, *l
     return cos[0, :, : head_dim // 2].contiguous(), sin[0, :, : head_dim // 2].contiguous()
 
 
-def head_normed_projections(num_heads: int, kv_heads: int, head_dim: int):
-    """q, k and v of a module whose queries and keys pass a per-head norm (q_norm, k_norm) before
-    rotary (Qwen3): the norms stay in the graph ahead of the attention node."""
-    def project(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch, seq = hidden.shape[:2]
-        q = module.q_norm(module.q_proj(hidden).view(batch, seq, num_heads, head_dim)).reshape(batch, seq, -1)
-        k = module.k_norm(module.k_proj(hidden).view(batch, seq, kv_heads, head_dim)).reshape(batch, seq, -1)
-        return q, k, module.v_proj(hidden)
-
-    return project
+def normed_projections(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k and v of a module whose queries and keys pass a per-head norm (q_norm, k_norm over its
+    head_dim) before rotary (Qwen3, Gemma 3): the norms stay in the graph ahead of the node."""
+    batch, seq = hidden.shape[:2]
+    heads = (batch, seq, -1, module.head_dim)
+    q = module.q_norm(module.q_proj(hidden).view(heads)).reshape(batch, seq, -1)
+    k = module.k_norm(module.k_proj(hidden).view(heads)).reshape(batch, seq, -1)
+    return q, k, module.v_proj(hidden)
 
 
 def rotary_attention_layout(adapter, model: nn.Module, project=separate_projections, windows: list[int] | None = None,

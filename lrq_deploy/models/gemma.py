@@ -18,12 +18,10 @@ class GemmaAdapter(CausalLMAdapter):
     def attention_layout(self, model):
         """GroupQueryAttention with the per-layer sliding windows, Gemma 2's score soft-capping and
         Gemma 3's q/k norms (computed ahead of the node) and local / global rotary tables."""
-        from lrq_deploy.models.attention import head_normed_projections, rotary_attention_layout, separate_projections
+        from lrq_deploy.models.attention import normed_projections, rotary_attention_layout, separate_projections
 
         modules = [block.self_attn for block in self.blocks(model)]
-        kv_heads, head_dim = self.kv_cache_shape(model.config)
-        project = (head_normed_projections(model.config.num_attention_heads, kv_heads, head_dim)
-                   if hasattr(modules[0], "q_norm") else separate_projections)
+        project = normed_projections if hasattr(modules[0], "q_norm") else separate_projections
         windows = [getattr(module, "sliding_window", None) or -1 for module in modules]
         softcap = getattr(model.config, "attn_logit_softcapping", None) or 0.0
         return rotary_attention_layout(self, model, project, windows, softcap)

@@ -80,13 +80,10 @@ class MoeAdapter(LlamaAdapter):
                 mlp.experts = RoutedExperts(mlp.experts)
 
     def attention_layout(self, model):
-        from lrq_deploy.models.attention import head_normed_projections, rotary_attention_layout
+        from lrq_deploy.models.attention import normed_projections, rotary_attention_layout, separate_projections
 
-        if not hasattr(self.blocks(model)[0].self_attn, "q_norm"):
-            return super().attention_layout(model)
-        kv_heads, head_dim = self.kv_cache_shape(model.config)  # Qwen3-MoE: per-head q/k norms, as Qwen3
-        return rotary_attention_layout(self, model, head_normed_projections(model.config.num_attention_heads, kv_heads,
-                                                                            head_dim))
+        normed = hasattr(self.blocks(model)[0].self_attn, "q_norm")  # Qwen3-MoE: per-head q/k norms, as Qwen3
+        return rotary_attention_layout(self, model, normed_projections if normed else separate_projections)
 
     def smooth_groups(self, model):
         cfg = model.config
