@@ -314,10 +314,14 @@ def _with_stderr(metrics: dict, name: str) -> str:
               help="--target ort: onnxruntime's contrib kernels where they compute the same: residual add + RMSNorm "
                    "in one node, and with --with-past each attention as GroupQueryAttention (rotary, KV cache, grouped "
                    "heads in one node); --standard-ops keeps every node in the ONNX standard.")
+@click.option("--cpu-kernels", is_flag=True,
+              help="--target ort: lrq's own CPU GEMM for 4-bit weights with exact activations (op ai.lrq.cpu::MatMulInt4, "
+                   "about 2x onnxruntime's MatMulNBits in decode; same numerics). The graph then needs lrq's kernel "
+                   "library, which lrq's sessions register (built on first use with the machine's C++ compiler).")
 @click.option("--force", is_flag=True, help="Overwrite an existing lrq output of the same kind.")
 @clean_errors
 def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
-           ort_int8_activations, triton_repo, fuse, contrib_ops, force):
+           ort_int8_activations, triton_repo, fuse, contrib_ops, cpu_kernels, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
@@ -334,7 +338,7 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
                    f"{report['quantized_linears']} quantized linears; weights checked after reloading)")
         return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
-                            triton_repo, fuse, contrib_ops)
+                            triton_repo, fuse, contrib_ops, cpu_kernels=cpu_kernels)
     if genai_dir is not None:
         from lrq_deploy.export.genai import export_genai
 
@@ -347,6 +351,8 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
     click.echo(f"wrote {report['onnx']} (target {target}, opset {report['opset']}, {report['file_bytes'] / 1e6:.2f} MB{sizes})")
     if report.get("triton_repo"):
         click.echo(f"wrote Triton model repository entry {report['triton_repo']}")
+    if report.get("cpu_kernel_linears"):
+        click.echo(f"lrq CPU kernel: {report['cpu_kernel_linears']} linears as ai.lrq.cpu::MatMulInt4")
     verify = report.get("verify")
     if verify:
         if verify["metric"]:
@@ -412,6 +418,8 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers}{plugins_line})")
     if report.get("triton_repo"):
         click.echo(f"wrote Triton model repository entry {report['triton_repo']}")
+    if report.get("cpu_kernel_linears"):
+        click.echo(f"lrq CPU kernel: {report['cpu_kernel_linears']} linears as ai.lrq.cpu::MatMulInt4")
     for name, figures in report.get("verify", {}).items():
         click.echo("verify vs onnxruntime, " + comparison_line(name, figures))
 

@@ -12,7 +12,6 @@ compared with the torch reference's.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.export.onnx_export import ExportOptions, export_loaded, graph_bytes_at_least
 from lrq_deploy.graph_io import ATTENTION_MASK
 from lrq_deploy.progress import step
-from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, MATMULNBITS_ACCURACY_KEY
+from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
+from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL
 
 GRAPH, CONFIG = "model.onnx", "genai_config.json"
 MARKER, MARKER_FORMAT = EXPORT_RECORD, "lrq-genai/1"
@@ -55,7 +55,8 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
 
     def write(staging: Path) -> None:
         level = INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1"
-        report.update(export_loaded(ckpt, staging / GRAPH, options, lambda graph, _: save_optimized(graph, level)))
+        finish = lambda graph, report: as_onnxruntime_runs(graph, report, level, options.cpu_kernels)  # noqa: E731
+        report.update(export_loaded(ckpt, staging / GRAPH, options, finish))
         write_json(staging / CONFIG, genai_config(loaded, in_place=report["kv_cache_in_place"]))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
@@ -78,39 +79,6 @@ def _genai_options(options: ExportOptions) -> ExportOptions:
     if options.batch is not None or options.seq_len is not None:
         raise LrqError("--genai graphs keep dynamic batch and sequence axes; drop --batch/--seq-len")
     return replace(options, with_past=True, kv_in_place=True)
-
-
-def save_optimized(graph: Path, accuracy_level: str) -> None:
-    """Replace `graph` by onnxruntime's extended-level optimization of it (MatMulNBits nodes at
-    `accuracy_level`), saved by onnxruntime itself; external weights stay external."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    optimized = graph.with_name(graph.name + ".optimized")
-    options.optimized_model_filepath = str(optimized)
-    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, accuracy_level)
-    data = graph.with_name(graph.name + ".data")
-    if data.is_file():  # weights past protobuf's 2 GiB limit: keep them in one file beside the graph
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         optimized.name + ".data")
-    with step("optimizing the graph for onnxruntime-genai (onnxruntime, extended level)"):
-        ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    if data.is_file():
-        _rename_external_data(optimized, optimized.name + ".data", data.name)
-        os.replace(optimized.with_name(optimized.name + ".data"), data)
-    os.replace(optimized, graph)
-
-
-def _rename_external_data(graph: Path, old: str, new: str) -> None:
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    onnx.save(model, str(graph))
 
 
 def genai_config(loaded, in_place: bool) -> dict:

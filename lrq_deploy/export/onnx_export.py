@@ -65,6 +65,9 @@ class ExportOptions:
     # with_past GroupQueryAttention graphs: an attention_mask input gives the lengths, so a runtime can keep
     # each layer's cache in one full-length buffer that is past and present at once (export/attention.py)
     kv_in_place: bool = False
+    # target ort: lrq's own CPU GEMM (ai.lrq.cpu::MatMulInt4, runtime/cpu_kernels.py) for the 4-bit linears with
+    # exact activations, in the graph as onnxruntime saves it optimized (export/ort_optimized.py)
+    cpu_kernels: bool = False
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -73,6 +76,9 @@ class ExportOptions:
             raise LrqError(f"--opset must lie in 18..{highest_opset()} (the highest this onnx and onnxruntime "
                            f"support), got {self.opset}")
         _check_shape_options(self.batch, self.seq_len, self.limit, self.with_past)
+        if self.cpu_kernels and (self.target != "ort" or self.ort_int8_activations):
+            raise LrqError("--cpu-kernels is lrq's onnxruntime CPU kernel for exact activations: use it with "
+                           "--target ort and without --ort-int8-activations")
 
 
 def graph_bytes_at_least(checkpoint) -> int | None:
@@ -116,7 +122,12 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
         check_repository_target(options.triton_repo, model_name_for(out), options.force, inputs=[checkpoint])
     with step(f"loading {checkpoint}"):
         ckpt = load_source(checkpoint)
-    report = export_loaded(ckpt, out, options)
+    finish = None
+    if options.cpu_kernels:
+        from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
+
+        finish = lambda graph, report: as_onnxruntime_runs(graph, report, "1", cpu_kernels=True)  # noqa: E731
+    report = export_loaded(ckpt, out, options, finish)
     if options.triton_repo is not None:
         from lrq_deploy.serve.triton import onnx_repository
 

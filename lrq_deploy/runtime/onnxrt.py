@@ -124,6 +124,10 @@ def declares_int8_activations(session) -> bool:
 def _session(path: Path, options, providers):
     import onnxruntime as ort
 
+    from lrq_deploy.runtime import cpu_kernels
+
+    if cpu_kernels.needs_library(path):
+        cpu_kernels.register(options)
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs

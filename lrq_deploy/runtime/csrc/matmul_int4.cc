@@ -1,0 +1,447 @@
+// lrq's CPU kernel library for onnxruntime: ai.lrq.cpu::MatMulInt4, a block-quantized 4-bit
+// weight GEMM with fp32 activations (the numerics of MatMulNBits at accuracy level 1).
+//
+//   Y[m, n] = sum_k A[m, k] * scale[n, k / block] * (code[n, k] - zero[n, k / block])  (+ bias[n])
+//
+// Inputs, as MatMulNBits takes them: A float [..., K]; B uint8 [N, K / block, block / 2] (byte i
+// of a block holds code 2i in its low nibble, 2i + 1 in its high one); scales float
+// [N * K / block]; zero_points uint8 (optional; per row, two 4-bit zero points a byte, low nibble
+// first, rows padded to whole bytes; 8 when absent); bias float [N] (optional). Attributes K, N,
+// block_size (a multiple of 32 dividing K).
+//
+// Why it is faster than MatMulNBits at accuracy level 1: the weight is read where onnxruntime
+// keeps it (no prepacked copy) and dequantized with one permute per 16 codes from a 16-entry
+// table already shifted by the block's zero point and multiplied by its scale (vpermps reads only the low 4 bits of each
+// index, so the code byte needs no mask), instead of convert + subtract + multiply. A is split
+// into its even and odd columns once per call so that low and high nibbles meet their
+// activations in order. Rows of the output are shared out on onnxruntime's intra-op threads.
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ort_abi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LRQ_X86 1
+#endif
+
+namespace {
+
+using ort_abi::Api;
+using ort_abi::Entry;
+
+constexpr const char* kDomain = "ai.lrq.cpu";
+constexpr const char* kOpName = "MatMulInt4";
+constexpr int64_t kRowsPerTask = 64;
+
+struct Shape {
+  int64_t M, K, N, block;
+};
+
+struct Problem {
+  Shape shape;
+  const float* a_split;  // A with each 32-column chunk as [16 even columns, 16 odd columns]
+  const float* a_t;      // a_split transposed, [K][a_t_stride], rows of A padded with zeros to 16
+  int64_t a_t_stride;
+  const uint8_t* codes;
+  const float* scales;
+  const uint8_t* zeros;  // nullptr: 8 for every block
+  const float* bias;
+  float* y;
+};
+
+inline int zero_point(const Problem& p, int64_t n, int64_t b) {
+  if (p.zeros == nullptr) return 8;
+  const int64_t bytes_per_row = (p.shape.K / p.shape.block + 1) / 2;
+  return (p.zeros[n * bytes_per_row + b / 2] >> (4 * (b & 1))) & 15;
+}
+
+void transpose_padded(const float* a_split, float* out, int64_t rows, int64_t K, int64_t stride) {
+  for (int64_t k = 0; k < K; ++k) {
+    float* dst = out + k * stride;
+    for (int64_t m = 0; m < rows; ++m) dst[m] = a_split[m * K + k];
+    for (int64_t m = rows; m < stride; ++m) dst[m] = 0.f;
+  }
+}
+
+void split_even_odd(const float* a, float* out, int64_t rows, int64_t K) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = a + r * K;
+    float* dst = out + r * K;
+    for (int64_t c = 0; c < K; c += 32) {
+      for (int j = 0; j < 16; ++j) {
+        dst[c + j] = src[c + 2 * j];
+        dst[c + 16 + j] = src[c + 2 * j + 1];
+      }
+    }
+  }
+}
+
+// The portable form: any CPU, the same sums in the same association per block.
+void rows_portable(const Problem& p, int64_t n0, int64_t n1) {
+  const Shape& s = p.shape;
+  const int64_t blocks = s.K / s.block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.codes + n * (s.K / 2);
+    const float* scale = p.scales + n * blocks;
+    for (int64_t m = 0; m < s.M; ++m) {
+      const float* a = p.a_split + m * s.K;
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        float block_sum = 0.f;
+        const int zero = zero_point(p, n, b);
+        for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 32) {
+          const uint8_t* bytes = row + c / 2;
+          for (int j = 0; j < 16; ++j) {
+            block_sum += float((bytes[j] & 15) - zero) * a[c + j];
+            block_sum += float((bytes[j] >> 4) - zero) * a[c + 16 + j];
+          }
+        }
+        total += scale[b] * block_sum;
+      }
+      p.y[m * s.N + n] = total + (p.bias ? p.bias[n] : 0.f);
+    }
+  }
+}
+
+#if LRQ_X86
+#define LRQ_AVX512 __attribute__((target("avx512f")))
+
+// scale * (code - zero) for the 16 codes.
+LRQ_AVX512 inline __m512 code_table(const Problem& p, int64_t n, int64_t b) {
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const float scale = p.scales[n * (p.shape.K / p.shape.block) + b];
+  return _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_sub_ps(codes, _mm512_set1_ps(float(zero_point(p, n, b)))));
+}
+
+// 16 low-nibble and 16 high-nibble weights of one 32-column chunk, scaled.
+LRQ_AVX512 inline void dequantize_chunk(const uint8_t* bytes, __m512 table, __m512& low, __m512& high) {
+  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  low = _mm512_permutexvar_ps(codes, table);
+  high = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+}
+
+// A tile of R output columns (weight rows) by T rows of A over the blocks [b0, b1) of K: the
+// R x T accumulators stay in registers, each chunk of weights is dequantized once for the T rows
+// of A, and every loaded chunk of A feeds R FMAs. The sums are written (first panel, with the
+// bias) or added to Y.
+template <int R, int T>
+LRQ_AVX512 void tile(const Problem& p, int64_t n, int64_t m, int64_t b0, int64_t b1) {
+  const Shape& s = p.shape;
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 table[R];
+    for (int r = 0; r < R; ++r) table[r] = code_table(p, n + r, b);
+    for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 32) {
+      __m512 low[R], high[R];
+      for (int r = 0; r < R; ++r) dequantize_chunk(p.codes + (n + r) * (s.K / 2) + c / 2, table[r], low[r], high[r]);
+      for (int t = 0; t < T; ++t) {
+        const float* a = p.a_split + (m + t) * s.K + c;
+        const __m512 a_low = _mm512_loadu_ps(a), a_high = _mm512_loadu_ps(a + 16);
+        for (int r = 0; r < R; ++r) {
+          acc[r][t] = _mm512_fmadd_ps(low[r], a_low, acc[r][t]);
+          acc[r][t] = _mm512_fmadd_ps(high[r], a_high, acc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      float& y = p.y[(m + t) * s.N + n + r];
+      const float sum = _mm512_reduce_add_ps(acc[r][t]);
+      y = b0 == 0 ? sum + (p.bias ? p.bias[n + r] : 0.f) : y + sum;
+    }
+  }
+}
+
+// Decode (and any block wider than a prefill panel): one pass over K per group of four weight
+// rows and row of A.
+LRQ_AVX512 void rows_gemv(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t blocks = p.shape.K / p.shape.block;
+  for (int64_t m = 0; m < p.shape.M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) tile<4, 1>(p, n, m, 0, blocks);
+    for (; n < n1; ++n) tile<1, 1>(p, n, m, 0, blocks);
+  }
+}
+
+// Prefill: the classic outer-product GEMM on Y^T. A panel of eight weight rows is dequantized
+// into an L1 buffer, then for 32 rows of A at a time (two vectors of A^T per column of K) each
+// weight is broadcast into 16 FMAs; the sums of a panel are added to an accumulator of the
+// eight rows, which is written to Y once K is done.
+constexpr int kPrefillRows = 8;
+constexpr int64_t kPanelColumns = 256;
+constexpr int64_t kRowsOfAPerPass = 256;  // rows of A^T kept in L2 while the weight rows pass
+
+template <int V>
+LRQ_AVX512 void outer_product(const float (*w)[kPanelColumns], const float* a_t, int64_t a_stride, int64_t columns,
+                              float* sums, int64_t sums_stride) {
+  __m512 acc[kPrefillRows][V];
+  for (int r = 0; r < kPrefillRows; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < columns; ++k) {
+    __m512 a[V];
+    for (int v = 0; v < V; ++v) a[v] = _mm512_loadu_ps(a_t + k * a_stride + 16 * v);
+    for (int r = 0; r < kPrefillRows; ++r) {
+      const __m512 weight = _mm512_set1_ps(w[r][k]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(weight, a[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kPrefillRows; ++r)
+    for (int v = 0; v < V; ++v) {
+      float* out = sums + r * sums_stride + 16 * v;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]));
+    }
+}
+
+LRQ_AVX512 void dequantize_panel(const Problem& p, int64_t n, int rows, int64_t k0, int64_t columns,
+                                 float (*w)[kPanelColumns]) {
+  const Shape& s = p.shape;
+  for (int r = 0; r < kPrefillRows; ++r) {
+    if (r >= rows) {
+      memset(w[r], 0, sizeof(float) * kPanelColumns);
+      continue;
+    }
+    const uint8_t* codes = p.codes + (n + r) * (s.K / 2);
+    for (int64_t c = 0; c < columns; c += 32) {
+      const int64_t k = k0 + c;
+      __m512 low, high;
+      dequantize_chunk(codes + k / 2, code_table(p, n + r, k / s.block), low, high);
+      _mm512_store_ps(w[r] + c, low);
+      _mm512_store_ps(w[r] + c + 16, high);
+    }
+  }
+}
+
+LRQ_AVX512 void rows_gemm(const Problem& p, int64_t n0, int64_t n1) {
+  const Shape& s = p.shape;
+  const int64_t stride = p.a_t_stride;  // blocks here are at most a panel wide and divide it
+  alignas(64) float w[kPrefillRows][kPanelColumns];
+  std::vector<float> sums(size_t(kPrefillRows * stride));
+  for (int64_t n = n0; n < n1; n += kPrefillRows) {
+    const int rows = int(std::min<int64_t>(kPrefillRows, n1 - n));
+    std::fill(sums.begin(), sums.end(), 0.f);
+    for (int64_t m0 = 0; m0 < stride; m0 += kRowsOfAPerPass) {
+      const int64_t m1 = std::min(stride, m0 + kRowsOfAPerPass);
+      for (int64_t k0 = 0; k0 < s.K; k0 += kPanelColumns) {
+        const int64_t columns = std::min(kPanelColumns, s.K - k0);
+        dequantize_panel(p, n, rows, k0, columns, w);
+        const float* a_t = p.a_t + k0 * stride;
+        int64_t m = m0;
+        for (; m + 32 <= m1; m += 32) outer_product<2>(w, a_t + m, stride, columns, sums.data() + m, stride);
+        for (; m < m1; m += 16) outer_product<1>(w, a_t + m, stride, columns, sums.data() + m, stride);
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < s.M; ++m)
+        p.y[m * s.N + n + r] = sums[r * stride + m] + (p.bias ? p.bias[n + r] : 0.f);
+  }
+}
+
+#endif
+
+using RowsFn = void (*)(const Problem&, int64_t, int64_t);
+
+bool portable_forced() {
+  const char* isa = getenv("LRQ_CPU_KERNEL_ISA");
+  return isa != nullptr && strcmp(isa, "portable") == 0;
+}
+
+RowsFn rows_gemm_entry() {
+#if LRQ_X86
+  return rows_gemm;
+#else
+  return nullptr;
+#endif
+}
+
+RowsFn select_rows(const Shape& s) {
+#if LRQ_X86
+  if (!portable_forced() && __builtin_cpu_supports("avx512f")) {
+    if (s.M == 1 || s.block > kPanelColumns) return rows_gemv;
+    return rows_gemm;
+  }
+#endif
+  return rows_portable;
+}
+
+// ---- onnxruntime glue ----------------------------------------------------------------------
+
+struct Kernel {
+  Api api;
+  int64_t K, N, block;
+};
+
+OrtStatus* error(const Api& api, const char* message) {
+  return api.fn<OrtStatus* (*)(OrtErrorCode, const char*)>(ort_abi::CreateStatus)(ORT_INVALID_ARGUMENT, message);
+}
+
+#define LRQ_TRY(call)                       \
+  do {                                      \
+    if (OrtStatus* status_ = (call)) return status_; \
+  } while (0)
+
+OrtStatus* attribute(const Api& api, const OrtKernelInfo* info, const char* name, int64_t* out) {
+  return api.fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(ort_abi::KernelInfoGetAttribute_int64)(
+      info, name, out);
+}
+
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info, void** out) {
+  Api api{table};
+  Kernel kernel{api, 0, 0, 0};
+  LRQ_TRY(attribute(api, info, "K", &kernel.K));
+  LRQ_TRY(attribute(api, info, "N", &kernel.N));
+  LRQ_TRY(attribute(api, info, "block_size", &kernel.block));
+  if (kernel.K <= 0 || kernel.N <= 0 || kernel.block <= 0 || kernel.block % 32 != 0 || kernel.K % kernel.block != 0) {
+    return error(api, "ai.lrq.cpu::MatMulInt4: block_size must be a positive multiple of 32 dividing K");
+  }
+  *out = new Kernel(kernel);
+  return nullptr;
+}
+
+struct TensorView {
+  const void* data = nullptr;
+  std::vector<int64_t> dims;
+  int64_t elements() const {
+    int64_t n = 1;
+    for (int64_t d : dims) n *= d;
+    return n;
+  }
+};
+
+OrtStatus* dims_of(const Api& api, const OrtValue* value, std::vector<int64_t>& dims) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(ort_abi::GetTensorTypeAndShape)(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = api.fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*)>(ort_abi::GetDimensionsCount)(info, &rank);
+  if (status == nullptr) {
+    dims.resize(rank);
+    status = api.fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)>(ort_abi::GetDimensions)(
+        info, dims.data(), rank);
+  }
+  api.fn<void (*)(OrtTensorTypeAndShapeInfo*)>(ort_abi::ReleaseTensorTypeAndShapeInfo)(info);
+  return status;
+}
+
+OrtStatus* input(const Api& api, OrtKernelContext* context, size_t index, TensorView& view) {
+  const OrtValue* value = nullptr;
+  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**)>(ort_abi::KernelContext_GetInput)(
+      context, index, &value));
+  if (value == nullptr) return nullptr;  // an optional input left out
+  LRQ_TRY(dims_of(api, value, view.dims));
+  void* data = nullptr;
+  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtValue*, void**)>(ort_abi::GetTensorMutableData)(value, &data));
+  view.data = data;
+  return nullptr;
+}
+
+struct Job {
+  const Problem* problem;
+  RowsFn rows;
+  int64_t N;
+};
+
+void run_task(void* user, size_t task) {
+  const Job& job = *static_cast<const Job*>(user);
+  const int64_t n0 = int64_t(task) * kRowsPerTask;
+  job.rows(*job.problem, n0, std::min(job.N, n0 + kRowsPerTask));
+}
+
+OrtStatus* compute(void* state, OrtKernelContext* context) {
+  const Kernel& kernel = *static_cast<const Kernel*>(state);
+  const Api& api = kernel.api;
+  TensorView a, codes, scales, zeros, bias;
+  LRQ_TRY(input(api, context, 0, a));
+  LRQ_TRY(input(api, context, 1, codes));
+  LRQ_TRY(input(api, context, 2, scales));
+  size_t inputs = 0;
+  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtKernelContext*, size_t*)>(ort_abi::KernelContext_GetInputCount)(context, &inputs));
+  if (inputs > 3) LRQ_TRY(input(api, context, 3, zeros));
+  if (inputs > 4) LRQ_TRY(input(api, context, 4, bias));
+  if (a.dims.empty() || a.dims.back() != kernel.K) return error(api, "ai.lrq.cpu::MatMulInt4: A's last axis is not K");
+  if (codes.elements() != kernel.N * kernel.K / 2 || scales.elements() != kernel.N * (kernel.K / kernel.block)) {
+    return error(api, "ai.lrq.cpu::MatMulInt4: B or scales do not hold N x K codes in blocks of block_size");
+  }
+  const int64_t blocks = kernel.K / kernel.block;
+  if (zeros.data != nullptr && zeros.elements() != kernel.N * ((blocks + 1) / 2)) {
+    return error(api, "ai.lrq.cpu::MatMulInt4: zero_points do not hold N rows of 4-bit zero points per block");
+  }
+  if (bias.data != nullptr && bias.elements() != kernel.N) return error(api, "ai.lrq.cpu::MatMulInt4: bias is not [N]");
+
+  std::vector<int64_t> out_dims = a.dims;
+  out_dims.back() = kernel.N;
+  OrtValue* out = nullptr;
+  LRQ_TRY(api.fn<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(
+      ort_abi::KernelContext_GetOutput)(context, 0, out_dims.data(), out_dims.size(), &out));
+  void* y = nullptr;
+  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtValue*, void**)>(ort_abi::GetTensorMutableData)(out, &y));
+
+  const Shape shape{a.elements() / kernel.K, kernel.K, kernel.N, kernel.block};
+  if (shape.M == 0) return nullptr;
+  std::vector<float> a_split(size_t(shape.M * shape.K));
+  split_even_odd(static_cast<const float*>(a.data), a_split.data(), shape.M, shape.K);
+  const RowsFn rows = select_rows(shape);
+  std::vector<float> a_t;
+  const int64_t stride = (shape.M + 15) / 16 * 16;
+  if (rows == rows_gemm_entry()) {
+    a_t.resize(size_t(shape.K * stride));
+    transpose_padded(a_split.data(), a_t.data(), shape.M, shape.K, stride);
+  }
+  const Problem problem{shape, a_split.data(), a_t.data(), stride, static_cast<const uint8_t*>(codes.data),
+                        static_cast<const float*>(scales.data), static_cast<const uint8_t*>(zeros.data),
+                        static_cast<const float*>(bias.data),
+                        static_cast<float*>(y)};
+  Job job{&problem, rows, shape.N};
+  const size_t tasks = size_t((shape.N + kRowsPerTask - 1) / kRowsPerTask);
+  return api.fn<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
+      ort_abi::KernelContext_ParallelFor)(context, run_task, tasks, 0, &job);
+}
+
+void destroy(void* state) { delete static_cast<Kernel*>(state); }
+
+OrtCustomOp make_op() {
+  OrtCustomOp op;
+  memset(&op, 0, sizeof(op));
+  op.version = ort_abi::kApiVersion;
+  op.GetName = [](const OrtCustomOp*) { return kOpName; };
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetInputType = [](const OrtCustomOp*, size_t index) { return index == 1 || index == 3 ? ONNX_UINT8 : ONNX_FLOAT; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_FLOAT; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.KernelDestroy = destroy;
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t index) {
+    return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return 1 << 30; };
+  return op;
+}
+
+const OrtCustomOp kMatMulInt4 = make_op();
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                             const OrtApiBase* base) {
+  const OrtApi* table = base->GetApi(ort_abi::kApiVersion);
+  if (table == nullptr) return nullptr;  // older than 1.17: the session then fails on the unknown op, named
+  Api api{table};
+  OrtCustomOpDomain* domain = nullptr;
+  LRQ_TRY(api.fn<OrtStatus* (*)(const char*, OrtCustomOpDomain**)>(ort_abi::CreateCustomOpDomain)(kDomain, &domain));
+  LRQ_TRY(api.fn<OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOp*)>(ort_abi::CustomOpDomain_Add)(domain, &kMatMulInt4));
+  return api.fn<OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(ort_abi::AddCustomOpDomain)(options, domain);
+}
