@@ -5,13 +5,16 @@ the tokenizer files. The graph is the lrq graph after onnxruntime's own graph op
 the extended level, saved by onnxruntime (its DequantizeLinear + MatMul pairs become MatMulNBits
 nodes): the accuracy level lrq verified (1, exact activations; 4 with --ort-int8-activations) is
 then written into every MatMulNBits node, where onnxruntime-genai, which cannot pass session
-configuration entries, reads it. That saved graph is what is verified against torch. When
+configuration entries, reads it. With --cpu-kernels the linears lrq's CPU kernel serves are
+ai.lrq.cpu::MatMulInt4 nodes and DIR also holds the kernel library, which genai_config.json names
+(export/ort_optimized.py). That saved graph is what is verified against torch. When
 onnxruntime-genai is installed, the directory is also loaded by it and its greedy tokens are
 compared with the torch reference's.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
 from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL
 
 GRAPH, CONFIG = "model.onnx", "genai_config.json"
+KERNEL_LIBRARY = "libai_lrq_cpu.so"  # --cpu-kernels: onnxruntime-genai loads custom-op libraries from the model's directory
 MARKER, MARKER_FORMAT = EXPORT_RECORD, "lrq-genai/1"
 OUTPUT = OutputKind("onnxruntime-genai export", directory=True,
                     recognise=lambda p: is_json_of(Path(p) / MARKER, "format", MARKER_FORMAT))
@@ -57,7 +61,13 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
         level = INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1"
         finish = lambda graph, report: as_onnxruntime_runs(graph, report, level, options.cpu_kernels)  # noqa: E731
         report.update(export_loaded(ckpt, staging / GRAPH, options, finish))
-        write_json(staging / CONFIG, genai_config(loaded, in_place=report["kv_cache_in_place"]))
+        kernels = None
+        if options.cpu_kernels:  # the directory carries the library its graph needs
+            from lrq_deploy.runtime.cpu_kernels import library
+
+            kernels = KERNEL_LIBRARY
+            shutil.copyfile(library(), staging / kernels)
+        write_json(staging / CONFIG, genai_config(loaded, in_place=report["kv_cache_in_place"], kernels=kernels))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
         if options.verify:
@@ -81,12 +91,13 @@ def _genai_options(options: ExportOptions) -> ExportOptions:
     return replace(options, with_past=True, kv_in_place=True)
 
 
-def genai_config(loaded, in_place: bool) -> dict:
+def genai_config(loaded, in_place: bool, kernels: str | None = None) -> dict:
     """genai_config.json for the graph lrq exports with --with-past: input_ids and past.N.key /
     past.N.value in, logits and present.N.* out, greedy search by default. A graph whose cache is
     kept in place (GroupQueryAttention) also takes attention_mask, and onnxruntime-genai binds one
     buffer per layer as past and present (past_present_share_buffer); a standard-op graph takes no
-    mask (positions follow from the past length) and gets a new present every step."""
+    mask (positions follow from the past length) and gets a new present every step. `kernels`: the
+    file name, inside the directory, of lrq's CPU kernel library the graph needs (--cpu-kernels)."""
     config = loaded.model.config
     kv_heads, head_dim = loaded.adapter.kv_cache_shape(config)
     context = loaded.adapter.max_sequence_length(loaded.model)
@@ -98,7 +109,9 @@ def genai_config(loaded, in_place: bool) -> dict:
             "bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": pad,
             "vocab_size": config.vocab_size, "context_length": context,
             "decoder": {
-                "filename": GRAPH, "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": GRAPH,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                    **({"custom_ops_library": kernels} if kernels else {})},
                 "head_size": head_dim, "hidden_size": config.hidden_size,
                 "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
                 "num_key_value_heads": kv_heads,

@@ -148,3 +148,30 @@ def test_genai_refuses_a_vision_model_and_foreign_directories(tmp_path):
     with pytest.raises(LrqError, match="not an lrq onnxruntime-genai export"):
         export_genai("bundled:llama", foreign, ExportOptions(verify=False, force=True))
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_cpu_kernel_directory_carries_its_library_and_generates_what_torch_generates(bundled_w4, tmp_path):
+    from lrq_deploy.export.genai import KERNEL_LIBRARY
+    from lrq_deploy.runtime.cpu_kernels import DOMAIN, OP
+
+    out = tmp_path / "genai"
+    report = export_genai(bundled_w4, out, ExportOptions(limit=2, cpu_kernels=True))
+    assert report["cpu_kernel_linears"] == 4 * 4 and report["verify"]["within_tolerance"]
+    assert report["verify_generation"]["match"]
+    ops = Counter((n.domain, n.op_type) for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops[(DOMAIN, OP)] == 16 and ops[("com.microsoft", "MatMulNBits")] == 0
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == KERNEL_LIBRARY
+    assert (out / KERNEL_LIBRARY).is_file()
+    if report["genai_generation"] is not None:  # onnxruntime-genai installed: it loaded the library itself
+        assert report["genai_generation"]["onnxruntime_genai"] == report["genai_generation"]["torch"]
+
+
+def test_cpu_kernels_refuse_int8_activations_and_float_weights(bundled_w4, tmp_path):
+    with pytest.raises(LrqError, match="without --ort-int8-activations"):
+        ExportOptions(cpu_kernels=True, ort_int8_activations=True)
+    with pytest.raises(LrqError, match="--target ort"):
+        ExportOptions(cpu_kernels=True, target="trt")
+    result = invoke("export", "bundled:llama", "--onnx", tmp_path / "fp.onnx", "--cpu-kernels", "--no-verify")
+    assert result.exit_code != 0 and "no linear of this graph fits lrq's CPU kernel" in result.output
+    assert not (tmp_path / "fp.onnx").exists()

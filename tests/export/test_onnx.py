@@ -311,3 +311,21 @@ def test_ort_integer_layer_is_bit_exact(group, wbits, abits, asym):
         per_group = torch.stack([centred[:, g:g + group] @ codes[:, g:g + group].T for g in range(0, k, group)])
         np.testing.assert_array_equal(outputs[accumulator], per_group.numpy())
     torch.testing.assert_close(torch.from_numpy(outputs["y"]), layer(x), rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_kernel_graph_matches_torch_and_the_matmulnbits_graph(checkpoints, tmp_path):
+    """--cpu-kernels: every 4-bit linear as ai.lrq.cpu::MatMulInt4 (asymmetric here: zero points
+    as inputs), verified against torch; its logits equal the MatMulNBits graph's up to fp32
+    summation order."""
+    from lrq_deploy.runtime.cpu_kernels import DOMAIN
+    from lrq_deploy.runtime.onnxrt import OrtSession
+
+    ours, theirs = tmp_path / "ck.onnx", tmp_path / "nbits.onnx"
+    report = export_onnx(checkpoints / "w4a16-g64", ours, limit=2, cpu_kernels=True)
+    export_onnx(checkpoints / "w4a16-g64", theirs, verify=False)
+    assert report["cpu_kernel_linears"] == 16 and report["verify"]["within_tolerance"]
+    assert {n.op_type for n in onnx.load(str(ours)).graph.node if n.domain == DOMAIN} == {"MatMulInt4"}
+    ids = np.random.default_rng(0).integers(0, 100, (2, 24)).astype(np.int64)
+    feeds = {"input_ids": ids}
+    a, b = (OrtSession(p).run(feeds)["logits"] for p in (ours, theirs))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

@@ -36,6 +36,7 @@ using ort_abi::Entry;
 constexpr const char* kDomain = "ai.lrq.cpu";
 constexpr const char* kOpName = "MatMulInt4";
 constexpr int64_t kRowsPerTask = 64;
+constexpr int64_t kPrefetchRows = 8;  // decode: how far ahead of the rows being summed the weights are fetched
 
 struct Shape {
   int64_t M, K, N, block;
@@ -138,6 +139,12 @@ LRQ_AVX512 void tile(const Problem& p, int64_t n, int64_t m, int64_t b0, int64_t
     __m512 table[R];
     for (int r = 0; r < R; ++r) table[r] = code_table(p, n + r, b);
     for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 32) {
+      if (T == 1 && c % 128 == 0) {  // decode streams the weights once: ask for the next rows' line early
+        for (int r = 0; r < R; ++r) {
+          const int64_t ahead = std::min(n + kPrefetchRows + r, s.N - 1);
+          _mm_prefetch(reinterpret_cast<const char*>(p.codes + ahead * (s.K / 2) + c / 2), _MM_HINT_T0);
+        }
+      }
       __m512 low[R], high[R];
       for (int r = 0; r < R; ++r) dequantize_chunk(p.codes + (n + r) * (s.K / 2) + c / 2, table[r], low[r], high[r]);
       for (int t = 0; t < T; ++t) {

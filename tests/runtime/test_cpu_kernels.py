@@ -1,0 +1,177 @@
+"""lrq's CPU kernel library (ai.lrq.cpu::MatMulInt4) against a float64 reference and onnxruntime's
+MatMulNBits on the same codes, scales and zero points; its AVX-512 and portable code; its
+threads; its build and the file probe that decides when a session registers it.
+
+Tolerance: both sides are fp32 sums of K products in different orders, so each output may differ
+from the exact sum by at most about K * 2^-24 * sum_k |a_k w_k| (the classic bound for recursive
+summation); the check uses that bound, per output."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lrq_deploy.errors import LrqError
+from lrq_deploy.runtime import cpu_kernels
+
+pytest.importorskip("onnxruntime")
+
+
+def _problem(K, N, block, zeros: bool, bias: bool, seed=0):
+    rng = np.random.default_rng(seed)
+    blocks = K // block
+    codes = rng.integers(0, 256, (N, blocks, block // 2), dtype=np.uint8)
+    scales = (rng.random(N * blocks, dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
+    zero_points = rng.integers(0, 256, N * ((blocks + 1) // 2), dtype=np.uint8) if zeros else None
+    biases = rng.standard_normal(N).astype(np.float32) if bias else None
+    return codes, scales, zero_points, biases
+
+
+def _graph(op: str, K, N, block, codes, scales, zero_points, biases) -> bytes:
+    inits = [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")]
+    optional = []
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, "zp"))
+    if op == "lrq":
+        optional = (["zp"] if zero_points is not None else [""]) + (["bias"] if biases is not None else [])
+        node = helper.make_node(cpu_kernels.OP, ["A", "B", "scales", *optional], ["Y"], domain=cpu_kernels.DOMAIN,
+                                K=K, N=N, block_size=block)
+    else:
+        optional = ["zp" if zero_points is not None else "", "", "bias" if biases is not None else ""]
+        node = helper.make_node("MatMulNBits", ["A", "B", "scales", *optional], ["Y"], domain="com.microsoft",
+                                K=K, N=N, bits=4, block_size=block, accuracy_level=1)
+    if biases is not None:
+        inits.append(numpy_helper.from_array(biases, "bias"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(cpu_kernels.DOMAIN, 1)])
+    return model.SerializeToString()
+
+
+def _session(model: bytes, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4
+    cpu_kernels.register(options)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _reference(a, K, N, block, codes, scales, zero_points, biases):
+    blocks = K // block
+    values = np.stack([codes & 15, codes >> 4], axis=-1).reshape(N, blocks, block).astype(np.float64)
+    if zero_points is None:
+        zeros = np.full((N, blocks), 8.0)
+    else:
+        packed = zero_points.reshape(N, -1)
+        zeros = np.stack([packed & 15, packed >> 4], axis=-1).reshape(N, -1)[:, :blocks].astype(np.float64)
+    w = ((values - zeros[:, :, None]) * scales.reshape(N, blocks, 1)).reshape(N, K)
+    a64 = a.astype(np.float64)
+    exact = a64 @ w.T + (0 if biases is None else biases)
+    bound = K * 2.0**-24 * (np.abs(a64) @ np.abs(w).T) + 1e-30
+    return exact, bound
+
+
+CASES = [  # K, N, block, rows of A, zero points, bias
+    (256, 40, 32, 1, False, False), (320, 37, 64, 1, True, True), (512, 64, 128, 3, False, True),
+    (512, 21, 256, 17, True, False), (1024, 48, 128, 40, True, True), (768, 9, 256, 33, False, False),
+]
+
+
+@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("K,N,block,M,zeros,bias", CASES)
+def test_matches_exact_sum_and_matmulnbits(monkeypatch, isa, K, N, block, M, zeros, bias):
+    if isa == "portable":
+        monkeypatch.setenv("LRQ_CPU_KERNEL_ISA", "portable")
+    codes, scales, zero_points, biases = _problem(K, N, block, zeros, bias)
+    a = np.random.default_rng(1).standard_normal((M, K)).astype(np.float32)
+    exact, bound = _reference(a, K, N, block, codes, scales, zero_points, biases)
+    ours = _session(_graph("lrq", K, N, block, codes, scales, zero_points, biases)).run(None, {"A": a})[0]
+    theirs = _session(_graph("nbits", K, N, block, codes, scales, zero_points, biases)).run(None, {"A": a})[0]
+    assert ours.shape == (M, N)
+    assert np.all(np.abs(ours - exact) <= bound)
+    assert np.all(np.abs(ours - theirs) <= 2 * bound)
+
+
+def test_threads_give_the_same_bits():
+    """Each output is one thread's sum in a fixed order: any thread count gives identical bits."""
+    codes, scales, zero_points, biases = _problem(512, 300, 64, True, True)
+    model = _graph("lrq", 512, 300, 64, codes, scales, zero_points, biases)
+    for rows in (1, 24):
+        a = np.random.default_rng(rows).standard_normal((rows, 512)).astype(np.float32)
+        one, two = (_session(model, threads).run(None, {"A": a})[0] for threads in (1, 2))
+        assert np.array_equal(one, two)
+
+
+def test_batched_input_keeps_its_leading_axes():
+    codes, scales, _, _ = _problem(256, 16, 64, False, False)
+    model = onnx.load_from_string(_graph("lrq", 256, 16, 64, codes, scales, None, None))
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("A", TensorProto.FLOAT, ["b", "s", 256]))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "s", 16]))
+    a = np.random.default_rng(0).standard_normal((2, 5, 256)).astype(np.float32)
+    y = _session(model.SerializeToString()).run(None, {"A": a})[0]
+    flat = _session(_graph("lrq", 256, 16, 64, codes, scales, None, None)).run(None, {"A": a.reshape(10, 256)})[0]
+    assert y.shape == (2, 5, 16) and np.array_equal(y.reshape(10, 16), flat)
+
+
+def test_a_block_the_kernel_does_not_take_fails_at_session_creation():
+    codes, scales, _, _ = _problem(320, 8, 64, False, False)
+    model = onnx.load_from_string(_graph("lrq", 320, 8, 64, codes, scales, None, None))
+    for attr in model.graph.node[0].attribute:
+        if attr.name == "block_size":
+            attr.i = 40
+    with pytest.raises(Exception, match="block_size must be a positive multiple of 32"):
+        _session(model.SerializeToString())
+
+
+def test_wrong_weight_shape_is_an_error_not_a_crash():
+    codes, scales, _, _ = _problem(256, 8, 64, False, False)
+    model = onnx.load_from_string(_graph("lrq", 256, 8, 64, codes[:4], scales, None, None))
+    with pytest.raises(Exception, match="B or scales do not hold"):
+        _session(model.SerializeToString()).run(None, {"A": np.ones((1, 256), np.float32)})
+
+
+def test_session_registration_follows_the_graph_domains(tmp_path):
+    codes, scales, _, _ = _problem(256, 8, 64, False, False)
+    ours, theirs = tmp_path / "lrq.onnx", tmp_path / "nbits.onnx"
+    ours.write_bytes(_graph("lrq", 256, 8, 64, codes, scales, None, None))
+    model = onnx.load_from_string(_graph("nbits", 256, 8, 64, codes, scales, None, None))
+    del model.opset_import[2]  # only the domains it uses
+    onnx.save(model, str(theirs))
+    assert cpu_kernels.needs_library(ours) and not cpu_kernels.needs_library(theirs)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(ours.read_bytes()[:100])
+    assert cpu_kernels.opset_domains(truncated) == set()  # onnxruntime's own load names the damage
+    from lrq_deploy.runtime.onnxrt import OrtSession
+
+    a = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+    assert np.allclose(OrtSession(ours).run({"A": a})["Y"], OrtSession(theirs).run({"A": a})["Y"], rtol=1e-5, atol=1e-5)
+
+
+def test_no_compiler_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("LRQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.raises(LrqError, match="need a C\\+\\+ compiler"):
+            cpu_kernels.library()
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_library_is_built_once_per_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("LRQ_CACHE", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    try:
+        built = cpu_kernels.library()
+        stamp = built.stat().st_mtime_ns
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.library() == built and built.stat().st_mtime_ns == stamp
+        assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporaries left
+    finally:
+        cpu_kernels.library.cache_clear()
