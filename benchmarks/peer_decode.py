@@ -13,8 +13,9 @@ onnxruntime-genai runs in its own environment (its own onnxruntime), named by --
     lrq calibrate llama -o w4 --wbits 4 --group-size 128 --symmetric --quantize-head --nsamples 4 --seq-len 64
     lrq export llama --onnx fp.onnx --with-past --no-verify
     lrq export w4 --genai lrq-w4 && lrq export w4 --genai lrq-w4-a8 --ort-int8-activations
-    python benchmarks/peer_decode.py fp.onnx lrq-w4/model.onnx lrq-w4-a8/model.onnx \\
-        --genai lrq-w4 lrq-w4-a8 genai-a1 genai-a4 --peer-python /tmp/genai/bin/python --threads 1 --rounds 5
+    lrq export w4 --genai lrq-w4-ck --cpu-kernels
+    python benchmarks/peer_decode.py fp.onnx lrq-w4/model.onnx lrq-w4-ck/model.onnx lrq-w4-a8/model.onnx \\
+        --genai lrq-w4 lrq-w4-ck lrq-w4-a8 genai-a1 genai-a4 --peer-python /tmp/genai/bin/python --threads 1 --rounds 5
 
 lrq's graphs are timed by `lrq bench --decode` (positional graphs) and, from the directories
 `lrq export --genai` writes, inside onnxruntime-genai's own loop (--genai); each row's last column
@@ -100,7 +101,9 @@ def weights_of(target: Path) -> tuple[str, int | None, bool]:
     if "lrq.scheme" in meta:
         level = meta.get("lrq.ort_matmulnbits_accuracy_level")
         quantized = meta["lrq.scheme"] != "full precision"
-        return meta["lrq.scheme"] + (f", accuracy {level}" if level else ""), (int(level or 1) if quantized else None), True
+        kernel = ", lrq CPU kernel" if "lrq.cpu_kernels" in meta else ""
+        return (meta["lrq.scheme"] + (f", accuracy {level}" if level else "") + kernel,
+                int(level or 1) if quantized else None, True)
     found = {(a["block_size"], a["accuracy_level"]) for a in (
         {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
         for n in model.graph.node if n.op_type == "MatMulNBits")}

@@ -474,6 +474,12 @@ CASES = [
     Case("export-int8-activations-not-w4a16", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"),
                                                          "--ort-int8-activations", "--target", "trt"],
          "--ort-int8-activations applies to group-wise W4A16"),
+    Case("export-cpu-kernels-for-tensorrt", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"),
+                                                       "--cpu-kernels", "--target", "trt"],
+         "--cpu-kernels is lrq's onnxruntime CPU kernel"),
+    Case("export-cpu-kernels-full-precision", lambda i: ["export", str(i.model()), "--onnx", i.path("x.onnx"),
+                                                         "--cpu-kernels", "--no-verify"],
+         "no linear of this graph fits lrq's CPU kernel"),
     Case("export-not-a-checkpoint", lambda i: ["export", i.file("c.txt", "x"), "--onnx", i.path("x.onnx")], "is not an lrq checkpoint"),
     Case("export-tampered-checkpoint", lambda i: ["export", _damaged(i, _flip_byte), "--onnx", i.path("x.onnx")], "sha256 differs"),
     # build-engine

@@ -79,6 +79,9 @@ class ExportOptions:
         if self.cpu_kernels and (self.target != "ort" or self.ort_int8_activations):
             raise LrqError("--cpu-kernels is lrq's onnxruntime CPU kernel for exact activations: use it with "
                            "--target ort and without --ort-int8-activations")
+        if self.cpu_kernels and self.triton_repo is not None:
+            raise LrqError("--cpu-kernels graphs need lrq's kernel library, which a Triton model repository does not "
+                           "carry: export the repository without --cpu-kernels")
 
 
 def graph_bytes_at_least(checkpoint) -> int | None:

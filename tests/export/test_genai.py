@@ -172,6 +172,8 @@ def test_cpu_kernels_refuse_int8_activations_and_float_weights(bundled_w4, tmp_p
         ExportOptions(cpu_kernels=True, ort_int8_activations=True)
     with pytest.raises(LrqError, match="--target ort"):
         ExportOptions(cpu_kernels=True, target="trt")
+    with pytest.raises(LrqError, match="Triton model repository does not carry"):
+        ExportOptions(cpu_kernels=True, triton_repo=tmp_path / "triton")
     result = invoke("export", "bundled:llama", "--onnx", tmp_path / "fp.onnx", "--cpu-kernels", "--no-verify")
     assert result.exit_code != 0 and "no linear of this graph fits lrq's CPU kernel" in result.output
     assert not (tmp_path / "fp.onnx").exists()

@@ -177,11 +177,12 @@ LRQ_AVX512 void rows_gemv(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// Prefill: the classic outer-product GEMM on Y^T. A panel of eight weight rows is dequantized
+// Prefill: the classic outer-product GEMM on Y^T. A panel of twelve weight rows is dequantized
 // into an L1 buffer, then for 32 rows of A at a time (two vectors of A^T per column of K) each
-// weight is broadcast into 16 FMAs; the sums of a panel are added to an accumulator of the
-// eight rows, which is written to Y once K is done.
-constexpr int kPrefillRows = 8;
+// weight is broadcast into 2 FMAs (24 accumulators); the sums of a panel are added to an
+// accumulator of the twelve rows, which is written to Y once K is done.
+constexpr int kPrefillRows = 12;
+constexpr int64_t kPrefillRowsPerTask = 8 * kPrefillRows;
 constexpr int64_t kPanelColumns = 256;
 constexpr int64_t kRowsOfAPerPass = 256;  // rows of A^T kept in L2 while the weight rows pass
 
@@ -350,13 +351,13 @@ OrtStatus* input(const Api& api, OrtKernelContext* context, size_t index, Tensor
 struct Job {
   const Problem* problem;
   RowsFn rows;
-  int64_t N;
+  int64_t N, rows_per_task;
 };
 
 void run_task(void* user, size_t task) {
   const Job& job = *static_cast<const Job*>(user);
-  const int64_t n0 = int64_t(task) * kRowsPerTask;
-  job.rows(*job.problem, n0, std::min(job.N, n0 + kRowsPerTask));
+  const int64_t n0 = int64_t(task) * job.rows_per_task;
+  job.rows(*job.problem, n0, std::min(job.N, n0 + job.rows_per_task));
 }
 
 OrtStatus* compute(void* state, OrtKernelContext* context) {
@@ -403,8 +404,9 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
                         static_cast<const float*>(scales.data), static_cast<const uint8_t*>(zeros.data),
                         static_cast<const float*>(bias.data),
                         static_cast<float*>(y)};
-  Job job{&problem, rows, shape.N};
-  const size_t tasks = size_t((shape.N + kRowsPerTask - 1) / kRowsPerTask);
+  const int64_t rows_per_task = rows == rows_gemm_entry() ? kPrefillRowsPerTask : kRowsPerTask;
+  Job job{&problem, rows, shape.N, rows_per_task};
+  const size_t tasks = size_t((shape.N + rows_per_task - 1) / rows_per_task);
   return api.fn<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
       ort_abi::KernelContext_ParallelFor)(context, run_task, tasks, 0, &job);
 }
