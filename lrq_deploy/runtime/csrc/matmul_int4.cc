@@ -45,8 +45,8 @@ struct Shape {
 struct Problem {
   Shape shape;
   const float* a_split;  // A with each 32-column chunk as [16 even columns, 16 odd columns]
-  const float* a_t;      // a_split transposed, [K][a_t_stride], rows of A padded with zeros to 16
-  int64_t a_t_stride;
+  const float* a_t;      // a_split transposed in groups of rows (pack_transposed)
+  int64_t a_t_stride;    // rows of A padded with zeros to a multiple of 16
   const uint8_t* codes;
   const float* scales;
   const uint8_t* zeros;  // nullptr: 8 for every block
@@ -60,11 +60,22 @@ inline int zero_point(const Problem& p, int64_t n, int64_t b) {
   return (p.zeros[n * bytes_per_row + b / 2] >> (4 * (b & 1))) & 15;
 }
 
-void transpose_padded(const float* a_split, float* out, int64_t rows, int64_t K, int64_t stride) {
-  for (int64_t k = 0; k < K; ++k) {
-    float* dst = out + k * stride;
-    for (int64_t m = 0; m < rows; ++m) dst[m] = a_split[m * K + k];
-    for (int64_t m = rows; m < stride; ++m) dst[m] = 0.f;
+// A^T in groups of 32 rows of A (the last 16 or 32 wide, zero-padded): group g holds
+// [K][width] contiguously, so the prefill GEMM streams it in order.
+constexpr int64_t kGroupRows = 32;
+
+void pack_transposed(const float* a_split, float* out, int64_t rows, int64_t K, int64_t padded) {
+  constexpr int64_t kSpan = 64;  // columns per pass: the reads stay sequential, the writes within L1
+  for (int64_t g0 = 0; g0 < padded; g0 += kGroupRows) {
+    const int64_t width = std::min(kGroupRows, padded - g0);
+    float* group = out + g0 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kSpan) {
+      const int64_t k1 = std::min(K, k0 + kSpan);
+      for (int64_t j = 0; j < width; ++j) {
+        const float* row = g0 + j < rows ? a_split + (g0 + j) * K : nullptr;
+        for (int64_t k = k0; k < k1; ++k) group[k * width + j] = row ? row[k] : 0.f;
+      }
+    }
   }
 }
 
@@ -166,8 +177,8 @@ LRQ_AVX512 void tile(const Problem& p, int64_t n, int64_t m, int64_t b0, int64_t
   }
 }
 
-// Decode (and any block wider than a prefill panel): one pass over K per group of four weight
-// rows and row of A.
+// Decode, a few rows of A, and any block wider than a prefill panel: one pass over K per group of
+// four weight rows and row of A.
 LRQ_AVX512 void rows_gemv(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t blocks = p.shape.K / p.shape.block;
   for (int64_t m = 0; m < p.shape.M; ++m) {
@@ -181,10 +192,11 @@ LRQ_AVX512 void rows_gemv(const Problem& p, int64_t n0, int64_t n1) {
 // into an L1 buffer, then for 32 rows of A at a time (two vectors of A^T per column of K) each
 // weight is broadcast into 2 FMAs (24 accumulators); the sums of a panel are added to an
 // accumulator of the twelve rows, which is written to Y once K is done.
+constexpr int64_t kGemvRows = 4;  // up to this many rows of A, one pass over the weights per row beats padding to 16
 constexpr int kPrefillRows = 12;
 constexpr int64_t kPrefillRowsPerTask = 8 * kPrefillRows;
 constexpr int64_t kPanelColumns = 256;
-constexpr int64_t kRowsOfAPerPass = 256;  // rows of A^T kept in L2 while the weight rows pass
+constexpr int64_t kRowsOfAPerPass = 256;  // rows of A^T kept in L2 while the weight rows pass (a multiple of 32)
 
 template <int V>
 LRQ_AVX512 void outer_product(const float (*w)[kPanelColumns], const float* a_t, int64_t a_stride, int64_t columns,
@@ -192,6 +204,7 @@ LRQ_AVX512 void outer_product(const float (*w)[kPanelColumns], const float* a_t,
   __m512 acc[kPrefillRows][V];
   for (int r = 0; r < kPrefillRows; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 4  // without it the loop runs at about half the FMA peak (measured: 42 vs 77 GMAC/s)
   for (int64_t k = 0; k < columns; ++k) {
     __m512 a[V];
     for (int v = 0; v < V; ++v) a[v] = _mm512_loadu_ps(a_t + k * a_stride + 16 * v);
@@ -239,15 +252,19 @@ LRQ_AVX512 void rows_gemm(const Problem& p, int64_t n0, int64_t n1) {
       for (int64_t k0 = 0; k0 < s.K; k0 += kPanelColumns) {
         const int64_t columns = std::min(kPanelColumns, s.K - k0);
         dequantize_panel(p, n, rows, k0, columns, w);
-        const float* a_t = p.a_t + k0 * stride;
-        int64_t m = m0;
-        for (; m + 32 <= m1; m += 32) outer_product<2>(w, a_t + m, stride, columns, sums.data() + m, stride);
-        for (; m < m1; m += 16) outer_product<1>(w, a_t + m, stride, columns, sums.data() + m, stride);
+        for (int64_t m = m0; m < m1; m += kGroupRows) {
+          const int64_t width = std::min(kGroupRows, stride - m);
+          const float* group = p.a_t + m * s.K + k0 * width;
+          if (width == 32) {
+            outer_product<2>(w, group, width, columns, sums.data() + m, stride);
+          } else {
+            outer_product<1>(w, group, width, columns, sums.data() + m, stride);
+          }
+        }
       }
     }
-    for (int r = 0; r < rows; ++r)
-      for (int64_t m = 0; m < s.M; ++m)
-        p.y[m * s.N + n + r] = sums[r * stride + m] + (p.bias ? p.bias[n + r] : 0.f);
+    for (int64_t m = 0; m < s.M; ++m)  // row by row of Y: the tile's outputs of one row are adjacent
+      for (int r = 0; r < rows; ++r) p.y[m * s.N + n + r] = sums[r * stride + m] + (p.bias ? p.bias[n + r] : 0.f);
   }
 }
 
@@ -271,7 +288,7 @@ RowsFn rows_gemm_entry() {
 RowsFn select_rows(const Shape& s) {
 #if LRQ_X86
   if (!portable_forced() && __builtin_cpu_supports("avx512f")) {
-    if (s.M == 1 || s.block > kPanelColumns) return rows_gemv;
+    if (s.M <= kGemvRows || s.block > kPanelColumns) return rows_gemv;
     return rows_gemm;
   }
 #endif
@@ -398,7 +415,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   const int64_t stride = (shape.M + 15) / 16 * 16;
   if (rows == rows_gemm_entry()) {
     a_t.resize(size_t(shape.K * stride));
-    transpose_padded(a_split.data(), a_t.data(), shape.M, shape.K, stride);
+    pack_transposed(a_split.data(), a_t.data(), shape.M, shape.K, stride);
   }
   const Problem problem{shape, a_split.data(), a_t.data(), stride, static_cast<const uint8_t*>(codes.data),
                         static_cast<const float*>(scales.data), static_cast<const uint8_t*>(zeros.data),
