@@ -65,8 +65,9 @@ class ExportOptions:
     # with_past GroupQueryAttention graphs: an attention_mask input gives the lengths, so a runtime can keep
     # each layer's cache in one full-length buffer that is past and present at once (export/attention.py)
     kv_in_place: bool = False
-    # target ort: lrq's own CPU GEMM (ai.lrq.cpu::MatMulInt4, runtime/cpu_kernels.py) for the 4-bit linears with
-    # exact activations, in the graph as onnxruntime saves it optimized (export/ort_optimized.py)
+    # target ort: lrq's own CPU GEMM (ai.lrq.cpu::MatMulInt4, runtime/cpu_kernels.py) for the 4-bit linears (exact
+    # activations, or int8 ones with ort_int8_activations), in the graph as onnxruntime saves it optimized
+    # (export/ort_optimized.py)
     cpu_kernels: bool = False
 
     def __post_init__(self):
@@ -76,9 +77,8 @@ class ExportOptions:
             raise LrqError(f"--opset must lie in 18..{highest_opset()} (the highest this onnx and onnxruntime "
                            f"support), got {self.opset}")
         _check_shape_options(self.batch, self.seq_len, self.limit, self.with_past)
-        if self.cpu_kernels and (self.target != "ort" or self.ort_int8_activations):
-            raise LrqError("--cpu-kernels is lrq's onnxruntime CPU kernel for exact activations: use it with "
-                           "--target ort and without --ort-int8-activations")
+        if self.cpu_kernels and self.target != "ort":
+            raise LrqError("--cpu-kernels is lrq's onnxruntime CPU kernel: use it with --target ort")
         if self.cpu_kernels and self.triton_repo is not None:
             raise LrqError("--cpu-kernels graphs need lrq's kernel library, which a Triton model repository does not "
                            "carry: export the repository without --cpu-kernels")
@@ -129,7 +129,8 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     if options.cpu_kernels:
         from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
 
-        finish = lambda graph, report: as_onnxruntime_runs(graph, report, "1", cpu_kernels=True)  # noqa: E731
+        level = INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1"
+        finish = lambda graph, report: as_onnxruntime_runs(graph, report, level, cpu_kernels=True)  # noqa: E731
     report = export_loaded(ckpt, out, options, finish)
     if options.triton_repo is not None:
         from lrq_deploy.serve.triton import onnx_repository

@@ -2,7 +2,8 @@
 (DequantizeLinear + MatMul pairs become MatMulNBits nodes at the accuracy level lrq verified),
 and, with --cpu-kernels, every MatMulNBits node lrq's CPU kernel serves rewritten into
 ai.lrq.cpu::MatMulInt4 (runtime/cpu_kernels.py): the same weights, scales, zero points and
-numerics (4-bit codes, block-wise fp32 scales, fp32 activations), a faster GEMM."""
+numerics (4-bit codes, block-wise fp32 scales; fp32 activations, or with --ort-int8-activations
+activations rounded to int8 per block), a faster GEMM."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lrq_deploy.runtime.onnxrt import MATMULNBITS_ACCURACY_KEY
 
 CPU_KERNELS_META = "lrq.cpu_kernels"
 MATMULNBITS_INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
+INT8_BLOCK_MULTIPLE = 128
 
 
 def save_optimized(graph: Path, accuracy_level: str) -> None:
@@ -76,8 +78,9 @@ def use_cpu_kernels(graph: Path) -> int:
 
 def _as_lrq_kernel(node, shapes: dict, helper, domain: str, op: str):
     """The MatMulInt4 node for a MatMulNBits node the kernel serves, else None: 4-bit codes,
-    4-bit zero points or none (8), no g_idx, fp32 activations (accuracy level 0 or 1), blocks a
-    multiple of 32 dividing K; weights, scales and zero points as initializers."""
+    4-bit zero points or none (8), no g_idx, fp32 activations (accuracy level 0 or 1) or int8
+    activations (level 4, blocks a multiple of 128), blocks a multiple of 32 dividing K; weights,
+    scales and zero points as initializers. The accuracy level carries over."""
     from onnx import TensorProto
 
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
@@ -85,8 +88,11 @@ def _as_lrq_kernel(node, shapes: dict, helper, domain: str, op: str):
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     inputs = dict(zip(MATMULNBITS_INPUTS, node.input))
     K, N, block = attrs.get("K"), attrs.get("N"), attrs.get("block_size")
-    if attrs.get("bits", 4) != 4 or attrs.get("accuracy_level", 0) > 1 or not K or not N or not block:
+    level = max(1, attrs.get("accuracy_level", 0))
+    if attrs.get("bits", 4) != 4 or not K or not N or not block or level not in (1, 4):
         return None
+    if level == 4 and block % INT8_BLOCK_MULTIPLE:
+        return None  # int8 activations: lrq's kernel takes blocks of a multiple of 128; MatMulNBits keeps the rest
     if inputs.get("g_idx") or block % 32 or K % block:
         return None
     codes, scales = shapes.get(inputs["B"]), shapes.get(inputs["scales"])
@@ -100,7 +106,7 @@ def _as_lrq_kernel(node, shapes: dict, helper, domain: str, op: str):
     bias = [inputs["bias"]] if inputs.get("bias") else []
     optional = [zeros, *bias] if zeros or bias else []
     return helper.make_node(op, [inputs["A"], inputs["B"], inputs["scales"], *optional], list(node.output),
-                            name=node.name, domain=domain, K=K, N=N, block_size=block)
+                            name=node.name, domain=domain, K=K, N=N, block_size=block, accuracy_level=level)
 
 
 def as_onnxruntime_runs(graph: Path, report: dict, accuracy_level: str, cpu_kernels: bool) -> None:
@@ -113,4 +119,4 @@ def as_onnxruntime_runs(graph: Path, report: dict, accuracy_level: str, cpu_kern
         report["cpu_kernel_linears"] = use_cpu_kernels(graph)
         if not report["cpu_kernel_linears"]:
             raise LrqError("--cpu-kernels: no linear of this graph fits lrq's CPU kernel (4-bit weights in blocks "
-                           "of a multiple of 32, exact activations)")
+                           "of a multiple of 32; of 128 with --ort-int8-activations)")

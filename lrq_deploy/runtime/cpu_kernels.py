@@ -26,7 +26,8 @@ OP = "MatMulInt4"
 SOURCES = ("matmul_int4.cc", "ort_abi.h")
 # The ABI the library requests (csrc/ort_abi.h kApiVersion): onnxruntime 1.17.
 MIN_ONNXRUNTIME = (1, 17)
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-maybe-uninitialized")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-maybe-uninitialized",
+         "-Wno-uninitialized")  # the two: GCC 12's own AVX-512 headers trip them
 
 
 def source_dir() -> Path:

@@ -167,9 +167,7 @@ def test_cpu_kernel_directory_carries_its_library_and_generates_what_torch_gener
         assert report["genai_generation"]["onnxruntime_genai"] == report["genai_generation"]["torch"]
 
 
-def test_cpu_kernels_refuse_int8_activations_and_float_weights(bundled_w4, tmp_path):
-    with pytest.raises(LrqError, match="without --ort-int8-activations"):
-        ExportOptions(cpu_kernels=True, ort_int8_activations=True)
+def test_cpu_kernels_refuse_other_targets_and_float_weights(bundled_w4, tmp_path):
     with pytest.raises(LrqError, match="--target ort"):
         ExportOptions(cpu_kernels=True, target="trt")
     with pytest.raises(LrqError, match="Triton model repository does not carry"):

@@ -29,7 +29,7 @@ def _problem(K, N, block, zeros: bool, bias: bool, seed=0):
     return codes, scales, zero_points, biases
 
 
-def _graph(op: str, K, N, block, codes, scales, zero_points, biases) -> bytes:
+def _graph(op: str, K, N, block, codes, scales, zero_points, biases, accuracy: int = 1) -> bytes:
     inits = [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")]
     optional = []
     if zero_points is not None:
@@ -37,11 +37,11 @@ def _graph(op: str, K, N, block, codes, scales, zero_points, biases) -> bytes:
     if op == "lrq":
         optional = (["zp"] if zero_points is not None else [""]) + (["bias"] if biases is not None else [])
         node = helper.make_node(cpu_kernels.OP, ["A", "B", "scales", *optional], ["Y"], domain=cpu_kernels.DOMAIN,
-                                K=K, N=N, block_size=block)
+                                K=K, N=N, block_size=block, accuracy_level=accuracy)
     else:
         optional = ["zp" if zero_points is not None else "", "", "bias" if biases is not None else ""]
         node = helper.make_node("MatMulNBits", ["A", "B", "scales", *optional], ["Y"], domain="com.microsoft",
-                                K=K, N=N, bits=4, block_size=block, accuracy_level=1)
+                                K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy)
     if biases is not None:
         inits.append(numpy_helper.from_array(biases, "bias"))
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
@@ -175,3 +175,87 @@ def test_library_is_built_once_per_source(monkeypatch, tmp_path):
         assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporaries left
     finally:
         cpu_kernels.library.cache_clear()
+
+
+def _int8_reference(a, K, N, block, codes, scales, zero_points, biases):
+    """Accuracy level 4 as the kernel defines it: per row and block of A, codes
+    round-half-even(a * (127 / max|a|)) in float32, exact integer dot products, then the scales."""
+    blocks = K // block
+    x = a.reshape(a.shape[0], blocks, block)
+    amax = np.abs(x).max(axis=2, keepdims=True)
+    inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint((x * inverse).astype(np.float32)), -127, 127).astype(np.int64)
+    a_scale = (amax / np.float32(127)).astype(np.float32)[..., 0]  # [M, blocks]
+    values = np.stack([codes & 15, codes >> 4], axis=-1).reshape(N, blocks, block).astype(np.int64)
+    if zero_points is None:
+        zeros = np.full((N, blocks), 8, np.int64)
+    else:
+        packed = zero_points.reshape(N, -1)
+        zeros = np.stack([packed & 15, packed >> 4], axis=-1).reshape(N, -1)[:, :blocks].astype(np.int64)
+    corrections = zeros[None] * q.sum(axis=2)[:, None, :]
+    dots = np.einsum("mbk,nbk->mnb", q, values) - corrections  # exact integers
+    scale = (scales.reshape(N, blocks)[None].astype(np.float32) * a_scale[:, None, :]).astype(np.float64)
+    exact = (scale * dots).sum(axis=2) + (0 if biases is None else biases)
+    # fp32 sums over the blocks and 16 lanes, the zero-point term subtracted last: the bound of
+    # recursive summation over every partial's magnitude
+    magnitude = np.einsum("mbk,nbk->mnb", np.abs(q), values) + np.abs(corrections)
+    bound = (16 + blocks + 2) * 2.0**-24 * (np.abs(scale) * magnitude).sum(axis=2) + 1e-30
+    return exact, bound
+
+
+INT8_CASES = [  # K, N, block, rows of A, zero points, bias
+    (512, 40, 128, 1, False, False), (1024, 37, 128, 3, True, True), (768, 21, 256, 17, True, False),
+    (320, 16, 64, 2, False, True),  # a block the AVX-512 form does not take: the portable loop
+]
+
+
+@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("K,N,block,M,zeros,bias", INT8_CASES)
+def test_int8_activations_match_their_definition_and_matmulnbits(monkeypatch, isa, K, N, block, M, zeros, bias):
+    if isa == "portable":
+        monkeypatch.setenv("LRQ_CPU_KERNEL_ISA", "portable")
+    codes, scales, zero_points, biases = _problem(K, N, block, zeros, bias)
+    a = np.random.default_rng(2).standard_normal((M, K)).astype(np.float32)
+    a[0, :block] = 0.0  # a block of zeros: scale 0, codes 0
+    exact, bound = _int8_reference(a, K, N, block, codes, scales, zero_points, biases)
+    graph = _graph("lrq", K, N, block, codes, scales, zero_points, biases, accuracy=4)
+    ours = _session(graph).run(None, {"A": a})[0]
+    assert np.all(np.abs(ours - exact) <= bound)
+    theirs = _session(_graph("nbits", K, N, block, codes, scales, zero_points, biases, accuracy=4)).run(None, {"A": a})[0]
+    fp32, _ = _reference(a, K, N, block, codes, scales, zero_points, biases)
+    # both round A to int8 per block; each is as close to the fp32 result as the other
+    assert np.abs(ours - fp32).max() <= 2 * np.abs(theirs - fp32).max() + 1e-6
+
+
+def test_unknown_accuracy_level_is_refused():
+    codes, scales, _, _ = _problem(256, 8, 128, False, False)
+    with pytest.raises(Exception, match="accuracy_level must be 1"):
+        _session(_graph("lrq", 256, 8, 128, codes, scales, None, None, accuracy=2))
+
+
+def test_graph_rewrite_takes_what_the_kernel_serves(tmp_path):
+    """export/ort_optimized.py: MatMulNBits at accuracy 1 (any block of 32s) and at accuracy 4
+    (blocks of 128s) become MatMulInt4 with the same inputs and level; the rest stays."""
+    from lrq_deploy.export.ort_optimized import use_cpu_kernels
+
+    nodes, inits = [], []
+    for i, (block, level) in enumerate([(64, 1), (128, 4), (64, 4)]):
+        codes, scales, _, _ = _problem(256, 8, block, False, False, seed=i)
+        inits += [numpy_helper.from_array(codes, f"B{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{i}", f"s{i}"], [f"Y{i}"], domain="com.microsoft",
+                                      K=256, N=8, bits=4, block_size=block, accuracy_level=level))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [1, 8]) for i in range(3)],
+                              initializer=inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]),
+              str(path))
+    assert use_cpu_kernels(path) == 2
+    rewritten = onnx.load(str(path))
+    kinds = [(n.op_type, {a.name: a.i for a in n.attribute}.get("accuracy_level")) for n in rewritten.graph.node]
+    assert kinds == [("MatMulInt4", 1), ("MatMulInt4", 4), ("MatMulNBits", 4)]
+    assert {p.key: p.value for p in rewritten.metadata_props}["lrq.cpu_kernels"] == cpu_kernels.DOMAIN
+    from lrq_deploy.runtime.onnxrt import OrtSession
+
+    a = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+    assert all(np.isfinite(v).all() for v in OrtSession(path).run({"A": a}).values())

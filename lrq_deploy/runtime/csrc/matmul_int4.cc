@@ -7,7 +7,9 @@
 // of a block holds code 2i in its low nibble, 2i + 1 in its high one); scales float
 // [N * K / block]; zero_points uint8 (optional; per row, two 4-bit zero points a byte, low nibble
 // first, rows padded to whole bytes; 8 when absent); bias float [N] (optional). Attributes K, N,
-// block_size (a multiple of 32 dividing K).
+// block_size (a multiple of 32 dividing K), accuracy_level (1, default: fp32 activations; 4: each
+// row of A rounded to int8 per block of K, codes round(a * 127 / max|a|) with the block's scale
+// max|a| / 127, integer dot products: MatMulNBits' accuracy level 4).
 //
 // Why it is faster than MatMulNBits at accuracy level 1: the weight is read where onnxruntime
 // keeps it (no prepacked copy) and dequantized with one permute per 16 codes from a 16-entry
@@ -19,6 +21,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ort_abi.h"
@@ -52,6 +55,12 @@ struct Problem {
   const uint8_t* zeros;  // nullptr: 8 for every block
   const float* bias;
   float* y;
+  // accuracy level 4: A's int8 codes (per 128 columns [64 even, 64 odd] when the block is a
+  // multiple of 128, else in order), each block's scale and code sum
+  const int8_t* a_codes;
+  const float* a_scales;
+  const int32_t* a_sums;
+  const float* a_scaled_sums;  // a_scales * a_sums
 };
 
 inline int zero_point(const Problem& p, int64_t n, int64_t b) {
@@ -88,6 +97,63 @@ void split_even_odd(const float* a, float* out, int64_t rows, int64_t K) {
         dst[c + j] = src[c + 2 * j];
         dst[c + 16 + j] = src[c + 2 * j + 1];
       }
+    }
+  }
+}
+
+struct QuantizedRows {
+  std::vector<int8_t> codes;
+  std::vector<float> scales;
+  std::vector<int32_t> sums;
+  std::vector<float> scaled_sums;
+};
+
+// Accuracy level 4: each block of each row of A as int8 codes, its scale and its code sum.
+void quantize_rows(const float* a, const Shape& s, bool split128, QuantizedRows& q) {
+  const int64_t blocks = s.K / s.block;
+  q.codes.resize(size_t(s.M * s.K));
+  q.scales.resize(size_t(s.M * blocks));
+  q.sums.resize(size_t(s.M * blocks));
+  q.scaled_sums.resize(size_t(s.M * blocks));
+  for (int64_t m = 0; m < s.M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* x = a + m * s.K + b * s.block;
+      float amax = 0.f;
+      for (int64_t j = 0; j < s.block; ++j) amax = std::max(amax, std::fabs(x[j]));
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      int8_t* out = q.codes.data() + m * s.K + b * s.block;
+      for (int64_t j = 0; j < s.block; ++j) {
+        const int code = std::max(-127, std::min(127, int(std::nearbyint(x[j] * inverse))));
+        const int64_t at = split128 ? (j / 128) * 128 + (j % 2) * 64 + (j % 128) / 2 : j;
+        out[at] = int8_t(code);
+        sum += code;
+      }
+      q.scales[m * blocks + b] = amax / 127.f;
+      q.sums[m * blocks + b] = sum;
+      q.scaled_sums[m * blocks + b] = q.scales[m * blocks + b] * float(sum);
+    }
+  }
+}
+
+// Accuracy level 4, any CPU.
+void rows_int8_portable(const Problem& p, int64_t n0, int64_t n1) {
+  const Shape& s = p.shape;
+  const int64_t blocks = s.K / s.block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.codes + n * (s.K / 2);
+    for (int64_t m = 0; m < s.M; ++m) {
+      const int8_t* a = p.a_codes + m * s.K;
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t k = b * s.block; k < (b + 1) * s.block; k += 2) {
+          dot += int32_t(row[k / 2] & 15) * a[k] + int32_t(row[k / 2] >> 4) * a[k + 1];
+        }
+        const float scale = p.scales[n * blocks + b] * p.a_scales[m * blocks + b];
+        total += scale * float(dot - zero_point(p, n, b) * p.a_sums[m * blocks + b]);
+      }
+      p.y[m * s.N + n] = total + (p.bias ? p.bias[n] : 0.f);
     }
   }
 }
@@ -243,7 +309,8 @@ LRQ_AVX512 void rows_gemm(const Problem& p, int64_t n0, int64_t n1) {
   const Shape& s = p.shape;
   const int64_t stride = p.a_t_stride;  // blocks here are at most a panel wide and divide it
   alignas(64) float w[kPrefillRows][kPanelColumns];
-  std::vector<float> sums(size_t(kPrefillRows * stride));
+  thread_local std::vector<float> sums;
+  sums.resize(size_t(kPrefillRows * stride));
   for (int64_t n = n0; n < n1; n += kPrefillRows) {
     const int rows = int(std::min<int64_t>(kPrefillRows, n1 - n));
     std::fill(sums.begin(), sums.end(), 0.f);
@@ -268,6 +335,101 @@ LRQ_AVX512 void rows_gemm(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Accuracy level 4: int8 dot products of 4-bit codes (unsigned) and A's int8 codes, 64 codes a
+// byte load: the low nibbles of a 64-byte chunk meet A's 64 even columns, the high ones its 64
+// odd columns. With AVX512-VNNI one vpdpbusd per 64 products; without, vpmaddubsw + vpmaddwd
+// (at most 2 * 15 * 127 per 16-bit pair: no saturation).
+#define LRQ_AVX512_INT8 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define LRQ_AVX512_BW __attribute__((target("avx512f,avx512bw")))
+
+LRQ_AVX512_INT8 inline __m512i dot_vnni(__m512i acc, __m512i codes, __m512i a) { return _mm512_dpbusd_epi32(acc, codes, a); }
+
+LRQ_AVX512_BW inline __m512i dot_bw(__m512i acc, __m512i codes, __m512i a) {
+  const __m512i pairs = _mm512_maddubs_epi16(codes, a);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+}
+
+// R weight rows x T rows of A; each 64-byte chunk of weights is unpacked once for the T rows.
+#define LRQ_INT8_TILE(NAME, TARGET, DOT)                                                                              \
+  template <int R, int T>                                                                                             \
+  TARGET void NAME(const Problem& p, int64_t n, int64_t m) {                                                          \
+    const Shape& s = p.shape;                                                                                         \
+    const int64_t blocks = s.K / s.block;                                                                             \
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);                                                               \
+    __m512 acc[R][T];                                                                                                 \
+    float correction[R][T];                                                                                           \
+    for (int r = 0; r < R; ++r)                                                                                       \
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), correction[r][t] = 0.f;                          \
+    for (int64_t b = 0; b < blocks; ++b) {                                                                            \
+      __m512i dot[R][T];                                                                                              \
+      for (int r = 0; r < R; ++r)                                                                                     \
+        for (int t = 0; t < T; ++t) dot[r][t] = _mm512_setzero_si512();                                              \
+      for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 128) {                                                \
+        __m512i low[R], high[R];                                                                                      \
+        for (int r = 0; r < R; ++r) {                                                                                 \
+          if (T == 1) {                                                                                               \
+            const int64_t ahead = std::min(n + kPrefetchRows + r, s.N - 1);                                           \
+            _mm_prefetch(reinterpret_cast<const char*>(p.codes + ahead * (s.K / 2) + c / 2), _MM_HINT_T0);            \
+          }                                                                                                           \
+          const __m512i bytes = _mm512_loadu_si512(p.codes + (n + r) * (s.K / 2) + c / 2);                            \
+          low[r] = _mm512_and_si512(bytes, low_nibbles);                                                              \
+          high[r] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);                                       \
+        }                                                                                                             \
+        for (int t = 0; t < T; ++t) {                                                                                 \
+          const int8_t* a = p.a_codes + (m + t) * s.K + c;                                                            \
+          const __m512i even = _mm512_loadu_si512(a), odd = _mm512_loadu_si512(a + 64);                              \
+          for (int r = 0; r < R; ++r) dot[r][t] = DOT(DOT(dot[r][t], low[r], even), high[r], odd);                   \
+        }                                                                                                             \
+      }                                                                                                               \
+      for (int r = 0; r < R; ++r) {                                                                                   \
+        const float w_scale = p.scales[(n + r) * blocks + b];                                                         \
+        for (int t = 0; t < T; ++t) {                                                                                 \
+          const __m512 scale = _mm512_set1_ps(w_scale * p.a_scales[(m + t) * blocks + b]);                            \
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), scale, acc[r][t]);                             \
+        }                                                                                                             \
+      }                                                                                                               \
+    }                                                                                                                 \
+    /* the zero points: sum over blocks of w_scale * zero * a_scale * sum(a codes), once per tile */                \
+    for (int r = 0; r < R; ++r)                                                                                       \
+      for (int64_t b = 0; b < blocks; ++b) {                                                                          \
+        const float w_zero = p.scales[(n + r) * blocks + b] * float(zero_point(p, n + r, b));                        \
+        for (int t = 0; t < T; ++t) correction[r][t] += w_zero * p.a_scaled_sums[(m + t) * blocks + b];              \
+      }                                                                                                               \
+    for (int r = 0; r < R; ++r)                                                                                       \
+      for (int t = 0; t < T; ++t)                                                                                     \
+        p.y[(m + t) * s.N + n + r] =                                                                                  \
+            _mm512_reduce_add_ps(acc[r][t]) - correction[r][t] + (p.bias ? p.bias[n + r] : 0.f);                     \
+  }
+
+LRQ_INT8_TILE(tile_int8_vnni, LRQ_AVX512_INT8, dot_vnni)
+LRQ_INT8_TILE(tile_int8_bw, LRQ_AVX512_BW, dot_bw)
+
+// Decode: four weight rows at a time. More rows of A: 2 weight rows x 4 rows of A per tile (the
+// task's weight rows stay in L2 across the rows of A).
+template <template <int, int> class Tiles>
+void rows_int8(const Problem& p, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; p.shape.M > 1 && m + 4 <= p.shape.M; m += 4) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) Tiles<2, 4>::run(p, n, m);
+    for (; n < n1; ++n) Tiles<1, 4>::run(p, n, m);
+  }
+  for (; m < p.shape.M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) Tiles<4, 1>::run(p, n, m);
+    for (; n < n1; ++n) Tiles<1, 1>::run(p, n, m);
+  }
+}
+
+template <int R, int T>
+struct VnniTiles {
+  static void run(const Problem& p, int64_t n, int64_t m) { tile_int8_vnni<R, T>(p, n, m); }
+};
+template <int R, int T>
+struct BwTiles {
+  static void run(const Problem& p, int64_t n, int64_t m) { tile_int8_bw<R, T>(p, n, m); }
+};
+
 #endif
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
@@ -285,6 +447,26 @@ RowsFn rows_gemm_entry() {
 #endif
 }
 
+// int8 activations: the AVX-512 forms need blocks of a multiple of 128 (A's codes split per 128).
+bool int8_fast_path(const Shape& s) {
+#if LRQ_X86
+  return !portable_forced() && s.block % 128 == 0 && __builtin_cpu_supports("avx512bw");
+#else
+  (void)s;
+  return false;
+#endif
+}
+
+RowsFn select_int8_rows(const Shape& s) {
+#if LRQ_X86
+  if (int8_fast_path(s)) {
+    if (__builtin_cpu_supports("avx512vnni")) return rows_int8<VnniTiles>;
+    return rows_int8<BwTiles>;
+  }
+#endif
+  return rows_int8_portable;
+}
+
 RowsFn select_rows(const Shape& s) {
 #if LRQ_X86
   if (!portable_forced() && __builtin_cpu_supports("avx512f")) {
@@ -299,7 +481,7 @@ RowsFn select_rows(const Shape& s) {
 
 struct Kernel {
   Api api;
-  int64_t K, N, block;
+  int64_t K, N, block, accuracy_level;
 };
 
 OrtStatus* error(const Api& api, const char* message) {
@@ -318,10 +500,18 @@ OrtStatus* attribute(const Api& api, const OrtKernelInfo* info, const char* name
 
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info, void** out) {
   Api api{table};
-  Kernel kernel{api, 0, 0, 0};
+  Kernel kernel{api, 0, 0, 0, 1};
   LRQ_TRY(attribute(api, info, "K", &kernel.K));
   LRQ_TRY(attribute(api, info, "N", &kernel.N));
   LRQ_TRY(attribute(api, info, "block_size", &kernel.block));
+  if (OrtStatus* absent = attribute(api, info, "accuracy_level", &kernel.accuracy_level)) {
+    api.fn<void (*)(OrtStatus*)>(ort_abi::ReleaseStatus)(absent);
+    kernel.accuracy_level = 1;
+  }
+  if (kernel.accuracy_level == 0) kernel.accuracy_level = 1;
+  if (kernel.accuracy_level != 1 && kernel.accuracy_level != 4) {
+    return error(api, "ai.lrq.cpu::MatMulInt4: accuracy_level must be 1 (fp32 activations) or 4 (int8 activations)");
+  }
   if (kernel.K <= 0 || kernel.N <= 0 || kernel.block <= 0 || kernel.block % 32 != 0 || kernel.K % kernel.block != 0) {
     return error(api, "ai.lrq.cpu::MatMulInt4: block_size must be a positive multiple of 32 dividing K");
   }
@@ -408,19 +598,34 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
 
   const Shape shape{a.elements() / kernel.K, kernel.K, kernel.N, kernel.block};
   if (shape.M == 0) return nullptr;
-  std::vector<float> a_split(size_t(shape.M * shape.K));
-  split_even_odd(static_cast<const float*>(a.data), a_split.data(), shape.M, shape.K);
-  const RowsFn rows = select_rows(shape);
-  std::vector<float> a_t;
-  const int64_t stride = (shape.M + 15) / 16 * 16;
-  if (rows == rows_gemm_entry()) {
-    a_t.resize(size_t(shape.K * stride));
-    pack_transposed(a_split.data(), a_t.data(), shape.M, shape.K, stride);
+  const float* a_data = static_cast<const float*>(a.data);
+  Problem problem{shape, nullptr, nullptr, 0, static_cast<const uint8_t*>(codes.data),
+                  static_cast<const float*>(scales.data), static_cast<const uint8_t*>(zeros.data),
+                  static_cast<const float*>(bias.data), static_cast<float*>(y), nullptr, nullptr, nullptr, nullptr};
+  // Scratch kept per calling thread across calls: fresh buffers of megabytes would page-fault
+  // on every call. A call only reads them from the tasks it shares out.
+  thread_local std::vector<float> a_split, a_t;
+  thread_local QuantizedRows quantized;
+  RowsFn rows;
+  if (kernel.accuracy_level == 4) {
+    quantize_rows(a_data, shape, int8_fast_path(shape), quantized);
+    problem.a_codes = quantized.codes.data();
+    problem.a_scales = quantized.scales.data();
+    problem.a_sums = quantized.sums.data();
+    problem.a_scaled_sums = quantized.scaled_sums.data();
+    rows = select_int8_rows(shape);
+  } else {
+    a_split.resize(size_t(shape.M * shape.K));
+    split_even_odd(a_data, a_split.data(), shape.M, shape.K);
+    problem.a_split = a_split.data();
+    rows = select_rows(shape);
+    problem.a_t_stride = (shape.M + 15) / 16 * 16;
+    if (rows == rows_gemm_entry()) {
+      a_t.resize(size_t(shape.K * problem.a_t_stride));
+      pack_transposed(a_split.data(), a_t.data(), shape.M, shape.K, problem.a_t_stride);
+      problem.a_t = a_t.data();
+    }
   }
-  const Problem problem{shape, a_split.data(), a_t.data(), stride, static_cast<const uint8_t*>(codes.data),
-                        static_cast<const float*>(scales.data), static_cast<const uint8_t*>(zeros.data),
-                        static_cast<const float*>(bias.data),
-                        static_cast<float*>(y)};
   const int64_t rows_per_task = rows == rows_gemm_entry() ? kPrefillRowsPerTask : kRowsPerTask;
   Job job{&problem, rows, shape.N, rows_per_task};
   const size_t tasks = size_t((shape.N + rows_per_task - 1) / rows_per_task);
