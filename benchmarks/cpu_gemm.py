@@ -1,8 +1,7 @@
 """One linear layer on the CPU, onnxruntime sessions side by side, interleaved in one run: lrq's
 MatMulInt4 (lrq export --cpu-kernels) against onnxruntime's MatMulNBits on the same 4-bit codes
-and scales at accuracy level 1 (fp32 activations: the same numerics) and 4 (int8 activations:
-the fastest MLAS path, other numerics), and an fp32 MatMul of the dequantized weight (the
-full-precision baseline). LLaMA-7B shapes by default (q/k/v fused, o, gate/up fused, down, the
+and scales, each at accuracy level 1 (fp32 activations) and 4 (int8 activations per block), and
+an fp32 MatMul of the dequantized weight (the full-precision baseline). LLaMA-7B shapes by default (q/k/v fused, o, gate/up fused, down, the
 vocab-32000 head), decode (1 row of A) and prefill (64 rows).
 
     python benchmarks/cpu_gemm.py --threads 1 --rounds 3
@@ -22,6 +21,7 @@ import numpy as np
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
           "head": (4096, 32000)}
 BLOCK = 128
+COLUMNS = ("lrq MatMulInt4 acc 1", "MatMulNBits acc 1", "fp32 MatMul", "lrq MatMulInt4 acc 4", "MatMulNBits acc 4")
 
 
 def graphs(K: int, N: int) -> dict:
@@ -34,7 +34,9 @@ def graphs(K: int, N: int) -> dict:
     scales = (rng.random(N * (K // BLOCK), dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
     weights = [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")]
     nodes = {
-        "lrq MatMulInt4": helper.make_node(OP, ["A", "B", "scales"], ["Y"], domain=DOMAIN, K=K, N=N, block_size=BLOCK),
+        **{f"lrq MatMulInt4 acc {level}": helper.make_node(OP, ["A", "B", "scales"], ["Y"], domain=DOMAIN, K=K, N=N,
+                                                            block_size=BLOCK, accuracy_level=level)
+           for level in (1, 4)},
         **{f"MatMulNBits acc {level}": helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
                                                          K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=level)
            for level in (1, 4)},
@@ -81,8 +83,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
-    print(f"| layer (K x N) | rows of A | {' | '.join(['lrq MatMulInt4', 'MatMulNBits acc 1', 'MatMulNBits acc 4', 'fp32 MatMul'])} |")
-    print("|---|---|---|---|---|---|")
+    print(f"| layer (K x N) | rows of A | {' | '.join(COLUMNS)} |")
+    print("|---|---|" + "---|" * len(COLUMNS))
     for shape in args.shapes:
         K, N = SHAPES[shape]
         sessions = {name: session(model, args.threads) for name, model in graphs(K, N).items()}
@@ -94,8 +96,7 @@ def main() -> int:
                     results[name].append(median_ms(lambda x, s=s: s.run(None, {"A": x}), a, 30 if rows == 1 else 5))
             ms = {name: statistics.median(v) for name, v in results.items()}
             base = ms["MatMulNBits acc 1"]
-            cells = [f"{ms[n]:.2f} ms ({base / ms[n]:.2f}x)" for n in
-                     ("lrq MatMulInt4", "MatMulNBits acc 1", "MatMulNBits acc 4", "fp32 MatMul")]
+            cells = [f"{ms[n]:.2f} ms ({base / ms[n]:.2f}x)" for n in COLUMNS]
             print(f"| {shape} ({K} x {N}) | {rows} | {' | '.join(cells)} |")
     return 0
 

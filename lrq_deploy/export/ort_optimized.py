@@ -116,7 +116,10 @@ def as_onnxruntime_runs(graph: Path, report: dict, accuracy_level: str, cpu_kern
 
     save_optimized(graph, accuracy_level)
     if cpu_kernels:
+        from lrq_deploy.runtime.cpu_kernels import code_path
+
         report["cpu_kernel_linears"] = use_cpu_kernels(graph)
+        report["cpu_kernel_code"] = code_path()
         if not report["cpu_kernel_linears"]:
             raise LrqError("--cpu-kernels: no linear of this graph fits lrq's CPU kernel (4-bit weights in blocks "
                            "of a multiple of 32; of 128 with --ort-int8-activations)")

@@ -80,6 +80,20 @@ def _check_onnxruntime() -> None:
                        f"found {ort.__version__} (pip install -U onnxruntime)")
 
 
+def code_path() -> str:
+    """Which code of the library this CPU runs: "avx512" (with "+vnni" for int8 activations), or
+    "portable" (a plain loop, slower than onnxruntime's MatMulNBits: the kernel is built for
+    AVX-512 CPUs). Read from /proc/cpuinfo (Linux); elsewhere "unknown"."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    if os.environ.get("LRQ_CPU_KERNEL_ISA") == "portable" or "avx512f" not in flags:
+        return "portable"
+    return "avx512" + ("+vnni" if "avx512_vnni" in flags else "")
+
+
 def register(options) -> None:
     """Add the library's ops to an onnxruntime SessionOptions."""
     options.register_custom_ops_library(str(library()))
