@@ -19,6 +19,14 @@ from lrq_deploy.runtime import cpu_kernels
 pytest.importorskip("onnxruntime")
 
 
+@pytest.fixture(params=["native", "portable"])
+def code(request, monkeypatch) -> str:
+    """The library's code path under test: what this CPU picks, or the portable loop."""
+    if request.param == "portable":
+        monkeypatch.setenv("LRQ_CPU_KERNEL_ISA", "portable")
+    return request.param
+
+
 def _problem(K, N, block, zeros: bool, bias: bool, seed=0):
     rng = np.random.default_rng(seed)
     blocks = K // block
@@ -82,11 +90,8 @@ CASES = [  # K, N, block, rows of A, zero points, bias
 ]
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
 @pytest.mark.parametrize("K,N,block,M,zeros,bias", CASES)
-def test_matches_exact_sum_and_matmulnbits(monkeypatch, isa, K, N, block, M, zeros, bias):
-    if isa == "portable":
-        monkeypatch.setenv("LRQ_CPU_KERNEL_ISA", "portable")
+def test_matches_exact_sum_and_matmulnbits(code, K, N, block, M, zeros, bias):
     codes, scales, zero_points, biases = _problem(K, N, block, zeros, bias)
     a = np.random.default_rng(1).standard_normal((M, K)).astype(np.float32)
     exact, bound = _reference(a, K, N, block, codes, scales, zero_points, biases)
@@ -209,11 +214,8 @@ INT8_CASES = [  # K, N, block, rows of A, zero points, bias
 ]
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
 @pytest.mark.parametrize("K,N,block,M,zeros,bias", INT8_CASES)
-def test_int8_activations_match_their_definition_and_matmulnbits(monkeypatch, isa, K, N, block, M, zeros, bias):
-    if isa == "portable":
-        monkeypatch.setenv("LRQ_CPU_KERNEL_ISA", "portable")
+def test_int8_activations_match_their_definition_and_matmulnbits(code, K, N, block, M, zeros, bias):
     codes, scales, zero_points, biases = _problem(K, N, block, zeros, bias)
     a = np.random.default_rng(2).standard_normal((M, K)).astype(np.float32)
     a[0, :block] = 0.0  # a block of zeros: scale 0, codes 0
