@@ -5,7 +5,7 @@ onnxruntime's MatMulNBits at the same numerics (benchmarks/RESULTS.md).
 The library is C++ built from the package's own source with the machine's C++ compiler on
 first use and cached ($LRQ_CACHE/cpu-kernels or ~/.cache/lrq/cpu-kernels, one file per source
 and compiler); it needs no onnxruntime headers (csrc/ort_abi.h declares the ABI it calls). It
-chooses AVX-512 or portable code at run time, so one build serves any x86-64 or other CPU.
+chooses AVX-512, AVX2 or portable code at run time, so one build serves any x86-64 or other CPU.
 Sessions lrq creates register it for every graph that imports the ai.lrq.cpu domain
 (`needs_library`, read from the file's first bytes without parsing the weights)."""
 
@@ -81,17 +81,19 @@ def _check_onnxruntime() -> None:
 
 
 def code_path() -> str:
-    """Which code of the library this CPU runs: "avx512" (with "+vnni" for int8 activations), or
-    "portable" (a plain loop, slower than onnxruntime's MatMulNBits: the kernel is built for
-    AVX-512 CPUs). Read from /proc/cpuinfo (Linux); elsewhere "unknown"."""
+    """Which code of the library this CPU runs: "avx512" (with "+vnni" for int8 activations),
+    "avx2" (fp32 activations 8-wide; int8 activations in the portable loop), or "portable" (a
+    plain loop, slower than onnxruntime's MatMulNBits). Read from /proc/cpuinfo (Linux);
+    elsewhere "unknown"."""
     try:
         flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("flags")), [])
     except OSError:
         return "unknown"
-    if os.environ.get("LRQ_CPU_KERNEL_ISA") == "portable" or "avx512f" not in flags:
-        return "portable"
-    return "avx512" + ("+vnni" if "avx512_vnni" in flags else "")
+    capped = os.environ.get("LRQ_CPU_KERNEL_ISA")
+    if capped != "portable" and capped != "avx2" and "avx512f" in flags:
+        return "avx512" + ("+vnni" if "avx512_vnni" in flags else "")
+    return "avx2" if capped != "portable" and {"avx2", "fma"} <= set(flags) else "portable"
 
 
 def register(options) -> None:

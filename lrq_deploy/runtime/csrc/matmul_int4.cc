@@ -430,14 +430,70 @@ struct BwTiles {
   static void run(const Problem& p, int64_t n, int64_t m) { tile_int8_bw<R, T>(p, n, m); }
 };
 
+// AVX2 CPUs without AVX-512 (fp32 activations): 8-wide, codes converted to float and the zero
+// point applied per block as s * (sum(q * a) - z * sum(a)); four weight rows per pass over K.
+#define LRQ_AVX2 __attribute__((target("avx2,fma")))
+
+LRQ_AVX2 inline float sum8(__m256 v) {
+  const __m128 folded = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(folded, _mm_movehl_ps(folded, folded));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+
+template <int R>
+LRQ_AVX2 void tile_avx2(const Problem& p, int64_t n, int64_t m) {
+  const Shape& s = p.shape;
+  const int64_t blocks = s.K / s.block;
+  const float* a = p.a_split + m * s.K;
+  const __m256i low_nibble = _mm256_set1_epi32(15);
+  __m256 total[R];
+  float correction[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps(), correction[r] = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_ps();
+    __m256 a_sum = _mm256_setzero_ps();
+    for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 32) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256 even = _mm256_loadu_ps(a + c + 8 * h), odd = _mm256_loadu_ps(a + c + 16 + 8 * h);
+        a_sum = _mm256_add_ps(a_sum, _mm256_add_ps(even, odd));
+        for (int r = 0; r < R; ++r) {
+          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.codes + (n + r) * (s.K / 2) + c / 2 + 8 * h));
+          const __m256i codes = _mm256_cvtepu8_epi32(bytes);
+          sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(codes, low_nibble)), even, sum[r]);
+          sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(codes, 4)), odd, sum[r]);
+        }
+      }
+    }
+    const float block_a_sum = sum8(a_sum);
+    for (int r = 0; r < R; ++r) {
+      const float scale = p.scales[(n + r) * blocks + b];
+      total[r] = _mm256_fmadd_ps(sum[r], _mm256_set1_ps(scale), total[r]);
+      correction[r] += scale * float(zero_point(p, n + r, b)) * block_a_sum;
+    }
+  }
+  for (int r = 0; r < R; ++r) p.y[m * s.N + n + r] = sum8(total[r]) - correction[r] + (p.bias ? p.bias[n + r] : 0.f);
+}
+
+LRQ_AVX2 void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < p.shape.M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) tile_avx2<4>(p, n, m);
+    for (; n < n1; ++n) tile_avx2<1>(p, n, m);
+  }
+}
+
 #endif
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
-bool portable_forced() {
+// LRQ_CPU_KERNEL_ISA=portable or =avx2 caps the code chosen (tests, and comparisons on one machine).
+bool isa_capped_at(const char* name) {
   const char* isa = getenv("LRQ_CPU_KERNEL_ISA");
-  return isa != nullptr && strcmp(isa, "portable") == 0;
+  return isa != nullptr && strcmp(isa, name) == 0;
 }
+
+bool portable_forced() { return isa_capped_at("portable"); }
 
 RowsFn rows_gemm_entry() {
 #if LRQ_X86
@@ -450,7 +506,7 @@ RowsFn rows_gemm_entry() {
 // int8 activations: the AVX-512 forms need blocks of a multiple of 128 (A's codes split per 128).
 bool int8_fast_path(const Shape& s) {
 #if LRQ_X86
-  return !portable_forced() && s.block % 128 == 0 && __builtin_cpu_supports("avx512bw");
+  return !portable_forced() && !isa_capped_at("avx2") && s.block % 128 == 0 && __builtin_cpu_supports("avx512bw");
 #else
   (void)s;
   return false;
@@ -469,10 +525,11 @@ RowsFn select_int8_rows(const Shape& s) {
 
 RowsFn select_rows(const Shape& s) {
 #if LRQ_X86
-  if (!portable_forced() && __builtin_cpu_supports("avx512f")) {
+  if (!portable_forced() && !isa_capped_at("avx2") && __builtin_cpu_supports("avx512f")) {
     if (s.M <= kGemvRows || s.block > kPanelColumns) return rows_gemv;
     return rows_gemm;
   }
+  if (!portable_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2;
 #endif
   return rows_portable;
 }
