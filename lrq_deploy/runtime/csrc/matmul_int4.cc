@@ -487,51 +487,53 @@ LRQ_AVX2 void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
+// The code that computes a call: rows of Y a task, and whether it reads A^T packed (prefill).
+struct Route {
+  RowsFn rows;
+  int64_t rows_per_task;
+  bool packs_a_t;
+};
+
 // LRQ_CPU_KERNEL_ISA=portable or =avx2 caps the code chosen (tests, and comparisons on one machine).
 bool isa_capped_at(const char* name) {
   const char* isa = getenv("LRQ_CPU_KERNEL_ISA");
   return isa != nullptr && strcmp(isa, name) == 0;
 }
 
-bool portable_forced() { return isa_capped_at("portable"); }
-
-RowsFn rows_gemm_entry() {
-#if LRQ_X86
-  return rows_gemm;
-#else
-  return nullptr;
-#endif
-}
+bool avx512_allowed() { return !isa_capped_at("portable") && !isa_capped_at("avx2"); }
 
 // int8 activations: the AVX-512 forms need blocks of a multiple of 128 (A's codes split per 128).
 bool int8_fast_path(const Shape& s) {
 #if LRQ_X86
-  return !portable_forced() && !isa_capped_at("avx2") && s.block % 128 == 0 && __builtin_cpu_supports("avx512bw");
+  return avx512_allowed() && s.block % 128 == 0 && __builtin_cpu_supports("avx512bw");
 #else
   (void)s;
   return false;
 #endif
 }
 
-RowsFn select_int8_rows(const Shape& s) {
+Route int8_route(const Shape& s) {
 #if LRQ_X86
   if (int8_fast_path(s)) {
-    if (__builtin_cpu_supports("avx512vnni")) return rows_int8<VnniTiles>;
-    return rows_int8<BwTiles>;
+    return {__builtin_cpu_supports("avx512vnni") ? rows_int8<VnniTiles> : rows_int8<BwTiles>, kRowsPerTask, false};
   }
 #endif
-  return rows_int8_portable;
+  (void)s;
+  return {rows_int8_portable, kRowsPerTask, false};
 }
 
-RowsFn select_rows(const Shape& s) {
+Route fp32_route(const Shape& s) {
 #if LRQ_X86
-  if (!portable_forced() && !isa_capped_at("avx2") && __builtin_cpu_supports("avx512f")) {
-    if (s.M <= kGemvRows || s.block > kPanelColumns) return rows_gemv;
-    return rows_gemm;
+  if (avx512_allowed() && __builtin_cpu_supports("avx512f")) {
+    if (s.M <= kGemvRows || s.block > kPanelColumns) return {rows_gemv, kRowsPerTask, false};
+    return {rows_gemm, kPrefillRowsPerTask, true};
   }
-  if (!portable_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2;
+  if (!isa_capped_at("portable") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {rows_avx2, kRowsPerTask, false};
+  }
 #endif
-  return rows_portable;
+  (void)s;
+  return {rows_portable, kRowsPerTask, false};
 }
 
 // ---- onnxruntime glue ----------------------------------------------------------------------
@@ -624,68 +626,80 @@ void run_task(void* user, size_t task) {
   job.rows(*job.problem, n0, std::min(job.N, n0 + job.rows_per_task));
 }
 
+struct Inputs {
+  TensorView a, codes, scales, zeros, bias;
+};
+
+OrtStatus* read_inputs(const Kernel& kernel, OrtKernelContext* context, Inputs& in) {
+  const Api& api = kernel.api;
+  LRQ_TRY(input(api, context, 0, in.a));
+  LRQ_TRY(input(api, context, 1, in.codes));
+  LRQ_TRY(input(api, context, 2, in.scales));
+  size_t count = 0;
+  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtKernelContext*, size_t*)>(ort_abi::KernelContext_GetInputCount)(context, &count));
+  if (count > 3) LRQ_TRY(input(api, context, 3, in.zeros));
+  if (count > 4) LRQ_TRY(input(api, context, 4, in.bias));
+  const int64_t blocks = kernel.K / kernel.block;
+  if (in.a.dims.empty() || in.a.dims.back() != kernel.K) return error(api, "ai.lrq.cpu::MatMulInt4: A's last axis is not K");
+  if (in.codes.elements() != kernel.N * kernel.K / 2 || in.scales.elements() != kernel.N * blocks) {
+    return error(api, "ai.lrq.cpu::MatMulInt4: B or scales do not hold N x K codes in blocks of block_size");
+  }
+  if (in.zeros.data != nullptr && in.zeros.elements() != kernel.N * ((blocks + 1) / 2)) {
+    return error(api, "ai.lrq.cpu::MatMulInt4: zero_points do not hold N rows of 4-bit zero points per block");
+  }
+  if (in.bias.data != nullptr && in.bias.elements() != kernel.N) return error(api, "ai.lrq.cpu::MatMulInt4: bias is not [N]");
+  return nullptr;
+}
+
+// A in the form the route reads (int8 codes, or split and maybe packed), in scratch kept per
+// calling thread across calls (fresh buffers of megabytes would page-fault on every call; the
+// tasks of a call only read them).
+Route prepare_activations(int64_t accuracy_level, const float* a, Problem& p) {
+  const Shape& s = p.shape;
+  thread_local std::vector<float> a_split, a_t;
+  thread_local QuantizedRows quantized;
+  if (accuracy_level == 4) {
+    quantize_rows(a, s, int8_fast_path(s), quantized);
+    p.a_codes = quantized.codes.data();
+    p.a_scales = quantized.scales.data();
+    p.a_sums = quantized.sums.data();
+    p.a_scaled_sums = quantized.scaled_sums.data();
+    return int8_route(s);
+  }
+  a_split.resize(size_t(s.M * s.K));
+  split_even_odd(a, a_split.data(), s.M, s.K);
+  p.a_split = a_split.data();
+  const Route route = fp32_route(s);
+  if (route.packs_a_t) {
+    p.a_t_stride = (s.M + 15) / 16 * 16;
+    a_t.resize(size_t(s.K * p.a_t_stride));
+    pack_transposed(a_split.data(), a_t.data(), s.M, s.K, p.a_t_stride);
+    p.a_t = a_t.data();
+  }
+  return route;
+}
+
 OrtStatus* compute(void* state, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<const Kernel*>(state);
   const Api& api = kernel.api;
-  TensorView a, codes, scales, zeros, bias;
-  LRQ_TRY(input(api, context, 0, a));
-  LRQ_TRY(input(api, context, 1, codes));
-  LRQ_TRY(input(api, context, 2, scales));
-  size_t inputs = 0;
-  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtKernelContext*, size_t*)>(ort_abi::KernelContext_GetInputCount)(context, &inputs));
-  if (inputs > 3) LRQ_TRY(input(api, context, 3, zeros));
-  if (inputs > 4) LRQ_TRY(input(api, context, 4, bias));
-  if (a.dims.empty() || a.dims.back() != kernel.K) return error(api, "ai.lrq.cpu::MatMulInt4: A's last axis is not K");
-  if (codes.elements() != kernel.N * kernel.K / 2 || scales.elements() != kernel.N * (kernel.K / kernel.block)) {
-    return error(api, "ai.lrq.cpu::MatMulInt4: B or scales do not hold N x K codes in blocks of block_size");
-  }
-  const int64_t blocks = kernel.K / kernel.block;
-  if (zeros.data != nullptr && zeros.elements() != kernel.N * ((blocks + 1) / 2)) {
-    return error(api, "ai.lrq.cpu::MatMulInt4: zero_points do not hold N rows of 4-bit zero points per block");
-  }
-  if (bias.data != nullptr && bias.elements() != kernel.N) return error(api, "ai.lrq.cpu::MatMulInt4: bias is not [N]");
-
-  std::vector<int64_t> out_dims = a.dims;
+  Inputs in;
+  LRQ_TRY(read_inputs(kernel, context, in));
+  std::vector<int64_t> out_dims = in.a.dims;
   out_dims.back() = kernel.N;
   OrtValue* out = nullptr;
   LRQ_TRY(api.fn<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(
       ort_abi::KernelContext_GetOutput)(context, 0, out_dims.data(), out_dims.size(), &out));
   void* y = nullptr;
   LRQ_TRY(api.fn<OrtStatus* (*)(const OrtValue*, void**)>(ort_abi::GetTensorMutableData)(out, &y));
-
-  const Shape shape{a.elements() / kernel.K, kernel.K, kernel.N, kernel.block};
+  const Shape shape{in.a.elements() / kernel.K, kernel.K, kernel.N, kernel.block};
   if (shape.M == 0) return nullptr;
-  const float* a_data = static_cast<const float*>(a.data);
-  Problem problem{shape, nullptr, nullptr, 0, static_cast<const uint8_t*>(codes.data),
-                  static_cast<const float*>(scales.data), static_cast<const uint8_t*>(zeros.data),
-                  static_cast<const float*>(bias.data), static_cast<float*>(y), nullptr, nullptr, nullptr, nullptr};
-  // Scratch kept per calling thread across calls: fresh buffers of megabytes would page-fault
-  // on every call. A call only reads them from the tasks it shares out.
-  thread_local std::vector<float> a_split, a_t;
-  thread_local QuantizedRows quantized;
-  RowsFn rows;
-  if (kernel.accuracy_level == 4) {
-    quantize_rows(a_data, shape, int8_fast_path(shape), quantized);
-    problem.a_codes = quantized.codes.data();
-    problem.a_scales = quantized.scales.data();
-    problem.a_sums = quantized.sums.data();
-    problem.a_scaled_sums = quantized.scaled_sums.data();
-    rows = select_int8_rows(shape);
-  } else {
-    a_split.resize(size_t(shape.M * shape.K));
-    split_even_odd(a_data, a_split.data(), shape.M, shape.K);
-    problem.a_split = a_split.data();
-    rows = select_rows(shape);
-    problem.a_t_stride = (shape.M + 15) / 16 * 16;
-    if (rows == rows_gemm_entry()) {
-      a_t.resize(size_t(shape.K * problem.a_t_stride));
-      pack_transposed(a_split.data(), a_t.data(), shape.M, shape.K, problem.a_t_stride);
-      problem.a_t = a_t.data();
-    }
-  }
-  const int64_t rows_per_task = rows == rows_gemm_entry() ? kPrefillRowsPerTask : kRowsPerTask;
-  Job job{&problem, rows, shape.N, rows_per_task};
-  const size_t tasks = size_t((shape.N + rows_per_task - 1) / rows_per_task);
+
+  Problem problem{shape, nullptr, nullptr, 0, static_cast<const uint8_t*>(in.codes.data),
+                  static_cast<const float*>(in.scales.data), static_cast<const uint8_t*>(in.zeros.data),
+                  static_cast<const float*>(in.bias.data), static_cast<float*>(y), nullptr, nullptr, nullptr, nullptr};
+  const Route route = prepare_activations(kernel.accuracy_level, static_cast<const float*>(in.a.data), problem);
+  Job job{&problem, route.rows, shape.N, route.rows_per_task};
+  const size_t tasks = size_t((shape.N + route.rows_per_task - 1) / route.rows_per_task);
   return api.fn<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
       ort_abi::KernelContext_ParallelFor)(context, run_task, tasks, 0, &job);
 }
