@@ -422,12 +422,6 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
     click.echo(f"wrote {report['engine']} ({report['flavour']}, {report['bytes'] / 1e6:.2f} MB; layers: {layers}{plugins_line})")
     if report.get("triton_repo"):
         click.echo(f"wrote Triton model repository entry {report['triton_repo']}")
-    if report.get("cpu_kernel_linears"):
-        click.echo(f"lrq CPU kernel: {report['cpu_kernel_linears']} linears as ai.lrq.cpu::MatMulInt4")
-        if report.get("cpu_kernel_code") in ("avx2", "portable"):
-            click.echo(f"note: this CPU has no AVX-512, so lrq's CPU kernel runs its {report['cpu_kernel_code']} code "
-                       "here (int8 activations: a portable loop), which may be slower than onnxruntime's MatMulNBits; "
-                       "the graph is built for AVX-512 CPUs")
     for name, figures in report.get("verify", {}).items():
         click.echo("verify vs onnxruntime, " + comparison_line(name, figures))
 
