@@ -25,7 +25,6 @@ from lrq_deploy.export.onnx_export import ExportOptions, export_loaded, graph_by
 from lrq_deploy.graph_io import ATTENTION_MASK
 from lrq_deploy.progress import step
 from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
-from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL
 
 GRAPH, CONFIG = "model.onnx", "genai_config.json"
 KERNEL_LIBRARY = "libai_lrq_cpu.so"  # --cpu-kernels: onnxruntime-genai loads custom-op libraries from the model's directory
@@ -58,8 +57,7 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
     report = {}
 
     def write(staging: Path) -> None:
-        level = INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1"
-        finish = lambda graph, report: as_onnxruntime_runs(graph, report, level, options.cpu_kernels)  # noqa: E731
+        finish = lambda graph, graph_report: as_onnxruntime_runs(graph, graph_report, options)  # noqa: E731
         report.update(export_loaded(ckpt, staging / GRAPH, options, finish))
         kernels = None
         if options.cpu_kernels:  # the directory carries the library its graph needs

@@ -129,8 +129,7 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     if options.cpu_kernels:
         from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
 
-        level = INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1"
-        finish = lambda graph, report: as_onnxruntime_runs(graph, report, level, cpu_kernels=True)  # noqa: E731
+        finish = lambda graph, graph_report: as_onnxruntime_runs(graph, graph_report, options)  # noqa: E731
     report = export_loaded(ckpt, out, options, finish)
     if options.triton_repo is not None:
         from lrq_deploy.serve.triton import onnx_repository

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from lrq_deploy.progress import step
-from lrq_deploy.runtime.onnxrt import MATMULNBITS_ACCURACY_KEY
+from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, MATMULNBITS_ACCURACY_KEY
 
 CPU_KERNELS_META = "lrq.cpu_kernels"
 MATMULNBITS_INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
@@ -58,13 +58,11 @@ def use_cpu_kernels(graph: Path) -> int:
     import onnx
     from onnx import helper
 
-    from lrq_deploy.runtime.cpu_kernels import DOMAIN, OP
+    from lrq_deploy.runtime.cpu_kernels import DOMAIN
 
     model = onnx.load(str(graph), load_external_data=False)
     shapes = {t.name: (tuple(t.dims), t.data_type) for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        nodes.append(_as_lrq_kernel(node, shapes, helper, DOMAIN, OP) or node)
+    nodes = [_as_lrq_kernel(node, shapes) or node for node in model.graph.node]
     swapped = sum(n.domain == DOMAIN for n in nodes)
     if swapped:
         del model.graph.node[:]
@@ -76,12 +74,14 @@ def use_cpu_kernels(graph: Path) -> int:
     return swapped
 
 
-def _as_lrq_kernel(node, shapes: dict, helper, domain: str, op: str):
+def _as_lrq_kernel(node, shapes: dict):
     """The MatMulInt4 node for a MatMulNBits node the kernel serves, else None: 4-bit codes,
     4-bit zero points or none (8), no g_idx, fp32 activations (accuracy level 0 or 1) or int8
     activations (level 4, blocks a multiple of 128), blocks a multiple of 32 dividing K; weights,
     scales and zero points as initializers. The accuracy level carries over."""
-    from onnx import TensorProto
+    from onnx import TensorProto, helper
+
+    from lrq_deploy.runtime.cpu_kernels import DOMAIN, OP
 
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
         return None
@@ -105,17 +105,18 @@ def _as_lrq_kernel(node, shapes: dict, helper, domain: str, op: str):
             return None
     bias = [inputs["bias"]] if inputs.get("bias") else []
     optional = [zeros, *bias] if zeros or bias else []
-    return helper.make_node(op, [inputs["A"], inputs["B"], inputs["scales"], *optional], list(node.output),
-                            name=node.name, domain=domain, K=K, N=N, block_size=block, accuracy_level=level)
+    return helper.make_node(OP, [inputs["A"], inputs["B"], inputs["scales"], *optional], list(node.output),
+                            name=node.name, domain=DOMAIN, K=K, N=N, block_size=block, accuracy_level=level)
 
 
-def as_onnxruntime_runs(graph: Path, report: dict, accuracy_level: str, cpu_kernels: bool) -> None:
-    """The export's finishing step (export_loaded's `finish`): the saved optimization, then lrq's
-    CPU kernels where asked; refused when none of the graph's linears fits them."""
+def as_onnxruntime_runs(graph: Path, report: dict, options) -> None:
+    """The finishing step (export_loaded's `finish`) of a --genai or --cpu-kernels export: the
+    saved optimization at the accuracy level the ExportOptions `options` declare, then lrq's CPU
+    kernels where asked; refused when none of the graph's linears fits them."""
     from lrq_deploy.errors import LrqError
 
-    save_optimized(graph, accuracy_level)
-    if cpu_kernels:
+    save_optimized(graph, INT8_ACTIVATIONS_LEVEL if options.ort_int8_activations else "1")
+    if options.cpu_kernels:
         from lrq_deploy.runtime.cpu_kernels import code_path
 
         report["cpu_kernel_linears"] = use_cpu_kernels(graph)

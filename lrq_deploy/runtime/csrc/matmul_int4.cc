@@ -1,5 +1,5 @@
 // lrq's CPU kernel library for onnxruntime: ai.lrq.cpu::MatMulInt4, a block-quantized 4-bit
-// weight GEMM with fp32 activations (the numerics of MatMulNBits at accuracy level 1).
+// weight GEMM with MatMulNBits' numerics (fp32 activations at accuracy level 1, int8 ones at 4).
 //
 //   Y[m, n] = sum_k A[m, k] * scale[n, k / block] * (code[n, k] - zero[n, k / block])  (+ bias[n])
 //
@@ -13,8 +13,9 @@
 //
 // Why it is faster than MatMulNBits at accuracy level 1: the weight is read where onnxruntime
 // keeps it (no prepacked copy) and dequantized with one permute per 16 codes from a 16-entry
-// table already shifted by the block's zero point and multiplied by its scale (vpermps reads only the low 4 bits of each
-// index, so the code byte needs no mask), instead of convert + subtract + multiply. A is split
+// table already shifted by the block's zero point and multiplied by its scale (vpermps reads
+// only the low 4 bits of each index, so the code byte needs no mask), instead of convert +
+// subtract + multiply. A is split
 // into its even and odd columns once per call so that low and high nibbles meet their
 // activations in order. Rows of the output are shared out on onnxruntime's intra-op threads.
 #include <stdlib.h>
@@ -34,7 +35,6 @@
 namespace {
 
 using ort_abi::Api;
-using ort_abi::Entry;
 
 constexpr const char* kDomain = "ai.lrq.cpu";
 constexpr const char* kOpName = "MatMulInt4";
@@ -202,55 +202,42 @@ LRQ_AVX512 inline void dequantize_chunk(const uint8_t* bytes, __m512 table, __m5
   high = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
 }
 
-// A tile of R output columns (weight rows) by T rows of A over the blocks [b0, b1) of K: the
-// R x T accumulators stay in registers, each chunk of weights is dequantized once for the T rows
-// of A, and every loaded chunk of A feeds R FMAs. The sums are written (first panel, with the
-// bias) or added to Y.
-template <int R, int T>
-LRQ_AVX512 void tile(const Problem& p, int64_t n, int64_t m, int64_t b0, int64_t b1) {
+// R weight rows against one row of A over all of K: R accumulators in registers, each loaded
+// chunk of A feeds 2R FMAs, the weights of the rows R ahead prefetched (they are read once).
+template <int R>
+LRQ_AVX512 void gemv_tile(const Problem& p, int64_t n, int64_t m) {
   const Shape& s = p.shape;
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t b = b0; b < b1; ++b) {
+  const float* a = p.a_split + m * s.K;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < s.K / s.block; ++b) {
     __m512 table[R];
     for (int r = 0; r < R; ++r) table[r] = code_table(p, n + r, b);
     for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 32) {
-      if (T == 1 && c % 128 == 0) {  // decode streams the weights once: ask for the next rows' line early
+      if (c % 128 == 0) {  // one prefetch per 64-byte line of each row
         for (int r = 0; r < R; ++r) {
           const int64_t ahead = std::min(n + kPrefetchRows + r, s.N - 1);
           _mm_prefetch(reinterpret_cast<const char*>(p.codes + ahead * (s.K / 2) + c / 2), _MM_HINT_T0);
         }
       }
-      __m512 low[R], high[R];
-      for (int r = 0; r < R; ++r) dequantize_chunk(p.codes + (n + r) * (s.K / 2) + c / 2, table[r], low[r], high[r]);
-      for (int t = 0; t < T; ++t) {
-        const float* a = p.a_split + (m + t) * s.K + c;
-        const __m512 a_low = _mm512_loadu_ps(a), a_high = _mm512_loadu_ps(a + 16);
-        for (int r = 0; r < R; ++r) {
-          acc[r][t] = _mm512_fmadd_ps(low[r], a_low, acc[r][t]);
-          acc[r][t] = _mm512_fmadd_ps(high[r], a_high, acc[r][t]);
-        }
+      const __m512 a_low = _mm512_loadu_ps(a + c), a_high = _mm512_loadu_ps(a + c + 16);
+      for (int r = 0; r < R; ++r) {
+        __m512 low, high;
+        dequantize_chunk(p.codes + (n + r) * (s.K / 2) + c / 2, table[r], low, high);
+        acc[r] = _mm512_fmadd_ps(high, a_high, _mm512_fmadd_ps(low, a_low, acc[r]));
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < T; ++t) {
-      float& y = p.y[(m + t) * s.N + n + r];
-      const float sum = _mm512_reduce_add_ps(acc[r][t]);
-      y = b0 == 0 ? sum + (p.bias ? p.bias[n + r] : 0.f) : y + sum;
-    }
-  }
+  for (int r = 0; r < R; ++r) p.y[m * s.N + n + r] = _mm512_reduce_add_ps(acc[r]) + (p.bias ? p.bias[n + r] : 0.f);
 }
 
 // Decode, a few rows of A, and any block wider than a prefill panel: one pass over K per group of
 // four weight rows and row of A.
 LRQ_AVX512 void rows_gemv(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t blocks = p.shape.K / p.shape.block;
   for (int64_t m = 0; m < p.shape.M; ++m) {
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) tile<4, 1>(p, n, m, 0, blocks);
-    for (; n < n1; ++n) tile<1, 1>(p, n, m, 0, blocks);
+    for (; n + 4 <= n1; n += 4) gemv_tile<4>(p, n, m);
+    for (; n < n1; ++n) gemv_tile<1>(p, n, m);
   }
 }
 
