@@ -12,7 +12,7 @@ echo "device: $device" | tee "$out/device.txt"
 
 python -m pytest -q -m gpu tests > "$out/gpu_tests.log" 2>&1; tests_rc=$?
 python benchmarks/kernel_report.py --json "$out/kernel_report.json" --markdown > "$out/kernel_report.md" 2> "$out/kernel_report.log"
-python benchmarks/kernels.py --json "$out/kernels.json" --markdown "$out/kernels.md" > "$out/kernels.log" 2>&1
+python benchmarks/gpu_kernels.py --json "$out/kernels.json" --markdown "$out/kernels.md" > "$out/kernels.log" 2>&1
 python benchmarks/calib_speed.py --device cuda --method lrquant+ --epochs 2 > "$out/calib_speed.log" 2>&1
 python benchmarks/calib_speed.py --device cuda --method lrquant+ --epochs 3 --compile >> "$out/calib_speed.log" 2>&1
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_inspect.py lies beside this script
-import kernel_inspect as report  # noqa: E402
+import kernel_inspect as report  # lies beside this script (the script's folder is first on sys.path)
 
 
 def markdown(rows) -> str:

@@ -2,15 +2,14 @@
 every route of the dispatch table, integer paths bit-exact. Integer references run on the CPU
 (CUDA has no int64 matmul)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
-import launches  # noqa: E402  (tests/plugins/launches.py)
+from script_loader import load_module
+
+launches = load_module("tests/plugins/launches.py")
 from lrq_deploy.quant import dequantize_weight, fake_quant_activation, pack_codes, quantize_weight, unpack_codes, weight_qparams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

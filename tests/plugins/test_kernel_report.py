@@ -6,13 +6,12 @@ routes on tensor cores (FP8 and block-scaled FP4 ones for the float grids) and f
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import kernel_inspect as report  # noqa: E402  (development tooling, not part of the package)
+from script_loader import ROOT, load_module
+
+report = load_module("benchmarks/kernel_inspect.py")  # development tooling, not part of the package
 
 
 @pytest.fixture(scope="module")

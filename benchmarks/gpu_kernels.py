@@ -7,7 +7,7 @@ tinygemm INT4 kernel (`aten._weight_int4pack_mm`), gemlite when installed, cuBLA
 graph cannot be captured); each row prints the H100 traffic-model floor and the ratio
 fp16 time / ours (> 1 = faster than not quantizing).
 
-    python benchmarks/kernels.py [--m 1 4 16] [--shapes 4096x4096 ...] [--json rows.json] [--markdown]
+    python benchmarks/gpu_kernels.py [--m 1 4 16] [--shapes 4096x4096 ...] [--json rows.json] [--markdown]
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def main():
     parser.add_argument("--markdown", help="write a markdown table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/gpu_kernels.py needs a CUDA GPU")
     device = torch.cuda.get_device_name()
     print(f"device: {device}  date: {date.today()}  group size {GROUP}")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
