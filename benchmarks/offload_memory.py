@@ -2,7 +2,7 @@
 (hidden 4096, intermediate 11008, 32 heads, vocab 32000; random weights) truncated to a few
 layers, and the projection to 32 layers from the per-layer slope (2 and 4 layers measured).
 
-    python benchmarks/offload_memory.py [--workdir DIR] [--layers 2 4]
+    python benchmarks/offload_memory.py [--workdir DIR] [--layers 2 4] [--hidden 4096 --intermediate 11008 --heads 32]
 
 Each calibration runs in its own process; its peak RSS is read from getrusage of a wrapper
 process, so runs do not see each other's peaks. Run by hand (minutes, ~4 GB of disk per model).
@@ -31,15 +31,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lrq-offload-"))
     lrq = [sys.executable, "-m", "lrq_deploy.cli"]
     rows = []
     for layers in args.layers:
-        model = work / f"llama7b-{layers}l"
+        model = work / f"llama-{args.hidden}-{layers}l"
         if not (model / "config.json").is_file():
             subprocess.run([sys.executable, str(Path(__file__).with_name("random_llama.py")), "-o", str(model),
-                            "--layers", str(layers), "--vocab", "32000"], check=True, capture_output=True)
+                            "--layers", str(layers), "--vocab", "32000", "--hidden", str(args.hidden),
+                            "--intermediate", str(args.intermediate), "--heads", str(args.heads),
+                            "--kv-heads", str(args.heads)], check=True, capture_output=True)
         for offload in (False, True):
             command = [*lrq, "calibrate", str(model), "-o", str(work / f"q-{layers}-{offload}"), *CALIBRATE]
             peak = peak_rss_gib(command + (["--offload"] if offload else []))

@@ -137,3 +137,19 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
     LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
                    image_token="<image>", num_additional_image_tokens=1).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """The held-out digits as PNG files in ImageFolder layout (DIR/<label>/<n>.png)."""
+    from PIL import Image
+
+    from lrq_deploy import data
+
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = data.digits_split("test")
+    for n, (image, label) in enumerate(zip(images[:120], labels[:120])):
+        pixels = ((image[0] * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        (root / str(int(label))).mkdir(exist_ok=True)
+        Image.fromarray(pixels, mode="L").save(root / str(int(label)) / f"{n}.png")
+    return root

@@ -69,22 +69,6 @@ def test_deit_distilled_calibrates_exports_and_verifies(tiny_deit_dir, tmp_path)
     assert report["verify"]["onnxruntime"] == report["verify"]["torch"]  # top-1 on the held-out digits
 
 
-@pytest.fixture(scope="module")
-def digits_folder(tmp_path_factory):
-    """The held-out digits as PNG files in ImageFolder layout (DIR/<label>/<n>.png)."""
-    from PIL import Image
-
-    from lrq_deploy import data
-
-    root = tmp_path_factory.mktemp("digits")
-    images, labels = data.digits_split("test")
-    for n, (image, label) in enumerate(zip(images[:120], labels[:120])):
-        pixels = ((image[0] * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-        (root / str(int(label))).mkdir(exist_ok=True)
-        Image.fromarray(pixels, mode="L").save(root / str(int(label)) / f"{n}.png")
-    return root
-
-
 def test_vit_top1_on_an_image_folder(digits_folder, tmp_path):
     """--data DIR (ImageFolder): the same images as the bundled split, through PNG (8-bit pixels)."""
     from lrq_deploy.eval import evaluate_checkpoint

@@ -1,0 +1,221 @@
+"""Every command the README and the docs give, run as a user would, in document order, with small
+settings: a dependency that moves under the project, or a command that no longer matches the
+code, fails here the day it happens.
+
+Commands are read from the fenced shell blocks of README.md, docs/*.md and benchmarks/RESULTS.md
+(continuation lines joined, `A && B` run as two steps). Each document runs in its own working
+folder, holding what its commands name but do not make themselves (`./my-llama`, `my.txt`, an
+image folder, a task folder). What makes a command small is said once per tool (SMALL_SETTINGS);
+what cannot run on a CPU machine without network is named with its reason in NOT_RUN, and every
+NOT_RUN entry must still match a command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from script_loader import ROOT
+
+pytestmark = pytest.mark.docs
+
+DOCUMENTS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")), "benchmarks/RESULTS.md"]
+PROGRAMS = ("lrq", "python", "torchrun", "bash", "pip", "pytest")
+
+NOT_RUN = {  # a part of the command -> why this smoke run does not run it
+    "pip install": "the environment under test is the one the README's command installed",
+    "pytest -q -n auto": "the README's test command: this suite",
+    "--tasks piqa,arc_easy": "lm-eval's hub tasks download their datasets (no network in CI); the local YAML task runs",
+    "peer_decode.py": "times a peer's graphs in the peer's own virtual environment, built by hand (its docstring)",
+}
+
+
+@dataclass(frozen=True)
+class DocCommand:
+    document: str
+    line: int
+    text: str
+
+    def __str__(self):
+        return f"{self.document}:{self.line}: {self.text}"
+
+
+def doc_commands(document: str) -> list[DocCommand]:
+    """The shell commands of a document's fenced blocks, `A && B` split into steps."""
+    commands, in_block, pending, start = [], False, "", 0
+    for number, line in enumerate((ROOT / document).read_text().splitlines(), 1):
+        if line.startswith("```"):
+            in_block = not in_block and line.strip() in ("```", "```bash", "```sh", "```shell")
+            continue
+        if not in_block:
+            continue
+        text = line.split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
+        if pending:
+            text = f"{pending} {text}"
+        else:
+            start = number
+        if text.endswith("\\"):
+            pending = text[:-1].strip()
+            continue
+        pending = ""
+        if text.split(" ")[0] in PROGRAMS:
+            commands += [DocCommand(document, start, step.strip()) for step in text.split(" && ")]
+    return commands
+
+
+def not_run_reason(command: DocCommand) -> str | None:
+    return next((why for part, why in NOT_RUN.items() if part in command.text), None)
+
+
+# -- small settings: one rule per tool --------------------------------------------------------
+
+LEARNABLE = {"omniquant", "lrquant", "lrquant+"}
+SMALL_MODEL = ["--hidden", "128", "--intermediate", "256", "--heads", "4"]
+
+
+def _set(argv: list[str], option: str, value: str) -> list[str]:
+    """argv with option given value (replaced when present, appended when not)."""
+    if option in argv:
+        argv = list(argv)
+        argv[argv.index(option) + 1] = value
+        return argv
+    return [*argv, option, value]
+
+
+def _option(argv: list[str], option: str, default: str | None = None) -> str | None:
+    return argv[argv.index(option) + 1] if option in argv else default
+
+
+def small_lrq(argv: list[str]) -> list[str]:
+    command = argv[1]
+    if command == "calibrate" and "--resume" not in argv:
+        if _option(argv, "--method", "rtn") in LEARNABLE:
+            argv = _set(argv, "--epochs", "1")
+        argv = _set(argv, "--nsamples", _option(argv, "--batch-size", "2"))
+        if not any("vit" in a or "deit" in a for a in argv):
+            argv = _set(argv, "--seq-len", "32")
+    elif command == "eval":
+        argv = _set(argv, "--limit", "2")
+    elif command == "export" and "--no-verify" not in argv:
+        argv = _set(argv, "--limit", "2")
+    elif command == "bench":
+        argv = _set(_set(argv, "--duration", "0.2"), "--warm-up", "10")
+        if "--decode" in argv:
+            argv = _set(_set(_set(argv, "--prompt-len", "8"), "--new-tokens", "4"), "--iterations", "1")
+        elif "--seq-len" in argv:
+            argv = _set(argv, "--seq-len", "16")
+    return argv
+
+
+def small_python(argv: list[str]) -> list[str]:
+    script = Path(argv[1]).name
+    if script == "random_llama.py":
+        argv = [*argv, *SMALL_MODEL, "--kv-heads", "4"]
+    elif script == "offload_memory.py":
+        argv = [*argv, *SMALL_MODEL, "--layers", "1", "2"]
+    return argv
+
+
+def small_settings(argv: list[str]) -> list[str]:
+    if argv[0] == "lrq":
+        return small_lrq(argv)
+    if argv[0] == "torchrun":
+        at = argv.index("calibrate") - 1  # the lrq program torchrun starts
+        return [*argv[:at], *small_lrq(argv[at:])]
+    if argv[0] == "python":
+        return small_python(argv)
+    return argv
+
+
+# -- what the documents name but do not make ---------------------------------------------------
+
+MY_TASK = """task: my_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+QUESTIONS = [("The capital of France is", ["Paris", "Rome"], 0), ("Water freezes at zero degrees", ["Celsius", "Kelvin"], 0),
+             ("The sun rises in the", ["west", "east"], 1), ("Two plus two is", ["four", "five"], 0)]
+
+
+def user_files(work: Path, tiny_deit_dir: Path, digits_folder: Path) -> None:
+    assets = ROOT / "lrq_deploy" / "assets"
+    shutil.copytree(assets / "llama-wikitext2", work / "my-llama")
+    shutil.copytree(tiny_deit_dir, work / "my-deit")
+    shutil.copytree(digits_folder, work / "imagenet" / "train")
+    (work / "my.txt").write_text((assets / "data" / "wikitext2-calib.txt").read_text()[:20000])
+    tasks = work / "my-tasks"
+    tasks.mkdir()
+    rows = [{"question": q, "choices": c, "label": label} for q, c, label in QUESTIONS]
+    (tasks / "my_task.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tasks / "my_task.yaml").write_text(MY_TASK.format(data=tasks / "my_task.jsonl"))
+
+
+def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.CompletedProcess:
+    text = command.text.replace("$(which lrq)", shutil.which("lrq") or "lrq")
+    argv = small_settings(shlex.split(text))
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_document(document: str, work: Path) -> list[str]:
+    env = {**os.environ, "LRQ_CACHE": str(work / ".lrq-cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": ""}
+    failures = []
+    for command in doc_commands(document):
+        if not_run_reason(command):
+            continue
+        proc = run_command(command, work, env)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
+            failures.append(f"{command}\n  exit {proc.returncode}:\n  {tail}")
+    return failures
+
+
+@pytest.mark.parametrize("document", [d for d in DOCUMENTS if doc_commands(d)])
+def test_document_commands_run(document, tmp_path, tiny_deit_dir, digits_folder):
+    user_files(tmp_path, tiny_deit_dir, digits_folder)
+    failures = run_document(document, tmp_path)
+    assert not failures, "\n\n".join(failures)
+
+
+def test_every_not_run_entry_names_a_command():
+    commands = [c for d in DOCUMENTS for c in doc_commands(d)]
+    assert {part for part in NOT_RUN if any(part in c.text for c in commands)} == set(NOT_RUN)
+
+
+def test_commands_are_read_from_the_documents():
+    readme = doc_commands("README.md")
+    assert readme[0].text == "pip install -e ." and readme[1].text.startswith("lrq calibrate -o runs/demo")
+    assert any(c.text.startswith("torchrun --nproc-per-node 2") for c in readme)
+    bench = doc_commands("benchmarks/RESULTS.md")
+    decode = next(c for c in bench if c.text.startswith("lrq bench --decode --compare llama.onnx"))
+    assert decode.text.endswith("--prompt-len 64 --new-tokens 64 --threads 1")  # continuation joined, comment dropped
+
+
+def test_small_settings():
+    assert small_settings(shlex.split("lrq calibrate -o r --method lrquant+ --epochs 10 --batch-size 4")) == \
+        shlex.split("lrq calibrate -o r --method lrquant+ --epochs 1 --batch-size 4 --nsamples 4 --seq-len 32")
+    assert small_settings(shlex.split("lrq calibrate -o r --resume")) == shlex.split("lrq calibrate -o r --resume")
+    assert small_settings(["torchrun", "--nproc-per-node", "2", "/bin/lrq", "calibrate", "m", "-o", "r"]) == \
+        ["torchrun", "--nproc-per-node", "2", "/bin/lrq", "calibrate", "m", "-o", "r", "--nsamples", "2", "--seq-len", "32"]
+    assert re.search("--limit 2", " ".join(small_settings(shlex.split("lrq eval q --limit 500"))))
