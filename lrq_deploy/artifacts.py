@@ -7,10 +7,14 @@ from enum import Enum
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
+from lrq_deploy.provenance import sha256_of
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # a directory lrq export wrote around one graph (--genai) holds this record, naming the graph in "graph"
 EXPORT_RECORD = "lrq-export.json"
+# ... and under this key, every native library it carries: {file name: {"sha256", "bytes", ...}}
+NATIVE_CODE = "native_code"
+NATIVE_SUFFIXES = (".so", ".dylib", ".dll")
 
 
 class Kind(str, Enum):
@@ -24,13 +28,18 @@ def artifact_kind(path: Path, what: str = "target") -> Kind:
     return resolve_artifact(path, what)[0]
 
 
-def resolve_artifact(path: Path, what: str = "target") -> tuple[Kind, Path]:
-    """(kind, the file or directory to open): an export directory stands for the graph it holds."""
+def resolve_artifact(path: Path, what: str = "target", check_native_code: bool = True) -> tuple[Kind, Path]:
+    """(kind, the file or directory to open): an export directory stands for the graph it holds,
+    once the native code it carries is checked against its record (check_native_code=False: the
+    caller reports native_code_problems itself)."""
     path = Path(path)
     if not path.exists():
         raise LrqError(f"{what} {path} does not exist")
     graph = exported_graph(path)
     if graph is not None:
+        problems = native_code_problems(path) if check_native_code else []
+        if problems:
+            raise LrqError(f"{path}: {problems[0]}; export it again (lrq info {path} shows the record)")
         return Kind.ONNX, graph
     return _kind_of(path), path
 
@@ -47,6 +56,37 @@ def exported_graph(directory: Path) -> Path | None:
     if not graph.is_file():
         raise LrqError(f"{directory} is an lrq export directory without its graph {graph.name}")
     return graph
+
+
+def native_code(directory: Path) -> dict:
+    """The native libraries an export directory's record names, each with "check": ok / missing / changed."""
+    recorded = _export_record(Path(directory)).get(NATIVE_CODE, {})
+    report = {}
+    for name, entry in recorded.items():
+        file = Path(directory) / name
+        check = "missing" if not file.is_file() else "ok" if sha256_of(file) == entry.get("sha256") else "changed"
+        report[name] = {**entry, "check": check}
+    return report
+
+
+def native_code_problems(directory: Path) -> list[str]:
+    """Native libraries in an export directory that are missing, changed since export, or not recorded."""
+    checked = native_code(directory)
+    problems = [f"native library {name} is {'missing' if entry['check'] == 'missing' else 'changed since export'} "
+                f"(recorded sha256 {str(entry.get('sha256'))[:16]}...)" for name, entry in checked.items() if entry["check"] != "ok"]
+    problems += [f"{file.name} is native code the export did not record" for file in sorted(Path(directory).iterdir())
+                 if file.suffix in NATIVE_SUFFIXES and file.name not in checked]
+    return problems
+
+
+def _export_record(directory: Path) -> dict:
+    try:
+        record = json.loads((directory / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        raise LrqError(f"{directory / EXPORT_RECORD} is not a readable export record") from None
+    if not isinstance(record, dict):
+        raise LrqError(f"{directory / EXPORT_RECORD} is not a readable export record")
+    return record
 
 
 def _kind_of(path: Path) -> Kind:

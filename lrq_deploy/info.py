@@ -18,8 +18,27 @@ def describe(target: Path) -> dict:
     from lrq_deploy.artifacts import Kind, resolve_artifact
 
     describers = {Kind.CHECKPOINT: describe_checkpoint, Kind.ONNX: describe_onnx, Kind.ENGINE: describe_engine}
-    kind, path = resolve_artifact(target)
-    return describers[kind](path)
+    kind, path = resolve_artifact(target, check_native_code=False)
+    report = describers[kind](path)
+    if path != Path(target):  # an export directory (--genai): the graph, and the native code beside it
+        native = describe_native_code(Path(target))
+        report["problems"] += native.pop("problems")
+        report.update(native, intact=not report["problems"])
+    return report
+
+
+def describe_native_code(directory: Path) -> dict:
+    """The native libraries an export directory carries (code, not data): each with its recorded
+    sha256, what loads it and what it needs, checked against the file; problems for any that fail."""
+    from lrq_deploy.artifacts import native_code, native_code_problems
+
+    libraries = native_code(directory)
+    found = {"export_directory": str(directory), "native_code": libraries}
+    if libraries:
+        from lrq_deploy.runtime.cpu_kernels import code_path
+
+        found["cpu_kernel_code_here"] = code_path()
+    return {**found, "problems": native_code_problems(directory)}
 
 
 def describe_checkpoint(path: Path) -> dict:
@@ -174,11 +193,16 @@ def format_report(report: dict) -> str:
     """Aligned `key: value` lines; nested values as compact JSON."""
     lines = []
     for key, value in report.items():
-        if key in ("problems", "files"):
+        if key in ("problems", "files", "native_code"):
             continue
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         lines.append(f"{key.replace('_', ' '):<22}{text}")
     for name, record in report.get("files", {}).items():
         lines.append(f"{'file':<22}{name}  {record['bytes']} bytes  sha256 {record['sha256'][:16]}…  {record['check']}")
+    for name, record in report.get("native_code", {}).items():
+        lines.append(f"{'native code':<22}{name}  {record.get('bytes')} bytes  sha256 {record.get('sha256')}  "
+                     f"{'intact' if record['check'] == 'ok' else 'NOT intact: ' + record['check']}")
+        lines.append(f"{'':<22}loaded by {record.get('loaded_by')}; built for {record.get('machine')}, "
+                     f"{record.get('needs')}")
     lines += [f"{'problem':<22}{problem}" for problem in report["problems"]]
     return "\n".join(lines)

@@ -38,3 +38,14 @@ class PicklePayload:
 
     def __reduce__(self):
         return os.mkdir, (str(self.marker),)
+
+
+def another_native_library() -> Path:
+    """A valid shared library that is not lrq's: onnxruntime's small provider bridge (or, failing
+    that, its smallest native file)."""
+    import onnxruntime
+
+    found = sorted(Path(onnxruntime.__file__).parent.joinpath("capi").glob("*.so*"), key=lambda p: p.stat().st_size)
+    if not found:
+        pytest.skip("no shared library found beside onnxruntime")
+    return found[0]

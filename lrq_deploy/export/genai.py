@@ -18,12 +18,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from lrq_deploy.artifacts import EXPORT_RECORD
+from lrq_deploy.artifacts import EXPORT_RECORD, NATIVE_CODE
 from lrq_deploy.atomic import OutputKind, atomic_directory, claim_output, is_json_of, output_scope, write_json
 from lrq_deploy.errors import LrqError
 from lrq_deploy.export.onnx_export import ExportOptions, export_loaded, graph_bytes_at_least
 from lrq_deploy.graph_io import ATTENTION_MASK
 from lrq_deploy.progress import step
+from lrq_deploy.provenance import sha256_of
 from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
 
 GRAPH, CONFIG = "model.onnx", "genai_config.json"
@@ -59,24 +60,33 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
     def write(staging: Path) -> None:
         finish = lambda graph, graph_report: as_onnxruntime_runs(graph, graph_report, options)  # noqa: E731
         report.update(export_loaded(ckpt, staging / GRAPH, options, finish))
-        kernels = None
-        if options.cpu_kernels:  # the directory carries the library its graph needs
-            from lrq_deploy.runtime.cpu_kernels import library
-
-            kernels = KERNEL_LIBRARY
-            shutil.copyfile(library(), staging / kernels)
-        write_json(staging / CONFIG, genai_config(loaded, in_place=report["kv_cache_in_place"], kernels=kernels))
+        kernels = _carry_cpu_kernels(staging) if options.cpu_kernels else {}
+        write_json(staging / CONFIG, genai_config(loaded, in_place=report["kv_cache_in_place"],
+                                                  kernels=next(iter(kernels), None)))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
         if options.verify:
             with step("generating with onnxruntime-genai"):
                 report["genai_generation"] = genai_generation(staging, loaded)
         write_json(staging / MARKER, {"format": MARKER_FORMAT, "graph": GRAPH, "source": str(loaded.spec),
-                                      "scheme": ckpt.scheme_name, "method": ckpt.method})
+                                      "scheme": ckpt.scheme_name, "method": ckpt.method, NATIVE_CODE: kernels})
 
     atomic_directory(out, write)
     report.update(genai=str(out), onnx=str(out / GRAPH))
     return report
+
+
+def _carry_cpu_kernels(staging: Path) -> dict:
+    """Copy lrq's CPU kernel library (verified) into the directory; its record entry: native code,
+    what loads it and where it runs."""
+    import platform
+
+    from lrq_deploy.runtime.cpu_kernels import CPU_REQUIREMENT, library
+
+    shutil.copyfile(library(), staging / KERNEL_LIBRARY)
+    return {KERNEL_LIBRARY: {"sha256": sha256_of(staging / KERNEL_LIBRARY), "bytes": (staging / KERNEL_LIBRARY).stat().st_size,
+                             "machine": platform.machine(), "needs": CPU_REQUIREMENT,
+                             "loaded_by": f"onnxruntime-genai ({CONFIG}: session_options.custom_ops_library)"}}
 
 
 def _genai_options(options: ExportOptions) -> ExportOptions:

@@ -7,14 +7,24 @@ first use and cached ($LRQ_CACHE/cpu-kernels or ~/.cache/lrq/cpu-kernels, one fi
 and compiler); it needs no onnxruntime headers (csrc/ort_abi.h declares the ABI it calls). It
 chooses AVX-512, AVX2 or portable code at run time, so one build serves any x86-64 or other CPU.
 Sessions lrq creates register it for every graph that imports the ai.lrq.cpu domain
-(`needs_library`, read from the file's first bytes without parsing the weights)."""
+(`needs_library`, read from the file's first bytes without parsing the weights).
+
+A library is code: nothing is loaded unverified. The cache folder must not be writable by other
+users; each build is recorded by its sha256 beside it (`NAME.so.sha256`, as `sha256sum` writes
+it); the library's bytes are read once, checked against that record (a truncated, changed or
+replaced file is rebuilt, with one line saying so) and loaded from a private copy of exactly
+those bytes, so a later change to the cache cannot reach a running process."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
+import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +36,8 @@ OP = "MatMulInt4"
 SOURCES = ("matmul_int4.cc", "ort_abi.h")
 # The ABI the library requests (csrc/ort_abi.h kApiVersion): onnxruntime 1.17.
 MIN_ONNXRUNTIME = (1, 17)
+# Built without -march: the code for AVX-512 / AVX2 is chosen per CPU at run time (code_path)
+CPU_REQUIREMENT = "any CPU of the build machine's architecture; AVX-512 (+VNNI) or AVX2 code chosen at run time"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-maybe-uninitialized",
          "-Wno-uninitialized")  # the two: GCC 12's own AVX-512 headers trip them
 
@@ -48,18 +60,76 @@ def compiler() -> str:
 
 @lru_cache(maxsize=None)
 def library() -> Path:
-    """The built library (built now if this source and compiler have none cached)."""
+    """A private copy of the built library, verified against its record (built now if this
+    source and compiler have none cached, rebuilt if the cached file fails its record)."""
     _check_onnxruntime()
     cxx = compiler()
+    folder = cache_dir()
+    check_cache_folder(folder)
+    built = folder / f"libai_lrq_cpu-{_build_key(cxx)}.so"
+    code = verified_bytes(built)
+    if code is None:
+        if built.exists():
+            print(f"lrq: {built} does not match its record {built.name}.sha256; rebuilding it", file=sys.stderr)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(built, lambda tmp: _build(cxx, tmp))
+        code = built.read_bytes()
+        atomic_write(record_path(built), lambda tmp: tmp.write_text(f"{hashlib.sha256(code).hexdigest()}  {built.name}\n"))
+    return _private_copy(code)
+
+
+def _build_key(cxx: str) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((source_dir() / name).read_bytes())
     digest.update(" ".join([cxx, *version, *FLAGS]).encode())
-    path = cache_dir() / f"libai_lrq_cpu-{digest.hexdigest()[:16]}.so"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: _build(cxx, tmp))
+    return digest.hexdigest()[:16]
+
+
+def record_path(built: Path) -> Path:
+    return built.with_name(built.name + ".sha256")
+
+
+def verified_bytes(built: Path) -> bytes | None:
+    """The library's bytes when they match its sha256 record; None when either is missing or they differ."""
+    try:
+        recorded = record_path(built).read_text().split()[0]
+        code = built.read_bytes()
+    except (OSError, IndexError):
+        return None
+    return code if hashlib.sha256(code).hexdigest() == recorded else None
+
+
+def check_cache_folder(folder: Path) -> None:
+    """Refuse a cache whose code other users could change: the folder (and the folder holding it)
+    must belong to this user or root and not be writable by everyone (a sticky parent such as /tmp
+    is fine: others cannot rename what is ours there)."""
+    for path, own in ((folder, True), (folder.parent, False)):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        world_writable = info.st_mode & stat.S_IWOTH and not (not own and info.st_mode & stat.S_ISVTX)
+        foreign = own and info.st_uid not in (os.geteuid(), 0)
+        if world_writable or foreign:
+            why = "is writable by every user" if world_writable else f"belongs to another user (uid {info.st_uid})"
+            raise LrqError(f"the CPU kernel cache {path} {why}: lrq loads native code from it; "
+                           f"chmod o-w it, or point LRQ_CACHE at a folder of your own")
+
+
+_PRIVATE: list[str] = []
+
+
+def _private_copy(code: bytes) -> Path:
+    """`code` written to a folder only this process uses (removed at exit)."""
+    if not _PRIVATE:
+        _PRIVATE.append(tempfile.mkdtemp(prefix="lrq-cpu-kernels-"))
+        atexit.register(shutil.rmtree, _PRIVATE[0], True)
+    path = Path(_PRIVATE[0]) / "libai_lrq_cpu.so"
+    if not path.exists():
+        path.write_bytes(code)
+        path.chmod(0o500)
     return path
 
 

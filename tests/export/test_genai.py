@@ -4,6 +4,7 @@ tokens equal to the torch reference's; the MatMulNBits accuracy level written in
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import onnx
@@ -16,6 +17,7 @@ from lrq_deploy.export import ExportOptions
 from lrq_deploy.export.genai import GENERATION_TOKENS, export_genai, genai_config
 from lrq_deploy.quant.scheme import QuantScheme
 from cli_runner import invoke
+from hostile import another_native_library
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,67 @@ def test_cpu_kernel_directory_carries_its_library_and_generates_what_torch_gener
     assert (out / KERNEL_LIBRARY).is_file()
     if report["genai_generation"] is not None:  # onnxruntime-genai installed: it loaded the library itself
         assert report["genai_generation"]["onnxruntime_genai"] == report["genai_generation"]["torch"]
+
+
+def _flip_bytes(path):
+    code = bytearray(path.read_bytes())
+    code[len(code) // 2] ^= 0xFF
+    path.write_bytes(bytes(code))
+
+
+def _replace_by_another_library(path):
+    import shutil
+
+    shutil.copyfile(another_native_library(), path)
+
+
+DAMAGES = {"truncated": lambda p: p.write_bytes(p.read_bytes()[:4096]), "bytes flipped": _flip_bytes,
+           "another library": _replace_by_another_library, "deleted": lambda p: p.unlink()}
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel_directory(bundled_w4, tmp_path_factory):
+    out = tmp_path_factory.mktemp("genai-ck") / "genai"
+    export_genai(bundled_w4, out, ExportOptions(verify=False, cpu_kernels=True))
+    return out
+
+
+def test_cpu_kernel_directory_records_its_native_code(cpu_kernel_directory):
+    from lrq_deploy.export.genai import KERNEL_LIBRARY
+    from lrq_deploy.provenance import sha256_of
+
+    recorded = json.loads((cpu_kernel_directory / "lrq-export.json").read_text())["native_code"][KERNEL_LIBRARY]
+    assert recorded["sha256"] == sha256_of(cpu_kernel_directory / KERNEL_LIBRARY) and recorded["machine"]
+    result = invoke("info", cpu_kernel_directory)
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"native code\s+{KERNEL_LIBRARY}\s.*sha256 {recorded['sha256']}\s+intact", result.output)
+    assert "intact" in result.output and "loaded by onnxruntime-genai" in result.output
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_changed_native_library_is_reported_and_refused(cpu_kernel_directory, tmp_path, damage):
+    import shutil
+
+    from lrq_deploy.export.genai import KERNEL_LIBRARY
+
+    copy = tmp_path / "genai"
+    shutil.copytree(cpu_kernel_directory, copy)
+    DAMAGES[damage](copy / KERNEL_LIBRARY)
+    info = invoke("info", copy)
+    assert info.exit_code == 1 and "NOT intact" in info.output, info.output
+    assert f"error: {copy} is not intact: native library {KERNEL_LIBRARY} is" in info.output
+    bench = invoke("bench", "--decode", copy, "--prompt-len", "4", "--new-tokens", "2", "--iterations", "1")
+    assert bench.exit_code == 1 and bench.output.strip().splitlines()[-1].startswith(f"error: {copy}: native library")
+
+
+def test_unrecorded_native_code_is_reported(cpu_kernel_directory, tmp_path):
+    import shutil
+
+    copy = tmp_path / "genai"
+    shutil.copytree(cpu_kernel_directory, copy)
+    _replace_by_another_library(copy / "libextra.so")
+    info = invoke("info", copy)
+    assert info.exit_code == 1 and "libextra.so is native code the export did not record" in info.output
 
 
 def test_cpu_kernels_refuse_other_targets_and_float_weights(bundled_w4, tmp_path):

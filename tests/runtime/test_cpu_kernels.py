@@ -8,11 +8,15 @@ summation); the check uses that bound, per output."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from hostile import another_native_library
 from lrq_deploy.errors import LrqError
 from lrq_deploy.runtime import cpu_kernels
 
@@ -170,17 +174,82 @@ def test_no_compiler_is_one_clear_error(monkeypatch, tmp_path):
     assert not list(tmp_path.rglob("*.so"))
 
 
-def test_library_is_built_once_per_source(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("LRQ_CACHE", str(tmp_path))
     cpu_kernels.library.cache_clear()
+    yield tmp_path / "cpu-kernels"
+    cpu_kernels.library.cache_clear()
+
+
+def _cached(folder):
+    return next(folder.glob("libai_lrq_cpu-*.so"))
+
+
+def test_library_is_built_once_per_source(fresh_cache):
+    loaded = cpu_kernels.library()
+    built = _cached(fresh_cache)
+    stamp = built.stat().st_mtime_ns
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library().read_bytes() == built.read_bytes() and built.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in fresh_cache.iterdir()) == [built.name, built.name + ".sha256"]  # no temporaries
+    assert loaded.parent != fresh_cache  # sessions load a private copy, out of the cache's reach
+    recorded = (fresh_cache / (built.name + ".sha256")).read_text().split()
+    assert recorded == [hashlib.sha256(built.read_bytes()).hexdigest(), built.name]  # sha256sum -c reads it
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:4096])
+
+
+def _flip_bytes(path):
+    code = bytearray(path.read_bytes())
+    code[len(code) // 2: len(code) // 2 + 16] = bytes(b ^ 0xFF for b in code[len(code) // 2: len(code) // 2 + 16])
+    path.write_bytes(bytes(code))
+
+
+def _replace_by_another_library(path):
+    shutil.copyfile(another_native_library(), path)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _replace_by_another_library])
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_cache, damage, capsys):
+    cpu_kernels.library()
+    built = _cached(fresh_cache)
+    good = built.read_bytes()
+    damage(built)
+    cpu_kernels.library.cache_clear()
+    loaded = cpu_kernels.library()
+    assert "does not match its record" in capsys.readouterr().err
+    assert built.read_bytes() == good and loaded.read_bytes() == good
+    import onnxruntime as ort
+
+    cpu_kernels.register(ort.SessionOptions())  # the rebuilt library loads
+
+
+def test_a_missing_record_rebuilds(fresh_cache):
+    cpu_kernels.library()
+    built = _cached(fresh_cache)
+    (fresh_cache / (built.name + ".sha256")).unlink()
+    built.write_bytes(b"not a library")
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library().read_bytes() != b"not a library" and built.stat().st_size > 1000
+
+
+def test_a_cache_other_users_can_write_is_refused(fresh_cache):
+    fresh_cache.mkdir(parents=True)
+    fresh_cache.chmod(0o777)
+    with pytest.raises(LrqError, match="is writable by every user"):
+        cpu_kernels.library()
+    fresh_cache.chmod(0o700)
+    fresh_cache.parent.chmod(0o777)  # an open parent lets others swap the folder itself
     try:
-        built = cpu_kernels.library()
-        stamp = built.stat().st_mtime_ns
-        cpu_kernels.library.cache_clear()
-        assert cpu_kernels.library() == built and built.stat().st_mtime_ns == stamp
-        assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporaries left
+        with pytest.raises(LrqError, match="is writable by every user"):
+            cpu_kernels.library()
+        fresh_cache.parent.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is ours
+        assert cpu_kernels.library().is_file()
     finally:
-        cpu_kernels.library.cache_clear()
+        fresh_cache.parent.chmod(0o700)
 
 
 def _int8_reference(a, K, N, block, codes, scales, zero_points, biases):
