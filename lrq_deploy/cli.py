@@ -183,20 +183,6 @@ def calibrate(**options):
         click.echo(f"wrote {summary['checkpoint']} ({summary['method']} {summary['scheme']})")
 
 
-def verification_line(verify: dict) -> str:
-    """The figures that judge a graph against torch, and the tolerance they were held to."""
-    c, tol = verify["logits"], verify["tolerance"]
-    what = (f"{verify['metric']} differs by {verify['relative_difference']:.2g} (relative)" if verify["metric"]
-            else f"1 - cosine {verify['relative_difference']:.2g}")
-    share = c["max_abs_error"] / c["reference_max_abs"] if c.get("reference_max_abs") else float("nan")
-    verdict = "within tolerance" if verify["within_tolerance"] else "OUTSIDE tolerance"
-    return (f"onnxruntime vs torch over {verify['samples']} samples: {what}, argmax agreement "
-            f"{c['argmax_agreement']:.2%}, cosine {c['cosine']:.6f}, largest {verify['output']} error "
-            f"{c['max_abs_error']:.3g} ({share:.2%} of the largest {verify['output']} value): {verdict} "
-            f"({'metric' if verify['metric'] else '1 - cosine'} <= {tol['relative_difference']:.0%}, argmax >= "
-            f"{tol['argmax_agreement']:.0%}, cosine >= {tol['cosine']})")
-
-
 def comparison_line(name: str, c: dict) -> str:
     return (f"{name}: max |error| {c['max_abs_error']:.3e}, mean |error| {c['mean_abs_error']:.3e}, "
             f"max rel error {c['max_rel_error']:.3e}, cosine {c['cosine']:.6f}, argmax agreement {c['argmax_agreement']:.4%}")
@@ -318,10 +304,13 @@ def _with_stderr(metrics: dict, name: str) -> str:
               help="--target ort: lrq's own CPU GEMM for 4-bit weights with exact activations (op ai.lrq.cpu::MatMulInt4, "
                    "about 2x onnxruntime's MatMulNBits in decode; same numerics). The graph then needs lrq's kernel "
                    "library, which lrq's sessions register (built on first use with the machine's C++ compiler).")
+@click.option("--allow-outside-tolerance", is_flag=True,
+              help="Keep a graph whose verification against torch fails its tolerance (recorded in the graph's "
+                   "metadata and verification record); without it such an export fails and writes nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing lrq output of the same kind.")
 @clean_errors
 def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
-           ort_int8_activations, triton_repo, fuse, contrib_ops, cpu_kernels, force):
+           ort_int8_activations, triton_repo, fuse, contrib_ops, cpu_kernels, allow_outside_tolerance, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
@@ -338,7 +327,8 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
                    f"{report['quantized_linears']} quantized linears; weights checked after reloading)")
         return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
-                            triton_repo, fuse, contrib_ops, cpu_kernels=cpu_kernels)
+                            triton_repo, fuse, contrib_ops, cpu_kernels=cpu_kernels,
+                            allow_outside_tolerance=allow_outside_tolerance)
     if genai_dir is not None:
         from lrq_deploy.export.genai import export_genai
 
@@ -363,6 +353,8 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
             click.echo(f"{'':<14}{'torch':>12}{'onnxruntime':>14}")
             click.echo(f"{verify['metric']:<14}{verify['torch']:>12.4f}{verify['onnxruntime']:>14.4f}"
                        f"   (onnxruntime: {verify['onnxruntime_numerics']})")
+        from lrq_deploy.export.verify import verification_line
+
         click.echo(verification_line(verify))
     generation = report.get("verify_generation")
     if generation:

@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 import torch
 from click.testing import CliRunner
-from hostile import PicklePayload, read_only_directory
+from hostile import PicklePayload, another_native_library, read_only_directory
 
 from lrq_deploy.cli import main
 
@@ -33,6 +33,7 @@ class Case:
     message: str  # a fragment of the one error line
     needs: str | None = None  # "trt": a TensorRT flavour installed; "no-cuda": a machine without CUDA
     report: bool = False  # the command prints its report on stdout before the error (lrq info)
+    env: Callable | None = None  # (Inputs) -> environment variables the case sets
 
 
 class Inputs:
@@ -269,6 +270,67 @@ def _tampered_engine(inputs: Inputs) -> str:
 # --- the table ------------------------------------------------------------------------------------
 
 FAST = ["--nsamples", "2", "--seq-len", "16"]
+
+def _genai_directory(inputs: Inputs, damage: Callable[[Path], None] | None = None, extra: str | None = None) -> str:
+    """An export directory as --genai --cpu-kernels writes it (record, graph, native library), then damaged."""
+    from lrq_deploy.provenance import sha256_of
+
+    directory = inputs.root / "genai"
+    directory.mkdir()
+    shutil.copy(inputs.shared["onnx"], directory / "model.onnx")
+    library = directory / "libai_lrq_cpu.so"
+    shutil.copyfile(another_native_library(), library)
+    record = {"format": "lrq-genai/1", "graph": "model.onnx",
+              "native_code": {library.name: {"sha256": sha256_of(library), "bytes": library.stat().st_size}}}
+    (directory / "lrq-export.json").write_text(json.dumps(record))
+    if damage is not None:
+        damage(library)
+    if extra is not None:
+        shutil.copyfile(another_native_library(), directory / extra)
+    return str(directory)
+
+
+def _flip_library_bytes(library: Path) -> None:
+    code = bytearray(library.read_bytes())
+    code[len(code) // 2] ^= 0xFF
+    library.write_bytes(bytes(code))
+
+
+def _replace_library(library: Path) -> None:
+    """Another valid shared library under the recorded name (a Python extension module)."""
+    import _ctypes
+
+    shutil.copyfile(_ctypes.__file__, library)
+
+
+def _open_folder(inputs: Inputs, name: str, mode: int) -> str:
+    folder = inputs.root / name
+    folder.mkdir()
+    folder.chmod(mode)
+    return str(folder)
+
+
+def _graph_of_other_weights(inputs: Inputs) -> str:
+    import onnx
+
+    graph = onnx.load(inputs.onnx("other.onnx"))
+    for prop in graph.metadata_props:
+        if prop.key == "lrq.source_weights_sha256":
+            prop.value = "0" * 64
+    onnx.save(graph, str(inputs.root / "other.onnx"))
+    return str(inputs.root / "other.onnx")
+
+
+def _tasks_with_a_broken_yaml(inputs: Inputs) -> str:
+    inputs.file("tasks/mine.jsonl", '{"q": "a", "choices": ["x", "y"], "label": 0}\n')
+    inputs.file("tasks/mine.yaml", f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+                f"{inputs.root / 'tasks' / 'mine.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+                "doc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n")
+    inputs.file("tasks/other.yaml", "task: other\n  dataset_path: [unclosed\n")
+    return inputs.path("tasks")
+
+
+CPU_KERNEL_EXPORT = lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"), "--cpu-kernels"]  # noqa: E731
 
 CASES = [
     # calibrate: the model
@@ -534,6 +596,46 @@ CASES = [
     Case("bench-engine-other-tensorrt", lambda i: ["bench", _engine_with_record(i, tensorrt_version="0.0.1")],
          "was built with", "trt"),
     Case("bench-engine-tampered", lambda i: ["bench", _tampered_engine(i)], "does not match the sha256 in its build record", "trt"),
+    # native code: verified before it runs
+    Case("bench-genai-library-deleted", lambda i: ["bench", "--decode", _genai_directory(i, Path.unlink)],
+         "native library libai_lrq_cpu.so is missing"),
+    Case("bench-genai-library-truncated", lambda i: ["bench", "--decode", _genai_directory(
+        i, lambda p: p.write_bytes(p.read_bytes()[:4096]))], "native library libai_lrq_cpu.so is changed since export"),
+    Case("bench-genai-library-bytes-flipped", lambda i: ["bench", "--decode", _genai_directory(i, _flip_library_bytes)],
+         "native library libai_lrq_cpu.so is changed since export"),
+    Case("bench-genai-library-replaced", lambda i: ["bench", "--decode", _genai_directory(i, _replace_library)],
+         "native library libai_lrq_cpu.so is changed since export"),
+    Case("bench-genai-unrecorded-library", lambda i: ["bench", "--decode", _genai_directory(i, extra="libplugin.so")],
+         "libplugin.so is native code the export did not record"),
+    Case("info-genai-library-deleted", lambda i: ["info", _genai_directory(i, Path.unlink)],
+         "is not intact: native library libai_lrq_cpu.so is missing", report=True),
+    Case("info-genai-library-changed", lambda i: ["info", _genai_directory(i, _flip_library_bytes)],
+         "is not intact: native library libai_lrq_cpu.so is changed since export", report=True),
+    Case("export-cpu-kernels-world-writable-cache", CPU_KERNEL_EXPORT, "is writable by every user",
+         env=lambda i: {"LRQ_CACHE": str(Path(_open_folder(i, "cache", 0o777)))}),
+    Case("export-cpu-kernels-cache-in-a-world-writable-folder", CPU_KERNEL_EXPORT, "is writable by every user",
+         env=lambda i: {"LRQ_CACHE": _open_folder(i, "shared", 0o777) + "/lrq"}),
+    Case("export-cpu-kernels-no-compiler", CPU_KERNEL_EXPORT, "need a C++ compiler",
+         env=lambda i: {"CXX": i.path("no-such-compiler")}),
+    Case("export-cpu-kernels-isa-unknown", CPU_KERNEL_EXPORT, "LRQ_CPU_KERNEL_ISA must be one of avx512, avx2, portable",
+         env=lambda i: {"LRQ_CPU_KERNEL_ISA": "garbage"}),
+    Case("export-cpu-kernels-isa-misspelled", CPU_KERNEL_EXPORT, "got 'AVX2'", env=lambda i: {"LRQ_CPU_KERNEL_ISA": "AVX2"}),
+    Case("export-allow-outside-tolerance-without-verify", lambda i: ["export", i.checkpoint(), "--onnx", i.path("x.onnx"),
+                                                                     "--no-verify", "--allow-outside-tolerance"],
+         "drop --no-verify or the option"),
+    # options that were accepted silently
+    Case("calibrate-resume-without-a-run", lambda i: ["calibrate", str(i.model()), "-o", i.path("o"), "--resume"],
+         "there is no run to resume"),
+    Case("eval-tasks-num-fewshot-negative", lambda i: ["eval", i.checkpoint(), "--tasks", "piqa", "--num-fewshot", "-1"],
+         "--num-fewshot must be >= 0, got -1"),
+    Case("eval-tasks-limit-0", lambda i: ["eval", i.checkpoint(), "--tasks", "piqa", "--limit", "0"],
+         "--limit must be >= 1 (documents per task), got 0"),
+    Case("eval-tasks-limit-negative", lambda i: ["eval", i.checkpoint(), "--tasks", "piqa", "--limit", "-1"],
+         "--limit must be >= 1 (documents per task), got -1"),
+    Case("eval-tasks-broken-yaml-beside-the-task", lambda i: ["eval", i.checkpoint(), "--tasks", "mine", "--task-path",
+                                                             _tasks_with_a_broken_yaml(i)], "other.yaml line 2 is not valid YAML"),
+    Case("eval-tasks-onnx-of-another-checkpoint", lambda i: ["eval", i.checkpoint(), "--tasks", "piqa", "--onnx",
+                                                            _graph_of_other_weights(i)], "was not exported from"),
     # info
     Case("info-missing", lambda i: ["info", i.path("none")], "does not exist"),
     Case("info-onnx-named-engine", lambda i: ["info", _onnx_named_engine(i)], "is an ONNX graph named like an engine"),
@@ -576,9 +678,10 @@ def run_case(case: Case, root: Path, shared: dict):
     unless the command prints a report."""
     inputs = Inputs(root, shared)
     args = [str(a) for a in case.make(inputs)]
+    env = case.env(inputs) if case.env else None
     _record(case, args, root, shared)
     before = snapshot(root)
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, args, env=env)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     shown = result.stderr if case.report else result.output

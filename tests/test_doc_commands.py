@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,11 +107,11 @@ def small_lrq(argv: list[str]) -> list[str]:
         argv = _set(argv, "--limit", "2")
     elif command == "export" and "--no-verify" not in argv:
         argv = _set(argv, "--limit", "2")
+    elif command == "bench" and "--decode" in argv:
+        argv = _set(_set(_set(argv, "--prompt-len", "8"), "--new-tokens", "4"), "--iterations", "1")
     elif command == "bench":
         argv = _set(_set(argv, "--duration", "0.2"), "--warm-up", "10")
-        if "--decode" in argv:
-            argv = _set(_set(_set(argv, "--prompt-len", "8"), "--new-tokens", "4"), "--iterations", "1")
-        elif "--seq-len" in argv:
+        if "--seq-len" in argv:
             argv = _set(argv, "--seq-len", "16")
     return argv
 
@@ -156,9 +157,26 @@ QUESTIONS = [("The capital of France is", ["Paris", "Rome"], 0), ("Water freezes
              ("The sun rises in the", ["west", "east"], 1), ("Two plus two is", ["four", "five"], 0)]
 
 
-def user_files(work: Path, tiny_deit_dir: Path, digits_folder: Path) -> None:
+@pytest.fixture(scope="session")
+def my_llama_dir(tmp_path_factory) -> Path:
+    """A user's LLaMA as the README means it: widths that groups of 128 divide (2 layers, hidden 128,
+    grouped-query attention 4/2 heads, random weights), the bundled tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    out = tmp_path_factory.mktemp("my-llama")
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "lrq_deploy" / "assets" / "llama-wikitext2" / name, out / name)
+    return out
+
+
+def user_files(work: Path, my_llama_dir: Path, tiny_deit_dir: Path, digits_folder: Path) -> None:
     assets = ROOT / "lrq_deploy" / "assets"
-    shutil.copytree(assets / "llama-wikitext2", work / "my-llama")
+    shutil.copytree(my_llama_dir, work / "my-llama")
     shutil.copytree(tiny_deit_dir, work / "my-deit")
     shutil.copytree(digits_folder, work / "imagenet" / "train")
     (work / "my.txt").write_text((assets / "data" / "wikitext2-calib.txt").read_text()[:20000])
@@ -178,13 +196,17 @@ def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.Comple
 
 
 def run_document(document: str, work: Path) -> list[str]:
+    """Failures of the document's commands (run in order in `work`); prints each command's time."""
     env = {**os.environ, "LRQ_CACHE": str(work / ".lrq-cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": ""}
     failures = []
     for command in doc_commands(document):
         if not_run_reason(command):
+            print(f"not run  {command} ({not_run_reason(command)})")
             continue
+        start = time.monotonic()
         proc = run_command(command, work, env)
+        print(f"{time.monotonic() - start:6.1f} s  {command}")
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
             failures.append(f"{command}\n  exit {proc.returncode}:\n  {tail}")
@@ -192,8 +214,8 @@ def run_document(document: str, work: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("document", [d for d in DOCUMENTS if doc_commands(d)])
-def test_document_commands_run(document, tmp_path, tiny_deit_dir, digits_folder):
-    user_files(tmp_path, tiny_deit_dir, digits_folder)
+def test_document_commands_run(document, tmp_path, my_llama_dir, tiny_deit_dir, digits_folder):
+    user_files(tmp_path, my_llama_dir, tiny_deit_dir, digits_folder)
     failures = run_document(document, tmp_path)
     assert not failures, "\n\n".join(failures)
 

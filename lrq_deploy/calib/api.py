@@ -196,8 +196,12 @@ def _apply_format(options: dict, given: set) -> None:
 
 
 def _fill_from_run_dir(options: dict, given: set) -> None:
-    saved = saved_settings(options["run_dir"] or default_run_dir(options["out"]))
+    run_dir = Path(options["run_dir"] or default_run_dir(options["out"]))
+    saved = saved_settings(run_dir)
     if saved is None:
+        if not (Path(options["out"]) / MANIFEST).is_file():  # a written checkpoint is checked as a finished run
+            raise LrqError(f"--resume: there is no run to resume (no run directory {run_dir}, no checkpoint at "
+                           f"{options['out']}); drop --resume to start one")
         return
     calib = saved.get("calib", {})
     recorded = {"model": saved.get("model"), "calib_data": saved.get("calib_data"), "method": calib.get("method"),

@@ -8,6 +8,8 @@ logits; generation is greedy and stops at the task's `until` strings."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +140,12 @@ class TaskOptions:
     backend: str = "reference"
     compare_fp: bool = True
 
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise LrqError(f"--limit must be >= 1 (documents per task), got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise LrqError(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
+
 
 def evaluate_tasks(path: Path, options: TaskOptions) -> dict:
     """{"tasks": {task: {"fp": {metric: value, metric_stderr: ...}, "quant": {...}}}, "scorer",
@@ -149,6 +157,8 @@ def evaluate_tasks(path: Path, options: TaskOptions) -> dict:
     from lrq_deploy.runtime.torch_models import load_torch_target
 
     _lm_base()
+    if options.onnx:
+        check_graph_of(Path(options.onnx), Path(path))
     manager = _task_manager(options.task_path)
     _check_tasks(manager, options.tasks)
     dev = resolve_device(options.device)
@@ -173,12 +183,54 @@ def evaluate_tasks(path: Path, options: TaskOptions) -> dict:
     return result
 
 
+def check_graph_of(graph: Path, checkpoint: Path) -> None:
+    """Refuse to score a graph under a checkpoint's name when lrq exported it from other weights."""
+    from lrq_deploy.artifacts import Kind, resolve_artifact
+    from lrq_deploy.checkpoint import MANIFEST
+
+    kind, graph = resolve_artifact(graph, "--onnx")
+    if kind is not Kind.ONNX:
+        raise LrqError(f"--onnx {graph} is not an ONNX graph")
+    import onnx
+
+    metadata = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+    exported_from = metadata.get("lrq.source_weights_sha256")
+    try:
+        recorded = json.loads((checkpoint / MANIFEST).read_text())["files"]["model.safetensors"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a full-precision model: no record to compare (the checkpoint's own load reports damage)
+    if exported_from != recorded:
+        raise LrqError(f"--onnx {graph} was not exported from {checkpoint} (its weights' sha256 differs"
+                       f"{'' if exported_from else ': the graph records none'}); export the graph from this checkpoint")
+
+
 def _task_manager(task_path: Path | None):
     from lm_eval.tasks import TaskManager
 
     if task_path is not None and not Path(task_path).is_dir():
         raise LrqError(f"--task-path {task_path} is not a directory of task YAML files")
+    if task_path is not None:
+        check_task_files(Path(task_path))
     return TaskManager(include_path=str(task_path) if task_path else None)
+
+
+def check_task_files(folder: Path) -> None:
+    """Every YAML under --task-path parses (lm-eval itself skips a broken one without a word, and
+    a task defined there then goes missing or, worse, another of that name is used)."""
+    import yaml
+
+    class TaskLoader(yaml.SafeLoader):  # lm-eval's own tags (!function module.name) are names, not code, here
+        pass
+
+    TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for file in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        try:
+            yaml.load(file.read_text(), Loader=TaskLoader)  # noqa: S506 - SafeLoader with inert tags
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" line {where.line + 1}" if where is not None else ""
+            raise LrqError(f"--task-path: {file}{line} is not valid YAML "
+                           f"({getattr(exc, 'problem', None) or type(exc).__name__}); fix or remove it") from None
 
 
 def _check_tasks(manager, tasks: tuple[str, ...]) -> None:
@@ -190,7 +242,6 @@ def _check_tasks(manager, tasks: tuple[str, ...]) -> None:
 
 
 def _run(lm, manager, options: TaskOptions) -> dict:
-    import contextlib
     import io
 
     from lm_eval import simple_evaluate
@@ -200,7 +251,7 @@ def _run(lm, manager, options: TaskOptions) -> dict:
     # lm-eval's and datasets' own bars follow lrq's rule: terminals only, never with --quiet
     quiet = contextlib.nullcontext() if shown() else contextlib.redirect_stderr(io.StringIO())
     try:
-        with quiet:
+        with quiet, _without_git_probes():
             out = simple_evaluate(model=lm, tasks=list(options.tasks), task_manager=manager, limit=options.limit,
                                   num_fewshot=options.num_fewshot, bootstrap_iters=1000, log_samples=False,
                                   verbosity="ERROR")
@@ -209,6 +260,20 @@ def _run(lm, manager, options: TaskOptions) -> dict:
     except Exception as exc:  # datasets / hub errors while loading task data come in many types
         raise LrqError(_data_error(options.tasks, exc)) from None
     return {task: _metrics(values) for task, values in out["results"].items()}
+
+
+@contextlib.contextmanager
+def _without_git_probes():
+    """lm-eval runs `git describe` in the working directory to record its own commit, which prints
+    `fatal: not a git repository` into lrq's output outside a checkout; lrq records versions itself."""
+    import lm_eval.evaluator
+
+    probe = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = probe
 
 
 def _metrics(values: dict) -> dict:

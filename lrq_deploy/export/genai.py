@@ -48,6 +48,10 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
     options = _genai_options(options or ExportOptions())
     claim_output(out, OUTPUT, options.force, inputs=[checkpoint], option="--genai",
                  need_bytes=graph_bytes_at_least(checkpoint))
+    if options.cpu_kernels:
+        from lrq_deploy.runtime.cpu_kernels import preflight
+
+        preflight()
     from lrq_deploy.checkpoint import load_source
 
     with step(f"loading {checkpoint}"):

@@ -33,6 +33,8 @@ from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.scheme import DOMAIN
 from lrq_deploy.runtime.onnxrt import ACCURACY_LEVEL_META, INT8_ACTIVATIONS_LEVEL
 
+ALLOW_OUTSIDE_TOLERANCE_META = "lrq.allow_outside_tolerance"  # the user kept a graph that may fail verification
+
 TARGETS = ("ort", "trt")
 GRAPH_FORMAT = "lrq-onnx/1"
 INLINE_LIMIT = 2**31 - 2**27  # initializer bytes kept inside the .onnx file (protobuf stops at 2 GiB)
@@ -69,6 +71,8 @@ class ExportOptions:
     # activations, or int8 ones with ort_int8_activations), in the graph as onnxruntime saves it optimized
     # (export/ort_optimized.py)
     cpu_kernels: bool = False
+    # keep a graph whose verification fails its tolerance (recorded); by default such an export fails
+    allow_outside_tolerance: bool = False
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -82,6 +86,8 @@ class ExportOptions:
         if self.cpu_kernels and self.triton_repo is not None:
             raise LrqError("--cpu-kernels graphs need lrq's kernel library, which a Triton model repository does not "
                            "carry: export the repository without --cpu-kernels")
+        if self.allow_outside_tolerance and not self.verify:
+            raise LrqError("--allow-outside-tolerance keeps a graph that fails verification: drop --no-verify or the option")
 
 
 def graph_bytes_at_least(checkpoint) -> int | None:
@@ -118,6 +124,10 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
     out = Path(out)
     claim_output(out, OUTPUT, options.force, inputs=[checkpoint], option="--onnx",
                  need_bytes=graph_bytes_at_least(checkpoint))
+    if options.cpu_kernels:
+        from lrq_deploy.runtime.cpu_kernels import preflight
+
+        preflight()
     if options.triton_repo is not None:
         from lrq_deploy.serve.triton import check_repository_target, model_name_for
 
@@ -147,6 +157,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     loaded = ckpt.loaded
     if options.ort_int8_activations:
         _check_int8_activations(target, ckpt)
+    if options.cpu_kernels:
+        _check_cpu_kernel_scheme(ckpt, options.ort_int8_activations)
     if opset is not None and opset < scheme_opset(ckpt.quant, target):  # before the trace: known from the scheme
         raise LrqError(
             f"opset {opset} is too low for W{ckpt.quant.wbits if ckpt.quant else 16} weights with target {target}: "
@@ -169,6 +181,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         lower(model, target)
     drop_debug_records(model)
     describe_graph(model, ckpt, target, with_past)
+    if options.allow_outside_tolerance:
+        model.metadata_props.add(key=ALLOW_OUTSIDE_TOLERANCE_META, value="true")
     if options.ort_int8_activations:
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
@@ -191,6 +205,7 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
 
             with runnable_by_ort(tmp, target) as graph, step("verifying onnxruntime against torch"):
                 report["verify"] = verify_against_torch(graph, loaded, limit, with_past, (batch, seq_len))
+                check_tolerance(report["verify"], options.allow_outside_tolerance)
                 if with_past:
                     report["verify_generation"] = verify_generation(graph, loaded)
         report["sha256"] = sha256_of(tmp)
@@ -201,6 +216,16 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
     if "verify" in report:
         write_json(out.with_name(out.name + ".verify.json"), report)
     return report
+
+
+def check_tolerance(verify: dict, allowed: bool) -> None:
+    """A graph outside its tolerance fails the export unless the user keeps it (then it is recorded)."""
+    from lrq_deploy.export.verify import verification_line
+
+    verify["allowed_outside_tolerance"] = allowed and not verify["within_tolerance"]
+    if not verify["within_tolerance"] and not allowed:
+        raise LrqError(f"the graph fails its verification, nothing written: {verification_line(verify)}; "
+                       "--allow-outside-tolerance keeps it (recorded in the graph)")
 
 
 @contextmanager
@@ -254,6 +279,20 @@ def _mark_external(model: onnx.ModelProto, location: str, threshold: int = 1024)
     for tensor in model.graph.initializer:
         if tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
             set_external_data(tensor, location)
+
+
+def _check_cpu_kernel_scheme(ckpt, int8_activations: bool) -> None:
+    """Before the trace: a scheme none of whose linears lrq's CPU kernel serves (ort_optimized._as_lrq_kernel)."""
+    quant = ckpt.quant
+    multiple = 128 if int8_activations else 32
+    why = ("the model is full precision" if not quant or not quant.quantize_weights else
+           f"its weights are {quant.name}, not 4-bit integers" if quant.wbits != 4 or quant.float_format else
+           "its activations are quantized (the kernel takes float activations)" if quant.quantize_activations else
+           f"its group size {quant.group_size} is not a multiple of {multiple}"
+           if quant.group_size and quant.group_size % multiple else None)
+    if why:
+        raise LrqError(f"--cpu-kernels: no linear of this graph fits lrq's CPU kernel ({why}; it takes 4-bit weights in "
+                       f"blocks of a multiple of 32, of 128 with --ort-int8-activations)")
 
 
 def _check_int8_activations(target: str, ckpt) -> None:

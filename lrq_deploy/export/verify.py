@@ -70,6 +70,20 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     }
 
 
+def verification_line(verify: dict) -> str:
+    """The figures that judge a graph against torch, and the tolerance they were held to."""
+    c, tol = verify["logits"], verify["tolerance"]
+    what = (f"{verify['metric']} differs by {verify['relative_difference']:.2g} (relative)" if verify["metric"]
+            else f"1 - cosine {verify['relative_difference']:.2g}")
+    share = c["max_abs_error"] / c["reference_max_abs"] if c.get("reference_max_abs") else float("nan")
+    verdict = "within tolerance" if verify["within_tolerance"] else "OUTSIDE tolerance"
+    return (f"onnxruntime vs torch over {verify['samples']} samples: {what}, argmax agreement "
+            f"{c['argmax_agreement']:.2%}, cosine {c['cosine']:.6f}, largest {verify['output']} error "
+            f"{c['max_abs_error']:.3g} ({share:.2%} of the largest {verify['output']} value): {verdict} "
+            f"({'metric' if verify['metric'] else '1 - cosine'} <= {tol['relative_difference']:.0%}, argmax >= "
+            f"{tol['argmax_agreement']:.0%}, cosine >= {tol['cosine']})")
+
+
 def feed_of(names: list[str], batch) -> dict:
     """A graph's feed from one verification batch: a tensor (one input) or a tuple (one per input)."""
     tensors = batch if isinstance(batch, tuple) else (batch,)

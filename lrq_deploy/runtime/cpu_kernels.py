@@ -63,6 +63,7 @@ def library() -> Path:
     """A private copy of the built library, verified against its record (built now if this
     source and compiler have none cached, rebuilt if the cached file fails its record)."""
     _check_onnxruntime()
+    isa_cap()
     cxx = compiler()
     folder = cache_dir()
     check_cache_folder(folder)
@@ -102,19 +103,20 @@ def verified_bytes(built: Path) -> bytes | None:
 
 
 def check_cache_folder(folder: Path) -> None:
-    """Refuse a cache whose code other users could change: the folder (and the folder holding it)
-    must belong to this user or root and not be writable by everyone (a sticky parent such as /tmp
-    is fine: others cannot rename what is ours there)."""
-    for path, own in ((folder, True), (folder.parent, False)):
+    """Refuse a cache whose code other users could change: the folder must belong to this user (or
+    root) and not be writable by others, and no folder above it may be writable by everyone unless
+    sticky (as /tmp: there others cannot rename or replace what is ours)."""
+    for path in (folder, *folder.parents):
         try:
             info = path.stat()
         except FileNotFoundError:
             continue
-        world_writable = info.st_mode & stat.S_IWOTH and not (not own and info.st_mode & stat.S_ISVTX)
+        own = path == folder
+        world_writable = info.st_mode & stat.S_IWOTH and (own or not info.st_mode & stat.S_ISVTX)
         foreign = own and info.st_uid not in (os.geteuid(), 0)
         if world_writable or foreign:
             why = "is writable by every user" if world_writable else f"belongs to another user (uid {info.st_uid})"
-            raise LrqError(f"the CPU kernel cache {path} {why}: lrq loads native code from it; "
+            raise LrqError(f"the CPU kernel cache {folder}: {path} {why}, and lrq loads native code from it; "
                            f"chmod o-w it, or point LRQ_CACHE at a folder of your own")
 
 
@@ -160,10 +162,30 @@ def code_path() -> str:
                       if line.startswith("flags")), [])
     except OSError:
         return "unknown"
-    capped = os.environ.get("LRQ_CPU_KERNEL_ISA")
+    capped = isa_cap()
     if capped != "portable" and capped != "avx2" and "avx512f" in flags:
         return "avx512" + ("+vnni" if "avx512_vnni" in flags else "")
     return "avx2" if capped != "portable" and {"avx2", "fma"} <= set(flags) else "portable"
+
+
+ISA_CAPS = ("avx512", "avx2", "portable")  # csrc/matmul_int4.cc reads LRQ_CPU_KERNEL_ISA as the same names
+
+
+def isa_cap() -> str | None:
+    """LRQ_CPU_KERNEL_ISA: the best code the library may choose (unset: the best this CPU has)."""
+    capped = os.environ.get("LRQ_CPU_KERNEL_ISA") or None
+    if capped is not None and capped not in ISA_CAPS:
+        raise LrqError(f"LRQ_CPU_KERNEL_ISA must be one of {', '.join(ISA_CAPS)} (or unset), got {capped!r}")
+    return capped
+
+
+def preflight() -> None:
+    """What a --cpu-kernels export or session needs, checked before any work: onnxruntime's ABI, the
+    ISA setting, a safe cache folder and, unless a verified build is cached, a C++ compiler."""
+    _check_onnxruntime()
+    isa_cap()
+    check_cache_folder(cache_dir())
+    compiler()
 
 
 def register(options) -> None:

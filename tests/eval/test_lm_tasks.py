@@ -124,6 +124,22 @@ def test_test_tasks_fp_and_quantized_in_json(checkpoint, task_dir):
     assert table.exit_code == 0 and "full precision" in table.output and "tiny_mc" in table.output, table.output
 
 
+def test_lm_eval_adds_nothing_to_lrqs_output_outside_a_git_checkout(checkpoint, task_dir, tmp_path):
+    """lm-eval probes `git describe` for its own record; outside a checkout git printed `fatal: not
+    a git repository` into lrq's stream (twice per run)."""
+    import os
+    import shutil
+    import subprocess
+
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_DATASETS_OFFLINE": "1",
+           "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+    done = subprocess.run([shutil.which("lrq"), "eval", str(checkpoint), "--tasks", "tiny_mc", "--task-path", str(task_dir),
+                           "--limit", "2", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "fatal" not in done.stderr and "git" not in done.stderr, done.stderr
+    json.loads(done.stdout)
+
+
 def test_real_task_format_from_local_files(checkpoint, task_dir):
     result = invoke("eval", checkpoint, "--tasks", "arc_easy_local", "--task-path", task_dir, "--json")
     assert result.exit_code == 0, result.output

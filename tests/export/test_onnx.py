@@ -168,6 +168,28 @@ def test_bad_inputs(checkpoints, tmp_path):
     assert not list(tmp_path.glob("*.onnx"))
 
 
+def test_a_graph_outside_tolerance_fails_the_export_unless_kept(checkpoints, tmp_path, monkeypatch):
+    """Verification that fails makes the export fail with nothing written; --allow-outside-tolerance
+    keeps the graph, and says so in its metadata and its verification record."""
+    from lrq_deploy.export import verify
+
+    monkeypatch.setattr(verify, "TOLERANCE", {**verify.TOLERANCE, "cosine": 1.5})  # no graph can meet it
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    out = tmp_path / "w4.onnx"
+    result = run("export", checkpoints / "w4a16-g64", "--onnx", out, "--limit", "2")
+    _clean_error(result, "the graph fails its verification, nothing written")
+    assert "OUTSIDE tolerance" in result.output and "--allow-outside-tolerance keeps it" in result.output
+    assert not list(tmp_path.iterdir())
+    result = run("export", checkpoints / "w4a16-g64", "--onnx", out, "--limit", "2", "--allow-outside-tolerance")
+    assert result.exit_code == 0 and "OUTSIDE tolerance" in result.output, result.output
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert metadata["lrq.allow_outside_tolerance"] == "true"
+    record = json.loads(out.with_name(out.name + ".verify.json").read_text())["verify"]
+    assert record["within_tolerance"] is False and record["allowed_outside_tolerance"] is True
+    _clean_error(run("export", checkpoints / "w4a16-g64", "--onnx", tmp_path / "x.onnx", "--no-verify",
+                     "--allow-outside-tolerance"), "drop --no-verify or the option")
+
+
 def test_static_shape_is_verified_at_that_shape(checkpoints, tmp_path):
     """A valid static shape exports and verifies with inputs of exactly that shape."""
     out = tmp_path / "static.onnx"
