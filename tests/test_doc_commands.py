@@ -30,6 +30,9 @@ pytestmark = pytest.mark.docs
 
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")), "benchmarks/RESULTS.md"]
 PROGRAMS = ("lrq", "python", "torchrun", "bash", "pip", "pytest")
+# Tutorials run top to bottom in one folder (later commands use earlier outputs); every fenced block
+# of the other documents is a recipe of its own, run in a fresh folder.
+TUTORIALS = {"README.md"}
 
 NOT_RUN = {  # a part of the command -> why this smoke run does not run it
     "pip install": "the environment under test is the one the README's command installed",
@@ -44,6 +47,7 @@ class DocCommand:
     document: str
     line: int
     text: str
+    block: int = 0  # which fenced block of the document (1, 2, ...)
 
     def __str__(self):
         return f"{self.document}:{self.line}: {self.text}"
@@ -51,10 +55,11 @@ class DocCommand:
 
 def doc_commands(document: str) -> list[DocCommand]:
     """The shell commands of a document's fenced blocks, `A && B` split into steps."""
-    commands, in_block, pending, start = [], False, "", 0
+    commands, in_block, pending, start, block = [], False, "", 0, 0
     for number, line in enumerate((ROOT / document).read_text().splitlines(), 1):
         if line.startswith("```"):
             in_block = not in_block and line.strip() in ("```", "```bash", "```sh", "```shell")
+            block += in_block
             continue
         if not in_block:
             continue
@@ -68,7 +73,7 @@ def doc_commands(document: str) -> list[DocCommand]:
             continue
         pending = ""
         if text.split(" ")[0] in PROGRAMS:
-            commands += [DocCommand(document, start, step.strip()) for step in text.split(" && ")]
+            commands += [DocCommand(document, start, step.strip(), block) for step in text.split(" && ")]
     return commands
 
 
@@ -105,8 +110,8 @@ def small_lrq(argv: list[str]) -> list[str]:
             argv = _set(argv, "--seq-len", "32")
     elif command == "eval":
         argv = _set(argv, "--limit", "2")
-    elif command == "export" and "--no-verify" not in argv:
-        argv = _set(argv, "--limit", "2")
+    elif command == "export" and "--no-verify" not in argv and "--vllm" not in argv:
+        argv = _set(argv, "--limit", "4")
     elif command == "bench" and "--decode" in argv:
         argv = _set(_set(_set(argv, "--prompt-len", "8"), "--new-tokens", "4"), "--iterations", "1")
     elif command == "bench":
@@ -190,8 +195,10 @@ def user_files(work: Path, my_llama_dir: Path, tiny_deit_dir: Path, digits_folde
 def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.CompletedProcess:
     text = command.text.replace("$(which lrq)", shutil.which("lrq") or "lrq")
     argv = small_settings(shlex.split(text))
-    if argv[0] == "python":
+    if argv[0] == "python":  # scripts of the checkout, run from wherever the user works
         argv[0] = sys.executable
+        if (ROOT / argv[1]).is_file():
+            argv[1] = str(ROOT / argv[1])
     return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -204,8 +211,11 @@ def run_document(document: str, work: Path) -> list[str]:
         if not_run_reason(command):
             print(f"not run  {command} ({not_run_reason(command)})")
             continue
+        folder = work if document in TUTORIALS else work / f"block-{command.block}"
+        if not folder.exists():
+            shutil.copytree(work / "user-files", folder)
         start = time.monotonic()
-        proc = run_command(command, work, env)
+        proc = run_command(command, folder, env)
         print(f"{time.monotonic() - start:6.1f} s  {command}")
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
@@ -215,7 +225,8 @@ def run_document(document: str, work: Path) -> list[str]:
 
 @pytest.mark.parametrize("document", [d for d in DOCUMENTS if doc_commands(d)])
 def test_document_commands_run(document, tmp_path, my_llama_dir, tiny_deit_dir, digits_folder):
-    user_files(tmp_path, my_llama_dir, tiny_deit_dir, digits_folder)
+    user_files(tmp_path / "user-files", my_llama_dir, tiny_deit_dir, digits_folder)
+    shutil.copytree(tmp_path / "user-files", tmp_path, dirs_exist_ok=True)
     failures = run_document(document, tmp_path)
     assert not failures, "\n\n".join(failures)
 

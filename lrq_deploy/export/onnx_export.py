@@ -204,7 +204,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
             from lrq_deploy.export.verify import verify_against_torch, verify_generation
 
             with runnable_by_ort(tmp, target) as graph, step("verifying onnxruntime against torch"):
-                report["verify"] = verify_against_torch(graph, loaded, limit, with_past, (batch, seq_len))
+                report["verify"] = verify_against_torch(graph, loaded, limit, with_past, (batch, seq_len),
+                                                        bool(ckpt.quant and ckpt.quant.quantize_activations))
                 check_tolerance(report["verify"], options.allow_outside_tolerance)
                 if with_past:
                     report["verify_generation"] = verify_generation(graph, loaded)

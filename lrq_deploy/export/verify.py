@@ -20,16 +20,23 @@ from lrq_deploy.runtime.runners import TorchRunner, ort_runner
 # largest logit error alone says little), so the figures that matter are the model's metric, the
 # argmax and the cosine over all outputs. onnxruntime's int8-activation MatMulNBits (accuracy
 # level 4) runs other numerics by design: its bounds are wider.
+# Activations quantized per token at 4-8 bits: each code that flips moves its activation by a
+# whole step (a seventh of the token's range at 4 bits), so the argmax of a few percent of tokens
+# may follow; the metric and the cosine stay as tight (measured: a W4A4 LRQuant+ graph of the
+# bundled model, 16 windows: argmax 99.1%, perplexity 4e-4 apart; its first 2 windows: 95.7%).
 TOLERANCE = {"relative_difference": 0.01, "argmax_agreement": 0.99, "cosine": 0.999}
+TOLERANCE_QUANTIZED_ACTIVATIONS = {**TOLERANCE, "argmax_agreement": 0.95}
 TOLERANCE_INT8_ACTIVATIONS = {"relative_difference": 0.05, "argmax_agreement": 0.9, "cosine": 0.99}
 
 
 @torch.no_grad()
 def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past: bool = False,
-                         static_shape: tuple[int | None, int | None] = (None, None)) -> dict:
+                         static_shape: tuple[int | None, int | None] = (None, None),
+                         quantized_activations: bool = False) -> dict:
     """Same inputs through onnxruntime and the torch reference: the logits compared (Polygraphy's
     error statistics, cosine, argmax agreement) and the model's metric on both.
-    static_shape: the graph's fixed (batch, sequence length), where it has them."""
+    static_shape: the graph's fixed (batch, sequence length), where it has them; quantized_activations:
+    the checkpoint quantizes activations (TOLERANCE_QUANTIZED_ACTIVATIONS)."""
     adapter = loaded.adapter
     inputs, labels = adapter.verification_set(loaded, None, limit, *static_shape)
     io = adapter.graph_io(loaded.model)
@@ -49,7 +56,8 @@ def verify_against_torch(path: Path, loaded, limit: int | None = None, with_past
     key = next(iter(metric["torch"]), None)  # None: outputs compared directly (embeddings)
     relative = (abs(metric["onnxruntime"][key] - metric["torch"][key]) / abs(metric["torch"][key])
                 if key else 1.0 - comparison["cosine"])
-    tolerance = TOLERANCE_INT8_ACTIVATIONS if int8_activations else TOLERANCE
+    tolerance = (TOLERANCE_INT8_ACTIVATIONS if int8_activations else
+                 TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_activations else TOLERANCE)
     return {
         "metric": key,
         "torch": metric["torch"].get(key),
