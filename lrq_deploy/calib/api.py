@@ -10,7 +10,7 @@ import torch
 
 from lrq_deploy.atomic import claim_output, output_scope
 from lrq_deploy.calib.blockwise import calibrate_model
-from lrq_deploy.calib.head import quantize_head
+from lrq_deploy.calib.head import head_of, quantize_head
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
@@ -82,6 +82,8 @@ def calibrate(
     deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
     loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code, lazy=bool(offload))
+    if cconfig.quantize_head:
+        head_of(loaded)  # before any block is calibrated
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     if runs and collective.main:
         runs.start()

@@ -73,14 +73,19 @@ def clip_search(job: HeadJob, grid: int = 20) -> QuantLinear:
     return quantize_linear(job.linear, job.qconfig, factor, factor)
 
 
+def head_of(loaded) -> tuple[str, nn.Linear]:
+    """The model's output head (name, linear); one error line for a model without one."""
+    found = loaded.adapter.head(loaded.model)
+    if found is None:
+        raise LrqError(f"--quantize-head: a {loaded.adapter.family} model has no output head to quantize")
+    return found
+
+
 def quantize_head(loaded, qconfig: QuantScheme, cconfig, batches: list, device: torch.device,
                   collective: Collective = SINGLE) -> str:
     """Replace the model's head by a QuantLinear rounded by the method's head rule; returns its name."""
-    adapter, model = loaded.adapter, loaded.model
-    found = adapter.head(model)
-    if found is None:
-        raise LrqError(f"--quantize-head: a {adapter.family} model has no output head to quantize")
-    name, linear = found
+    name, linear = head_of(loaded)
+    model = loaded.model
     _untie(model, linear)
     rounding = cconfig.spec.quantize_head or round_to_nearest
     job = HeadJob(linear, qconfig, cconfig.options, collective, lambda: _head_inputs(loaded, linear, batches, device))

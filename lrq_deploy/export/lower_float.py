@@ -179,11 +179,16 @@ def _e2m1_round(n: _Nodes, blocks: str, divisor: str) -> str:
 
 # --- TensorRT: Q/DQ patterns ---------------------------------------------------------------------------
 
-def lower_float_trt(graph: Graph, qn: QuantNode, prefix: str) -> list:
-    layer = _layer(graph, qn, prefix)
-    if layer.scheme.float_format == "mxfp4":
+def check_float_target(scheme, target: str) -> None:
+    """Refuse what a target cannot run, known from the scheme before anything is traced."""
+    if target == "trt" and scheme is not None and scheme.float_format == "mxfp4":
         raise LrqError("TensorRT has no MXFP4 path (its FP4 is NVFP4): export MXFP4 checkpoints with --target ort, "
                        "or calibrate with --scheme nvfp4")
+
+
+def lower_float_trt(graph: Graph, qn: QuantNode, prefix: str) -> list:
+    layer = _layer(graph, qn, prefix)
+    check_float_target(layer.scheme, "trt")
     _record(graph.model, layer)
     if layer.scheme.quantize_activations and layer.scheme.float_format == "nvfp4" and not any(
             o.domain == TRT_DOMAIN for o in graph.model.opset_import):

@@ -27,6 +27,7 @@ from lrq_deploy.export.fuse import fuse_shared_inputs
 from lrq_deploy.export.norms import norms_as_division, residual_norms_as_contrib
 from lrq_deploy.export.graph import FLOAT_LAYERS_KEY, default_opset, producers, set_opset
 from lrq_deploy.export.lower import lower, required_opset, scheme_opset
+from lrq_deploy.export.lower_float import check_float_target
 from lrq_deploy.export.ops import TRANSLATIONS
 from lrq_deploy.checkpoint import load_source
 from lrq_deploy.quant import QuantLinear
@@ -159,6 +160,7 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         _check_int8_activations(target, ckpt)
     if options.cpu_kernels:
         _check_cpu_kernel_scheme(ckpt, options.ort_int8_activations)
+    check_float_target(ckpt.quant, target)
     if opset is not None and opset < scheme_opset(ckpt.quant, target):  # before the trace: known from the scheme
         raise LrqError(
             f"opset {opset} is too low for W{ckpt.quant.wbits if ckpt.quant else 16} weights with target {target}: "

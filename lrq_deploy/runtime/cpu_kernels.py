@@ -139,6 +139,9 @@ def _build(cxx: str, out: Path) -> None:
     command = [cxx, *FLAGS, "-o", str(out), str(source_dir() / "matmul_int4.cc")]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
+        if "No space left on device" in done.stderr:
+            raise LrqError(f"no space left on the device of {out.parent} for lrq's CPU kernel library (about 1 MB): "
+                           "free some, or point LRQ_CACHE at another disk")
         first_error = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
         raise LrqError(f"building lrq's CPU kernels failed ({cxx}): {first_error}")
 

@@ -122,6 +122,16 @@ def test_trt_form_holds_the_codes_and_comes_back_exactly(preset):
     np.testing.assert_array_equal(_run(back, x), _run(_node_graph(layer, lower_float_ort), x))
 
 
+def test_mxfp4_for_tensorrt_is_refused_from_the_scheme_before_tracing():
+    from lrq_deploy.export.lower_float import check_float_target
+
+    with pytest.raises(LrqError, match="TensorRT has no MXFP4 path"):
+        check_float_target(QuantScheme.preset("mxfp4"), "trt")
+    for preset, target in (("mxfp4", "ort"), ("nvfp4", "trt"), ("fp8", "trt")):
+        check_float_target(QuantScheme.preset(preset), target)
+    check_float_target(None, "trt")  # full precision
+
+
 def test_mxfp4_has_no_tensorrt_form():
     layer, _ = _layer("mxfp4")
     with pytest.raises(LrqError, match="TensorRT has no MXFP4 path"):

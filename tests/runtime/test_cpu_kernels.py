@@ -331,3 +331,14 @@ def test_graph_rewrite_takes_what_the_kernel_serves(tmp_path):
 
     a = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
     assert all(np.isfinite(v).all() for v in OrtSession(path).run({"A": a}).values())
+
+
+def test_a_full_disk_is_named_not_blamed_on_the_compiler(fresh_cache, monkeypatch, tmp_path):
+    fake = tmp_path / "cxx"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "c++ (fake) 1"; exit 0; fi\n'
+                    'echo "fatal error: error writing to /tmp/ccX.s: No space left on device" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(LrqError, match="no space left on the device of .* point LRQ_CACHE at another disk"):
+        cpu_kernels.library()
+    assert not list(fresh_cache.glob("*.so*"))
