@@ -186,6 +186,14 @@ class Checkpoint:
     def method(self) -> str:
         return str(self.calib.get("method", "unknown")) if self.calib else "none"
 
+    def full_precision_source(self, device="cpu") -> "Checkpoint":
+        """The full-precision model this checkpoint was made from (its manifest's source), which a
+        comparison loads; one line when a local source has moved since."""
+        if Path(self.source).is_absolute() and not Path(self.source).exists():  # local sources are recorded absolute
+            raise LrqError(f"the full-precision model this checkpoint was made from, {self.source}, is not there any "
+                           "more (moved or deleted); the comparison loads it: put it back at that path")
+        return load_source(self.source, device)
+
 
 def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     """Rebuild the quantized model (reference torch backend) from a verified checkpoint directory."""

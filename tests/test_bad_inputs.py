@@ -357,7 +357,13 @@ CASES = [
                                                     "-o", i.path("o")], "config.json and the weights are of different models"),
     Case("calibrate-config-missing-field", lambda i: ["calibrate", _config(i, {k: v for k, v in _llama_config(i).items()
                                                                                if k != "hidden_size"}), "-o", i.path("o")],
-         "config.json and the weights are of different models"),
+         "config.json and the weights are of different models; it has no hidden_size, so transformers' default was used"),
+    Case("calibrate-config-heads-do-not-divide-width", lambda i: ["calibrate", _config(i, {**_llama_config(i), "hidden_size": 66}),
+                                                                  "-o", i.path("o")],
+         "config.json is not a usable llama config (The hidden size (66) is not a multiple of the number of attention heads"),
+    Case("calibrate-config-without-width-or-heads", lambda i: ["calibrate", _config(i, {
+        k: v for k, v in _llama_config(i).items() if k not in ("hidden_size", "num_attention_heads", "num_key_value_heads")}),
+        "-o", i.path("o")], "it has no hidden_size, num_attention_heads, so transformers' default was used"),
     Case("calibrate-integer-weights", lambda i: ["calibrate", _edited_weights(i, _integer_weight), "-o", i.path("o")],
          "is stored as I8"),
     Case("calibrate-weights-header-length", lambda i: ["calibrate", _damaged_header(i, b"\xff" * 8), "-o", i.path("o")],
@@ -636,6 +642,9 @@ CASES = [
                                                              _tasks_with_a_broken_yaml(i)], "other.yaml line 2 is not valid YAML"),
     Case("eval-tasks-onnx-of-another-checkpoint", lambda i: ["eval", i.checkpoint(), "--tasks", "piqa", "--onnx",
                                                             _graph_of_other_weights(i)], "was not exported from"),
+    Case("eval-source-model-moved", lambda i: ["eval", _damaged(i, _edit_manifest(
+        lambda m: m.update(source=i.path("moved-away")))), "--limit", "2"],
+         "the full-precision model this checkpoint was made from, "),
     # info
     Case("info-missing", lambda i: ["info", i.path("none")], "does not exist"),
     Case("info-onnx-named-engine", lambda i: ["info", _onnx_named_engine(i)], "is an ONNX graph named like an engine"),

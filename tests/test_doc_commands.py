@@ -55,10 +55,11 @@ class DocCommand:
 
 def doc_commands(document: str) -> list[DocCommand]:
     """The shell commands of a document's fenced blocks, `A && B` split into steps."""
-    commands, in_block, pending, start, block = [], False, "", 0, 0
+    commands, fenced, in_block, pending, start, block = [], False, False, "", 0, 0
     for number, line in enumerate((ROOT / document).read_text().splitlines(), 1):
-        if line.startswith("```"):
-            in_block = not in_block and line.strip() in ("```", "```bash", "```sh", "```shell")
+        if line.startswith("```"):  # a fence opens or closes a block; only shell blocks (or bare ones) run
+            fenced = not fenced
+            in_block = fenced and line.strip() in ("```", "```bash", "```sh", "```shell")
             block += in_block
             continue
         if not in_block:
@@ -194,7 +195,8 @@ def user_files(work: Path, my_llama_dir: Path, tiny_deit_dir: Path, digits_folde
 
 def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.CompletedProcess:
     text = command.text.replace("$(which lrq)", shutil.which("lrq") or "lrq")
-    argv = small_settings(shlex.split(text))
+    argv = [str(work / Path(a).name) if a.startswith("/tmp/") else a  # scratch folders kept inside the test's
+            for a in small_settings(shlex.split(text))]
     if argv[0] == "python":  # scripts of the checkout, run from wherever the user works
         argv[0] = sys.executable
         if (ROOT / argv[1]).is_file():
@@ -202,20 +204,17 @@ def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.Comple
     return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
-def run_document(document: str, work: Path) -> list[str]:
-    """Failures of the document's commands (run in order in `work`); prints each command's time."""
+def run_commands(commands: list[DocCommand], work: Path) -> list[str]:
+    """Failures of `commands`, run in order in `work`; prints each command's time (pytest -s)."""
     env = {**os.environ, "LRQ_CACHE": str(work / ".lrq-cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": ""}
     failures = []
-    for command in doc_commands(document):
+    for command in commands:
         if not_run_reason(command):
             print(f"not run  {command} ({not_run_reason(command)})")
             continue
-        folder = work if document in TUTORIALS else work / f"block-{command.block}"
-        if not folder.exists():
-            shutil.copytree(work / "user-files", folder)
         start = time.monotonic()
-        proc = run_command(command, folder, env)
+        proc = run_command(command, work, env)
         print(f"{time.monotonic() - start:6.1f} s  {command}")
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
@@ -223,11 +222,20 @@ def run_document(document: str, work: Path) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("document", [d for d in DOCUMENTS if doc_commands(d)])
-def test_document_commands_run(document, tmp_path, my_llama_dir, tiny_deit_dir, digits_folder):
-    user_files(tmp_path / "user-files", my_llama_dir, tiny_deit_dir, digits_folder)
-    shutil.copytree(tmp_path / "user-files", tmp_path, dirs_exist_ok=True)
-    failures = run_document(document, tmp_path)
+def runs() -> list[tuple[str, int | None]]:
+    """(document, block): a tutorial as a whole (block None), every block of a recipe document alone."""
+    found = []
+    for document in DOCUMENTS:
+        blocks = sorted({c.block for c in doc_commands(document) if not not_run_reason(c)})
+        found += [(document, None)] if document in TUTORIALS else [(document, b) for b in blocks]
+    return found
+
+
+@pytest.mark.parametrize("document,block", runs(), ids=[f"{d}-{b or 'all'}" for d, b in runs()])
+def test_document_commands_run(document, block, tmp_path, my_llama_dir, tiny_deit_dir, digits_folder):
+    user_files(tmp_path, my_llama_dir, tiny_deit_dir, digits_folder)
+    commands = [c for c in doc_commands(document) if block is None or c.block == block]
+    failures = run_commands(commands, tmp_path)
     assert not failures, "\n\n".join(failures)
 
 
@@ -237,6 +245,8 @@ def test_every_not_run_entry_names_a_command():
 
 
 def test_commands_are_read_from_the_documents():
+    export = doc_commands("docs/EXPORT.md")  # a ```text synopsis first: not run, and its fence closes cleanly
+    assert export[0].text == "lrq calibrate -o runs/w4 --wbits 4 --group-size 64" and export[0].block == 1
     readme = doc_commands("README.md")
     assert readme[0].text == "pip install -e ." and readme[1].text.startswith("lrq calibrate -o runs/demo")
     assert any(c.text.startswith("torchrun --nproc-per-node 2") for c in readme)

@@ -45,7 +45,6 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
     from lrq_deploy.devices import resolve_device
     from lrq_deploy.eval import fp_cache
     from lrq_deploy.metrics import output_agreement
-    from lrq_deploy.runtime.torch_models import load_torch_target
 
     options = options or EvalOptions(**settings)
     if options.data is not None:
@@ -73,7 +72,7 @@ def evaluate_checkpoint(path: Path, options: EvalOptions | None = None, **settin
         result.update(fp=cached, fp_cached=True)
     elif options.compare_fp:
         with step("loading the full-precision model"):
-            fp = load_torch_target(ckpt.source, dev).loaded
+            fp = ckpt.full_precision_source(dev).loaded
         result["fp"] = metric(fp.model, fp)
         fp_cache.write_fp(key, result["fp"])
         if adapter.compares_outputs:

@@ -154,7 +154,6 @@ def evaluate_tasks(path: Path, options: TaskOptions) -> dict:
 
     from lrq_deploy.devices import resolve_device
     from lrq_deploy.eval.api import load_for_eval
-    from lrq_deploy.runtime.torch_models import load_torch_target
 
     _lm_base()
     if options.onnx:
@@ -173,7 +172,7 @@ def evaluate_tasks(path: Path, options: TaskOptions) -> dict:
     sides = {"quant": scoring_lm(scorer, ckpt.loaded.tokenizer, length)}
     if options.compare_fp:
         with step("loading the full-precision model"):
-            fp = load_torch_target(ckpt.source, dev).loaded
+            fp = ckpt.full_precision_source(dev).loaded
         sides = {"fp": scoring_lm(torch_scorer(fp.model, dev), fp.tokenizer, length), **sides}
     for side, lm in sides.items():
         with step(f"lm-eval tasks, {'full precision' if side == 'fp' else 'quantized'}"):

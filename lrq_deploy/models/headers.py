@@ -72,6 +72,19 @@ def read_file_header(path: Path) -> dict[str, TensorHeader]:
     return tensors
 
 
+SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def _missing_fields(config: Path) -> str:
+    """'; it has no hidden_size ...' when the config lacks a field transformers then fills with its default."""
+    try:
+        given = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return ""
+    missing = [f for f in SHAPE_FIELDS if isinstance(given, dict) and f not in given and "text_config" not in given]
+    return f"; it has no {', '.join(missing)}, so transformers' default was used" if missing else ""
+
+
 def check_weights_match_config(path: Path, adapter, spec: str, trust_remote_code: bool = False) -> None:
     """Refuse, in one line naming the field, weights that do not fit the config: a different
     layer count, a parameter of another shape, integer-typed parameters."""
@@ -81,11 +94,14 @@ def check_weights_match_config(path: Path, adapter, spec: str, trust_remote_code
 
     from lrq_deploy.models.hf import first_line, no_init_weights
 
+    from huggingface_hub.errors import StrictDataclassError
+
     headers = read_headers(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LrqError(f"{path / 'config.json'} is not a usable {adapter.family} config ({first_line(exc)})") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:  # the last: config validators
+        raise LrqError(f"{path / 'config.json'} is not a usable {adapter.family} config ({first_line(exc)})"
+                       f"{_missing_fields(path / 'config.json')}") from None
     try:
         with torch.device("meta"), no_init_weights():
             model = adapter.from_config(config, trust_remote_code=trust_remote_code)
@@ -103,7 +119,8 @@ def check_weights_match_config(path: Path, adapter, spec: str, trust_remote_code
                            "floating-point weights (is this model already quantized?)")
         if header.shape != expected[name]:
             raise LrqError(f"{spec}: weight {name} has shape {list(header.shape)} in {header.file}, but config.json "
-                           f"describes {list(expected[name])}: config.json and the weights are of different models")
+                           f"describes {list(expected[name])}: config.json and the weights are of different models"
+                           f"{_missing_fields(path / 'config.json')}")
 
 
 def _lookup(headers: dict[str, TensorHeader], name: str, model) -> TensorHeader | None:

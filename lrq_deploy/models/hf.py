@@ -203,4 +203,8 @@ def no_init_weights():
 
 
 def first_line(exc: Exception) -> str:
+    """The first line of an exception's message; a wrapper's cause when it only names a validator."""
+    cause = exc.__cause__
+    if cause is not None and type(exc).__name__.startswith("StrictDataclass"):
+        exc = cause
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
