@@ -217,8 +217,10 @@ def run_commands(commands: list[DocCommand], work: Path) -> list[str]:
         proc = run_command(command, work, env)
         print(f"{time.monotonic() - start:6.1f} s  {command}")
         if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
-            failures.append(f"{command}\n  exit {proc.returncode}:\n  {tail}")
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            errors = [line for line in lines if line.lstrip().startswith(("error:", "Error:"))][:3]
+            shown = "\n  ".join(errors + lines[-6:])
+            failures.append(f"{command}\n  exit {proc.returncode}:\n  {shown}")
     return failures
 
 

@@ -52,11 +52,17 @@ def test_no_script_or_test_module_shadows_an_installed_package():
     assert clashes() == []
 
 
-def test_a_kernels_module_in_benchmarks_is_caught(tmp_path):
-    """The clash that broke transformers >= 5.25 (it imports the `kernels` distribution)."""
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "kernels.py").write_text("")
-    (tmp_path / "benchmarks" / "profile.py").write_text("")
+def test_a_module_named_like_an_installed_package_is_caught(tmp_path):
+    """The clash that broke transformers >= 5.25: a benchmarks/kernels.py shadowed the `kernels`
+    distribution it imports (checked where that distribution is installed; torch always is)."""
+    import importlib.util
+
+    (tmp_path / "benchmarks" / "tools").mkdir(parents=True)
+    for name in ("kernels.py", "profile.py", "tools/torch.py", "unique_lrq_name.py"):
+        (tmp_path / "benchmarks" / name).write_text("")
     found = clashes(("benchmarks",), tmp_path)
-    assert any("kernels.py shadows `import kernels`" in line for line in found), found
+    assert any("torch.py shadows `import torch` (distribution torch)" in line for line in found), found
     assert any("profile.py shadows `import profile` (the standard library)" in line for line in found), found
+    assert not any("unique_lrq_name" in line for line in found)
+    if importlib.util.find_spec("kernels") is not None:
+        assert any("kernels.py shadows `import kernels`" in line for line in found), found

@@ -342,18 +342,49 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
             "cosine_per_epoch": [e["cosine"] for e in errors], "best_epoch": best[1]}
 
 
+# --rounding gptq keeps, per block, whichever of these gives the block output closest to the FP
+# block's on the calibration set: GPTQ under the learned transforms can lose to either part alone
+# (GPTQ's error feedback fights a learned clipping; smoothing can leave GPTQ a harder Hessian).
+ROUNDINGS = ("learned+gptq", "gptq", "learned+nearest")
+
+
 @torch.no_grad()
-def fold_and_quantize(job: BlockJob, params: BlockParams) -> None:
-    """Write the learned smoothing into the block and replace its linears by QuantLinears."""
-    for i, group in enumerate(job.groups):
-        fold_smoothing(job.block, group, *_smoothing(params, i))
+def fold_and_quantize(job: BlockJob, params: BlockParams) -> dict:
+    """Write the learned smoothing into the block and replace its linears by QuantLinears; with
+    --rounding gptq, by the best of ROUNDINGS. Returns {"rounding": chosen, "rounding_mse": {...}}
+    (empty for nearest rounding)."""
+    if not (job.qconfig.quantize_weights and job.options.rounding == "gptq"):
+        _quantize_as(job, params, "learned+nearest")
+        return {}
+    from dataclasses import replace
+
+    from lrq_deploy.calib.blockwise import calibrate_input_scales
+
+    pristine = copy.deepcopy(job.block)
+    errors = {}
+    for rounding in ROUNDINGS:
+        trial = replace(job, block=copy.deepcopy(pristine))
+        _quantize_as(trial, params, rounding)
+        calibrate_input_scales(trial)  # as the engine does after the method (float grids' static scales)
+        errors[rounding] = block_errors(job.fp_targets, trial.run(job.q_inputs), job.collective)["mse"]
+        del trial
+    chosen = min(ROUNDINGS, key=lambda r: errors[r])  # ties: the earlier, learned+gptq first
+    _quantize_as(job, params, chosen)
+    return {"rounding": chosen, "rounding_mse": errors}
+
+
+def _quantize_as(job: BlockJob, params: BlockParams, rounding: str) -> None:
+    learned = rounding.startswith("learned")
+    if learned:
+        for i, group in enumerate(job.groups):
+            fold_smoothing(job.block, group, *_smoothing(params, i))
     clip = {}
-    if job.qconfig.quantize_weights:
+    if learned and job.qconfig.quantize_weights:
         clip = {
             n: (lwc_factor(params.get("lwc_up", n)), lwc_factor(params.get("lwc_low", n)), params.get("row_gain", n))
             for n in job.linear_names
         }
-    if job.qconfig.quantize_weights and job.options.rounding == "gptq":
+    if rounding.endswith("gptq"):
         from lrq_deploy.calib.gptq import gptq_block
         from lrq_deploy.calib.methods.gptq import GPTQOptions
 
@@ -377,5 +408,4 @@ def learn_block(job: BlockJob, recipe: Recipe) -> dict:
         record = train_block(job, params, recipe, job.epoch_progress)
         if job.run_dir and job.collective.main:
             job.run_dir.save_block(job.index, params.tensors(), record)
-    fold_and_quantize(job, params)
-    return record
+    return {**record, **fold_and_quantize(job, params)}

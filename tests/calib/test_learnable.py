@@ -7,7 +7,7 @@ import torch
 
 from lrq_deploy.calib import learnable
 from lrq_deploy.calib.api import calibrate
-from lrq_deploy.calib.blockwise import BlockJob, run_block
+from lrq_deploy.calib.blockwise import BlockJob, block_errors, run_block
 from lrq_deploy.calib.losses import DynamicWeighting, mse, nlc
 from lrq_deploy.calib.registry import CalibConfig, get_method
 from lrq_deploy.quant.scheme import QuantScheme
@@ -90,6 +90,28 @@ def test_training_lowers_loss_and_fold_matches_fake_quant(fixture, method, act_a
     with torch.no_grad():
         folded = job.adapter.run_block(job.block, job.q_inputs, job.kwargs)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,wbits,group", [("lrquant", 3, 32), ("lrquant+", 2, 16)])
+def test_gptq_rounding_keeps_the_best_of_its_parts(tiny_llama_dir, method, wbits, group):
+    """--rounding gptq: per block, the lowest block-output error of learned transforms + GPTQ, GPTQ
+    alone and learned transforms + nearest; the choice and the three errors are recorded, and the
+    block as quantized shows the chosen one's error."""
+    loaded = load_model(str(tiny_llama_dir))
+    recipe = get_method(method).quantize_block.recipe
+    qconfig = QuantScheme(wbits=wbits, group_size=group)
+    job = _job(loaded, qconfig, CalibConfig.of(method=method, nsamples=4, seqlen=32, epochs=2, rounding="gptq"))
+    for p in job.block.parameters():
+        p.requires_grad_(False)
+    params = learnable.init_block_params(job, recipe)
+    learnable.train_block(job, params, recipe)
+    choice = learnable.fold_and_quantize(job, params)
+    errors = choice["rounding_mse"]
+    assert set(errors) == set(learnable.ROUNDINGS) and choice["rounding"] == min(errors, key=errors.get)
+    with torch.no_grad():
+        quantized = block_errors(job.fp_targets, job.run(job.q_inputs))["mse"]
+    assert quantized == pytest.approx(errors[choice["rounding"]], rel=1e-6)
+    assert len({round(e, 12) for e in errors.values()}) == 3  # three different roundings were measured
 
 
 def _sha(path):
