@@ -195,8 +195,9 @@ def user_files(work: Path, my_llama_dir: Path, tiny_deit_dir: Path, digits_folde
 
 def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.CompletedProcess:
     text = command.text.replace("$(which lrq)", shutil.which("lrq") or "lrq")
-    argv = [str(work / Path(a).name) if a.startswith("/tmp/") else a  # scratch folders kept inside the test's
-            for a in small_settings(shlex.split(text))]
+    argv = small_settings(shlex.split(text))
+    if "--workdir" in argv:  # a scratch folder the document puts under /tmp: kept inside the test's
+        argv = _set(argv, "--workdir", str(work / Path(_option(argv, "--workdir")).name))
     if argv[0] == "python":  # scripts of the checkout, run from wherever the user works
         argv[0] = sys.executable
         if (ROOT / argv[1]).is_file():

@@ -292,7 +292,8 @@ def _data_error(tasks, exc: Exception) -> str:
 
     cache = os.environ.get("HF_DATASETS_CACHE") or str(Path.home() / ".cache" / "huggingface" / "datasets")
     message = first_line(exc)
-    if re.search(r"offline|connect|reach|resolve|not found|doesn't exist|couldn't find|no such file", message, re.I):
+    if re.search(r"offline|connect|reach|resolve|not found|doesn't exist|couldn't find|no such file|"
+                 r"name or service not known|name resolution|network is unreachable|timed out", message, re.I):
         return (f"cannot load the data of {', '.join(tasks)} ({message}); lm-eval reads task data through the Hugging "
                 f"Face datasets cache ({cache}, HF_DATASETS_CACHE): run once online, or define the task over local files "
                 "(a YAML with dataset_path: json and data_files) in a folder given as --task-path")
