@@ -21,6 +21,12 @@ os.environ["LRQ_CACHE"] = tempfile.mkdtemp(prefix="lrq-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LRQ_CACHE"], True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (every command of a document in one test: minutes each), so that
+    `pytest -n auto` does not end on one worker still running them."""
+    items.sort(key=lambda item: item.get_closest_marker("docs") is None)  # stable: the rest keep their order
+
+
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto`: one worker per core this process may use, at most one per 3 GiB of memory
     (a worker holds models, graphs and engine builds of its own)."""

@@ -194,8 +194,13 @@ def user_files(work: Path, my_llama_dir: Path, tiny_deit_dir: Path, digits_folde
 
 
 def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.CompletedProcess:
+    """The command as a user types it: python scripts, torchrun and the README's quickstart as
+    processes (the installed `lrq` script included); other `lrq` commands through the same CLI in
+    this process (click's runner), which saves each the seconds of importing torch afresh."""
     text = command.text.replace("$(which lrq)", shutil.which("lrq") or "lrq")
     argv = small_settings(shlex.split(text))
+    if argv[0] == "lrq" and not (command.document in TUTORIALS and command.block == 1):
+        return _in_process(argv[1:], work, env)
     if "--workdir" in argv:  # a scratch folder the document puts under /tmp: kept inside the test's
         argv = _set(argv, "--workdir", str(work / Path(_option(argv, "--workdir")).name))
     if argv[0] == "python":  # scripts of the checkout, run from wherever the user works
@@ -203,6 +208,25 @@ def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.Comple
         if (ROOT / argv[1]).is_file():
             argv[1] = str(ROOT / argv[1])
     return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _in_process(args: list[str], work: Path, env: dict) -> subprocess.CompletedProcess:
+    import traceback
+
+    from click.testing import CliRunner
+
+    from lrq_deploy.cli import main
+
+    here = os.getcwd()
+    os.chdir(work)  # the documents' paths are relative to where the user works
+    try:
+        result = CliRunner().invoke(main, args, env={k: v for k, v in env.items() if os.environ.get(k) != v})
+    finally:
+        os.chdir(here)
+    output = result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        output += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["lrq", *args], result.exit_code, output, "")
 
 
 def run_commands(commands: list[DocCommand], work: Path) -> list[str]:

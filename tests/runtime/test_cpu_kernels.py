@@ -182,6 +182,24 @@ def fresh_cache(monkeypatch, tmp_path):
     cpu_kernels.library.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    """One real build, copied into the caches of the tests that damage it."""
+    folder = tmp_path_factory.mktemp("kernel-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LRQ_CACHE", str(folder))
+        cpu_kernels.library.cache_clear()
+        cpu_kernels.library()
+    cpu_kernels.library.cache_clear()
+    return folder / "cpu-kernels"
+
+
+@pytest.fixture
+def warm_cache(fresh_cache, built_cache):
+    shutil.copytree(built_cache, fresh_cache)
+    return fresh_cache
+
+
 def _cached(folder):
     return next(folder.glob("libai_lrq_cpu-*.so"))
 
@@ -213,12 +231,13 @@ def _replace_by_another_library(path):
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _replace_by_another_library])
-def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_cache, damage, capsys):
-    cpu_kernels.library()
-    built = _cached(fresh_cache)
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(warm_cache, damage, capsys, monkeypatch):
+    built = _cached(warm_cache)
     good = built.read_bytes()
     damage(built)
     cpu_kernels.library.cache_clear()
+    # the rebuild writes what the compiler wrote the first time (the compile itself: the test above)
+    monkeypatch.setattr(cpu_kernels, "_build", lambda cxx, out: out.write_bytes(good))
     loaded = cpu_kernels.library()
     assert "does not match its record" in capsys.readouterr().err
     assert built.read_bytes() == good and loaded.read_bytes() == good
@@ -227,29 +246,29 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_cache, damage, cap
     cpu_kernels.register(ort.SessionOptions())  # the rebuilt library loads
 
 
-def test_a_missing_record_rebuilds(fresh_cache):
-    cpu_kernels.library()
-    built = _cached(fresh_cache)
-    (fresh_cache / (built.name + ".sha256")).unlink()
+def test_a_missing_record_rebuilds(warm_cache, monkeypatch):
+    built = _cached(warm_cache)
+    good = built.read_bytes()
+    (warm_cache / (built.name + ".sha256")).unlink()
     built.write_bytes(b"not a library")
     cpu_kernels.library.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_build", lambda cxx, out: out.write_bytes(good))
     assert cpu_kernels.library().read_bytes() != b"not a library" and built.stat().st_size > 1000
 
 
-def test_a_cache_other_users_can_write_is_refused(fresh_cache):
-    fresh_cache.mkdir(parents=True)
-    fresh_cache.chmod(0o777)
+def test_a_cache_other_users_can_write_is_refused(warm_cache):
+    warm_cache.chmod(0o777)
     with pytest.raises(LrqError, match="is writable by every user"):
         cpu_kernels.library()
-    fresh_cache.chmod(0o700)
-    fresh_cache.parent.chmod(0o777)  # an open parent lets others swap the folder itself
+    warm_cache.chmod(0o700)
+    warm_cache.parent.chmod(0o777)  # an open parent lets others swap the folder itself
     try:
         with pytest.raises(LrqError, match="is writable by every user"):
             cpu_kernels.library()
-        fresh_cache.parent.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is ours
+        warm_cache.parent.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is ours
         assert cpu_kernels.library().is_file()
     finally:
-        fresh_cache.parent.chmod(0o700)
+        warm_cache.parent.chmod(0o700)
 
 
 def _int8_reference(a, K, N, block, codes, scales, zero_points, biases):
