@@ -50,8 +50,8 @@ def exported_graph(directory: Path) -> Path | None:
     if not record.is_file():
         return None
     try:
-        graph = directory / json.loads(record.read_text()).get("graph", "model.onnx")  # older records: model.onnx
-    except (ValueError, AttributeError, TypeError):
+        graph = directory / _export_record(Path(directory)).get("graph", "model.onnx")  # older records: model.onnx
+    except TypeError:  # "graph" not a file name
         raise LrqError(f"{record} is not a readable export record") from None
     if not graph.is_file():
         raise LrqError(f"{directory} is an lrq export directory without its graph {graph.name}")

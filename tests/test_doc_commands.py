@@ -11,7 +11,6 @@ NOT_RUN entry must still match a command."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from lm_task_files import multiple_choice_task
 from script_loader import ROOT
 
 pytestmark = pytest.mark.docs
@@ -144,25 +144,6 @@ def small_settings(argv: list[str]) -> list[str]:
 
 # -- what the documents name but do not make ---------------------------------------------------
 
-MY_TASK = """task: my_task
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-QUESTIONS = [("The capital of France is", ["Paris", "Rome"], 0), ("Water freezes at zero degrees", ["Celsius", "Kelvin"], 0),
-             ("The sun rises in the", ["west", "east"], 1), ("Two plus two is", ["four", "five"], 0)]
-
-
 @pytest.fixture(scope="session")
 def my_llama_dir(tmp_path_factory) -> Path:
     """A user's LLaMA as the README means it: widths that groups of 128 divide (2 layers, hidden 128,
@@ -186,11 +167,8 @@ def user_files(work: Path, my_llama_dir: Path, tiny_deit_dir: Path, digits_folde
     shutil.copytree(tiny_deit_dir, work / "my-deit")
     shutil.copytree(digits_folder, work / "imagenet" / "train")
     (work / "my.txt").write_text((assets / "data" / "wikitext2-calib.txt").read_text()[:20000])
-    tasks = work / "my-tasks"
-    tasks.mkdir()
-    rows = [{"question": q, "choices": c, "label": label} for q, c, label in QUESTIONS]
-    (tasks / "my_task.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (tasks / "my_task.yaml").write_text(MY_TASK.format(data=tasks / "my_task.jsonl"))
+    (work / "my-tasks").mkdir()
+    multiple_choice_task(work / "my-tasks", "my_task")
 
 
 def run_command(command: DocCommand, work: Path, env: dict) -> subprocess.CompletedProcess:

@@ -286,8 +286,10 @@ def _mark_external(model: onnx.ModelProto, location: str, threshold: int = 1024)
 
 def _check_cpu_kernel_scheme(ckpt, int8_activations: bool) -> None:
     """Before the trace: a scheme none of whose linears lrq's CPU kernel serves (ort_optimized._as_lrq_kernel)."""
+    from lrq_deploy.export.ort_optimized import BLOCK_MULTIPLE, INT8_BLOCK_MULTIPLE
+
     quant = ckpt.quant
-    multiple = 128 if int8_activations else 32
+    multiple = INT8_BLOCK_MULTIPLE if int8_activations else BLOCK_MULTIPLE
     why = ("the model is full precision" if not quant or not quant.quantize_weights else
            f"its weights are {quant.name}, not 4-bit integers" if quant.wbits != 4 or quant.float_format else
            "its activations are quantized (the kernel takes float activations)" if quant.quantize_activations else

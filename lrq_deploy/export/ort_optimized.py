@@ -16,6 +16,7 @@ from lrq_deploy.runtime.onnxrt import INT8_ACTIVATIONS_LEVEL, MATMULNBITS_ACCURA
 
 CPU_KERNELS_META = "lrq.cpu_kernels"
 MATMULNBITS_INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
+BLOCK_MULTIPLE = 32  # lrq's CPU kernel takes blocks of a multiple of 32 (of 128 with int8 activations)
 INT8_BLOCK_MULTIPLE = 128
 
 
@@ -93,7 +94,7 @@ def _as_lrq_kernel(node, shapes: dict):
         return None
     if level == 4 and block % INT8_BLOCK_MULTIPLE:
         return None  # int8 activations: lrq's kernel takes blocks of a multiple of 128; MatMulNBits keeps the rest
-    if inputs.get("g_idx") or block % 32 or K % block:
+    if inputs.get("g_idx") or block % BLOCK_MULTIPLE or K % block:
         return None
     codes, scales = shapes.get(inputs["B"]), shapes.get(inputs["scales"])
     if codes != ((N, K // block, block // 2), TensorProto.UINT8) or scales is None or scales[1] != TensorProto.FLOAT:

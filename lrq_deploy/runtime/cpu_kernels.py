@@ -62,11 +62,8 @@ def compiler() -> str:
 def library() -> Path:
     """A private copy of the built library, verified against its record (built now if this
     source and compiler have none cached, rebuilt if the cached file fails its record)."""
-    _check_onnxruntime()
-    isa_cap()
-    cxx = compiler()
+    cxx = preflight()
     folder = cache_dir()
-    check_cache_folder(folder)
     built = folder / f"libai_lrq_cpu-{_build_key(cxx)}.so"
     code = verified_bytes(built)
     if code is None:
@@ -124,11 +121,12 @@ _PRIVATE: list[str] = []
 
 
 def _private_copy(code: bytes) -> Path:
-    """`code` written to a folder only this process uses (removed at exit)."""
+    """`code` written to a folder only this process uses (removed at exit), named by its digest so
+    that other bytes (a rebuild) never reuse an earlier copy."""
     if not _PRIVATE:
         _PRIVATE.append(tempfile.mkdtemp(prefix="lrq-cpu-kernels-"))
         atexit.register(shutil.rmtree, _PRIVATE[0], True)
-    path = Path(_PRIVATE[0]) / "libai_lrq_cpu.so"
+    path = Path(_PRIVATE[0]) / f"libai_lrq_cpu-{hashlib.sha256(code).hexdigest()[:16]}.so"
     if not path.exists():
         path.write_bytes(code)
         path.chmod(0o500)
@@ -182,13 +180,13 @@ def isa_cap() -> str | None:
     return capped
 
 
-def preflight() -> None:
+def preflight() -> str:
     """What a --cpu-kernels export or session needs, checked before any work: onnxruntime's ABI, the
-    ISA setting, a safe cache folder and, unless a verified build is cached, a C++ compiler."""
+    ISA setting, a safe cache folder and a C++ compiler (returned: the build key names it)."""
     _check_onnxruntime()
     isa_cap()
     check_cache_folder(cache_dir())
-    compiler()
+    return compiler()
 
 
 def register(options) -> None:

@@ -13,15 +13,8 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from cli_runner import invoke  # noqa: E402
+from lm_task_files import MULTIPLE_CHOICE as MC, multiple_choice_task, write_jsonl  # noqa: E402
 
-MC = [
-    {"question": "The capital of France is", "choices": ["Paris", "a river", "blue", "seven"], "label": 0},
-    {"question": "Water freezes at zero degrees", "choices": ["Celsius", "happily", "under", "north"], "label": 0},
-    {"question": "The opposite of hot is", "choices": ["cold", "seven", "book", "ran"], "label": 0},
-    {"question": "A week has seven", "choices": ["days", "rivers", "songs", "colors"], "label": 0},
-    {"question": "The film was released in", "choices": ["1998", "the", "green", "quickly"], "label": 0},
-    {"question": "He was born in the city of", "choices": ["London", "eating", "blue", "nine"], "label": 0},
-]
 GENERATION = [{"prompt": "The capital of France is", "answer": " Paris"}, {"prompt": "One, two, three,", "answer": " four"}]
 ARC = [
     {"id": f"q{i}", "question": q, "choices": {"text": choices, "label": ["A", "B", "C", "D"]}, "answerKey": key}
@@ -34,32 +27,13 @@ ARC = [
 ]
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     import lm_eval
 
     folder = tmp_path_factory.mktemp("tasks")
-    mc, gen, arc = _jsonl(folder / "mc.jsonl", MC), _jsonl(folder / "gen.jsonl", GENERATION), _jsonl(folder / "arc.jsonl", ARC)
-    (folder / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {mc}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
+    gen, arc = write_jsonl(folder / "gen.jsonl", GENERATION), write_jsonl(folder / "arc.jsonl", ARC)
+    multiple_choice_task(folder, "tiny_mc", MC)
     (folder / "tiny_gen.yaml").write_text(f"""task: tiny_gen
 dataset_path: json
 dataset_kwargs:
