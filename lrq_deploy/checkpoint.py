@@ -21,6 +21,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
 from lrq_deploy.provenance import library_versions, sha256_of
 from lrq_deploy.quant import QuantLinear
+from lrq_deploy.rotate import add_online_structure
 
 FORMAT = "lrq-checkpoint"
 FORMAT_VERSION = 3  # 2: manifest records size and sha256 of every file; 3: and the sha256 of its own fields
@@ -34,6 +35,7 @@ OUTPUT = OutputKind("checkpoint", directory=True, recognise=lambda p: is_json_of
 def save_checkpoint(
     out: Path, source: LoadedModel, model: nn.Module, quantized: list[str],
     qconfig: QuantScheme, calib: dict, blocks: list[dict], force: bool = False, calib_data: str | None = None,
+    rotation: dict | None = None,
 ) -> Path:
     from safetensors.torch import save_model
 
@@ -59,6 +61,8 @@ def save_checkpoint(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **extras,
         }
+        if rotation is not None:
+            manifest["rotation"] = rotation
         manifest["files"] = file_records(tmp)
         manifest[SELF_HASH] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -203,6 +207,8 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     qconfig = QuantScheme.from_dict(manifest["quant"])
     adapter = adapter_for_family(manifest["family"])
     model, tokenizer = adapter.build_skeleton(path, manifest)
+    if manifest.get("rotation"):
+        add_online_structure(adapter.blocks(model), manifest["rotation"])
     for name in manifest["quantized_modules"]:
         _swap_in_shell(model, name, qconfig)
     missing, unexpected = _load_weights(model, path / WEIGHTS)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from lrq_deploy.calib.registry import method_names, option_fields
+from lrq_deploy.calib.registry import ROTATIONS, method_names, option_fields
 from lrq_deploy.quant.scheme import ACT_BITS, FORMATS, PRESETS, WEIGHT_BITS
 from lrq_deploy.errors import LrqError
 
@@ -147,6 +147,10 @@ def method_options(command):
 @click.option("--quantize-head", is_flag=True,
               help="Also quantize the output head (lm_head / classifier) with the blocks' scheme and the method's "
                    "rounding; a head tied to the embeddings is untied (embeddings stay full precision).")
+@click.option("--rotate", type=click.Choice(ROTATIONS), default="none", show_default=True,
+              help="Rotate the model first (QuaRot): R1 on the residual stream and R2 per head folded into the "
+                   "weights, a Hadamard transform online before down_proj; hadamard = randomized Hadamard, "
+                   "orthogonal = random orthogonal (seeded by --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=PATH, default=None, help="Per-block learned parameters (default OUT.run).")

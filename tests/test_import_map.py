@@ -17,7 +17,7 @@ LAYERS = [
     {"plugins"},
     {"metrics"},
     {"models"},
-    {"fold", "checkpoint"},
+    {"fold", "rotate", "checkpoint"},
     {"runtime"},
     {"serve"},  # hand-offs to serving engines (Triton repositories), used by export and engine
     {"calib"},  # the stages, in pipeline order

@@ -22,6 +22,7 @@ from lrq_deploy.models import DEFAULT_MODEL, load_model
 from lrq_deploy.models.headers import weight_elements
 from lrq_deploy.models.hub import with_revision
 from lrq_deploy.progress import step
+from lrq_deploy.rotate import plan_rotation, rotate_model
 
 
 def deterministic_algorithms(device: torch.device) -> None:
@@ -82,8 +83,13 @@ def calibrate(
     deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
     loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code, lazy=bool(offload))
+    rotation = plan_rotation(loaded, cconfig.rotate, cconfig.seed)
     if cconfig.quantize_head:
         head_of(loaded)  # before any block is calibrated
+    rotated = None
+    if rotation is not None:
+        with step(f"rotating the model ({rotation.kind})"):
+            rotated = rotate_model(loaded, rotation)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     if runs and collective.main:
         runs.start()
@@ -98,7 +104,8 @@ def calibrate(
     loaded.model.cpu()
     if collective.main:
         save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig.to_dict(), result.blocks,
-                        force=True, calib_data=_data_reference(calib_data))
+                        force=True, calib_data=_data_reference(calib_data),
+                        rotation=rotated)
     collective.barrier()
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
@@ -174,7 +181,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
     )
 
 
-CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "quantize_head")  # every method's; its own come from the registry
+CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "quantize_head", "rotate")  # every method's; its own come from the registry
 QUANT_OPTIONS = tuple(f.name for f in fields(QuantScheme))
 
 

@@ -27,6 +27,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.grids import input_scale_of
+from lrq_deploy.rotate import is_online
 
 
 @dataclass
@@ -172,7 +173,7 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
     on_device: dict[int, dict] = {}  # one copy per distinct kwargs dict (blocks of one layer type share it)
     hidden = collective.shard(inputs.hidden)  # this rank's samples (all of them in one process)
     fp_in = q_in = keep(hidden.cpu()) if offload else hidden.to(device)
-    groups = adapter.smooth_groups(model)
+    groups = smoothable_groups(adapter.smooth_groups(model), blocks[0])
     result = CalibrationResult(model=model, quantized=[])
     for index, block in enumerate(blocks):
         if loaded.materialize:  # a lazily loaded model: this block's weights are read now
@@ -207,6 +208,12 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             progress.block_done(report, len(blocks))
         fp_in, q_in = fp_out, q_out
     return result
+
+
+def smoothable_groups(groups: list[SmoothGroup], block: nn.Module) -> list[SmoothGroup]:
+    """The smoothing groups whose scale still folds: none into a linear whose input is rotated
+    online (a channel scale of the producer does not commute with the rotation)."""
+    return [g for g in groups if not any(is_online(block, name) for name in g.linears)]
 
 
 @torch.no_grad()

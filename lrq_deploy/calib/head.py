@@ -20,6 +20,7 @@ from lrq_deploy.calib.distributed import SINGLE, Collective
 from lrq_deploy.errors import LrqError
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.scheme import QuantScheme
+from lrq_deploy.rotate import untie_head
 
 
 @dataclass
@@ -86,26 +87,11 @@ def quantize_head(loaded, qconfig: QuantScheme, cconfig, batches: list, device: 
     """Replace the model's head by a QuantLinear rounded by the method's head rule; returns its name."""
     name, linear = head_of(loaded)
     model = loaded.model
-    _untie(model, linear)
+    untie_head(model, linear)
     rounding = cconfig.spec.quantize_head or round_to_nearest
     job = HeadJob(linear, qconfig, cconfig.options, collective, lambda: _head_inputs(loaded, linear, batches, device))
     replace_module(model, name, rounding(job).to(linear.weight.device))
     return name
-
-
-def _untie(model: nn.Module, head: nn.Linear) -> None:
-    """A head sharing its weight with the input embeddings gets a weight of its own."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and embeddings.weight is head.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-        for sub in ("text_config", "get_text_config"):
-            text = getattr(config, sub, None)
-            text = text() if callable(text) else text
-            if text is not None and getattr(text, "tie_word_embeddings", False):
-                text.tie_word_embeddings = False
 
 
 @torch.no_grad()

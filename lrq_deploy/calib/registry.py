@@ -123,6 +123,9 @@ def option_fields() -> dict[str, tuple[Any, str, list[str]]]:
     return found
 
 
+ROTATIONS = ("none", "hadamard", "orthogonal")  # --rotate: rotate.py's rotation matrices, or none
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """How a quantized model is obtained: the method with its options, and the calibration data."""
@@ -134,6 +137,7 @@ class CalibConfig:
     batch_size: int = 1  # samples per forward chunk and per optimizer step
     options: Any = None  # the method's options dataclass; None: its defaults
     quantize_head: bool = False  # also the output head, by the method's head rounding (calib/head.py)
+    rotate: str = "none"  # orthogonal rotations folded before the method runs (rotate.py): none | hadamard | orthogonal
 
     def __post_init__(self):
         spec = get_method(self.method)
@@ -147,6 +151,8 @@ class CalibConfig:
             raise LrqError(f"--seq-len must be >= 2, got {self.seqlen}")
         if self.batch_size < 1:
             raise LrqError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.rotate not in ROTATIONS:
+            raise LrqError(f"--rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
 
     @property
     def spec(self) -> Method:
@@ -168,11 +174,15 @@ class CalibConfig:
         return cls(method=method, options=options, **{k: v for k, v in settings.items() if k in common})
 
     def to_dict(self) -> dict:
-        """The manifest's "calib"; quantize_head appears only when set (records made before it existed
-        then read back equal, which resuming their runs relies on)."""
+        """The manifest's "calib"; quantize_head and rotate appear only when set (records made before
+        they existed then read back equal, which resuming their runs relies on)."""
         record = {"method": self.method, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
                   "batch_size": self.batch_size, "options": asdict(self.options)}
-        return {**record, "quantize_head": True} if self.quantize_head else record
+        if self.quantize_head:
+            record["quantize_head"] = True
+        if self.rotate != "none":
+            record["rotate"] = self.rotate
+        return record
 
     @classmethod
     def from_dict(cls, data: dict) -> "CalibConfig":

@@ -39,6 +39,26 @@ class SmoothGroup:
         return self.followers[0] if self.routed and self.followers else self.linears[0]
 
 
+@dataclass(frozen=True)
+class RotationLayout:
+    """Where orthogonal rotations fold into a decoder (names: model-level for embeddings / final_norm /
+    head, block-level for the rest). The residual stream is rotated by R1: embeddings and residual
+    writers on their output side, every linear reading a norm's output (the smoothing table's norm
+    groups, norm weights fused into them first) and the head on their input side. R2 rotates each
+    attention head between `value` (output rows) and `out` (input columns). `online` linears get an
+    orthogonal transform applied to their input at run time (no producer can absorb it)."""
+
+    embeddings: str
+    final_norm: str
+    head: str
+    writers: tuple[str, ...]
+    value: str
+    out: str
+    head_dim: int
+    online: tuple[str, ...] = ()
+    norm_offset: float = 0.0
+
+
 @dataclass
 class BlockInputs:
     """Inputs of one transformer block for all calibration samples."""
@@ -74,6 +94,10 @@ class ModelAdapter:
 
     def head(self, model: nn.Module) -> tuple[str, nn.Linear] | None:
         """(name, linear) of the output head that --quantize-head quantizes; None: the model has none."""
+        return None
+
+    def rotation_layout(self, model: nn.Module) -> RotationLayout | None:
+        """Where --rotate folds rotations into this model; None: the family cannot be rotated exactly."""
         return None
 
     def linear_names(self, block: nn.Module) -> list[str]:

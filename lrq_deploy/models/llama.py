@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrq_deploy.models.base import SmoothGroup
+from lrq_deploy.models.base import RotationLayout, SmoothGroup
 from lrq_deploy.models.causal_lm import CausalLMAdapter
 
 
@@ -14,6 +14,14 @@ class LlamaAdapter(CausalLMAdapter):
         from lrq_deploy.models.attention import rotary_attention_layout
 
         return rotary_attention_layout(self, model)
+
+    def rotation_layout(self, model):
+        _, head_dim = self.kv_cache_shape(model.config)
+        return RotationLayout(
+            embeddings="model.embed_tokens", final_norm="model.norm", head="lm_head",
+            writers=("self_attn.o_proj", "mlp.down_proj"), value="self_attn.v_proj", out="self_attn.o_proj",
+            head_dim=head_dim, online=("mlp.down_proj",),
+        )
 
     def smooth_groups(self, model):
         return self.groups_for(model.config)

@@ -1,0 +1,144 @@
+"""Rotations (lrq_deploy/rotate.py): the Hadamard factors are orthogonal, the online transform equals
+its dense matrix, a rotated full-precision model computes the original function, and a rotated
+W4A4 checkpoint reloads bit-exactly, exports and verifies in onnxruntime."""
+
+import json
+
+import pytest
+import torch
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.checkpoint import load_checkpoint
+from lrq_deploy.errors import LrqError
+from lrq_deploy.models import LoadedModel, load_model
+from lrq_deploy.models.registry import hf_adapter
+from lrq_deploy.models.tiny import COMMON, tiny_model
+from lrq_deploy.quant.scheme import QuantScheme
+from lrq_deploy.rotate import (
+    OnlineRotation, apply_factors, hadamard_factors, kron_all, plan_rotation, rotate_model,
+)
+
+W4A4 = QuantScheme(wbits=4, abits=4, act_asym=True)
+
+
+@pytest.mark.parametrize("n", [12, 20, 28, 44, 60, 64, 192, 512, 688, 1536, 3584])
+def test_factors_are_orthogonal_and_the_transform_is_their_kronecker_product(n):
+    factors = hadamard_factors(n, torch.Generator().manual_seed(0))
+    dense = kron_all(factors)
+    assert torch.allclose(dense @ dense.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    assert torch.allclose(apply_factors(x, factors), x @ dense, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,hadamard", [(192, True), (512, True), (3584, True), (688, False), (11008, False)])
+def test_known_hadamard_orders_have_entries_of_one_magnitude(n, hadamard):
+    """Sylvester and Paley orders give a true Hadamard matrix; an odd part with none known (43 in
+    688 = 16 x 43 and in 11008 = 256 x 43) gets a random orthogonal factor."""
+    factors = hadamard_factors(n, torch.Generator().manual_seed(0))
+    flat = all(torch.allclose(f.abs() * f.shape[0] ** 0.5, torch.ones_like(f)) for f in factors)
+    assert flat == hadamard
+    assert max(f.shape[0] for f in factors) <= 64
+
+
+def test_no_known_hadamard_size_without_a_generator_is_refused():
+    with pytest.raises(LrqError, match="no Hadamard matrix"):
+        hadamard_factors(688)
+
+
+def _tiny(model_type: str):
+    import transformers
+
+    if model_type == "qwen3":
+        model = tiny_model("qwen3")
+    else:
+        config = getattr(transformers, {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "llama": "LlamaConfig"}[
+            model_type])(**COMMON, tie_word_embeddings=model_type == "qwen2")
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    param.add_(torch.rand_like(param) * 0.5)
+    return LoadedModel(model=model, adapter=hf_adapter(model.config.model_type), tokenizer=None, spec=model_type)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_rotated_model_computes_the_original_function(model_type, kind):
+    loaded = _tiny(model_type)
+    ids = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids).logits
+        record = rotate_model(loaded, plan_rotation(loaded, kind, seed=3))
+        got = loaded.model(input_ids=ids).logits
+    # float32 weights rotated in float64 and rounded once: errors of a few float32 ulps of the logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert record["online"] == {"mlp.down_proj": [f.shape[0] for f in hadamard_factors(128)]}
+    block = loaded.adapter.blocks(loaded.model)[0]
+    assert isinstance(block.mlp.down_proj, OnlineRotation)
+    assert torch.equal(block.input_layernorm.weight, torch.ones(64))
+    embeddings, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
+    assert embeddings.weight.data_ptr() != head.weight.data_ptr() and not loaded.model.config.tie_word_embeddings
+
+
+def test_families_that_cannot_be_rotated_are_refused_in_one_line(tiny_opt_dir):
+    loaded = load_model(str(tiny_opt_dir), "cpu")
+    with pytest.raises(LrqError, match="a opt model cannot be rotated exactly"):
+        plan_rotation(loaded, "hadamard", 0)
+    with pytest.raises(LrqError, match="--rotate must be one of"):
+        CalibConfig.of("rtn", rotate="spin")
+
+
+@pytest.fixture(scope="module")
+def rotated_checkpoint(tmp_path_factory):
+    """bundled:llama (hidden 192 = 12 x 16, a Paley factor) rotated, rtn W4A4; the in-memory model kept."""
+    from lrq_deploy.calib import blockwise
+
+    out = tmp_path_factory.mktemp("rot") / "ckpt"
+    kept = {}
+    original = blockwise.calibrate_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("lrq_deploy.calib.api.calibrate_model", lambda *a, **k: kept.setdefault("result", original(*a, **k)))
+        calibrate("bundled:llama", out, W4A4, CalibConfig.of("rtn", nsamples=4, seqlen=64, rotate="hadamard"),
+                  device="cpu")
+    return out, kept["result"].model
+
+
+def test_rotated_checkpoint_reloads_bit_exactly(rotated_checkpoint):
+    out, calibrated = rotated_checkpoint
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rotation"]["online"] == {"mlp.down_proj": [64, 8]} and manifest["calib"]["rotate"] == "hadamard"
+    assert "model.layers.0.mlp.down_proj.linear" in manifest["quantized_modules"]
+    model = load_checkpoint(out).loaded.model
+    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, calibrated(input_ids=ids).logits)
+
+
+def test_rotated_checkpoint_exports_and_verifies_in_onnxruntime(rotated_checkpoint, tmp_path):
+    import onnx
+
+    from lrq_deploy.export.onnx_export import export_onnx
+
+    out, _ = rotated_checkpoint
+    report = export_onnx(out, tmp_path / "rot.onnx", limit=4)
+    assert report["verify"]["within_tolerance"]
+    graph = onnx.load(str(tmp_path / "rot.onnx"), load_external_data=False).graph
+    assert sum(node.op_type == "MatMul" for node in graph.node) >= 2 * 4  # two factors before each down_proj
+
+
+def test_a_manifest_whose_transform_does_not_fit_is_refused(rotated_checkpoint, tmp_path):
+    import shutil
+
+    from lrq_deploy.checkpoint import manifest_digest, SELF_HASH
+
+    out, _ = rotated_checkpoint
+    copy = tmp_path / "bad"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["rotation"]["online"]["mlp.down_proj"] = [64, 4]
+    manifest[SELF_HASH] = manifest_digest(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LrqError, match=r"online transform of mlp.down_proj \(\[64, 4\]\) does not match its 512"):
+        load_checkpoint(copy)
