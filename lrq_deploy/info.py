@@ -65,6 +65,7 @@ def describe_checkpoint(path: Path) -> dict:
                            "activations": scheme.aformat if scheme.quantize_activations else "float"},
         "symmetric_weights": bool(scheme.symmetric or scheme.float_format),
         "method": manifest["calib"].get("method"),
+        "rotation": rotation_summary(manifest.get("rotation")),
         "source": manifest["source"],
         "quantized_linears": len(manifest["quantized_modules"]),
         "blocks": len(blocks),
@@ -75,6 +76,15 @@ def describe_checkpoint(path: Path) -> dict:
         "intact": not any(v != "ok" for v in files.values()),
         "problems": problems,
     }
+
+
+def rotation_summary(record) -> str:
+    """What --rotate folded and what runs online, in one line ("none" for an unrotated checkpoint)."""
+    if not isinstance(record, dict):
+        return "none"
+    online = ", ".join(f"{name} ({' x '.join(map(str, sizes))})" for name, sizes in record.get("online", {}).items())
+    return (f"{record.get('kind')} (seed {record.get('seed')}): R1 {record.get('r1')} wide and R2 per head "
+            f"{record.get('r2')} folded; online before {online or 'nothing'}")
 
 
 def describe_onnx(path: Path) -> dict:

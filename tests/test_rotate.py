@@ -142,3 +142,11 @@ def test_a_manifest_whose_transform_does_not_fit_is_refused(rotated_checkpoint, 
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LrqError, match=r"online transform of mlp.down_proj \(\[64, 4\]\) does not match its 512"):
         load_checkpoint(copy)
+
+
+def test_rotated_checkpoint_decodes_with_the_kv_cache_graph(rotated_checkpoint, tmp_path):
+    from lrq_deploy.export.onnx_export import export_onnx
+
+    out, _ = rotated_checkpoint
+    report = export_onnx(out, tmp_path / "past.onnx", limit=2, with_past=True)
+    assert report["verify"]["within_tolerance"] and report["verify_generation"]["match"]

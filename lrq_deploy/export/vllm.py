@@ -89,6 +89,9 @@ def _check_supported(ckpt) -> None:
     if ckpt.adapter.restructures:
         raise LrqError(f"--vllm does not serve {ckpt.adapter.family} checkpoints yet (lrq keeps their experts as "
                        "one linear pair per expert; vLLM loads the fused layout); use --onnx or --genai")
+    if (ckpt.manifest or {}).get("rotation", {}).get("online"):
+        raise LrqError("--vllm cannot carry lrq's online rotation before down_proj (vLLM would run the linear on the "
+                       "unrotated input); calibrate without --rotate, or use --onnx / --genai")
     if quant is not None and quant.float_format == "mxfp4":
         raise LrqError(f"--vllm cannot express {ckpt.scheme_name}: lrq's MXFP4 has no compressed-tensors form it writes "
                        f"yet (compressed-tensors checkpoints support {SUPPORTED}); use --onnx")
