@@ -1,4 +1,5 @@
-"""lrq's weight rounding against llm-compressor's GPTQ on the same model, windows and settings.
+"""lrq's methods against llm-compressor's GPTQ (and, with activations quantized, its rotation recipes:
+QuIP's online transforms and SpinQuant's R1 + R2 + online R4) on the same model, windows and settings.
 
 Both sides quantize the same Hugging Face directory with the same calibration windows (token ids
 written once, read by both) and are scored on the same WikiText-2 test windows; each side also
@@ -8,6 +9,7 @@ reports the full-precision perplexity, which must agree. llm-compressor runs in 
     python -m venv /tmp/peer && /tmp/peer/bin/pip install torch llmcompressor
     python benchmarks/peer_quality.py --peer-python /tmp/peer/bin/python --wbits 3
     python benchmarks/peer_quality.py --peer-python /tmp/peer/bin/python --wbits 4 --group-size 64 --seeds 0 1 2
+    python benchmarks/peer_quality.py --peer-python /tmp/peer/bin/python --wbits 4 --abits 4 --seeds 0 1 2
 
 Prints one line per method: perplexity, degradation (ppl - FP) and its ratio to the peer's.
 """
@@ -29,7 +31,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 import llmcompressor
 
 model_dir, windows_file, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -47,18 +49,47 @@ def perplexity(model):
         count += batch[:, 1:].numel()
     return float(torch.tensor(nll / count).exp())
 
-model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-fp = perplexity(model)
+def load():
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+
 weights = {"num_bits": settings["wbits"], "type": "int", "symmetric": settings["symmetric"],
            "strategy": "group" if settings["group_size"] else "channel"}
 if settings["group_size"]:
     weights["group_size"] = settings["group_size"]
-recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
-                      dampening_frac=settings["damp"], block_size=128)
+scheme = {"targets": ["Linear"], "weights": weights}
+if settings["abits"] < 16:  # per token, dynamic, as lrq's activations
+    scheme["input_activations"] = {"num_bits": settings["abits"], "type": "int", "strategy": "token",
+                                   "dynamic": True, "symmetric": not settings["act_asym"]}
+
+def rounding(kind):
+    if kind == "rtn":
+        return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=settings["damp"],
+                        block_size=128)
+
+def transforms(name):
+    from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+
+    if name.startswith("quip"):
+        return [QuIPModifier(rotations=["v"], transform_type="random-hadamard", ignore=["lm_head"])]
+    if name.startswith("spinquant"):
+        return [SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard")]
+    return []
+
 data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(calib),
-        max_seq_length=calib.shape[1])
-print(json.dumps({"fp": fp, "quant": perplexity(model), "version": llmcompressor.__version__}))
+fp = perplexity(load())
+quant = {}
+failed = {}
+for name in settings["peers"]:
+    model = load()
+    try:
+        oneshot(model=model, dataset=data, recipe=transforms(name) + [rounding(name.rsplit("+", 1)[-1])],
+                num_calibration_samples=len(calib), max_seq_length=calib.shape[1])
+    except Exception as exc:  # a recipe the peer cannot apply to this model: reported, the others still run
+        failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        continue
+    quant[name] = perplexity(model)
+print(json.dumps({"fp": fp, "quant": quant, "failed": failed, "version": llmcompressor.__version__}))
 '''
 
 
@@ -68,7 +99,8 @@ def lrq_side(model: str, out: Path, settings: dict, method: str, options: dict, 
     from lrq_deploy.eval import evaluate_checkpoint
     from lrq_deploy.quant.scheme import QuantScheme
 
-    scheme = QuantScheme(wbits=settings["wbits"], group_size=settings["group_size"], symmetric=settings["symmetric"])
+    scheme = QuantScheme(wbits=settings["wbits"], group_size=settings["group_size"], symmetric=settings["symmetric"],
+                         abits=settings["abits"], act_asym=settings["act_asym"])
     cconfig = CalibConfig.of(method, nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=seed, **options)
     calibrate(model, out, scheme, cconfig, device="auto", force=True)
     return evaluate_checkpoint(out, limit=eval_windows)
@@ -91,6 +123,23 @@ def windows_file(model: str, path: Path, settings: dict, seed: int, eval_windows
     return path
 
 
+def lrq_and_peer_methods(args) -> tuple[list[str], dict]:
+    """The peer recipes and lrq's methods compared: weight-only rounding, or with activations
+    quantized the rotation recipes beside lrq's rotated and unrotated methods."""
+    learn = {"epochs": args.epochs}
+    if args.abits == 16:
+        return ["GPTQ"], {"lrq gptq": ("gptq", {"damp": args.damp}), "lrq rtn": ("rtn", {}), "lrq awq": ("awq", {}),
+                          "lrq lrquant": ("lrquant", learn),
+                          "lrq lrquant --rounding gptq": ("lrquant", {**learn, "rounding": "gptq"})}
+    peers = ["GPTQ", "quip(v)+GPTQ", "spinquant(R1,R2,R4)+GPTQ", "spinquant(R1,R2,R4)+rtn"]
+    return peers, {"lrq rtn": ("rtn", {}), "lrq lrquant+": ("lrquant+", learn),
+                   "lrq --rotate hadamard rtn": ("rtn", {"rotate": "hadamard"}),
+                   "lrq --rotate hadamard gptq": ("gptq", {"damp": args.damp, "rotate": "hadamard"}),
+                   "lrq --rotate hadamard lrquant+": ("lrquant+", {**learn, "rotate": "hadamard"}),
+                   "lrq --rotate hadamard lrquant+ --rounding gptq": ("lrquant+", {**learn, "rotate": "hadamard",
+                                                                                   "rounding": "gptq"})}
+
+
 def hf_directory(model: str) -> Path:
     """The Hugging Face directory llm-compressor loads (the bundled model's own files)."""
     if model == "bundled:llama":
@@ -107,6 +156,9 @@ def main():
     parser.add_argument("--wbits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--abits", type=int, default=16, help="below 16: per-token activations, rotation rows too")
+    parser.add_argument("--act-sym", action="store_true", help="symmetric activations (default asymmetric)")
+    parser.add_argument("--epochs", type=int, default=10, help="lrq's learnable methods")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--damp", type=float, default=0.01)
@@ -114,9 +166,9 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     settings = {"wbits": args.wbits, "group_size": args.group_size, "symmetric": args.symmetric,
-                "nsamples": args.nsamples, "seqlen": args.seqlen, "damp": args.damp}
-    methods = {"lrq gptq": ("gptq", {"damp": args.damp}), "lrq rtn": ("rtn", {}), "lrq awq": ("awq", {}),
-               "lrq lrquant": ("lrquant", {}), "lrq lrquant --rounding gptq": ("lrquant", {"rounding": "gptq"})}
+                "abits": args.abits, "act_asym": not args.act_sym, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                "damp": args.damp}
+    settings["peers"], methods = lrq_and_peer_methods(args)
     results: dict[str, list[float]] = {}
     fps, version = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,20 +182,23 @@ def main():
             record = json.loads(peer.stdout.strip().splitlines()[-1])
             version = record["version"]
             fps.append(record["fp"])
-            results.setdefault(f"llm-compressor {version} GPTQ", []).append(record["quant"])
-            print(f"seed {seed}: llm-compressor GPTQ {record['quant']:.4f} (FP {record['fp']:.4f}, "
-                  f"{time.time() - start:.0f}s)", flush=True)
+            for name, ppl in record["quant"].items():
+                results.setdefault(f"llm-compressor {version} {name}", []).append(ppl)
+                print(f"seed {seed}: llm-compressor {name} {ppl:.4f} (FP {record['fp']:.4f})", flush=True)
+            for name, reason in record.get("failed", {}).items():
+                print(f"seed {seed}: llm-compressor {name} cannot run on this model: {reason}", flush=True)
+            print(f"seed {seed}: llm-compressor took {time.time() - start:.0f}s", flush=True)
             for name, (method, options) in methods.items():
                 result = lrq_side(args.model, Path(tmp) / "ckpt", settings, method, options, seed, args.eval_windows)
                 results.setdefault(name, []).append(result["quant"]["ppl"])
                 print(f"seed {seed}: {name} {result['quant']['ppl']:.4f} (FP {result['fp']['ppl']:.4f})", flush=True)
     fp = statistics.mean(fps)
-    peer_drop = statistics.mean(results[f"llm-compressor {version} GPTQ"]) - fp
-    scheme = f"W{args.wbits}A16" + (f"-g{args.group_size}" if args.group_size else "") + (
+    peer_drop = min(statistics.mean(v) for k, v in results.items() if k.startswith("llm-compressor")) - fp
+    scheme = f"W{args.wbits}A{args.abits}" + (f"-g{args.group_size}" if args.group_size else "") + (
         "-sym" if args.symmetric else "")
     print(f"\n{scheme}, {args.nsamples} x {args.seqlen} calibration tokens, {args.eval_windows} test windows, "
           f"seeds {args.seeds}; FP perplexity {fp:.4f}")
-    print(f"{'method':<36} {'ppl':>16} {'ppl - FP':>10} {'vs peer':>8}")
+    print(f"{'method':<36} {'ppl':>16} {'ppl - FP':>10} {'vs best peer':>12}")
     for name, values in results.items():
         mean = statistics.mean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0

@@ -70,12 +70,24 @@ def describe_checkpoint(path: Path) -> dict:
         "quantized_linears": len(manifest["quantized_modules"]),
         "blocks": len(blocks),
         "worst_block_cosine": min((b["cosine"] for b in blocks if "cosine" in b), default=None),
+        "largest_input_ratios": largest_input_ratios(blocks),
         "files": {name: {**records.get(name, {}), "check": verdict} for name, verdict in files.items()},
         "versions": manifest.get("versions", {}),
         "created": manifest.get("created"),
         "intact": not any(v != "ok" for v in files.values()),
         "problems": problems,
     }
+
+
+def largest_input_ratios(blocks: list) -> str | None:
+    """The linear inputs with the largest channel and token max / median ratios over the calibration
+    set (calibration records them per block and linear): where smoothing or a rotation pays."""
+    rows = [(ratios[kind], f"block {b.get('block')} {name}", kind) for b in blocks if isinstance(b, dict)
+            for name, ratios in (b.get("input_ratios") or {}).items() for kind in ("channel", "token")]
+    if not rows:
+        return None
+    parts = [max((r for r in rows if r[2] == kind), key=lambda r: r[0]) for kind in ("channel", "token")]
+    return "; ".join(f"{kind} max/median {value:g} ({where})" for value, where, kind in parts)
 
 
 def rotation_summary(record) -> str:

@@ -150,3 +150,19 @@ def test_rotated_checkpoint_decodes_with_the_kv_cache_graph(rotated_checkpoint, 
     out, _ = rotated_checkpoint
     report = export_onnx(out, tmp_path / "past.onnx", limit=2, with_past=True)
     assert report["verify"]["within_tolerance"] and report["verify_generation"]["match"]
+
+
+def test_calibration_records_where_rotation_pays(rotated_checkpoint, tmp_path):
+    """Per linear input, the channel and token max / median ratios: the rotated down_proj input is
+    flatter than the unrotated one on the same windows."""
+    from lrq_deploy.info import describe
+
+    out, _ = rotated_checkpoint
+    plain = tmp_path / "plain"
+    calibrate("bundled:llama", plain, W4A4, CalibConfig.of("rtn", nsamples=4, seqlen=64), device="cpu")
+    rotated = json.loads((out / "manifest.json").read_text())["blocks"]
+    unrotated = json.loads((plain / "manifest.json").read_text())["blocks"]
+    for before, after in zip(unrotated, rotated):
+        assert after["input_ratios"]["mlp.down_proj.linear"]["channel"] < before["input_ratios"]["mlp.down_proj"]["channel"]
+        assert after["input_ratios"]["mlp.down_proj.linear"]["token"] < before["input_ratios"]["mlp.down_proj"]["token"]
+    assert "mlp.down_proj" in describe(plain)["largest_input_ratios"]

@@ -189,6 +189,7 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, kwargs,
             device, run_dir, progress.epoch if progress else None, collective, len(inputs.hidden),
         )
+        ratios = outlier_ratios(job)
         extra = method(job) or {}
         calibrate_input_scales(job)
         q_out = keep(run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device))
@@ -200,7 +201,7 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             block.cpu()
         if collective.max(torch.tensor(0.0 if torch.isfinite(q_out).all() else 1.0)).item():  # on any rank
             raise LrqError(f"block {index}: quantized output contains NaN or inf")
-        report = {"block": index, **block_errors(fp_out, q_out, collective), **extra}
+        report = {"block": index, **block_errors(fp_out, q_out, collective), **extra, "input_ratios": ratios}
         result.blocks.append(report)
         prefix = _block_prefix(model, block)
         result.quantized.extend(f"{prefix}.{n}" for n in names)
@@ -208,6 +209,36 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             progress.block_done(report, len(blocks))
         fp_in, q_in = fp_out, q_out
     return result
+
+
+@torch.no_grad()
+def outlier_ratios(job: BlockJob) -> dict[str, dict[str, float]]:
+    """Per linear input over the calibration inputs (the block as yet unquantized): the largest
+    channel's |max| over the median channel's, and the largest token's over the median token's.
+    A large channel ratio is what smoothing moves into the weights; a large token ratio, a tail a
+    channel scale cannot flatten, is what a rotation spreads (--rotate)."""
+    channel: dict[str, torch.Tensor] = {}
+    tokens: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name in job.linear_names:
+        def hook(_module, args, name=name):
+            flat = args[0].detach().flatten(0, -2).float().abs()
+            cmax = flat.amax(dim=0)
+            channel[name] = torch.maximum(channel[name], cmax) if name in channel else cmax
+            tokens.setdefault(name, []).append(flat.amax(dim=1).cpu())
+
+        handles.append(job.block.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        job.run(job.q_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: {"channel": _max_over_median(job.collective.max(channel[name]).cpu()),
+                   "token": _max_over_median(torch.cat(tokens[name]))} for name in channel}
+
+
+def _max_over_median(values: torch.Tensor) -> float:
+    return round(float(values.max() / values.median().clamp_min(1e-12)), 2)
 
 
 def smoothable_groups(groups: list[SmoothGroup], block: nn.Module) -> list[SmoothGroup]:
