@@ -165,6 +165,14 @@ class OnlineRotation(nn.Module):
         self.transform = transform
         self.linear = linear
 
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.transform(x))
 
@@ -230,7 +238,7 @@ def plan_rotation(loaded: LoadedModel, kind: str, seed: int) -> RotationPlan | N
     adapter = loaded.adapter
     layout = adapter.rotation_layout(loaded.model)
     if layout is None:
-        families = "llama, mistral, qwen2, qwen3"
+        families = "llama, mistral, qwen2, qwen3, phi3, mixtral, qwen3_moe, gemma"
         raise LrqError(f"--rotate {kind}: a {adapter.family} model cannot be rotated exactly yet (supported: {families})")
     if loaded.materialize is not None:
         raise LrqError(f"--rotate {kind} needs the whole model in memory; drop --offload")
@@ -272,7 +280,7 @@ def rotate_model(loaded: LoadedModel, plan: RotationPlan) -> dict:
                 linear.weight.copy_(_mm(linear.weight, r1))
         for name in layout.writers:
             _rotate_output(block.get_submodule(name), r1)
-        _rotate_heads(block.get_submodule(layout.value), block.get_submodule(layout.out), r2)
+        _rotate_heads(block.get_submodule(layout.value), block.get_submodule(layout.out), r2, layout.value_rows)
         for name in layout.online:
             linear = block.get_submodule(name)
             factors = hadamard_factors(linear.in_features, torch.Generator().manual_seed(plan.seed + 1))
@@ -304,14 +312,18 @@ def _rotate_output(linear: nn.Linear, rotation: torch.Tensor) -> None:
         linear.bias.copy_((linear.bias.double() @ rotation).to(linear.bias.dtype))
 
 
-def _rotate_heads(value: nn.Linear, out: nn.Linear, rotation: torch.Tensor) -> None:
-    """Each head's values rotated (v_h Q: rows of v_proj), o_proj's columns of every head rotated alike."""
+def _rotate_heads(value: nn.Linear, out: nn.Linear, rotation: torch.Tensor, rows: tuple[int, int] | None) -> None:
+    """Each head's values rotated (v_h Q: rows of v_proj, or the value rows of a fused projection),
+    o_proj's columns of every head rotated alike."""
     d = rotation.shape[0]
     rotation = rotation.to(value.weight.device)
-    w = value.weight.double().view(-1, d, value.in_features)
-    value.weight.copy_(torch.matmul(rotation.t(), w).reshape(value.weight.shape).to(value.weight.dtype))
+    rows = slice(*rows) if rows else slice(None)
+    weight = value.weight[rows]
+    w = weight.double().view(-1, d, value.in_features)
+    weight.copy_(torch.matmul(rotation.t(), w).reshape(weight.shape).to(weight.dtype))
     if value.bias is not None:
-        value.bias.copy_((value.bias.double().view(-1, d) @ rotation).flatten().to(value.bias.dtype))
+        bias = value.bias[rows]
+        bias.copy_((bias.double().view(-1, d) @ rotation).flatten().to(bias.dtype))
     w = out.weight.double().view(out.out_features, -1, d)
     out.weight.copy_(torch.matmul(w, rotation).reshape(out.weight.shape).to(out.weight.dtype))
 

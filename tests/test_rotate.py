@@ -13,7 +13,7 @@ from lrq_deploy.checkpoint import load_checkpoint
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, load_model
 from lrq_deploy.models.registry import hf_adapter
-from lrq_deploy.models.tiny import COMMON, tiny_model
+from lrq_deploy.models.tiny import COMMON, TINY, tiny_model
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.rotate import (
     OnlineRotation, apply_factors, hadamard_factors, kron_all, plan_rotation, rotate_model,
@@ -49,8 +49,8 @@ def test_no_known_hadamard_size_without_a_generator_is_refused():
 def _tiny(model_type: str):
     import transformers
 
-    if model_type == "qwen3":
-        model = tiny_model("qwen3")
+    if model_type in TINY:
+        model = tiny_model(model_type)
     else:
         config = getattr(transformers, {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "llama": "LlamaConfig"}[
             model_type])(**COMMON, tie_word_embeddings=model_type == "qwen2")
@@ -60,10 +60,12 @@ def _tiny(model_type: str):
             for name, param in model.named_parameters():
                 if "norm" in name or name.endswith("bias"):
                     param.add_(torch.rand_like(param) * 0.5)
-    return LoadedModel(model=model, adapter=hf_adapter(model.config.model_type), tokenizer=None, spec=model_type)
+    adapter = hf_adapter(model.config.model_type)
+    adapter.restructure(model)
+    return LoadedModel(model=model, adapter=adapter, tokenizer=None, spec=model_type)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
 def test_rotated_model_computes_the_original_function(model_type, kind):
     loaded = _tiny(model_type)
@@ -74,10 +76,11 @@ def test_rotated_model_computes_the_original_function(model_type, kind):
         got = loaded.model(input_ids=ids).logits
     # float32 weights rotated in float64 and rounded once: errors of a few float32 ulps of the logits
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
-    assert record["online"] == {"mlp.down_proj": [f.shape[0] for f in hadamard_factors(128)]}
     block = loaded.adapter.blocks(loaded.model)[0]
-    assert isinstance(block.mlp.down_proj, OnlineRotation)
-    assert torch.equal(block.input_layernorm.weight, torch.ones(64))
+    layout = loaded.adapter.rotation_layout(loaded.model)
+    assert set(record["online"]) == set(layout.online) and all(
+        isinstance(block.get_submodule(name), OnlineRotation) for name in layout.online)
+    assert torch.equal(block.input_layernorm.weight + layout.norm_offset, torch.ones(64))
     embeddings, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
     assert embeddings.weight.data_ptr() != head.weight.data_ptr() and not loaded.model.config.tie_word_embeddings
 
@@ -86,6 +89,8 @@ def test_families_that_cannot_be_rotated_are_refused_in_one_line(tiny_opt_dir):
     loaded = load_model(str(tiny_opt_dir), "cpu")
     with pytest.raises(LrqError, match="a opt model cannot be rotated exactly"):
         plan_rotation(loaded, "hadamard", 0)
+    with pytest.raises(LrqError, match="a gemma model cannot be rotated exactly"):  # Gemma 2's post-norms
+        plan_rotation(_tiny("gemma2"), "hadamard", 0)
     with pytest.raises(LrqError, match="--rotate must be one of"):
         CalibConfig.of("rtn", rotate="spin")
 

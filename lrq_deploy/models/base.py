@@ -57,6 +57,7 @@ class RotationLayout:
     head_dim: int
     online: tuple[str, ...] = ()
     norm_offset: float = 0.0
+    value_rows: tuple[int, int] | None = None  # the value rows of a fused qkv projection
 
 
 @dataclass

@@ -5,7 +5,7 @@ own rotary tables; each layer type gets its own mask and tables during calibrati
 
 from __future__ import annotations
 
-from lrq_deploy.models.base import SmoothGroup
+from lrq_deploy.models.base import RotationLayout, SmoothGroup
 from lrq_deploy.models.causal_lm import CausalLMAdapter
 
 GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
@@ -25,6 +25,19 @@ class GemmaAdapter(CausalLMAdapter):
         windows = [getattr(module, "sliding_window", None) or -1 for module in modules]
         softcap = getattr(model.config, "attn_logit_softcapping", None) or 0.0
         return rotary_attention_layout(self, model, project, windows, softcap)
+
+    def rotation_layout(self, model):
+        """Gemma: its (1 + weight) norms fused like any RMSNorm. Gemma 2 / 3 normalise each sublayer's
+        output before the residual add (post-norms): a per-channel weight there cannot move through
+        the rotation, so they are not rotated."""
+        if hasattr(self.blocks(model)[0], "post_feedforward_layernorm"):
+            return None
+        _, head_dim = self.kv_cache_shape(model.config)
+        return RotationLayout(
+            embeddings="model.embed_tokens", final_norm="model.norm", head="lm_head",
+            writers=("self_attn.o_proj", "mlp.down_proj"), value="self_attn.v_proj", out="self_attn.o_proj",
+            head_dim=head_dim, online=("mlp.down_proj",), norm_offset=GEMMA_NORM_OFFSET,
+        )
 
     def smooth_groups(self, model):
         kv_heads, _ = self.kv_cache_shape(model.config)

@@ -15,6 +15,8 @@ nn.Linear pair per expert, computing what the fused module computes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -84,6 +86,13 @@ class MoeAdapter(LlamaAdapter):
 
         normed = hasattr(self.blocks(model)[0].self_attn, "q_norm")  # Qwen3-MoE: per-head q/k norms, as Qwen3
         return rotary_attention_layout(self, model, normed_projections if normed else separate_projections)
+
+    def rotation_layout(self, model):
+        """LLaMA's, with every expert's down_proj writing into the residual stream and rotated online;
+        the router reads the rotated stream (a follower of the norm group)."""
+        downs = tuple(f"mlp.experts.{e}.down_proj" for e in range(len(self.blocks(model)[0].mlp.experts)))
+        layout = super().rotation_layout(model)
+        return replace(layout, writers=("self_attn.o_proj", *downs), online=downs)
 
     def smooth_groups(self, model):
         cfg = model.config

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from lrq_deploy.models.base import SmoothGroup
+from lrq_deploy.models.base import RotationLayout, SmoothGroup
 from lrq_deploy.models.causal_lm import CausalLMAdapter
 
 
@@ -19,6 +19,16 @@ class Phi3Adapter(CausalLMAdapter):
         kv_heads, head_dim = self.kv_cache_shape(model.config)
         sizes = [model.config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
         return rotary_attention_layout(self, model, lambda module, hidden: module.qkv_proj(hidden).split(sizes, dim=-1))
+
+    def rotation_layout(self, model):
+        kv_heads, head_dim = self.kv_cache_shape(model.config)
+        q_rows = model.config.num_attention_heads * head_dim
+        return RotationLayout(
+            embeddings="model.embed_tokens", final_norm="model.norm", head="lm_head",
+            writers=("self_attn.o_proj", "mlp.down_proj"), value="self_attn.qkv_proj", out="self_attn.o_proj",
+            head_dim=head_dim, online=("mlp.down_proj",), value_rows=(q_rows + kv_heads * head_dim,
+                                                                      q_rows + 2 * kv_heads * head_dim),
+        )
 
     def smooth_groups(self, model):
         cfg = model.config

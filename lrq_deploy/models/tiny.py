@@ -11,6 +11,7 @@ COMMON = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden
 TINY = {
     "qwen3": ("Qwen3Config", dict(head_dim=16)),
     "phi3": ("Phi3Config", {}),
+    "gemma": ("GemmaConfig", dict(head_dim=16)),
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16)),
     # sliding layers (local rotary base) around a full one
     "gemma3_text": ("Gemma3TextConfig", dict(num_hidden_layers=3, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,

@@ -126,3 +126,19 @@ def test_moe_offload_is_refused_in_one_line(tmp_path):
     result = invoke("calibrate", path, "-o", tmp_path / "q", "--offload")
     assert result.exit_code != 0 and "--offload does not serve moe models" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_rotated_checkpoint_exports_and_decodes(family_dir, tmp_path):
+    """--rotate on every family that can be rotated: calibrated W4A4 with the online transform before
+    each down_proj (each expert's too), its --with-past graph verified (logits and greedy tokens)."""
+    model_type, path = family_dir
+    if load_model(str(path)).adapter.rotation_layout(load_model(str(path)).model) is None:
+        pytest.skip(f"{model_type} is not rotated (post-norms)")
+    ckpt, graph = tmp_path / "q", tmp_path / "g.onnx"
+    result = invoke("-q", "calibrate", path, "-o", ckpt, "--wbits", "4", "--abits", "4", "--rotate", "hadamard",
+                    "--nsamples", "2", "--seq-len", "32")
+    assert result.exit_code == 0, result.output
+    result = invoke("-q", "export", ckpt, "--onnx", graph, "--target", "ort", "--with-past", "--limit", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "g.onnx.verify.json").read_text())
+    assert report["verify"]["within_tolerance"] and report["verify_generation"]["match"], report
