@@ -290,6 +290,14 @@ def _genai_directory(inputs: Inputs, damage: Callable[[Path], None] | None = Non
     return str(directory)
 
 
+def _rotated_checkpoint(inputs: Inputs) -> str:
+    out = inputs.path("rotated")
+    result = CliRunner().invoke(main, ["-q", "calibrate", str(inputs.shared["llama"]), "-o", out, "--wbits", "4",
+                                       "--rotate", "hadamard", *FAST])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def _flip_library_bytes(library: Path) -> None:
     code = bytearray(library.read_bytes())
     code[len(code) // 2] ^= 0xFF
@@ -341,6 +349,14 @@ CASES = [
     Case("calibrate-unsupported-architecture", lambda i: ["calibrate", _config(i, {"model_type": "gpt2"}), "-o", i.path("o")],
          "unsupported architecture 'gpt2' (supported: llama (llama, mistral, qwen2), qwen3 (qwen3), gemma (gemma, "
          "gemma2, gemma3_text), phi3 (phi3), moe (mixtral, qwen3_moe), opt"),
+    Case("calibrate-rotate-unrotatable-family", lambda i: ["calibrate", "bundled:vit", "-o", i.path("o"),
+                                                             "--rotate", "hadamard", *FAST],
+         "--rotate hadamard: a vit model cannot be rotated exactly yet"),
+    Case("calibrate-rotate-offloaded", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--rotate", "orthogonal",
+                                                  "--offload", *FAST],
+         "--rotate orthogonal needs the whole model in memory; drop --offload"),
+    Case("calibrate-rotate-unknown", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--rotate", "spin"],
+         "Invalid value for '--rotate'"),
     Case("calibrate-config-not-json", lambda i: ["calibrate", _config(i, "{not json"), "-o", i.path("o")], "is not valid JSON"),
     Case("calibrate-config-not-object", lambda i: ["calibrate", _config(i, "[1, 2]"), "-o", i.path("o")], "is not a model config"),
     Case("calibrate-pickle-weights-only", lambda i: ["calibrate", _pickle_only_model(i), "-o", i.path("o")],
@@ -502,6 +518,8 @@ CASES = [
     Case("calibrate-output-is-the-model", lambda i: ["calibrate", (m := i.model()), "-o", m, "--force"], "is the input"),
     Case("calibrate-force-over-user-directory", lambda i: ["calibrate", "-o", Path(i.file("mine/notes.txt", "x")).parent,
                                                            "--force"], "is not an lrq checkpoint"),
+    Case("export-vllm-rotated-online", lambda i: ["export", _rotated_checkpoint(i), "--vllm", i.path("v")],
+         "--vllm cannot carry lrq's online rotation before down_proj"),
     Case("export-vllm-over-the-checkpoint", lambda i: ["export", (c := i.checkpoint()), "--vllm", c, "--force"],
          "is the input"),
     Case("export-onnx-inside-the-checkpoint", lambda i: ["export", (c := i.checkpoint()), "--onnx", c / "model.safetensors",
