@@ -135,6 +135,8 @@ def lrq_and_peer_methods(args) -> tuple[list[str], dict]:
     return peers, {"lrq rtn": ("rtn", {}), "lrq lrquant+": ("lrquant+", learn),
                    "lrq --rotate hadamard rtn": ("rtn", {"rotate": "hadamard"}),
                    "lrq --rotate hadamard gptq": ("gptq", {"damp": args.damp, "rotate": "hadamard"}),
+                   "lrq --rotate hadamard lrquant+ --no-learn-transforms": ("lrquant+", {
+                       **learn, "rotate": "hadamard", "learn_transforms": False}),
                    "lrq --rotate hadamard lrquant+": ("lrquant+", {**learn, "rotate": "hadamard"}),
                    "lrq --rotate hadamard lrquant+ --rounding gptq": ("lrquant+", {**learn, "rotate": "hadamard",
                                                                                    "rounding": "gptq"})}

@@ -214,6 +214,21 @@ def _replace(parent: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent.get_submodule(owner) if owner else parent, child, module)
 
 
+def online_modules(block: nn.Module) -> dict[str, OnlineRotation]:
+    """The block's linears with an online transform, by name."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, OnlineRotation)}
+
+
+def learned_factors(transform: KroneckerTransform, mixes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The transform's factors each multiplied by a learned invertible matrix: F_i A_i."""
+    return [f @ a for f, a in zip(transform.factors(), mixes)]
+
+
+def weight_for_mixes(weight: torch.Tensor, mixes: list[torch.Tensor]) -> torch.Tensor:
+    """The weight that keeps x (T A) (W A^-T)^T = x T W^T, A = A_1 (x) ... (x) A_k: W (A_1^-T (x) ...)."""
+    return apply_factors(weight, [torch.linalg.inv(a).t() for a in mixes])
+
+
 def is_online(block: nn.Module, name: str) -> bool:
     return isinstance(block.get_submodule(name), OnlineRotation)
 

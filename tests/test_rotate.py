@@ -171,3 +171,43 @@ def test_calibration_records_where_rotation_pays(rotated_checkpoint, tmp_path):
         assert after["input_ratios"]["mlp.down_proj.linear"]["channel"] < before["input_ratios"]["mlp.down_proj"]["channel"]
         assert after["input_ratios"]["mlp.down_proj.linear"]["token"] < before["input_ratios"]["mlp.down_proj"]["token"]
     assert "mlp.down_proj" in describe(plain)["largest_input_ratios"]
+
+
+def test_learned_transforms_leave_the_full_precision_block_unchanged():
+    """Any invertible mixes A_i: factors F_i A_i and weight W A^-T compute the block's function."""
+    from torch.func import functional_call
+
+    from lrq_deploy.calib.learnable import BlockParams, transformed_block_params
+
+    loaded = _tiny("llama")
+    rotate_model(loaded, plan_rotation(loaded, "hadamard", seed=0))
+    block = loaded.adapter.blocks(loaded.model)[0]
+    params = BlockParams()
+    gen = torch.Generator().manual_seed(0)
+    for i, size in enumerate(block.mlp.down_proj.transform.sizes):
+        params.add("mix", f"mlp.down_proj.{i}", torch.eye(size) + 0.2 * torch.randn(size, size, generator=gen))
+    job = type("Job", (), {"block": block})()
+    x = torch.randn(2, 7, 64, generator=gen)
+    with torch.no_grad():
+        expected = block.mlp(x)
+        got = functional_call(block.mlp, {k.removeprefix("mlp."): v for k, v in
+                                          transformed_block_params(job, params, {}).items()}, (x,))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_learned_transforms_are_folded_into_the_checkpoint_and_export(tmp_path, tiny_llama_dir):
+    from lrq_deploy.export.onnx_export import export_onnx
+
+    out = tmp_path / "lt"
+    calibrate(str(tiny_llama_dir), out, W4A4, CalibConfig.of("lrquant+", nsamples=2, seqlen=32, epochs=2,
+                                                             rotate="hadamard"), device="cpu")
+    from safetensors.torch import load_file
+
+    loaded = load_checkpoint(out).loaded
+    for index, block in enumerate(loaded.adapter.blocks(loaded.model)):
+        learned = load_file(out.parent / "lt.run" / f"block_{index:03d}.safetensors")
+        mixes = [learned[f"mix__mlp_down_proj_{i}"] for i in range(2)]
+        expected = [h.float() @ m for h, m in zip(hadamard_factors(128), mixes)]
+        assert all(torch.equal(a, b) for a, b in zip(block.mlp.down_proj.transform.factors(), expected))
+    report = export_onnx(out, tmp_path / "lt.onnx", limit=2)
+    assert report["verify"]["within_tolerance"]

@@ -7,6 +7,9 @@ Per block, parameters are learned against the block's full-precision output:
 - LRQuant+ only: rank-1 "rotation" factors, init ones, placed where they fold exactly:
   a per-output-row gain carried by the stored scale, and a per-input-channel gain of each
   smoothing group folded into the module that produces the group's input (docs/METHOD.md).
+- on a rotated model (--rotate), unless --no-learn-transforms: each online transform's Kronecker
+  factors times learned invertible matrices (identity at the start), the linear's weight taking
+  their inverse, folded into the transform's factors (exact: the transform stays an explicit op).
 
 The forward pass used for learning is the block itself called with substituted parameters
 (torch.func.functional_call), so the modules, attention masks and rotary embeddings are the
@@ -30,6 +33,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.fold import fold_smoothing, group_params, reduce_to_prev, smooth_params
 from lrq_deploy.quant.grids import fake_quant_input, weight_grid
 from lrq_deploy.quant.scheme import group_length
+from lrq_deploy.rotate import learned_factors, online_modules, weight_for_mixes
 
 LWC_INIT = 4.0  # the largest initial clipping logit: sigmoid(4) = 0.982
 SEARCH_GRID = 20
@@ -101,6 +105,10 @@ def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
         params.add("scale", _group_key(i), scale.clamp(min=1e-5))
         if recipe.rotation:
             params.add("gain", _group_key(i), torch.ones_like(scale))
+    if getattr(job.options, "learn_transforms", False):
+        for name, module in online_modules(job.block).items():
+            for i, size in enumerate(module.transform.sizes):
+                params.add("mix", f"{name}.{i}", torch.eye(size))
     if qcfg.quantize_weights:
         for name in job.linear_names:
             linear = job.block.get_submodule(name)
@@ -162,9 +170,27 @@ def smoothed_block_params(job: BlockJob, params: BlockParams) -> dict[str, torch
     return current
 
 
+def _mixes(params: BlockParams, name: str, module) -> list[torch.Tensor] | None:
+    mixes = [params.get("mix", f"{name}.{i}") for i in range(len(module.transform.sizes))]
+    return None if any(m is None for m in mixes) else mixes
+
+
+def transformed_block_params(job: BlockJob, params: BlockParams, current: dict) -> dict[str, torch.Tensor]:
+    """The learned online transforms: each factor F_i A_i, the linear's weight W A^-T (differentiable)."""
+    for name, module in online_modules(job.block).items():
+        mixes = _mixes(params, name, module)
+        if mixes is None:
+            continue
+        for i, factor in enumerate(learned_factors(module.transform, mixes)):
+            current[f"{name}.transform.factor{i}"] = factor
+        key = f"{name}.linear.weight"
+        current[key] = weight_for_mixes(current.get(key, module.linear.weight.detach()), mixes)
+    return current
+
+
 def fake_quant_block_params(job: BlockJob, params: BlockParams) -> dict[str, torch.Tensor]:
     qcfg = job.qconfig
-    current = smoothed_block_params(job, params)
+    current = transformed_block_params(job, params, smoothed_block_params(job, params))
     if not qcfg.quantize_weights:
         return current
     grid = weight_grid(qcfg)
@@ -307,7 +333,7 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
     started. Returns the training record: loss_curve, mse / cosine per epoch, best_epoch."""
     cfg, options = job.cconfig, job.options
     groups = [
-        {"params": params.of_kind("scale", "shift", "gain", "row_gain"), "lr": options.lr_smooth},
+        {"params": params.of_kind("scale", "shift", "gain", "row_gain", "mix"), "lr": options.lr_smooth},
         {"params": params.of_kind("lwc_up", "lwc_low"), "lr": options.lr_lwc},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
@@ -373,11 +399,21 @@ def fold_and_quantize(job: BlockJob, params: BlockParams) -> dict:
     return {"rounding": chosen, "rounding_mse": errors}
 
 
+def fold_transforms(job: BlockJob, params: BlockParams) -> None:
+    """Write the learned online transforms into the block: the factors F_i A_i, the weight W A^-T
+    (the same arithmetic as transformed_block_params, so what was trained is what is folded)."""
+    folded = transformed_block_params(job, params, {})
+    for name, value in folded.items():
+        owner, _, attribute = name.rpartition(".")
+        getattr(job.block.get_submodule(owner), attribute).copy_(value)
+
+
 def _quantize_as(job: BlockJob, params: BlockParams, rounding: str) -> None:
     learned = rounding.startswith("learned")
     if learned:
         for i, group in enumerate(job.groups):
             fold_smoothing(job.block, group, *_smoothing(params, i))
+        fold_transforms(job, params)
     clip = {}
     if learned and job.qconfig.quantize_weights:
         clip = {
