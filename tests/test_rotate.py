@@ -211,3 +211,36 @@ def test_learned_transforms_are_folded_into_the_checkpoint_and_export(tmp_path, 
         assert all(torch.equal(a, b) for a, b in zip(block.mlp.down_proj.transform.factors(), expected))
     report = export_onnx(out, tmp_path / "lt.onnx", limit=2)
     assert report["verify"]["within_tolerance"]
+
+
+def test_online_transform_graph_equals_the_torch_reference(tmp_path):
+    """The transform as torch.onnx writes it (Reshape, MatMul, Transpose per factor) in onnxruntime:
+    float32 within accumulation-order rounding of torch's result."""
+    import onnxruntime as ort
+
+    from lrq_deploy.rotate import online_transform
+
+    factors = hadamard_factors(688, torch.Generator().manual_seed(0))  # a random 43 and a Sylvester 16
+    transform = online_transform(factors).eval()
+    x = torch.randn(2, 5, 688, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "t.onnx"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(transform, (x,), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_shapes=({0: batch},), dynamo=True)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        expected = transform(x).numpy()
+    assert abs(got - expected).max() < 1e-5 and abs(expected - (x.double() @ kron_all(factors)).numpy()).max() < 1e-5
+
+
+def test_rotated_genai_directory_with_the_cpu_kernel_generates_what_torch_generates(tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from lrq_deploy.export import ExportOptions
+    from lrq_deploy.export.genai import export_genai
+
+    ckpt = tmp_path / "w4"
+    calibrate("bundled:llama", ckpt, QuantScheme(wbits=4, group_size=32, symmetric=True),
+              CalibConfig.of("rtn", nsamples=2, seqlen=32, rotate="hadamard"), device="cpu")
+    report = export_genai(ckpt, tmp_path / "genai", ExportOptions(limit=2, cpu_kernels=True))
+    assert report["verify"]["within_tolerance"] and report["verify_generation"]["match"]
+    assert report["genai_generation"]["onnxruntime_genai"] == report["genai_generation"]["torch"]
