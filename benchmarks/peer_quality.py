@@ -128,7 +128,11 @@ def lrq_and_peer_methods(args) -> tuple[list[str], dict]:
     quantized the rotation recipes beside lrq's rotated and unrotated methods."""
     learn = {"epochs": args.epochs}
     if args.abits == 16:
-        return ["GPTQ"], {"lrq gptq": ("gptq", {"damp": args.damp}), "lrq rtn": ("rtn", {}), "lrq awq": ("awq", {}),
+        # llm-compressor's GPTQModifier orders columns by the Hessian's diagonal by default (actorder
+        # "static" since 0.6): lrq's --act-order is the same ordering with the same static groups
+        return ["GPTQ"], {"lrq gptq": ("gptq", {"damp": args.damp}),
+                          "lrq gptq --act-order": ("gptq", {"damp": args.damp, "act_order": True}),
+                          "lrq rtn": ("rtn", {}), "lrq awq": ("awq", {}),
                           "lrq lrquant": ("lrquant", learn),
                           "lrq lrquant --rounding gptq": ("lrquant", {**learn, "rounding": "gptq"})}
     peers = ["GPTQ", "quip(v)+GPTQ", "spinquant(R1,R2,R4)+GPTQ", "spinquant(R1,R2,R4)+rtn"]
