@@ -136,14 +136,19 @@ def lrq_and_peer_methods(args) -> tuple[list[str], dict]:
                           "lrq lrquant": ("lrquant", learn),
                           "lrq lrquant --rounding gptq": ("lrquant", {**learn, "rounding": "gptq"})}
     peers = ["GPTQ", "quip(v)+GPTQ", "spinquant(R1,R2,R4)+GPTQ", "spinquant(R1,R2,R4)+rtn"]
-    return peers, {"lrq rtn": ("rtn", {}), "lrq lrquant+": ("lrquant+", learn),
-                   "lrq --rotate hadamard rtn": ("rtn", {"rotate": "hadamard"}),
-                   "lrq --rotate hadamard gptq": ("gptq", {"damp": args.damp, "rotate": "hadamard"}),
-                   "lrq --rotate hadamard lrquant+ --no-learn-transforms": ("lrquant+", {
-                       **learn, "rotate": "hadamard", "learn_transforms": False}),
-                   "lrq --rotate hadamard lrquant+": ("lrquant+", {**learn, "rotate": "hadamard"}),
-                   "lrq --rotate hadamard lrquant+ --rounding gptq": ("lrquant+", {**learn, "rotate": "hadamard",
-                                                                                   "rounding": "gptq"})}
+    methods = {"lrq rtn": ("rtn", {}), "lrq lrquant+": ("lrquant+", learn)}
+    for rotation in args.rotations:
+        flag, rotate = f"lrq --rotate {rotation}", {"rotate": rotation}
+        methods[f"{flag} rtn"] = ("rtn", rotate)
+        if args.abits == 4 and rotation == args.rotations[0]:
+            methods[f"{flag} gptq"] = ("gptq", {"damp": args.damp, **rotate})
+            methods[f"{flag} lrquant+"] = ("lrquant+", {**learn, **rotate})
+        methods[f"{flag} lrquant+ --rounding gptq"] = ("lrquant+", {**learn, **rotate, "rounding": "gptq"})
+    if args.abits == 4 and args.rotations:
+        rotation = args.rotations[0]
+        methods[f"lrq --rotate {rotation} lrquant+ --rounding gptq --no-learn-transforms"] = ("lrquant+", {
+            **learn, "rotate": rotation, "rounding": "gptq", "learn_transforms": False})
+    return peers, methods
 
 
 def hf_directory(model: str) -> Path:
@@ -165,6 +170,8 @@ def main():
     parser.add_argument("--abits", type=int, default=16, help="below 16: per-token activations, rotation rows too")
     parser.add_argument("--act-sym", action="store_true", help="symmetric activations (default asymmetric)")
     parser.add_argument("--epochs", type=int, default=10, help="lrq's learnable methods")
+    parser.add_argument("--rotations", nargs="*", default=["hadamard", "random-hadamard"],
+                        help="with --abits below 16: lrq's --rotate values compared (every method on the first)")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--damp", type=float, default=0.01)

@@ -149,8 +149,9 @@ def method_options(command):
                    "rounding; a head tied to the embeddings is untied (embeddings stay full precision).")
 @click.option("--rotate", type=click.Choice(ROTATIONS), default="none", show_default=True,
               help="Rotate the model first (QuaRot): R1 on the residual stream and R2 per head folded into the "
-                   "weights, a Hadamard transform online before down_proj; hadamard = randomized Hadamard, "
-                   "orthogonal = random orthogonal (seeded by --seed).")
+                   "weights, a Hadamard transform online before down_proj. R1 / R2: hadamard (Sylvester / Paley), "
+                   "random-hadamard (the same after random signs, QuaRot's) or orthogonal (Haar-random); the "
+                   "random ones seeded by --seed.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--run-dir", type=PATH, default=None, help="Per-block learned parameters (default OUT.run).")

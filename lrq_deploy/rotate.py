@@ -30,7 +30,7 @@ from torch import nn
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, RotationLayout
 
-MATRICES = ("hadamard", "orthogonal")
+MATRICES = ("hadamard", "random-hadamard", "orthogonal")
 MAX_FACTOR = 64  # online power-of-two factors are split to at most this size (cost per element: sum of sizes)
 MAX_PALEY = 256  # larger Paley factors would cost more than a random orthogonal factor of the odd part
 
@@ -113,12 +113,15 @@ def kron_all(factors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def rotation_matrix(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
-    """R1 / R2 of size n: a randomized Hadamard matrix (random signs, then the Hadamard product), or a
-    Haar-random orthogonal matrix; float64."""
+    """R1 / R2 of size n, float64: the Hadamard matrix of hadamard_factors ("hadamard"), the same
+    after random signs ("random-hadamard", QuaRot's), or a Haar-random orthogonal matrix."""
     if kind == "orthogonal":
         return random_orthogonal(n, generator)
+    hadamard = kron_all(hadamard_factors(n, generator))
+    if kind == "hadamard":
+        return hadamard
     signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
-    return signs.view(-1, 1) * kron_all(hadamard_factors(n, generator))
+    return signs.view(-1, 1) * hadamard
 
 
 # ---------------------------------------------------------------------------------------------

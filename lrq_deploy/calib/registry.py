@@ -123,7 +123,7 @@ def option_fields() -> dict[str, tuple[Any, str, list[str]]]:
     return found
 
 
-ROTATIONS = ("none", "hadamard", "orthogonal")  # --rotate: rotate.py's rotation matrices, or none
+ROTATIONS = ("none", "hadamard", "random-hadamard", "orthogonal")  # --rotate: rotate.py's rotation matrices, or none
 
 
 @dataclass(frozen=True)
