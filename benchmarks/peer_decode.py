@@ -131,6 +131,10 @@ def set_accuracy(directory: Path, level: int) -> int:
     return len(nodes)
 
 
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f}x [{min(values):.3f}-{max(values):.3f}]"
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--set-accuracy"]:
         print(f"{set_accuracy(Path(sys.argv[2]), int(sys.argv[3]))} MatMulNBits nodes set to accuracy {sys.argv[3]}")
@@ -155,26 +159,32 @@ def main() -> int:
             else:
                 figures = time_genai(target, args.peer_python, args.prompt_len, args.new_tokens, args.threads)
             runs[str(target)].append(figures)
-            print(f"round {round_index + 1}: {kind} {target}: {figures['tokens_per_s']:.2f} tokens/s", file=sys.stderr,
-                  flush=True)
+            first = runs[str(targets[0][1])][round_index]
+            print(f"round {round_index + 1}: {kind} {target}: {figures['tokens_per_s']:.2f} tokens/s "
+                  f"({figures['tokens_per_s'] / first['tokens_per_s']:.3f}x the first), TTFT {figures['ttft_ms']:.1f} ms "
+                  f"({figures['ttft_ms'] / first['ttft_ms']:.3f}x)", file=sys.stderr, flush=True)
     median = {str(t): statistics.median(r["tokens_per_s"] for r in runs[str(t)]) for _, t in targets}
     weights = {str(t): weights_of(t) for _, t in targets}
-    base = median[str(targets[0][1])]
     builder = {}  # the peer of each numerics class: the first builder graph at that accuracy level
     for kind, target in targets:
         _, level, by_lrq = weights[str(target)]
         if kind == "onnxruntime-genai" and not by_lrq and level is not None:
             builder.setdefault(level, median[str(target)])
     print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} thread(s), {args.rounds} rounds "
-          "(median)\n")
-    print("| runtime | graph | weights | TTFT ms | tokens/s | vs first | vs the builder's graph, same accuracy |\n"
-          "|---|---|---|---|---|---|---|")
+          "(median [min-max]; ratios to the first target per round, interleaved)\n")
+    print("| runtime | graph | weights | TTFT ms | tokens/s | vs first (per round) | TTFT vs first (per round) "
+          "| vs the builder's graph, same accuracy |\n|---|---|---|---|---|---|---|---|")
     for kind, target in targets:
         tps, (description, level, _) = median[str(target)], weights[str(target)]
-        ttft = statistics.median(r["ttft_ms"] for r in runs[str(target)])
+        own, first = runs[str(target)], runs[str(targets[0][1])]
+        ttfts, speeds = [r["ttft_ms"] for r in own], [r["tokens_per_s"] for r in own]
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(own, first)]
+        ttft_ratios = [a["ttft_ms"] / b["ttft_ms"] for a, b in zip(own, first)]
         peer = f"{tps / builder[level]:.3f}x" if level in builder else ""
         runtime = "lrq bench" if kind == "lrq" else "onnxruntime-genai"
-        print(f"| {runtime} | {label(target)} | {description} | {ttft:.1f} | {tps:.2f} | {tps / base:.2f}x | {peer} |")
+        print(f"| {runtime} | {label(target)} | {description} | {statistics.median(ttfts):.1f} "
+              f"[{min(ttfts):.1f}-{max(ttfts):.1f}] | {tps:.2f} [{min(speeds):.2f}-{max(speeds):.2f}] | "
+              f"{_spread(ratios)} | {_spread(ttft_ratios)} | {peer} |")
     return 0
 
 

@@ -63,7 +63,7 @@ def read_file_header(path: Path) -> dict[str, TensorHeader]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            dtype, shape, (_begin, end) = str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise LrqError(f"{path} is corrupt (header entry {name!r} lacks dtype/shape/data_offsets)") from None
         if end > data_bytes:
