@@ -131,7 +131,7 @@ def _attach_qparams(model: nn.Module, ckpt, expected: dict):
     """The compressed-tensors scheme of the checkpoint, with its scales and zero points frozen in."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
-        QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
+        QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
     )
 
     quant = ckpt.quant
