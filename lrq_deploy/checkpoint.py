@@ -21,7 +21,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
 from lrq_deploy.provenance import library_versions, sha256_of
 from lrq_deploy.quant import QuantLinear
-from lrq_deploy.rotate import add_online_structure
+from lrq_deploy.rotate import add_rotation_structure
 
 FORMAT = "lrq-checkpoint"
 FORMAT_VERSION = 3  # 2: manifest records size and sha256 of every file; 3: and the sha256 of its own fields
@@ -208,7 +208,7 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     adapter = adapter_for_family(manifest["family"])
     model, tokenizer = adapter.build_skeleton(path, manifest)
     if manifest.get("rotation"):
-        add_online_structure(adapter.blocks(model), manifest["rotation"])
+        add_rotation_structure(model, adapter.blocks(model), manifest["rotation"])
     for name in manifest["quantized_modules"]:
         _swap_in_shell(model, name, qconfig)
     missing, unexpected = _load_weights(model, path / WEIGHTS)

@@ -180,6 +180,25 @@ class OnlineRotation(nn.Module):
         return self.linear(self.transform(x))
 
 
+class CentredNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight + bias: a LayerNorm of a zero-mean stream (where the mean it
+    subtracts is zero), in the form a rotation passes: no mean to subtract, a bias that rotates."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight + self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
 def online_transform(factors: list[torch.Tensor]) -> KroneckerTransform:
     transform = KroneckerTransform([f.shape[0] for f in factors])
     for buffer, factor in zip(transform.factors(), factors):
@@ -187,11 +206,17 @@ def online_transform(factors: list[torch.Tensor]) -> KroneckerTransform:
     return transform
 
 
-def add_online_structure(blocks: nn.ModuleList, record: dict) -> None:
-    """Rebuild the online transforms a checkpoint recorded (their factors then load from its weights)."""
+def add_rotation_structure(model: nn.Module, blocks: nn.ModuleList, record: dict) -> None:
+    """Rebuild the modules a rotated checkpoint recorded: the online transforms and the centred norms
+    that replaced LayerNorms (their tensors then load from its weights)."""
     online = record.get("online", {}) if isinstance(record, dict) else None
     if not isinstance(online, dict):
         raise LrqError("manifest.json: its rotation record has no online transforms table")
+    norms = record.get("centred_norms", {"model": [], "blocks": []})
+    for owner, names in ((model, norms.get("model", [])), *((b, norms.get("blocks", [])) for b in blocks)):
+        for name in names:
+            norm = _find(owner, name, nn.LayerNorm)
+            _replace(owner, name, CentredNorm(norm.normalized_shape[0], norm.eps))
     for block in blocks:
         for name, sizes in online.items():
             linear = _find(block, name)
@@ -202,13 +227,13 @@ def add_online_structure(blocks: nn.ModuleList, record: dict) -> None:
             _replace(block, name, OnlineRotation(KroneckerTransform(sizes), linear))
 
 
-def _find(block: nn.Module, name: str) -> nn.Linear:
+def _find(owner: nn.Module, name: str, kind: type = nn.Linear) -> nn.Module:
     try:
-        module = block.get_submodule(name)
+        module = owner.get_submodule(name)
     except AttributeError:
         module = None
-    if not isinstance(module, nn.Linear):
-        raise LrqError(f"manifest.json names an online transform before {name}, but the model has no linear there")
+    if not isinstance(module, kind):
+        raise LrqError(f"manifest.json names a rotated {name}, but the model has no {kind.__name__} there")
     return module
 
 
@@ -256,14 +281,18 @@ def plan_rotation(loaded: LoadedModel, kind: str, seed: int) -> RotationPlan | N
     adapter = loaded.adapter
     layout = adapter.rotation_layout(loaded.model)
     if layout is None:
-        families = "llama, mistral, qwen2, qwen3, phi3, mixtral, qwen3_moe, gemma"
-        raise LrqError(f"--rotate {kind}: a {adapter.family} model cannot be rotated exactly yet (supported: {families})")
+        families = "llama, mistral, qwen2, qwen3, phi3, mixtral, qwen3_moe, gemma, pre-LN opt, vit / deit"
+        raise LrqError(f"--rotate {kind}: a {adapter.family} model cannot be rotated exactly (rotations fold into "
+                       f"{families}; post-norm layouts such as BERT's, OPT-350m's and Gemma 2 / 3's normalise or "
+                       "scale each sublayer's output before the residual add)")
     if loaded.materialize is not None:
         raise LrqError(f"--rotate {kind} needs the whole model in memory; drop --offload")
     for norm in _norms(adapter, loaded.model, layout):
-        if getattr(norm, "bias", None) is not None:
+        if getattr(norm, "bias", None) is not None and not layout.centred:
             raise LrqError(f"--rotate {kind}: {type(norm).__name__} has a bias (LayerNorm); only RMS norms commute "
                            "with a rotation")
+        if layout.centred and bool((norm.weight == 0).any()):
+            raise LrqError(f"--rotate {kind}: a LayerNorm weight is exactly 0, so its bias cannot move behind it")
     return RotationPlan(kind, seed, layout)
 
 
@@ -280,20 +309,24 @@ def rotate_model(loaded: LoadedModel, plan: RotationPlan) -> dict:
     generator = torch.Generator().manual_seed(plan.seed)
     untie_head(model, model.get_submodule(layout.head))
     blocks = adapter.blocks(model)
-    hidden = model.get_submodule(layout.embeddings).weight.shape[1]
+    hidden = model.get_submodule(layout.head).in_features
     r1 = rotation_matrix(plan.kind, hidden, generator)
     r2 = rotation_matrix(plan.kind, layout.head_dim, generator)
     norm_groups = [g for g in adapter.smooth_groups(model) if g.prev_kind == "norm"]
-    embeddings = model.get_submodule(layout.embeddings)
-    embeddings.weight.copy_(_mm(embeddings.weight, r1))
+    if layout.centred:
+        _centre_stream(model, blocks, layout)
+    for tensor in _stream_tensors(model, layout):
+        tensor.copy_(_mm(tensor, r1))
+    for name in layout.input_writers:
+        _rotate_output(model.get_submodule(name), r1)
     head = model.get_submodule(layout.head)
-    _fuse_norm(model.get_submodule(layout.final_norm), [head], layout.norm_offset)
+    _fuse_norm(model, layout.final_norm, [head], layout, r1)
     head.weight.copy_(_mm(head.weight, r1))
     online: dict[str, list[int]] = {}
     for block in blocks:
         for group in norm_groups:
             readers = [block.get_submodule(n) for n in group.linears + group.followers]
-            _fuse_norm(block.get_submodule(group.prev), readers, group.norm_offset)
+            _fuse_norm(block, group.prev, readers, layout, r1)
             for linear in readers:
                 linear.weight.copy_(_mm(linear.weight, r1))
         for name in layout.writers:
@@ -306,26 +339,58 @@ def rotate_model(loaded: LoadedModel, plan: RotationPlan) -> dict:
             transform = online_transform(factors).to(linear.weight.device)
             _replace(block, name, OnlineRotation(transform, linear))
             online[name] = transform.sizes
-    return {"kind": plan.kind, "seed": plan.seed, "r1": hidden, "r2": layout.head_dim, "online": online}
+    record = {"kind": plan.kind, "seed": plan.seed, "r1": hidden, "r2": layout.head_dim, "online": online}
+    if layout.centred:
+        record["centred_norms"] = {"model": [layout.final_norm], "blocks": sorted({g.prev for g in norm_groups})}
+    return record
+
+
+def _centre_stream(model: nn.Module, blocks: nn.ModuleList, layout: RotationLayout) -> None:
+    """Every writer's output made zero-mean over the hidden channels: the LayerNorms then subtract a
+    mean of zero (their outputs unchanged), and can become RMS norms."""
+    for tensor in _stream_tensors(model, layout):
+        tensor.copy_(tensor - tensor.mean(dim=-1, keepdim=True))
+    writers = [model.get_submodule(n) for n in layout.input_writers]
+    writers += [block.get_submodule(n) for block in blocks for n in layout.writers]
+    for module in writers:
+        module.weight.copy_(module.weight - module.weight.mean(dim=0, keepdim=True))
+        if module.bias is not None:
+            module.bias.copy_(module.bias - module.bias.mean())
+
+
+def _stream_tensors(model: nn.Module, layout: RotationLayout) -> list[torch.Tensor]:
+    """Model tensors whose last axis is the stream: token and position tables, class tokens."""
+    tables = [model.get_submodule(n).weight for n in (layout.embeddings, layout.positions) if n]
+    return tables + [model.get_parameter(n) for n in layout.stream_tensors]
 
 
 def _mm(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return (weight.double() @ rotation.to(weight.device)).to(weight.dtype)
 
 
-def _fuse_norm(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
-    """The norm's per-channel weight moved into the linears reading its output; the norm then scales
-    by one (what commutes with a rotation)."""
-    gain = norm.weight.double() + offset
+def _fuse_norm(owner: nn.Module, name: str, readers: list[nn.Module], layout: RotationLayout,
+               rotation: torch.Tensor) -> None:
+    """The norm's per-channel weight moved into the linears reading its output, so that the norm
+    scales by one (what commutes with the rotation). A LayerNorm (centred stream) becomes a
+    CentredNorm whose bias, divided by that weight, is rotated with the stream."""
+    norm = owner.get_submodule(name)
+    gain = norm.weight.double() + layout.norm_offset
     for linear in readers:
         linear.weight.copy_((linear.weight.double() * gain.view(1, -1)).to(linear.weight.dtype))
-    norm.weight.fill_(1.0 - offset)
+    if not layout.centred:
+        norm.weight.fill_(1.0 - layout.norm_offset)
+        return
+    centred = CentredNorm(gain.numel(), norm.eps).to(norm.weight.device)
+    if norm.bias is not None:
+        centred.bias.copy_(((norm.bias.double() / gain) @ rotation.to(gain.device)).to(centred.bias.dtype))
+    _replace(owner, name, centred)
 
 
-def _rotate_output(linear: nn.Linear, rotation: torch.Tensor) -> None:
-    """out -> out Q: W' = Q^T W, b' = b Q."""
+def _rotate_output(linear: nn.Module, rotation: torch.Tensor) -> None:
+    """out -> out Q: W' = Q^T W, b' = b Q (a convolution's output channels alike)."""
     rotation = rotation.to(linear.weight.device)
-    linear.weight.copy_((rotation.t() @ linear.weight.double()).to(linear.weight.dtype))
+    weight = linear.weight.double().flatten(1)
+    linear.weight.copy_((rotation.t() @ weight).view(linear.weight.shape).to(linear.weight.dtype))
     if linear.bias is not None:
         linear.bias.copy_((linear.bias.double() @ rotation).to(linear.bias.dtype))
 

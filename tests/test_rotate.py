@@ -51,6 +51,15 @@ def _tiny(model_type: str):
 
     if model_type in TINY:
         model = tiny_model(model_type)
+    elif model_type == "opt":
+        torch.manual_seed(0)
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=2048, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=64, max_position_embeddings=256)).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    param.add_(torch.rand_like(param) * 0.5)
     else:
         config = getattr(transformers, {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "llama": "LlamaConfig"}[
             model_type])(**COMMON, tie_word_embeddings=model_type == "qwen2")
@@ -65,7 +74,8 @@ def _tiny(model_type: str):
     return LoadedModel(model=model, adapter=adapter, tokenizer=None, spec=model_type)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "mixtral", "qwen3_moe",
+                                        "opt"])
 @pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
 def test_rotated_model_computes_the_original_function(model_type, kind):
     loaded = _tiny(model_type)
@@ -80,15 +90,35 @@ def test_rotated_model_computes_the_original_function(model_type, kind):
     layout = loaded.adapter.rotation_layout(loaded.model)
     assert set(record["online"]) == set(layout.online) and all(
         isinstance(block.get_submodule(name), OnlineRotation) for name in layout.online)
-    assert torch.equal(block.input_layernorm.weight + layout.norm_offset, torch.ones(64))
+    for group in loaded.adapter.smooth_groups(loaded.model):
+        if group.prev_kind == "norm":
+            assert torch.equal(block.get_submodule(group.prev).weight + layout.norm_offset, torch.ones(64))
     embeddings, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
     assert embeddings.weight.data_ptr() != head.weight.data_ptr() and not loaded.model.config.tie_word_embeddings
 
 
-def test_families_that_cannot_be_rotated_are_refused_in_one_line(tiny_opt_dir):
-    loaded = load_model(str(tiny_opt_dir), "cpu")
-    with pytest.raises(LrqError, match="a opt model cannot be rotated exactly"):
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_rotated_vit_computes_the_original_function(kind):
+    """Pre-LN ViT: patch embedding, class token and positions centred and rotated, LayerNorms turned
+    CentredNorms, fc2 rotated online (width 256 = 64 x 4)."""
+    loaded = load_model("bundled:vit", "cpu")
+    images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(images)
+        record = rotate_model(loaded, plan_rotation(loaded, kind, seed=1))
+        got = loaded.model(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert record["online"] == {"mlp.fc2": [64, 4]} and record["centred_norms"]["blocks"] == ["norm1", "norm2"]
+
+
+def test_families_that_cannot_be_rotated_are_refused_in_one_line(tiny_bert_dir):
+    loaded = load_model(str(tiny_bert_dir), "cpu")
+    with pytest.raises(LrqError, match="a bert model cannot be rotated exactly"):
         plan_rotation(loaded, "hadamard", 0)
+    post_ln = _tiny("opt")
+    post_ln.model.config.do_layer_norm_before = False  # OPT-350m's layout: the residual itself normalised
+    with pytest.raises(LrqError, match="a opt model cannot be rotated exactly"):
+        plan_rotation(post_ln, "hadamard", 0)
     with pytest.raises(LrqError, match="a gemma model cannot be rotated exactly"):  # Gemma 2's post-norms
         plan_rotation(_tiny("gemma2"), "hadamard", 0)
     with pytest.raises(LrqError, match="--rotate must be one of"):
@@ -244,3 +274,28 @@ def test_rotated_genai_directory_with_the_cpu_kernel_generates_what_torch_genera
     report = export_genai(ckpt, tmp_path / "genai", ExportOptions(limit=2, cpu_kernels=True))
     assert report["verify"]["within_tolerance"] and report["verify_generation"]["match"]
     assert report["genai_generation"]["onnxruntime_genai"] == report["genai_generation"]["torch"]
+
+
+def test_rotated_opt_checkpoint_reloads_bit_exactly_and_exports(tiny_opt_dir, tmp_path):
+    """LayerNorm (pre-LN OPT): the stream centred, each norm a CentredNorm with its rotated bias, fc2
+    rotated online; the checkpoint rebuilds those modules and its KV-cache graph verifies."""
+    from lrq_deploy.calib import blockwise
+    from lrq_deploy.export.onnx_export import export_onnx
+    from lrq_deploy.rotate import CentredNorm
+
+    out, kept = tmp_path / "opt", {}
+    original = blockwise.calibrate_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("lrq_deploy.calib.api.calibrate_model", lambda *a, **k: kept.setdefault("result", original(*a, **k)))
+        calibrate(str(tiny_opt_dir), out, W4A4, CalibConfig.of("smoothquant", nsamples=2, seqlen=32, rotate="hadamard"),
+                  device="cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rotation"]["centred_norms"] == {
+        "model": ["model.decoder.final_layer_norm"], "blocks": ["final_layer_norm", "self_attn_layer_norm"]}
+    model = load_checkpoint(out).loaded.model
+    assert isinstance(model.model.decoder.final_layer_norm, CentredNorm)
+    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, kept["result"].model(input_ids=ids).logits)
+    report = export_onnx(out, tmp_path / "opt.onnx", limit=2, with_past=True)
+    assert report["verify"]["within_tolerance"] and report["verify_generation"]["match"]

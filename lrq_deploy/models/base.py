@@ -41,8 +41,8 @@ class SmoothGroup:
 
 @dataclass(frozen=True)
 class RotationLayout:
-    """Where orthogonal rotations fold into a decoder (names: model-level for embeddings / final_norm /
-    head, block-level for the rest). The residual stream is rotated by R1: embeddings and residual
+    """Where orthogonal rotations fold into a transformer (names: model-level for embeddings /
+    final_norm / head, block-level for the rest; embeddings "" where tokens are not looked up). The residual stream is rotated by R1: embeddings and residual
     writers on their output side, every linear reading a norm's output (the smoothing table's norm
     groups, norm weights fused into them first) and the head on their input side. R2 rotates each
     attention head between `value` (output rows) and `out` (input columns). `online` linears get an
@@ -58,6 +58,12 @@ class RotationLayout:
     online: tuple[str, ...] = ()
     norm_offset: float = 0.0
     value_rows: tuple[int, int] | None = None  # the value rows of a fused qkv projection
+    positions: str | None = None  # learned position embeddings added to the stream (another writer)
+    # LayerNorm (mean and bias): the stream is centred first (every writer's output made zero-mean),
+    # so each norm can become an RMS norm, whose weight folds into its readers and whose bias stays
+    centred: bool = False
+    stream_tensors: tuple[str, ...] = ()  # model parameters added to the stream (class token, position table)
+    input_writers: tuple[str, ...] = ()  # model modules writing the stream through their output channels (patch conv)
 
 
 @dataclass

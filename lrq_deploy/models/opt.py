@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrq_deploy.models.base import SmoothGroup
+from lrq_deploy.models.base import RotationLayout, SmoothGroup
 from lrq_deploy.models.causal_lm import CausalLMAdapter
 
 
@@ -12,6 +12,20 @@ class OptAdapter(CausalLMAdapter):
 
     def decoder(self, model):
         return model.model.decoder
+
+    def rotation_layout(self, model):
+        """Pre-LN OPT with the embeddings as wide as the stream: LayerNorm turned RMS by centring the
+        stream. Post-LN OPT (350m) normalises the residual itself, which no rotation passes."""
+        cfg = model.config
+        if not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size:
+            return None
+        decoder = "model.decoder"
+        return RotationLayout(
+            embeddings=f"{decoder}.embed_tokens", positions=f"{decoder}.embed_positions",
+            final_norm=f"{decoder}.final_layer_norm", head="lm_head", writers=("self_attn.out_proj", "fc2"),
+            value="self_attn.v_proj", out="self_attn.out_proj", head_dim=cfg.hidden_size // cfg.num_attention_heads,
+            online=("fc2",), centred=True,
+        )
 
     def smooth_groups(self, model):
         return [

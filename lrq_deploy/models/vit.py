@@ -12,7 +12,7 @@ from lrq_deploy import data
 from lrq_deploy.errors import LrqError
 from lrq_deploy.metrics.top1 import top1_accuracy, top1_from_logits
 from lrq_deploy.graph_io import BATCH_AXIS, GraphIO, TensorSpec
-from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, SmoothGroup, static_batches
+from lrq_deploy.models.base import BlockInputs, ExportSpec, ModelAdapter, RotationLayout, SmoothGroup, static_batches
 
 
 class VitAdapter(ModelAdapter):
@@ -26,6 +26,23 @@ class VitAdapter(ModelAdapter):
 
     def head(self, model):
         return ("head", model.head) if isinstance(getattr(model, "head", None), nn.Linear) else None
+
+    def rotation_layout(self, model):
+        """Pre-LN ViT / DeiT, LayerNorm turned RMS by centring the stream (patch embedding, class token
+        and position table made zero-mean). Not: layer scales, register or distillation tokens (a
+        second head), a norm after pooling."""
+        identity = all(isinstance(getattr(model, n, nn.Identity()), nn.Identity) for n in ("norm_pre", "fc_norm"))
+        plain = all(isinstance(b.ls1, nn.Identity) and isinstance(b.ls2, nn.Identity) for b in model.blocks)
+        if not (identity and plain and isinstance(model.norm, nn.LayerNorm)) or getattr(model, "reg_token", None) \
+                is not None or getattr(model, "dist_token", None) is not None or self.head(model) is None:
+            return None
+        dim, heads = model.embed_dim, model.blocks[0].attn.num_heads
+        tensors = tuple(n for n in ("cls_token", "pos_embed") if getattr(model, n, None) is not None)
+        return RotationLayout(
+            embeddings="", final_norm="norm", head="head", writers=("attn.proj", "mlp.fc2"), value="attn.qkv",
+            out="attn.proj", head_dim=dim // heads, online=("mlp.fc2",), value_rows=(2 * dim, 3 * dim), centred=True,
+            stream_tensors=tensors, input_writers=("patch_embed.proj",),
+        )
 
     def smooth_groups(self, model):
         dim = model.embed_dim
