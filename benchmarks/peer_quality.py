@@ -146,8 +146,8 @@ def lrq_and_peer_methods(args) -> tuple[list[str], dict]:
         methods[f"{flag} lrquant+ --rounding gptq"] = ("lrquant+", {**learn, **rotate, "rounding": "gptq"})
     if args.abits == 4 and args.rotations:
         rotation = args.rotations[0]
-        methods[f"lrq --rotate {rotation} lrquant+ --rounding gptq --no-learn-transforms"] = ("lrquant+", {
-            **learn, "rotate": rotation, "rounding": "gptq", "learn_transforms": False})
+        methods[f"lrq --rotate {rotation} lrquant+ --rounding gptq --learn-transforms"] = ("lrquant+", {
+            **learn, "rotate": rotation, "rounding": "gptq", "learn_transforms": True})
     return peers, methods
 
 

@@ -230,7 +230,7 @@ def test_learned_transforms_are_folded_into_the_checkpoint_and_export(tmp_path, 
 
     out = tmp_path / "lt"
     calibrate(str(tiny_llama_dir), out, W4A4, CalibConfig.of("lrquant+", nsamples=2, seqlen=32, epochs=2,
-                                                             rotate="hadamard"), device="cpu")
+                                                             rotate="hadamard", learn_transforms=True), device="cpu")
     from safetensors.torch import load_file
 
     loaded = load_checkpoint(out).loaded

@@ -7,7 +7,7 @@ Per block, parameters are learned against the block's full-precision output:
 - LRQuant+ only: rank-1 "rotation" factors, init ones, placed where they fold exactly:
   a per-output-row gain carried by the stored scale, and a per-input-channel gain of each
   smoothing group folded into the module that produces the group's input (docs/METHOD.md).
-- on a rotated model (--rotate), unless --no-learn-transforms: each online transform's Kronecker
+- on a rotated model (--rotate) with --learn-transforms: each online transform's Kronecker
   factors times learned invertible matrices (identity at the start), the linear's weight taking
   their inverse, folded into the transform's factors (exact: the transform stays an explicit op).
 

@@ -26,10 +26,10 @@ class LearnableOptions:
     lr_lwc: float = option(1e-2, "Learning rate of the learnable weight clipping.", positive_finite)
     compile: bool = option(False, "torch.compile each block's training step (faster epochs; results equal "
                                   "within float tolerance, not bit for bit).")
-    learn_transforms: bool = option(True, "With --rotate: learn the online transforms too, each Kronecker factor "
-                                          "times a learned invertible matrix (identity at the start), the linear's "
-                                          "weight taking its inverse; trained with the block's loss, folded into the "
-                                          "transform's factors.")
+    learn_transforms: bool = option(False, "With --rotate: learn the online transforms too, each Kronecker factor "
+                                           "times a learned invertible matrix (identity at the start), the linear's "
+                                           "weight taking its inverse; trained with the block's loss, folded into "
+                                           "the transform's factors.")
     rounding: str = option("nearest", "How the trained block's weights are rounded: nearest, or gptq (GPTQ rounding "
                                       "under the learned clipping, after the learned transforms are folded).", _rounding)
 
