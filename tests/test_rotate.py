@@ -159,8 +159,10 @@ def test_rotated_checkpoint_exports_and_verifies_in_onnxruntime(rotated_checkpoi
     out, _ = rotated_checkpoint
     report = export_onnx(out, tmp_path / "rot.onnx", limit=4)
     assert report["verify"]["within_tolerance"]
-    graph = onnx.load(str(tmp_path / "rot.onnx"), load_external_data=False).graph
-    assert sum(node.op_type == "MatMul" for node in graph.node) >= 2 * 4  # two factors before each down_proj
+    model = onnx.load(str(tmp_path / "rot.onnx"), load_external_data=False)
+    assert sum(node.op_type == "MatMul" for node in model.graph.node) >= 2 * 4  # two factors before each down_proj
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["lrq.rotation"]) == {"kind": "hadamard", "seed": 0, "online": {"mlp.down_proj": [64, 8]}}
 
 
 def test_a_manifest_whose_transform_does_not_fit_is_refused(rotated_checkpoint, tmp_path):

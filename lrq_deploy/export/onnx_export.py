@@ -352,6 +352,9 @@ def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -
         "lrq.source_weights_sha256": weights.get("sha256", ""),
         "lrq.versions": json.dumps({**versions, "onnx": onnx.__version__}),
     }
+    rotation = ckpt.manifest.get("rotation")
+    if rotation:  # the transforms themselves are graph nodes; this says where they came from
+        fields["lrq.rotation"] = json.dumps({k: rotation[k] for k in ("kind", "seed", "online") if k in rotation})
     model.producer_name, model.producer_version = "lrq-deploy", versions.get("lrq-deploy", "")
     fields.update({p.key: p.value for p in model.metadata_props if p.key == FLOAT_LAYERS_KEY})  # lowering's record
     del model.metadata_props[:]
