@@ -1,4 +1,4 @@
-"""Orthogonal rotations of a decoder, folded exactly (R1, R2) or applied online (R4), as in QuaRot.
+"""Orthogonal rotations of a transformer, folded exactly (R1, R2) or applied online (R4), as in QuaRot.
 
 A rotation Q (Q Q^T = I) leaves a linear's output unchanged when its input is rotated and its
 weight rotated the same way: (x Q)(W Q)^T = x W^T. So the residual stream can be carried in a
@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.models.base import LoadedModel, RotationLayout
+from lrq_deploy.models.base import LoadedModel, RotationLayout, replace_module
 
-MATRICES = ("hadamard", "random-hadamard", "orthogonal")
 MAX_FACTOR = 64  # online power-of-two factors are split to at most this size (cost per element: sum of sizes)
 MAX_PALEY = 256  # larger Paley factors would cost more than a random orthogonal factor of the odd part
 
@@ -120,6 +119,8 @@ def rotation_matrix(kind: str, n: int, generator: torch.Generator) -> torch.Tens
     hadamard = kron_all(hadamard_factors(n, generator))
     if kind == "hadamard":
         return hadamard
+    if kind != "random-hadamard":
+        raise ValueError(f"unknown rotation {kind!r}")  # CalibConfig admits only calib/registry.py's ROTATIONS
     signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
     return signs.view(-1, 1) * hadamard
 
@@ -216,7 +217,7 @@ def add_rotation_structure(model: nn.Module, blocks: nn.ModuleList, record: dict
     for owner, names in ((model, norms.get("model", [])), *((b, norms.get("blocks", [])) for b in blocks)):
         for name in names:
             norm = _find(owner, name, nn.LayerNorm)
-            _replace(owner, name, CentredNorm(norm.normalized_shape[0], norm.eps))
+            replace_module(owner, name, CentredNorm(norm.normalized_shape[0], norm.eps))
     for block in blocks:
         for name, sizes in online.items():
             linear = _find(block, name)
@@ -224,7 +225,7 @@ def add_rotation_structure(model: nn.Module, blocks: nn.ModuleList, record: dict
                     and math.prod(sizes) == linear.in_features):
                 raise LrqError(f"manifest.json: the online transform of {name} ({sizes}) does not match its "
                                f"{linear.in_features} inputs")
-            _replace(block, name, OnlineRotation(KroneckerTransform(sizes), linear))
+            replace_module(block, name, OnlineRotation(KroneckerTransform(sizes), linear))
 
 
 def _find(owner: nn.Module, name: str, kind: type = nn.Linear) -> nn.Module:
@@ -235,11 +236,6 @@ def _find(owner: nn.Module, name: str, kind: type = nn.Linear) -> nn.Module:
     if not isinstance(module, kind):
         raise LrqError(f"manifest.json names a rotated {name}, but the model has no {kind.__name__} there")
     return module
-
-
-def _replace(parent: nn.Module, name: str, module: nn.Module) -> None:
-    owner, _, child = name.rpartition(".")
-    setattr(parent.get_submodule(owner) if owner else parent, child, module)
 
 
 def online_modules(block: nn.Module) -> dict[str, OnlineRotation]:
@@ -257,10 +253,6 @@ def weight_for_mixes(weight: torch.Tensor, mixes: list[torch.Tensor]) -> torch.T
     return apply_factors(weight, [torch.linalg.inv(a).t() for a in mixes])
 
 
-def is_online(block: nn.Module, name: str) -> bool:
-    return isinstance(block.get_submodule(name), OnlineRotation)
-
-
 # ---------------------------------------------------------------------------------------------
 # Folding
 
@@ -276,8 +268,6 @@ def plan_rotation(loaded: LoadedModel, kind: str, seed: int) -> RotationPlan | N
     """Check that the model can be rotated as asked, before any work; None for kind "none"."""
     if kind == "none":
         return None
-    if kind not in MATRICES:
-        raise LrqError(f"--rotate must be none or one of {', '.join(MATRICES)}, got {kind!r}")
     adapter = loaded.adapter
     layout = adapter.rotation_layout(loaded.model)
     if layout is None:
@@ -312,7 +302,10 @@ def rotate_model(loaded: LoadedModel, plan: RotationPlan) -> dict:
     hidden = model.get_submodule(layout.head).in_features
     r1 = rotation_matrix(plan.kind, hidden, generator)
     r2 = rotation_matrix(plan.kind, layout.head_dim, generator)
-    norm_groups = [g for g in adapter.smooth_groups(model) if g.prev_kind == "norm"]
+    groups = adapter.smooth_groups(model)
+    norm_groups = [g for g in groups if g.prev_kind == "norm"]
+    # the value rows of a fused projection: those its smoothing group into `out` names
+    value_rows = next((g.rows for g in groups if g.prev == layout.value and layout.out in g.linears), None)
     if layout.centred:
         _centre_stream(model, blocks, layout)
     for tensor in _stream_tensors(model, layout):
@@ -322,7 +315,8 @@ def rotate_model(loaded: LoadedModel, plan: RotationPlan) -> dict:
     head = model.get_submodule(layout.head)
     _fuse_norm(model, layout.final_norm, [head], layout, r1)
     head.weight.copy_(_mm(head.weight, r1))
-    online: dict[str, list[int]] = {}
+    online = {name: hadamard_factors(blocks[0].get_submodule(name).in_features,
+                                     torch.Generator().manual_seed(plan.seed + 1)) for name in layout.online}
     for block in blocks:
         for group in norm_groups:
             readers = [block.get_submodule(n) for n in group.linears + group.followers]
@@ -331,15 +325,13 @@ def rotate_model(loaded: LoadedModel, plan: RotationPlan) -> dict:
                 linear.weight.copy_(_mm(linear.weight, r1))
         for name in layout.writers:
             _rotate_output(block.get_submodule(name), r1)
-        _rotate_heads(block.get_submodule(layout.value), block.get_submodule(layout.out), r2, layout.value_rows)
-        for name in layout.online:
+        _rotate_heads(block.get_submodule(layout.value), block.get_submodule(layout.out), r2, value_rows)
+        for name, factors in online.items():
             linear = block.get_submodule(name)
-            factors = hadamard_factors(linear.in_features, torch.Generator().manual_seed(plan.seed + 1))
             linear.weight.copy_(apply_factors(linear.weight.double(), factors).to(linear.weight.dtype))
-            transform = online_transform(factors).to(linear.weight.device)
-            _replace(block, name, OnlineRotation(transform, linear))
-            online[name] = transform.sizes
-    record = {"kind": plan.kind, "seed": plan.seed, "r1": hidden, "r2": layout.head_dim, "online": online}
+            replace_module(block, name, OnlineRotation(online_transform(factors).to(linear.weight.device), linear))
+    record = {"kind": plan.kind, "seed": plan.seed, "r1": hidden, "r2": layout.head_dim,
+              "online": {name: [f.shape[0] for f in factors] for name, factors in online.items()}}
     if layout.centred:
         record["centred_norms"] = {"model": [layout.final_norm], "blocks": sorted({g.prev for g in norm_groups})}
     return record
@@ -360,8 +352,7 @@ def _centre_stream(model: nn.Module, blocks: nn.ModuleList, layout: RotationLayo
 
 def _stream_tensors(model: nn.Module, layout: RotationLayout) -> list[torch.Tensor]:
     """Model tensors whose last axis is the stream: token and position tables, class tokens."""
-    tables = [model.get_submodule(n).weight for n in (layout.embeddings, layout.positions) if n]
-    return tables + [model.get_parameter(n) for n in layout.stream_tensors]
+    return [model.get_parameter(n) for n in layout.stream_tensors]
 
 
 def _mm(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -383,7 +374,7 @@ def _fuse_norm(owner: nn.Module, name: str, readers: list[nn.Module], layout: Ro
     centred = CentredNorm(gain.numel(), norm.eps).to(norm.weight.device)
     if norm.bias is not None:
         centred.bias.copy_(((norm.bias.double() / gain) @ rotation.to(gain.device)).to(centred.bias.dtype))
-    _replace(owner, name, centred)
+    replace_module(owner, name, centred)
 
 
 def _rotate_output(linear: nn.Module, rotation: torch.Tensor) -> None:

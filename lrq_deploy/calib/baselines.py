@@ -9,6 +9,7 @@ from torch import nn
 from lrq_deploy.calib.blockwise import BlockJob
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.fold import fold_smoothing, reduce_to_prev
+from lrq_deploy.models.base import replace_module
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.grids import weight_grid
 
@@ -29,12 +30,6 @@ def replace_linears(block: nn.Module, names: list[str], config: QuantScheme, cli
     for name in names:
         factors = (clip_factors or {}).get(name, ())
         replace_module(block, name, quantize_linear(block.get_submodule(name), config, *factors))
-
-
-def replace_module(block: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at the dotted `name` inside `block`."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
 
 
 @torch.no_grad()

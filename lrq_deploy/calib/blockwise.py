@@ -27,7 +27,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.grids import input_scale_of
-from lrq_deploy.rotate import is_online
+from lrq_deploy.rotate import online_modules
 
 
 @dataclass
@@ -244,7 +244,8 @@ def _max_over_median(values: torch.Tensor) -> float:
 def smoothable_groups(groups: list[SmoothGroup], block: nn.Module) -> list[SmoothGroup]:
     """The smoothing groups whose scale still folds: none into a linear whose input is rotated
     online (a channel scale of the producer does not commute with the rotation)."""
-    return [g for g in groups if not any(is_online(block, name) for name in g.linears)]
+    online = online_modules(block)
+    return [g for g in groups if not online.keys() & set(g.linears)]
 
 
 @torch.no_grad()

@@ -146,7 +146,7 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
     """GPTQ-quantize a block's linears sequentially: each stage's Hessian is taken from inputs
     that passed through the stages already quantized. clip: learned (upper, lower, row_gain)
     factors per linear (LRQuant's clipping), which fix the scales and zero points."""
-    from lrq_deploy.calib.baselines import replace_module
+    from lrq_deploy.models.base import replace_module
     from lrq_deploy.quant import QuantLinear
 
     scheme = job.qconfig

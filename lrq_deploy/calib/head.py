@@ -15,9 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lrq_deploy.calib.baselines import quantize_linear, replace_module
+from lrq_deploy.calib.baselines import quantize_linear
 from lrq_deploy.calib.distributed import SINGLE, Collective
 from lrq_deploy.errors import LrqError
+from lrq_deploy.models.base import replace_module
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.rotate import untie_head

@@ -137,7 +137,7 @@ class CalibConfig:
     batch_size: int = 1  # samples per forward chunk and per optimizer step
     options: Any = None  # the method's options dataclass; None: its defaults
     quantize_head: bool = False  # also the output head, by the method's head rounding (calib/head.py)
-    rotate: str = "none"  # orthogonal rotations folded before the method runs (rotate.py): none | hadamard | orthogonal
+    rotate: str = "none"  # orthogonal rotations folded before the method runs (rotate.py): one of ROTATIONS
 
     def __post_init__(self):
         spec = get_method(self.method)

@@ -39,16 +39,23 @@ class SmoothGroup:
         return self.followers[0] if self.routed and self.followers else self.linears[0]
 
 
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` inside `root`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
 @dataclass(frozen=True)
 class RotationLayout:
-    """Where orthogonal rotations fold into a transformer (names: model-level for embeddings /
-    final_norm / head, block-level for the rest; embeddings "" where tokens are not looked up). The residual stream is rotated by R1: embeddings and residual
-    writers on their output side, every linear reading a norm's output (the smoothing table's norm
-    groups, norm weights fused into them first) and the head on their input side. R2 rotates each
-    attention head between `value` (output rows) and `out` (input columns). `online` linears get an
-    orthogonal transform applied to their input at run time (no producer can absorb it)."""
+    """Where orthogonal rotations fold into a transformer (names: model-level for stream_tensors /
+    input_writers / final_norm / head, block-level for the rest). The residual stream is rotated by
+    R1: the tensors added to it (token tables, class tokens) and its writers on their output side,
+    every linear reading a norm's output (the smoothing table's norm groups, norm weights fused into
+    them first) and the head on their input side. R2 rotates each attention head between `value`
+    (output rows; of a fused projection, the rows of its smoothing group into `out`) and `out` (input
+    columns). `online` linears get an orthogonal transform applied to
+    their input at run time (no producer can absorb it)."""
 
-    embeddings: str
     final_norm: str
     head: str
     writers: tuple[str, ...]
@@ -57,12 +64,11 @@ class RotationLayout:
     head_dim: int
     online: tuple[str, ...] = ()
     norm_offset: float = 0.0
-    value_rows: tuple[int, int] | None = None  # the value rows of a fused qkv projection
-    positions: str | None = None  # learned position embeddings added to the stream (another writer)
     # LayerNorm (mean and bias): the stream is centred first (every writer's output made zero-mean),
     # so each norm can become an RMS norm, whose weight folds into its readers and whose bias stays
     centred: bool = False
-    stream_tensors: tuple[str, ...] = ()  # model parameters added to the stream (class token, position table)
+    # model parameters whose rows are added to the stream: token and position tables, class tokens
+    stream_tensors: tuple[str, ...] = ()
     input_writers: tuple[str, ...] = ()  # model modules writing the stream through their output channels (patch conv)
 
 

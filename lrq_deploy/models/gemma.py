@@ -5,8 +5,9 @@ own rotary tables; each layer type gets its own mask and tables during calibrati
 
 from __future__ import annotations
 
-from lrq_deploy.models.base import RotationLayout, SmoothGroup
+from lrq_deploy.models.base import SmoothGroup
 from lrq_deploy.models.causal_lm import CausalLMAdapter
+from lrq_deploy.models.llama import decoder_rotation_layout
 
 GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
 
@@ -32,12 +33,7 @@ class GemmaAdapter(CausalLMAdapter):
         the rotation, so they are not rotated."""
         if hasattr(self.blocks(model)[0], "post_feedforward_layernorm"):
             return None
-        _, head_dim = self.kv_cache_shape(model.config)
-        return RotationLayout(
-            embeddings="model.embed_tokens", final_norm="model.norm", head="lm_head",
-            writers=("self_attn.o_proj", "mlp.down_proj"), value="self_attn.v_proj", out="self_attn.o_proj",
-            head_dim=head_dim, online=("mlp.down_proj",), norm_offset=GEMMA_NORM_OFFSET,
-        )
+        return decoder_rotation_layout(self.kv_cache_shape(model.config)[1], norm_offset=GEMMA_NORM_OFFSET)
 
     def smooth_groups(self, model):
         kv_heads, _ = self.kv_cache_shape(model.config)

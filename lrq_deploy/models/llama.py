@@ -6,6 +6,15 @@ from lrq_deploy.models.base import RotationLayout, SmoothGroup
 from lrq_deploy.models.causal_lm import CausalLMAdapter
 
 
+def decoder_rotation_layout(head_dim: int, **changes) -> RotationLayout:
+    """Where --rotate folds into a LLaMA-style decoder (model.embed_tokens, model.norm, lm_head; o_proj
+    and down_proj write the stream, down_proj rotated online), with a family's `changes`."""
+    return RotationLayout(**{
+        "stream_tensors": ("model.embed_tokens.weight",), "final_norm": "model.norm", "head": "lm_head",
+        "writers": ("self_attn.o_proj", "mlp.down_proj"), "value": "self_attn.v_proj", "out": "self_attn.o_proj",
+        "head_dim": head_dim, "online": ("mlp.down_proj",), **changes})
+
+
 class LlamaAdapter(CausalLMAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2")
@@ -16,12 +25,7 @@ class LlamaAdapter(CausalLMAdapter):
         return rotary_attention_layout(self, model)
 
     def rotation_layout(self, model):
-        _, head_dim = self.kv_cache_shape(model.config)
-        return RotationLayout(
-            embeddings="model.embed_tokens", final_norm="model.norm", head="lm_head",
-            writers=("self_attn.o_proj", "mlp.down_proj"), value="self_attn.v_proj", out="self_attn.o_proj",
-            head_dim=head_dim, online=("mlp.down_proj",),
-        )
+        return decoder_rotation_layout(self.kv_cache_shape(model.config)[1])
 
     def smooth_groups(self, model):
         return self.groups_for(model.config)

@@ -92,7 +92,7 @@ class MoeAdapter(LlamaAdapter):
         the router reads the rotated stream (a follower of the norm group)."""
         downs = tuple(f"mlp.experts.{e}.down_proj" for e in range(len(self.blocks(model)[0].mlp.experts)))
         layout = super().rotation_layout(model)
-        return replace(layout, writers=("self_attn.o_proj", *downs), online=downs)
+        return replace(layout, writers=(layout.out, *downs), online=downs)
 
     def smooth_groups(self, model):
         cfg = model.config

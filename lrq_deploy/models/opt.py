@@ -21,7 +21,7 @@ class OptAdapter(CausalLMAdapter):
             return None
         decoder = "model.decoder"
         return RotationLayout(
-            embeddings=f"{decoder}.embed_tokens", positions=f"{decoder}.embed_positions",
+            stream_tensors=(f"{decoder}.embed_tokens.weight", f"{decoder}.embed_positions.weight"),
             final_norm=f"{decoder}.final_layer_norm", head="lm_head", writers=("self_attn.out_proj", "fc2"),
             value="self_attn.v_proj", out="self_attn.out_proj", head_dim=cfg.hidden_size // cfg.num_attention_heads,
             online=("fc2",), centred=True,

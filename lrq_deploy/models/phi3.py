@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from lrq_deploy.models.base import RotationLayout, SmoothGroup
+from lrq_deploy.models.base import SmoothGroup
 from lrq_deploy.models.causal_lm import CausalLMAdapter
+from lrq_deploy.models.llama import decoder_rotation_layout
 
 
 class Phi3Adapter(CausalLMAdapter):
@@ -21,14 +22,8 @@ class Phi3Adapter(CausalLMAdapter):
         return rotary_attention_layout(self, model, lambda module, hidden: module.qkv_proj(hidden).split(sizes, dim=-1))
 
     def rotation_layout(self, model):
-        kv_heads, head_dim = self.kv_cache_shape(model.config)
-        q_rows = model.config.num_attention_heads * head_dim
-        return RotationLayout(
-            embeddings="model.embed_tokens", final_norm="model.norm", head="lm_head",
-            writers=("self_attn.o_proj", "mlp.down_proj"), value="self_attn.qkv_proj", out="self_attn.o_proj",
-            head_dim=head_dim, online=("mlp.down_proj",), value_rows=(q_rows + kv_heads * head_dim,
-                                                                      q_rows + 2 * kv_heads * head_dim),
-        )
+        """LLaMA's, R2 on the value rows of the fused qkv_proj (its smoothing group's rows)."""
+        return decoder_rotation_layout(self.kv_cache_shape(model.config)[1], value="self_attn.qkv_proj")
 
     def smooth_groups(self, model):
         cfg = model.config

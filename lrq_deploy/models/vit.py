@@ -39,9 +39,9 @@ class VitAdapter(ModelAdapter):
         dim, heads = model.embed_dim, model.blocks[0].attn.num_heads
         tensors = tuple(n for n in ("cls_token", "pos_embed") if getattr(model, n, None) is not None)
         return RotationLayout(
-            embeddings="", final_norm="norm", head="head", writers=("attn.proj", "mlp.fc2"), value="attn.qkv",
-            out="attn.proj", head_dim=dim // heads, online=("mlp.fc2",), value_rows=(2 * dim, 3 * dim), centred=True,
-            stream_tensors=tensors, input_writers=("patch_embed.proj",),
+            final_norm="norm", head="head", writers=("attn.proj", "mlp.fc2"), value="attn.qkv", out="attn.proj",
+            head_dim=dim // heads, online=("mlp.fc2",), centred=True, stream_tensors=tensors,
+            input_writers=("patch_embed.proj",),
         )
 
     def smooth_groups(self, model):
