@@ -46,25 +46,23 @@ def test_no_known_hadamard_size_without_a_generator_is_refused():
         hadamard_factors(688)
 
 
+OTHER_CONFIGS = {  # rotatable families beyond models/tiny.py's, with norm weights and biases made non-trivial
+    "llama": ("LlamaConfig", COMMON), "mistral": ("MistralConfig", COMMON),
+    "qwen2": ("Qwen2Config", {**COMMON, "tie_word_embeddings": True}),
+    "opt": ("OPTConfig", dict(vocab_size=2048, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=64, max_position_embeddings=256)),
+}
+
+
 def _tiny(model_type: str):
     import transformers
 
     if model_type in TINY:
         model = tiny_model(model_type)
-    elif model_type == "opt":
-        torch.manual_seed(0)
-        model = transformers.OPTForCausalLM(transformers.OPTConfig(
-            vocab_size=2048, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-            word_embed_proj_dim=64, max_position_embeddings=256)).eval()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "norm" in name or name.endswith("bias"):
-                    param.add_(torch.rand_like(param) * 0.5)
     else:
-        config = getattr(transformers, {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "llama": "LlamaConfig"}[
-            model_type])(**COMMON, tie_word_embeddings=model_type == "qwen2")
+        name, settings = OTHER_CONFIGS[model_type]
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**settings)).eval()
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "norm" in name or name.endswith("bias"):
