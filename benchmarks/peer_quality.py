@@ -179,7 +179,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     settings = {"wbits": args.wbits, "group_size": args.group_size, "symmetric": args.symmetric,
-                "abits": args.abits, "act_asym": not args.act_sym, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                "abits": args.abits, "act_asym": args.abits < 16 and not args.act_sym, "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "damp": args.damp}
     settings["peers"], methods = lrq_and_peer_methods(args)
     results: dict[str, list[float]] = {}

@@ -35,8 +35,10 @@ OUTPUT = OutputKind("checkpoint", directory=True, recognise=lambda p: is_json_of
 def save_checkpoint(
     out: Path, source: LoadedModel, model: nn.Module, quantized: list[str],
     qconfig: QuantScheme, calib: dict, blocks: list[dict], force: bool = False, calib_data: str | None = None,
-    rotation: dict | None = None,
+    rotation: dict | None = None, scheme_rules: list[dict] | None = None,
 ) -> Path:
+    """scheme_rules: the per-layer rules the schemes came from (quant/layer_schemes.py); the scheme of
+    every quantized module that differs from `qconfig` is recorded from the module itself."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -63,12 +65,30 @@ def save_checkpoint(
         }
         if rotation is not None:
             manifest["rotation"] = rotation
+        others = _other_schemes(model, quantized, qconfig)
+        if scheme_rules or others:
+            manifest[LAYER_SCHEMES] = {"rules": scheme_rules or [], "modules": others}
         manifest["files"] = file_records(tmp)
         manifest[SELF_HASH] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     atomic_directory(out, write)
     return out
+
+
+LAYER_SCHEMES = "layer_schemes"
+
+
+def _other_schemes(model: nn.Module, quantized: list[str], qconfig: QuantScheme) -> dict[str, dict]:
+    """{module name: scheme fields} of the quantized modules whose scheme is not `qconfig`."""
+    schemes = {name: model.get_submodule(name).config for name in quantized}
+    return {name: scheme.to_dict() for name, scheme in schemes.items() if scheme != qconfig}
+
+
+def module_scheme(manifest: dict, name: str) -> QuantScheme:
+    """The scheme a checkpoint's manifest records for one of its quantized modules."""
+    recorded = manifest.get(LAYER_SCHEMES, {}).get("modules", {}).get(name)
+    return QuantScheme.from_dict(recorded if recorded is not None else manifest["quant"])
 
 
 def source_reference(spec: str) -> str:
@@ -182,9 +202,17 @@ class Checkpoint:
         return self.quant
 
     @property
+    def schemes(self) -> list[QuantScheme]:
+        """Every distinct scheme of the quantized modules, the checkpoint's own first ([] for a baseline)."""
+        if self.quant is None:
+            return []
+        found = [self.quant] + [module_scheme(self.manifest, name) for name in self.quantized_modules]
+        return list(dict.fromkeys(found))
+
+    @property
     def scheme_name(self) -> str:
-        """"W4A16-g128" and the like; "full precision" for a baseline."""
-        return self.quant.name if self.quant else "full precision"
+        """"W4A16-g128" and the like; "W3A16 + W4A16-g128" for per-layer schemes; "full precision" for a baseline."""
+        return " + ".join(s.name for s in self.schemes) if self.quant else "full precision"
 
     @property
     def method(self) -> str:
@@ -210,7 +238,7 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     if manifest.get("rotation"):
         add_rotation_structure(model, adapter.blocks(model), manifest["rotation"])
     for name in manifest["quantized_modules"]:
-        _swap_in_shell(model, name, qconfig)
+        _swap_in_shell(model, name, module_scheme(manifest, name))
     missing, unexpected = _load_weights(model, path / WEIGHTS)
     if missing or unexpected:
         raise LrqError(

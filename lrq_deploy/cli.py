@@ -136,6 +136,13 @@ def method_options(command):
               help="Activation number grid: per-token integers, or the weights' float grid (static calibrated scale).")
 @click.option("--scheme", type=click.Choice(list(PRESETS)), default=None,
               help="A named float scheme: fp8 (W8A8 E4M3), nvfp4 / mxfp4 (W4A4), w8a16-fp8, w4a16-nvfp4, w4a16-mxfp4.")
+@click.option("--scheme-for", "scheme_for", multiple=True, metavar="PATTERN=SCHEME",
+              help="Another scheme for the modules PATTERN matches (a glob over full module names or their last "
+                   "components): 'lm_head=w4a16-g128' (the head quantized too), 'down_proj=w4a16', "
+                   "'model.layers.0.*=none' (kept in floating point). Repeatable; the first matching rule wins.")
+@click.option("--recipe", type=PATH, default=None,
+              help="A YAML recipe of per-layer schemes: 'layers: {PATTERN: SCHEME}' and optionally 'default: SCHEME' "
+                   "(replacing the command line's scheme); --scheme-for rules come before the file's.")
 @click.option("--method", type=click.Choice(method_names()), default="rtn", show_default=True)
 @click.option("--calib-data", type=PATH, default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")

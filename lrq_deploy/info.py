@@ -66,6 +66,7 @@ def describe_checkpoint(path: Path) -> dict:
         "symmetric_weights": bool(scheme.symmetric or scheme.float_format),
         "method": manifest["calib"].get("method"),
         "rotation": rotation_summary(manifest.get("rotation")),
+        "layer_schemes": layer_scheme_summary(manifest, scheme),
         "source": manifest["source"],
         "quantized_linears": len(manifest["quantized_modules"]),
         "blocks": len(blocks),
@@ -88,6 +89,23 @@ def largest_input_ratios(blocks: list) -> str | None:
         return None
     parts = [max((r for r in rows if r[2] == kind), key=lambda r: r[0]) for kind in ("channel", "token")]
     return "; ".join(f"{kind} max/median {value:g} ({where})" for value, where, kind in parts)
+
+
+def layer_scheme_summary(manifest: dict, default) -> str:
+    """How many quantized modules each scheme covers, and the rules that chose them ("uniform" without rules)."""
+    from lrq_deploy.checkpoint import LAYER_SCHEMES, module_scheme
+    from lrq_deploy.quant.layer_schemes import SchemeRule, scheme_label
+
+    record = manifest.get(LAYER_SCHEMES)
+    if not isinstance(record, dict):
+        return "uniform"
+    counts: dict[str, int] = {}
+    for name in manifest["quantized_modules"]:
+        label = module_scheme(manifest, name).name
+        counts[label] = counts.get(label, 0) + 1
+    rules = [SchemeRule.from_dict(r) for r in record.get("rules", [])]
+    used = ", ".join(f"{label} x{count}" for label, count in counts.items())
+    return used + ("; rules " + ", ".join(f"{r.pattern}={scheme_label(r.scheme)}" for r in rules) if rules else "")
 
 
 def rotation_summary(record) -> str:

@@ -298,6 +298,14 @@ def _tiny_family(inputs: Inputs, model_type: str) -> str:
     return str(_save_hf(tiny_model(model_type), inputs.root / model_type))
 
 
+def _q_proj_w8_checkpoint(inputs: Inputs) -> str:
+    out = inputs.path("q8")
+    result = CliRunner().invoke(main, ["-q", "calibrate", str(inputs.shared["llama"]), "-o", out,
+                                       "--scheme-for", "q_proj=w8a16", *FAST])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def _rotated_checkpoint(inputs: Inputs) -> str:
     out = inputs.path("rotated")
     result = CliRunner().invoke(main, ["-q", "calibrate", str(inputs.shared["llama"]), "-o", out, "--wbits", "4",
@@ -363,6 +371,21 @@ CASES = [
     Case("calibrate-rotate-offloaded", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--rotate", "orthogonal",
                                                   "--offload", *FAST],
          "--rotate orthogonal needs the whole model in memory; drop --offload"),
+    Case("calibrate-scheme-rule-matches-nothing", lambda i: ["calibrate", i.model(), "-o", i.path("o"),
+                                                              "--scheme-for", "donw_proj=w4a16", *FAST],
+         "scheme rule 'donw_proj' matches no quantizable module"),
+    Case("calibrate-scheme-rule-unknown-scheme", lambda i: ["calibrate", i.model(), "-o", i.path("o"),
+                                                             "--scheme-for", "lm_head=int4"],
+         "--scheme-for 'lm_head=int4': unknown scheme 'int4'"),
+    Case("calibrate-scheme-rule-without-scheme", lambda i: ["calibrate", i.model(), "-o", i.path("o"),
+                                                             "--scheme-for", "lm_head"], "write PATTERN=SCHEME"),
+    Case("calibrate-recipe-missing", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--recipe", i.path("r.yaml")],
+         "r.yaml: no such file"),
+    Case("calibrate-recipe-not-yaml", lambda i: ["calibrate", i.model(), "-o", i.path("o"),
+                                                 "--recipe", i.file("r.yaml", "layers: [down_proj")],
+         "not a readable YAML recipe"),
+    Case("export-vllm-packed-parts-differ", lambda i: ["export", _q_proj_w8_checkpoint(i), "--vllm", i.path("v")],
+         "but they have the schemes W4A16, W8A16; give them one scheme"),
     Case("calibrate-rotate-unknown", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--rotate", "spin"],
          "Invalid value for '--rotate'"),
     Case("calibrate-config-not-json", lambda i: ["calibrate", _config(i, "{not json"), "-o", i.path("o")], "is not valid JSON"),

@@ -12,8 +12,9 @@ from lrq_deploy.atomic import claim_output, output_scope
 from lrq_deploy.calib.blockwise import calibrate_model
 from lrq_deploy.calib.head import head_of, quantize_head
 from lrq_deploy.calib.rundir import RunDir, saved_settings
-from lrq_deploy.checkpoint import MANIFEST, OUTPUT, save_checkpoint
+from lrq_deploy.checkpoint import LAYER_SCHEMES, MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
+from lrq_deploy.quant.layer_schemes import LayerSchemes, SchemeRule, load_recipe, parse_rule, scheme_label
 from lrq_deploy.quant.scheme import FLOAT_FORMATS, QuantScheme
 from lrq_deploy.devices import resolve_device
 from lrq_deploy.errors import LrqError
@@ -42,7 +43,7 @@ def deterministic_algorithms(device: torch.device) -> None:
 def calibrate(
     model_spec: str | None,
     out: Path,
-    qconfig: QuantScheme,
+    qconfig: QuantScheme | LayerSchemes,
     cconfig: CalibConfig,
     calib_data: Path | None = None,
     device: str = "auto",
@@ -61,31 +62,34 @@ def calibrate(
     Learnable methods keep their per-block parameters in `run_dir` (default: OUT.run), so an
     interrupted run continues with resume=True. Outputs are checked before any work starts.
     distributed: one rank of a torchrun job (calib/distributed.py); rank 0 writes.
+    qconfig: one scheme, or per-layer schemes (quant/layer_schemes.py: a rule naming the head
+    quantizes it too).
     Returns the checkpoint path and per-block errors.
     """
+    schemes = qconfig if isinstance(qconfig, LayerSchemes) else LayerSchemes(qconfig)
+    qconfig = schemes.default
     out = Path(out)
     spec = model_spec or DEFAULT_MODEL
     dev = resolve_device(device)
     collective = _collective(distributed, dev)
     claim_output(out, OUTPUT, force or (resume and (out / MANIFEST).is_file()), inputs=[spec, calib_data], option="-o",
-                 lock=collective.main, need_bytes=_checkpoint_bytes_at_least(spec, qconfig))
+                 lock=collective.main, need_bytes=_checkpoint_bytes_at_least(spec, schemes))
     if calib_data is not None:
         check_readable_data(Path(calib_data))
     if resume and not distributed:
-        finished = finished_checkpoint(out, spec, qconfig, cconfig, calib_data)
+        finished = finished_checkpoint(out, spec, schemes, cconfig, calib_data)
         if finished is not None:
             return finished
     dev = collective.own_device(dev)
     runs = None
     if cconfig.spec.resumable:
-        runs = RunDir(run_dir or default_run_dir(out), run_settings(spec, qconfig, cconfig, calib_data), resume, force)
+        runs = RunDir(run_dir or default_run_dir(out), run_settings(spec, schemes, cconfig, calib_data), resume, force)
     collective.barrier()  # every rank has checked the outputs before rank 0 touches them
     deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
     loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code, lazy=bool(offload))
+    head_scheme = _head_scheme(loaded, schemes, cconfig.quantize_head)  # before any block is calibrated
     rotation = plan_rotation(loaded, cconfig.rotate, cconfig.seed)
-    if cconfig.quantize_head:
-        head_of(loaded)  # before any block is calibrated
     rotated = None
     if rotation is not None:
         with step(f"rotating the model ({rotation.kind})"):
@@ -94,25 +98,50 @@ def calibrate(
     if runs and collective.main:
         runs.start()
     collective.barrier()
-    result = calibrate_model(loaded, qconfig, cconfig, batches, dev, progress=progress if collective.main else None,
+    result = calibrate_model(loaded, schemes, cconfig, batches, dev, progress=progress if collective.main else None,
                              run_dir=runs, offload=offload, collective=collective)
-    if cconfig.quantize_head:
+    if head_scheme is not None:
         with step("quantizing the output head"):
             head_device = torch.device("cpu") if offload else dev  # offloaded: the whole model fits only there
-            result.quantized.append(quantize_head(loaded, qconfig, cconfig, collective.shard(list(batches)),
+            result.quantized.append(quantize_head(loaded, head_scheme, cconfig, collective.shard(list(batches)),
                                                   head_device, collective))
     loaded.model.cpu()
     if collective.main:
         save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig.to_dict(), result.blocks,
                         force=True, calib_data=_data_reference(calib_data),
-                        rotation=rotated)
+                        rotation=rotated, scheme_rules=schemes.to_dict()["rules"])
     collective.barrier()
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
-            "method": cconfig.method, "scheme": qconfig.name, "rank": collective.rank}
+            "method": cconfig.method, "scheme": _scheme_summary(schemes), "rank": collective.rank}
 
 
-def finished_checkpoint(out: Path, spec: str, qconfig: QuantScheme, cconfig: CalibConfig, calib_data) -> dict | None:
+def _scheme_summary(schemes: LayerSchemes) -> str:
+    rules = ", ".join(f"{r.pattern} {scheme_label(r.scheme)}" for r in schemes.rules)
+    return schemes.default.name + (f" ({rules})" if rules else "")
+
+
+def _head_scheme(loaded, schemes: LayerSchemes, quantize_head: bool) -> QuantScheme | None:
+    """The head's scheme when it is quantized (--quantize-head, or a rule naming it), else None; every rule
+    checked against the model's quantizable modules first."""
+    head = loaded.adapter.head(loaded.model)
+    names = [f"{prefix}.{name}" for prefix, block in _named_blocks(loaded)
+             for name in loaded.adapter.linear_names(block)] + ([head[0]] if head else [])
+    schemes.check_matches(names)
+    if head is not None and schemes.names(head[0]):
+        return schemes.for_module(head[0])
+    if quantize_head:
+        head_of(loaded)  # one line for a model without a head
+        return schemes.for_module(head[0])
+    return None
+
+
+def _named_blocks(loaded) -> list[tuple[str, torch.nn.Module]]:
+    blocks = {id(b) for b in loaded.adapter.blocks(loaded.model)}
+    return [(name, m) for name, m in loaded.model.named_modules() if id(m) in blocks]
+
+
+def finished_checkpoint(out: Path, spec: str, schemes: LayerSchemes, cconfig: CalibConfig, calib_data) -> dict | None:
     """--resume of a run whose checkpoint is written, intact and made from the same model, data and
     settings: the summary of that checkpoint (nothing to recompute), else None."""
     from lrq_deploy.checkpoint import intact, read_manifest, source_reference
@@ -121,22 +150,24 @@ def finished_checkpoint(out: Path, spec: str, qconfig: QuantScheme, cconfig: Cal
         manifest = read_manifest(out)
     except LrqError:
         return None
-    same = (manifest.get("source") == source_reference(spec) and manifest.get("quant") == qconfig.to_dict()
+    same = (manifest.get("source") == source_reference(spec) and manifest.get("quant") == schemes.default.to_dict()
+            and manifest.get(LAYER_SCHEMES, {}).get("rules", []) == schemes.to_dict()["rules"]
             and manifest.get("calib") == cconfig.to_dict() and manifest.get("calib_data") == _data_reference(calib_data))
     if not same or not intact(out, manifest):
         return None
     return {"checkpoint": str(out), "blocks": manifest.get("blocks", []), "run_dir": None, "method": cconfig.method,
-            "scheme": qconfig.name, "rank": 0, "already_complete": True}
+            "scheme": _scheme_summary(schemes), "rank": 0, "already_complete": True}
 
 
 def _data_reference(calib_data) -> str | None:
     return str(Path(calib_data).resolve()) if calib_data is not None else None
 
 
-def _checkpoint_bytes_at_least(spec: str, qconfig: QuantScheme) -> int | None:
-    """A lower bound of the checkpoint's size: every weight element at least at its quantized width."""
+def _checkpoint_bytes_at_least(spec: str, schemes: LayerSchemes) -> int | None:
+    """A lower bound of the checkpoint's size: every weight element at least at the narrowest quantized width."""
     elements = weight_elements(spec)
-    return elements * qconfig.wbits // 8 if elements else None
+    bits = min([schemes.default.wbits] + [r.scheme.wbits for r in schemes.rules if r.scheme is not None])
+    return elements * bits // 8 if elements else None
 
 
 def _collective(distributed: bool, device: torch.device):
@@ -149,9 +180,12 @@ def default_run_dir(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".run")
 
 
-def run_settings(spec: str, qconfig: QuantScheme, cconfig: CalibConfig, calib_data: Path | None) -> dict:
-    return {"model": spec, "quant": qconfig.to_dict(), "calib": cconfig.to_dict(),
-            "calib_data": str(calib_data) if calib_data else None}
+def run_settings(spec: str, schemes: LayerSchemes, cconfig: CalibConfig, calib_data: Path | None) -> dict:
+    settings = {"model": spec, "quant": schemes.default.to_dict(), "calib": cconfig.to_dict(),
+                "calib_data": str(calib_data) if calib_data else None}
+    if schemes.rules:  # recorded only when there are rules: run directories without them resume as before
+        settings[LAYER_SCHEMES] = schemes.to_dict()["rules"]
+    return settings
 
 
 def calibrate_from_options(options: dict, progress=None) -> dict:
@@ -166,7 +200,7 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
     _apply_format(options, given)
     if options.get("resume"):
         _fill_from_run_dir(options, given)
-    qconfig = QuantScheme(**{name: options[name] for name in QUANT_OPTIONS})
+    qconfig = layer_schemes(QuantScheme(**{name: options[name] for name in QUANT_OPTIONS}), options)
     method = get_method(options["method"])
     own = {f.name for f in fields(method.options)}
     settings = {name: options[name] for name in CALIB_OPTIONS}
@@ -179,6 +213,15 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
         resume=options["resume"], offload=options["offload"], trust_remote_code=options["trust_remote_code"],
         distributed=options.get("distributed", False),
     )
+
+
+def layer_schemes(qconfig: QuantScheme, options: dict) -> QuantScheme | LayerSchemes:
+    """The command line's scheme with the rules of --scheme-for and --recipe (or of the resumed run)."""
+    recipe = load_recipe(options["recipe"], qconfig) if options.get("recipe") else LayerSchemes(qconfig)
+    given = tuple(parse_rule(text, recipe.default) for text in options.get("scheme_for") or ())
+    saved = tuple(SchemeRule.from_dict(r) for r in options.get("saved_rules") or ())
+    rules = given + recipe.rules if given or recipe.rules else saved
+    return LayerSchemes(recipe.default, rules) if rules else recipe.default
 
 
 CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "quantize_head", "rotate")  # every method's; its own come from the registry
@@ -213,6 +256,8 @@ def _fill_from_run_dir(options: dict, given: set) -> None:
                            f"{options['out']}); drop --resume to start one")
         return
     calib = saved.get("calib", {})
+    if not given & {"scheme_for", "recipe"}:
+        options["saved_rules"] = saved.get(LAYER_SCHEMES)
     recorded = {"model": saved.get("model"), "calib_data": saved.get("calib_data"), "method": calib.get("method"),
                 **{k: saved.get("quant", {}).get(k) for k in QUANT_OPTIONS},
                 **{k: calib.get(k) for k in CALIB_OPTIONS},

@@ -35,15 +35,14 @@ def rtn(weight: torch.Tensor, scheme: QuantScheme, factor: torch.Tensor | None =
 @torch.no_grad()
 def awq_block(job: BlockJob, grid: int, clip: bool) -> dict:
     """Search and fold every group's scales, search clipping, round the block's linears to nearest."""
-    scheme = job.qconfig
-    if not scheme.quantize_weights:  # nothing to protect: activations only
-        replace_linears(job.block, job.linear_names, scheme)
+    if not job.quantizes_weights:  # nothing to protect: activations only
+        replace_linears(job)
         return {}
     found = search_scales(job, grid)
     for group, (scale, _) in zip(job.groups, found):
         fold_smoothing(job.block, group, scale)
     factors = {name: (factor, factor, None) for name, factor in search_clips(job, grid).items()} if clip else {}
-    replace_linears(job.block, job.linear_names, scheme, factors)
+    replace_linears(job, factors)
     return {"awq_ratios": [ratio for _, ratio in found]}
 
 
@@ -66,14 +65,18 @@ def search_clips(job: BlockJob, grid: int, block: torch.nn.Module | None = None)
     inputs each receives."""
     block = block or job.block
     inputs = capture_inputs(job, job.linear_names, CLIP_ROWS, block=block)
-    return {name: search_clip(job, block.get_submodule(name).weight, inputs[name], grid) for name in job.linear_names}
+    return {name: search_clip(job, block.get_submodule(name).weight, inputs[name], grid, job.scheme(name))
+            for name in job.linear_names if job.scheme(name).quantize_weights}
 
 
 def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, float]:
     """The scale (prev's channel space) among mean|X|^r, r = 0, 1/grid, ..., with the least summed
     squared output error of the group's linears; r = 0 is plain round to nearest."""
-    scheme = job.qconfig
-    weights = [job.block.get_submodule(n).weight.float() for n in group.linears]
+    linears = [n for n in group.linears if n in job.linear_names]
+    if not linears:  # every reader kept in floating point: nothing to protect
+        return torch.ones(reduce_to_prev(x.new_ones(x.shape[1]), group).shape, dtype=x.dtype, device=x.device), 0.0
+    schemes = [job.scheme(n) for n in linears]
+    weights = [job.block.get_submodule(n).weight.float() for n in linears]
     targets = [x @ w.T for w in weights]
     totals = job.collective.sum(torch.cat([x.abs().sum(dim=0), x.new_tensor([len(x)])]).double())
     activity = reduce_to_prev((totals[:-1] / totals[-1]).float(), group)  # mean |x| over every rank's tokens
@@ -82,20 +85,26 @@ def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) 
         scale = activity.pow(step / grid).clamp(min=1e-4)
         scale = scale / (scale.max() * scale.min()).sqrt()
         consumer = expand_to_consumer(scale, group)
-        seen = x / consumer
-        if scheme.quantize_activations:
-            seen = fake_quant_input(seen, scheme)
-        losses.append(sum((seen @ rtn(w * consumer, scheme).T - t).double().pow(2).sum()
-                          for w, t in zip(weights, targets)))
+        seen = _inputs_as_quantized(x / consumer, schemes)
+        losses.append(sum((seen[s.abits, s.aformat, s.act_asym] @ rtn(w * consumer, s).T - t).double().pow(2).sum()
+                          for w, t, s in zip(weights, targets, schemes)))
         candidates.append(scale)
     best = int(job.collective.sum(torch.stack(losses).double()).argmin())
     return candidates[best].to(weights[0].dtype), best / grid
 
 
-def search_clip(job: BlockJob, weight: torch.Tensor, x: torch.Tensor, grid: int) -> torch.Tensor:
+def _inputs_as_quantized(x: torch.Tensor, schemes: list[QuantScheme]) -> dict[tuple, torch.Tensor]:
+    """x as each distinct activation quantizer among `schemes` sees it (linears sharing one share it)."""
+    seen = {}
+    for s in schemes:
+        if (s.abits, s.aformat, s.act_asym) not in seen:
+            seen[s.abits, s.aformat, s.act_asym] = fake_quant_input(x, s)
+    return seen
+
+
+def search_clip(job, weight: torch.Tensor, x: torch.Tensor, grid: int, scheme: QuantScheme) -> torch.Tensor:
     """Per output row and weight group, the clipping ratio with the least squared output error
-    (cross-group terms ignored, as in AWQ): factors [out, groups] for weight_qparams."""
-    scheme = job.qconfig
+    (cross-group terms ignored, as in AWQ) under `scheme`: factors [out, groups] for weight_qparams."""
     w = weight.detach().float()
     out_features, in_features = w.shape
     size = group_length(scheme.group_size, in_features)

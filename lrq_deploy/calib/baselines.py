@@ -26,10 +26,11 @@ def quantize_linear(linear: nn.Linear, config: QuantScheme, upper=None, lower=No
     return QuantLinear.from_stored(stored, weight.shape[1], bias, config).to(weight.device)
 
 
-def replace_linears(block: nn.Module, names: list[str], config: QuantScheme, clip_factors: dict | None = None) -> None:
-    for name in names:
+def replace_linears(job: BlockJob, clip_factors: dict | None = None) -> None:
+    """Round every linear of the job's block to nearest under its scheme (and clip factors, if given)."""
+    for name, scheme in job.linear_schemes.items():
         factors = (clip_factors or {}).get(name, ())
-        replace_module(block, name, quantize_linear(block.get_submodule(name), config, *factors))
+        replace_module(job.block, name, quantize_linear(job.block.get_submodule(name), scheme, *factors))
 
 
 @torch.no_grad()
@@ -69,7 +70,7 @@ def smoothquant(job: BlockJob, alpha: float) -> dict:
         w = reduce_to_prev(weight_absmax(job, group), group)
         scale = (a.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
         fold_smoothing(job.block, group, scale)
-    replace_linears(job.block, job.linear_names, job.qconfig)
+    replace_linears(job)
     return {}
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from lrq_deploy.calib.distributed import SINGLE, Collective
 from lrq_deploy.calib.rundir import RunDir
 from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.quant.layer_schemes import LayerSchemes
 from lrq_deploy.quant.scheme import QuantScheme
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
@@ -50,6 +51,23 @@ class BlockJob:
     epoch_progress: Callable[[int, float], None] | None = None
     collective: Collective = SINGLE  # the other calibration ranks (data parallel), if any
     total_samples: int | None = None  # over all ranks (default: this rank's)
+    schemes: dict[str, QuantScheme] = field(default_factory=dict)  # linears a rule gives another scheme than qconfig
+
+    def scheme(self, name: str) -> QuantScheme:
+        """The scheme of one of the block's linears."""
+        return self.schemes.get(name, self.qconfig)
+
+    @property
+    def linear_schemes(self) -> dict[str, QuantScheme]:
+        return {name: self.scheme(name) for name in self.linear_names}
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return any(s.quantize_weights for s in self.linear_schemes.values())
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return any(s.quantize_activations for s in self.linear_schemes.values())
 
     @property
     def options(self):
@@ -120,16 +138,20 @@ def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def check_shapes(loaded: LoadedModel, qconfig: QuantScheme) -> None:
-    """Fail before any work if a linear cannot be quantized with this configuration."""
-    if not qconfig.group_size:
-        return
+def block_schemes(model: nn.Module, adapter: ModelAdapter, block: nn.Module, schemes: LayerSchemes) -> dict:
+    """The scheme of each of the block's linears by its full name (None: kept in floating point)."""
+    prefix = _block_prefix(model, block)
+    return {name: schemes.for_module(f"{prefix}.{name}") for name in adapter.linear_names(block)}
+
+
+def check_shapes(loaded: LoadedModel, schemes: LayerSchemes) -> None:
+    """Fail before any work if a linear cannot be quantized with its scheme."""
     for i, block in enumerate(loaded.adapter.blocks(loaded.model)):
-        for name in loaded.adapter.linear_names(block):
+        for name, scheme in block_schemes(loaded.model, loaded.adapter, block, schemes).items():
             in_features = block.get_submodule(name).in_features
-            if in_features % qconfig.group_size:
+            if scheme is not None and scheme.group_size and in_features % scheme.group_size:
                 raise LrqError(
-                    f"group size {qconfig.group_size} does not divide the input size {in_features} of block {i} {name}"
+                    f"group size {scheme.group_size} does not divide the input size {in_features} of block {i} {name}"
                 )
 
 
@@ -145,7 +167,7 @@ def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor, collective: Collecti
 
 
 def calibrate_model(
-    loaded: LoadedModel, qconfig: QuantScheme, cconfig: CalibConfig, batches: list[torch.Tensor], device,
+    loaded: LoadedModel, qconfig: QuantScheme | LayerSchemes, cconfig: CalibConfig, batches: list[torch.Tensor], device,
     progress=None, run_dir: RunDir | None = None, offload: bool | str = False, collective: Collective = SINGLE,
 ) -> CalibrationResult:
     """Quantize `loaded.model` in place, block by block; return per-block errors.
@@ -153,15 +175,20 @@ def calibrate_model(
     offload: the model and the block inputs/outputs stay in CPU memory and each block visits
     `device` only while it is calibrated, so the GPU holds one block and one batch at a time;
     "disk" also keeps the block inputs/outputs in files (the kernel pages them in and out).
+    qconfig: one scheme, or per-layer schemes (quant/layer_schemes.py).
     """
+    if isinstance(qconfig, QuantScheme):
+        qconfig = LayerSchemes(qconfig)
     with _activation_store(offload) as keep:
         return _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_dir, offload, collective, keep)
 
 
-def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_dir, offload, collective, keep):
+def _calibrate_blocks(loaded, schemes: LayerSchemes, cconfig, batches, device, progress, run_dir, offload, collective,
+                      keep):
     method = cconfig.spec.quantize_block
     adapter, model = loaded.adapter, loaded.model
-    check_shapes(loaded, qconfig)
+    qconfig = schemes.default
+    check_shapes(loaded, schemes)
     torch.manual_seed(cconfig.seed)
     device = torch.device(device)
     blocks = adapter.blocks(model)
@@ -184,13 +211,15 @@ def _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_d
             on_device[id(own)] = to_device(own, device)
         kwargs = on_device[id(own)]
         fp_out = keep(run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device))
-        names = adapter.linear_names(block)
+        own_schemes = {n: s for n, s in block_schemes(model, adapter, block, schemes).items() if s is not None}
+        names = list(own_schemes)
         job = BlockJob(
             index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, kwargs,
             device, run_dir, progress.epoch if progress else None, collective, len(inputs.hidden),
+            {n: s for n, s in own_schemes.items() if s != qconfig},
         )
         ratios = outlier_ratios(job)
-        extra = method(job) or {}
+        extra = (method(job) or {}) if names else {}
         calibrate_input_scales(job)
         q_out = keep(run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device))
         for module in block.modules():  # a finished block keeps only its packed codes
@@ -253,8 +282,9 @@ def calibrate_input_scales(job: BlockJob) -> None:
     """Set the static input scale of the block's float-grid linears from the largest |input| each
     receives over the calibration inputs (all ranks), the block quantized as the method left it."""
     layers = {name: job.block.get_submodule(name) for name in job.linear_names}
-    layers = {name: layer for name, layer in layers.items() if getattr(layer, "input_scale", None) is not None}
-    if not layers or not job.qconfig.quantize_activations:
+    layers = {name: layer for name, layer in layers.items()
+              if getattr(layer, "input_scale", None) is not None and job.scheme(name).quantize_activations}
+    if not layers:
         return
     amax: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_pre_hook(
@@ -267,7 +297,7 @@ def calibrate_input_scales(job: BlockJob) -> None:
         for handle in handles:
             handle.remove()
     for name, layer in layers.items():
-        layer.tensor_scales[1] = input_scale_of(job.collective.max(amax[name]), job.qconfig)
+        layer.tensor_scales[1] = input_scale_of(job.collective.max(amax[name]), job.scheme(name))
 
 
 ACTIVATION_COPIES = 4  # block inputs and outputs, full precision and quantized, alive at once

@@ -146,12 +146,14 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
     """GPTQ-quantize a block's linears sequentially: each stage's Hessian is taken from inputs
     that passed through the stages already quantized. clip: learned (upper, lower, row_gain)
     factors per linear (LRQuant's clipping), which fix the scales and zero points."""
+    from lrq_deploy.calib.baselines import quantize_linear
     from lrq_deploy.models.base import replace_module
     from lrq_deploy.quant import QuantLinear
 
-    scheme = job.qconfig
-    grid = weight_grid(scheme)
     for stage in input_stages(job):
+        stage = [name for name in stage if job.scheme(name).quantize_weights]
+        if not stage:
+            continue
         capture = HessianCapture(job.block.get_submodule(stage[0]))
         try:
             job.run(job.q_inputs)
@@ -159,6 +161,8 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
             hessian = capture.finish(job.collective)
         for name in stage:
             linear = job.block.get_submodule(name)
+            scheme = job.scheme(name)
+            grid = weight_grid(scheme)
             upper, lower, gain = (clip or {}).get(name, (None, None, None))
             qparams = None if upper is None else grid.qparams(linear.weight.detach().float(), upper, lower)
             rounded, qparams = gptq_round(linear.weight, hessian, scheme, damp, act_order, block_size, qparams)
@@ -166,4 +170,7 @@ def gptq_block(job, damp: float, act_order: bool, block_size: int, clip: dict | 
             stored = grid.stored(rounded, qparams, gain)
             layer = QuantLinear.from_stored(stored, rounded.shape[1], bias, scheme)
             replace_module(job.block, name, layer.to(linear.weight.device))
+    for name, scheme in job.linear_schemes.items():  # activations-only linears: weights stay float
+        if not scheme.quantize_weights:
+            replace_module(job.block, name, quantize_linear(job.block.get_submodule(name), scheme))
     return {}

@@ -71,7 +71,7 @@ def clip_search(job: HeadJob, grid: int = 20) -> QuantLinear:
     if not job.qconfig.quantize_weights:
         return round_to_nearest(job)
     x = job.inputs[torch.linspace(0, len(job.inputs) - 1, min(CLIP_ROWS, len(job.inputs))).long()]
-    factor = search_clip(job, job.linear.weight, x, grid)
+    factor = search_clip(job, job.linear.weight, x, grid, job.qconfig)
     return quantize_linear(job.linear, job.qconfig, factor, factor)
 
 

@@ -19,6 +19,7 @@ model's own; per-token activation fake quantization is a forward pre-hook on eac
 from __future__ import annotations
 
 import copy
+from functools import partial
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -87,7 +88,6 @@ def _group_key(index: int) -> str:
 
 def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
     params = BlockParams()
-    qcfg = job.qconfig
     stats = input_stats(job, [g.observed for g in job.groups], job.q_inputs)
     for i, group in enumerate(job.groups):
         amax, amin = (reduce_to_prev(s, group) for s in (stats[group.observed]["max"], -stats[group.observed]["min"]))
@@ -109,10 +109,10 @@ def init_block_params(job: BlockJob, recipe: Recipe) -> BlockParams:
         for name, module in online_modules(job.block).items():
             for i, size in enumerate(module.transform.sizes):
                 params.add("mix", f"{name}.{i}", torch.eye(size))
-    if qcfg.quantize_weights:
-        for name in job.linear_names:
+    for name, scheme in job.linear_schemes.items():
+        if scheme.quantize_weights:
             linear = job.block.get_submodule(name)
-            groups = linear.in_features // group_length(qcfg.group_size, linear.in_features)
+            groups = linear.in_features // group_length(scheme.group_size, linear.in_features)
             shape = (linear.out_features, groups)
             params.add("lwc_up", name, torch.full(shape, LWC_INIT))
             params.add("lwc_low", name, torch.full(shape, LWC_INIT))
@@ -133,9 +133,9 @@ def searched_init(job: BlockJob, params: BlockParams) -> None:
     if training does not."""
     from lrq_deploy.calib import awq
 
-    if not job.qconfig.quantize_weights:
+    if not job.quantizes_weights:
         return
-    if not job.qconfig.quantize_activations:
+    if not job.quantizes_activations:
         shifts = [params.get("shift", _group_key(i)) for i in range(len(job.groups))]
         for i, (scale, _) in enumerate(awq.search_scales(job, SEARCH_GRID, shifts)):
             params.get("scale", _group_key(i)).copy_(scale)
@@ -189,12 +189,11 @@ def transformed_block_params(job: BlockJob, params: BlockParams, current: dict) 
 
 
 def fake_quant_block_params(job: BlockJob, params: BlockParams) -> dict[str, torch.Tensor]:
-    qcfg = job.qconfig
     current = transformed_block_params(job, params, smoothed_block_params(job, params))
-    if not qcfg.quantize_weights:
-        return current
-    grid = weight_grid(qcfg)
-    for name in job.linear_names:
+    for name, scheme in job.linear_schemes.items():
+        if not scheme.quantize_weights:
+            continue
+        grid = weight_grid(scheme)
         key = f"{name}.weight"
         weight = current.get(key, job.block.get_submodule(name).weight.detach())
         up, low = lwc_factor(params.get("lwc_up", name)), lwc_factor(params.get("lwc_low", name))
@@ -218,23 +217,21 @@ class _WithParams(nn.Module):
 def activation_fake_quant(job: BlockJob):
     """Activation fake quantization on every quantized linear's input (float grids: with a scale
     taken from each input, until the layer's static scale is calibrated after the block)."""
-    scheme = job.qconfig
-    if not scheme.quantize_activations:
-        yield
-        return
-    quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    quantized: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def hook(_module, args):
-        # Linears sharing an input (q/k/v, gate/up) reuse one quantization of it: same values,
-        # one pass instead of three.
+    def hook(_module, args, scheme):
+        # Linears sharing an input and its quantizer (q/k/v, gate/up) reuse one quantization of it:
+        # same values, one pass instead of three.
         x = args[0]
         if torch.compiler.is_compiling():  # the compiler merges the identical quantizations itself
             return (fake_quant_input(x, scheme),)
-        if id(x) not in quantized:
-            quantized[id(x)] = (x, fake_quant_input(x, scheme))  # x kept alive so its id stays unique
-        return (quantized[id(x)][1],)
+        key = (id(x), scheme.abits, scheme.aformat, scheme.act_asym)
+        if key not in quantized:
+            quantized[key] = (x, fake_quant_input(x, scheme))  # x kept alive so its id stays unique
+        return (quantized[key][1],)
 
-    handles = [job.block.get_submodule(n).register_forward_pre_hook(hook) for n in job.linear_names]
+    handles = [job.block.get_submodule(n).register_forward_pre_hook(partial(hook, scheme=s))
+               for n, s in job.linear_schemes.items() if s.quantize_activations]
     try:
         yield
     finally:
@@ -379,7 +376,7 @@ def fold_and_quantize(job: BlockJob, params: BlockParams) -> dict:
     """Write the learned smoothing into the block and replace its linears by QuantLinears; with
     --rounding gptq, by the best of ROUNDINGS. Returns {"rounding": chosen, "rounding_mse": {...}}
     (empty for nearest rounding)."""
-    if not (job.qconfig.quantize_weights and job.options.rounding == "gptq"):
+    if not (job.quantizes_weights and job.options.rounding == "gptq"):
         _quantize_as(job, params, "learned+nearest")
         return {}
     from dataclasses import replace
@@ -415,10 +412,10 @@ def _quantize_as(job: BlockJob, params: BlockParams, rounding: str) -> None:
             fold_smoothing(job.block, group, *_smoothing(params, i))
         fold_transforms(job, params)
     clip = {}
-    if learned and job.qconfig.quantize_weights:
+    if learned:
         clip = {
             n: (lwc_factor(params.get("lwc_up", n)), lwc_factor(params.get("lwc_low", n)), params.get("row_gain", n))
-            for n in job.linear_names
+            for n, scheme in job.linear_schemes.items() if scheme.quantize_weights
         }
     if rounding.endswith("gptq"):
         from lrq_deploy.calib.gptq import gptq_block
@@ -427,7 +424,7 @@ def _quantize_as(job: BlockJob, params: BlockParams, rounding: str) -> None:
         gptq = GPTQOptions()
         gptq_block(job, gptq.damp, gptq.act_order, gptq.block_size, clip=clip)
     else:
-        replace_linears(job.block, job.linear_names, job.qconfig, clip)
+        replace_linears(job, clip)
 
 
 def learn_block(job: BlockJob, recipe: Recipe) -> dict:

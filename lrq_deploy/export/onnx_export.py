@@ -160,12 +160,12 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         _check_int8_activations(target, ckpt)
     if options.cpu_kernels:
         _check_cpu_kernel_scheme(ckpt, options.ort_int8_activations)
-    check_float_target(ckpt.quant, target)
-    if opset is not None and opset < scheme_opset(ckpt.quant, target):  # before the trace: known from the scheme
-        raise LrqError(
-            f"opset {opset} is too low for W{ckpt.quant.wbits if ckpt.quant else 16} weights with target {target}: "
-            f"the minimum is {scheme_opset(ckpt.quant, target)}"
-        )
+    for scheme in ckpt.schemes:
+        check_float_target(scheme, target)
+    lowest = max([scheme_opset(s, target) for s in ckpt.schemes], default=scheme_opset(None, target))
+    if opset is not None and opset < lowest:  # before the trace: known from the schemes
+        raise LrqError(f"opset {opset} is too low for the {ckpt.scheme_name} weights with target {target}: "
+                       f"the minimum is {lowest}")
     layout = loaded.adapter.attention_layout(loaded.model) if options.contrib_ops and target == "ort" and with_past else None
     with step("tracing the model (torch.export)"):
         model = trace_to_onnx(loaded, batch, seq_len, with_past, layout)
@@ -207,7 +207,7 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
 
             with runnable_by_ort(tmp, target) as graph, step("verifying onnxruntime against torch"):
                 report["verify"] = verify_against_torch(graph, loaded, limit, with_past, (batch, seq_len),
-                                                        bool(ckpt.quant and ckpt.quant.quantize_activations))
+                                                        any(s.quantize_activations for s in ckpt.schemes))
                 check_tolerance(report["verify"], options.allow_outside_tolerance)
                 if with_past:
                     report["verify_generation"] = verify_generation(graph, loaded)
@@ -288,21 +288,25 @@ def _check_cpu_kernel_scheme(ckpt, int8_activations: bool) -> None:
     """Before the trace: a scheme none of whose linears lrq's CPU kernel serves (ort_optimized._as_lrq_kernel)."""
     from lrq_deploy.export.ort_optimized import BLOCK_MULTIPLE, INT8_BLOCK_MULTIPLE
 
-    quant = ckpt.quant
     multiple = INT8_BLOCK_MULTIPLE if int8_activations else BLOCK_MULTIPLE
-    why = ("the model is full precision" if not quant or not quant.quantize_weights else
-           f"its weights are {quant.name}, not 4-bit integers" if quant.wbits != 4 or quant.float_format else
-           "its activations are quantized (the kernel takes float activations)" if quant.quantize_activations else
-           f"its group size {quant.group_size} is not a multiple of {multiple}"
-           if quant.group_size and quant.group_size % multiple else None)
+
+    def unfit(quant) -> str | None:
+        return ("the model is full precision" if not quant or not quant.quantize_weights else
+                f"its weights are {quant.name}, not 4-bit integers" if quant.wbits != 4 or quant.float_format else
+                "its activations are quantized (the kernel takes float activations)" if quant.quantize_activations else
+                f"its group size {quant.group_size} is not a multiple of {multiple}"
+                if quant.group_size and quant.group_size % multiple else None)
+
+    reasons = [unfit(scheme) for scheme in ckpt.schemes] or [unfit(None)]
+    why = None if None in reasons else reasons[0]
     if why:
         raise LrqError(f"--cpu-kernels: no linear of this graph fits lrq's CPU kernel ({why}; it takes 4-bit weights in "
                        f"blocks of a multiple of 32, of 128 with --ort-int8-activations)")
 
 
 def _check_int8_activations(target: str, ckpt) -> None:
-    quant = ckpt.quant
-    if target != "ort" or not quant or (quant.wbits, quant.abits) != (4, 16) or not quant.group_size:
+    if target != "ort" or not ckpt.schemes or any((s.wbits, s.abits) != (4, 16) or not s.group_size
+                                                   for s in ckpt.schemes):
         raise LrqError("--ort-int8-activations applies to group-wise W4A16 checkpoints exported with --target ort "
                        "(onnxruntime's MatMulNBits)")
 

@@ -82,8 +82,11 @@ def _quiet():
         hf_logging.set_verbosity(level)
 
 
+# The linears vLLM packs into one layer (its models' packed_modules_mapping): one scheme for all of them.
+VLLM_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def _check_supported(ckpt) -> None:
-    quant = ckpt.quant
     if ckpt.adapter.task != "causal_lm":
         raise LrqError(f"--vllm exports causal language models; this checkpoint is a {ckpt.adapter.task} model")
     if ckpt.adapter.restructures:
@@ -92,12 +95,41 @@ def _check_supported(ckpt) -> None:
     if (ckpt.manifest or {}).get("rotation", {}).get("online"):
         raise LrqError("--vllm cannot carry lrq's online rotation before down_proj (vLLM would run the linear on the "
                        "unrotated input); calibrate without --rotate, or use --onnx / --genai")
-    if quant is not None and quant.float_format == "mxfp4":
-        raise LrqError(f"--vllm cannot express {ckpt.scheme_name}: lrq's MXFP4 has no compressed-tensors form it writes "
-                       f"yet (compressed-tensors checkpoints support {SUPPORTED}); use --onnx")
-    if quant is None or (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8), (4, 4)) or (
-            quant.abits == 4 and quant.float_format != "nvfp4"):
-        raise LrqError(f"--vllm cannot express {ckpt.scheme_name}: compressed-tensors checkpoints support {SUPPORTED}")
+    if ckpt.quant is None:
+        raise LrqError(f"--vllm cannot express a full-precision model: compressed-tensors checkpoints support {SUPPORTED}")
+    for quant in ckpt.schemes:
+        if quant.float_format == "mxfp4":
+            raise LrqError(f"--vllm cannot express {quant.name}: lrq's MXFP4 has no compressed-tensors form it writes "
+                           f"yet (compressed-tensors checkpoints support {SUPPORTED}); use --onnx")
+        if (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8), (4, 4)) or (
+                quant.abits == 4 and quant.float_format != "nvfp4"):
+            raise LrqError(f"--vllm cannot express {quant.name}: compressed-tensors checkpoints support {SUPPORTED}")
+    _check_packed_alike(ckpt)
+
+
+def _check_packed_alike(ckpt) -> None:
+    """vLLM runs q/k/v (gate/up) as one packed layer: per-layer schemes must give its parts one scheme."""
+    from lrq_deploy.checkpoint import module_scheme
+
+    quantized = set(ckpt.quantized_modules)
+    for name in quantized:
+        parent, _, child = name.rpartition(".")
+        for packed, parts in VLLM_PACKED.items():
+            if child not in parts:
+                continue
+            siblings = [f"{parent}.{p}" for p in parts if _has_module(ckpt.model, f"{parent}.{p}")]
+            schemes = {module_scheme(ckpt.manifest, s).name if s in quantized else "none" for s in siblings}
+            if len(schemes) > 1:
+                raise LrqError(f"--vllm: vLLM runs {', '.join(parts)} of {parent} as one layer ({packed}), but they have "
+                               f"the schemes {', '.join(sorted(schemes))}; give them one scheme")
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _require_library() -> None:
@@ -134,12 +166,20 @@ def _attach_qparams(model: nn.Module, ckpt, expected: dict):
         QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
     )
 
-    quant = ckpt.quant
-    weights, activations, fmt = _float_args(quant) if quant.float_format else _int_args(quant)
+    by_scheme: dict = {}
+    for name, (_, source) in expected.items():
+        by_scheme.setdefault(source.config, []).append(name)
+    groups, formats = {}, []
+    for index, (quant, names) in enumerate(by_scheme.items()):
+        weights, activations, fmt = _float_args(quant) if quant.float_format else _int_args(quant)
+        targets = ["Linear"] if len(by_scheme) == 1 else names  # per-layer schemes: each group names its modules
+        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=weights, input_activations=activations,
+                                                      format=fmt)
+        formats.append(fmt)
+    fmt = formats[0] if len(set(formats)) == 1 else None  # None: each group keeps its own ("mixed-precision")
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in expected]
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore,
-                                quantization_status=QuantizationStatus.FROZEN, format=fmt)
+    config = QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status=QuantizationStatus.FROZEN,
+                                format=fmt or "mixed-precision")
     apply_quantization_config(model, config, show_progress=False)
     with torch.no_grad():
         for name, (_, source) in expected.items():
@@ -201,10 +241,38 @@ def load_decompressed(path: Path) -> nn.Module:
         path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
 
 
+def decompressed_weights(path: Path, names) -> dict[str, torch.Tensor]:
+    """Each named linear's weight as compressed-tensors decompresses it with the config group whose targets
+    match the module, as vLLM picks a layer's scheme. (transformers decompresses every dense layer with one
+    group's scheme, so a checkpoint with per-layer schemes is checked here, not through transformers.)"""
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_name
+    from safetensors import safe_open
+
+    config = QuantizationConfig.model_validate(json.loads((Path(path) / "config.json").read_text())["quantization_config"])
+    weights = {}
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+        for name in names:
+            scheme = next(s for s in config.config_groups.values() if any(match_name(name, t) for t in s.targets))
+            state = {k[len(name) + 1:]: handle.get_tensor(k) for k in keys if k.startswith(name + ".")}
+            compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+            weights[name] = compressor.decompress(state, scheme)["weight"].float()
+    return weights
+
+
 def _check_round_trip(path: Path, expected: dict) -> None:
-    model = load_decompressed(path)
+    mixed = len({source.config for _, source in expected.values()}) > 1
+    if mixed:
+        got_weights = decompressed_weights(path, expected)
+    else:
+        model = load_decompressed(path)
+        got_weights = {name: model.get_submodule(name).weight.detach().float() for name in expected}
     for name, (weight, _) in expected.items():
-        got = model.get_submodule(name).weight.detach().float()
+        got = got_weights[name]
         if not torch.equal(got, weight):
             raise LrqError(f"the compressed-tensors export of {name} does not decompress to the checkpoint's weight "
                            f"(max difference {(got - weight).abs().max().item():.3g}); nothing written")

@@ -62,7 +62,7 @@ def _half_scale(job):
     with torch.no_grad():
         for name in job.linear_names:
             job.block.get_submodule(name).weight.mul_(job.options.shrink)
-    replace_linears(job.block, job.linear_names, job.qconfig)
+    replace_linears(job)
     return {"shrink": job.options.shrink}
 
 

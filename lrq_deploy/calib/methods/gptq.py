@@ -27,12 +27,8 @@ class GPTQOptions:
 
 
 def quantize_block(job) -> dict:
-    from lrq_deploy.calib.baselines import replace_linears
     from lrq_deploy.calib.gptq import gptq_block
 
-    if not job.qconfig.quantize_weights:
-        replace_linears(job.block, job.linear_names, job.qconfig)
-        return {}
     options = job.options
     return gptq_block(job, options.damp, options.act_order, options.block_size)
 

@@ -8,7 +8,7 @@ from lrq_deploy.calib.registry import Method, NoOptions
 def quantize_block(job) -> None:
     from lrq_deploy.calib.baselines import replace_linears
 
-    replace_linears(job.block, job.linear_names, job.qconfig)
+    replace_linears(job)
 
 
 METHOD = Method("rtn", NoOptions, quantize_block, "round to nearest, no calibration", order=0)
