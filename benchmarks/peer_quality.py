@@ -132,6 +132,7 @@ def lrq_and_peer_methods(args) -> tuple[list[str], dict]:
         # "static" since 0.6): lrq's --act-order is the same ordering with the same static groups
         return ["GPTQ"], {"lrq gptq": ("gptq", {"damp": args.damp}),
                           "lrq gptq --act-order": ("gptq", {"damp": args.damp, "act_order": True}),
+                          "lrq gptq --weight-range minmax": ("gptq", {"damp": args.damp, "weight_range": "minmax"}),
                           "lrq rtn": ("rtn", {}), "lrq awq": ("awq", {}),
                           "lrq lrquant": ("lrquant", learn),
                           "lrq lrquant --rounding gptq": ("lrquant", {**learn, "rounding": "gptq"})}
@@ -177,11 +178,15 @@ def main():
     parser.add_argument("--damp", type=float, default=0.01)
     parser.add_argument("--eval-windows", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only lrq's methods whose label contains one of these strings (the peer always runs)")
     args = parser.parse_args()
     settings = {"wbits": args.wbits, "group_size": args.group_size, "symmetric": args.symmetric,
                 "abits": args.abits, "act_asym": args.abits < 16 and not args.act_sym, "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "damp": args.damp}
     settings["peers"], methods = lrq_and_peer_methods(args)
+    if args.only is not None:
+        methods = {k: v for k, v in methods.items() if any(s in k for s in args.only)}
     results: dict[str, list[float]] = {}
     fps, version = [], None
     with tempfile.TemporaryDirectory() as tmp:

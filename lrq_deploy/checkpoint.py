@@ -35,10 +35,11 @@ OUTPUT = OutputKind("checkpoint", directory=True, recognise=lambda p: is_json_of
 def save_checkpoint(
     out: Path, source: LoadedModel, model: nn.Module, quantized: list[str],
     qconfig: QuantScheme, calib: dict, blocks: list[dict], force: bool = False, calib_data: str | None = None,
-    rotation: dict | None = None, scheme_rules: list[dict] | None = None,
+    rotation: dict | None = None, scheme_rules: list[dict] | None = None, scheme_search: dict | None = None,
 ) -> Path:
     """scheme_rules: the per-layer rules the schemes came from (quant/layer_schemes.py); the scheme of
-    every quantized module that differs from `qconfig` is recorded from the module itself."""
+    every quantized module that differs from `qconfig` is recorded from the module itself.
+    scheme_search: the bit-budget search's record (calib/auto_scheme.py), with the rules as given."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -68,6 +69,8 @@ def save_checkpoint(
         others = _other_schemes(model, quantized, qconfig)
         if scheme_rules or others:
             manifest[LAYER_SCHEMES] = {"rules": scheme_rules or [], "modules": others}
+        if scheme_search is not None:
+            manifest[LAYER_SCHEMES]["search"] = scheme_search
         manifest["files"] = file_records(tmp)
         manifest[SELF_HASH] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -203,11 +206,13 @@ class Checkpoint:
 
     @property
     def schemes(self) -> list[QuantScheme]:
-        """Every distinct scheme of the quantized modules, the checkpoint's own first ([] for a baseline)."""
+        """Every distinct scheme of the quantized modules, the checkpoint's own first when a module has it
+        ([] for a baseline)."""
         if self.quant is None:
             return []
-        found = [self.quant] + [module_scheme(self.manifest, name) for name in self.quantized_modules]
-        return list(dict.fromkeys(found))
+        found = sorted({module_scheme(self.manifest, name) for name in self.quantized_modules} or {self.quant},
+                       key=lambda s: (s != self.quant, s.wbits, s.name))
+        return found
 
     @property
     def scheme_name(self) -> str:

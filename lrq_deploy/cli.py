@@ -143,6 +143,14 @@ def method_options(command):
 @click.option("--recipe", type=PATH, default=None,
               help="A YAML recipe of per-layer schemes: 'layers: {PATTERN: SCHEME}' and optionally 'default: SCHEME' "
                    "(replacing the command line's scheme); --scheme-for rules come before the file's.")
+@click.option("--effective-bits", type=float, default=None,
+              help="Choose a scheme per linear among --candidates so that they average at most this many bits per "
+                   "weight (codes, group scales and zero points counted): each linear's sensitivity is the model "
+                   "output's change with that linear alone rounded under each candidate; the table goes into the "
+                   "checkpoint's manifest. Rules of --scheme-for / --recipe stay as given.")
+@click.option("--candidates", default=None,
+              help="--effective-bits: the weight-only schemes to choose from, comma-separated "
+                   "[default: w2a16-g64,w3a16,w3a16-g64,w4a16,w4a16-g64,w8a16].")
 @click.option("--method", type=click.Choice(method_names()), default="rtn", show_default=True)
 @click.option("--calib-data", type=PATH, default=None, help="Calibration data: a UTF-8 text file (language models) or an image folder DIR/CLASS/IMAGE (ViT).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")

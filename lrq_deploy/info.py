@@ -103,8 +103,13 @@ def layer_scheme_summary(manifest: dict, default) -> str:
     for name in manifest["quantized_modules"]:
         label = module_scheme(manifest, name).name
         counts[label] = counts.get(label, 0) + 1
-    rules = [SchemeRule.from_dict(r) for r in record.get("rules", [])]
     used = ", ".join(f"{label} x{count}" for label, count in counts.items())
+    search = record.get("search")
+    if isinstance(search, dict):
+        given = len(search.get("given", {}).get("rules", []))
+        return (used + f"; searched for {search.get('effective_bits')} bits per weight ({search.get('achieved_bits')} "
+                f"reached) over {len(search.get('table', []))} linears" + (f", {given} rules given" if given else ""))
+    rules = [SchemeRule.from_dict(r) for r in record.get("rules", [])]
     return used + ("; rules " + ", ".join(f"{r.pattern}={scheme_label(r.scheme)}" for r in rules) if rules else "")
 
 

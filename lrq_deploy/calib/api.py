@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from lrq_deploy.atomic import claim_output, output_scope
+from lrq_deploy.calib.auto_scheme import candidate_schemes, search_schemes
 from lrq_deploy.calib.blockwise import calibrate_model
 from lrq_deploy.calib.head import head_of, quantize_head
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import LAYER_SCHEMES, MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
-from lrq_deploy.quant.layer_schemes import LayerSchemes, SchemeRule, load_recipe, parse_rule, scheme_label
+from lrq_deploy.quant.layer_schemes import BitBudget, LayerSchemes, load_recipe, parse_rule, scheme_label
 from lrq_deploy.quant.scheme import FLOAT_FORMATS, QuantScheme
 from lrq_deploy.devices import resolve_device
 from lrq_deploy.errors import LrqError
@@ -68,6 +69,9 @@ def calibrate(
     """
     schemes = qconfig if isinstance(qconfig, LayerSchemes) else LayerSchemes(qconfig)
     qconfig = schemes.default
+    if schemes.budget is not None and (offload or distributed):
+        raise LrqError("--effective-bits runs the whole model once per linear and candidate: it needs the model in "
+                       "memory on one device; drop --offload / --distributed")
     out = Path(out)
     spec = model_spec or DEFAULT_MODEL
     dev = resolve_device(device)
@@ -95,8 +99,15 @@ def calibrate(
         with step(f"rotating the model ({rotation.kind})"):
             rotated = rotate_model(loaded, rotation)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
+    given, search = schemes, None
+    if schemes.budget is not None:
+        head_name = _head_name(loaded) if head_scheme is not None else None
+        schemes, search = search_schemes(loaded, schemes, list(batches), head_name)
+        head_scheme = schemes.for_module(head_name) if head_name else None
     if runs and collective.main:
         runs.start()
+        if search is not None:
+            runs.save_scheme_search(search)
     collective.barrier()
     result = calibrate_model(loaded, schemes, cconfig, batches, dev, progress=progress if collective.main else None,
                              run_dir=runs, offload=offload, collective=collective)
@@ -109,14 +120,20 @@ def calibrate(
     if collective.main:
         save_checkpoint(out, loaded, result.model, result.quantized, qconfig, cconfig.to_dict(), result.blocks,
                         force=True, calib_data=_data_reference(calib_data),
-                        rotation=rotated, scheme_rules=schemes.to_dict()["rules"])
+                        rotation=rotated, scheme_rules=schemes.to_dict()["rules"],
+                        scheme_search=None if search is None else {**search, "given": given.to_dict()})
     collective.barrier()
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
-            "method": cconfig.method, "scheme": _scheme_summary(schemes), "rank": collective.rank}
+            "method": cconfig.method, "scheme": _scheme_summary(schemes, search), "rank": collective.rank}
 
 
-def _scheme_summary(schemes: LayerSchemes) -> str:
+def _scheme_summary(schemes: LayerSchemes, search: dict | None = None) -> str:
+    if search is not None:
+        return (f"{schemes.default.name}, per-layer schemes searched for {search['effective_bits']:g} bits per weight "
+                f"({search['achieved_bits']:g} reached; the table in the manifest)")
+    if len(schemes.rules) > 3:
+        return f"{schemes.default.name} with {len(schemes.rules)} per-layer rules"
     rules = ", ".join(f"{r.pattern} {scheme_label(r.scheme)}" for r in schemes.rules)
     return schemes.default.name + (f" ({rules})" if rules else "")
 
@@ -136,6 +153,10 @@ def _head_scheme(loaded, schemes: LayerSchemes, quantize_head: bool) -> QuantSch
     return None
 
 
+def _head_name(loaded) -> str:
+    return loaded.adapter.head(loaded.model)[0]
+
+
 def _named_blocks(loaded) -> list[tuple[str, torch.nn.Module]]:
     blocks = {id(b) for b in loaded.adapter.blocks(loaded.model)}
     return [(name, m) for name, m in loaded.model.named_modules() if id(m) in blocks]
@@ -151,12 +172,18 @@ def finished_checkpoint(out: Path, spec: str, schemes: LayerSchemes, cconfig: Ca
     except LrqError:
         return None
     same = (manifest.get("source") == source_reference(spec) and manifest.get("quant") == schemes.default.to_dict()
-            and manifest.get(LAYER_SCHEMES, {}).get("rules", []) == schemes.to_dict()["rules"]
+            and _given_schemes(manifest) == schemes.to_dict()
             and manifest.get("calib") == cconfig.to_dict() and manifest.get("calib_data") == _data_reference(calib_data))
     if not same or not intact(out, manifest):
         return None
     return {"checkpoint": str(out), "blocks": manifest.get("blocks", []), "run_dir": None, "method": cconfig.method,
             "scheme": _scheme_summary(schemes), "rank": 0, "already_complete": True}
+
+
+def _given_schemes(manifest: dict) -> dict:
+    """The per-layer rules (and budget) a checkpoint was calibrated with, before any search added rules."""
+    record = manifest.get(LAYER_SCHEMES, {})
+    return record.get("search", {}).get("given") or {"rules": record.get("rules", [])}
 
 
 def _data_reference(calib_data) -> str | None:
@@ -183,8 +210,8 @@ def default_run_dir(out: Path) -> Path:
 def run_settings(spec: str, schemes: LayerSchemes, cconfig: CalibConfig, calib_data: Path | None) -> dict:
     settings = {"model": spec, "quant": schemes.default.to_dict(), "calib": cconfig.to_dict(),
                 "calib_data": str(calib_data) if calib_data else None}
-    if schemes.rules:  # recorded only when there are rules: run directories without them resume as before
-        settings[LAYER_SCHEMES] = schemes.to_dict()["rules"]
+    if not schemes.uniform:  # recorded only when there are rules: run directories without them resume as before
+        settings[LAYER_SCHEMES] = schemes.to_dict()
     return settings
 
 
@@ -216,12 +243,19 @@ def calibrate_from_options(options: dict, progress=None) -> dict:
 
 
 def layer_schemes(qconfig: QuantScheme, options: dict) -> QuantScheme | LayerSchemes:
-    """The command line's scheme with the rules of --scheme-for and --recipe (or of the resumed run)."""
+    """The command line's scheme with the rules of --scheme-for and --recipe and the budget of --effective-bits
+    (or those of the resumed run)."""
+    if options.get("saved_layer_schemes"):
+        return LayerSchemes.from_dict(qconfig, options["saved_layer_schemes"])
     recipe = load_recipe(options["recipe"], qconfig) if options.get("recipe") else LayerSchemes(qconfig)
     given = tuple(parse_rule(text, recipe.default) for text in options.get("scheme_for") or ())
-    saved = tuple(SchemeRule.from_dict(r) for r in options.get("saved_rules") or ())
-    rules = given + recipe.rules if given or recipe.rules else saved
-    return LayerSchemes(recipe.default, rules) if rules else recipe.default
+    budget = None
+    if options.get("effective_bits") is not None:
+        budget = BitBudget(float(options["effective_bits"]), candidate_schemes(options.get("candidates"), recipe.default))
+    elif options.get("candidates"):
+        raise LrqError("--candidates goes with --effective-bits (the bit-budget search)")
+    schemes = LayerSchemes(recipe.default, given + recipe.rules, budget)
+    return recipe.default if schemes.uniform else schemes
 
 
 CALIB_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "quantize_head", "rotate")  # every method's; its own come from the registry
@@ -256,8 +290,8 @@ def _fill_from_run_dir(options: dict, given: set) -> None:
                            f"{options['out']}); drop --resume to start one")
         return
     calib = saved.get("calib", {})
-    if not given & {"scheme_for", "recipe"}:
-        options["saved_rules"] = saved.get(LAYER_SCHEMES)
+    if not given & {"scheme_for", "recipe", "effective_bits", "candidates"}:
+        options["saved_layer_schemes"] = saved.get(LAYER_SCHEMES)
     recorded = {"model": saved.get("model"), "calib_data": saved.get("calib_data"), "method": calib.get("method"),
                 **{k: saved.get("quant", {}).get(k) for k in QUANT_OPTIONS},
                 **{k: calib.get(k) for k in CALIB_OPTIONS},

@@ -53,13 +53,15 @@ def round_to_nearest(job: HeadJob) -> QuantLinear:
     return quantize_linear(job.linear, job.qconfig)
 
 
-def gptq_rounding(job: HeadJob, damp: float = 0.01, act_order: bool = False, block_size: int = 128) -> QuantLinear:
-    """GPTQ rounding of the head on its calibration inputs (round-to-nearest scales)."""
+def gptq_rounding(job: HeadJob, damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+                  clip: str = "mse") -> QuantLinear:
+    """GPTQ rounding of the head on its calibration inputs (scales by the `clip` rule, calib/gptq.py)."""
     from lrq_deploy.calib.gptq import gptq_quantize
 
     if not job.qconfig.quantize_weights:
         return round_to_nearest(job)
-    codes, scale, zero = gptq_quantize(job.linear.weight, job.hessian(), job.qconfig, damp, act_order, block_size)
+    codes, scale, zero = gptq_quantize(job.linear.weight, job.hessian(), job.qconfig, damp, act_order, block_size,
+                                       clip=clip)
     return QuantLinear.from_codes(codes, scale, zero, job.linear.bias, job.qconfig)
 
 

@@ -22,7 +22,8 @@ from lrq_deploy.errors import LrqError
 
 RUN_FILE = "run.json"
 REPORT_FILE = "report.json"
-OWN_FILES = re.compile(r"(run\.json|report\.json|losses\.png|block_\d{3}\.safetensors|\..*\.tmp-\d+)")
+SCHEME_SEARCH_FILE = "scheme_search.json"
+OWN_FILES = re.compile(r"(run\.json|report\.json|scheme_search\.json|losses\.png|block_\d{3}\.safetensors|\..*\.tmp-\d+)")
 
 
 class RunDir:
@@ -106,6 +107,10 @@ class RunDir:
                   "training": {str(k): {n: v for n, v in r.items() if n != "loss_curve"} for k, r in blocks}}
         write_json(self.path / REPORT_FILE, report)
         self.plot()
+
+    def save_scheme_search(self, record: dict) -> None:
+        """The bit-budget search's table (calib/auto_scheme.py)."""
+        write_json(self.path / SCHEME_SEARCH_FILE, record)
 
     def plot(self) -> None:
         import matplotlib

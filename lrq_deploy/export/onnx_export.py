@@ -164,8 +164,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         check_float_target(scheme, target)
     lowest = max([scheme_opset(s, target) for s in ckpt.schemes], default=scheme_opset(None, target))
     if opset is not None and opset < lowest:  # before the trace: known from the schemes
-        raise LrqError(f"opset {opset} is too low for the {ckpt.scheme_name} weights with target {target}: "
-                       f"the minimum is {lowest}")
+        widths = "/".join(dict.fromkeys(f"W{s.wbits}" for s in ckpt.schemes if scheme_opset(s, target) > opset))
+        raise LrqError(f"opset {opset} is too low for {widths} weights with target {target}: the minimum is {lowest}")
     layout = loaded.adapter.attention_layout(loaded.model) if options.contrib_ops and target == "ort" and with_past else None
     with step("tracing the model (torch.export)"):
         model = trace_to_onnx(loaded, batch, seq_len, with_past, layout)

@@ -30,9 +30,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.scheme import PRESETS, QuantScheme
+from lrq_deploy.quant.scheme import PRESETS, QuantScheme, group_length
 
-__all__ = ["KEEP_FLOAT", "LayerSchemes", "SchemeRule", "load_recipe", "parse_rule", "parse_scheme"]
+__all__ = ["KEEP_FLOAT", "BitBudget", "LayerSchemes", "SchemeRule", "effective_bits", "load_recipe", "parse_rule",
+           "parse_scheme"]
 
 KEEP_FLOAT = "none"
 _NAMED = re.compile(r"w(\d+)a(\d+)((?:-g\d+|-sym|-act-sym)*)")
@@ -97,12 +98,43 @@ def parse_rule(text: str, default: QuantScheme) -> SchemeRule:
         raise LrqError(f"--scheme-for {text!r}: {exc}") from None
 
 
+SCALE_BITS = {"int": 16, "fp8": 32, "nvfp4": 8, "mxfp4": 8}  # bits of one stored group scale, by weight format
+
+
+def effective_bits(scheme: QuantScheme | None, in_features: int) -> float:
+    """Bits per weight as deployed: the code, plus each group's scale and (asymmetric integers) a zero point
+    at the code's width, as the packed formats store it; 16 for a linear kept in floating point."""
+    if scheme is None or not scheme.quantize_weights:
+        return 16.0
+    size = group_length(scheme.group_size, in_features)
+    zero = 0 if scheme.symmetric or scheme.float_format else scheme.wbits
+    return scheme.wbits + (SCALE_BITS[scheme.wformat] + zero) / size
+
+
+@dataclass(frozen=True)
+class BitBudget:
+    """--effective-bits: a scheme per linear chosen among `candidates` (calib/auto_scheme.py) so that the
+    searched linears average at most `bits` bits per weight."""
+
+    bits: float
+    candidates: tuple[QuantScheme, ...]
+
+    def to_dict(self) -> dict:
+        return {"effective_bits": self.bits, "candidates": [c.to_dict() for c in self.candidates]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BitBudget":
+        return cls(float(data["effective_bits"]), tuple(QuantScheme.from_dict(c) for c in data["candidates"]))
+
+
 @dataclass(frozen=True)
 class LayerSchemes:
-    """The model's scheme and the rules that override it, first match first."""
+    """The model's scheme and the rules that override it, first match first; with a budget, the
+    search adds one rule per searched linear after these."""
 
     default: QuantScheme
     rules: tuple[SchemeRule, ...] = ()
+    budget: BitBudget | None = None
 
     def rule_for(self, name: str) -> SchemeRule | None:
         return next((rule for rule in self.rules if rule.matches(name)), None)
@@ -127,11 +159,20 @@ class LayerSchemes:
                                f"{examples}, ...); a pattern is a glob over full names or their last components")
 
     def to_dict(self) -> dict:
-        return {"rules": [rule.to_dict() for rule in self.rules]}
+        record = {"rules": [rule.to_dict() for rule in self.rules]}
+        if self.budget is not None:
+            record["budget"] = self.budget.to_dict()
+        return record
 
     @classmethod
     def from_dict(cls, default: QuantScheme, data: dict | None) -> "LayerSchemes":
-        return cls(default, tuple(SchemeRule.from_dict(r) for r in (data or {}).get("rules", [])))
+        data = data or {}
+        budget = BitBudget.from_dict(data["budget"]) if data.get("budget") else None
+        return cls(default, tuple(SchemeRule.from_dict(r) for r in data.get("rules", [])), budget)
+
+    @property
+    def uniform(self) -> bool:
+        return not self.rules and self.budget is None
 
 
 def load_recipe(path: Path, default: QuantScheme) -> LayerSchemes:

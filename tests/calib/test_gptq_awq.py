@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from lrq_deploy.calib.blockwise import calibrate_model
-from lrq_deploy.calib.gptq import gptq_quantize
+from dataclasses import replace
+
+from lrq_deploy.calib.gptq import clip_search, gptq_quantize
 from lrq_deploy.calib.registry import CalibConfig
 from lrq_deploy.data import token_windows
 from lrq_deploy.models import load_model
@@ -24,10 +26,11 @@ def _problem(seed=0, rows=24, columns=64, tokens=256):
     return weight, 2 * x.T @ x / tokens
 
 
-def reference_gptq(weight, hessian, scheme, damp=0.01):
+def reference_gptq(weight, hessian, scheme, damp=0.01, weight_range="minmax"):
     """GPTQ as first written (OBQ order, no lazy batches, no Cholesky): quantize column i, spread
     its error with the inverse Hessian of the remaining columns, then remove column i from that
-    inverse. Group parameters from the weight as updated so far, when a group is reached."""
+    inverse. Group parameters from the weight as updated so far, when a group is reached (with
+    weight_range "mse": the range searched on that group, as the GPTQ authors' --mse quantizer)."""
     w = weight.double().clone()
     h = hessian.double() + damp * hessian.diagonal().mean().double() * torch.eye(len(hessian), dtype=torch.double)
     hinv = torch.linalg.inv(h)
@@ -36,7 +39,9 @@ def reference_gptq(weight, hessian, scheme, damp=0.01):
     scale = zero = None
     for i in range(w.shape[1]):
         if i % size == 0:
-            scale, zero = weight_qparams(w[:, i:i + size].float(), scheme.wbits, None, scheme.symmetric)
+            group = w[:, i:i + size].float()
+            factor = clip_search(group, replace(scheme, group_size=None)) if weight_range == "mse" else None
+            scale, zero = weight_qparams(group, scheme.wbits, None, scheme.symmetric, factor, factor)
             scale, zero = scale[:, 0].double(), zero[:, 0].double()
         q = (torch.round(w[:, i].float() / scale.float()).double() + zero).clamp(0, 2**scheme.wbits - 1)
         codes[:, i] = q.to(torch.uint8)
@@ -47,20 +52,25 @@ def reference_gptq(weight, hessian, scheme, damp=0.01):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-sym" if s.symmetric else ""))
-def test_gptq_matches_the_plain_reference(scheme):
+@pytest.mark.parametrize("weight_range", ["minmax", "mse"])
+def test_gptq_matches_the_plain_reference(scheme, weight_range):
     weight, hessian = _problem()
-    codes, _, _ = gptq_quantize(weight, hessian, scheme, block_size=32)
-    expected = reference_gptq(weight, hessian, scheme)
+    codes, _, _ = gptq_quantize(weight, hessian, scheme, block_size=32, clip=weight_range)
+    expected = reference_gptq(weight, hessian, scheme, weight_range=weight_range)
     mismatch = (codes != expected).float().mean().item()
     assert mismatch == 0.0, f"{mismatch:.2%} of codes differ"
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-sym" if s.symmetric else ""))
 @pytest.mark.parametrize("act_order", [False, True])
-def test_identity_hessian_gives_round_to_nearest(scheme, act_order):
+@pytest.mark.parametrize("weight_range", ["minmax", "mse"])
+def test_identity_hessian_gives_round_to_nearest(scheme, act_order, weight_range):
+    """No error to spread: GPTQ's codes are round to nearest's, under the full range or the searched one."""
     weight, _ = _problem(seed=1)
-    codes, scale, zero = gptq_quantize(weight, torch.eye(weight.shape[1]), scheme, act_order=act_order)
-    rtn_scale, rtn_zero = weight_qparams(weight, scheme.wbits, scheme.group_size, scheme.symmetric)
+    codes, scale, zero = gptq_quantize(weight, torch.eye(weight.shape[1]), scheme, act_order=act_order,
+                                       clip=weight_range)
+    factor = clip_search(weight, scheme) if weight_range == "mse" else None
+    rtn_scale, rtn_zero = weight_qparams(weight, scheme.wbits, scheme.group_size, scheme.symmetric, factor, factor)
     assert torch.equal(scale, rtn_scale) and torch.equal(zero, rtn_zero)
     assert torch.equal(codes, quantize_weight(weight, rtn_scale, rtn_zero, scheme.wbits, scheme.group_size))
 

@@ -119,11 +119,15 @@ def test_learned_clipping_gets_gradients(preset):
 
 
 @pytest.mark.parametrize("preset", ["nvfp4", "mxfp4", "fp8"])
-def test_gptq_with_identity_hessian_is_round_to_nearest(preset):
+@pytest.mark.parametrize("weight_range", ["minmax", "mse"])
+def test_gptq_with_identity_hessian_is_round_to_nearest(preset, weight_range):
+    from lrq_deploy.calib.gptq import clip_search
+
     scheme = QuantScheme.preset(preset)
     grid, w = weight_grid(scheme), _weight()
-    rounded, qparams = gptq_round(w, torch.eye(w.shape[1]), scheme, damp=0.0)
-    assert torch.equal(rounded, grid.fake_quant(w, grid.qparams(w)))
+    rounded, qparams = gptq_round(w, torch.eye(w.shape[1]), scheme, damp=0.0, clip=weight_range)
+    factor = clip_search(w, scheme) if weight_range == "mse" else None
+    assert torch.equal(rounded, grid.fake_quant(w, grid.qparams(w, factor, factor)))
     x = torch.randn(256, w.shape[1]) * torch.linspace(0.1, 3, w.shape[1])
     hessian = x.T @ x / len(x)
     spread, qparams = gptq_round(w, hessian, scheme)
