@@ -83,15 +83,19 @@ def clip_search(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     error sum |w - q(w)|^2.4 is least: [out, groups] factors for the grid's qparams."""
     grid = weight_grid(scheme)
     size = group_length(scheme.group_size, w.shape[1])
-    shape = (w.shape[0], w.shape[1] // size)
-    best_error = torch.full(shape, float("inf"), device=w.device)
-    best = torch.ones(shape, device=w.device)
-    for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
-        factor = torch.full(shape, 1 - step / CLIP_STEPS, device=w.device)
-        error = (grid.fake_quant(w, grid.qparams(w, factor, factor)) - w).abs().pow(CLIP_NORM)
-        error = error.view(shape[0], shape[1], size).sum(dim=-1)
+    rows, groups = w.shape[0], w.shape[1] // size
+    factors = 1 - torch.arange(int(CLIP_MAX_SHRINK * CLIP_STEPS), device=w.device) / CLIP_STEPS
+    best_error = torch.full((rows, groups), float("inf"), device=w.device)
+    best = torch.ones(rows, groups, device=w.device)
+    chunk = max(1, (1 << 24) // w.numel())  # factors tried at once: the weight repeated, ~64 MB at most
+    for chunk_factors in factors.split(chunk):
+        k = len(chunk_factors)
+        tiled = w.repeat(k, 1)
+        factor = chunk_factors.repeat_interleave(rows)[:, None].expand(k * rows, groups)
+        error = (grid.fake_quant(tiled, grid.qparams(tiled, factor, factor)) - tiled).abs().pow(CLIP_NORM)
+        error, index = error.view(k, rows, groups, size).sum(dim=-1).min(dim=0)  # ties: the first, the widest range
         better = error < best_error
-        best_error, best = torch.where(better, error, best_error), torch.where(better, factor, best)
+        best_error, best = torch.where(better, error, best_error), torch.where(better, chunk_factors[index], best)
     return best
 
 
