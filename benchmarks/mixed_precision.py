@@ -22,6 +22,7 @@ lrq's search with --method rtn ("searched, rtn"). Its candidates carry lrq's bit
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 from pathlib import Path
@@ -74,13 +75,19 @@ print(json.dumps({"fp": fp, "ppl": perplexity(model), "version": modelopt.__vers
 '''
 
 
-def model_size(model: str, scheme) -> float | None:
-    """Bits per weight of `scheme` over the model's block linears (None where its groups do not fit)."""
+@functools.lru_cache(maxsize=None)
+def block_linears(model: str) -> list:
     from lrq_deploy.models import load_model
-    from lrq_deploy.quant.layer_schemes import effective_bits
 
     loaded = load_model(model)
-    linears = [b.get_submodule(n) for b in loaded.adapter.blocks(loaded.model) for n in loaded.adapter.linear_names(b)]
+    return [b.get_submodule(n) for b in loaded.adapter.blocks(loaded.model) for n in loaded.adapter.linear_names(b)]
+
+
+def model_size(model: str, scheme) -> float | None:
+    """Bits per weight of `scheme` over the model's block linears (None where its groups do not fit)."""
+    from lrq_deploy.quant.layer_schemes import effective_bits
+
+    linears = block_linears(model)
     if any(scheme.group_size and l.in_features % scheme.group_size for l in linears):
         return None
     return sum(effective_bits(scheme, l.in_features) * l.weight.numel() for l in linears) / sum(

@@ -100,7 +100,7 @@ def search_schemes(loaded, schemes: LayerSchemes, batches: list, head: str | Non
     budget = schemes.budget
     linears = searchable_linears(loaded, schemes, head)
     check_budget(linears, budget)
-    samples = batches[:SEARCH_SAMPLES]
+    samples = _stacked(batches[:SEARCH_SAMPLES])
     reference = _outputs(loaded, samples)
     rows = []
     with step(f"measuring the sensitivity of {len(linears)} linears to {len(budget.candidates)} schemes"):
@@ -118,7 +118,7 @@ def search_schemes(loaded, schemes: LayerSchemes, batches: list, head: str | Non
     total = sum(row.params for row in rows)
     record = {"effective_bits": budget.bits,
               "achieved_bits": round(sum(row.bits[row.chosen] * row.params for row in rows) / total, 4),
-              "samples": len(samples), "table": [vars(row) for row in rows]}
+              "samples": min(len(batches), SEARCH_SAMPLES), "table": [vars(row) for row in rows]}
     return replace(schemes, rules=schemes.rules + rules), record
 
 
@@ -175,6 +175,13 @@ def _outputs(loaded, samples: list) -> list[torch.Tensor]:
     finally:
         handle.remove()
     return seen
+
+
+def _stacked(samples: list) -> list:
+    """Samples of one shape as one batch (one forward pass per candidate instead of one per sample)."""
+    if all(isinstance(s, torch.Tensor) for s in samples) and len({s.shape[1:] for s in samples}) == 1:
+        return [torch.cat(samples)]
+    return samples
 
 
 def _main_tensor(out) -> torch.Tensor:
