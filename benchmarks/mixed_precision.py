@@ -32,27 +32,8 @@ UNIFORM = ("w2a16-g64", "w3a16", "w3a16-g128", "w3a16-g64", "w3a16-g32", "w4a16"
 HIGHER_IS_BETTER = {"top1", "cosine"}
 
 PEER_SCRIPT = r'''
-import json, sys
-import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 import modelopt
 import modelopt.torch.quantization as mtq
-
-model_dir, windows_file, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-torch.manual_seed(0)
-tensors = load_file(windows_file)
-calib, test = tensors["calib"], tensors["test"]
-
-@torch.no_grad()
-def perplexity(model):
-    nll, count = 0.0, 0
-    for batch in test.split(8):
-        logits = model(batch).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return float(torch.tensor(nll / count).exp())
 
 model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
 fp = perplexity(model)
@@ -117,13 +98,13 @@ def peer(args, budget: float, candidates, seed: int, tmp: Path) -> float:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from peer_quality import hf_directory, windows_file
+    from peer_quality import PEER_PREAMBLE, hf_directory, windows_file
 
     windows = windows_file(args.model, tmp / f"windows-{seed}.safetensors",
                            {"nsamples": args.nsamples, "seqlen": args.seqlen}, seed, args.eval_windows)
     settings = {"bits": budget, "candidates": [{"wbits": c.wbits, "group_size": c.group_size,
                                                 "bits": model_size(args.model, c)} for c in candidates]}
-    done = subprocess.run([args.peer_python, "-c", PEER_SCRIPT, str(hf_directory(args.model)), str(windows),
+    done = subprocess.run([args.peer_python, "-c", PEER_PREAMBLE + PEER_SCRIPT, str(hf_directory(args.model)), str(windows),
                            json.dumps(settings)], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"Model Optimizer failed:\n{done.stderr[-3000:]}")

@@ -24,15 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-PEER_SCRIPT = r'''
+# What every peer script starts with (run in the peer's own Python): its arguments, the shared
+# windows, and perplexity on the test windows as lrq computes it.
+PEER_PREAMBLE = r'''
 import json, sys
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from datasets import Dataset
-from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-import llmcompressor
 
 model_dir, windows_file, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 torch.manual_seed(0)
@@ -48,6 +46,13 @@ def perplexity(model):
                                                  batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     return float(torch.tensor(nll / count).exp())
+'''
+
+PEER_SCRIPT = PEER_PREAMBLE + r'''
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+import llmcompressor
 
 def load():
     return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
