@@ -58,10 +58,10 @@ print(json.dumps({"fp": fp, "ppl": perplexity(model), "version": modelopt.__vers
 
 @functools.lru_cache(maxsize=None)
 def block_linears(model: str) -> list:
+    from lrq_deploy.calib.blockwise import block_linears as linears_by_name
     from lrq_deploy.models import load_model
 
-    loaded = load_model(model)
-    return [b.get_submodule(n) for b in loaded.adapter.blocks(loaded.model) for n in loaded.adapter.linear_names(b)]
+    return list(linears_by_name(load_model(model)).values())
 
 
 def model_size(model: str, scheme) -> float | None:

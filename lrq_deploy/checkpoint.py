@@ -210,9 +210,8 @@ class Checkpoint:
         ([] for a baseline)."""
         if self.quant is None:
             return []
-        found = sorted({module_scheme(self.manifest, name) for name in self.quantized_modules} or {self.quant},
-                       key=lambda s: (s != self.quant, s.wbits, s.name))
-        return found
+        return sorted({module_scheme(self.manifest, name) for name in self.quantized_modules} or {self.quant},
+                      key=lambda s: (s != self.quant, s.wbits, s.name))
 
     @property
     def scheme_name(self) -> str:

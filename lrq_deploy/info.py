@@ -66,7 +66,7 @@ def describe_checkpoint(path: Path) -> dict:
         "symmetric_weights": bool(scheme.symmetric or scheme.float_format),
         "method": manifest["calib"].get("method"),
         "rotation": rotation_summary(manifest.get("rotation")),
-        "layer_schemes": layer_scheme_summary(manifest, scheme),
+        "layer_schemes": layer_scheme_summary(manifest),
         "source": manifest["source"],
         "quantized_linears": len(manifest["quantized_modules"]),
         "blocks": len(blocks),
@@ -91,7 +91,7 @@ def largest_input_ratios(blocks: list) -> str | None:
     return "; ".join(f"{kind} max/median {value:g} ({where})" for value, where, kind in parts)
 
 
-def layer_scheme_summary(manifest: dict, default) -> str:
+def layer_scheme_summary(manifest: dict) -> str:
     """How many quantized modules each scheme covers, and the rules that chose them ("uniform" without rules)."""
     from lrq_deploy.checkpoint import LAYER_SCHEMES, module_scheme
     from lrq_deploy.quant.layer_schemes import SchemeRule, scheme_label
@@ -99,10 +99,7 @@ def layer_scheme_summary(manifest: dict, default) -> str:
     record = manifest.get(LAYER_SCHEMES)
     if not isinstance(record, dict):
         return "uniform"
-    counts: dict[str, int] = {}
-    for name in manifest["quantized_modules"]:
-        label = module_scheme(manifest, name).name
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(module_scheme(manifest, name).name for name in manifest["quantized_modules"])
     used = ", ".join(f"{label} x{count}" for label, count in counts.items())
     search = record.get("search")
     if isinstance(search, dict):

@@ -10,7 +10,7 @@ import torch
 
 from lrq_deploy.atomic import claim_output, output_scope
 from lrq_deploy.calib.auto_scheme import candidate_schemes, search_schemes
-from lrq_deploy.calib.blockwise import calibrate_model
+from lrq_deploy.calib.blockwise import block_linears, calibrate_model
 from lrq_deploy.calib.head import head_of, quantize_head
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import LAYER_SCHEMES, MANIFEST, OUTPUT, save_checkpoint
@@ -92,7 +92,7 @@ def calibrate(
     deterministic_algorithms(dev)
     torch.manual_seed(cconfig.seed)
     loaded = load_model(spec, "cpu" if offload else dev, trust_remote_code=trust_remote_code, lazy=bool(offload))
-    head_scheme = _head_scheme(loaded, schemes, cconfig.quantize_head)  # before any block is calibrated
+    head = _quantized_head(loaded, schemes, cconfig.quantize_head)  # before any block is calibrated
     rotation = plan_rotation(loaded, cconfig.rotate, cconfig.seed)
     rotated = None
     if rotation is not None:
@@ -101,9 +101,7 @@ def calibrate(
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     given, search = schemes, None
     if schemes.budget is not None:
-        head_name = _head_name(loaded) if head_scheme is not None else None
-        schemes, search = search_schemes(loaded, schemes, list(batches), head_name)
-        head_scheme = schemes.for_module(head_name) if head_name else None
+        schemes, search = search_schemes(loaded, schemes, list(batches), head)
     if runs and collective.main:
         runs.start()
         if search is not None:
@@ -111,10 +109,10 @@ def calibrate(
     collective.barrier()
     result = calibrate_model(loaded, schemes, cconfig, batches, dev, progress=progress if collective.main else None,
                              run_dir=runs, offload=offload, collective=collective)
-    if head_scheme is not None:
+    if head is not None:
         with step("quantizing the output head"):
             head_device = torch.device("cpu") if offload else dev  # offloaded: the whole model fits only there
-            result.quantized.append(quantize_head(loaded, head_scheme, cconfig, collective.shard(list(batches)),
+            result.quantized.append(quantize_head(loaded, schemes.for_module(head), cconfig, collective.shard(list(batches)),
                                                   head_device, collective))
     loaded.model.cpu()
     if collective.main:
@@ -138,28 +136,17 @@ def _scheme_summary(schemes: LayerSchemes, search: dict | None = None) -> str:
     return schemes.default.name + (f" ({rules})" if rules else "")
 
 
-def _head_scheme(loaded, schemes: LayerSchemes, quantize_head: bool) -> QuantScheme | None:
-    """The head's scheme when it is quantized (--quantize-head, or a rule naming it), else None; every rule
+def _quantized_head(loaded, schemes: LayerSchemes, quantize_head: bool) -> str | None:
+    """The head's name when it is quantized (--quantize-head, or a rule naming it), else None; every rule
     checked against the model's quantizable modules first."""
     head = loaded.adapter.head(loaded.model)
-    names = [f"{prefix}.{name}" for prefix, block in _named_blocks(loaded)
-             for name in loaded.adapter.linear_names(block)] + ([head[0]] if head else [])
-    schemes.check_matches(names)
+    schemes.check_matches(list(block_linears(loaded)) + ([head[0]] if head else []))
     if head is not None and schemes.names(head[0]):
-        return schemes.for_module(head[0])
+        return head[0]
     if quantize_head:
-        head_of(loaded)  # one line for a model without a head
-        return schemes.for_module(head[0])
+        name = head_of(loaded)[0]  # one line for a model without a head
+        return name if schemes.for_module(name) is not None else None  # a `none` rule keeps it float
     return None
-
-
-def _head_name(loaded) -> str:
-    return loaded.adapter.head(loaded.model)[0]
-
-
-def _named_blocks(loaded) -> list[tuple[str, torch.nn.Module]]:
-    blocks = {id(b) for b in loaded.adapter.blocks(loaded.model)}
-    return [(name, m) for name, m in loaded.model.named_modules() if id(m) in blocks]
 
 
 def finished_checkpoint(out: Path, spec: str, schemes: LayerSchemes, cconfig: CalibConfig, calib_data) -> dict | None:

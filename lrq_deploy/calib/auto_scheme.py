@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lrq_deploy.calib.blockwise import to_device
+from lrq_deploy.calib.blockwise import block_linears, to_device
 from lrq_deploy.errors import LrqError
 from lrq_deploy.progress import step
 from lrq_deploy.quant.grids import weight_grid
@@ -60,11 +60,7 @@ class Searched:
 def searchable_linears(loaded, schemes: LayerSchemes, head: str | None) -> dict[str, nn.Linear]:
     """The linears the search chooses for: every block linear (and the head, when it is quantized) that no
     given rule covers."""
-    blocks = {id(b) for b in loaded.adapter.blocks(loaded.model)}
-    found = {}
-    for prefix, block in ((n, m) for n, m in loaded.model.named_modules() if id(m) in blocks):
-        for name in loaded.adapter.linear_names(block):
-            found[f"{prefix}.{name}"] = block.get_submodule(name)
+    found = block_linears(loaded)
     if head is not None:
         found[head] = loaded.model.get_submodule(head)
     return {name: linear for name, linear in found.items() if schemes.rule_for(name) is None}
@@ -74,15 +70,16 @@ def check_budget(linears: dict[str, nn.Linear], budget) -> None:
     """One line, before any forward pass, for a budget no assignment of candidates can meet."""
     if not linears:
         raise LrqError("--effective-bits: every linear already has a scheme from a rule; nothing is left to search")
+    unfit = [name for name, l in linears.items() if not any(_divides(c, l.in_features) for c in budget.candidates)]
+    if unfit:
+        raise LrqError(f"--candidates: no candidate's group size divides the input size "
+                       f"{linears[unfit[0]].in_features} of {unfit[0]}; add a candidate that fits it (per channel, say)")
     params = sum(l.weight.numel() for l in linears.values())
-    fits = {c: all(_divides(c, l.in_features) for l in linears.values()) for c in budget.candidates}
     lowest = sum(min(effective_bits(c, l.in_features) for c in budget.candidates if _divides(c, l.in_features))
                  * l.weight.numel() for l in linears.values()) / params
     if budget.bits < lowest:
         raise LrqError(f"--effective-bits {budget.bits:g} is below the smallest the candidates reach on this model "
                        f"({lowest:.3f} bits per weight, every linear at its cheapest candidate)")
-    if not any(fits.values()):
-        raise LrqError("--candidates: no candidate's group size divides every linear's input size")
 
 
 def _divides(scheme: QuantScheme, in_features: int) -> bool:

@@ -74,7 +74,7 @@ def search_scale(job: BlockJob, group: SmoothGroup, x: torch.Tensor, grid: int) 
     squared output error of the group's linears; r = 0 is plain round to nearest."""
     linears = [n for n in group.linears if n in job.linear_names]
     if not linears:  # every reader kept in floating point: nothing to protect
-        return torch.ones(reduce_to_prev(x.new_ones(x.shape[1]), group).shape, dtype=x.dtype, device=x.device), 0.0
+        return reduce_to_prev(x.new_ones(x.shape[1]), group), 0.0
     schemes = [job.scheme(n) for n in linears]
     weights = [job.block.get_submodule(n).weight.float() for n in linears]
     targets = [x @ w.T for w in weights]

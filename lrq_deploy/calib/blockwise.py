@@ -144,6 +144,12 @@ def block_schemes(model: nn.Module, adapter: ModelAdapter, block: nn.Module, sch
     return {name: schemes.for_module(f"{prefix}.{name}") for name in adapter.linear_names(block)}
 
 
+def block_linears(loaded: LoadedModel) -> dict[str, nn.Module]:
+    """Every block linear the adapter quantizes, by its full module name."""
+    return {f"{_block_prefix(loaded.model, block)}.{name}": block.get_submodule(name)
+            for block in loaded.adapter.blocks(loaded.model) for name in loaded.adapter.linear_names(block)}
+
+
 def check_shapes(loaded: LoadedModel, schemes: LayerSchemes) -> None:
     """Fail before any work if a linear cannot be quantized with its scheme."""
     for i, block in enumerate(loaded.adapter.blocks(loaded.model)):

@@ -112,11 +112,8 @@ def _check_packed_alike(ckpt) -> None:
     from lrq_deploy.checkpoint import module_scheme
 
     quantized = set(ckpt.quantized_modules)
-    for name in quantized:
-        parent, _, child = name.rpartition(".")
+    for parent in {name.rpartition(".")[0] for name in quantized}:
         for packed, parts in VLLM_PACKED.items():
-            if child not in parts:
-                continue
             siblings = [f"{parent}.{p}" for p in parts if _has_module(ckpt.model, f"{parent}.{p}")]
             schemes = {module_scheme(ckpt.manifest, s).name if s in quantized else "none" for s in siblings}
             if len(schemes) > 1:

@@ -88,6 +88,9 @@ def test_budget_bad_inputs(tiny_llama_dir, tmp_path):
     assert result.exit_code != 0 and "is below the smallest the candidates reach" in result.output
     result = lrq("calibrate", tiny_llama_dir, "-o", out, *FAST, "--candidates", "w3a16,w4a16")
     assert result.exit_code != 0 and "goes with --effective-bits" in result.output
+    result = lrq("calibrate", tiny_llama_dir, "-o", out, *FAST, "--effective-bits", "4",
+                 "--candidates", "w3a16-g48,w4a16-g48")
+    assert result.exit_code != 0 and "no candidate's group size divides the input size 64" in result.output
     result = lrq("calibrate", tiny_llama_dir, "-o", out, *FAST, "--effective-bits", "3", "--offload")
     assert result.exit_code != 0 and "drop --offload" in result.output
     assert not out.exists()
