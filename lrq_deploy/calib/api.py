@@ -108,7 +108,8 @@ def calibrate(
             runs.save_scheme_search(search)
     collective.barrier()
     result = calibrate_model(loaded, schemes, cconfig, batches, dev, progress=progress if collective.main else None,
-                             run_dir=runs, offload=offload, collective=collective)
+                             run_dir=runs, offload=offload, collective=collective,
+                             held_out=_held_out_batches(loaded, calib_data, cconfig))
     if head is not None:
         with step("quantizing the output head"):
             head_device = torch.device("cpu") if offload else dev  # offloaded: the whole model fits only there
@@ -124,6 +125,17 @@ def calibrate(
     collective.close()
     return {"checkpoint": str(out), "blocks": result.blocks, "run_dir": str(runs.path) if runs else None,
             "method": cconfig.method, "scheme": _scheme_summary(schemes, search), "rank": collective.rank}
+
+
+HELD_OUT_SEED = 7919  # held-out windows: drawn as the calibration windows are, from another seed
+
+
+def _held_out_batches(loaded, calib_data, cconfig: CalibConfig) -> list:
+    count = cconfig.held_out_samples
+    if not count:
+        return []
+    return list(loaded.adapter.calibration_batches(loaded, calib_data, count, cconfig.seqlen,
+                                                   cconfig.seed + HELD_OUT_SEED))
 
 
 def _scheme_summary(schemes: LayerSchemes, search: dict | None = None) -> str:

@@ -52,6 +52,12 @@ class BlockJob:
     collective: Collective = SINGLE  # the other calibration ranks (data parallel), if any
     total_samples: int | None = None  # over all ranks (default: this rank's)
     schemes: dict[str, QuantScheme] = field(default_factory=dict)  # linears a rule gives another scheme than qconfig
+    held_out: "HeldOut | None" = None  # windows never trained on (CalibConfig.held_out_samples), every rank's same
+
+    def validation(self) -> "HeldOut":
+        """Where a choice among finished candidates is judged: the held-out windows when drawn,
+        else the calibration windows themselves."""
+        return self.held_out or HeldOut(self.q_inputs, self.fp_targets, "calibration")
 
     def scheme(self, name: str) -> QuantScheme:
         """The scheme of one of the block's linears."""
@@ -80,6 +86,20 @@ class BlockJob:
 
     def run(self, hidden: torch.Tensor, block: nn.Module | None = None, grad: bool = False) -> torch.Tensor:
         return run_block(self.adapter, block or self.block, hidden, self.kwargs, self.cconfig.batch_size, grad, self.device)
+
+
+@dataclass
+class HeldOut:
+    """Block inputs through the quantized blocks before, and the full-precision block's outputs."""
+
+    q_inputs: torch.Tensor
+    fp_targets: torch.Tensor
+    source: str = "held-out"
+
+    def error(self, job: BlockJob) -> float:
+        """The block's output MSE here, as it stands in job.block."""
+        collective = SINGLE if self.source == "held-out" else job.collective  # held-out: the same on every rank
+        return block_errors(self.fp_targets, job.run(self.q_inputs), collective)["mse"]
 
 
 @dataclass
@@ -175,6 +195,7 @@ def block_errors(fp_out: torch.Tensor, q_out: torch.Tensor, collective: Collecti
 def calibrate_model(
     loaded: LoadedModel, qconfig: QuantScheme | LayerSchemes, cconfig: CalibConfig, batches: list[torch.Tensor], device,
     progress=None, run_dir: RunDir | None = None, offload: bool | str = False, collective: Collective = SINGLE,
+    held_out: list[torch.Tensor] = (),
 ) -> CalibrationResult:
     """Quantize `loaded.model` in place, block by block; return per-block errors.
 
@@ -182,15 +203,18 @@ def calibrate_model(
     `device` only while it is calibrated, so the GPU holds one block and one batch at a time;
     "disk" also keeps the block inputs/outputs in files (the kernel pages them in and out).
     qconfig: one scheme, or per-layer schemes (quant/layer_schemes.py).
+    held_out: windows that go through the blocks beside the calibration windows, never trained on,
+    where a method judges its candidates (BlockJob.held_out).
     """
     if isinstance(qconfig, QuantScheme):
         qconfig = LayerSchemes(qconfig)
     with _activation_store(offload) as keep:
-        return _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_dir, offload, collective, keep)
+        return _calibrate_blocks(loaded, qconfig, cconfig, batches, device, progress, run_dir, offload, collective, keep,
+                                 list(held_out))
 
 
 def _calibrate_blocks(loaded, schemes: LayerSchemes, cconfig, batches, device, progress, run_dir, offload, collective,
-                      keep):
+                      keep, held_out):
     method = cconfig.spec.quantize_block
     adapter, model = loaded.adapter, loaded.model
     qconfig = schemes.default
@@ -203,9 +227,11 @@ def _calibrate_blocks(loaded, schemes: LayerSchemes, cconfig, batches, device, p
         first = adapter.capture_block_inputs(model, to_device(list(batches[:1]), device))
         check_activation_memory(first.hidden.nbytes * len(batches) // collective.world, device, offload)
         inputs = adapter.capture_block_inputs(model, to_device(list(batches), device))
+        held = adapter.capture_block_inputs(model, to_device(held_out, device)).hidden if held_out else None
     on_device: dict[int, dict] = {}  # one copy per distinct kwargs dict (blocks of one layer type share it)
     hidden = collective.shard(inputs.hidden)  # this rank's samples (all of them in one process)
     fp_in = q_in = keep(hidden.cpu()) if offload else hidden.to(device)
+    held_fp = held_q = None if held is None else (keep(held.cpu()) if offload else held.to(device))
     groups = smoothable_groups(adapter.smooth_groups(model), blocks[0])
     result = CalibrationResult(model=model, quantized=[])
     for index, block in enumerate(blocks):
@@ -217,17 +243,22 @@ def _calibrate_blocks(loaded, schemes: LayerSchemes, cconfig, batches, device, p
             on_device[id(own)] = to_device(own, device)
         kwargs = on_device[id(own)]
         fp_out = keep(run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device))
+        if held is not None:
+            held_fp = keep(run_block(adapter, block, held_fp, kwargs, cconfig.batch_size, device=device))
         own_schemes = {n: s for n, s in block_schemes(model, adapter, block, schemes).items() if s is not None}
         names = list(own_schemes)
         job = BlockJob(
             index, block, adapter, groups, names, qconfig, cconfig, fp_in, q_in, fp_out, kwargs,
             device, run_dir, progress.epoch if progress else None, collective, len(inputs.hidden),
             {n: s for n, s in own_schemes.items() if s != qconfig},
+            None if held is None else HeldOut(held_q, held_fp),
         )
         ratios = outlier_ratios(job)
         extra = (method(job) or {}) if names else {}
         calibrate_input_scales(job)
         q_out = keep(run_block(adapter, block, q_in, kwargs, cconfig.batch_size, device=device))
+        if held is not None:
+            held_q = keep(run_block(adapter, block, held_q, kwargs, cconfig.batch_size, device=device))
         for module in block.modules():  # a finished block keeps only its packed codes
             if isinstance(module, QuantLinear):
                 module.drop_cache()

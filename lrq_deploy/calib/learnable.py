@@ -366,16 +366,18 @@ def train_block(job: BlockJob, params: BlockParams, recipe: Recipe, progress=Non
 
 
 # --rounding gptq keeps, per block, whichever of these gives the block output closest to the FP
-# block's on the calibration set: GPTQ under the learned transforms can lose to either part alone
-# (GPTQ's error feedback fights a learned clipping; smoothing can leave GPTQ a harder Hessian).
+# block's on windows it was not trained on (BlockJob.validation): GPTQ under the learned transforms
+# can lose to either part alone (GPTQ's error feedback fights a learned clipping; smoothing can
+# leave GPTQ a harder Hessian), and on the training windows the learned candidates look better
+# than they are (they were fitted there).
 ROUNDINGS = ("learned+gptq", "gptq", "learned+nearest")
 
 
 @torch.no_grad()
 def fold_and_quantize(job: BlockJob, params: BlockParams) -> dict:
     """Write the learned smoothing into the block and replace its linears by QuantLinears; with
-    --rounding gptq, by the best of ROUNDINGS. Returns {"rounding": chosen, "rounding_mse": {...}}
-    (empty for nearest rounding)."""
+    --rounding gptq, by the best of ROUNDINGS. Returns {"rounding": chosen, "rounding_mse": {...},
+    "rounding_judged_on": "held-out" | "calibration"} (empty for nearest rounding)."""
     if not (job.quantizes_weights and job.options.rounding == "gptq"):
         _quantize_as(job, params, "learned+nearest")
         return {}
@@ -384,16 +386,17 @@ def fold_and_quantize(job: BlockJob, params: BlockParams) -> dict:
     from lrq_deploy.calib.blockwise import calibrate_input_scales
 
     pristine = copy.deepcopy(job.block)
+    validation = job.validation()
     errors = {}
     for rounding in ROUNDINGS:
         trial = replace(job, block=copy.deepcopy(pristine))
         _quantize_as(trial, params, rounding)
         calibrate_input_scales(trial)  # as the engine does after the method (float grids' static scales)
-        errors[rounding] = block_errors(job.fp_targets, trial.run(job.q_inputs), job.collective)["mse"]
+        errors[rounding] = validation.error(trial)
         del trial
     chosen = min(ROUNDINGS, key=lambda r: errors[r])  # ties: the earlier, learned+gptq first
     _quantize_as(job, params, chosen)
-    return {"rounding": chosen, "rounding_mse": errors}
+    return {"rounding": chosen, "rounding_mse": errors, "rounding_judged_on": validation.source}
 
 
 def fold_transforms(job: BlockJob, params: BlockParams) -> None:

@@ -158,6 +158,11 @@ class CalibConfig:
     def spec(self) -> Method:
         return get_method(self.method)
 
+    @property
+    def held_out_samples(self) -> int:
+        """Calibration windows drawn besides nsamples that the method validates on, never trains on."""
+        return getattr(self.options, "held_out_samples", 0)
+
     @classmethod
     def of(cls, method: str = "rtn", **settings) -> "CalibConfig":
         """Common settings and the method's options given together, as the CLI gives them; an

@@ -114,6 +114,61 @@ def test_gptq_rounding_keeps_the_best_of_its_parts(tiny_llama_dir, method, wbits
     assert len({round(e, 12) for e in errors.values()}) == 3  # three different roundings were measured
 
 
+def test_gptq_rounding_is_judged_on_held_out_windows(tiny_llama_dir):
+    """With held-out windows on the job the three roundings are compared there, not on the windows
+    the learned candidates were fitted to; the block as quantized shows the recorded error there."""
+    from lrq_deploy.calib.blockwise import HeldOut
+
+    loaded = load_model(str(tiny_llama_dir))
+    recipe = get_method("lrquant").quantize_block.recipe
+    cconfig = CalibConfig.of(method="lrquant", nsamples=4, seqlen=32, epochs=2, rounding="gptq")
+    job = _job(loaded, QuantScheme(wbits=3, group_size=32), cconfig)
+    other = _job(loaded, QuantScheme(wbits=3), cconfig, n=3)  # other text positions: seed 0 of a shorter draw
+    held_in = other.q_inputs.flip(1).contiguous()  # windows the block never trained on
+    job.held_out = HeldOut(held_in, job.run(held_in))
+    for p in job.block.parameters():
+        p.requires_grad_(False)
+    params = learnable.init_block_params(job, recipe)
+    learnable.train_block(job, params, recipe)
+    choice = learnable.fold_and_quantize(job, params)
+    assert choice["rounding_judged_on"] == "held-out"
+    errors = choice["rounding_mse"]
+    assert choice["rounding"] == min(errors, key=errors.get)
+    with torch.no_grad():
+        on_held_out = block_errors(job.held_out.fp_targets, job.run(held_in))["mse"]
+        on_training = block_errors(job.fp_targets, job.run(job.q_inputs))["mse"]
+    assert on_held_out == pytest.approx(errors[choice["rounding"]], rel=1e-6)
+    assert on_training != pytest.approx(on_held_out, rel=1e-3)
+
+
+def test_calibrate_draws_held_out_windows_for_the_rounding_choice(tmp_path, tiny_llama_dir):
+    """lrquant --rounding gptq --holdout 2: the checkpoint's blocks record choices judged on held-out
+    windows (drawn besides --nsamples from another seed); the errors recorded for each block are
+    what the finished checkpoint gives on those windows, block by block."""
+    from lrq_deploy.calib.api import HELD_OUT_SEED
+    from lrq_deploy.checkpoint import load_checkpoint
+
+    cconfig = CalibConfig.of(method="lrquant", nsamples=4, seqlen=32, epochs=1, rounding="gptq", holdout=2)
+    out = tmp_path / "q"
+    result = calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=3, group_size=32), cconfig, device="cpu")
+    fp, q = load_model(str(tiny_llama_dir)), load_checkpoint(out).loaded
+    held = fp.adapter.calibration_batches(fp, None, 2, 32, cconfig.seed + HELD_OUT_SEED)
+    fp_in = fp.adapter.capture_block_inputs(fp.model, held)
+    q_in = q.adapter.capture_block_inputs(q.model, held)
+    fp_hidden, q_hidden = fp_in.hidden, q_in.hidden
+    with torch.no_grad():
+        for index, (record, fp_block, q_block) in enumerate(zip(result["blocks"], fp.adapter.blocks(fp.model),
+                                                                q.adapter.blocks(q.model))):
+            assert record["rounding_judged_on"] == "held-out"
+            fp_hidden = run_block(fp.adapter, fp_block, fp_hidden, fp_in.kwargs_for(index), 2)
+            q_hidden = run_block(q.adapter, q_block, q_hidden, q_in.kwargs_for(index), 2)
+            assert block_errors(fp_hidden, q_hidden)["mse"] == pytest.approx(
+                record["rounding_mse"][record["rounding"]], rel=1e-4)
+    off = CalibConfig.of(method="lrquant", nsamples=4, seqlen=32, epochs=1, rounding="gptq", holdout=0)
+    again = calibrate(str(tiny_llama_dir), tmp_path / "q0", QuantScheme(wbits=3, group_size=32), off, device="cpu")
+    assert {b["rounding_judged_on"] for b in again["blocks"]} == {"calibration"}
+
+
 def _sha(path):
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 

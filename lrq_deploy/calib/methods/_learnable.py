@@ -32,9 +32,17 @@ class LearnableOptions:
                                            "the transform's factors.")
     rounding: str = option("nearest", "How the trained block's weights are rounded: nearest, or gptq (GPTQ rounding "
                                       "under the learned clipping, after the learned transforms are folded).", _rounding)
+    holdout: int = option(4, "With --rounding gptq: calibration windows drawn besides --nsamples and never trained "
+                             "on, on which each block's rounding is chosen (0: chosen on the training windows).",
+                          _non_negative)
 
     def __post_init__(self):
         check_options(self)
+
+    @property
+    def held_out_samples(self) -> int:
+        """Windows the calibration engine draws to choose among roundings (learnable.ROUNDINGS)."""
+        return self.holdout if self.rounding == "gptq" else 0
 
 
 def learn_with(recipe):
