@@ -21,6 +21,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.models import LoadedModel, adapter_for_family
 from lrq_deploy.provenance import library_versions, sha256_of
 from lrq_deploy.quant import QuantLinear
+from lrq_deploy.quant.kv_cache import quantize_kv_cache
 from lrq_deploy.rotate import add_rotation_structure
 
 FORMAT = "lrq-checkpoint"
@@ -241,6 +242,8 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     model, tokenizer = adapter.build_skeleton(path, manifest)
     if manifest.get("rotation"):
         add_rotation_structure(model, adapter.blocks(model), manifest["rotation"])
+    if qconfig.kv_cache != "none":
+        quantize_kv_cache(adapter, model, qconfig.kv_cache)
     for name in manifest["quantized_modules"]:
         _swap_in_shell(model, name, module_scheme(manifest, name))
     missing, unexpected = _load_weights(model, path / WEIGHTS)

@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from lrq_deploy.calib.registry import ROTATIONS, method_names, option_fields
-from lrq_deploy.quant.scheme import ACT_BITS, FORMATS, PRESETS, WEIGHT_BITS
+from lrq_deploy.quant.scheme import ACT_BITS, FORMATS, KV_FORMATS, PRESETS, WEIGHT_BITS
 from lrq_deploy.errors import LrqError
 
 
@@ -134,6 +134,10 @@ def method_options(command):
                    "scales) or MXFP4 (E2M1, blocks of 32 with power-of-two scales); a float grid sets its bits and block.")
 @click.option("--aformat", type=click.Choice(FORMATS), default="int", show_default=True,
               help="Activation number grid: per-token integers, or the weights' float grid (static calibrated scale).")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(KV_FORMATS), default="none", show_default=True,
+              help="Store attention's key/value cache quantized: int8 / int4 (per token and head, asymmetric, "
+                   "dynamic) or fp8 (E4M3, one static scale per layer for keys and one for values, calibrated). "
+                   "Keys are quantized after rotary; calibration and evaluation run with the quantized cache.")
 @click.option("--scheme", type=click.Choice(list(PRESETS)), default=None,
               help="A named float scheme: fp8 (W8A8 E4M3), nvfp4 / mxfp4 (W4A4), w8a16-fp8, w4a16-nvfp4, w4a16-mxfp4.")
 @click.option("--scheme-for", "scheme_for", multiple=True, metavar="PATTERN=SCHEME",

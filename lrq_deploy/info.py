@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from lrq_deploy.provenance import sha256_of
+from lrq_deploy.quant.kv_cache import DESCRIPTIONS as KV_DESCRIPTIONS
 
 
 def describe(target: Path) -> dict:
@@ -64,6 +65,7 @@ def describe_checkpoint(path: Path) -> dict:
         "number_formats": {"weights": scheme.wformat if scheme.quantize_weights else "float",
                            "activations": scheme.aformat if scheme.quantize_activations else "float"},
         "symmetric_weights": bool(scheme.symmetric or scheme.float_format),
+        "kv_cache": f"{scheme.kv_cache}: {KV_DESCRIPTIONS[scheme.kv_cache]}",
         "method": manifest["calib"].get("method"),
         "rotation": rotation_summary(manifest.get("rotation")),
         "layer_schemes": layer_scheme_summary(manifest),

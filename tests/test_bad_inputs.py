@@ -119,6 +119,10 @@ def _integer_weight(state: dict) -> None:
 
 
 def _timm_int_weights(inputs: Inputs) -> str:
+    return _tiny_vit(inputs, int_head=True)
+
+
+def _tiny_vit(inputs: Inputs, int_head: bool = False) -> str:
     import timm
     from safetensors.torch import save_file
 
@@ -128,7 +132,8 @@ def _timm_int_weights(inputs: Inputs) -> str:
                                                              "num_classes": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}}
     (directory / "timm.json").write_text(json.dumps(spec))
     state = {k: v.contiguous() for k, v in timm.create_model(spec["model_name"], **spec["kwargs"]).state_dict().items()}
-    state["head.weight"] = state["head.weight"].mul(100).to(torch.int8)
+    if int_head:
+        state["head.weight"] = state["head.weight"].mul(100).to(torch.int8)
     save_file(state, str(directory / "model.safetensors"))
     return str(directory)
 
@@ -306,6 +311,24 @@ def _q_proj_w8_checkpoint(inputs: Inputs) -> str:
     return out
 
 
+def _kv_checkpoint(inputs: Inputs, fmt: str) -> str:
+    out = inputs.path(f"kv-{fmt}")
+    result = CliRunner().invoke(main, ["-q", "calibrate", str(inputs.shared["llama"]), "-o", out, "--kv-cache", fmt, *FAST])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _odd_head_opt(inputs: Inputs) -> str:
+    """An OPT whose attention heads have 15 dimensions (hidden 30, 2 heads)."""
+    from conftest import _save_hf
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=2048, hidden_size=30, word_embed_proj_dim=30, num_attention_heads=2, ffn_dim=64,
+                       num_hidden_layers=1, max_position_embeddings=256)
+    return str(_save_hf(OPTForCausalLM(config).eval(), inputs.root / "opt-odd-heads"))
+
+
 def _rotated_checkpoint(inputs: Inputs) -> str:
     out = inputs.path("rotated")
     result = CliRunner().invoke(main, ["-q", "calibrate", str(inputs.shared["llama"]), "-o", out, "--wbits", "4",
@@ -390,6 +413,22 @@ CASES = [
     Case("calibrate-budget-activation-candidate", lambda i: ["calibrate", i.model(), "-o", i.path("o"),
                                                               "--effective-bits", "4", "--candidates", "w4a8,w8a8"],
          "--candidates: the bit-budget search chooses weight-only schemes; W4A8-asym, W8A8-asym quantize activations"),
+    Case("calibrate-kv-cache-encoder-family", lambda i: ["calibrate", _tiny_vit(i), "-o", i.path("o"), "--kv-cache",
+                                                          "int8", *FAST[:2]],
+         "--kv-cache int8: vit models keep no KV cache lrq can quantize"),
+    Case("calibrate-kv-cache-int4-odd-head", lambda i: ["calibrate", _odd_head_opt(i), "-o", i.path("o"), "--kv-cache",
+                                                         "int4", *FAST],
+         "this model's heads have 15 dimensions (odd): use --kv-cache int8 or fp8"),
+    Case("calibrate-kv-cache-unknown", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--kv-cache", "int2"],
+         "Invalid value for '--kv-cache'"),
+    Case("export-kv-cache-with-past", lambda i: ["export", _kv_checkpoint(i, "int8"), "--onnx", i.path("m.onnx"),
+                                                 "--with-past"],
+         "the int8 KV cache is not yet written into graphs that keep a cache"),
+    Case("export-kv-cache-trt", lambda i: ["export", _kv_checkpoint(i, "int4"), "--onnx", i.path("m.onnx"), "--target",
+                                           "trt"],
+         "--target trt graphs cannot carry the int4 KV cache yet"),
+    Case("export-kv-cache-vllm", lambda i: ["export", _kv_checkpoint(i, "int4"), "--vllm", i.path("v")],
+         "--vllm: lrq does not write the int4 KV cache into compressed-tensors checkpoints yet"),
     Case("export-vllm-packed-parts-differ", lambda i: ["export", _q_proj_w8_checkpoint(i), "--vllm", i.path("v")],
          "but they have the schemes W4A16, W8A16; give them one scheme"),
     Case("calibrate-rotate-unknown", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--rotate", "spin"],

@@ -15,6 +15,7 @@ from lrq_deploy.calib.head import head_of, quantize_head
 from lrq_deploy.calib.rundir import RunDir, saved_settings
 from lrq_deploy.checkpoint import LAYER_SCHEMES, MANIFEST, OUTPUT, save_checkpoint
 from lrq_deploy.calib.registry import CalibConfig, get_method, option_fields
+from lrq_deploy.quant.kv_cache import quantize_kv_cache
 from lrq_deploy.quant.layer_schemes import BitBudget, LayerSchemes, load_recipe, parse_rule, scheme_label
 from lrq_deploy.quant.scheme import FLOAT_FORMATS, QuantScheme
 from lrq_deploy.devices import resolve_device
@@ -98,6 +99,7 @@ def calibrate(
     if rotation is not None:
         with step(f"rotating the model ({rotation.kind})"):
             rotated = rotate_model(loaded, rotation)
+    quantize_kv_cache(loaded.adapter, loaded.model, schemes.default.kv_cache)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     given, search = schemes, None
     if schemes.budget is not None:

@@ -28,6 +28,7 @@ from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, ModelAdapter, SmoothGroup
 from lrq_deploy.quant import QuantLinear
 from lrq_deploy.quant.grids import input_scale_of
+from lrq_deploy.quant.kv_cache import calibrate_kv_scales, kv_quantization_off
 from lrq_deploy.rotate import online_modules
 
 
@@ -242,9 +243,10 @@ def _calibrate_blocks(loaded, schemes: LayerSchemes, cconfig, batches, device, p
         if id(own) not in on_device:
             on_device[id(own)] = to_device(own, device)
         kwargs = on_device[id(own)]
-        fp_out = keep(run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device))
-        if held is not None:
-            held_fp = keep(run_block(adapter, block, held_fp, kwargs, cconfig.batch_size, device=device))
+        with kv_quantization_off(block):  # the full-precision reference keeps a float cache
+            fp_out = keep(run_block(adapter, block, fp_in, kwargs, cconfig.batch_size, device=device))
+            if held is not None:
+                held_fp = keep(run_block(adapter, block, held_fp, kwargs, cconfig.batch_size, device=device))
         own_schemes = {n: s for n, s in block_schemes(model, adapter, block, schemes).items() if s is not None}
         names = list(own_schemes)
         job = BlockJob(
@@ -253,6 +255,7 @@ def _calibrate_blocks(loaded, schemes: LayerSchemes, cconfig, batches, device, p
             {n: s for n, s in own_schemes.items() if s != qconfig},
             None if held is None else HeldOut(held_q, held_fp),
         )
+        calibrate_kv_scales(block, lambda: job.run(job.q_inputs), collective.max)  # before the method trains with them
         ratios = outlier_ratios(job)
         extra = (method(job) or {}) if names else {}
         calibrate_input_scales(job)

@@ -104,6 +104,10 @@ def _check_supported(ckpt) -> None:
         if (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8), (4, 4)) or (
                 quant.abits == 4 and quant.float_format != "nvfp4"):
             raise LrqError(f"--vllm cannot express {quant.name}: compressed-tensors checkpoints support {SUPPORTED}")
+    if ckpt.quant.kv_cache != "none":
+        raise LrqError(f"--vllm: lrq does not write the {ckpt.quant.kv_cache} KV cache into compressed-tensors "
+                       "checkpoints yet (vLLM reads fp8 k_scale / v_scale only); calibrate without --kv-cache "
+                       "and serve with vLLM's own --kv-cache-dtype")
     _check_packed_alike(ckpt)
 
 

@@ -134,6 +134,12 @@ class ModelAdapter:
         """The longest token sequence the model runs (None: not a sequence model)."""
         return None
 
+    def cached_attention(self, model: nn.Module) -> list[nn.Module] | None:
+        """The attention modules that keep a KV cache, each calling `cache.update(key, value,
+        layer_idx)` with its new keys (after rotary) and values (quant/kv_cache.py); None: the family
+        has no cache lrq can quantize."""
+        return None
+
     def save_architecture(self, source, out_dir: Path) -> dict:
         """Write what is needed to rebuild the model skeleton; return manifest extras."""
         raise NotImplementedError

@@ -32,6 +32,10 @@ class CausalLMAdapter(HFAdapter):
     def max_sequence_length(self, model) -> int:
         return getattr(model.config, "max_position_embeddings", None) or 1 << 20
 
+    def cached_attention(self, model):
+        modules = [block.self_attn for block in self.blocks(model)]
+        return modules if all(hasattr(m, "layer_idx") for m in modules) else None
+
     def check_seq_len(self, model, seq_len: int | None, option: str) -> int:
         """A sequence length the model can run (None: the default window), or one clear error."""
         window = self.eval_seqlen if seq_len is None else seq_len

@@ -61,6 +61,15 @@ class KernelFamily(str, Enum):
     FLOAT = "float"  # FP8 W8A8 on FP8 tensor cores, NVFP4 / MXFP4 W4A4 on block-scaled FP4 tensor cores
 
 
+KV_FORMATS = ("none", "int8", "int4", "fp8")  # QuantScheme.kv_cache (quant/kv_cache.py)
+KV_LABELS = {"int8": "kv8", "int4": "kv4", "fp8": "kvfp8"}
+
+
+def check_kv_format(fmt: str) -> None:
+    if fmt not in KV_FORMATS:
+        raise LrqError(f"--kv-cache must be one of {', '.join(KV_FORMATS)}, got {fmt!r}")
+
+
 WEIGHT_ONLY_BITS = (2, 3, 4)
 INTEGER_WEIGHT_BITS = (3, 4, 6, 8)
 INTEGER_ACT_BITS = (4, 6, 8)
@@ -81,7 +90,9 @@ class QuantScheme:
         bits and the block (FLOAT_FORMATS: FP8 per output channel, NVFP4 blocks of 16, MXFP4 of 32)
         and is symmetric by construction. Float activations share the weights' format: FP8 and NVFP4
         with one static scale per layer input (calibrated, as TensorRT needs it), NVFP4 / MXFP4 with
-        dynamic block scales on top. A later KV-cache format is one more field of the same kind.
+        dynamic block scales on top.
+    kv_cache: the format attention's key/value cache is stored in (quant/kv_cache.py: none, int8,
+        int4, fp8); a property of the model, read from its default scheme.
     """
 
     wbits: int = 4
@@ -91,9 +102,11 @@ class QuantScheme:
     act_asym: bool | None = None  # None: asymmetric whenever integer activations are quantized
     wformat: str = "int"
     aformat: str = "int"
+    kv_cache: str = "none"
 
     def __post_init__(self):
         self._check_formats()
+        check_kv_format(self.kv_cache)
         if self.act_asym is None:
             object.__setattr__(self, "act_asym", self.abits < 16 and self.aformat == "int")
         if self.wbits not in WEIGHT_BITS:
@@ -138,7 +151,8 @@ class QuantScheme:
     def to_dict(self) -> dict:
         """The fields; the number formats only when not integer, so integer schemes are recorded (manifests,
         run directories) exactly as before the formats existed and earlier runs resume."""
-        return {k: v for k, v in asdict(self).items() if not (k in ("wformat", "aformat") and v == "int")}
+        return {k: v for k, v in asdict(self).items()
+                if not (k in ("wformat", "aformat") and v == "int") and not (k == "kv_cache" and v == "none")}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantScheme":
@@ -192,10 +206,11 @@ class QuantScheme:
     @property
     def name(self) -> str:
         """The scheme's one-line name: W4A16-g64, W4A4-asym, W4A4-nvfp4, W8A8-fp8, ..."""
+        cache = f"-{KV_LABELS[self.kv_cache]}" if self.kv_cache != "none" else ""
         if self.float_format:
-            return f"W{self.wbits}A{self.abits}-{self.float_format}"
+            return f"W{self.wbits}A{self.abits}-{self.float_format}{cache}"
         return (f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")
-                + ("-asym" if self.act_asym else ""))
+                + ("-asym" if self.act_asym else "") + cache)
 
     @property
     def container_bits(self) -> int:

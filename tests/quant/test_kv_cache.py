@@ -1,0 +1,178 @@
+"""The quantized KV cache: its arithmetic by hand, the stored form against the fake quantization the
+model computes with, the cache the model keeps during generation, and calibration end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrq_deploy.calib.api import calibrate
+from lrq_deploy.calib.registry import CalibConfig
+from lrq_deploy.checkpoint import load_checkpoint
+from lrq_deploy.models import load_model
+from lrq_deploy.quant.floats import E4M3, round_to_format
+from lrq_deploy.quant.kv_cache import (
+    KVCacheQuantizer, dequantize_kv, fake_quant_kv, kv_bytes_per_token, kv_quantization_off, kv_quantizers,
+    quantize_kv, quantize_kv_cache,
+)
+from lrq_deploy.quant.scheme import QuantScheme
+
+FORMATS = ("int8", "int4", "fp8")
+
+
+def test_int8_codes_by_hand():
+    """One token, one head: [min, max] = [-1, 3] over 255 levels, zero point round(1 / step) = 64."""
+    x = torch.tensor([[-1.0, 0.0, 0.5, 3.0]])
+    codes, step, zero = quantize_kv(x, "int8")
+    assert step.item() == pytest.approx(4 / 255)
+    assert zero.item() == 64
+    assert codes.tolist() == [[0, 64, round(0.5 * 255 / 4) + 64, 255]]
+    assert codes.dtype == torch.uint8 and zero.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stored_form_is_what_the_model_computes_with(fmt):
+    """dequantize(quantize(x)) equals the fake quantization of the forward pass bit for bit, per token
+    and head; the int error stays within half a step."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 16) * 3
+    scale = torch.tensor(x.abs().amax().item() / E4M3.max_value) if fmt == "fp8" else None
+    stored = quantize_kv(x, fmt, scale)
+    assert torch.equal(dequantize_kv(stored, fmt), fake_quant_kv(x, fmt, scale))
+    if fmt != "fp8":
+        codes, step, _ = stored
+        assert int(codes.max()) <= (255 if fmt == "int8" else 15)
+        assert ((dequantize_kv(stored, fmt) - x).abs() <= step / 2 + 1e-6).all()
+    else:
+        assert torch.equal(dequantize_kv(stored, fmt), round_to_format(x / scale, E4M3) * scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gradients_pass_the_rounding(fmt):
+    """Straight through the rounding: the identity, plus (int formats) what reaches each token's min
+    and max through its dynamic range, as in the per-token activation quantizer."""
+    x = torch.randn(1, 2, 4, 8, requires_grad=True)
+    fake_quant_kv(x, fmt, torch.tensor(0.01)).sum().backward()
+    inner = torch.ones_like(x, dtype=torch.bool)
+    if fmt != "fp8":  # a token's min and max also carry its range's gradient; clamped codes none
+        codes = quantize_kv(x.detach(), fmt)[0]
+        inner &= (x != x.amax(-1, keepdim=True)) & (x != x.amin(-1, keepdim=True))
+        inner &= (codes > 0) & (codes < codes.new_tensor(2 ** {"int8": 8, "int4": 4}[fmt] - 1))
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad[inner], torch.ones_like(x)[inner], rtol=0, atol=1e-6)
+
+
+def test_bytes_per_token():
+    # 2 layers x 2 kv heads x (keys + values): fp32 64 x 4 bytes; int8 64 + scale + zero; int4 32 + 5; fp8 64
+    assert kv_bytes_per_token("none", 2, 2, 64) == 2 * 2 * 2 * 256
+    assert kv_bytes_per_token("int8", 2, 2, 64) == 2 * 2 * 2 * 69
+    assert kv_bytes_per_token("int4", 2, 2, 64) == 2 * 2 * 2 * 37
+    assert kv_bytes_per_token("fp8", 2, 2, 64) == 2 * 2 * 2 * 64
+
+
+def _keys_of(model, ids):
+    """The float keys and values each layer appends (post-rotary), from a model without quantizers."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, cache=cache)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_generation_cache_holds_the_quantized_keys(tiny_llama_dir, fmt):
+    """With quantizers attached the model's own cache stores dequantized codes of the float keys and
+    values (post-rotary; compared in layer 0, whose input is the same either way), and scoring without a cache computes the same logits as prefill with one."""
+    from transformers import DynamicCache
+
+    loaded = load_model(str(tiny_llama_dir))
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    floats = _keys_of(loaded.model, ids)
+    quantize_kv_cache(loaded.adapter, loaded.model, fmt)
+    cache = DynamicCache()
+    with torch.no_grad():
+        cached = loaded.model(input_ids=ids, use_cache=True, cache=cache).logits
+        uncached = loaded.model(input_ids=ids, use_cache=False).logits
+    (keys, values), first = floats[0], cache.layers[0]  # later layers see the quantized layers before them
+    assert torch.equal(first.keys, fake_quant_kv(keys, fmt))
+    assert torch.equal(first.values, fake_quant_kv(values, fmt))
+    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+    with kv_quantization_off(loaded.model), torch.no_grad():
+        plain = loaded.model(input_ids=ids, use_cache=False).logits
+    assert not torch.equal(plain, uncached)
+
+
+def test_decode_with_cache_equals_recomputing(tiny_llama_dir):
+    """Token by token with the quantized cache gives the logits of the whole sequence at once: a
+    token is quantized once, when it is appended, and per token, so the two agree."""
+    from transformers import DynamicCache
+
+    loaded = load_model(str(tiny_llama_dir))
+    quantize_kv_cache(loaded.adapter, loaded.model, "int4")
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache()
+    with torch.no_grad():
+        steps = [loaded.model(input_ids=ids[:, :6], use_cache=True, cache=cache).logits[:, -1]]
+        for t in range(6, 10):
+            steps.append(loaded.model(input_ids=ids[:, t:t + 1], use_cache=True, cache=cache).logits[:, -1])
+        whole = loaded.model(input_ids=ids, use_cache=False).logits[:, 5:]
+    torch.testing.assert_close(torch.stack(steps, 1), whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,fmt", [("rtn", "int8"), ("gptq", "int4"), ("rtn", "fp8"), ("lrquant", "fp8")])
+def test_calibrate_with_a_quantized_cache(tmp_path, tiny_llama_dir, method, fmt):
+    """The format is recorded, reloaded with the checkpoint and applied; fp8 scales are calibrated
+    (amax / 448 of the keys and values the quantized blocks produce, not 1), and the reloaded model
+    scores as the calibrated one did."""
+    options = {"epochs": 1} if method == "lrquant" else {}
+    scheme = QuantScheme(wbits=4, group_size=32, kv_cache=fmt)
+    out = tmp_path / "q"
+    calibrate(str(tiny_llama_dir), out, scheme, CalibConfig.of(method, nsamples=4, seqlen=32, **options), device="cpu")
+    ckpt = load_checkpoint(out)
+    assert ckpt.quant.kv_cache == fmt and ckpt.quant.name.endswith({"int8": "-kv8", "int4": "-kv4", "fp8": "-kvfp8"}[fmt])
+    quantizers = kv_quantizers(ckpt.model)
+    assert len(quantizers) == ckpt.model.config.num_hidden_layers and all(q.fmt == fmt for q in quantizers)
+    if fmt == "fp8":
+        scales = [s.item() for q in quantizers for s in (q.k_scale, q.v_scale)]
+        assert all(0 < s != 1.0 for s in scales)
+    ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        quantized = ckpt.model(input_ids=ids, use_cache=False).logits
+        with kv_quantization_off(ckpt.model):
+            float_cache = ckpt.model(input_ids=ids, use_cache=False).logits
+    assert torch.isfinite(quantized).all() and not torch.equal(quantized, float_cache)
+
+
+def test_fp8_scales_come_from_the_calibration_keys(tiny_llama_dir):
+    """calibrate_kv_scales: each layer's k_scale / v_scale is the amax of its keys / values over what
+    was run, divided by 448."""
+    from lrq_deploy.quant.kv_cache import calibrate_kv_scales
+
+    loaded = load_model(str(tiny_llama_dir))
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    floats = _keys_of(loaded.model, ids)
+    quantizers = quantize_kv_cache(loaded.adapter, loaded.model, "fp8")
+    calibrate_kv_scales(loaded.model, lambda: loaded.model(input_ids=ids, use_cache=False))
+    for (keys, values), q in zip(floats, quantizers):
+        assert q.k_scale.item() == pytest.approx(keys.abs().amax().item() / 448, rel=1e-6)
+        assert q.v_scale.item() == pytest.approx(values.abs().amax().item() / 448, rel=1e-6)
+
+
+def test_quantizer_passes_through_when_off():
+    q = KVCacheQuantizer("int8")
+    k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)
+    q.enabled = False
+    assert q(k, v)[0] is k
+
+
+def test_int8_cache_through_an_onnxruntime_graph(tmp_path, tiny_llama_dir):
+    """A graph without a cache input carries the cache quantization as the reference's ops: the
+    export's own verification (torch vs onnxruntime logits) passes."""
+    from lrq_deploy.export.onnx_export import export_onnx
+
+    out = tmp_path / "q"
+    calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=4, group_size=32, kv_cache="int8"),
+              CalibConfig.of("rtn", nsamples=2, seqlen=16), device="cpu")
+    report = export_onnx(out, tmp_path / "m.onnx", limit=2)
+    assert report["verify"]["within_tolerance"]
