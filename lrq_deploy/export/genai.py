@@ -59,6 +59,10 @@ def export_genai(checkpoint, out: Path, options: ExportOptions | None = None) ->
     loaded = ckpt.loaded
     if loaded.adapter.task != "causal_lm":
         raise LrqError(f"--genai exports decoder-only language models; {checkpoint} is a {loaded.adapter.task} model")
+    if ckpt.quant is not None and ckpt.quant.kv_cache != "none":
+        raise LrqError(f"--genai: onnxruntime-genai keeps the KV cache in float and cannot run a graph that keeps the "
+                       f"{ckpt.quant.kv_cache} cache as codes and scales; export --onnx ... --with-past (lrq bench "
+                       "--decode runs it)")
     report = {}
 
     def write(staging: Path) -> None:

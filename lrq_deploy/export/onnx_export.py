@@ -162,12 +162,13 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         _check_cpu_kernel_scheme(ckpt, options.ort_int8_activations)
     for scheme in ckpt.schemes:
         check_float_target(scheme, target)
-    _check_kv_cache(ckpt, target, with_past)
+    quantized_cache = _check_kv_cache(ckpt, target)
     lowest = max([scheme_opset(s, target) for s in ckpt.schemes], default=scheme_opset(None, target))
     if opset is not None and opset < lowest:  # before the trace: known from the schemes
         widths = "/".join(dict.fromkeys(f"W{s.wbits}" for s in ckpt.schemes if scheme_opset(s, target) > opset))
         raise LrqError(f"opset {opset} is too low for {widths} weights with target {target}: the minimum is {lowest}")
-    layout = loaded.adapter.attention_layout(loaded.model) if options.contrib_ops and target == "ort" and with_past else None
+    fused_attention = options.contrib_ops and target == "ort" and with_past and not quantized_cache
+    layout = loaded.adapter.attention_layout(loaded.model) if fused_attention else None
     with step("tracing the model (torch.export)"):
         model = trace_to_onnx(loaded, batch, seq_len, with_past, layout)
     needed = required_opset(model, target)
@@ -312,22 +313,20 @@ def _check_int8_activations(target: str, ckpt) -> None:
                        "(onnxruntime's MatMulNBits)")
 
 
-def _check_kv_cache(ckpt, target: str, with_past: bool) -> None:
-    """Graphs carry a quantized KV cache as the reference's quantize-dequantize ops of each new key
-    and value (graphs without a cache input); refused in one line where that is not what a graph
-    can hold yet."""
+def _check_kv_cache(ckpt, target: str) -> bool:
+    """Graphs carry a quantized KV cache as the reference's ops: each new key and value quantized
+    once; graphs with a cache keep it as codes, scales and zero points (standard-op attention).
+    Refused in one line where a graph cannot hold it yet."""
     fmt = ckpt.quant.kv_cache if ckpt.quant is not None else "none"
     if fmt == "none":
-        return
-    if with_past:
-        raise LrqError(f"the {fmt} KV cache is not yet written into graphs that keep a cache (--with-past, --genai: "
-                       "they would store it in float32); export without --with-past, or calibrate without --kv-cache")
+        return False
     if target != "ort":
         raise LrqError(f"--target {target} graphs cannot carry the {fmt} KV cache yet; use --target ort, or calibrate "
                        "without --kv-cache")
     if fmt == "fp8":
         raise LrqError("an fp8 KV cache has no onnxruntime form yet (int8 and int4 caches do); calibrate with "
                        "--kv-cache int8, or without --kv-cache")
+    return True
 
 
 def _check_shape_options(batch, seq_len, limit, with_past) -> None:

@@ -11,6 +11,8 @@ from lrq_deploy.metrics.perplexity import perplexity, perplexity_from_logits, wi
 from lrq_deploy.graph_io import BATCH_AXIS, GraphIO, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, TensorSpec
 from lrq_deploy.models.base import ExportSpec, static_batches
 from lrq_deploy.models.hf import HFAdapter, cache_argument, output_cache
+from lrq_deploy.quant.kv_cache import cache_format, dequantize_kv, pack_stored, recording_stored_forms, stored_specs, \
+    unpack_stored
 
 
 class CausalLMAdapter(HFAdapter):
@@ -63,10 +65,13 @@ class CausalLMAdapter(HFAdapter):
         if not with_past:
             return GraphIO((ids,), (logits,))
         kv_heads, head_dim = self.kv_cache_shape(model.config)
-        names = [f"{i}.{kind}" for i in range(model.config.num_hidden_layers) for kind in ("key", "value")]
-        past = tuple(TensorSpec(PAST_PREFIX + n, "float32", (BATCH_AXIS, kv_heads, PAST_AXIS, head_dim)) for n in names)
-        present = tuple(TensorSpec(PRESENT_PREFIX + n, "float32", (BATCH_AXIS, kv_heads, "present", head_dim))
-                        for n in names)
+        fmt = cache_format(model)
+        parts = stored_specs(fmt, head_dim) if fmt != "none" else [("", "float32", head_dim)]
+        names = [(f"{i}.{kind}{suffix}", dtype, width) for i in range(model.config.num_hidden_layers)
+                 for kind in ("key", "value") for suffix, dtype, width in parts]
+        past = tuple(TensorSpec(PAST_PREFIX + n, dtype, (BATCH_AXIS, kv_heads, PAST_AXIS, width)) for n, dtype, width in names)
+        present = tuple(TensorSpec(PRESENT_PREFIX + n, dtype, (BATCH_AXIS, kv_heads, "present", width))
+                        for n, dtype, width in names)
         return GraphIO((ids, *past), (logits, *present), kv_cache=True)
 
     def export_spec(self, model, batch, seq_len, with_past):
@@ -82,7 +87,7 @@ class CausalLMAdapter(HFAdapter):
         ids_shape = {0: batch_dim, 1: seq_dim}
         if not with_past:
             return ExportSpec(_LogitsOnly(model), (ids,), io.input_names, io.output_names, None if static else (ids_shape,))
-        past = tuple(torch.randn((batch, t.dims[1], 3, t.dims[3]), generator=gen) for t in io.inputs[1:])
+        past = tuple(_example_past(t, batch, gen) for t in io.inputs[1:])
         past_dim = torch.export.Dim(PAST_AXIS, min=1, max=8192)
         dynamic = (ids_shape, tuple({0: batch_dim, 2: past_dim} for _ in past))
         return ExportSpec(_WithPast(model), (ids, past), io.input_names, io.output_names, dynamic)
@@ -101,6 +106,14 @@ class CausalLMAdapter(HFAdapter):
 
     def metric_from_logits(self, inputs, logits, labels) -> dict:
         return {"ppl": perplexity_from_logits(zip(inputs, logits))}
+
+
+def _example_past(spec: TensorSpec, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """Three tokens of cache for the trace: random floats, or codes and scales of the stored form."""
+    shape = (batch, spec.dims[1], 3, spec.dims[3])
+    if spec.dtype == "uint8":
+        return torch.randint(0, 16, shape, generator=gen, dtype=torch.uint8)
+    return torch.rand(shape, generator=gen) if spec.name.endswith("_scale") else torch.randn(shape, generator=gen)
 
 
 class _LogitsOnly(nn.Module):
@@ -129,6 +142,9 @@ class _WithPast(nn.Module):
     def forward(self, input_ids, past):
         from transformers import DynamicCache
 
+        fmt = cache_format(self.model)
+        if fmt != "none":
+            return self._quantized_cache(input_ids, past, fmt)
         cache = DynamicCache()  # not from the config: that one crops sliding-window layers to the window
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
@@ -136,6 +152,25 @@ class _WithPast(nn.Module):
         present = []
         for layer in output_cache(out).layers:
             present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+    def _quantized_cache(self, input_ids, past, fmt):
+        """The cache kept as its stored form (quant/kv_cache.py): the past is dequantized for
+        attention, each new token quantized once and its codes and scales appended to the past's."""
+        from transformers import DynamicCache
+
+        parts = len(stored_specs(fmt, 2))
+        layers = [past[i:i + 2 * parts] for i in range(0, len(past), 2 * parts)]
+        cache = DynamicCache()
+        for index, stored in enumerate(layers):
+            keys, values = (dequantize_kv(unpack_stored(stored[j:j + parts], fmt), fmt) for j in (0, parts))
+            cache.update(keys, values, index)
+        with recording_stored_forms(self.model) as quantizers:
+            out = self.model(input_ids=input_ids, use_cache=True, **cache_argument(self.model, cache))
+            present = []
+            for stored, quantizer in zip(layers, quantizers):
+                new = [pack_stored(form, fmt) for form in quantizer.recorded[-1]]  # keys, values of the new tokens
+                present += [torch.cat([old, part], 2) for old, part in zip(stored, (*new[0], *new[1]))]
         return (out.logits, *present)
 
 

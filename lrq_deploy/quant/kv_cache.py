@@ -87,10 +87,15 @@ class KVCacheQuantizer(nn.Module):
             self.register_buffer("k_scale", torch.ones(()))
             self.register_buffer("v_scale", torch.ones(()))
         self._amax = [torch.zeros(()), torch.zeros(())]
+        self.recorded: list | None = None  # while a graph with a cache is traced: the stored forms appended
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.enabled:
             return key, value
+        if self.recorded is not None:  # the stored form itself, dequantized as attention reads it (the same values)
+            stored = [quantize_kv(t, self.fmt, getattr(self, s, None)) for t, s in ((key, "k_scale"), (value, "v_scale"))]
+            self.recorded.append(stored)
+            return tuple(dequantize_kv(x, self.fmt).to(t.dtype) for x, t in zip(stored, (key, value)))
         if self.observing:
             self._amax = [torch.maximum(a.to(t.device), t.detach().abs().amax().float())
                           for a, t in zip(self._amax, (key, value))]
@@ -171,6 +176,50 @@ def quantize_kv_cache(adapter, model: nn.Module, fmt: str) -> list[KVCacheQuanti
 
 def kv_quantizers(module: nn.Module) -> list[KVCacheQuantizer]:
     return [m for m in module.modules() if isinstance(m, KVCacheQuantizer)]
+
+
+def cache_format(model: nn.Module) -> str:
+    """The KV-cache format a model computes with ("none" without quantizers)."""
+    return next((q.fmt for q in kv_quantizers(model)), "none")
+
+
+# --- the cache as graphs keep it: per layer and kind, codes then (int) scale and zero point -----
+
+def stored_specs(fmt: str, head_dim: int) -> list[tuple[str, str, int]]:
+    """(name suffix, dtype, last dimension) of each tensor one layer's keys (or values) are kept in."""
+    width = head_dim // 2 if fmt == "int4" else head_dim
+    return [("", "uint8", width), ("_scale", "float32", 1), ("_zero", "uint8", 1)]
+
+
+def pack_stored(stored: tuple, fmt: str) -> tuple:
+    """int4: two codes per byte along the head dimension (even index in the low nibble)."""
+    if fmt != "int4":
+        return tuple(stored)
+    codes, *rest = stored
+    wide = codes.to(torch.int32)  # integer arithmetic in int32: what every onnxruntime kernel takes
+    return ((wide[..., 0::2] + wide[..., 1::2] * 16).to(torch.uint8), *rest)
+
+
+def unpack_stored(stored: tuple, fmt: str) -> tuple:
+    if fmt != "int4":
+        return tuple(stored)
+    packed, *rest = stored
+    wide = packed.to(torch.int32)
+    codes = torch.stack([wide % 16, wide // 16], -1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    return (codes.to(torch.uint8), *rest)
+
+
+@contextmanager
+def recording_stored_forms(model: nn.Module):
+    """Inside: each quantizer appends the stored form of what it quantizes to its `recorded` list."""
+    quantizers = kv_quantizers(model)
+    for q in quantizers:
+        q.recorded = []
+    try:
+        yield quantizers
+    finally:
+        for q in quantizers:
+            q.recorded = None
 
 
 @contextmanager

@@ -134,7 +134,8 @@ def _session(path: Path, options, providers):
         raise LrqError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+             "tensor(uint8)": "uint8"}
 
 
 def input_specs(session) -> list:
@@ -150,7 +151,7 @@ def empty_past(session, batch: int) -> dict:
 
     from lrq_deploy.graph_io import PAST_PREFIX
 
-    return {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+    return {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=ORT_TYPES.get(spec.type, "float32"))
             for spec in session.get_inputs() if spec.name.startswith(PAST_PREFIX)}
 
 

@@ -79,4 +79,4 @@ class TorchSession:
         tensors = [torch.from_numpy(np.asarray(feeds[n])).to(self.device) for n in self.io.input_names]
         with torch.no_grad():
             outputs = self.call(tensors)
-        return {n: o.float().cpu().numpy() for n, o in zip(self.io.output_names, outputs)}
+        return {n: (o.float() if o.is_floating_point() else o).cpu().numpy() for n, o in zip(self.io.output_names, outputs)}
