@@ -48,6 +48,7 @@ class Decoder:
     name = ""
     device = "cpu"
     max_positions: int | None = None
+    kv_bytes_per_token: float | None = None  # what one token adds to the cache of one sequence (all layers)
 
     def reserve(self, total: int) -> None:
         """The longest generation to come (prompt + new tokens): a decoder may size its cache by it."""
@@ -73,6 +74,7 @@ class TorchDecoder(Decoder):
         self.device = device.type
         self.description = description
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.kv_bytes_per_token = _torch_cache_bytes(model)
         self.cache = None
 
     def _next(self, ids) -> np.ndarray:
@@ -112,6 +114,10 @@ class OrtDecoder(Decoder):
         self.in_place = self.device == "cpu" and any(i.name == ATTENTION_MASK for i in inputs)
         self.description = f"{path.name}, onnxruntime {self.device}" + (", cache in place" if self.in_place else "")
         self.past_specs = [i for i in inputs if i.name.startswith(PAST_PREFIX)]
+        from lrq_deploy.runtime.onnxrt import ORT_TYPES
+
+        self.kv_bytes_per_token = sum(s.shape[1] * s.shape[3] * np.dtype(ORT_TYPES.get(s.type, "float32")).itemsize
+                                      for s in self.past_specs)
         self.capacity, self.length = 0, 0
         self.feeds: dict = {}
 
@@ -159,6 +165,20 @@ class OrtDecoder(Decoder):
     def step(self, tokens):
         ids = tokens[:, None].astype(np.int64)
         return self._run_in_place(ids) if self.in_place else self._run(step_feeds(self.session, ids, self.feeds))
+
+
+def _torch_cache_bytes(model) -> float | None:
+    """The torch reference keeps its cache in the model's float type, quantized cache or not."""
+    from lrq_deploy.quant.kv_cache import kv_bytes_per_token
+
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return kv_bytes_per_token("none", config.num_hidden_layers, kv_heads, head_dim) * itemsize / 4
 
 
 def make_decoder(target: Path, device: str) -> Decoder:
@@ -222,6 +242,9 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
         "token_latency_ms": summarize(steps, options.percentiles),
         "tokens_per_s": generated / decode_s,
         "prefill_tokens_per_s": options.batch * options.prompt_len / (sum(first) / len(first) / 1e3),
+        "kv_bytes_per_token": decoder.kv_bytes_per_token,
+        "kv_cache_peak_bytes": None if decoder.kv_bytes_per_token is None else
+        decoder.kv_bytes_per_token * options.batch * total,
     }
 
 
@@ -246,6 +269,8 @@ def decode_summary(result: dict) -> str:
         f"Throughput: {result['tokens_per_s']:.5g} tokens/s generated (prefill {result['prefill_tokens_per_s']:.5g} tokens/s)",
         f"Time to first token: mean = {result['ttft_ms']:.5g} ms",
         f"Per-token latency: min = {lat['min']:.5g} ms, mean = {lat['mean']:.5g} ms, median = {lat['median']:.5g} ms, {points}",
+        *([f"KV cache: {result['kv_bytes_per_token']:.6g} bytes per token, peak {result['kv_cache_peak_bytes'] / 2**20:.4g} MiB"]
+          if result.get("kv_bytes_per_token") else []),
     ])
 
 
@@ -254,9 +279,10 @@ def decode_comparison(results: list[tuple[str, dict]]) -> str:
     from lrq_deploy.bench.report import ratio
 
     base = results[0][1]["tokens_per_s"]
-    header = f"{'target':<40}{'backend':>8}{'TTFT ms':>10}{'ms/token':>10}{'tokens/s':>11}{'speedup':>9}"
+    header = f"{'target':<40}{'backend':>8}{'TTFT ms':>10}{'ms/token':>10}{'tokens/s':>11}{'KV B/token':>12}{'speedup':>9}"
     lines = [header, "-" * len(header)]
     for name, r in results:
+        kv = f"{r['kv_bytes_per_token']:.6g}" if r.get("kv_bytes_per_token") else "-"
         lines.append(f"{name[-40:]:<40}{r['backend']:>8}{r['ttft_ms']:>10.4g}{r['token_latency_ms']['mean']:>10.4g}"
-                     f"{r['tokens_per_s']:>11.4g}{ratio(r['tokens_per_s'] / base):>9}")
+                     f"{r['tokens_per_s']:>11.4g}{kv:>12}{ratio(r['tokens_per_s'] / base):>9}")
     return "\n".join(lines)

@@ -243,3 +243,8 @@ def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt)
         feeds = step_feeds(ort.session, np.array([[tokens["ort"][-1]]], dtype=np.int64), next_past(got))
     assert tokens["ort"] == tokens["torch"]
     assert next(iter(next_past(got).values())).shape[2] == 32
+    from lrq_deploy.bench.decode import OrtDecoder
+
+    config = reference.loaded.model.config  # lrq bench --decode reports what the graph keeps per token
+    assert OrtDecoder(graph, "cpu").kv_bytes_per_token == kv_bytes_per_token(
+        fmt, config.num_hidden_layers, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
