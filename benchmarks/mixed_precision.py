@@ -76,7 +76,11 @@ def model_size(model: str, scheme) -> float | None:
 
 
 def degradation(result: dict) -> float:
+    """Quantized minus full-precision perplexity, the loss of accuracy, or for an encoder judged by
+    its outputs (MiniLM) 1 - the mean cosine of its embeddings to the full-precision ones."""
     metric = result["metric"]
+    if not result["fp"] and "agreement" in result:
+        return 1.0 - result["agreement"]["cosine_mean"]
     fp, quant = result["fp"][metric], result["quant"][metric]
     return fp - quant if metric in HIGHER_IS_BETTER else quant - fp
 
