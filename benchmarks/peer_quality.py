@@ -66,11 +66,15 @@ if settings["abits"] < 16:  # per token, dynamic, as lrq's activations
     scheme["input_activations"] = {"num_bits": settings["abits"], "type": "int", "strategy": "token",
                                    "dynamic": True, "symmetric": not settings["act_asym"]}
 
-def rounding(kind):
+# the static FP8 cache vLLM reads (k_scale / v_scale per attention layer)
+KV_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+def rounding(kind, kv_cache):
+    cache = {"kv_cache_scheme": KV_FP8} if kv_cache == "fp8" else {}
     if kind == "rtn":
-        return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+        return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], **cache)
     return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=settings["damp"],
-                        block_size=128)
+                        block_size=128, **cache)
 
 def transforms(name):
     from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
@@ -85,10 +89,12 @@ data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.o
 fp = perplexity(load())
 quant = {}
 failed = {}
-for name in settings["peers"]:
+for name in settings["peers"]:  # "<transforms>+<rounding>[ kv fp8]"
     model = load()
+    recipe_name, _, kv_cache = name.partition(" kv ")
     try:
-        oneshot(model=model, dataset=data, recipe=transforms(name) + [rounding(name.rsplit("+", 1)[-1])],
+        oneshot(model=model, dataset=data,
+                recipe=transforms(recipe_name) + [rounding(recipe_name.rsplit("+", 1)[-1], kv_cache)],
                 num_calibration_samples=len(calib), max_seq_length=calib.shape[1])
     except Exception as exc:  # a recipe the peer cannot apply to this model: reported, the others still run
         failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -105,7 +111,8 @@ def lrq_side(model: str, out: Path, settings: dict, method: str, options: dict, 
     from lrq_deploy.quant.scheme import QuantScheme
 
     scheme = QuantScheme(wbits=settings["wbits"], group_size=settings["group_size"], symmetric=settings["symmetric"],
-                         abits=settings["abits"], act_asym=settings["act_asym"])
+                         abits=settings["abits"], act_asym=settings["act_asym"],
+                         kv_cache=settings.get("kv_cache", "none"))
     cconfig = CalibConfig.of(method, nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=seed, **options)
     calibrate(model, out, scheme, cconfig, device="auto", force=True)
     return evaluate_checkpoint(out, limit=eval_windows)
@@ -157,6 +164,16 @@ def lrq_and_peer_methods(args) -> tuple[list[str], dict]:
     return peers, methods
 
 
+def run_peer(peer_python: str, model: str, ids: Path, settings: dict) -> dict:
+    """llm-compressor's recipes settings["peers"] on the windows in `ids`, in the peer's own Python:
+    {"fp": ppl, "quant": {recipe: ppl}, "failed": {recipe: reason}, "version": ...}."""
+    peer = subprocess.run([peer_python, "-c", PEER_SCRIPT, str(hf_directory(model)), str(ids), json.dumps(settings)],
+                          capture_output=True, text=True)
+    if peer.returncode:
+        raise SystemExit(f"llm-compressor failed:\n{peer.stderr[-3000:]}")
+    return json.loads(peer.stdout.strip().splitlines()[-1])
+
+
 def hf_directory(model: str) -> Path:
     """The Hugging Face directory llm-compressor loads (the bundled model's own files)."""
     if model == "bundled:llama":
@@ -183,13 +200,17 @@ def main():
     parser.add_argument("--damp", type=float, default=0.01)
     parser.add_argument("--eval-windows", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--kv-cache", default="none", choices=["none", "int8", "fp8", "int4"],
+                        help="lrq's cache format; the peer's recipes also run with its static FP8 kv_cache_scheme")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only lrq's methods whose label contains one of these strings (the peer always runs)")
     args = parser.parse_args()
     settings = {"wbits": args.wbits, "group_size": args.group_size, "symmetric": args.symmetric,
                 "abits": args.abits, "act_asym": args.abits < 16 and not args.act_sym, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                "damp": args.damp}
+                "damp": args.damp, "kv_cache": args.kv_cache}
     settings["peers"], methods = lrq_and_peer_methods(args)
+    if args.kv_cache != "none":
+        settings["peers"] += [f"{name} kv fp8" for name in settings["peers"]]
     if args.only is not None:
         methods = {k: v for k, v in methods.items() if any(s in k for s in args.only)}
     results: dict[str, list[float]] = {}
@@ -198,11 +219,7 @@ def main():
         for seed in args.seeds:
             ids = windows_file(args.model, Path(tmp) / f"windows-{seed}.safetensors", settings, seed, args.eval_windows)
             start = time.time()
-            peer = subprocess.run([args.peer_python, "-c", PEER_SCRIPT, str(hf_directory(args.model)), str(ids),
-                                   json.dumps(settings)], capture_output=True, text=True)
-            if peer.returncode:
-                raise SystemExit(f"llm-compressor failed:\n{peer.stderr[-3000:]}")
-            record = json.loads(peer.stdout.strip().splitlines()[-1])
+            record = run_peer(args.peer_python, args.model, ids, settings)
             version = record["version"]
             fps.append(record["fp"])
             for name, ppl in record["quant"].items():
@@ -218,7 +235,7 @@ def main():
     fp = statistics.mean(fps)
     peer_drop = min(statistics.mean(v) for k, v in results.items() if k.startswith("llm-compressor")) - fp
     scheme = f"W{args.wbits}A{args.abits}" + (f"-g{args.group_size}" if args.group_size else "") + (
-        "-sym" if args.symmetric else "")
+        "-sym" if args.symmetric else "") + (f", lrq's KV cache {args.kv_cache}" if args.kv_cache != "none" else "")
     print(f"\n{scheme}, {args.nsamples} x {args.seqlen} calibration tokens, {args.eval_windows} test windows, "
           f"seeds {args.seeds}; FP perplexity {fp:.4f}")
     print(f"{'method':<36} {'ppl':>16} {'ppl - FP':>10} {'vs best peer':>12}")
