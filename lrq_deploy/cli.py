@@ -347,8 +347,9 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
         from lrq_deploy.export.vllm import export_vllm
 
         report = export_vllm(Path(checkpoint), vllm_dir, force=force)
+        cache = ", FP8 KV cache (kv_cache_scheme, k_scale / v_scale)" if report["kv_cache"] == "fp8" else ""
         click.echo(f"wrote {report['vllm']} ({report['scheme']}, compressed-tensors {report['format']}, "
-                   f"{report['quantized_linears']} quantized linears; weights checked after reloading)")
+                   f"{report['quantized_linears']} quantized linears{cache}; weights checked after reloading)")
         return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
                             triton_repo, fuse, contrib_ops, cpu_kernels=cpu_kernels,

@@ -430,7 +430,7 @@ CASES = [
                                            "trt"],
          "--target trt graphs cannot carry the int4 KV cache yet"),
     Case("export-kv-cache-vllm", lambda i: ["export", _kv_checkpoint(i, "int4"), "--vllm", i.path("v")],
-         "--vllm: lrq does not write the int4 KV cache into compressed-tensors checkpoints yet"),
+         "--vllm cannot carry an int4 KV cache: vLLM reads a static FP8 cache only"),
     Case("export-vllm-packed-parts-differ", lambda i: ["export", _q_proj_w8_checkpoint(i), "--vllm", i.path("v")],
          "but they have the schemes W4A16, W8A16; give them one scheme"),
     Case("calibrate-rotate-unknown", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--rotate", "spin"],

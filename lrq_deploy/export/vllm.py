@@ -9,7 +9,9 @@ codes (w / s is an exact small integer). Weight zero points move from our unsign
 float16 scale is exact. Float grids take compressed-tensors' float schemes: FP8 (per-channel
 E4M3 weights, static per-tensor E4M3 inputs, "float-quantized") and NVFP4 (E2M1 in blocks of 16
 with E4M3 block scales, "nvfp4-pack-quantized"; its global scales are the reciprocals of lrq's
-power-of-two tensor scales, so exact). Before the directory is moved into place it is loaded back with
+power-of-two tensor scales, so exact). An FP8 KV cache becomes the config's kv_cache_scheme (static
+per-tensor E4M3) with each attention layer's calibrated `k_scale` / `v_scale` (the same
+convention: the cache holds key / k_scale in E4M3), which vLLM reads. Before the directory is moved into place it is loaded back with
 transformers and every quantized weight is compared with the checkpoint's, bit for bit.
 """
 
@@ -43,24 +45,26 @@ def export_vllm(checkpoint: Path, out: Path, force: bool = False) -> dict:
     _check_supported(ckpt)
     _require_library()
     model, expected = _float_linears(ckpt)
+    kv_scales = _kv_scales(model)
     result = {}
 
     def write(staging: Path) -> None:
         with _quiet():
-            compressor = _attach_qparams(model, ckpt, expected)
+            compressor = _attach_qparams(model, ckpt, expected, kv_scales)
             compressor.compress_model(model)
             model.save_pretrained(staging, safe_serialization=True)
             compressor.update_config(str(staging))
             if ckpt.loaded.tokenizer is not None:
                 ckpt.loaded.tokenizer.save_pretrained(staging)
             _check_round_trip(staging, expected)
+            _check_kv_scales(staging, kv_scales)
         result["format"] = compressor.quantization_config.format
         write_json(staging / MARKER, {"format": MARKER_FORMAT, "source": str(Path(checkpoint).resolve()),
                                       "scheme": ckpt.scheme_name, "method": ckpt.method})
 
     atomic_directory(out, write)
     return {"vllm": str(out), "format": result["format"], "scheme": ckpt.scheme_name,
-            "quantized_linears": len(expected)}
+            "quantized_linears": len(expected), "kv_cache": ckpt.quant.kv_cache}
 
 
 @contextmanager
@@ -104,10 +108,9 @@ def _check_supported(ckpt) -> None:
         if (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8), (4, 4)) or (
                 quant.abits == 4 and quant.float_format != "nvfp4"):
             raise LrqError(f"--vllm cannot express {quant.name}: compressed-tensors checkpoints support {SUPPORTED}")
-    if ckpt.quant.kv_cache != "none":
-        raise LrqError(f"--vllm: lrq does not write the {ckpt.quant.kv_cache} KV cache into compressed-tensors "
-                       "checkpoints yet (vLLM reads fp8 k_scale / v_scale only); calibrate without --kv-cache "
-                       "and serve with vLLM's own --kv-cache-dtype")
+    if ckpt.quant.kv_cache not in ("none", "fp8"):
+        raise LrqError(f"--vllm cannot carry an {ckpt.quant.kv_cache} KV cache: vLLM reads a static FP8 cache only "
+                       f"(k_scale / v_scale); calibrate with --kv-cache fp8, or export this cache with --onnx --with-past")
     _check_packed_alike(ckpt)
 
 
@@ -160,8 +163,24 @@ def _float_linears(ckpt) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, nn.Mo
     return model, expected
 
 
-def _attach_qparams(model: nn.Module, ckpt, expected: dict):
-    """The compressed-tensors scheme of the checkpoint, with its scales and zero points frozen in."""
+def _kv_scales(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{attention module: (k_scale, v_scale)} of an FP8 cache, its quantizers taken off the model
+    (compressed-tensors attaches its own)."""
+    from lrq_deploy.quant.kv_cache import detach_kv_quantizers
+
+    return {name: (q.k_scale.detach().float().clone(), q.v_scale.detach().float().clone())
+            for name, q in detach_kv_quantizers(model).items() if q.fmt == "fp8"}
+
+
+def _kv_cache_args():
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+
+
+def _attach_qparams(model: nn.Module, ckpt, expected: dict, kv_scales: dict):
+    """The compressed-tensors scheme of the checkpoint, with its scales and zero points (and the
+    FP8 cache's k_scale / v_scale) frozen in."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
@@ -180,14 +199,30 @@ def _attach_qparams(model: nn.Module, ckpt, expected: dict):
     fmt = formats[0] if len(set(formats)) == 1 else None  # None: each group keeps its own ("mixed-precision")
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in expected]
     config = QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status=QuantizationStatus.FROZEN,
-                                format=fmt or "mixed-precision")
+                                format=fmt or "mixed-precision", kv_cache_scheme=_kv_cache_args() if kv_scales else None)
     apply_quantization_config(model, config, show_progress=False)
     with torch.no_grad():
         for name, (_, source) in expected.items():
             for param, value in _qparams(source).items():
                 target = getattr(model.get_submodule(name), param)
                 target.copy_(value.to(target.dtype).view_as(target))
-    return ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+        for name, scales in kv_scales.items():
+            _set_kv_scales(model.get_submodule(name), scales)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    if kv_scales:
+        compressor.quantization_config.kv_cache_scheme = _kv_cache_args()
+    return compressor
+
+
+def _set_kv_scales(attention: nn.Module, scales: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """`k_scale` / `v_scale` of one attention module, shape (1,) as compressed-tensors writes them
+    (registered here where the library does not recognise the module's cache argument)."""
+    for param, value in zip(("k_scale", "v_scale"), scales):
+        target = getattr(attention, param, None)
+        if target is None:
+            attention.register_parameter(param, nn.Parameter(value.reshape(1).clone(), requires_grad=False))
+        else:
+            target.copy_(value.to(target.dtype).view_as(target))
 
 
 def _int_args(quant):
@@ -263,6 +298,21 @@ def decompressed_weights(path: Path, names) -> dict[str, torch.Tensor]:
             compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
             weights[name] = compressor.decompress(state, scheme)["weight"].float()
     return weights
+
+
+def _check_kv_scales(path: Path, kv_scales: dict) -> None:
+    """Every attention layer's k_scale / v_scale in the written file equal the checkpoint's."""
+    from safetensors import safe_open
+
+    if not kv_scales:
+        return
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+        for name, scales in kv_scales.items():
+            for param, value in zip(("k_scale", "v_scale"), scales):
+                key = f"{name}.{param}"
+                if key not in keys or not torch.equal(handle.get_tensor(key).float().reshape(()), value.reshape(())):
+                    raise LrqError(f"the compressed-tensors export does not hold the checkpoint's {key}; nothing written")
 
 
 def _check_round_trip(path: Path, expected: dict) -> None:

@@ -209,6 +209,22 @@ def unpack_stored(stored: tuple, fmt: str) -> tuple:
     return (codes.to(torch.uint8), *rest)
 
 
+def detach_kv_quantizers(model: nn.Module) -> dict[str, KVCacheQuantizer]:
+    """Remove every cache quantizer and its hook (a model handed to another runtime's format);
+    returns {attention module name: its quantizer}."""
+    detached = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, QUANTIZER, None)
+        if isinstance(quantizer, KVCacheQuantizer):
+            del module._modules[QUANTIZER]
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if hook is _quantizing_hook:
+                    del module._forward_pre_hooks[key]
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+            detached[name] = quantizer
+    return detached
+
+
 @contextmanager
 def recording_stored_forms(model: nn.Module):
     """Inside: each quantizer appends the stored form of what it quantizes to its `recorded` list."""

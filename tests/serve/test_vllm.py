@@ -114,3 +114,30 @@ def test_vllm_float_schemes_are_compressed_tensors_own(tmp_path, preset, fmt):
         assert tensors[f"{name}.weight_global_scale"].item() * linear.tensor_scales[0].item() == 1.0
         if linear.config.quantize_activations:
             assert tensors[f"{name}.input_global_scale"].item() * linear.input_scale.item() == 1.0
+
+
+def test_vllm_fp8_kv_cache_is_the_kv_cache_scheme_vllm_reads(tmp_path):
+    """An FP8 cache: the config's kv_cache_scheme as llm-compressor writes it (static per-tensor E4M3)
+    and each attention layer's calibrated k_scale / v_scale, shape (1,), equal to the checkpoint's; no
+    lrq quantizer state left in the file; the directory still loads in transformers."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lrq_deploy.checkpoint import load_checkpoint
+    from lrq_deploy.quant.kv_cache import kv_quantizers
+
+    ckpt, out = _export(tmp_path, QuantScheme(wbits=4, group_size=64, symmetric=True, kv_cache="fp8"))
+    kv = json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
+    assert (kv["num_bits"], kv["type"], kv["strategy"], kv["dynamic"], kv["symmetric"]) == (8, "float", "tensor", False, True)
+    model = load_checkpoint(ckpt).model
+    attention = {name.rpartition(".")[0]: q for name, q in model.named_modules() if q in kv_quantizers(model)}
+    assert len(attention) == model.config.num_hidden_layers
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert not [k for k in handle.keys() if "kv_quant" in k]
+        for name, quantizer in attention.items():
+            for param in ("k_scale", "v_scale"):
+                stored = handle.get_tensor(f"{name}.{param}")
+                assert stored.shape == (1,) and stored.dtype == torch.float32
+                assert torch.equal(stored, getattr(quantizer, param).float().reshape(1))
+                assert stored.item() != 1.0
+    AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
