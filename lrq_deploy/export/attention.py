@@ -50,8 +50,8 @@ def group_query_attention(
     head_dim = past_key.shape[-1]
     start = past_key.shape[2]
     c, s = cos[start:start + seq], sin[start:start + seq]
-    q = _rotate(query.view(batch, seq, num_heads, head_dim).transpose(1, 2), c, s)
-    k = _rotate(key.view(batch, seq, kv_heads, head_dim).transpose(1, 2), c, s)
+    q = rotate_half(query.view(batch, seq, num_heads, head_dim).transpose(1, 2), c, s)
+    k = rotate_half(key.view(batch, seq, kv_heads, head_dim).transpose(1, 2), c, s)
     v = value.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
     present_key, present_value = torch.cat([past_key, k], 2), torch.cat([past_value, v], 2)
     repeat = num_heads // kv_heads
@@ -74,7 +74,7 @@ def _(query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin
     return query.new_empty(query.shape), present, torch.empty_like(present)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)

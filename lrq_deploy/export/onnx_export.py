@@ -169,8 +169,9 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         raise LrqError(f"opset {opset} is too low for {widths} weights with target {target}: the minimum is {lowest}")
     fused_attention = options.contrib_ops and target == "ort" and with_past and not quantized_cache
     layout = loaded.adapter.attention_layout(loaded.model) if fused_attention else None
+    cache_layout = _stored_cache_layout(ckpt, options) if quantized_cache else None
     with step("tracing the model (torch.export)"):
-        model = trace_to_onnx(loaded, batch, seq_len, with_past, layout)
+        model = trace_to_onnx(loaded, batch, seq_len, with_past, layout, cache_layout)
     needed = required_opset(model, target)
     set_opset(model, max(opset or needed, default_opset(model)))
     fused = fuse_shared_inputs(model) if options.fuse and target == "ort" else 0
@@ -191,7 +192,8 @@ def export_loaded(ckpt, out: Path, options: ExportOptions, finish: Callable[[Pat
         model.metadata_props.add(key=ACCURACY_LEVEL_META, value=INT8_ACTIVATIONS_LEVEL)
     report = {"onnx": str(out), "target": target, "opset": default_opset(model), "with_past": with_past,
               "fused_linears": fused, "norms_for_ort": norms,
-              "attention": "GroupQueryAttention" if layout else "standard ops",
+              "attention": "GroupQueryAttention" if layout else
+              "QuantizedCacheAttention (lrq's CPU kernels)" if cache_layout else "standard ops",
               "kv_cache_in_place": bool(layout and options.kv_in_place), **size_report(model, ckpt)}
 
     def check_and_verify(tmp: Path) -> None:
@@ -329,6 +331,17 @@ def _check_kv_cache(ckpt, target: str) -> bool:
     return True
 
 
+def _stored_cache_layout(ckpt, options):
+    """With --cpu-kernels and --with-past: the attention layout whose modules read an int8 / int4
+    cache through lrq's QuantizedCacheAttention (None: standard-op attention)."""
+    from lrq_deploy.export.kv_attention import supports
+
+    if not (options.cpu_kernels and options.with_past and options.target == "ort"):
+        return None
+    layout = ckpt.loaded.adapter.attention_layout(ckpt.loaded.model)
+    return layout if supports(layout, ckpt.quant.kv_cache) else None
+
+
 def _check_shape_options(batch, seq_len, limit, with_past) -> None:
     if batch is not None and batch < 1:
         raise LrqError(f"--batch must be >= 1, got {batch}")
@@ -385,16 +398,21 @@ def describe_graph(model: onnx.ModelProto, ckpt, target: str, with_past: bool) -
 
 
 def trace_to_onnx(loaded, batch: int | None, seq_len: int | None, with_past: bool = False,
-                  attention_layout=None) -> onnx.ModelProto:
+                  attention_layout=None, stored_cache_layout=None) -> onnx.ModelProto:
     """torch.export the reference model with every QuantLinear as one lrq.QuantLinear node (and,
-    given an attention layout, every attention as one GroupQueryAttention node)."""
+    given an attention layout, every attention as one GroupQueryAttention node; given a stored-cache
+    layout, every attention over a quantized cache as one QuantizedCacheAttention node)."""
     from contextlib import nullcontext
 
     from lrq_deploy.export.attention import group_query_attention_modules
+    from lrq_deploy.export.kv_attention import quantized_cache_attention_modules
+    from lrq_deploy.quant.kv_cache import cache_format
 
     spec = loaded.adapter.export_spec(loaded.model, batch, seq_len, with_past)
     graph_ops(loaded.model, True)
-    fused = group_query_attention_modules(attention_layout) if attention_layout else nullcontext()
+    fused = group_query_attention_modules(attention_layout) if attention_layout else (
+        quantized_cache_attention_modules(stored_cache_layout, cache_format(loaded.model)) if stored_cache_layout
+        else nullcontext())
     try:
         with torch.no_grad(), warnings.catch_warnings(), fused:
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")

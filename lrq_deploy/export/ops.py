@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lrq_deploy.export import attention  # registers torch.ops.lrq.group_query_attention
+from lrq_deploy.export import kv_attention  # registers torch.ops.lrq.quantized_cache_attention
 from lrq_deploy.quant.op import quant_linear  # noqa: F401  (registers torch.ops.lrq.quant_linear)
 from lrq_deploy.quant.scheme import ATTRIBUTES, DOMAIN
 
@@ -60,4 +61,5 @@ def quant_linear_onnx(x, qweight, scales, zeros, bias, wbits: int, abits: int, g
                            act_asym=act_asym, wformat=wformat, aformat=aformat, in_features=in_features)
 
 
-TRANSLATIONS = {torch.ops.lrq.quant_linear.default: quant_linear_onnx, **attention.TRANSLATIONS}
+TRANSLATIONS = {torch.ops.lrq.quant_linear.default: quant_linear_onnx, **attention.TRANSLATIONS,
+                torch.ops.lrq.quantized_cache_attention.default: kv_attention.quantized_cache_attention_onnx}

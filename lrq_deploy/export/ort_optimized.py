@@ -25,11 +25,15 @@ def save_optimized(graph: Path, accuracy_level: str) -> None:
     `accuracy_level`), saved by onnxruntime itself; external weights stay external."""
     import onnxruntime as ort
 
+    from lrq_deploy.runtime import cpu_kernels
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     optimized = graph.with_name(graph.name + ".optimized")
     options.optimized_model_filepath = str(optimized)
     options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, accuracy_level)
+    if cpu_kernels.needs_library(graph):  # attention over a quantized cache is the library's op from the trace on
+        cpu_kernels.register(options)
     data = graph.with_name(graph.name + ".data")
     if data.is_file():  # weights past protobuf's 2 GiB limit: keep them in one file beside the graph
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",

@@ -166,11 +166,18 @@ class _WithPast(nn.Module):
             keys, values = (dequantize_kv(unpack_stored(stored[j:j + parts], fmt), fmt) for j in (0, parts))
             cache.update(keys, values, index)
         with recording_stored_forms(self.model) as quantizers:
+            for stored, quantizer in zip(layers, quantizers):
+                quantizer.stored_past, quantizer.stored_present = stored, None
             out = self.model(input_ids=input_ids, use_cache=True, **cache_argument(self.model, cache))
             present = []
             for stored, quantizer in zip(layers, quantizers):
+                if quantizer.stored_present is not None:  # appended by an attention that reads the stored cache
+                    present += quantizer.stored_present
+                    continue
                 new = [pack_stored(form, fmt) for form in quantizer.recorded[-1]]  # keys, values of the new tokens
                 present += [torch.cat([old, part], 2) for old, part in zip(stored, (*new[0], *new[1]))]
+            for quantizer in quantizers:
+                quantizer.stored_past = quantizer.stored_present = None
         return (out.logits, *present)
 
 

@@ -88,6 +88,10 @@ class KVCacheQuantizer(nn.Module):
             self.register_buffer("v_scale", torch.ones(()))
         self._amax = [torch.zeros(()), torch.zeros(())]
         self.recorded: list | None = None  # while a graph with a cache is traced: the stored forms appended
+        # while a graph whose attention reads the stored cache is traced (export/kv_attention.py):
+        # this layer's past in its stored form, and the present the attention computed with
+        self.stored_past: list | None = None
+        self.stored_present: list | None = None
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.enabled:

@@ -1,6 +1,8 @@
-"""lrq's CPU kernel library for onnxruntime (csrc/matmul_int4.cc): the op ai.lrq.cpu::MatMulInt4,
+"""lrq's CPU kernel library for onnxruntime: ai.lrq.cpu::MatMulInt4 (csrc/matmul_int4.cc),
 4-bit block-quantized weights with exact (fp32) activations, about twice as fast in decode as
-onnxruntime's MatMulNBits at the same numerics (benchmarks/RESULTS.md).
+onnxruntime's MatMulNBits at the same numerics (benchmarks/RESULTS.md); and
+ai.lrq.cpu::QuantizedCacheAttention (csrc/kv_attention.cc), attention that reads an int8 / int4
+KV cache as codes, scales and zero points.
 
 The library is C++ built from the package's own source with the machine's C++ compiler on
 first use and cached ($LRQ_CACHE/cpu-kernels or ~/.cache/lrq/cpu-kernels, one file per source
@@ -33,7 +35,8 @@ from lrq_deploy.errors import LrqError
 
 DOMAIN = "ai.lrq.cpu"
 OP = "MatMulInt4"
-SOURCES = ("matmul_int4.cc", "ort_abi.h")
+SOURCES = ("matmul_int4.cc", "kv_attention.cc", "ort_kernel.h", "ort_abi.h")
+COMPILED = ("matmul_int4.cc", "kv_attention.cc")
 # The ABI the library requests (csrc/ort_abi.h kApiVersion): onnxruntime 1.17.
 MIN_ONNXRUNTIME = (1, 17)
 # Built without -march: the code for AVX-512 / AVX2 is chosen per CPU at run time (code_path)
@@ -134,7 +137,7 @@ def _private_copy(code: bytes) -> Path:
 
 
 def _build(cxx: str, out: Path) -> None:
-    command = [cxx, *FLAGS, "-o", str(out), str(source_dir() / "matmul_int4.cc")]
+    command = [cxx, *FLAGS, "-o", str(out), *(str(source_dir() / name) for name in COMPILED)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         if "No space left on device" in done.stderr:

@@ -25,7 +25,7 @@
 #include <cmath>
 #include <vector>
 
-#include "ort_abi.h"
+#include "ort_kernel.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -35,6 +35,7 @@
 namespace {
 
 using ort_abi::Api;
+using namespace lrq_ort;
 
 constexpr const char* kDomain = "ai.lrq.cpu";
 constexpr const char* kOpName = "MatMulInt4";
@@ -530,20 +531,6 @@ struct Kernel {
   int64_t K, N, block, accuracy_level;
 };
 
-OrtStatus* error(const Api& api, const char* message) {
-  return api.fn<OrtStatus* (*)(OrtErrorCode, const char*)>(ort_abi::CreateStatus)(ORT_INVALID_ARGUMENT, message);
-}
-
-#define LRQ_TRY(call)                       \
-  do {                                      \
-    if (OrtStatus* status_ = (call)) return status_; \
-  } while (0)
-
-OrtStatus* attribute(const Api& api, const OrtKernelInfo* info, const char* name, int64_t* out) {
-  return api.fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(ort_abi::KernelInfoGetAttribute_int64)(
-      info, name, out);
-}
-
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info, void** out) {
   Api api{table};
   Kernel kernel{api, 0, 0, 0, 1};
@@ -562,42 +549,6 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
     return error(api, "ai.lrq.cpu::MatMulInt4: block_size must be a positive multiple of 32 dividing K");
   }
   *out = new Kernel(kernel);
-  return nullptr;
-}
-
-struct TensorView {
-  const void* data = nullptr;
-  std::vector<int64_t> dims;
-  int64_t elements() const {
-    int64_t n = 1;
-    for (int64_t d : dims) n *= d;
-    return n;
-  }
-};
-
-OrtStatus* dims_of(const Api& api, const OrtValue* value, std::vector<int64_t>& dims) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(ort_abi::GetTensorTypeAndShape)(value, &info));
-  size_t rank = 0;
-  OrtStatus* status = api.fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*)>(ort_abi::GetDimensionsCount)(info, &rank);
-  if (status == nullptr) {
-    dims.resize(rank);
-    status = api.fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)>(ort_abi::GetDimensions)(
-        info, dims.data(), rank);
-  }
-  api.fn<void (*)(OrtTensorTypeAndShapeInfo*)>(ort_abi::ReleaseTensorTypeAndShapeInfo)(info);
-  return status;
-}
-
-OrtStatus* input(const Api& api, OrtKernelContext* context, size_t index, TensorView& view) {
-  const OrtValue* value = nullptr;
-  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**)>(ort_abi::KernelContext_GetInput)(
-      context, index, &value));
-  if (value == nullptr) return nullptr;  // an optional input left out
-  LRQ_TRY(dims_of(api, value, view.dims));
-  void* data = nullptr;
-  LRQ_TRY(api.fn<OrtStatus* (*)(const OrtValue*, void**)>(ort_abi::GetTensorMutableData)(value, &data));
-  view.data = data;
   return nullptr;
 }
 
@@ -732,5 +683,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;
   LRQ_TRY(api.fn<OrtStatus* (*)(const char*, OrtCustomOpDomain**)>(ort_abi::CreateCustomOpDomain)(kDomain, &domain));
   LRQ_TRY(api.fn<OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOp*)>(ort_abi::CustomOpDomain_Add)(domain, &kMatMulInt4));
+  LRQ_TRY(api.fn<OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOp*)>(ort_abi::CustomOpDomain_Add)(
+      domain, lrq_ort::quantized_cache_attention_op()));
   return api.fn<OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(ort_abi::AddCustomOpDomain)(options, domain);
 }

@@ -71,6 +71,7 @@ enum Entry : size_t {
   GetDimensionsCount = 61,
   GetDimensions = 62,
   GetTensorTypeAndShape = 65,
+  KernelInfoGetAttribute_float = 85,
   KernelInfoGetAttribute_int64 = 86,
   KernelContext_GetInputCount = 88,
   KernelContext_GetInput = 90,
