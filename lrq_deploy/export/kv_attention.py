@@ -86,8 +86,8 @@ def _register_schema() -> None:
 
 def supports(layout: AttentionLayout | None, fmt: str) -> bool:
     """Whether the node computes this model's attention: an int8 / int4 cache, full causal attention
-    (no window, no soft-capping), heads of a multiple of 32 dimensions."""
-    return (layout is not None and fmt in KV_BITS and layout.head_dim % 32 == 0 and layout.softcap == 0.0
+    (no window, no soft-capping), heads of an even number of dimensions."""
+    return (layout is not None and fmt in KV_BITS and layout.head_dim % 2 == 0 and layout.softcap == 0.0
             and all(layout.window_of(i) <= 0 for i in range(len(layout.modules))))
 
 

@@ -3,6 +3,7 @@ model computes with, the cache the model keeps during generation, and calibratio
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 
@@ -206,13 +207,14 @@ def test_stored_form_in_onnxruntime_is_bit_exact(tmp_path, fmt):
             assert g.dtype == w.numpy().dtype and np.array_equal(g, w.numpy())
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt):
+@pytest.mark.parametrize("fmt,cpu_kernels", [("int8", False), ("int4", False), ("int8", True), ("int4", True)])
+def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt, cpu_kernels):
     """--with-past keeps the cache as codes, scales and zero points. Over a 32-token greedy decode
     (prefill 4, then one token at a time) fed the same past, the onnxruntime graph and the torch
     reference give the same tokens and the same cache up to the float differences of the two
     runtimes' matmuls (the quantization itself is bit-exact: the test above), where a code may round
-    the other way: stated tolerance 99% of codes and zero points equal, scales within 1e-5."""
+    the other way: stated tolerance 99% of codes and zero points equal, scales within 1e-5. With
+    --cpu-kernels attention is one QuantizedCacheAttention node per layer reading the codes."""
     import numpy as np
 
     from lrq_deploy.export.onnx_export import export_onnx
@@ -223,7 +225,9 @@ def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt)
     calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=4, group_size=32, kv_cache=fmt),
               CalibConfig.of("rtn", nsamples=2, seqlen=16), device="cpu")
     graph = tmp_path / "m.onnx"
-    export_onnx(out, graph, with_past=True, limit=2)
+    report = export_onnx(out, graph, with_past=True, limit=2, cpu_kernels=cpu_kernels)
+    attention = [n for n in onnx.load(str(graph)).graph.node if n.op_type == "QuantizedCacheAttention"]
+    assert len(attention) == (2 if cpu_kernels else 0), report["attention"]
     ort = OrtSession(graph, device="cpu")
     reference = TorchSession(load_checkpoint(out).loaded, torch.device("cpu"), with_past=True)
     assert [s.dtype for s in reference.io.inputs[1:4]] == ["uint8", "float32", "uint8"]

@@ -60,15 +60,18 @@ struct Problem {
 // q . codes: int8 codes in order; int4 codes against the query split into its even and odd elements.
 LRQ_CLONES float dot_codes(const float* q_even, const float* q_odd, const uint8_t* codes, int64_t bytes, int64_t bits) {
   float acc[16] = {0};
+  const int64_t whole = bytes / 16 * 16;
+  float sum = 0;
   if (bits == 8) {
-    for (int64_t d = 0; d < bytes; d += 16)
+    for (int64_t d = 0; d < whole; d += 16)
       for (int j = 0; j < 16; ++j) acc[j] += q_even[d + j] * float(codes[d + j]);
+    for (int64_t d = whole; d < bytes; ++d) sum += q_even[d] * float(codes[d]);
   } else {
-    for (int64_t d = 0; d < bytes; d += 16)
+    for (int64_t d = 0; d < whole; d += 16)
       for (int j = 0; j < 16; ++j)
         acc[j] += q_even[d + j] * float(codes[d + j] & 15) + q_odd[d + j] * float(codes[d + j] >> 4);
+    for (int64_t d = whole; d < bytes; ++d) sum += q_even[d] * float(codes[d] & 15) + q_odd[d] * float(codes[d] >> 4);
   }
-  float sum = 0;
   for (int j = 0; j < 16; ++j) sum += acc[j];
   return sum;
 }
@@ -197,10 +200,10 @@ OrtStatus* read_shape(const Kernel& kernel, const TensorView* in, Shape& s) {
   const Api& api = kernel.api;
   const char* bad = "ai.lrq.cpu::QuantizedCacheAttention: expected query [B, H, S, D], key / value codes "
                     "[B, KV, T, D (bits 8) or D / 2 (bits 4)] and scales / zero points [B, KV, T, 1], H a multiple "
-                    "of KV, T >= S, D a multiple of 32";
+                    "of KV, T >= S, D even";
   if (in[0].dims.size() != 4 || in[1].dims.size() != 4) return error(api, bad);
   s = {in[0].dims[0], in[0].dims[1], in[1].dims[1], in[0].dims[2], in[1].dims[2], in[0].dims[3], kernel.bits};
-  if (s.kv_heads <= 0 || s.heads % s.kv_heads || s.total < s.seq || s.dim % 32) return error(api, bad);
+  if (s.kv_heads <= 0 || s.heads % s.kv_heads || s.total < s.seq || s.dim % 2) return error(api, bad);
   const std::vector<int64_t> codes{s.batch, s.kv_heads, s.total, s.row_bytes()}, per_token{s.batch, s.kv_heads, s.total, 1};
   for (int i : {1, 4})
     if (in[i].dims != codes) return error(api, bad);
