@@ -13,13 +13,10 @@
 // the output projection. Head h reads key / value head h / (H / KV).
 //
 // Why it is fast: attention at long context is a read of the whole cache per token; the codes are
-// 1 / 4 (int8) or 1 / 8 (int4) of float32's bytes. A score is
-//   k_scale[t] * (q . k_code[t] - k_zero[t] * sum(q)),
-// a dot product of the query with the codes as they are, and the output accumulates
-// (p[t] * v_scale[t]) * v_code[t] with one correction for the zero points at the end. The heads of
-// a group and a block of queries share each key and value row while it is in L1. The loops are
-// written for the compiler to vectorise: one clone per ISA (AVX-512, AVX2, baseline) is chosen when
-// the library loads.
+// 1 / 4 (int8) or 1 / 8 (int4) of float32's bytes, and each cached row is dequantized once, into L1,
+// where every query row of the task that sees it (the heads of a group, a block of queries) reads
+// it. The loops are written for the compiler to vectorise: one clone per ISA (AVX-512, AVX2,
+// baseline) is chosen when the library loads.
 #include <string.h>
 
 #include <algorithm>
@@ -57,36 +54,31 @@ struct Problem {
   float* out;
 };
 
-// q . codes: int8 codes in order; int4 codes against the query split into its even and odd elements.
-LRQ_CLONES float dot_codes(const float* q_even, const float* q_odd, const uint8_t* codes, int64_t bytes, int64_t bits) {
-  float acc[16] = {0};
-  const int64_t whole = bytes / 16 * 16;
-  float sum = 0;
+// One cached row (a token's key or value of one head) in float: scale * (code - zero).
+LRQ_CLONES void dequantize_row(const uint8_t* codes, float scale, float zero, int64_t dim, int64_t bits, float* out) {
   if (bits == 8) {
-    for (int64_t d = 0; d < whole; d += 16)
-      for (int j = 0; j < 16; ++j) acc[j] += q_even[d + j] * float(codes[d + j]);
-    for (int64_t d = whole; d < bytes; ++d) sum += q_even[d] * float(codes[d]);
+    for (int64_t d = 0; d < dim; ++d) out[d] = scale * (float(codes[d]) - zero);
   } else {
-    for (int64_t d = 0; d < whole; d += 16)
-      for (int j = 0; j < 16; ++j)
-        acc[j] += q_even[d + j] * float(codes[d + j] & 15) + q_odd[d + j] * float(codes[d + j] >> 4);
-    for (int64_t d = whole; d < bytes; ++d) sum += q_even[d] * float(codes[d] & 15) + q_odd[d] * float(codes[d] >> 4);
+    for (int64_t j = 0; j < dim / 2; ++j) {
+      out[2 * j] = scale * (float(codes[j] & 15) - zero);
+      out[2 * j + 1] = scale * (float(codes[j] >> 4) - zero);
+    }
   }
+}
+
+LRQ_CLONES float dot(const float* a, const float* b, int64_t dim) {
+  float acc[16] = {0};
+  const int64_t whole = dim / 16 * 16;
+  for (int64_t d = 0; d < whole; d += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[d + j] * b[d + j];
+  float sum = 0;
+  for (int64_t d = whole; d < dim; ++d) sum += a[d] * b[d];
   for (int j = 0; j < 16; ++j) sum += acc[j];
   return sum;
 }
 
-// acc += weight * codes (int4: into the even and odd halves).
-LRQ_CLONES void add_codes(float* acc_even, float* acc_odd, float weight, const uint8_t* codes, int64_t bytes,
-                          int64_t bits) {
-  if (bits == 8) {
-    for (int64_t d = 0; d < bytes; ++d) acc_even[d] += weight * float(codes[d]);
-  } else {
-    for (int64_t d = 0; d < bytes; ++d) {
-      acc_even[d] += weight * float(codes[d] & 15);
-      acc_odd[d] += weight * float(codes[d] >> 4);
-    }
-  }
+LRQ_CLONES void add_scaled(float* acc, float weight, const float* row, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) acc[d] += weight * row[d];
 }
 
 // The query rows of one task: `count` rows starting at row `first` of a key/value head's group,
@@ -95,75 +87,44 @@ struct Rows {
   int64_t b, kv, first, count;
 };
 
-struct Scratch {
-  std::vector<float> q, q_sum, scores, acc;  // q: each row as [even | odd] halves (int4) or in order
-};
-
+// Each cached row is dequantized once into L1 and read by every query row of the task that sees it.
 void attend(const Problem& p, const Rows& rows) {
   const Shape& s = p.s;
-  const int64_t g = s.group(), bytes = s.row_bytes(), past = s.total - s.seq, width = s.bits == 4 ? 2 * bytes : bytes;
-  thread_local Scratch scratch;
-  scratch.q.resize(size_t(rows.count * width));
-  scratch.q_sum.resize(size_t(rows.count));
-  scratch.acc.resize(size_t(rows.count * width));
-  scratch.scores.resize(size_t(rows.count * s.total));
-  std::fill(scratch.acc.begin(), scratch.acc.end(), 0.0f);
-  std::vector<int64_t> last(size_t(rows.count)), head(size_t(rows.count)), query(size_t(rows.count));
+  const int64_t g = s.group(), bytes = s.row_bytes(), past = s.total - s.seq, dim = s.dim;
+  thread_local std::vector<float> scores, row;
+  scores.resize(size_t(rows.count * s.total));
+  row.resize(size_t(dim));
+  std::vector<const float*> query(size_t(rows.count));
+  std::vector<float*> out(size_t(rows.count));
+  std::vector<int64_t> last(size_t(rows.count));
   int64_t reach = 0;
   for (int64_t r = 0; r < rows.count; ++r) {
-    const int64_t row = rows.first + r;
-    query[r] = row / g;
-    head[r] = rows.kv * g + row % g;
-    last[r] = past + query[r];
+    const int64_t i = (rows.first + r) / g, head = rows.kv * g + (rows.first + r) % g;
+    query[r] = p.query + ((rows.b * s.heads + head) * s.seq + i) * dim;
+    out[r] = p.out + ((rows.b * s.seq + i) * s.heads + head) * dim;
+    last[r] = past + i;
     reach = std::max(reach, last[r] + 1);
-    const float* q = p.query + ((rows.b * s.heads + head[r]) * s.seq + query[r]) * s.dim;
-    float* into = &scratch.q[size_t(r * width)];
-    float sum = 0;
-    for (int64_t d = 0; d < s.dim; ++d) sum += q[d];
-    scratch.q_sum[r] = sum;
-    if (s.bits == 8) {
-      memcpy(into, q, size_t(s.dim) * sizeof(float));
-    } else {
-      for (int64_t j = 0; j < bytes; ++j) into[j] = q[2 * j], into[bytes + j] = q[2 * j + 1];
-    }
+    std::fill(out[r], out[r] + dim, 0.0f);
   }
   const int64_t cache = (rows.b * s.kv_heads + rows.kv) * s.total;  // first token of this head's cache
   for (int64_t t = 0; t < reach; ++t) {
-    const uint8_t* codes = p.k_codes + (cache + t) * bytes;
-    const float k_scale = p.k_scale[cache + t] * p.scale, k_zero = float(p.k_zero[cache + t]);
-    for (int64_t r = 0; r < rows.count; ++r) {
-      if (t > last[r]) continue;
-      const float* q = &scratch.q[size_t(r * width)];
-      scratch.scores[size_t(r * s.total + t)] =
-          k_scale * (dot_codes(q, q + bytes, codes, bytes, s.bits) - k_zero * scratch.q_sum[r]);
-    }
+    dequantize_row(p.k_codes + (cache + t) * bytes, p.k_scale[cache + t], float(p.k_zero[cache + t]), dim, s.bits,
+                   row.data());
+    for (int64_t r = 0; r < rows.count; ++r)
+      if (t <= last[r]) scores[size_t(r * s.total + t)] = p.scale * dot(query[r], row.data(), dim);
   }
-  std::vector<float> zero_term(size_t(rows.count), 0.0f);
-  for (int64_t r = 0; r < rows.count; ++r) {  // softmax, then each weight times its token's value scale
-    float* row = &scratch.scores[size_t(r * s.total)];
-    const float top = *std::max_element(row, row + last[r] + 1);
+  for (int64_t r = 0; r < rows.count; ++r) {  // softmax over what row r sees
+    float* weights = &scores[size_t(r * s.total)];
+    const float top = *std::max_element(weights, weights + last[r] + 1);
     float total = 0;
-    for (int64_t t = 0; t <= last[r]; ++t) total += row[t] = std::exp(row[t] - top);
-    for (int64_t t = 0; t <= last[r]; ++t) row[t] *= p.v_scale[cache + t] / total;
+    for (int64_t t = 0; t <= last[r]; ++t) total += weights[t] = std::exp(weights[t] - top);
+    for (int64_t t = 0; t <= last[r]; ++t) weights[t] /= total;
   }
   for (int64_t t = 0; t < reach; ++t) {
-    const uint8_t* codes = p.v_codes + (cache + t) * bytes;
-    const float v_zero = float(p.v_zero[cache + t]);
-    for (int64_t r = 0; r < rows.count; ++r) {
-      if (t > last[r]) continue;
-      const float weight = scratch.scores[size_t(r * s.total + t)];
-      float* acc = &scratch.acc[size_t(r * width)];
-      add_codes(acc, acc + bytes, weight, codes, bytes, s.bits);
-      zero_term[r] += weight * v_zero;
-    }
-  }
-  for (int64_t r = 0; r < rows.count; ++r) {
-    const float* acc = &scratch.acc[size_t(r * width)];
-    float* out = p.out + ((rows.b * s.seq + query[r]) * s.heads + head[r]) * s.dim;
-    for (int64_t d = 0; d < s.dim; ++d) {
-      const float code_sum = s.bits == 8 ? acc[d] : (d % 2 ? acc[bytes + d / 2] : acc[d / 2]);
-      out[d] = code_sum - zero_term[r];
-    }
+    dequantize_row(p.v_codes + (cache + t) * bytes, p.v_scale[cache + t], float(p.v_zero[cache + t]), dim, s.bits,
+                   row.data());
+    for (int64_t r = 0; r < rows.count; ++r)
+      if (t <= last[r]) add_scaled(out[r], scores[size_t(r * s.total + t)], row.data(), dim);
   }
 }
 
