@@ -42,7 +42,7 @@ MIN_ONNXRUNTIME = (1, 17)
 # Built without -march: the code for AVX-512 / AVX2 is chosen per CPU at run time (code_path)
 CPU_REQUIREMENT = "any CPU of the build machine's architecture; AVX-512 (+VNNI) or AVX2 code chosen at run time"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-maybe-uninitialized",
-         "-Wno-uninitialized")  # the two: GCC 12's own AVX-512 headers trip them
+         "-Wno-uninitialized", "-Wno-psabi")  # the two: GCC 12's own AVX-512 headers trip them
 
 
 def source_dir() -> Path:

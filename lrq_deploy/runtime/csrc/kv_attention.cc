@@ -26,6 +26,11 @@
 
 #include "ort_kernel.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LRQ_X86 1
+#endif
+
 namespace {
 
 using namespace lrq_ort;
@@ -54,9 +59,30 @@ struct Problem {
   float* out;
 };
 
+// 16 floats as one vector (GCC / Clang vector extensions: one zmm register in the AVX-512 clone,
+// two ymm in the AVX2 one); loads and stores through memcpy, which compiles to unaligned moves.
+typedef float Lanes __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+#define LRQ_INLINE inline __attribute__((always_inline))
+
+LRQ_INLINE Lanes load(const float* x) {
+  Lanes v;
+  memcpy(&v, x, sizeof(v));
+  return v;
+}
+
+LRQ_INLINE void store(float* x, Lanes v) { memcpy(x, &v, sizeof(v)); }
+
+LRQ_INLINE float sum(Lanes v) {
+  float total = 0;
+  for (int j = 0; j < kLanes; ++j) total += v[j];
+  return total;
+}
+
 // One cached row (a token's key or value of one head) in float: scale * (code - zero).
-LRQ_CLONES void dequantize_row(const uint8_t* codes, float scale, float zero, int64_t dim, int64_t bits, float* out) {
-  if (bits == 8) {
+LRQ_INLINE void dequantize_row(const uint8_t* codes, float scale, float zero, int64_t dim, int64_t bits, float* out) {
+  if (bits == 8) {  // a plain loop: GCC's loop vectoriser widens the bytes (vpmovzxbd), its vector extensions do not
     for (int64_t d = 0; d < dim; ++d) out[d] = scale * (float(codes[d]) - zero);
   } else {
     for (int64_t j = 0; j < dim / 2; ++j) {
@@ -66,20 +92,61 @@ LRQ_CLONES void dequantize_row(const uint8_t* codes, float scale, float zero, in
   }
 }
 
-LRQ_CLONES float dot(const float* a, const float* b, int64_t dim) {
-  float acc[16] = {0};
-  const int64_t whole = dim / 16 * 16;
-  for (int64_t d = 0; d < whole; d += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[d + j] * b[d + j];
-  float sum = 0;
-  for (int64_t d = whole; d < dim; ++d) sum += a[d] * b[d];
-  for (int j = 0; j < 16; ++j) sum += acc[j];
-  return sum;
+LRQ_INLINE float dot(const float* a, const float* b, int64_t dim) {
+  Lanes acc = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) acc += load(a + d) * load(b + d);
+  float total = sum(acc);
+  for (; d < dim; ++d) total += a[d] * b[d];
+  return total;
 }
 
-LRQ_CLONES void add_scaled(float* acc, float weight, const float* row, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) acc[d] += weight * row[d];
+LRQ_INLINE void add_scaled(float* acc, float weight, const float* row, int64_t dim) {
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) store(acc + d, load(acc + d) + weight * load(row + d));
+  for (; d < dim; ++d) acc[d] += weight * row[d];
 }
+
+constexpr int64_t kKeysPerTile = kLanes;
+
+// Scores of one query against a tile of 16 keys kept transposed (keys[d * 16 + j]): one vector of
+// 16 scores, so no sum across lanes per key.
+LRQ_INLINE void dot_tile(const float* q, const float* keys, int64_t dim, float* out) {
+  Lanes acc = {};
+  for (int64_t d = 0; d < dim; ++d) acc += q[d] * load(keys + d * kKeysPerTile);
+  store(out, acc);
+}
+
+#if LRQ_X86
+// Decode over an int8 cache on AVX-512: the codes widened and converted in registers (no float row
+// written out), q . key = k_scale * (q . codes - k_zero * sum(q)).
+#define LRQ_AVX512 __attribute__((target("avx512f")))
+
+LRQ_AVX512 inline __m512 codes_as_floats(const uint8_t* codes) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
+}
+
+LRQ_AVX512 float dot_codes_avx512(const float* q, const uint8_t* codes, int64_t dim) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), codes_as_floats(codes + d), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+LRQ_AVX512 void add_codes_avx512(float* acc, float weight, const uint8_t* codes, int64_t dim) {
+  const __m512 w = _mm512_set1_ps(weight);
+  for (int64_t d = 0; d < dim; d += 16)
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(w, codes_as_floats(codes + d), _mm512_loadu_ps(acc + d)));
+}
+
+bool int8_rows_in_registers(const Shape& s) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 && s.bits == 8 && s.dim % 16 == 0;
+}
+#else
+bool int8_rows_in_registers(const Shape&) { return false; }
+float dot_codes_avx512(const float*, const uint8_t*, int64_t) { return 0; }
+void add_codes_avx512(float*, float, const uint8_t*, int64_t) {}
+#endif
 
 // The query rows of one task: `count` rows starting at row `first` of a key/value head's group,
 // rows ordered query-major (query i, then the group's heads).
@@ -87,8 +154,76 @@ struct Rows {
   int64_t b, kv, first, count;
 };
 
+constexpr int64_t kRowsForTiles = 4;  // fewer query rows (decode): one key row at a time
+
+// Prefill and chunks: the keys dequantized 16 at a time into a transposed tile every query row reads.
+LRQ_INLINE void score_tiles(const Problem& p, int64_t cache, int64_t count, const float* const* query, const int64_t* last,
+                 int64_t reach, float* scores) {
+  const Shape& s = p.s;
+  const int64_t dim = s.dim, bytes = s.row_bytes();
+  thread_local std::vector<float> tile, row;
+  tile.resize(size_t(dim * kKeysPerTile));
+  row.resize(size_t(dim));
+  float tile_scores[kKeysPerTile];
+  for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
+    const int64_t keys = std::min(kKeysPerTile, reach - t0);
+    for (int64_t j = 0; j < kKeysPerTile; ++j) {
+      if (j < keys) {
+        const int64_t t = cache + t0 + j;
+        dequantize_row(p.k_codes + t * bytes, p.k_scale[t], float(p.k_zero[t]), dim, s.bits, row.data());
+      } else {
+        std::fill(row.begin(), row.end(), 0.0f);
+      }
+      for (int64_t d = 0; d < dim; ++d) tile[size_t(d * kKeysPerTile + j)] = row[size_t(d)];
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      if (t0 > last[r]) continue;
+      dot_tile(query[r], tile.data(), dim, tile_scores);
+      for (int64_t j = 0; j < keys && t0 + j <= last[r]; ++j) scores[r * s.total + t0 + j] = p.scale * tile_scores[j];
+    }
+  }
+}
+
+LRQ_INLINE void softmax(float* weights, int64_t count) {
+  const float top = *std::max_element(weights, weights + count);
+  float total = 0;
+  for (int64_t t = 0; t < count; ++t) total += weights[t] = std::exp(weights[t] - top);
+  for (int64_t t = 0; t < count; ++t) weights[t] /= total;
+}
+
+// Decode (a few query rows) over an int8 cache: scores and the weighted sum straight from the codes.
+void attend_int8_rows(const Problem& p, int64_t cache, int64_t count, const float* const* query, float* const* out,
+                      const int64_t* last, int64_t reach, float* scores) {
+  const Shape& s = p.s;
+  const int64_t dim = s.dim;
+  float query_sum[kRowsForTiles], zero_term[kRowsForTiles] = {0};
+  for (int64_t r = 0; r < count; ++r) {
+    query_sum[r] = 0;
+    for (int64_t d = 0; d < dim; ++d) query_sum[r] += query[r][d];
+  }
+  for (int64_t t = 0; t < reach; ++t) {
+    const uint8_t* codes = p.k_codes + (cache + t) * dim;
+    const float k_scale = p.scale * p.k_scale[cache + t], k_zero = float(p.k_zero[cache + t]);
+    for (int64_t r = 0; r < count; ++r)
+      if (t <= last[r])
+        scores[r * s.total + t] = k_scale * (dot_codes_avx512(query[r], codes, dim) - k_zero * query_sum[r]);
+  }
+  for (int64_t r = 0; r < count; ++r) softmax(scores + r * s.total, last[r] + 1);
+  for (int64_t t = 0; t < reach; ++t) {
+    const uint8_t* codes = p.v_codes + (cache + t) * dim;
+    for (int64_t r = 0; r < count; ++r) {
+      if (t > last[r]) continue;
+      const float weight = scores[r * s.total + t] * p.v_scale[cache + t];
+      add_codes_avx512(out[r], weight, codes, dim);
+      zero_term[r] += weight * float(p.v_zero[cache + t]);
+    }
+  }
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t d = 0; d < dim; ++d) out[r][d] -= zero_term[r];
+}
+
 // Each cached row is dequantized once into L1 and read by every query row of the task that sees it.
-void attend(const Problem& p, const Rows& rows) {
+LRQ_CLONES void attend(const Problem& p, const Rows& rows) {
   const Shape& s = p.s;
   const int64_t g = s.group(), bytes = s.row_bytes(), past = s.total - s.seq, dim = s.dim;
   thread_local std::vector<float> scores, row;
@@ -107,19 +242,21 @@ void attend(const Problem& p, const Rows& rows) {
     std::fill(out[r], out[r] + dim, 0.0f);
   }
   const int64_t cache = (rows.b * s.kv_heads + rows.kv) * s.total;  // first token of this head's cache
-  for (int64_t t = 0; t < reach; ++t) {
-    dequantize_row(p.k_codes + (cache + t) * bytes, p.k_scale[cache + t], float(p.k_zero[cache + t]), dim, s.bits,
-                   row.data());
-    for (int64_t r = 0; r < rows.count; ++r)
-      if (t <= last[r]) scores[size_t(r * s.total + t)] = p.scale * dot(query[r], row.data(), dim);
+  if (rows.count < kRowsForTiles && int8_rows_in_registers(s)) {
+    attend_int8_rows(p, cache, rows.count, query.data(), out.data(), last.data(), reach, scores.data());
+    return;
   }
-  for (int64_t r = 0; r < rows.count; ++r) {  // softmax over what row r sees
-    float* weights = &scores[size_t(r * s.total)];
-    const float top = *std::max_element(weights, weights + last[r] + 1);
-    float total = 0;
-    for (int64_t t = 0; t <= last[r]; ++t) total += weights[t] = std::exp(weights[t] - top);
-    for (int64_t t = 0; t <= last[r]; ++t) weights[t] /= total;
+  if (rows.count >= kRowsForTiles) {
+    score_tiles(p, cache, rows.count, query.data(), last.data(), reach, scores.data());
+  } else {
+    for (int64_t t = 0; t < reach; ++t) {
+      dequantize_row(p.k_codes + (cache + t) * bytes, p.k_scale[cache + t], float(p.k_zero[cache + t]), dim, s.bits,
+                     row.data());
+      for (int64_t r = 0; r < rows.count; ++r)
+        if (t <= last[r]) scores[size_t(r * s.total + t)] = p.scale * dot(query[r], row.data(), dim);
+    }
   }
+  for (int64_t r = 0; r < rows.count; ++r) softmax(&scores[size_t(r * s.total)], last[r] + 1);  // what row r sees
   for (int64_t t = 0; t < reach; ++t) {
     dequantize_row(p.v_codes + (cache + t) * bytes, p.v_scale[cache + t], float(p.v_zero[cache + t]), dim, s.bits,
                    row.data());
