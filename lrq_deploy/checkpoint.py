@@ -243,7 +243,7 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     if manifest.get("rotation"):
         add_rotation_structure(model, adapter.blocks(model), manifest["rotation"])
     if qconfig.kv_cache != "none":
-        quantize_kv_cache(adapter, model, qconfig.kv_cache)
+        quantize_kv_cache(adapter, model, qconfig.kv_cache, qconfig.kv_rotate)
     for name in manifest["quantized_modules"]:
         _swap_in_shell(model, name, module_scheme(manifest, name))
     missing, unexpected = _load_weights(model, path / WEIGHTS)

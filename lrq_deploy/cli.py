@@ -138,6 +138,10 @@ def method_options(command):
               help="Store attention's key/value cache quantized: int8 / int4 (per token and head, asymmetric, "
                    "dynamic) or fp8 (E4M3, one static scale per layer for keys and one for values, calibrated). "
                    "Keys are quantized after rotary; calibration and evaluation run with the quantized cache.")
+@click.option("--kv-rotate", "kv_rotate", is_flag=True,
+              help="With --kv-cache: keys multiplied by a Hadamard matrix of the head size before they are quantized "
+                   "(the rotation methods' R3; queries are rotated alike, so attention is unchanged up to the "
+                   "rounding). Spreads the outlier channels rotary leaves in the keys: what a 4-bit cache needs.")
 @click.option("--scheme", type=click.Choice(list(PRESETS)), default=None,
               help="A named float scheme: fp8 (W8A8 E4M3), nvfp4 / mxfp4 (W4A4), w8a16-fp8, w4a16-nvfp4, w4a16-mxfp4.")
 @click.option("--scheme-for", "scheme_for", multiple=True, metavar="PATTERN=SCHEME",

@@ -65,7 +65,8 @@ def describe_checkpoint(path: Path) -> dict:
         "number_formats": {"weights": scheme.wformat if scheme.quantize_weights else "float",
                            "activations": scheme.aformat if scheme.quantize_activations else "float"},
         "symmetric_weights": bool(scheme.symmetric or scheme.float_format),
-        "kv_cache": f"{scheme.kv_cache}: {KV_DESCRIPTIONS[scheme.kv_cache]}",
+        "kv_cache": f"{scheme.kv_cache}: {KV_DESCRIPTIONS[scheme.kv_cache]}"
+                    + ("; keys rotated by a Hadamard matrix before quantization" if scheme.kv_rotate else ""),
         "method": manifest["calib"].get("method"),
         "rotation": rotation_summary(manifest.get("rotation")),
         "layer_schemes": layer_scheme_summary(manifest),

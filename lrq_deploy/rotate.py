@@ -38,7 +38,8 @@ MAX_PALEY = 256  # larger Paley factors would cost more than a random orthogonal
 # Hadamard and orthogonal factors
 
 
-def _sylvester(n: int) -> torch.Tensor:
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    """The n x n Hadamard matrix of Sylvester's construction (n a power of two), entries +-1, float64."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
@@ -99,7 +100,7 @@ def hadamard_factors(n: int, generator: torch.Generator | None = None) -> list[t
     per_factor = int(math.log2(MAX_FACTOR))
     while twos > 0:
         size = min(twos, per_factor)
-        factors.append(_sylvester(1 << size))
+        factors.append(sylvester_hadamard(1 << size))
         twos -= size
     return [f / math.sqrt(f.shape[0]) for f in factors] or [torch.ones(1, 1, dtype=torch.float64)]
 

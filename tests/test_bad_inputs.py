@@ -421,6 +421,8 @@ CASES = [
          "this model's heads have 15 dimensions (odd): use --kv-cache int8 or fp8"),
     Case("calibrate-kv-cache-unknown", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--kv-cache", "int2"],
          "Invalid value for '--kv-cache'"),
+    Case("calibrate-kv-rotate-without-cache", lambda i: ["calibrate", i.model(), "-o", i.path("o"), "--kv-rotate"],
+         "--kv-rotate rotates the keys of a quantized KV cache: add --kv-cache int8 | int4 | fp8"),
     Case("export-kv-cache-fp8-onnxruntime", lambda i: ["export", _kv_checkpoint(i, "fp8"), "--onnx", i.path("m.onnx"),
                                                        "--with-past"],
          "an fp8 KV cache has no onnxruntime form yet (int8 and int4 caches do)"),

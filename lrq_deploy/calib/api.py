@@ -99,7 +99,7 @@ def calibrate(
     if rotation is not None:
         with step(f"rotating the model ({rotation.kind})"):
             rotated = rotate_model(loaded, rotation)
-    quantize_kv_cache(loaded.adapter, loaded.model, schemes.default.kv_cache)
+    quantize_kv_cache(loaded.adapter, loaded.model, schemes.default.kv_cache, schemes.default.kv_rotate)
     batches = loaded.adapter.calibration_batches(loaded, calib_data, cconfig.nsamples, cconfig.seqlen, cconfig.seed)
     given, search = schemes, None
     if schemes.budget is not None:

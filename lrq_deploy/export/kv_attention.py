@@ -122,7 +122,8 @@ def _fused_forward(module: nn.Module, layout: AttentionLayout, fmt: str):
         new = [pack_stored(form, fmt) for form in quantizer.recorded[-1]]
         present = [torch.cat([old, part], 2) for old, part in zip(past, (*new[0], *new[1]))]
         quantizer.stored_present = present
-        out = torch.ops.lrq.quantized_cache_attention(q, *present, KV_BITS[fmt], layout.scale)
+        # keys stored rotated (--kv-rotate): the query rotated alike gives the same scores
+        out = torch.ops.lrq.quantized_cache_attention(quantizer.rotate(q), *present, KV_BITS[fmt], layout.scale)
         return module.o_proj(out), None
 
     return forward

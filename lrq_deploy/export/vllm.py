@@ -108,6 +108,9 @@ def _check_supported(ckpt) -> None:
         if (quant.wbits, quant.abits) not in ((4, 16), (8, 16), (8, 8), (4, 4)) or (
                 quant.abits == 4 and quant.float_format != "nvfp4"):
             raise LrqError(f"--vllm cannot express {quant.name}: compressed-tensors checkpoints support {SUPPORTED}")
+    if ckpt.quant.kv_rotate:
+        raise LrqError("--vllm cannot carry rotated keys (--kv-rotate): vLLM's FP8 cache reads keys as the model "
+                       "computes them; calibrate without --kv-rotate, or export with --onnx --with-past")
     if ckpt.quant.kv_cache not in ("none", "fp8"):
         raise LrqError(f"--vllm cannot carry an {ckpt.quant.kv_cache} KV cache: vLLM reads a static FP8 cache only "
                        f"(k_scale / v_scale); calibrate with --kv-cache fp8, or export this cache with --onnx --with-past")

@@ -11,8 +11,9 @@ from lrq_deploy.metrics.perplexity import perplexity, perplexity_from_logits, wi
 from lrq_deploy.graph_io import BATCH_AXIS, GraphIO, PAST_AXIS, PAST_PREFIX, PRESENT_PREFIX, SEQ_AXIS, TensorSpec
 from lrq_deploy.models.base import ExportSpec, static_batches
 from lrq_deploy.models.hf import HFAdapter, cache_argument, output_cache
-from lrq_deploy.quant.kv_cache import cache_format, dequantize_kv, pack_stored, recording_stored_forms, stored_specs, \
-    unpack_stored
+from lrq_deploy.quant.kv_cache import (
+    cache_format, dequantize_kv, kv_quantizers, pack_stored, recording_stored_forms, stored_specs, unpack_stored,
+)
 
 
 class CausalLMAdapter(HFAdapter):
@@ -162,9 +163,10 @@ class _WithPast(nn.Module):
         parts = len(stored_specs(fmt, 2))
         layers = [past[i:i + 2 * parts] for i in range(0, len(past), 2 * parts)]
         cache = DynamicCache()
-        for index, stored in enumerate(layers):
+        quantizers = kv_quantizers(self.model)
+        for index, (stored, quantizer) in enumerate(zip(layers, quantizers)):
             keys, values = (dequantize_kv(unpack_stored(stored[j:j + parts], fmt), fmt) for j in (0, parts))
-            cache.update(keys, values, index)
+            cache.update(quantizer.rotate(keys), values, index)  # rotated keys (--kv-rotate) back to the model's
         with recording_stored_forms(self.model) as quantizers:
             for stored, quantizer in zip(layers, quantizers):
                 quantizer.stored_past, quantizer.stored_present = stored, None

@@ -77,10 +77,13 @@ class KVCacheQuantizer(nn.Module):
     saved with the checkpoint). `observing` collects amax instead of quantizing (scale calibration);
     `enabled` False passes keys and values through (the full-precision reference of a block)."""
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, rotation: torch.Tensor | None = None):
         super().__init__()
         check_kv_format(fmt)
         self.fmt = fmt
+        # keys are quantized as key @ rotation (orthonormal, symmetric: its own inverse) and read back
+        # as dequantized @ rotation; rebuilt from the head size, so not saved
+        self.register_buffer("rotation", rotation, persistent=False)
         self.enabled = True
         self.observing = False
         if fmt == "fp8":
@@ -96,17 +99,23 @@ class KVCacheQuantizer(nn.Module):
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.enabled:
             return key, value
+        key = self.rotate(key)
         if self.recorded is not None:  # the stored form itself, dequantized as attention reads it (the same values)
             stored = [quantize_kv(t, self.fmt, getattr(self, s, None)) for t, s in ((key, "k_scale"), (value, "v_scale"))]
             self.recorded.append(stored)
-            return tuple(dequantize_kv(x, self.fmt).to(t.dtype) for x, t in zip(stored, (key, value)))
-        if self.observing:
+            key, value = (dequantize_kv(x, self.fmt).to(t.dtype) for x, t in zip(stored, (key, value)))
+        elif self.observing:
             self._amax = [torch.maximum(a.to(t.device), t.detach().abs().amax().float())
                           for a, t in zip(self._amax, (key, value))]
-            return key, value
-        if self.fmt == "fp8":
-            return fake_quant_kv(key, "fp8", self.k_scale), fake_quant_kv(value, "fp8", self.v_scale)
-        return fake_quant_kv(key, self.fmt), fake_quant_kv(value, self.fmt)
+        elif self.fmt == "fp8":
+            key, value = fake_quant_kv(key, "fp8", self.k_scale), fake_quant_kv(value, "fp8", self.v_scale)
+        else:
+            key, value = fake_quant_kv(key, self.fmt), fake_quant_kv(value, self.fmt)
+        return self.rotate(key), value
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ rotation (no-op without one); applied twice it gives x back."""
+        return x if self.rotation is None else (x.float() @ self.rotation).to(x.dtype)
 
     def finish_observing(self) -> None:
         """Fix the static scales from what was observed (fp8), and quantize from now on."""
@@ -151,20 +160,30 @@ def _quantizing_hook(module, args, kwargs):
     return args, kwargs
 
 
-def attach_kv_quantizers(modules: list[nn.Module], fmt: str) -> list[KVCacheQuantizer]:
+def key_rotation(head_dim: int) -> torch.Tensor:
+    """The orthonormal Hadamard matrix of the head size (Sylvester's construction: symmetric, so its
+    own inverse), float32."""
+    from lrq_deploy.rotate import sylvester_hadamard
+
+    return (sylvester_hadamard(head_dim) / head_dim ** 0.5).float()
+
+
+def attach_kv_quantizers(modules: list[nn.Module], fmt: str, rotation: torch.Tensor | None = None
+                         ) -> list[KVCacheQuantizer]:
     """Give each cached attention module a quantizer and the pre-hook that applies it."""
     quantizers = []
     for module in modules:
-        quantizer = KVCacheQuantizer(fmt)
+        quantizer = KVCacheQuantizer(fmt, None if rotation is None else rotation.clone())
         module.add_module(QUANTIZER, quantizer)
         module.register_forward_pre_hook(_quantizing_hook, with_kwargs=True)
         quantizers.append(quantizer)
     return quantizers
 
 
-def quantize_kv_cache(adapter, model: nn.Module, fmt: str) -> list[KVCacheQuantizer]:
-    """Quantize the KV cache of a model in `fmt` (nothing for "none"); one line where the family
-    keeps no cache lrq can quantize or the format cannot store its heads."""
+def quantize_kv_cache(adapter, model: nn.Module, fmt: str, rotate_keys: bool = False) -> list[KVCacheQuantizer]:
+    """Quantize the KV cache of a model in `fmt` (nothing for "none"), keys rotated first where
+    `rotate_keys`; one line where the family keeps no cache lrq can quantize or the format cannot
+    store its heads."""
     if fmt == "none":
         return []
     modules = adapter.cached_attention(model)
@@ -175,7 +194,10 @@ def quantize_kv_cache(adapter, model: nn.Module, fmt: str) -> list[KVCacheQuanti
     if fmt == "int4" and head_dim % 2:
         raise LrqError(f"--kv-cache int4 packs two codes per byte along the head dimension; this model's heads "
                        f"have {head_dim} dimensions (odd): use --kv-cache int8 or fp8")
-    return attach_kv_quantizers(modules, fmt)
+    if rotate_keys and head_dim & (head_dim - 1):
+        raise LrqError(f"--kv-rotate needs a Hadamard matrix of the head size; this model's heads have {head_dim} "
+                       "dimensions (not a power of two): calibrate without --kv-rotate")
+    return attach_kv_quantizers(modules, fmt, key_rotation(head_dim) if rotate_keys else None)
 
 
 def kv_quantizers(module: nn.Module) -> list[KVCacheQuantizer]:

@@ -91,6 +91,8 @@ class QuantScheme:
         and is symmetric by construction. Float activations share the weights' format: FP8 and NVFP4
         with one static scale per layer input (calibrated, as TensorRT needs it), NVFP4 / MXFP4 with
         dynamic block scales on top.
+    kv_rotate: keys multiplied by a Hadamard matrix of the head size before they are quantized (the
+        rotation methods' R3; queries meet them rotated alike, so attention is unchanged in exact arithmetic).
     kv_cache: the format attention's key/value cache is stored in (quant/kv_cache.py: none, int8,
         int4, fp8); a property of the model, read from its default scheme.
     """
@@ -103,10 +105,13 @@ class QuantScheme:
     wformat: str = "int"
     aformat: str = "int"
     kv_cache: str = "none"
+    kv_rotate: bool = False
 
     def __post_init__(self):
         self._check_formats()
         check_kv_format(self.kv_cache)
+        if self.kv_rotate and self.kv_cache == "none":
+            raise LrqError("--kv-rotate rotates the keys of a quantized KV cache: add --kv-cache int8 | int4 | fp8")
         if self.act_asym is None:
             object.__setattr__(self, "act_asym", self.abits < 16 and self.aformat == "int")
         if self.wbits not in WEIGHT_BITS:
@@ -152,7 +157,8 @@ class QuantScheme:
         """The fields; the number formats only when not integer, so integer schemes are recorded (manifests,
         run directories) exactly as before the formats existed and earlier runs resume."""
         return {k: v for k, v in asdict(self).items()
-                if not (k in ("wformat", "aformat") and v == "int") and not (k == "kv_cache" and v == "none")}
+                if not (k in ("wformat", "aformat") and v == "int") and not (k == "kv_cache" and v == "none")
+                and not (k == "kv_rotate" and not v)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantScheme":
@@ -206,7 +212,7 @@ class QuantScheme:
     @property
     def name(self) -> str:
         """The scheme's one-line name: W4A16-g64, W4A4-asym, W4A4-nvfp4, W8A8-fp8, ..."""
-        cache = f"-{KV_LABELS[self.kv_cache]}" if self.kv_cache != "none" else ""
+        cache = f"-{KV_LABELS[self.kv_cache]}" + ("h" if self.kv_rotate else "") if self.kv_cache != "none" else ""
         if self.float_format:
             return f"W{self.wbits}A{self.abits}-{self.float_format}{cache}"
         return (f"W{self.wbits}A{self.abits}" + (f"-g{self.group_size}" if self.group_size else "")

@@ -207,14 +207,16 @@ def test_stored_form_in_onnxruntime_is_bit_exact(tmp_path, fmt):
             assert g.dtype == w.numpy().dtype and np.array_equal(g, w.numpy())
 
 
-@pytest.mark.parametrize("fmt,cpu_kernels", [("int8", False), ("int4", False), ("int8", True), ("int4", True)])
-def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt, cpu_kernels):
+@pytest.mark.parametrize("fmt,cpu_kernels,rotate", [("int8", False, False), ("int4", False, False), ("int8", True, False),
+                                                   ("int4", True, False), ("int4", False, True), ("int4", True, True)])
+def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt, cpu_kernels, rotate):
     """--with-past keeps the cache as codes, scales and zero points. Over a 32-token greedy decode
     (prefill 4, then one token at a time) fed the same past, the onnxruntime graph and the torch
     reference give the same tokens and the same cache up to the float differences of the two
     runtimes' matmuls (the quantization itself is bit-exact: the test above), where a code may round
     the other way: stated tolerance 99% of codes and zero points equal, scales within 1e-5. With
-    --cpu-kernels attention is one QuantizedCacheAttention node per layer reading the codes."""
+    --cpu-kernels attention is one QuantizedCacheAttention node per layer reading the codes. With
+    --kv-rotate the cache holds the rotated keys' codes (the graph rotates them back, or the query alike)."""
     import numpy as np
 
     from lrq_deploy.export.onnx_export import export_onnx
@@ -222,7 +224,7 @@ def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt,
     from lrq_deploy.runtime.torch_models import TorchSession
 
     out = tmp_path / "q"
-    calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=4, group_size=32, kv_cache=fmt),
+    calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=4, group_size=32, kv_cache=fmt, kv_rotate=rotate),
               CalibConfig.of("rtn", nsamples=2, seqlen=16), device="cpu")
     graph = tmp_path / "m.onnx"
     report = export_onnx(out, graph, with_past=True, limit=2, cpu_kernels=cpu_kernels)
@@ -252,3 +254,31 @@ def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt,
     config = reference.loaded.model.config  # lrq bench --decode reports what the graph keeps per token
     assert OrtDecoder(graph, "cpu").kv_bytes_per_token == kv_bytes_per_token(
         fmt, config.num_hidden_layers, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+
+
+def test_rotated_keys_are_quantized_in_the_rotated_basis():
+    """--kv-rotate: the stored codes are those of key @ H (H orthonormal Hadamard, its own inverse);
+    attention reads them rotated back, so q . k is kept up to the rounding. A key with one outlier
+    channel (what rotary leaves) loses less to an int4 cache rotated than as it is."""
+    from lrq_deploy.quant.kv_cache import KVCacheQuantizer, key_rotation
+
+    h = key_rotation(32)
+    torch.testing.assert_close(h @ h, torch.eye(32), atol=1e-6, rtol=0)
+    keys = torch.randn(1, 2, 64, 32)
+    keys[..., 3] *= 30
+    values = torch.randn(1, 2, 64, 32)
+    plain, rotated = KVCacheQuantizer("int4"), KVCacheQuantizer("int4", h)
+    error = {name: (q(keys, values)[0] - keys).pow(2).mean().item() for name, q in (("plain", plain), ("rotated", rotated))}
+    assert error["rotated"] < 0.5 * error["plain"], error
+    rotated.recorded = []
+    read_back, _ = rotated(keys, values)
+    stored_keys = rotated.recorded[-1][0]
+    torch.testing.assert_close(stored_keys[0], quantize_kv(keys @ h, "int4")[0], atol=0, rtol=0)
+    torch.testing.assert_close(read_back, dequantize_kv(stored_keys, "int4") @ h)
+    assert torch.equal(rotated(keys, values)[1], plain(keys, values)[1])  # values are never rotated
+
+
+def test_kv_rotate_is_recorded_in_the_scheme():
+    scheme = QuantScheme(wbits=4, kv_cache="int4", kv_rotate=True)
+    assert scheme.name.endswith("-kv4h") and QuantScheme.from_dict(scheme.to_dict()) == scheme
+    assert "kv_rotate" not in QuantScheme(wbits=4, kv_cache="int4").to_dict()  # earlier manifests read the same

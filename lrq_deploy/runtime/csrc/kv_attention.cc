@@ -109,14 +109,6 @@ LRQ_INLINE void add_scaled(float* acc, float weight, const float* row, int64_t d
 
 constexpr int64_t kKeysPerTile = kLanes;
 
-// Scores of one query against a tile of 16 keys kept transposed (keys[d * 16 + j]): one vector of
-// 16 scores, so no sum across lanes per key.
-LRQ_INLINE void dot_tile(const float* q, const float* keys, int64_t dim, float* out) {
-  Lanes acc = {};
-  for (int64_t d = 0; d < dim; ++d) acc += q[d] * load(keys + d * kKeysPerTile);
-  store(out, acc);
-}
-
 #if LRQ_X86
 // Decode over an int8 cache on AVX-512: the codes widened and converted in registers (no float row
 // written out), q . key = k_scale * (q . codes - k_zero * sum(q)).
@@ -157,29 +149,98 @@ struct Rows {
 constexpr int64_t kRowsForTiles = 4;  // fewer query rows (decode): one key row at a time
 
 // Prefill and chunks: the keys dequantized 16 at a time into a transposed tile every query row reads.
-LRQ_INLINE void score_tiles(const Problem& p, int64_t cache, int64_t count, const float* const* query, const int64_t* last,
-                 int64_t reach, float* scores) {
+constexpr int64_t kRowsPerGroup = 4;  // query rows scored together: four independent sums per key tile
+
+// Dequantize keys / values t0 .. t0 + count - 1 (count <= 16) into a tile: transposed (tile[d * 16 + j],
+// keys: one vector of 16 scores per query) or by row (tile[j * dim + d], values); missing rows zero.
+LRQ_INLINE void dequantize_tile(const Problem& p, const uint8_t* codes, const float* scales, const uint8_t* zeros,
+                                int64_t first, int64_t count, bool transposed, float* row, float* tile) {
   const Shape& s = p.s;
   const int64_t dim = s.dim, bytes = s.row_bytes();
-  thread_local std::vector<float> tile, row;
-  tile.resize(size_t(dim * kKeysPerTile));
-  row.resize(size_t(dim));
-  float tile_scores[kKeysPerTile];
-  for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
-    const int64_t keys = std::min(kKeysPerTile, reach - t0);
-    for (int64_t j = 0; j < kKeysPerTile; ++j) {
-      if (j < keys) {
-        const int64_t t = cache + t0 + j;
-        dequantize_row(p.k_codes + t * bytes, p.k_scale[t], float(p.k_zero[t]), dim, s.bits, row.data());
-      } else {
-        std::fill(row.begin(), row.end(), 0.0f);
-      }
-      for (int64_t d = 0; d < dim; ++d) tile[size_t(d * kKeysPerTile + j)] = row[size_t(d)];
+  for (int64_t j = 0; j < kKeysPerTile; ++j) {
+    float* into = transposed ? row : tile + j * dim;
+    if (j < count) {
+      dequantize_row(codes + (first + j) * bytes, scales[first + j], float(zeros[first + j]), dim, s.bits, into);
+    } else {
+      std::fill(into, into + dim, 0.0f);
     }
+    if (transposed)
+      for (int64_t d = 0; d < dim; ++d) tile[d * kKeysPerTile + j] = row[d];
+  }
+}
+
+// Scores of four query rows against one transposed key tile: four independent chains of FMAs.
+LRQ_INLINE void dot_tile4(const float* const* q, const float* keys, int64_t dim, Lanes* out) {
+  Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (int64_t d = 0; d < dim; ++d) {
+    const Lanes k = load(keys + d * kKeysPerTile);
+    a0 += q[0][d] * k;
+    a1 += q[1][d] * k;
+    a2 += q[2][d] * k;
+    a3 += q[3][d] * k;
+  }
+  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
+// out += sum_j weights[j] * values[j] over a tile of 16 value rows, four vectors of out at a time.
+LRQ_INLINE void add_tile(float* out, const float* weights, const float* values, int64_t dim) {
+  int64_t d = 0;
+  for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
+    Lanes a0 = load(out + d), a1 = load(out + d + 16), a2 = load(out + d + 32), a3 = load(out + d + 48);
+    for (int64_t j = 0; j < kKeysPerTile; ++j) {
+      const float* v = values + j * dim + d;
+      a0 += weights[j] * load(v), a1 += weights[j] * load(v + 16);
+      a2 += weights[j] * load(v + 32), a3 += weights[j] * load(v + 48);
+    }
+    store(out + d, a0), store(out + d + 16, a1), store(out + d + 32, a2), store(out + d + 48, a3);
+  }
+  for (; d + kLanes <= dim; d += kLanes) {
+    Lanes a = load(out + d);
+    for (int64_t j = 0; j < kKeysPerTile; ++j) a += weights[j] * load(values + j * dim + d);
+    store(out + d, a);
+  }
+  for (; d < dim; ++d)
+    for (int64_t j = 0; j < kKeysPerTile; ++j) out[d] += weights[j] * values[j * dim + d];
+}
+
+// Prefill and chunks: keys and values dequantized 16 at a time into tiles every query row reads.
+// Rows are in query order, so each row sees at least the tokens the rows before it see.
+LRQ_INLINE void score_tiles(const Problem& p, int64_t cache, int64_t count, const float* const* query,
+                            const int64_t* last, int64_t reach, float* scores) {
+  const Shape& s = p.s;
+  thread_local std::vector<float> tile, row;
+  tile.resize(size_t(s.dim * kKeysPerTile));
+  row.resize(size_t(s.dim));
+  Lanes group[kRowsPerGroup];
+  for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
+    dequantize_tile(p, p.k_codes, p.k_scale, p.k_zero, cache + t0, std::min(kKeysPerTile, reach - t0), true,
+                    row.data(), tile.data());
+    for (int64_t r0 = 0; r0 < count; r0 += kRowsPerGroup) {
+      const float* q[kRowsPerGroup];
+      for (int64_t i = 0; i < kRowsPerGroup; ++i) q[i] = query[std::min(r0 + i, count - 1)];
+      if (t0 > last[std::min(r0 + kRowsPerGroup, count) - 1]) continue;
+      dot_tile4(q, tile.data(), s.dim, group);
+      for (int64_t r = r0; r < std::min(r0 + kRowsPerGroup, count); ++r)
+        for (int64_t j = 0; j < kKeysPerTile && t0 + j <= last[r]; ++j)
+          scores[r * s.total + t0 + j] = p.scale * group[r - r0][j];
+    }
+  }
+}
+
+LRQ_INLINE void value_tiles(const Problem& p, int64_t cache, int64_t count, float* const* out, const int64_t* last,
+                            int64_t reach, const float* weights) {
+  const Shape& s = p.s;
+  thread_local std::vector<float> tile;
+  tile.resize(size_t(s.dim * kKeysPerTile));
+  float tile_weights[kKeysPerTile];
+  for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
+    dequantize_tile(p, p.v_codes, p.v_scale, p.v_zero, cache + t0, std::min(kKeysPerTile, reach - t0), false,
+                    nullptr, tile.data());
     for (int64_t r = 0; r < count; ++r) {
       if (t0 > last[r]) continue;
-      dot_tile(query[r], tile.data(), dim, tile_scores);
-      for (int64_t j = 0; j < keys && t0 + j <= last[r]; ++j) scores[r * s.total + t0 + j] = p.scale * tile_scores[j];
+      for (int64_t j = 0; j < kKeysPerTile; ++j)
+        tile_weights[j] = t0 + j <= last[r] ? weights[r * s.total + t0 + j] : 0.0f;
+      add_tile(out[r], tile_weights, tile.data(), s.dim);
     }
   }
 }
@@ -248,7 +309,11 @@ LRQ_CLONES void attend(const Problem& p, const Rows& rows) {
   }
   if (rows.count >= kRowsForTiles) {
     score_tiles(p, cache, rows.count, query.data(), last.data(), reach, scores.data());
-  } else {
+    for (int64_t r = 0; r < rows.count; ++r) softmax(&scores[size_t(r * s.total)], last[r] + 1);
+    value_tiles(p, cache, rows.count, out.data(), last.data(), reach, scores.data());
+    return;
+  }
+  {
     for (int64_t t = 0; t < reach; ++t) {
       dequantize_row(p.k_codes + (cache + t) * bytes, p.k_scale[cache + t], float(p.k_zero[cache + t]), dim, s.bits,
                      row.data());
