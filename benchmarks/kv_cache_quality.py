@@ -9,6 +9,7 @@ cache and with its FP8 cache; at --abits 4 its SpinQuant recipe (R1 + R2 + onlin
 
     python benchmarks/kv_cache_quality.py --model bundled:llama --wbits 4 --seeds 0 1 --peer-python /tmp/peer/bin/python
     python benchmarks/kv_cache_quality.py --model /tmp/llama-wide --method lrquant+ --wbits 4 --abits 4 --rotate hadamard
+    python benchmarks/kv_cache_quality.py --model /tmp/llama-wide --formats none int4 int4+rotated int8+rotated
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ FORMATS = ("none", "int8", "fp8", "int4")
 
 
 def settings_for(args, fmt: str) -> dict:
+    """fmt: a cache format, "<format>+rotated" for keys rotated before quantization (--kv-rotate)."""
+    cache, _, rotated = fmt.partition("+")
     return {"wbits": args.wbits, "group_size": args.group_size, "symmetric": False, "abits": args.abits,
             "act_asym": args.abits < 16, "nsamples": args.nsamples, "seqlen": args.seqlen, "damp": 0.01,
-            "kv_cache": fmt}
+            "kv_cache": cache, "kv_rotate": rotated == "rotated"}
 
 
 def lrq_degradation(args, out: Path, fmt: str, seed: int) -> float:
@@ -59,7 +62,8 @@ def main():
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--rotate", default="none")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS),
+                        help="cache formats; FORMAT+rotated for keys rotated first (--kv-rotate), e.g. int4+rotated")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)

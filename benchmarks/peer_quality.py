@@ -112,7 +112,7 @@ def lrq_side(model: str, out: Path, settings: dict, method: str, options: dict, 
 
     scheme = QuantScheme(wbits=settings["wbits"], group_size=settings["group_size"], symmetric=settings["symmetric"],
                          abits=settings["abits"], act_asym=settings["act_asym"],
-                         kv_cache=settings.get("kv_cache", "none"))
+                         kv_cache=settings.get("kv_cache", "none"), kv_rotate=settings.get("kv_rotate", False))
     cconfig = CalibConfig.of(method, nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=seed, **options)
     calibrate(model, out, scheme, cconfig, device="auto", force=True)
     return evaluate_checkpoint(out, limit=eval_windows)
