@@ -29,6 +29,7 @@ from torch import nn
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.models.base import LoadedModel, RotationLayout, replace_module
+from lrq_deploy.quant.primitives import sylvester_hadamard
 
 MAX_FACTOR = 64  # online power-of-two factors are split to at most this size (cost per element: sum of sizes)
 MAX_PALEY = 256  # larger Paley factors would cost more than a random orthogonal factor of the odd part
@@ -37,13 +38,6 @@ MAX_PALEY = 256  # larger Paley factors would cost more than a random orthogonal
 # ---------------------------------------------------------------------------------------------
 # Hadamard and orthogonal factors
 
-
-def sylvester_hadamard(n: int) -> torch.Tensor:
-    """The n x n Hadamard matrix of Sylvester's construction (n a power of two), entries +-1, float64."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h
 
 
 def _is_prime(q: int) -> bool:

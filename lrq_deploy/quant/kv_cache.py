@@ -27,7 +27,7 @@ from torch import nn
 
 from lrq_deploy.errors import LrqError
 from lrq_deploy.quant.floats import E4M3, decode, encode, fake_quant_fp8, fp8_scale_of, round_to_format
-from lrq_deploy.quant.primitives import quantize_activation_asym
+from lrq_deploy.quant.primitives import quantize_activation_asym, sylvester_hadamard
 from lrq_deploy.quant.scheme import check_kv_format
 
 KV_BITS = {"int8": 8, "int4": 4, "fp8": 8}
@@ -163,8 +163,6 @@ def _quantizing_hook(module, args, kwargs):
 def key_rotation(head_dim: int) -> torch.Tensor:
     """The orthonormal Hadamard matrix of the head size (Sylvester's construction: symmetric, so its
     own inverse), float32."""
-    from lrq_deploy.rotate import sylvester_hadamard
-
     return (sylvester_hadamard(head_dim) / head_dim ** 0.5).float()
 
 

@@ -154,3 +154,12 @@ def fake_quant_activation(x: torch.Tensor, bits: int, asym: bool = False) -> tor
         return (q - zero) * scale
     q, scale = quantize_activation(x, bits)
     return q * scale
+
+
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    """The n x n Hadamard matrix of Sylvester's construction (n a power of two), entries +-1, float64
+    (rotate.py's rotations, the KV cache's key rotation)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h

@@ -645,29 +645,13 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
 void destroy(void* state) { delete static_cast<Kernel*>(state); }
 
 OrtCustomOp make_op() {
-  OrtCustomOp op;
-  memset(&op, 0, sizeof(op));
-  op.version = ort_abi::kApiVersion;
+  OrtCustomOp op = cpu_op(create_kernel, compute, destroy);
   op.GetName = [](const OrtCustomOp*) { return kOpName; };
-  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
   op.GetInputType = [](const OrtCustomOp*, size_t index) { return index == 1 || index == 3 ? ONNX_UINT8 : ONNX_FLOAT; };
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
-  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_FLOAT; };
-  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.KernelDestroy = destroy;
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t index) {
     return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   };
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-  op.CreateKernelV2 = create_kernel;
-  op.KernelComputeV2 = compute;
-  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
-  op.GetEndVersion = [](const OrtCustomOp*) { return 1 << 30; };
   return op;
 }
 

@@ -2,6 +2,7 @@
 // and outputs through onnxruntime's C ABI (ort_abi.h), and running tasks on its intra-op threads.
 #pragma once
 #include <stdint.h>
+#include <string.h>
 
 #include <vector>
 
@@ -79,6 +80,30 @@ inline OrtStatus* parallel_for(const Api& api, OrtKernelContext* context, void (
                                void* user) {
   return api.fn<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
       ort_abi::KernelContext_ParallelFor)(context, task, tasks, 0, user);
+}
+
+// An op table with what every op of the library shares: CPU, one float output, required outputs,
+// default memory, no variadic arguments, every opset version; the op fills in the rest.
+inline OrtCustomOp cpu_op(OrtStatus* (*create)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**),
+                          OrtStatus* (*compute)(void*, OrtKernelContext*), void (*destroy)(void*)) {
+  OrtCustomOp op;
+  memset(&op, 0, sizeof(op));
+  op.version = ort_abi::kApiVersion;
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_FLOAT; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute;
+  op.KernelDestroy = destroy;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return 1 << 30; };
+  return op;
 }
 
 // The library's other ops (one source file each), added to the domain with MatMulInt4.
