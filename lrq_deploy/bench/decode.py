@@ -67,14 +67,15 @@ class TorchDecoder(Decoder):
 
     name = "torch"
 
-    def __init__(self, model, device, description: str):
+    def __init__(self, loaded, device, description: str):
         import torch
 
+        model = loaded.model
         self.torch, self.model, self.dev = torch, model.eval(), device
         self.device = device.type
         self.description = description
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        self.kv_bytes_per_token = _torch_cache_bytes(model)
+        self.kv_bytes_per_token = _torch_cache_bytes(loaded)
         self.cache = None
 
     def _next(self, ids) -> np.ndarray:
@@ -167,17 +168,13 @@ class OrtDecoder(Decoder):
         return self._run_in_place(ids) if self.in_place else self._run(step_feeds(self.session, ids, self.feeds))
 
 
-def _torch_cache_bytes(model) -> float | None:
+def _torch_cache_bytes(loaded) -> float:
     """The torch reference keeps its cache in the model's float type, quantized cache or not."""
     from lrq_deploy.quant.kv_cache import kv_bytes_per_token
 
-    config = model.config
-    heads = getattr(config, "num_attention_heads", None)
-    if heads is None:
-        return None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    itemsize = next(model.parameters()).element_size()
+    config = loaded.model.config
+    kv_heads, head_dim = loaded.adapter.kv_cache_shape(config)
+    itemsize = next(loaded.model.parameters()).element_size()
     return kv_bytes_per_token("none", config.num_hidden_layers, kv_heads, head_dim) * itemsize / 4
 
 
@@ -208,7 +205,7 @@ def _torch_decoder(target: Path, device: str) -> TorchDecoder:
     loaded = torch_target.loaded
     if loaded.adapter.task != "causal_lm":
         raise LrqError(f"--decode applies to causal language models; {target} is a {loaded.adapter.task} model")
-    return TorchDecoder(loaded.model, dev, f"{Path(target).name}, {torch_target.path_name}, {dev.type}")
+    return TorchDecoder(loaded, dev, f"{Path(target).name}, {torch_target.path_name}, {dev.type}")
 
 
 def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:

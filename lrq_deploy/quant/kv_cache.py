@@ -117,9 +117,11 @@ class KVCacheQuantizer(nn.Module):
         """x @ rotation (no-op without one); applied twice it gives x back."""
         return x if self.rotation is None else (x.float() @ self.rotation).to(x.dtype)
 
-    def finish_observing(self) -> None:
-        """Fix the static scales from what was observed (fp8), and quantize from now on."""
+    def finish_observing(self, reduce=lambda amax: amax) -> None:
+        """Fix the static scales from what was observed (fp8; `reduce`: the largest over the calibration
+        ranks), and quantize from now on."""
         self.observing = False
+        self._amax = [reduce(a) for a in self._amax]
         if self.fmt == "fp8":
             self.k_scale.copy_(fp8_scale_of(self._amax[0]).to(self.k_scale))
             self.v_scale.copy_(fp8_scale_of(self._amax[1]).to(self.v_scale))
@@ -288,5 +290,4 @@ def calibrate_kv_scales(module: nn.Module, run, reduce=lambda amax: amax) -> Non
         run()
     finally:
         for q in quantizers:
-            q._amax = [reduce(a) for a in q._amax]
-            q.finish_observing()
+            q.finish_observing(reduce)
