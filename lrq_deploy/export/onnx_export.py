@@ -325,9 +325,6 @@ def _check_kv_cache(ckpt, target: str) -> bool:
     if target != "ort":
         raise LrqError(f"--target {target} graphs cannot carry the {fmt} KV cache yet; use --target ort, or calibrate "
                        "without --kv-cache")
-    if fmt == "fp8":
-        raise LrqError("an fp8 KV cache has no onnxruntime form yet (int8 and int4 caches do); calibrate with "
-                       "--kv-cache int8, or without --kv-cache")
     return True
 
 

@@ -165,7 +165,8 @@ class _WithPast(nn.Module):
         cache = DynamicCache()
         quantizers = kv_quantizers(self.model)
         for index, (stored, quantizer) in enumerate(zip(layers, quantizers)):
-            keys, values = (dequantize_kv(unpack_stored(stored[j:j + parts], fmt), fmt) for j in (0, parts))
+            keys, values = (dequantize_kv(unpack_stored(stored[j:j + parts], fmt, getattr(quantizer, scale, None)), fmt)
+                            for j, scale in ((0, "k_scale"), (parts, "v_scale")))
             cache.update(quantizer.rotate(keys), values, index)  # rotated keys (--kv-rotate) back to the model's
         with recording_stored_forms(self.model) as quantizers:
             for stored, quantizer in zip(layers, quantizers):

@@ -16,13 +16,15 @@ applies). Codes are bit patterns (sign | exponent | mantissa) in uint8, one code
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from lrq_deploy.errors import LrqError
 
-__all__ = ["E2M1", "E4M3", "FloatFormat", "MXFP4_BLOCK", "NVFP4_BLOCK", "decode", "e8m0_scale", "encode",
+__all__ = ["E2M1", "E4M3", "FloatFormat", "MXFP4_BLOCK", "NVFP4_BLOCK", "decode", "decode_by_table", "e8m0_scale", "encode",
+           "encode_by_comparison",
            "fake_quant_fp8", "fake_quant_mxfp4", "fake_quant_nvfp4", "fp8_scale", "mxfp4_quantize",
            "nvfp4_quantize", "round_ste", "round_to_format"]
 
@@ -183,3 +185,40 @@ def fake_quant_mxfp4(x: torch.Tensor) -> torch.Tensor:
     """x on the MXFP4 grid (blocks of 32 along the last dimension), gradients straight through."""
     values, scale = _mxfp4_values(x.detach())
     return _ste(x, (values * scale.unsqueeze(-1)).reshape(x.shape).to(x.dtype))
+
+
+def encode_by_comparison(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """encode(round_to_format(x, fmt)) in comparisons and arithmetic alone (no frexp, no bit
+    operations), so a graph can carry it: the exponent is counted against the powers of two the
+    format spans. Bit-equal to the frexp form for every finite x (tests/quant/test_floats.py)."""
+    x = x.float()
+    a = torch.clamp(x.abs(), max=fmt.max_value)  # saturating first rounds to the same value
+    quantum = _power_of_two(_counted_exponent(a, fmt) - fmt.mantissa_bits)
+    rounded = torch.clamp(torch.round(a / quantum) * quantum, max=fmt.max_value)
+    exp = _counted_exponent(rounded, fmt)
+    subnormal = rounded < 2.0 ** fmt.min_exponent
+    field = torch.where(subnormal, 0.0, exp + fmt.bias)
+    steps = 1 << fmt.mantissa_bits
+    mantissa = torch.where(subnormal, rounded / 2.0 ** fmt.min_exponent, rounded / _power_of_two(exp) - 1.0) * steps
+    negative = (x < 0) | ((x == 0) & ((1.0 / x) < 0))  # -0 keeps its sign, as the hardware conversion does
+    code = field * steps + mantissa + negative.float() * (1 << (fmt.bits - 1))
+    return code.to(torch.uint8)
+
+
+def decode_by_table(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """decode(codes, fmt) as a lookup in the format's table of values (one Gather in a graph)."""
+    table = decode(torch.arange(1 << fmt.bits, dtype=torch.int32), fmt).to(codes.device)
+    return table[codes.long()]
+
+
+def _counted_exponent(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """floor(log2(a)) as float, clamped to the format's exponent range: the powers of two a reaches."""
+    top = math.floor(math.log2(fmt.max_value))
+    exp = torch.full_like(a, float(fmt.min_exponent))
+    for k in range(fmt.min_exponent + 1, top + 1):
+        exp = exp + (a >= 2.0 ** k).float()
+    return exp
+
+
+def _power_of_two(exp: torch.Tensor) -> torch.Tensor:
+    return torch.pow(2.0, exp)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lrq_deploy.errors import LrqError
-from lrq_deploy.quant.floats import E4M3, decode, encode, fake_quant_fp8, fp8_scale_of, round_to_format
+from lrq_deploy.quant.floats import E4M3, decode_by_table, encode_by_comparison, fake_quant_fp8, fp8_scale_of
 from lrq_deploy.quant.primitives import quantize_activation_asym, sylvester_hadamard
 from lrq_deploy.quant.scheme import check_kv_format
 
@@ -42,7 +42,7 @@ def quantize_kv(x: torch.Tensor, fmt: str, scale: torch.Tensor | None = None):
     """The stored form of keys or values x [..., head_dim]: int8 / int4 -> (codes uint8 unpacked,
     scale [..., 1] float32, zero [..., 1] uint8); fp8 -> (E4M3 bit patterns uint8, the static scale)."""
     if fmt == "fp8":
-        return encode(round_to_format(x.float() / scale, E4M3), E4M3), scale
+        return encode_by_comparison(x.float() / scale, E4M3), scale  # the form graphs carry, bit-equal to encode()
     codes, step, zero = quantize_activation_asym(x.float(), KV_BITS[fmt])
     return codes.to(torch.uint8), step, zero.to(torch.uint8)
 
@@ -50,7 +50,7 @@ def quantize_kv(x: torch.Tensor, fmt: str, scale: torch.Tensor | None = None):
 def dequantize_kv(stored: tuple, fmt: str) -> torch.Tensor:
     if fmt == "fp8":
         codes, scale = stored
-        return decode(codes, E4M3) * scale
+        return decode_by_table(codes, E4M3) * scale
     codes, step, zero = stored
     return (codes.float() - zero.float()) * step
 
@@ -212,13 +212,19 @@ def cache_format(model: nn.Module) -> str:
 # --- the cache as graphs keep it: per layer and kind, codes then (int) scale and zero point -----
 
 def stored_specs(fmt: str, head_dim: int) -> list[tuple[str, str, int]]:
-    """(name suffix, dtype, last dimension) of each tensor one layer's keys (or values) are kept in."""
+    """(name suffix, dtype, last dimension) of each tensor one layer's keys (or values) are kept in:
+    int8 / int4 codes, scale and zero point per token; fp8 the E4M3 codes alone (its scale is static)."""
+    if fmt == "fp8":
+        return [("", "uint8", head_dim)]
     width = head_dim // 2 if fmt == "int4" else head_dim
     return [("", "uint8", width), ("_scale", "float32", 1), ("_zero", "uint8", 1)]
 
 
 def pack_stored(stored: tuple, fmt: str) -> tuple:
-    """int4: two codes per byte along the head dimension (even index in the low nibble)."""
+    """int4: two codes per byte along the head dimension (even index in the low nibble); fp8: the codes
+    (the static scale is a constant of the graph, not part of the cache)."""
+    if fmt == "fp8":
+        return (stored[0],)
     if fmt != "int4":
         return tuple(stored)
     codes, *rest = stored
@@ -226,7 +232,10 @@ def pack_stored(stored: tuple, fmt: str) -> tuple:
     return ((wide[..., 0::2] + wide[..., 1::2] * 16).to(torch.uint8), *rest)
 
 
-def unpack_stored(stored: tuple, fmt: str) -> tuple:
+def unpack_stored(stored: tuple, fmt: str, scale: torch.Tensor | None = None) -> tuple:
+    """What dequantize_kv reads; fp8 takes its static `scale` back."""
+    if fmt == "fp8":
+        return (stored[0], scale)
     if fmt != "int4":
         return tuple(stored)
     packed, *rest = stored

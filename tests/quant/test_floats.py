@@ -140,3 +140,20 @@ def test_nvfp4_dequantizes_bit_exactly_in_onnxruntime():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.array_equal(session.run(None, {})[0], fake_quant_nvfp4(w).numpy())
+
+
+def test_encode_by_comparison_is_bit_equal_to_encode():
+    """The graph-friendly E4M3 encoding (comparisons and arithmetic) against frexp's: random values at
+    six magnitudes, every grid value, every midpoint (ties to even) of either sign, subnormals,
+    saturation and both zeros; and the table decode against decode."""
+    from lrq_deploy.quant.floats import decode_by_table, encode_by_comparison
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50000, generator=gen) * s for s in (1e-4, 1e-2, 1, 30, 300, 1000)])
+    grid = decode(torch.arange(256), E4M3)
+    grid = grid[~grid.isnan()].sort().values
+    mid = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([x, grid, mid, -mid, torch.tensor([0.0, -0.0, 448.0, 449.0, 464.0, 465.0, -1e-30, 1e-30, 2.0 ** -10])])
+    assert torch.equal(encode_by_comparison(x, E4M3), encode(round_to_format(x, E4M3), E4M3))
+    codes = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(decode_by_table(codes, E4M3).nan_to_num(7.0), decode(codes, E4M3).nan_to_num(7.0))

@@ -14,7 +14,7 @@ from lrq_deploy.models import load_model
 from lrq_deploy.quant.floats import E4M3, round_to_format
 from lrq_deploy.quant.kv_cache import (
     KVCacheQuantizer, dequantize_kv, fake_quant_kv, kv_bytes_per_token, kv_quantization_off, kv_quantizers,
-    quantize_kv, quantize_kv_cache,
+    pack_stored, quantize_kv, quantize_kv_cache, unpack_stored,
 )
 from lrq_deploy.quant.scheme import QuantScheme
 
@@ -187,8 +187,6 @@ def test_stored_form_in_onnxruntime_is_bit_exact(tmp_path, fmt):
     import numpy as np
     import onnxruntime
 
-    from lrq_deploy.quant.kv_cache import pack_stored, unpack_stored
-
     class Stored(torch.nn.Module):
         def forward(self, x):
             stored = pack_stored(quantize_kv(x, fmt), fmt)
@@ -208,7 +206,8 @@ def test_stored_form_in_onnxruntime_is_bit_exact(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt,cpu_kernels,rotate", [("int8", False, False), ("int4", False, False), ("int8", True, False),
-                                                   ("int4", True, False), ("int4", False, True), ("int4", True, True)])
+                                                   ("int4", True, False), ("int4", False, True), ("int4", True, True),
+                                                   ("fp8", False, False)])
 def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt, cpu_kernels, rotate):
     """--with-past keeps the cache as codes, scales and zero points. Over a 32-token greedy decode
     (prefill 4, then one token at a time) fed the same past, the onnxruntime graph and the torch
@@ -232,7 +231,8 @@ def test_with_past_graph_decodes_as_the_reference(tmp_path, tiny_llama_dir, fmt,
     assert len(attention) == (2 if cpu_kernels else 0), report["attention"]
     ort = OrtSession(graph, device="cpu")
     reference = TorchSession(load_checkpoint(out).loaded, torch.device("cpu"), with_past=True)
-    assert [s.dtype for s in reference.io.inputs[1:4]] == ["uint8", "float32", "uint8"]
+    stored = ["uint8"] if fmt == "fp8" else ["uint8", "float32", "uint8"]  # fp8: codes; its scales are constants
+    assert [s.dtype for s in reference.io.inputs[1:1 + 2 * len(stored)]] == stored * 2
     ids = np.random.default_rng(0).integers(0, 2048, (1, 4), dtype=np.int64)
     feeds = step_feeds(ort.session, ids)
     tokens = {"ort": [], "torch": []}
@@ -282,3 +282,28 @@ def test_kv_rotate_is_recorded_in_the_scheme():
     scheme = QuantScheme(wbits=4, kv_cache="int4", kv_rotate=True)
     assert scheme.name.endswith("-kv4h") and QuantScheme.from_dict(scheme.to_dict()) == scheme
     assert "kv_rotate" not in QuantScheme(wbits=4, kv_cache="int4").to_dict()  # earlier manifests read the same
+
+
+def test_fp8_stored_form_in_onnxruntime_is_bit_exact(tmp_path):
+    """An fp8 cache's encoding in a graph (comparisons and arithmetic, its static scale a constant):
+    onnxruntime's codes and dequantized values bit-equal torch's, zeros, ties and saturation included."""
+    import numpy as np
+    import onnxruntime
+
+    scale = torch.tensor(0.05)
+
+    class Stored(torch.nn.Module):
+        def forward(self, x):
+            codes = pack_stored(quantize_kv(x, "fp8", scale), "fp8")[0]
+            return codes, dequantize_kv(unpack_stored((codes,), "fp8", scale), "fp8")
+
+    x = torch.randn(1, 2, 9, 16) * 4
+    x[0, 0, 0, :4] = torch.tensor([0.0, -0.0, 30.0, -1e-9])  # zeros, saturation (448 * 0.05 = 22.4), a -0 code
+    path = tmp_path / "fp8.onnx"
+    torch.onnx.export(Stored().eval(), (x,), str(path), dynamo=True, input_names=["x"],
+                      dynamic_shapes=({2: torch.export.Dim("t")},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for sample in (x, torch.randn(1, 2, 5, 16) * 0.01):
+        got, want = session.run(None, {"x": sample.numpy()}), Stored()(sample)
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w.numpy()) and np.array_equal(np.signbit(g), np.signbit(w.numpy()))
