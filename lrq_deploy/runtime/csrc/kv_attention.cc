@@ -15,7 +15,8 @@
 // Why it is fast: attention at long context is a read of the whole cache per token; the codes are
 // 1 / 4 (int8) or 1 / 8 (int4) of float32's bytes, and each cached row is dequantized once, into L1,
 // where every query row of the task that sees it (the heads of a group, a block of queries) reads
-// it. The loops are written for the compiler to vectorise: one clone per ISA (AVX-512, AVX2,
+// it (prefill: 16-token tiles). Decode with AVX-512 reads the codes straight into registers instead.
+// The tile loops are written for the compiler to vectorise: one clone per ISA (AVX-512, AVX2,
 // baseline) is chosen when the library loads.
 #include <string.h>
 
@@ -110,33 +111,46 @@ LRQ_INLINE void add_scaled(float* acc, float weight, const float* row, int64_t d
 constexpr int64_t kKeysPerTile = kLanes;
 
 #if LRQ_X86
-// Decode over an int8 cache on AVX-512: the codes widened and converted in registers (no float row
-// written out), q . key = k_scale * (q . codes - k_zero * sum(q)).
+// Decode on AVX-512: the codes widened and converted in registers (no float row written out),
+// q . key = k_scale * (q . codes - k_zero * sum(q)). int4: 8 bytes give 16 codes, low nibbles
+// interleaved with high ones (element 2j is byte j's low nibble).
 #define LRQ_AVX512 __attribute__((target("avx512f")))
 
-LRQ_AVX512 inline __m512 codes_as_floats(const uint8_t* codes) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
+template <int Bits>
+LRQ_AVX512 inline __m512 codes_as_floats(const uint8_t* row, int64_t d) {
+  __m128i codes;
+  if (Bits == 8) {
+    codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
+  } else {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d / 2)), mask = _mm_set1_epi8(15);
+    codes = _mm_unpacklo_epi8(_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
 }
 
-LRQ_AVX512 float dot_codes_avx512(const float* q, const uint8_t* codes, int64_t dim) {
+template <int Bits>
+LRQ_AVX512 float dot_codes_avx512(const float* q, const uint8_t* row, int64_t dim) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), codes_as_floats(codes + d), acc);
+  for (int64_t d = 0; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), codes_as_floats<Bits>(row, d), acc);
   return _mm512_reduce_add_ps(acc);
 }
 
-LRQ_AVX512 void add_codes_avx512(float* acc, float weight, const uint8_t* codes, int64_t dim) {
+template <int Bits>
+LRQ_AVX512 void add_codes_avx512(float* acc, float weight, const uint8_t* row, int64_t dim) {
   const __m512 w = _mm512_set1_ps(weight);
   for (int64_t d = 0; d < dim; d += 16)
-    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(w, codes_as_floats(codes + d), _mm512_loadu_ps(acc + d)));
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(w, codes_as_floats<Bits>(row, d), _mm512_loadu_ps(acc + d)));
 }
 
-bool int8_rows_in_registers(const Shape& s) {
+bool rows_in_registers(const Shape& s) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && s.bits == 8 && s.dim % 16 == 0;
+  return avx512 && s.dim % 16 == 0;
 }
 #else
-bool int8_rows_in_registers(const Shape&) { return false; }
+bool rows_in_registers(const Shape&) { return false; }
+template <int Bits>
 float dot_codes_avx512(const float*, const uint8_t*, int64_t) { return 0; }
+template <int Bits>
 void add_codes_avx512(float*, float, const uint8_t*, int64_t) {}
 #endif
 
@@ -252,30 +266,31 @@ LRQ_INLINE void softmax(float* weights, int64_t count) {
   for (int64_t t = 0; t < count; ++t) weights[t] /= total;
 }
 
-// Decode (a few query rows) over an int8 cache: scores and the weighted sum straight from the codes.
-void attend_int8_rows(const Problem& p, int64_t cache, int64_t count, const float* const* query, float* const* out,
-                      const int64_t* last, int64_t reach, float* scores) {
+// Decode (a few query rows): scores and the weighted sum straight from the codes.
+template <int Bits>
+void attend_rows_in_registers(const Problem& p, int64_t cache, int64_t count, const float* const* query,
+                              float* const* out, const int64_t* last, int64_t reach, float* scores) {
   const Shape& s = p.s;
-  const int64_t dim = s.dim;
+  const int64_t dim = s.dim, bytes = s.row_bytes();
   float query_sum[kRowsForTiles], zero_term[kRowsForTiles] = {0};
   for (int64_t r = 0; r < count; ++r) {
     query_sum[r] = 0;
     for (int64_t d = 0; d < dim; ++d) query_sum[r] += query[r][d];
   }
   for (int64_t t = 0; t < reach; ++t) {
-    const uint8_t* codes = p.k_codes + (cache + t) * dim;
+    const uint8_t* codes = p.k_codes + (cache + t) * bytes;
     const float k_scale = p.scale * p.k_scale[cache + t], k_zero = float(p.k_zero[cache + t]);
     for (int64_t r = 0; r < count; ++r)
       if (t <= last[r])
-        scores[r * s.total + t] = k_scale * (dot_codes_avx512(query[r], codes, dim) - k_zero * query_sum[r]);
+        scores[r * s.total + t] = k_scale * (dot_codes_avx512<Bits>(query[r], codes, dim) - k_zero * query_sum[r]);
   }
   for (int64_t r = 0; r < count; ++r) softmax(scores + r * s.total, last[r] + 1);
   for (int64_t t = 0; t < reach; ++t) {
-    const uint8_t* codes = p.v_codes + (cache + t) * dim;
+    const uint8_t* codes = p.v_codes + (cache + t) * bytes;
     for (int64_t r = 0; r < count; ++r) {
       if (t > last[r]) continue;
       const float weight = scores[r * s.total + t] * p.v_scale[cache + t];
-      add_codes_avx512(out[r], weight, codes, dim);
+      add_codes_avx512<Bits>(out[r], weight, codes, dim);
       zero_term[r] += weight * float(p.v_zero[cache + t]);
     }
   }
@@ -303,8 +318,9 @@ LRQ_CLONES void attend(const Problem& p, const Rows& rows) {
     std::fill(out[r], out[r] + dim, 0.0f);
   }
   const int64_t cache = (rows.b * s.kv_heads + rows.kv) * s.total;  // first token of this head's cache
-  if (rows.count < kRowsForTiles && int8_rows_in_registers(s)) {
-    attend_int8_rows(p, cache, rows.count, query.data(), out.data(), last.data(), reach, scores.data());
+  if (rows.count < kRowsForTiles && rows_in_registers(s)) {
+    (s.bits == 8 ? attend_rows_in_registers<8> : attend_rows_in_registers<4>)(
+        p, cache, rows.count, query.data(), out.data(), last.data(), reach, scores.data());
     return;
   }
   if (rows.count >= kRowsForTiles) {
