@@ -22,9 +22,9 @@ from torch import nn
 
 from lrq_deploy.export.attention import rotate_half
 from lrq_deploy.models.attention import AttentionLayout
-from lrq_deploy.quant.kv_cache import QUANTIZER, dequantize_kv, pack_stored, unpack_stored
+from lrq_deploy.quant.kv_cache import KV_BITS, QUANTIZER, dequantize_kv, pack_stored, unpack_stored
 
-KV_BITS = {"int8": 8, "int4": 4}
+KERNEL_FORMATS = ("int8", "int4")  # what the node reads: codes, scale and zero point per token
 
 
 @torch.library.custom_op("lrq::quantized_cache_attention", mutates_args=())
@@ -87,7 +87,7 @@ def _register_schema() -> None:
 def supports(layout: AttentionLayout | None, fmt: str) -> bool:
     """Whether the node computes this model's attention: an int8 / int4 cache, full causal attention
     (no window, no soft-capping), heads of an even number of dimensions."""
-    return (layout is not None and fmt in KV_BITS and layout.head_dim % 2 == 0 and layout.softcap == 0.0
+    return (layout is not None and fmt in KERNEL_FORMATS and layout.head_dim % 2 == 0 and layout.softcap == 0.0
             and all(layout.window_of(i) <= 0 for i in range(len(layout.modules))))
 
 

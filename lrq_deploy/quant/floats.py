@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -207,8 +208,13 @@ def encode_by_comparison(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 
 def decode_by_table(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """decode(codes, fmt) as a lookup in the format's table of values (one Gather in a graph)."""
-    table = decode(torch.arange(1 << fmt.bits, dtype=torch.int32), fmt).to(codes.device)
-    return table[codes.long()]
+    return _value_table(fmt).to(codes.device)[codes.long()]
+
+
+@lru_cache(maxsize=None)
+def _value_table(fmt: FloatFormat) -> torch.Tensor:
+    """Every code's value, built once per format (decode_by_table runs per layer and token)."""
+    return decode(torch.arange(1 << fmt.bits, dtype=torch.int32), fmt)
 
 
 def _counted_exponent(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
