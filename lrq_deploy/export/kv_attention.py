@@ -1,4 +1,4 @@
-"""Attention of `--with-past --cpu-kernels` graphs over an int8 / int4 KV cache as one
+"""Attention of `--with-past --cpu-kernels` graphs over an int8 / int4 / fp8 KV cache as one
 ai.lrq.cpu::QuantizedCacheAttention node (runtime/csrc/kv_attention.cc): attention reads the
 cache's codes, scales and zero points as they are stored, instead of a float copy of the whole
 cache that standard ops would write out every token.
@@ -24,18 +24,20 @@ from lrq_deploy.export.attention import rotate_half
 from lrq_deploy.models.attention import AttentionLayout
 from lrq_deploy.quant.kv_cache import KV_BITS, QUANTIZER, dequantize_kv, pack_stored, unpack_stored
 
-KERNEL_FORMATS = ("int8", "int4")  # what the node reads: codes, scale and zero point per token
+# what the node reads: codes with a scale and zero point per token (int8, int4), or E4M3 codes with
+# one static scale (fp8)
+KERNEL_FORMATS = ("int8", "int4", "fp8")
 
 
 @torch.library.custom_op("lrq::quantized_cache_attention", mutates_args=())
 def quantized_cache_attention(
-    query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor, key_zero: torch.Tensor,
-    value_codes: torch.Tensor, value_scale: torch.Tensor, value_zero: torch.Tensor, bits: int, scale: float,
+    query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor, key_zero: torch.Tensor | None,
+    value_codes: torch.Tensor, value_scale: torch.Tensor, value_zero: torch.Tensor | None, fmt: str, scale: float,
 ) -> torch.Tensor:
     """Reference: query [B, H, S, D] (rotary applied), the stored cache [B, KV, T, ·] of T = past + S
-    tokens (codes packed for int4) -> out [B, S, H·D]; query i sees tokens 0 .. past + i."""
-    fmt = "int8" if bits == 8 else "int4"
-    keys, values = (dequantize_kv(unpack_stored(stored, fmt), fmt) for stored in (
+    tokens (codes packed for int4; fp8: E4M3 codes, the scales [1], no zero points) -> out [B, S, H·D];
+    query i sees tokens 0 .. past + i."""
+    keys, values = (dequantize_kv(unpack_stored(_stored(codes, step, zero), fmt, step), fmt) for codes, step, zero in (
         (key_codes, key_scale, key_zero), (value_codes, value_scale, value_zero)))
     batch, heads, seq, dim = query.shape
     total = keys.shape[2]
@@ -46,14 +48,19 @@ def quantized_cache_attention(
     return out.transpose(1, 2).reshape(batch, seq, heads * dim)
 
 
+def _stored(codes, scale, zero) -> tuple:
+    """The stored form unpack_stored takes: (codes, scale, zero), or fp8's (codes,) (its scale given apart)."""
+    return (codes,) if zero is None else (codes, scale, zero)
+
+
 @quantized_cache_attention.register_fake
-def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, bits, scale):
+def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, fmt, scale):
     batch, heads, seq, dim = query.shape
     return query.new_empty(batch, seq, heads * dim)
 
 
 def quantized_cache_attention_onnx(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-                                   bits: int, scale: float):
+                                   fmt: str, scale: float):
     """ONNX translation: one ai.lrq.cpu::QuantizedCacheAttention."""
     from onnxscript.values import Opset
 
@@ -61,7 +68,7 @@ def quantized_cache_attention_onnx(query, key_codes, key_scale, key_zero, value_
 
     _register_schema()
     return Opset(DOMAIN, 1).QuantizedCacheAttention(query, key_codes, key_scale, key_zero, value_codes, value_scale,
-                                                     value_zero, bits=bits, scale=scale)
+                                                     value_zero, bits=KV_BITS[fmt], e4m3=int(fmt == "fp8"), scale=scale)
 
 
 def _register_schema() -> None:
@@ -76,16 +83,21 @@ def _register_schema() -> None:
     param = OpSchema.FormalParameter
     types = {"query": "T", "key_scale": "T", "value_scale": "T"}
     names = ("query", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+    optional = {"key_zero", "value_zero"}  # left out with E4M3 codes
     onnx.defs.register_schema(OpSchema(
-        "QuantizedCacheAttention", DOMAIN, 1, doc="causal attention over an int8 / int4 KV cache (lrq's CPU kernels)",
-        inputs=[param(n, types.get(n, "U")) for n in names], outputs=[param("output", "T")],
+        "QuantizedCacheAttention", DOMAIN, 1,
+        doc="causal attention over an int8 / int4 / fp8 KV cache (lrq's CPU kernels)",
+        inputs=[param(n, types.get(n, "U"), param_option=OpSchema.FormalParameterOption.Optional if n in optional
+                      else OpSchema.FormalParameterOption.Single) for n in names],
+        outputs=[param("output", "T")],
         type_constraints=[("T", ["tensor(float)"], "activations, scales"), ("U", ["tensor(uint8)"], "codes, zero points")],
         attributes=[OpSchema.Attribute("bits", OpSchema.AttrType.INT, "8 or 4"),
+                    OpSchema.Attribute("e4m3", OpSchema.AttrType.INT, "1: the codes are E4M3 values (bits 8)"),
                     OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score scale")]))
 
 
 def supports(layout: AttentionLayout | None, fmt: str) -> bool:
-    """Whether the node computes this model's attention: an int8 / int4 cache, full causal attention
+    """Whether the node computes this model's attention: an int8 / int4 / fp8 cache, full causal attention
     (no window, no soft-capping), heads of an even number of dimensions."""
     return (layout is not None and fmt in KERNEL_FORMATS and layout.head_dim % 2 == 0 and layout.softcap == 0.0
             and all(layout.window_of(i) <= 0 for i in range(len(layout.modules))))
@@ -123,7 +135,18 @@ def _fused_forward(module: nn.Module, layout: AttentionLayout, fmt: str):
         present = [torch.cat([old, part], 2) for old, part in zip(past, (*new[0], *new[1]))]
         quantizer.stored_present = present
         # keys stored rotated (--kv-rotate): the query rotated alike gives the same scores
-        out = torch.ops.lrq.quantized_cache_attention(quantizer.rotate(q), *present, KV_BITS[fmt], layout.scale)
+        out = torch.ops.lrq.quantized_cache_attention(quantizer.rotate(q), *_node_inputs(present, quantizer, fmt), fmt,
+                                                      layout.scale)
         return module.o_proj(out), None
 
     return forward
+
+
+def _node_inputs(present: list, quantizer, fmt: str) -> list:
+    """Key codes, scale, zero, then the values' three: fp8's static scales (one each, constants of the
+    graph) beside its codes, and no zero points."""
+    if fmt != "fp8":
+        return present
+    key_codes, value_codes = present
+    return [key_codes, quantizer.k_scale.reshape(1).float(), None,
+            value_codes, quantizer.v_scale.reshape(1).float(), None]

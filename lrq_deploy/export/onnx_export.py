@@ -329,7 +329,7 @@ def _check_kv_cache(ckpt, target: str) -> bool:
 
 
 def _stored_cache_layout(ckpt, options):
-    """With --cpu-kernels and --with-past: the attention layout whose modules read an int8 / int4
+    """With --cpu-kernels and --with-past: the attention layout whose modules read an int8 / int4 / fp8
     cache through lrq's QuantizedCacheAttention (None: standard-op attention)."""
     from lrq_deploy.export.kv_attention import supports
 

@@ -208,13 +208,21 @@ def encode_by_comparison(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 
 def decode_by_table(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """decode(codes, fmt) as a lookup in the format's table of values (one Gather in a graph)."""
-    return _value_table(fmt).to(codes.device)[codes.long()]
+    return torch.tensor(_value_table(fmt), dtype=torch.float32, device=codes.device)[codes.long()]
 
 
 @lru_cache(maxsize=None)
-def _value_table(fmt: FloatFormat) -> torch.Tensor:
-    """Every code's value, built once per format (decode_by_table runs per layer and token)."""
-    return decode(torch.arange(1 << fmt.bits, dtype=torch.int32), fmt)
+def _value_table(fmt: FloatFormat) -> tuple[float, ...]:
+    """Every code's value, worked out once per format (decode_by_table runs per layer and token) in
+    plain Python: a cached tensor would keep the mode it was first made in (a graph trace's fake
+    tensors) and hand it to later eager calls."""
+    values = []
+    for code in range(1 << fmt.bits):
+        magnitude = code & ((1 << (fmt.bits - 1)) - 1)
+        field, mantissa = magnitude >> fmt.mantissa_bits, (magnitude & ((1 << fmt.mantissa_bits) - 1)) / (1 << fmt.mantissa_bits)
+        value = math.ldexp(1.0 + mantissa, field - fmt.bias) if field else math.ldexp(mantissa, fmt.min_exponent)
+        values.append(float("nan") if magnitude == fmt.nan_code else -value if code >> (fmt.bits - 1) else value)
+    return tuple(values)
 
 
 def _counted_exponent(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:

@@ -2,7 +2,7 @@
 4-bit block-quantized weights with exact (fp32) activations, about twice as fast in decode as
 onnxruntime's MatMulNBits at the same numerics (benchmarks/RESULTS.md); and
 ai.lrq.cpu::QuantizedCacheAttention (csrc/kv_attention.cc), attention that reads an int8 / int4
-KV cache as codes, scales and zero points.
+KV cache as codes, scales and zero points, or an fp8 one as E4M3 codes and a static scale.
 
 The library is C++ built from the package's own source with the machine's C++ compiler on
 first use and cached ($LRQ_CACHE/cpu-kernels or ~/.cache/lrq/cpu-kernels, one file per source

@@ -365,30 +365,49 @@ def test_a_full_disk_is_named_not_blamed_on_the_compiler(fresh_cache, monkeypatc
 
 # --- ai.lrq.cpu::QuantizedCacheAttention -------------------------------------------------------
 
-def _attention_graph(bits: int, scale: float) -> bytes:
-    names = ("query", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+NAMES = ("query", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+
+
+def _attention_graph(fmt: str, scale: float) -> bytes:
+    """One QuantizedCacheAttention node; fp8 leaves its optional zero points out."""
+    from lrq_deploy.quant.kv_cache import KV_BITS
+
+    names = [n if fmt != "fp8" or not n.endswith("_zero") else "" for n in NAMES]
     types = {"query": TensorProto.FLOAT, "key_scale": TensorProto.FLOAT, "value_scale": TensorProto.FLOAT}
-    inputs = [helper.make_tensor_value_info(n, types.get(n, TensorProto.UINT8), None) for n in names]
-    node = helper.make_node("QuantizedCacheAttention", list(names), ["out"], domain=cpu_kernels.DOMAIN, bits=bits,
-                            scale=scale)
+    inputs = [helper.make_tensor_value_info(n, types.get(n, TensorProto.UINT8), None) for n in names if n]
+    node = helper.make_node("QuantizedCacheAttention", names, ["out"], domain=cpu_kernels.DOMAIN, bits=KV_BITS[fmt],
+                            e4m3=int(fmt == "fp8"), scale=scale)
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                    helper.make_opsetid(cpu_kernels.DOMAIN, 1)]).SerializeToString()
 
 
 def _stored_cache(fmt, batch, heads, kv_heads, seq, total, dim, seed=0):
+    """query, then the node's six cache inputs as the graph stores them (fp8: codes, its static scale
+    [1] and None for the zero point)."""
     import torch
 
+    from lrq_deploy.quant.floats import fp8_scale_of
     from lrq_deploy.quant.kv_cache import pack_stored, quantize_kv
 
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, heads, seq, dim, generator=gen)
-    stored = [pack_stored(quantize_kv(torch.randn(batch, kv_heads, total, dim, generator=gen) * 2, fmt), fmt)
-              for _ in range(2)]
-    return query, stored
+    cache = []
+    for _ in range(2):
+        x = torch.randn(batch, kv_heads, total, dim, generator=gen) * 2
+        if fmt == "fp8":
+            scale = fp8_scale_of(x.abs().amax()).reshape(1).float()
+            cache += [pack_stored(quantize_kv(x, fmt, scale), fmt)[0], scale, None]
+        else:
+            cache += list(pack_stored(quantize_kv(x, fmt), fmt))
+    return query, cache
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def _feeds(query, cache) -> dict:
+    return {n: t.numpy() for n, t in zip(NAMES, (query, *cache)) if t is not None}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("heads,kv_heads,seq,total,dim", [
     (4, 2, 1, 37, 32), (4, 4, 5, 5, 64), (8, 2, 3, 70, 16), (2, 1, 1, 1, 128), (6, 3, 2, 19, 48)])
 def test_quantized_cache_attention_matches_the_reference(fmt, heads, kv_heads, seq, total, dim):
@@ -397,28 +416,43 @@ def test_quantized_cache_attention_matches_the_reference(fmt, heads, kv_heads, s
     (the cache dequantized, causal attention), computed in float64. Tolerance: fp32 scores of D
     products, a softmax and a weighted sum of T values differ from the float64 result by a few ulps of
     the largest value read (1e-5 relative to max |value|)."""
-    import torch
-
     from lrq_deploy.export.kv_attention import quantized_cache_attention
 
-    bits = 8 if fmt == "int8" else 4
     scale = dim ** -0.5
-    query, (keys, values) = _stored_cache(fmt, 2, heads, kv_heads, seq, total, dim)
-    want = quantized_cache_attention(query.double(), keys[0], keys[1].double(), keys[2], values[0],
-                                     values[1].double(), values[2], bits, scale).numpy()
-    feeds = dict(zip(("query", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero"),
-                     (t.numpy() for t in (query, *keys, *values))))
-    got = _session(_attention_graph(bits, scale)).run(None, feeds)[0]
+    query, cache = _stored_cache(fmt, 2, heads, kv_heads, seq, total, dim)
+    wide = [t.double() if t is not None and t.is_floating_point() else t for t in cache]
+    want = quantized_cache_attention(query.double(), *wide, fmt, scale).numpy()
+    got = _session(_attention_graph(fmt, scale)).run(None, _feeds(query, cache))[0]
     assert got.shape == (2, seq, heads * dim)
     largest = np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * largest)
 
 
-def test_quantized_cache_attention_threads_give_the_same_bits():
-    query, (keys, values) = _stored_cache("int8", 1, 8, 4, 9, 40, 64, seed=3)
-    feeds = dict(zip(("query", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero"),
-                     (t.numpy() for t in (query, *keys, *values))))
-    model = _attention_graph(8, 0.125)
+def test_e4m3_codes_read_as_every_value_they_stand_for():
+    """All 254 finite E4M3 bit patterns (normals, subnormals, both zeros), 16 to a cached value row:
+    the first query sees the first token alone, so its output is that row's values (scale 1) exactly,
+    read in registers (one query: decode) and from a dequantized tile (four queries: prefill)."""
+    import torch
+
+    from lrq_deploy.quant.floats import E4M3, decode_by_table
+
+    finite = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    rows = torch.cat([finite, finite[:2]]).reshape(16, 16)
+    model = _attention_graph("fp8", 1.0)
+    for row in rows:
+        for seq in (1, 4):
+            codes = torch.zeros(1, 1, seq, 16, dtype=torch.uint8)
+            codes[0, 0, 0] = row
+            cache = [codes, torch.ones(1), None, codes, torch.ones(1), None]
+            got = _session(model).run(None, _feeds(torch.zeros(1, 1, seq, 16), cache))[0]
+            assert np.array_equal(got[0, 0], decode_by_table(row, E4M3).numpy()), (row, seq)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_cache_attention_threads_give_the_same_bits(fmt):
+    query, cache = _stored_cache(fmt, 1, 8, 4, 9, 40, 64, seed=3)
+    feeds = _feeds(query, cache)
+    model = _attention_graph(fmt, 0.125)
     one, four = (_session(model, threads).run(None, feeds)[0] for threads in (1, 4))
     assert np.array_equal(one, four)
 
@@ -426,8 +460,10 @@ def test_quantized_cache_attention_threads_give_the_same_bits():
 def test_quantized_cache_attention_refuses_a_wrong_cache_shape():
     import onnxruntime
 
-    query, (keys, values) = _stored_cache("int4", 1, 4, 2, 1, 8, 32)
-    feeds = dict(zip(("query", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero"),
-                     (t.numpy() for t in (query, *keys, *values))))
+    query, cache = _stored_cache("int4", 1, 4, 2, 1, 8, 32)
     with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument, match="key / value codes"):
-        _session(_attention_graph(8, 0.2)).run(None, feeds)  # int4-packed codes read as int8
+        _session(_attention_graph("int8", 0.2)).run(None, _feeds(query, cache))  # int4-packed codes read as int8
+    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument, match="one scale"):
+        query, (keys, key_scale, _, values, value_scale, _) = _stored_cache("int8", 1, 4, 2, 1, 8, 32)
+        # a scale per token where E4M3 codes take one
+        _session(_attention_graph("fp8", 0.2)).run(None, _feeds(query, [keys, key_scale, None, values, value_scale, None]))

@@ -1,16 +1,18 @@
-// ai.lrq.cpu::QuantizedCacheAttention: causal grouped-query attention that reads a KV cache kept as
-// uint8 codes with a float scale and a uint8 zero point per token and head (lrq's int8 / int4 cache,
-// quant/kv_cache.py), without first writing the cache out in float.
+// ai.lrq.cpu::QuantizedCacheAttention: causal grouped-query attention that reads a quantized KV
+// cache as it is stored (lrq's int8 / int4 / fp8 cache, quant/kv_cache.py), without first writing
+// the cache out in float.
 //
-//   key[t, d] = k_scale[t] * (k_code[t, d] - k_zero[t])      (values alike)
-//   out[i]    = softmax_t(scale * q[i] . key[t], t <= past + i) . value
+//   int8 / int4: key[t, d] = k_scale[t] * (k_code[t, d] - k_zero[t])   (per token and head)
+//   fp8:         key[t, d] = k_scale * e4m3(k_code[t, d])               (one static scale)
+//   out[i]    = softmax_t(scale * q[i] . key[t], t <= past + i) . value  (values alike)
 //
-// Inputs: query float [B, H, S, D] (rotary applied); key codes uint8 [B, KV, T, D] (bits 8) or
-// [B, KV, T, D / 2] (bits 4: element 2j in the low nibble of byte j, 2j + 1 in the high one); key
-// scale float [B, KV, T, 1]; key zero uint8 [B, KV, T, 1]; the same three for values. T = past + S:
-// the cache already holds the S new tokens, and query i sits at position past + i (no padding).
-// Attributes: bits (8 or 4), scale (float). Output float [B, S, H * D], heads in order, ready for
-// the output projection. Head h reads key / value head h / (H / KV).
+// Inputs: query float [B, H, S, D] (rotary applied); key codes uint8 [B, KV, T, D] (bits 8, and
+// fp8's E4M3 bit patterns) or [B, KV, T, D / 2] (bits 4: element 2j in the low nibble of byte j,
+// 2j + 1 in the high one); key scale float [B, KV, T, 1] (fp8: [1]); key zero uint8 [B, KV, T, 1]
+// (fp8: left out); the same three for values. T = past + S: the cache already holds the S new
+// tokens, and query i sits at position past + i (no padding). Attributes: bits (8 or 4), e4m3
+// (0 or 1: the codes are E4M3, bits 8), scale (float). Output float [B, S, H * D], heads in order,
+// ready for the output projection. Head h reads key / value head h / (H / KV).
 //
 // Why it is fast: attention at long context is a read of the whole cache per token; the codes are
 // 1 / 4 (int8) or 1 / 8 (int4) of float32's bytes, and each cached row is dequantized once, into L1,
@@ -44,20 +46,46 @@ constexpr int64_t kRowsPerTask = 64;  // query rows (heads of a group x queries)
 #define LRQ_CLONES
 #endif
 
+// How a byte of the cache reads: an int8 code, two int4 codes, or an E4M3 value.
+enum Codes { kInt8, kInt4, kE4M3 };
+
 struct Shape {
-  int64_t batch, heads, kv_heads, seq, total, dim, bits;
-  int64_t row_bytes() const { return bits == 4 ? dim / 2 : dim; }
+  int64_t batch, heads, kv_heads, seq, total, dim;
+  Codes codes;
+  int64_t row_bytes() const { return codes == kInt4 ? dim / 2 : dim; }
   int64_t group() const { return heads / kv_heads; }
+};
+
+// One of keys / values: codes with a scale and zero point per token, or (E4M3) one scale and no zero.
+struct Cache {
+  const uint8_t* codes;
+  const float* scales;
+  const uint8_t* zeros;  // null: E4M3
+  float scale(int64_t t) const { return zeros ? scales[t] : scales[0]; }
+  float zero(int64_t t) const { return zeros ? float(zeros[t]) : 0.0f; }
 };
 
 struct Problem {
   Shape s;
   float scale;
   const float* query;
-  const uint8_t *k_codes, *k_zero, *v_codes, *v_zero;
-  const float *k_scale, *v_scale;
+  Cache keys, values;
   float* out;
 };
+
+// The value of every E4M3 bit pattern (sign, 4 exponent bits of bias 7, 3 mantissa bits; no infinities;
+// 0x7F / 0xFF are NaN, which the cache never stores: it saturates at 448).
+struct E4M3Table {
+  float value[256];
+  E4M3Table() {
+    for (int c = 0; c < 256; ++c) {
+      const int exponent = (c >> 3) & 15, mantissa = c & 7;
+      const float magnitude = exponent ? std::ldexp(1.0f + mantissa / 8.0f, exponent - 7) : std::ldexp(mantissa / 8.0f, -6);
+      value[c] = (c & 0x7F) == 0x7F ? NAN : (c & 0x80 ? -magnitude : magnitude);
+    }
+  }
+};
+const E4M3Table kE4M3Values;
 
 // 16 floats as one vector (GCC / Clang vector extensions: one zmm register in the AVX-512 clone,
 // two ymm in the AVX2 one); loads and stores through memcpy, which compiles to unaligned moves.
@@ -81,9 +109,11 @@ LRQ_INLINE float sum(Lanes v) {
 }
 
 // One cached row (a token's key or value of one head) in float: scale * (code - zero).
-LRQ_INLINE void dequantize_row(const uint8_t* codes, float scale, float zero, int64_t dim, int64_t bits, float* out) {
-  if (bits == 8) {  // a plain loop: GCC's loop vectoriser widens the bytes (vpmovzxbd), its vector extensions do not
+LRQ_INLINE void dequantize_row(const uint8_t* codes, float scale, float zero, int64_t dim, Codes kind, float* out) {
+  if (kind == kInt8) {  // a plain loop: GCC's loop vectoriser widens the bytes (vpmovzxbd), its vector extensions do not
     for (int64_t d = 0; d < dim; ++d) out[d] = scale * (float(codes[d]) - zero);
+  } else if (kind == kE4M3) {
+    for (int64_t d = 0; d < dim; ++d) out[d] = scale * kE4M3Values.value[codes[d]];
   } else {
     for (int64_t j = 0; j < dim / 2; ++j) {
       out[2 * j] = scale * (float(codes[j] & 15) - zero);
@@ -112,13 +142,25 @@ constexpr int64_t kKeysPerTile = kLanes;
 #if LRQ_X86
 // Decode on AVX-512: the codes widened and converted in registers (no float row written out),
 // q . key = k_scale * (q . codes - k_zero * sum(q)). int4: 8 bytes give 16 codes, low nibbles
-// interleaved with high ones (element 2j is byte j's low nibble).
+// interleaved with high ones (element 2j is byte j's low nibble). E4M3: each byte's exponent and
+// mantissa moved into an fp16's (seee emmm -> s0ee eemm m000 0000) and widened by vcvtph2ps, exact
+// for normals and subnormals alike; that reads 2^-8 of the value (fp16's bias 15 against E4M3's 7),
+// which `code_unit` puts back through the scale.
 #define LRQ_AVX512 __attribute__((target("avx512f")))
 
-template <int Bits>
+template <Codes Kind>
+constexpr float code_unit() { return Kind == kE4M3 ? 256.0f : 1.0f; }
+
+template <Codes Kind>
 LRQ_AVX512 inline __m512 codes_as_floats(const uint8_t* row, int64_t d) {
   __m128i codes;
-  if (Bits == 8) {
+  if (Kind == kE4M3) {
+    const __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+    const __m256i half = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x7F)), 7),
+                                         _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x80)), 8));
+    return _mm512_cvtph_ps(half);
+  }
+  if (Kind == kInt8) {
     codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
   } else {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d / 2)), mask = _mm_set1_epi8(15);
@@ -127,18 +169,18 @@ LRQ_AVX512 inline __m512 codes_as_floats(const uint8_t* row, int64_t d) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
 }
 
-template <int Bits>
+template <Codes Kind>
 LRQ_AVX512 float dot_codes_avx512(const float* q, const uint8_t* row, int64_t dim) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), codes_as_floats<Bits>(row, d), acc);
+  for (int64_t d = 0; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), codes_as_floats<Kind>(row, d), acc);
   return _mm512_reduce_add_ps(acc);
 }
 
-template <int Bits>
+template <Codes Kind>
 LRQ_AVX512 void add_codes_avx512(float* acc, float weight, const uint8_t* row, int64_t dim) {
   const __m512 w = _mm512_set1_ps(weight);
   for (int64_t d = 0; d < dim; d += 16)
-    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(w, codes_as_floats<Bits>(row, d), _mm512_loadu_ps(acc + d)));
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(w, codes_as_floats<Kind>(row, d), _mm512_loadu_ps(acc + d)));
 }
 
 bool rows_in_registers(const Shape& s) {
@@ -147,9 +189,11 @@ bool rows_in_registers(const Shape& s) {
 }
 #else
 bool rows_in_registers(const Shape&) { return false; }
-template <int Bits>
+template <Codes Kind>
+constexpr float code_unit() { return 1.0f; }
+template <Codes Kind>
 float dot_codes_avx512(const float*, const uint8_t*, int64_t) { return 0; }
-template <int Bits>
+template <Codes Kind>
 void add_codes_avx512(float*, float, const uint8_t*, int64_t) {}
 #endif
 
@@ -166,14 +210,15 @@ constexpr int64_t kRowsPerGroup = 4;  // query rows scored together: four indepe
 
 // Dequantize keys / values t0 .. t0 + count - 1 (count <= 16) into a tile: transposed (tile[d * 16 + j],
 // keys: one vector of 16 scores per query) or by row (tile[j * dim + d], values); missing rows zero.
-LRQ_INLINE void dequantize_tile(const Problem& p, const uint8_t* codes, const float* scales, const uint8_t* zeros,
-                                int64_t first, int64_t count, bool transposed, float* row, float* tile) {
+LRQ_INLINE void dequantize_tile(const Problem& p, const Cache& cache, int64_t first, int64_t count, bool transposed,
+                                float* row, float* tile) {
   const Shape& s = p.s;
   const int64_t dim = s.dim, bytes = s.row_bytes();
   for (int64_t j = 0; j < kKeysPerTile; ++j) {
     float* into = transposed ? row : tile + j * dim;
     if (j < count) {
-      dequantize_row(codes + (first + j) * bytes, scales[first + j], float(zeros[first + j]), dim, s.bits, into);
+      const int64_t t = first + j;
+      dequantize_row(cache.codes + t * bytes, cache.scale(t), cache.zero(t), dim, s.codes, into);
     } else {
       std::fill(into, into + dim, 0.0f);
     }
@@ -226,8 +271,7 @@ LRQ_INLINE void score_tiles(const Problem& p, int64_t cache, int64_t count, cons
   row.resize(size_t(s.dim));
   Lanes group[kRowsPerGroup];
   for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
-    dequantize_tile(p, p.k_codes, p.k_scale, p.k_zero, cache + t0, std::min(kKeysPerTile, reach - t0), true,
-                    row.data(), tile.data());
+    dequantize_tile(p, p.keys, cache + t0, std::min(kKeysPerTile, reach - t0), true, row.data(), tile.data());
     for (int64_t r0 = 0; r0 < count; r0 += kRowsPerGroup) {
       const float* q[kRowsPerGroup];
       for (int64_t i = 0; i < kRowsPerGroup; ++i) q[i] = query[std::min(r0 + i, count - 1)];
@@ -247,8 +291,7 @@ LRQ_INLINE void value_tiles(const Problem& p, int64_t cache, int64_t count, floa
   tile.resize(size_t(s.dim * kKeysPerTile));
   float tile_weights[kKeysPerTile];
   for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
-    dequantize_tile(p, p.v_codes, p.v_scale, p.v_zero, cache + t0, std::min(kKeysPerTile, reach - t0), false,
-                    nullptr, tile.data());
+    dequantize_tile(p, p.values, cache + t0, std::min(kKeysPerTile, reach - t0), false, nullptr, tile.data());
     for (int64_t r = 0; r < count; ++r) {
       if (t0 > last[r]) continue;
       for (int64_t j = 0; j < kKeysPerTile; ++j)
@@ -266,31 +309,32 @@ LRQ_INLINE void softmax(float* weights, int64_t count) {
 }
 
 // Decode (a few query rows): scores and the weighted sum straight from the codes.
-template <int Bits>
+template <Codes Kind>
 void attend_rows_in_registers(const Problem& p, int64_t cache, int64_t count, const float* const* query,
                               float* const* out, const int64_t* last, int64_t reach, float* scores) {
   const Shape& s = p.s;
   const int64_t dim = s.dim, bytes = s.row_bytes();
+  const float unit = code_unit<Kind>();
   float query_sum[kRowsForTiles], zero_term[kRowsForTiles] = {0};
   for (int64_t r = 0; r < count; ++r) {
     query_sum[r] = 0;
     for (int64_t d = 0; d < dim; ++d) query_sum[r] += query[r][d];
   }
   for (int64_t t = 0; t < reach; ++t) {
-    const uint8_t* codes = p.k_codes + (cache + t) * bytes;
-    const float k_scale = p.scale * p.k_scale[cache + t], k_zero = float(p.k_zero[cache + t]);
+    const uint8_t* codes = p.keys.codes + (cache + t) * bytes;
+    const float k_scale = p.scale * unit * p.keys.scale(cache + t), k_zero = p.keys.zero(cache + t) / unit;
     for (int64_t r = 0; r < count; ++r)
       if (t <= last[r])
-        scores[r * s.total + t] = k_scale * (dot_codes_avx512<Bits>(query[r], codes, dim) - k_zero * query_sum[r]);
+        scores[r * s.total + t] = k_scale * (dot_codes_avx512<Kind>(query[r], codes, dim) - k_zero * query_sum[r]);
   }
   for (int64_t r = 0; r < count; ++r) softmax(scores + r * s.total, last[r] + 1);
   for (int64_t t = 0; t < reach; ++t) {
-    const uint8_t* codes = p.v_codes + (cache + t) * bytes;
+    const uint8_t* codes = p.values.codes + (cache + t) * bytes;
     for (int64_t r = 0; r < count; ++r) {
       if (t > last[r]) continue;
-      const float weight = scores[r * s.total + t] * p.v_scale[cache + t];
-      add_codes_avx512<Bits>(out[r], weight, codes, dim);
-      zero_term[r] += weight * float(p.v_zero[cache + t]);
+      const float weight = scores[r * s.total + t] * p.values.scale(cache + t);
+      add_codes_avx512<Kind>(out[r], weight * unit, codes, dim);
+      zero_term[r] += weight * p.values.zero(cache + t);
     }
   }
   for (int64_t r = 0; r < count; ++r)
@@ -318,7 +362,8 @@ LRQ_CLONES void attend(const Problem& p, const Rows& rows) {
   }
   const int64_t cache = (rows.b * s.kv_heads + rows.kv) * s.total;  // first token of this head's cache
   if (rows.count < kRowsForTiles && rows_in_registers(s)) {
-    (s.bits == 8 ? attend_rows_in_registers<8> : attend_rows_in_registers<4>)(
+    (s.codes == kInt8 ? attend_rows_in_registers<kInt8>
+     : s.codes == kInt4 ? attend_rows_in_registers<kInt4> : attend_rows_in_registers<kE4M3>)(
         p, cache, rows.count, query.data(), out.data(), last.data(), reach, scores.data());
     return;
   }
@@ -330,7 +375,7 @@ LRQ_CLONES void attend(const Problem& p, const Rows& rows) {
   }
   {
     for (int64_t t = 0; t < reach; ++t) {
-      dequantize_row(p.k_codes + (cache + t) * bytes, p.k_scale[cache + t], float(p.k_zero[cache + t]), dim, s.bits,
+      dequantize_row(p.keys.codes + (cache + t) * bytes, p.keys.scale(cache + t), p.keys.zero(cache + t), dim, s.codes,
                      row.data());
       for (int64_t r = 0; r < rows.count; ++r)
         if (t <= last[r]) scores[size_t(r * s.total + t)] = p.scale * dot(query[r], row.data(), dim);
@@ -338,8 +383,8 @@ LRQ_CLONES void attend(const Problem& p, const Rows& rows) {
   }
   for (int64_t r = 0; r < rows.count; ++r) softmax(&scores[size_t(r * s.total)], last[r] + 1);  // what row r sees
   for (int64_t t = 0; t < reach; ++t) {
-    dequantize_row(p.v_codes + (cache + t) * bytes, p.v_scale[cache + t], float(p.v_zero[cache + t]), dim, s.bits,
-                   row.data());
+    dequantize_row(p.values.codes + (cache + t) * bytes, p.values.scale(cache + t), p.values.zero(cache + t), dim,
+                   s.codes, row.data());
     for (int64_t r = 0; r < rows.count; ++r)
       if (t <= last[r]) add_scaled(out[r], scores[size_t(r * s.total + t)], row.data(), dim);
   }
@@ -360,16 +405,20 @@ void run_task(void* user, size_t task) {
 
 struct Kernel {
   Api api;
-  int64_t bits;
+  Codes codes;
   float scale;
 };
 
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info, void** out) {
   Api api{table};
-  Kernel kernel{api, 8, 1.0f};
-  LRQ_TRY(attribute(api, info, "bits", &kernel.bits));
+  Kernel kernel{api, kInt8, 1.0f};
+  int64_t bits = 0, e4m3 = 0;
+  LRQ_TRY(attribute(api, info, "bits", &bits));
+  LRQ_TRY(attribute(api, info, "e4m3", &e4m3));
   LRQ_TRY(float_attribute(api, info, "scale", &kernel.scale));
-  if (kernel.bits != 8 && kernel.bits != 4) return error(api, "ai.lrq.cpu::QuantizedCacheAttention: bits must be 8 or 4");
+  if ((bits != 8 && bits != 4) || (e4m3 != 0 && e4m3 != 1) || (e4m3 && bits != 8))
+    return error(api, "ai.lrq.cpu::QuantizedCacheAttention: bits must be 8 or 4, e4m3 0 or 1 (with bits 8)");
+  kernel.codes = e4m3 ? kE4M3 : bits == 8 ? kInt8 : kInt4;
   *out = new Kernel(kernel);
   return nullptr;
 }
@@ -377,16 +426,19 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
 OrtStatus* read_shape(const Kernel& kernel, const TensorView* in, Shape& s) {
   const Api& api = kernel.api;
   const char* bad = "ai.lrq.cpu::QuantizedCacheAttention: expected query [B, H, S, D], key / value codes "
-                    "[B, KV, T, D (bits 8) or D / 2 (bits 4)] and scales / zero points [B, KV, T, 1], H a multiple "
-                    "of KV, T >= S, D even";
+                    "[B, KV, T, D (bits 8) or D / 2 (bits 4)] and scales / zero points [B, KV, T, 1] (e4m3: one "
+                    "scale [1] each, no zero points), H a multiple of KV, T >= S, D even";
   if (in[0].dims.size() != 4 || in[1].dims.size() != 4) return error(api, bad);
-  s = {in[0].dims[0], in[0].dims[1], in[1].dims[1], in[0].dims[2], in[1].dims[2], in[0].dims[3], kernel.bits};
+  s = {in[0].dims[0], in[0].dims[1], in[1].dims[1], in[0].dims[2], in[1].dims[2], in[0].dims[3], kernel.codes};
   if (s.kv_heads <= 0 || s.heads % s.kv_heads || s.total < s.seq || s.dim % 2) return error(api, bad);
   const std::vector<int64_t> codes{s.batch, s.kv_heads, s.total, s.row_bytes()}, per_token{s.batch, s.kv_heads, s.total, 1};
   for (int i : {1, 4})
     if (in[i].dims != codes) return error(api, bad);
-  for (int i : {2, 3, 5, 6})
-    if (in[i].dims != per_token) return error(api, bad);
+  const bool e4m3 = s.codes == kE4M3;
+  for (int i : {2, 5})
+    if (e4m3 ? in[i].elements() != 1 : in[i].dims != per_token) return error(api, bad);
+  for (int i : {3, 6})
+    if (e4m3 ? in[i].data != nullptr : in[i].dims != per_token) return error(api, bad);
   return nullptr;
 }
 
@@ -402,7 +454,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   if (s.batch * s.seq == 0) return nullptr;
   auto bytes = [&](int i) { return static_cast<const uint8_t*>(in[i].data); };
   auto floats = [&](int i) { return static_cast<const float*>(in[i].data); };
-  const Problem problem{s, kernel.scale, floats(0), bytes(1), bytes(3), bytes(4), bytes(6), floats(2), floats(5),
+  const Problem problem{s, kernel.scale, floats(0), {bytes(1), floats(2), bytes(3)}, {bytes(4), floats(5), bytes(6)},
                         static_cast<float*>(out)};
   const int64_t rows_per_head = s.group() * s.seq;
   Job job{&problem, (rows_per_head + kRowsPerTask - 1) / kRowsPerTask, rows_per_head};
@@ -418,7 +470,9 @@ OrtCustomOp make_op() {
     return index == 0 || index == 2 || index == 5 ? ONNX_FLOAT : ONNX_UINT8;
   };
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 7; };
-  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t index) {  // zero points: not with E4M3 codes
+    return index == 3 || index == 6 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  };
   return op;
 }
 
