@@ -466,13 +466,15 @@ def build_engine(onnx_path, out, precision, min_shapes, opt_shapes, max_shapes, 
                                              "(checkpoints, HF directories, --with-past ONNX graphs).")
 @click.option("--prompt-len", type=int, default=128, show_default=True, help="With --decode: prompt tokens.")
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="With --decode: tokens generated.")
+@click.option("--prefill-chunk", type=int, default=4096, show_default=True,
+              help="With --decode: prompts longer than this are prefilled in pieces of it, each extending the cache.")
 @click.option("--compare", is_flag=True, help="Measure several targets; print one table with ratios to the first.")
 @click.option("--export-json", type=PATH, default=None, help="Write the figures as JSON.")
 @click.option("--export-times", type=PATH, default=None, help="Write per-inference timings as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite existing --export-json / --export-times files written by lrq bench.")
 @clean_errors
 def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, percentiles, device, threads,
-          no_data_transfers, decode, prompt_len, new_tokens, compare, export_json, export_times, force):
+          no_data_transfers, decode, prompt_len, new_tokens, prefill_chunk, compare, export_json, export_times, force):
     """Benchmark TARGETS (one, or several with --compare)."""
     from lrq_deploy.bench import bench as run, bench_compare, bench_decode
     from lrq_deploy.bench.api import BenchOptions
@@ -490,7 +492,8 @@ def bench(targets, backend, batch, seq_len, warm_up, iterations, duration, perce
         raise LrqError("give one target, or several with --compare")
     if decode:
         explicit = click.get_current_context().get_parameter_source("iterations") is not ParameterSource.DEFAULT
-        options = DecodeOptions(batch, prompt_len, new_tokens, iterations if explicit else 3, points, device, threads)
+        options = DecodeOptions(batch, prompt_len, new_tokens, iterations if explicit else 3, points, device, threads,
+                                prefill_chunk)
         one, show, table = (lambda t, o, j: bench_decode(t, o, j, force)), decode_summary, decode_comparison
     else:
         options = BenchOptions(backend, batch, seq_len, warm_up, iterations, duration, points, device,
@@ -513,7 +516,7 @@ def refuse_unused_options(decode: bool, compare: bool) -> None:
         problems = [f"{flag(n)} does nothing with --decode" for n in
                     ("backend", "warm_up", "duration", "no_data_transfers", "seq_len", "export_times") if n in given]
     else:
-        problems = [f"{flag(n)} applies only with --decode" for n in ("prompt_len", "new_tokens") if n in given]
+        problems = [f"{flag(n)} applies only with --decode" for n in ("prompt_len", "new_tokens", "prefill_chunk") if n in given]
         if compare and "export_times" in given:
             problems.append("--export-times does nothing with --compare (--export-json keeps every target's figures)")
     if problems:

@@ -1,7 +1,9 @@
 """`lrq bench --decode`: generation speed as LLM users judge it.
 
-A prompt of P tokens (prefill), then N tokens generated greedily one at a time with a KV
-cache, for a batch of B sequences. Reported: time to first token (the prefill), per-token
+A prompt of P tokens (prefill; prompts longer than the prefill chunk, 4096 tokens unless
+--prefill-chunk says otherwise, in chunks that each extend the cache: what a long context needs
+where one pass's attention scores would not fit), then N tokens generated greedily one at a time
+with a KV cache, for a batch of B sequences. Reported: time to first token (the prefill), per-token
 latency percentiles of the decode steps, and decode throughput in tokens per second
 (B x generated tokens / decode time). One untimed generation warms up, then `runs`
 generations are measured.
@@ -27,6 +29,11 @@ from lrq_deploy.graph_io import ATTENTION_MASK, PAST_PREFIX, PRESENT_PREFIX
 from lrq_deploy.runtime.onnxrt import OrtSession, next_past, step_feeds
 
 
+# Prompts up to this many tokens are one prefill pass; longer ones go in pieces of it (float attention
+# scores of one pass: heads x P x P floats, 2 GiB for 32 heads at 4096)
+PREFILL_CHUNK = 4096
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     batch: int = 1
@@ -36,10 +43,12 @@ class DecodeOptions:
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     device: str = "auto"
     threads: int | None = None  # intra-op threads of onnxruntime / torch (None: their defaults)
+    prefill_chunk: int = PREFILL_CHUNK  # the longest piece of the prompt run at once
 
     def __post_init__(self):
         check_options((("--batch", self.batch, 1), ("--prompt-len", self.prompt_len, 1), ("--new-tokens", self.new_tokens, 2),
-                       ("--iterations", self.runs, 1)), self.percentiles, " for --decode")
+                       ("--iterations", self.runs, 1), ("--prefill-chunk", self.prefill_chunk, 1)),
+                      self.percentiles, " for --decode")
 
 
 class Decoder:
@@ -49,6 +58,7 @@ class Decoder:
     device = "cpu"
     max_positions: int | None = None
     kv_bytes_per_token: float | None = None  # what one token adds to the cache of one sequence (all layers)
+    chunks_for_one_sequence_only = False  # extend() takes several tokens only at batch 1
 
     def reserve(self, total: int) -> None:
         """The longest generation to come (prompt + new tokens): a decoder may size its cache by it."""
@@ -57,9 +67,20 @@ class Decoder:
         """Run the prompt [B, P]; return the next tokens [B]."""
         raise NotImplementedError
 
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Append tokens [B, S] after the cache (the next piece of a prompt); return the next tokens [B]."""
+        raise NotImplementedError
+
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Append tokens [B] to the cache; return the next tokens [B]."""
-        raise NotImplementedError
+        return self.extend(tokens[:, None].astype(np.int64))
+
+    def prefill_in_chunks(self, ids: np.ndarray, chunk: int) -> np.ndarray:
+        """The prompt in pieces of at most `chunk` tokens: the first resets the cache, each later one extends it."""
+        tokens = self.prefill(ids[:, :chunk])
+        for start in range(chunk, ids.shape[1], chunk):
+            tokens = self.extend(ids[:, start:start + chunk])
+        return tokens
 
 
 class TorchDecoder(Decoder):
@@ -93,8 +114,8 @@ class TorchDecoder(Decoder):
         self.cache = None
         return self._next(ids)
 
-    def step(self, tokens):
-        return self._next(tokens[:, None])
+    def extend(self, ids):
+        return self._next(ids)
 
 
 class OrtDecoder(Decoder):
@@ -114,6 +135,8 @@ class OrtDecoder(Decoder):
         inputs = self.session.get_inputs()
         self.in_place = self.device == "cpu" and any(i.name == ATTENTION_MASK for i in inputs)
         self.description = f"{path.name}, onnxruntime {self.device}" + (", cache in place" if self.in_place else "")
+        # onnxruntime's GroupQueryAttention: "batch_size must be 1 when sequence_length > 1 and past context is given"
+        self.chunks_for_one_sequence_only = _uses_op(path, "GroupQueryAttention")
         self.past_specs = [i for i in inputs if i.name.startswith(PAST_PREFIX)]
         from lrq_deploy.runtime.onnxrt import ORT_TYPES
 
@@ -163,9 +186,14 @@ class OrtDecoder(Decoder):
             cache[spec.name] = OrtValue.ortvalue_from_numpy(buffer)
         self.cache, self.capacity = cache, capacity
 
-    def step(self, tokens):
-        ids = tokens[:, None].astype(np.int64)
+    def extend(self, ids):
         return self._run_in_place(ids) if self.in_place else self._run(step_feeds(self.session, ids, self.feeds))
+
+
+def _uses_op(path: Path, op_type: str) -> bool:
+    import onnx
+
+    return any(n.op_type == op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _torch_cache_bytes(loaded) -> float:
@@ -214,12 +242,16 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
     if decoder.max_positions and total > decoder.max_positions:
         raise LrqError(f"--prompt-len + --new-tokens = {total} exceeds the model's {decoder.max_positions} positions")
     prompt = np.random.default_rng(0).integers(0, 100, (options.batch, options.prompt_len), dtype=np.int64)
+    chunks = -(-options.prompt_len // options.prefill_chunk)
+    if chunks > 1 and options.batch > 1 and decoder.chunks_for_one_sequence_only:
+        raise LrqError(f"{decoder.description}: onnxruntime's GroupQueryAttention extends a cache by several tokens "
+                       f"for one sequence only; use --batch 1, or --prefill-chunk {options.prompt_len} (one pass)")
     decoder.reserve(total)
     with step(f"warming up {decoder.name}"):
-        _generate(decoder, prompt, options.new_tokens)
+        _generate(decoder, prompt, options.new_tokens, options.prefill_chunk)
     first, steps, decode_s = [], [], 0.0
     for _ in bar(range(options.runs), f"decode {decoder.name}", unit="run"):
-        ttft, latencies = _generate(decoder, prompt, options.new_tokens)
+        ttft, latencies = _generate(decoder, prompt, options.new_tokens, options.prefill_chunk)
         first.append(ttft)
         steps += latencies
         decode_s += sum(latencies) / 1e3
@@ -228,10 +260,12 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
         "mode": "decode",
         "backend": decoder.name,
         "device": decoder.device,
-        "workload": f"{decoder.description}; batch {options.batch}, prompt {options.prompt_len}, "
+        "workload": f"{decoder.description}; batch {options.batch}, prompt {options.prompt_len}"
+                    f"{_chunks_note(options)}, "
                     f"{options.new_tokens} new tokens",
         "batch": options.batch,
         "prompt_len": options.prompt_len,
+        "prefill_chunks": chunks,
         "new_tokens": options.new_tokens,
         "runs": options.runs,
         "ttft_ms": summarize(first, options.percentiles)["mean"],
@@ -245,10 +279,16 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
     }
 
 
-def _generate(decoder: Decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float, list[float]]:
+def _chunks_note(options: DecodeOptions) -> str:
+    chunks = -(-options.prompt_len // options.prefill_chunk)
+    return f" (prefilled in {chunks} chunks of {options.prefill_chunk})" if chunks > 1 else ""
+
+
+def _generate(decoder: Decoder, prompt: np.ndarray, new_tokens: int,
+              chunk: int = PREFILL_CHUNK) -> tuple[float, list[float]]:
     """(time to first token, per-step latencies), both in ms."""
     start = time.perf_counter()
-    tokens = decoder.prefill(prompt)
+    tokens = decoder.prefill_in_chunks(prompt, chunk)
     ttft = (time.perf_counter() - start) * 1e3
     latencies = []
     for _ in range(new_tokens - 1):

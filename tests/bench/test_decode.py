@@ -72,6 +72,25 @@ def test_cache_kept_in_place_generates_what_the_copying_graph_generates(targets,
     assert in_place.capacity > 14
 
 
+def test_a_prompt_prefilled_in_chunks_generates_what_one_pass_generates(targets):
+    """--prefill-chunk: a 12-token prompt in pieces of 5, 5 and 2, each extending the cache, then the
+    same greedy tokens as the prompt in one pass (torch at batch 2; the onnxruntime graph at batch 1,
+    the most onnxruntime's GroupQueryAttention extends by several tokens, refused in one line above)."""
+    from lrq_deploy.bench.decode import measure_decode
+
+    prompt = np.random.default_rng(3).integers(0, 100, (2, 12), dtype=np.int64)
+    for target, batch in (("w4", 2), ("onnx", 1)):
+        decoder = make_decoder(targets[target], "cpu")
+        chunked = [decoder.prefill_in_chunks(prompt[:batch], 5)]
+        for _ in range(5):
+            chunked.append(decoder.step(chunked[-1]))
+        assert (np.stack(chunked, axis=1) == _tokens(decoder, prompt[:batch], 6)).all(), target
+    result = measure_decode(decoder, DecodeOptions(prompt_len=12, new_tokens=3, runs=1, prefill_chunk=5))
+    assert result["prefill_chunks"] == 3 and "prefilled in 3 chunks of 5" in result["workload"]
+    with pytest.raises(LrqError, match="GroupQueryAttention extends a cache by several tokens for one sequence only"):
+        measure_decode(decoder, DecodeOptions(batch=2, prompt_len=12, new_tokens=3, runs=1, prefill_chunk=5))
+
+
 def test_generation_times_every_step(targets):
     decoder = make_decoder(targets["fp"], "cpu")
     ttft, steps = _generate(decoder, np.zeros((1, 8), dtype=np.int64), 5)
@@ -89,6 +108,7 @@ def test_cli_decode_compare(targets, tmp_path):
     assert [r["backend"] for r in results] == ["torch", "torch", "ort"]
     for r in results:
         assert r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 and r["batch"] == 2 and r["new_tokens"] == 4
+        assert r["prefill_chunks"] == 1
         assert r["token_latency_ms"]["min"] <= r["token_latency_ms"]["median"] <= r["token_latency_ms"]["max"]
 
 
@@ -101,5 +121,7 @@ def test_decode_refusals(targets):
         measure_decode(make_decoder(targets["fp"], "cpu"), DecodeOptions(prompt_len=250, new_tokens=10))
     with pytest.raises(LrqError, match="--new-tokens must be >= 2"):
         DecodeOptions(new_tokens=1)
+    with pytest.raises(LrqError, match="--prefill-chunk must be >= 1"):
+        DecodeOptions(prefill_chunk=0)
     with pytest.raises(LrqError, match="causal language models"):
         make_decoder(__import__("lrq_deploy.models", fromlist=["BUNDLED"]).BUNDLED["bundled:vit"], "cpu")
