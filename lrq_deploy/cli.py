@@ -374,7 +374,7 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
         click.echo(f"lrq CPU kernel: {report['cpu_kernel_linears']} linears as ai.lrq.cpu::MatMulInt4")
         if report.get("cpu_kernel_code") in ("avx2", "portable"):
             click.echo(f"note: this CPU has no AVX-512, so lrq's CPU kernel runs its {report['cpu_kernel_code']} code "
-                       "here (int8 activations: a portable loop), which may be slower than onnxruntime's MatMulNBits; "
+                       "here, which may be slower than onnxruntime's MatMulNBits; "
                        "the graph is built for AVX-512 CPUs")
     verify = report.get("verify")
     if verify:

@@ -158,7 +158,7 @@ def _check_onnxruntime() -> None:
 
 def code_path() -> str:
     """Which code of the library this CPU runs: "avx512" (with "+vnni" for int8 activations),
-    "avx2" (fp32 activations 8-wide; int8 activations in the portable loop), or "portable" (a
+    "avx2" (fp32 activations 8-wide; int8 activations by vpmaddubsw), or "portable" (a
     plain loop, slower than onnxruntime's MatMulNBits). Read from /proc/cpuinfo (Linux);
     elsewhere "unknown"."""
     try:

@@ -26,7 +26,7 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(params=["native", "avx2", "portable"])
 def code(request, monkeypatch) -> str:
     """The library's code path under test: what this CPU picks, at most AVX2 (the fp32 form of
-    CPUs without AVX-512; int8 activations run the portable loop there), or the portable loop."""
+    CPUs without AVX-512, and its vpmaddubsw int8 form), or the portable loop."""
     if request.param != "native":
         monkeypatch.setenv("LRQ_CPU_KERNEL_ISA", request.param)
     return request.param
@@ -299,7 +299,7 @@ def _int8_reference(a, K, N, block, codes, scales, zero_points, biases):
 
 INT8_CASES = [  # K, N, block, rows of A, zero points, bias
     (512, 40, 128, 1, False, False), (1024, 37, 128, 3, True, True), (768, 21, 256, 17, True, False),
-    (320, 16, 64, 2, False, True),  # a block the AVX-512 form does not take: the portable loop
+    (320, 16, 64, 2, False, True),  # a block the AVX-512 / AVX2 forms do not take: the portable loop
 ]
 
 

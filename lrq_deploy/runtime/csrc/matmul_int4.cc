@@ -471,6 +471,69 @@ LRQ_AVX2 void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Accuracy level 4 on AVX2 CPUs (AMD Zen 2 / 3, Intel before AVX-512): the AVX-512 tile's arithmetic
+// 32 bytes at a time, vpmaddubsw + vpmaddwd per 32 products (at most 2 * 15 * 127 per 16-bit pair:
+// no saturation), so every block's integer dot product is the one VNNI computes. A's codes are split
+// per 128 columns as [64 even, 64 odd]: the low nibbles of weight bytes j .. j + 31 of a 128-column
+// chunk meet even codes j .. j + 31, the high nibbles odd codes 64 + j .. 64 + j + 31.
+LRQ_AVX2 inline __m256i dot_avx2(__m256i acc, __m256i codes, __m256i a) {
+  const __m256i pairs = _mm256_maddubs_epi16(codes, a);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+template <int R, int T>
+LRQ_AVX2 void tile_int8_avx2(const Problem& p, int64_t n, int64_t m) {
+  const Shape& s = p.shape;
+  const int64_t blocks = s.K / s.block;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  __m256 acc[R][T];
+  float correction[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps(), correction[r][t] = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i dot[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) dot[r][t] = _mm256_setzero_si256();
+    for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 128) {
+      for (int half = 0; half < 2; ++half) {
+        __m256i low[R], high[R];
+        for (int r = 0; r < R; ++r) {
+          const __m256i bytes = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(p.codes + (n + r) * (s.K / 2) + c / 2 + 32 * half));
+          low[r] = _mm256_and_si256(bytes, low_nibbles);
+          high[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibbles);
+        }
+        for (int t = 0; t < T; ++t) {
+          const int8_t* a = p.a_codes + (m + t) * s.K + c + 32 * half;
+          const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+          const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 64));
+          for (int r = 0; r < R; ++r) dot[r][t] = dot_avx2(dot_avx2(dot[r][t], low[r], even), high[r], odd);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float w_scale = p.scales[(n + r) * blocks + b];
+      for (int t = 0; t < T; ++t) {
+        const __m256 scale = _mm256_set1_ps(w_scale * p.a_scales[(m + t) * blocks + b]);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][t]), scale, acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)  // the zero points, as the AVX-512 tile applies them
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float w_zero = p.scales[(n + r) * blocks + b] * float(zero_point(p, n + r, b));
+      for (int t = 0; t < T; ++t) correction[r][t] += w_zero * p.a_scaled_sums[(m + t) * blocks + b];
+    }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      p.y[(m + t) * s.N + n + r] = sum8(acc[r][t]) - correction[r][t] + (p.bias ? p.bias[n + r] : 0.f);
+}
+
+template <int R, int T>
+struct Avx2Tiles {
+  static void run(const Problem& p, int64_t n, int64_t m) { tile_int8_avx2<R, T>(p, n, m); }
+};
+
 #endif
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
@@ -490,10 +553,20 @@ bool isa_capped_at(const char* name) {
 
 bool avx512_allowed() { return !isa_capped_at("portable") && !isa_capped_at("avx2"); }
 
-// int8 activations: the AVX-512 forms need blocks of a multiple of 128 (A's codes split per 128).
+// int8 activations: the AVX-512 and AVX2 forms need blocks of a multiple of 128 (A's codes split per 128).
 bool int8_fast_path(const Shape& s) {
 #if LRQ_X86
   return avx512_allowed() && s.block % 128 == 0 && __builtin_cpu_supports("avx512bw");
+#else
+  (void)s;
+  return false;
+#endif
+}
+
+bool int8_avx2_path(const Shape& s) {
+#if LRQ_X86
+  return !isa_capped_at("portable") && s.block % 128 == 0 && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
 #else
   (void)s;
   return false;
@@ -505,6 +578,7 @@ Route int8_route(const Shape& s) {
   if (int8_fast_path(s)) {
     return {__builtin_cpu_supports("avx512vnni") ? rows_int8<VnniTiles> : rows_int8<BwTiles>, kRowsPerTask, false};
   }
+  if (int8_avx2_path(s)) return {rows_int8<Avx2Tiles>, kRowsPerTask, false};
 #endif
   (void)s;
   return {rows_int8_portable, kRowsPerTask, false};
@@ -597,7 +671,7 @@ Route prepare_activations(int64_t accuracy_level, const float* a, Problem& p) {
   thread_local std::vector<float> a_split, a_t;
   thread_local QuantizedRows quantized;
   if (accuracy_level == 4) {
-    quantize_rows(a, s, int8_fast_path(s), quantized);
+    quantize_rows(a, s, int8_fast_path(s) || int8_avx2_path(s), quantized);
     p.a_codes = quantized.codes.data();
     p.a_scales = quantized.scales.data();
     p.a_sums = quantized.sums.data();
