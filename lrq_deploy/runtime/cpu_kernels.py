@@ -193,8 +193,21 @@ def preflight() -> str:
 
 
 def register(options) -> None:
-    """Add the library's ops to an onnxruntime SessionOptions."""
+    """Add the library's ops to an onnxruntime SessionOptions (saying once per process when this CPU
+    runs the library's slow code)."""
     options.register_custom_ops_library(str(library()))
+    warn_of_slow_code()
+
+
+@lru_cache(maxsize=None)
+def warn_of_slow_code() -> None:
+    """One line on stderr where this CPU runs the portable loop: slower than onnxruntime's own
+    MatMulNBits there (on this build machine 1/15 of the AVX2 form's speed)."""
+    path = code_path()
+    if path == "portable":
+        cause = "LRQ_CPU_KERNEL_ISA=portable" if isa_cap() == "portable" else "this CPU has neither AVX-512 nor AVX2"
+        print(f"lrq: warning: {cause}, so lrq's CPU kernels run their portable code, slower than onnxruntime's "
+              "MatMulNBits; export without --cpu-kernels for this machine", file=sys.stderr)
 
 
 def needs_library(path: Path) -> bool:

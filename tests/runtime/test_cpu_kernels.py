@@ -467,3 +467,23 @@ def test_quantized_cache_attention_refuses_a_wrong_cache_shape():
         query, (keys, key_scale, _, values, value_scale, _) = _stored_cache("int8", 1, 4, 2, 1, 8, 32)
         # a scale per token where E4M3 codes take one
         _session(_attention_graph("fp8", 0.2)).run(None, _feeds(query, [keys, key_scale, None, values, value_scale, None]))
+
+
+def test_a_session_on_the_portable_code_says_so_once(monkeypatch, capsys):
+    """Where the library can only run its portable loop (slower than MatMulNBits), the first session
+    says so in one line naming the cause; the fast paths say nothing."""
+    import onnxruntime as ort
+
+    cpu_kernels.warn_of_slow_code.cache_clear()
+    monkeypatch.setenv("LRQ_CPU_KERNEL_ISA", "portable")
+    for _ in range(2):
+        cpu_kernels.register(ort.SessionOptions())
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert lines == ["lrq: warning: LRQ_CPU_KERNEL_ISA=portable, so lrq's CPU kernels run their portable code, slower "
+                     "than onnxruntime's MatMulNBits; export without --cpu-kernels for this machine"]
+    cpu_kernels.warn_of_slow_code.cache_clear()
+    monkeypatch.delenv("LRQ_CPU_KERNEL_ISA")
+    cpu_kernels.register(ort.SessionOptions())
+    if cpu_kernels.code_path() != "portable":
+        assert capsys.readouterr().err == ""
+    cpu_kernels.warn_of_slow_code.cache_clear()
