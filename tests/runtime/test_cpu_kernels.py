@@ -107,10 +107,12 @@ def test_matches_exact_sum_and_matmulnbits(code, K, N, block, M, zeros, bias):
     assert np.all(np.abs(ours - theirs) <= 2 * bound)
 
 
-def test_threads_give_the_same_bits():
-    """Each output is one thread's sum in a fixed order: any thread count gives identical bits."""
-    codes, scales, zero_points, biases = _problem(512, 300, 64, True, True)
-    model = _graph("lrq", 512, 300, 64, codes, scales, zero_points, biases)
+@pytest.mark.parametrize("block,accuracy", [(64, 1), (128, 4)])
+def test_threads_give_the_same_bits(block, accuracy):
+    """Each output is one thread's sum in a fixed order: any thread count gives identical bits
+    (fp32 and int8 activations, decode and prefill)."""
+    codes, scales, zero_points, biases = _problem(512, 300, block, True, True)
+    model = _graph("lrq", 512, 300, block, codes, scales, zero_points, biases, accuracy=accuracy)
     for rows in (1, 24):
         a = np.random.default_rng(rows).standard_normal((rows, 512)).astype(np.float32)
         one, two = (_session(model, threads).run(None, {"A": a})[0] for threads in (1, 2))
@@ -298,7 +300,9 @@ def _int8_reference(a, K, N, block, codes, scales, zero_points, biases):
 
 
 INT8_CASES = [  # K, N, block, rows of A, zero points, bias
-    (512, 40, 128, 1, False, False), (1024, 37, 128, 3, True, True), (768, 21, 256, 17, True, False),
+    (512, 40, 128, 1, False, False), (1024, 37, 128, 3, True, True), (768, 40, 256, 17, True, False),
+    # prefill on VNNI: 32-row panels (and the rows past them), K past a 512-column panel, blocks wider than one
+    (1408, 70, 128, 9, True, True), (2048, 33, 1024, 6, False, False),
     (320, 16, 64, 2, False, True),  # a block the AVX-512 / AVX2 forms do not take: the portable loop
 ]
 

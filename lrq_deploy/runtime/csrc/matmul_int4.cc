@@ -413,6 +413,109 @@ template <int R, int T>
 struct VnniTiles {
   static void run(const Problem& p, int64_t n, int64_t m) { tile_int8_vnni<R, T>(p, n, m); }
 };
+
+// Prefill with int8 activations on AVX512-VNNI: the lanes of a vector are 16 weight rows (output
+// columns), not 16 stretches of K. A panel of 32 weight rows x up to 512 columns is unpacked once
+// into L1 as [4-column group][row] bytes (in A's split order: a 128-column chunk is its 64 even
+// columns, then its 64 odd ones), and every row of A meets it: per 4 columns one broadcast of
+// A's 4 codes and two vpdpbusd (32 rows). At a block's end the zero point comes off in integers
+// (dot - zero * sum(a codes), exact) and the block's scales go on with one FMA per 16 outputs,
+// instead of a convert, a scale and an FMA per output (the tiles above).
+constexpr int64_t kPanelWeightRows = 32;
+constexpr int64_t kInt8PanelColumns = 512;
+
+struct Int8Panel {
+  std::vector<int32_t> codes;  // [columns / 4][32]: 4 codes of one row per element
+  std::vector<float> scales;   // [blocks of the panel][32]
+  std::vector<int32_t> zeros;  // [blocks of the panel][32]
+};
+
+LRQ_AVX512_INT8 void unpack_int8_panel(const Problem& p, int64_t n, int64_t k0, int64_t columns, Int8Panel& panel) {
+  const Shape& s = p.shape;
+  const int64_t blocks = s.K / s.block, panel_blocks = columns / s.block;
+  panel.codes.resize(size_t(columns / 4 * kPanelWeightRows));
+  panel.scales.resize(size_t(panel_blocks * kPanelWeightRows));
+  panel.zeros.resize(size_t(panel_blocks * kPanelWeightRows));
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  alignas(64) int32_t unpacked[32];
+  for (int64_t r = 0; r < kPanelWeightRows; ++r) {
+    const uint8_t* row = p.codes + (n + r) * (s.K / 2) + k0 / 2;
+    for (int64_t c = 0; c < columns; c += 128) {
+      const __m512i bytes = _mm512_loadu_si512(row + c / 2);
+      _mm512_store_si512(unpacked, _mm512_and_si512(bytes, low_nibbles));
+      _mm512_store_si512(unpacked + 16, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles));
+      int32_t* out = panel.codes.data() + c / 4 * kPanelWeightRows + r;
+      for (int g = 0; g < 32; ++g) out[g * kPanelWeightRows] = unpacked[g];
+    }
+    for (int64_t b = 0; b < panel_blocks; ++b) {
+      const int64_t block = k0 / s.block + b;
+      panel.scales[size_t(b * kPanelWeightRows + r)] = p.scales[(n + r) * blocks + block];
+      panel.zeros[size_t(b * kPanelWeightRows + r)] = zero_point(p, n + r, block);
+    }
+  }
+}
+
+// T rows of A against the panel; the sums are added to Y (which holds the earlier panels' sums).
+template <int T>
+LRQ_AVX512_INT8 void int8_panel_rows(const Problem& p, const Int8Panel& panel, int64_t n, int64_t k0, int64_t columns,
+                                     int64_t m) {
+  const Shape& s = p.shape;
+  const int64_t blocks = s.K / s.block, groups = s.block / 4;
+  __m512 acc[T][2];
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < columns / s.block; ++b) {
+    __m512i dot[T][2];
+    for (int t = 0; t < T; ++t) dot[t][0] = dot[t][1] = _mm512_setzero_si512();
+    const int32_t* w = panel.codes.data() + b * groups * kPanelWeightRows;
+    const int8_t* a = p.a_codes + m * s.K + k0 + b * s.block;
+    for (int64_t g = 0; g < groups; ++g, w += kPanelWeightRows) {
+      const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 16);
+      for (int t = 0; t < T; ++t) {
+        int32_t four;
+        memcpy(&four, a + t * s.K + 4 * g, 4);
+        const __m512i codes = _mm512_set1_epi32(four);
+        dot[t][0] = _mm512_dpbusd_epi32(dot[t][0], w0, codes);
+        dot[t][1] = _mm512_dpbusd_epi32(dot[t][1], w1, codes);
+      }
+    }
+    const int64_t block = k0 / s.block + b;
+    for (int h = 0; h < 2; ++h) {
+      const __m512 w_scale = _mm512_loadu_ps(panel.scales.data() + b * kPanelWeightRows + 16 * h);
+      const __m512i zero = _mm512_loadu_si512(panel.zeros.data() + b * kPanelWeightRows + 16 * h);
+      for (int t = 0; t < T; ++t) {
+        const int64_t at = (m + t) * blocks + block;
+        const __m512i exact = _mm512_sub_epi32(dot[t][h], _mm512_mullo_epi32(zero, _mm512_set1_epi32(p.a_sums[at])));
+        acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(w_scale, _mm512_set1_ps(p.a_scales[at])),
+                                    acc[t][h]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < 2; ++h) {
+      float* y = p.y + (m + t) * s.N + n + 16 * h;
+      _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), acc[t][h]));
+    }
+}
+
+void rows_int8_panels(const Problem& p, int64_t n0, int64_t n1) {
+  const Shape& s = p.shape;
+  const int64_t width = s.block * std::max<int64_t>(1, kInt8PanelColumns / s.block);  // whole blocks
+  thread_local Int8Panel panel;
+  int64_t n = n0;
+  for (; n + kPanelWeightRows <= n1; n += kPanelWeightRows) {
+    for (int64_t m = 0; m < s.M; ++m)
+      for (int64_t r = 0; r < kPanelWeightRows; ++r) p.y[m * s.N + n + r] = p.bias ? p.bias[n + r] : 0.f;
+    for (int64_t k0 = 0; k0 < s.K; k0 += width) {
+      const int64_t columns = std::min(width, s.K - k0);
+      unpack_int8_panel(p, n, k0, columns, panel);
+      int64_t m = 0;
+      for (; m + 4 <= s.M; m += 4) int8_panel_rows<4>(p, panel, n, k0, columns, m);
+      for (; m + 2 <= s.M; m += 2) int8_panel_rows<2>(p, panel, n, k0, columns, m);
+      for (; m < s.M; ++m) int8_panel_rows<1>(p, panel, n, k0, columns, m);
+    }
+  }
+  if (n < n1) rows_int8<VnniTiles>(p, n, n1);  // the last rows, fewer than a panel's
+}
 template <int R, int T>
 struct BwTiles {
   static void run(const Problem& p, int64_t n, int64_t m) { tile_int8_bw<R, T>(p, n, m); }
@@ -576,7 +679,8 @@ bool int8_avx2_path(const Shape& s) {
 Route int8_route(const Shape& s) {
 #if LRQ_X86
   if (int8_fast_path(s)) {
-    return {__builtin_cpu_supports("avx512vnni") ? rows_int8<VnniTiles> : rows_int8<BwTiles>, kRowsPerTask, false};
+    if (!__builtin_cpu_supports("avx512vnni")) return {rows_int8<BwTiles>, kRowsPerTask, false};
+    return {s.M > kGemvRows ? rows_int8_panels : rows_int8<VnniTiles>, kRowsPerTask, false};
   }
   if (int8_avx2_path(s)) return {rows_int8<Avx2Tiles>, kRowsPerTask, false};
 #endif
