@@ -335,10 +335,13 @@ def _with_stderr(metrics: dict, name: str) -> str:
 @click.option("--allow-outside-tolerance", is_flag=True,
               help="Keep a graph whose verification against torch fails its tolerance (recorded in the graph's "
                    "metadata and verification record); without it such an export fails and writes nothing.")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["int8", "int4"]), default=None,
+              help="--onnx: quantize the KV cache of a checkpoint calibrated without one (int8 / int4 per token and "
+                   "head: nothing to calibrate; fp8 needs calibrated scales: lrq calibrate --kv-cache fp8).")
 @click.option("--force", is_flag=True, help="Overwrite an existing lrq output of the same kind.")
 @clean_errors
 def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq_len, limit, with_past, no_verify,
-           ort_int8_activations, triton_repo, fuse, contrib_ops, cpu_kernels, allow_outside_tolerance, force):
+           ort_int8_activations, triton_repo, fuse, contrib_ops, cpu_kernels, allow_outside_tolerance, kv_cache, force):
     """Export CHECKPOINT to an ONNX graph and verify it against the torch reference.
 
     CHECKPOINT may also be a full-precision model (bundled:llama, an HF or timm directory),
@@ -347,6 +350,9 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
 
     if sum(out is not None for out in (onnx_path, vllm_dir, genai_dir)) != 1:
         raise LrqError("name one output: --onnx FILE, --genai DIR or --vllm DIR")
+    if kv_cache and onnx_path is None:
+        raise LrqError(f"--kv-cache {kv_cache} on export makes --onnx graphs; onnxruntime-genai and vLLM cannot read "
+                       "an int8 / int4 cache")
     if vllm_dir is not None:
         from lrq_deploy.export.vllm import export_vllm
 
@@ -357,7 +363,7 @@ def export(checkpoint, onnx_path, vllm_dir, genai_dir, target, opset, batch, seq
         return
     options = ExportOptions(target, opset, batch, seq_len, not no_verify, limit, with_past, force, ort_int8_activations,
                             triton_repo, fuse, contrib_ops, cpu_kernels=cpu_kernels,
-                            allow_outside_tolerance=allow_outside_tolerance)
+                            allow_outside_tolerance=allow_outside_tolerance, kv_cache=kv_cache)
     if genai_dir is not None:
         from lrq_deploy.export.genai import export_genai
 

@@ -74,6 +74,8 @@ class ExportOptions:
     cpu_kernels: bool = False
     # keep a graph whose verification fails its tolerance (recorded); by default such an export fails
     allow_outside_tolerance: bool = False
+    # a KV cache added at export to a checkpoint calibrated without one: int8 / int4 (dynamic, nothing to calibrate)
+    kv_cache: str | None = None
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -82,6 +84,9 @@ class ExportOptions:
             raise LrqError(f"--opset must lie in 18..{highest_opset()} (the highest this onnx and onnxruntime "
                            f"support), got {self.opset}")
         _check_shape_options(self.batch, self.seq_len, self.limit, self.with_past)
+        if self.kv_cache not in (None, "int8", "int4"):
+            raise LrqError(f"--kv-cache {self.kv_cache} needs static scales measured on calibration data: calibrate "
+                           f"with --kv-cache {self.kv_cache} (int8 and int4 caches can be added at export)")
         if self.cpu_kernels and self.target != "ort":
             raise LrqError("--cpu-kernels is lrq's onnxruntime CPU kernel: use it with --target ort")
         if self.cpu_kernels and self.triton_repo is not None:
@@ -136,6 +141,8 @@ def export_onnx(checkpoint: Path, out: Path, options: ExportOptions | None = Non
         check_repository_target(options.triton_repo, model_name_for(out), options.force, inputs=[checkpoint])
     with step(f"loading {checkpoint}"):
         ckpt = load_source(checkpoint)
+    if options.kv_cache:
+        ckpt = with_kv_cache(ckpt, options.kv_cache)
     finish = None
     if options.cpu_kernels:
         from lrq_deploy.export.ort_optimized import as_onnxruntime_runs
@@ -313,6 +320,27 @@ def _check_int8_activations(target: str, ckpt) -> None:
                                                    for s in ckpt.schemes):
         raise LrqError("--ort-int8-activations applies to group-wise W4A16 checkpoints exported with --target ort "
                        "(onnxruntime's MatMulNBits)")
+
+
+def with_kv_cache(ckpt, fmt: str):
+    """The checkpoint with an int8 / int4 KV cache (per token and head, dynamic: nothing to calibrate)
+    its graphs keep, recorded in its scheme as if calibrated with it; one line where it cannot take one."""
+    from dataclasses import replace
+
+    from lrq_deploy.quant.kv_cache import quantize_kv_cache
+
+    if ckpt.quant is None:
+        raise LrqError(f"--kv-cache {fmt} on export applies to lrq checkpoints; {ckpt.source} is a full-precision "
+                       f"model: calibrate it (lrq calibrate --kv-cache {fmt})")
+    have = ckpt.quant.kv_cache
+    if have == fmt:
+        return ckpt
+    if have != "none":
+        raise LrqError(f"--kv-cache {fmt}: this checkpoint was calibrated with the {have} KV cache, which its graphs "
+                       "keep; export it without --kv-cache")
+    quantize_kv_cache(ckpt.adapter, ckpt.model, fmt)
+    quant = replace(ckpt.quant, kv_cache=fmt)
+    return replace(ckpt, quant=quant, manifest={**ckpt.manifest, "quant": quant.to_dict()})
 
 
 def _check_kv_cache(ckpt, target: str) -> bool:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lrq_deploy.calib.api import calibrate
+from lrq_deploy.errors import LrqError
 from lrq_deploy.calib.registry import CalibConfig
 from lrq_deploy.checkpoint import load_checkpoint
 from lrq_deploy.models import load_model
@@ -271,6 +272,27 @@ def _steps_apart(got, want, fmt: str) -> int:
         return wide
 
     return int(np.abs(steps(got) - steps(want)).max())
+
+
+def test_an_int8_cache_added_at_export(tmp_path, tiny_llama_dir):
+    """lrq export --kv-cache int8 on a checkpoint calibrated without a cache: the graph keeps the int8
+    cache (codes, scales, zero points), carries the scheme's -kv8 name and verifies against the
+    reference with that cache; fp8 (static scales) is refused before any work."""
+    from lrq_deploy.export.onnx_export import ExportOptions, export_onnx
+    from lrq_deploy.runtime.onnxrt import OrtSession
+
+    out = tmp_path / "q"
+    calibrate(str(tiny_llama_dir), out, QuantScheme(wbits=4, group_size=32), CalibConfig.of("rtn", nsamples=2, seqlen=16),
+              device="cpu")
+    graph = tmp_path / "m.onnx"
+    report = export_onnx(out, graph, with_past=True, limit=2, kv_cache="int8", cpu_kernels=True)
+    assert report["verify"]["within_tolerance"] and report["attention"].startswith("QuantizedCacheAttention")
+    meta = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+    assert meta["lrq.scheme"].endswith("-kv8")
+    past = [i for i in OrtSession(graph, device="cpu").session.get_inputs() if i.name.startswith("past.")]
+    assert [i.type for i in past[:3]] == ["tensor(uint8)", "tensor(float)", "tensor(uint8)"]
+    with pytest.raises(LrqError, match="--kv-cache fp8 needs static scales"):
+        ExportOptions(kv_cache="fp8")
 
 
 def test_rotated_keys_are_quantized_in_the_rotated_basis():
