@@ -353,16 +353,12 @@ LRQ_AVX512_BW inline __m512i dot_bw(__m512i acc, __m512i codes, __m512i a) {
     for (int r = 0; r < R; ++r)                                                                                       \
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), correction[r][t] = 0.f;                          \
     for (int64_t b = 0; b < blocks; ++b) {                                                                            \
-      __m512i dot[R][T];                                                                                              \
+      __m512i dot[R][T], odd_dot[R][T]; /* two chains: the even and the odd columns */                                \
       for (int r = 0; r < R; ++r)                                                                                     \
-        for (int t = 0; t < T; ++t) dot[r][t] = _mm512_setzero_si512();                                              \
+        for (int t = 0; t < T; ++t) dot[r][t] = odd_dot[r][t] = _mm512_setzero_si512();                              \
       for (int64_t c = b * s.block; c < (b + 1) * s.block; c += 128) {                                                \
         __m512i low[R], high[R];                                                                                      \
         for (int r = 0; r < R; ++r) {                                                                                 \
-          if (T == 1) {                                                                                               \
-            const int64_t ahead = std::min(n + kPrefetchRows + r, s.N - 1);                                           \
-            _mm_prefetch(reinterpret_cast<const char*>(p.codes + ahead * (s.K / 2) + c / 2), _MM_HINT_T0);            \
-          }                                                                                                           \
           const __m512i bytes = _mm512_loadu_si512(p.codes + (n + r) * (s.K / 2) + c / 2);                            \
           low[r] = _mm512_and_si512(bytes, low_nibbles);                                                              \
           high[r] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);                                       \
@@ -370,14 +366,18 @@ LRQ_AVX512_BW inline __m512i dot_bw(__m512i acc, __m512i codes, __m512i a) {
         for (int t = 0; t < T; ++t) {                                                                                 \
           const int8_t* a = p.a_codes + (m + t) * s.K + c;                                                            \
           const __m512i even = _mm512_loadu_si512(a), odd = _mm512_loadu_si512(a + 64);                              \
-          for (int r = 0; r < R; ++r) dot[r][t] = DOT(DOT(dot[r][t], low[r], even), high[r], odd);                   \
+          for (int r = 0; r < R; ++r) {                                                                               \
+            dot[r][t] = DOT(dot[r][t], low[r], even);                                                                 \
+            odd_dot[r][t] = DOT(odd_dot[r][t], high[r], odd);                                                         \
+          }                                                                                                           \
         }                                                                                                             \
       }                                                                                                               \
       for (int r = 0; r < R; ++r) {                                                                                   \
         const float w_scale = p.scales[(n + r) * blocks + b];                                                         \
         for (int t = 0; t < T; ++t) {                                                                                 \
           const __m512 scale = _mm512_set1_ps(w_scale * p.a_scales[(m + t) * blocks + b]);                            \
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), scale, acc[r][t]);                             \
+          const __m512i both = _mm512_add_epi32(dot[r][t], odd_dot[r][t]);                                           \
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(both), scale, acc[r][t]);                                  \
         }                                                                                                             \
       }                                                                                                               \
     }                                                                                                                 \
@@ -396,8 +396,11 @@ LRQ_AVX512_BW inline __m512i dot_bw(__m512i acc, __m512i codes, __m512i a) {
 LRQ_INT8_TILE(tile_int8_vnni, LRQ_AVX512_INT8, dot_vnni)
 LRQ_INT8_TILE(tile_int8_bw, LRQ_AVX512_BW, dot_bw)
 
-// Decode: four weight rows at a time. More rows of A: 2 weight rows x 4 rows of A per tile (the
-// task's weight rows stay in L2 across the rows of A).
+// Decode: one weight row at a time, so the weights stream from memory in address order (measured on
+// an AMD EPYC, LLaMA-7B's gate_up at one row of A: 2.4 ms, at MatMulNBits' speed, against 4.5 ms
+// for four rows at a time with software prefetch, whose four streams 2 KB apart read at 10 GB/s).
+// More rows of A: 2 weight rows x 4 rows of A per tile (the task's weight rows stay in L2 across
+// the rows of A).
 template <template <int, int> class Tiles>
 void rows_int8(const Problem& p, int64_t n0, int64_t n1) {
   int64_t m = 0;
@@ -408,7 +411,6 @@ void rows_int8(const Problem& p, int64_t n0, int64_t n1) {
   }
   for (; m < p.shape.M; ++m) {
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) Tiles<4, 1>::run(p, n, m);
     for (; n < n1; ++n) Tiles<1, 1>::run(p, n, m);
   }
 }
