@@ -452,6 +452,19 @@ def test_e4m3_codes_read_as_every_value_they_stand_for():
             assert np.array_equal(got[0, 0], decode_by_table(row, E4M3).numpy()), (row, seq)
 
 
+def test_a_node_without_the_e4m3_attribute_reads_integer_codes():
+    """Graphs exported before fp8 caches carry no `e4m3` attribute: they still load and compute."""
+    query, cache = _stored_cache("int8", 1, 4, 2, 3, 9, 32)
+    model = onnx.load_from_string(_attention_graph("int8", 0.2))
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "e4m3"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    old, new = (_session(m).run(None, _feeds(query, cache))[0]
+                for m in (model.SerializeToString(), _attention_graph("int8", 0.2)))
+    assert np.array_equal(old, new)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_quantized_cache_attention_threads_give_the_same_bits(fmt):
     query, cache = _stored_cache(fmt, 1, 8, 4, 9, 40, 64, seed=3)

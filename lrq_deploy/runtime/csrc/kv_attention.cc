@@ -11,7 +11,7 @@
 // 2j + 1 in the high one); key scale float [B, KV, T, 1] (fp8: [1]); key zero uint8 [B, KV, T, 1]
 // (fp8: left out); the same three for values. T = past + S: the cache already holds the S new
 // tokens, and query i sits at position past + i (no padding). Attributes: bits (8 or 4), e4m3
-// (0 or 1: the codes are E4M3, bits 8), scale (float). Output float [B, S, H * D], heads in order,
+// (0, default, or 1: the codes are E4M3, bits 8), scale (float). Output float [B, S, H * D], heads in order,
 // ready for the output projection. Head h reads key / value head h / (H / KV).
 //
 // Why it is fast: attention at long context is a read of the whole cache per token; the codes are
@@ -414,7 +414,10 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
   Kernel kernel{api, kInt8, 1.0f};
   int64_t bits = 0, e4m3 = 0;
   LRQ_TRY(attribute(api, info, "bits", &bits));
-  LRQ_TRY(attribute(api, info, "e4m3", &e4m3));
+  if (OrtStatus* absent = attribute(api, info, "e4m3", &e4m3)) {  // graphs from before fp8 caches: integer codes
+    api.fn<void (*)(OrtStatus*)>(ort_abi::ReleaseStatus)(absent);
+    e4m3 = 0;
+  }
   LRQ_TRY(float_attribute(api, info, "scale", &kernel.scale));
   if ((bits != 8 && bits != 4) || (e4m3 != 0 && e4m3 != 1) || (e4m3 && bits != 8))
     return error(api, "ai.lrq.cpu::QuantizedCacheAttention: bits must be 8 or 4, e4m3 0 or 1 (with bits 8)");
