@@ -137,7 +137,7 @@ LRQ_INLINE void add_scaled(float* acc, float weight, const float* row, int64_t d
   for (; d < dim; ++d) acc[d] += weight * row[d];
 }
 
-constexpr int64_t kKeysPerTile = kLanes;
+constexpr int64_t kKeysPerTile = 2 * kLanes;  // two vectors of keys (scores) or 32 value rows per tile
 
 #if LRQ_X86
 // Decode on AVX-512: the codes widened and converted in registers (no float row written out),
@@ -205,11 +205,11 @@ struct Rows {
 
 constexpr int64_t kRowsForTiles = 4;  // fewer query rows (decode): one key row at a time
 
-// Prefill and chunks: the keys dequantized 16 at a time into a transposed tile every query row reads.
-constexpr int64_t kRowsPerGroup = 4;  // query rows scored together: four independent sums per key tile
+// Prefill and chunks: the keys dequantized 32 at a time into a transposed tile every query row reads.
+constexpr int kRowsPerGroup = 8;  // query rows computed together: 8 x 2 vectors of sums per tile
 
-// Dequantize keys / values t0 .. t0 + count - 1 (count <= 16) into a tile: transposed (tile[d * 16 + j],
-// keys: one vector of 16 scores per query) or by row (tile[j * dim + d], values); missing rows zero.
+// Dequantize keys / values t0 .. t0 + count - 1 (count <= 32) into a tile: transposed (tile[d * 32 + j],
+// keys: two vectors of 32 scores per query) or by row (tile[j * dim + d], values); missing rows zero.
 LRQ_INLINE void dequantize_tile(const Problem& p, const Cache& cache, int64_t first, int64_t count, bool transposed,
                                 float* row, float* tile) {
   const Shape& s = p.s;
@@ -227,41 +227,21 @@ LRQ_INLINE void dequantize_tile(const Problem& p, const Cache& cache, int64_t fi
   }
 }
 
-// Scores of four query rows against one transposed key tile: four independent chains of FMAs.
-LRQ_INLINE void dot_tile4(const float* const* q, const float* keys, int64_t dim, Lanes* out) {
-  Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  for (int64_t d = 0; d < dim; ++d) {
-    const Lanes k = load(keys + d * kKeysPerTile);
-    a0 += q[0][d] * k;
-    a1 += q[1][d] * k;
-    a2 += q[2][d] * k;
-    a3 += q[3][d] * k;
-  }
-  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
-}
-
-// out += sum_j weights[j] * values[j] over a tile of 16 value rows, four vectors of out at a time.
-LRQ_INLINE void add_tile(float* out, const float* weights, const float* values, int64_t dim) {
-  int64_t d = 0;
-  for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
-    Lanes a0 = load(out + d), a1 = load(out + d + 16), a2 = load(out + d + 32), a3 = load(out + d + 48);
-    for (int64_t j = 0; j < kKeysPerTile; ++j) {
-      const float* v = values + j * dim + d;
-      a0 += weights[j] * load(v), a1 += weights[j] * load(v + 16);
-      a2 += weights[j] * load(v + 32), a3 += weights[j] * load(v + 48);
+// acc[r][v] += sum over k < count of a[r][k] * b[k * stride + 16 v]: R rows against 32 columns, the
+// register-blocked shape of a GEMM micro-kernel (per k two vector loads, R broadcasts, 2R FMAs).
+template <int R>
+LRQ_INLINE void outer_product(const float* const* a, const float* b, int64_t stride, int64_t count, Lanes (*acc)[2]) {
+  for (int64_t k = 0; k < count; ++k) {
+    const Lanes b0 = load(b + k * stride), b1 = load(b + k * stride + kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r][k];
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
     }
-    store(out + d, a0), store(out + d + 16, a1), store(out + d + 32, a2), store(out + d + 48, a3);
   }
-  for (; d + kLanes <= dim; d += kLanes) {
-    Lanes a = load(out + d);
-    for (int64_t j = 0; j < kKeysPerTile; ++j) a += weights[j] * load(values + j * dim + d);
-    store(out + d, a);
-  }
-  for (; d < dim; ++d)
-    for (int64_t j = 0; j < kKeysPerTile; ++j) out[d] += weights[j] * values[j * dim + d];
 }
 
-// Prefill and chunks: keys and values dequantized 16 at a time into tiles every query row reads.
+// Prefill and chunks: keys and values dequantized 32 at a time into tiles every query row reads.
 // Rows are in query order, so each row sees at least the tokens the rows before it see.
 LRQ_INLINE void score_tiles(const Problem& p, int64_t cache, int64_t count, const float* const* query,
                             const int64_t* last, int64_t reach, float* scores) {
@@ -269,17 +249,18 @@ LRQ_INLINE void score_tiles(const Problem& p, int64_t cache, int64_t count, cons
   thread_local std::vector<float> tile, row;
   tile.resize(size_t(s.dim * kKeysPerTile));
   row.resize(size_t(s.dim));
-  Lanes group[kRowsPerGroup];
   for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
     dequantize_tile(p, p.keys, cache + t0, std::min(kKeysPerTile, reach - t0), true, row.data(), tile.data());
     for (int64_t r0 = 0; r0 < count; r0 += kRowsPerGroup) {
+      const int64_t rows = std::min<int64_t>(kRowsPerGroup, count - r0);
+      if (t0 > last[r0 + rows - 1]) continue;
       const float* q[kRowsPerGroup];
-      for (int64_t i = 0; i < kRowsPerGroup; ++i) q[i] = query[std::min(r0 + i, count - 1)];
-      if (t0 > last[std::min(r0 + kRowsPerGroup, count) - 1]) continue;
-      dot_tile4(q, tile.data(), s.dim, group);
-      for (int64_t r = r0; r < std::min(r0 + kRowsPerGroup, count); ++r)
+      for (int i = 0; i < kRowsPerGroup; ++i) q[i] = query[std::min<int64_t>(r0 + i, count - 1)];
+      Lanes acc[kRowsPerGroup][2] = {};
+      outer_product<kRowsPerGroup>(q, tile.data(), kKeysPerTile, s.dim, acc);
+      for (int64_t r = r0; r < r0 + rows; ++r)
         for (int64_t j = 0; j < kKeysPerTile && t0 + j <= last[r]; ++j)
-          scores[r * s.total + t0 + j] = p.scale * group[r - r0][j];
+          scores[r * s.total + t0 + j] = p.scale * acc[r - r0][j / kLanes][j % kLanes];
     }
   }
 }
@@ -287,25 +268,76 @@ LRQ_INLINE void score_tiles(const Problem& p, int64_t cache, int64_t count, cons
 LRQ_INLINE void value_tiles(const Problem& p, int64_t cache, int64_t count, float* const* out, const int64_t* last,
                             int64_t reach, const float* weights) {
   const Shape& s = p.s;
+  const int64_t dim = s.dim;
   thread_local std::vector<float> tile;
-  tile.resize(size_t(s.dim * kKeysPerTile));
-  float tile_weights[kKeysPerTile];
+  tile.resize(size_t(dim * kKeysPerTile));
+  float tile_weights[kRowsPerGroup][kKeysPerTile];
   for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerTile) {
     dequantize_tile(p, p.values, cache + t0, std::min(kKeysPerTile, reach - t0), false, nullptr, tile.data());
-    for (int64_t r = 0; r < count; ++r) {
-      if (t0 > last[r]) continue;
-      for (int64_t j = 0; j < kKeysPerTile; ++j)
-        tile_weights[j] = t0 + j <= last[r] ? weights[r * s.total + t0 + j] : 0.0f;
-      add_tile(out[r], tile_weights, tile.data(), s.dim);
+    for (int64_t r0 = 0; r0 < count; r0 += kRowsPerGroup) {
+      const int64_t rows = std::min<int64_t>(kRowsPerGroup, count - r0);
+      if (t0 > last[r0 + rows - 1]) continue;
+      const float* w[kRowsPerGroup];
+      for (int i = 0; i < kRowsPerGroup; ++i) {  // a row's weights past what it sees (and padding rows): zero
+        const int64_t r = r0 + i;
+        for (int64_t j = 0; j < kKeysPerTile; ++j)
+          tile_weights[i][j] = i < rows && t0 + j <= last[r] ? weights[r * s.total + t0 + j] : 0.0f;
+        w[i] = tile_weights[i];
+      }
+      int64_t d0 = 0;
+      for (; d0 + kKeysPerTile <= dim; d0 += kKeysPerTile) {
+        Lanes acc[kRowsPerGroup][2] = {};
+        outer_product<kRowsPerGroup>(w, tile.data() + d0, dim, kKeysPerTile, acc);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* o = out[r0 + i] + d0;
+          store(o, load(o) + acc[i][0]);
+          store(o + kLanes, load(o + kLanes) + acc[i][1]);
+        }
+      }
+      for (; d0 < dim; ++d0)  // a head size that is not a multiple of 32
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < kKeysPerTile; ++j) out[r0 + i][d0] += w[i][j] * tile[j * dim + d0];
     }
   }
 }
 
+typedef int32_t IntLanes __attribute__((vector_size(64)));
+
+// exp(x) for x <= 0, 16 at a time (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6
+// polynomial in r, 2^n built in the exponent bits; within 2 ulp of std::exp). x below -87 is taken as
+// -87 (exp ~ 1.6e-38, so 2^n stays a normal float); softmax's weights that small add nothing.
+LRQ_INLINE Lanes exp_lanes(Lanes x) {
+  const Lanes lowest = Lanes{} - 87.0f, shift = Lanes{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = x < lowest ? lowest : x;
+  const Lanes n = (x * 1.44269504088896341f + shift) - shift;
+  const Lanes r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  Lanes poly = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const Lanes y = poly * r * r + r + 1.0f;
+  const IntLanes bits = (__builtin_convertvector(n, IntLanes) + 127) << 23;
+  Lanes two_to_n;
+  memcpy(&two_to_n, &bits, sizeof(two_to_n));
+  return y * two_to_n;
+}
+
+// Softmax in place: the exponentials 16 at a time (a scalar std::exp per score took about half of a
+// long prefill's time).
 LRQ_INLINE void softmax(float* weights, int64_t count) {
   const float top = *std::max_element(weights, weights + count);
-  float total = 0;
-  for (int64_t t = 0; t < count; ++t) total += weights[t] = std::exp(weights[t] - top);
-  for (int64_t t = 0; t < count; ++t) weights[t] /= total;
+  Lanes sums = {};
+  int64_t t = 0;
+  for (; t + kLanes <= count; t += kLanes) {
+    const Lanes e = exp_lanes(load(weights + t) - top);
+    store(weights + t, e);
+    sums += e;
+  }
+  float total = sum(sums);
+  for (; t < count; ++t) total += weights[t] = std::exp(weights[t] - top);
+  const float inverse = 1.0f / total;
+  for (t = 0; t < count; ++t) weights[t] *= inverse;
 }
 
 // Decode (a few query rows): scores and the weighted sum straight from the codes.
