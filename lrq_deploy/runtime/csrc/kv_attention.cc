@@ -108,12 +108,35 @@ LRQ_INLINE float sum(Lanes v) {
   return total;
 }
 
+typedef uint32_t UintLanes __attribute__((vector_size(64)));
+
+// 16 E4M3 codes as floats, without a table: a normal code's exponent and mantissa moved into an fp32's
+// with the exponent rebiased (+120), a subnormal one as m / 512; no fp32 subnormal is formed, so a
+// session that flushes denormals reads the same values.
+LRQ_INLINE Lanes e4m3_lanes(const uint8_t* codes) {
+  UintLanes c;
+  for (int j = 0; j < kLanes; ++j) c[j] = codes[j];
+  const UintLanes magnitude = c & 0x7F;
+  const UintLanes normal_bits = (magnitude << 20) + (120u << 23);
+  Lanes normal, value;
+  memcpy(&normal, &normal_bits, sizeof(normal));
+  const Lanes subnormal = __builtin_convertvector(magnitude & 7, Lanes) * (1.0f / 512);
+  value = (magnitude >> 3) == 0 ? subnormal : normal;
+  UintLanes bits;
+  memcpy(&bits, &value, sizeof(bits));
+  bits |= (c & 0x80) << 24;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 // One cached row (a token's key or value of one head) in float: scale * (code - zero).
 LRQ_INLINE void dequantize_row(const uint8_t* codes, float scale, float zero, int64_t dim, Codes kind, float* out) {
   if (kind == kInt8) {  // a plain loop: GCC's loop vectoriser widens the bytes (vpmovzxbd), its vector extensions do not
     for (int64_t d = 0; d < dim; ++d) out[d] = scale * (float(codes[d]) - zero);
   } else if (kind == kE4M3) {
-    for (int64_t d = 0; d < dim; ++d) out[d] = scale * kE4M3Values.value[codes[d]];
+    int64_t d = 0;
+    for (; d + kLanes <= dim; d += kLanes) store(out + d, scale * e4m3_lanes(codes + d));
+    for (; d < dim; ++d) out[d] = scale * kE4M3Values.value[codes[d]];
   } else {
     for (int64_t j = 0; j < dim / 2; ++j) {
       out[2 * j] = scale * (float(codes[j] & 15) - zero);
