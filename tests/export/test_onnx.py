@@ -47,7 +47,10 @@ def test_ort_graph_matches_torch_reference(checkpoints, tmp_path, name):
     report = export_onnx(checkpoints / name, out, target="ort", limit=4 if name != "vit-w4a4" else None)
     verify = report["verify"]
     assert verify["relative_difference"] < 0.005
-    assert verify["argmax_agreement"] >= 0.995
+    # weight-only: the same float ops; quantized activations: an activation at a rounding boundary after
+    # the two runtimes' float ops can round the other way and move a whole step, flipping near-tied argmaxes
+    # (4 of 256 positions of w4a4-asym on an AMD EPYC, none on an Intel Xeon)
+    assert verify["argmax_agreement"] >= (0.995 if "a16" in name else 0.98)
     if "a16" in name:  # weight-only: same float ops in the same order up to GEMM accumulation
         assert verify["max_abs_logit_error"] < 1e-3
     assert json.loads(out.with_name(out.name + ".verify.json").read_text())["verify"] == verify
