@@ -13,6 +13,11 @@ against the float graph, so a machine that slows down between rounds moves both 
 CPU time per token shows what a shared machine's unequal CPU shares do to the wall times. The
 table gives the median and range over rounds. The float graph attends with onnxruntime's
 GroupQueryAttention, the quantized ones with ai.lrq.cpu::QuantizedCacheAttention.
+
+Memory: onnxruntime's CPU arena keeps each resident session's peak (the float graph's attention
+scores at a 4096-token prompt alone are GiBs); four sessions at 4096 tokens come near 24 GiB. Turning
+the arena off is no remedy: the float graph then allocates its buffers on every step (decode 2.6x
+slower in one measurement). On a smaller machine give fewer --formats per run.
 """
 
 from __future__ import annotations
@@ -70,26 +75,11 @@ def generate(decoder, prompt: np.ndarray, new_tokens: int) -> dict:
             "cpu_ms_per_token": 1e3 * (time.process_time() - cpu) / steps}
 
 
-def without_memory_arena() -> None:
-    """Sessions made from now on free what a run allocates: onnxruntime's CPU arena keeps each session's
-    peak (the float graph's attention scores at a 4096-token prompt alone are GiBs), and four resident
-    sessions holding theirs exhausted a 24 GiB machine. Every format runs this way alike."""
-    import onnxruntime
-
-    class Options(onnxruntime.SessionOptions):
-        def __init__(self):
-            super().__init__()
-            self.enable_cpu_mem_arena = False
-
-    onnxruntime.SessionOptions = Options
-
-
 def measure(graphs: dict[str, Path], prompts: list[int], new_tokens: int, rounds: int, threads: int) -> dict:
     from lrq_deploy.bench.decode import OrtDecoder
     from lrq_deploy.runtime.threads import use_threads
 
     use_threads(threads)
-    without_memory_arena()
     decoders = {fmt: OrtDecoder(graph, "cpu") for fmt, graph in graphs.items()}
     rng = np.random.default_rng(0)
     for decoder in decoders.values():
