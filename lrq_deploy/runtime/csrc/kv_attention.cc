@@ -15,9 +15,10 @@
 // ready for the output projection. Head h reads key / value head h / (H / KV).
 //
 // Why it is fast: attention at long context is a read of the whole cache per token; the codes are
-// 1 / 4 (int8) or 1 / 8 (int4) of float32's bytes, and each cached row is dequantized once, into L1,
-// where every query row of the task that sees it (the heads of a group, a block of queries) reads
-// it (prefill: 16-token tiles). Decode with AVX-512 reads the codes straight into registers instead.
+// 1 / 4 (int8, fp8) or 1 / 8 (int4) of float32's bytes, and each cached row is dequantized once, into
+// L1, where every query row of the task that sees it (the heads of a group, a block of queries) reads
+// it (prefill: 32-token tiles met by 8 query rows at a time). Decode with AVX-512 reads the codes
+// straight into registers instead.
 // The tile loops are written for the compiler to vectorise: one clone per ISA (AVX-512, AVX2,
 // baseline) is chosen when the library loads.
 #include <string.h>
