@@ -50,6 +50,11 @@ class DecodeOptions:
                        ("--iterations", self.runs, 1), ("--prefill-chunk", self.prefill_chunk, 1)),
                       self.percentiles, " for --decode")
 
+    @property
+    def prefill_chunks(self) -> int:
+        """How many pieces the prompt is prefilled in."""
+        return -(-self.prompt_len // self.prefill_chunk)
+
 
 class Decoder:
     """One greedy generation at a time: prefill resets the cache."""
@@ -242,7 +247,7 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
     if decoder.max_positions and total > decoder.max_positions:
         raise LrqError(f"--prompt-len + --new-tokens = {total} exceeds the model's {decoder.max_positions} positions")
     prompt = np.random.default_rng(0).integers(0, 100, (options.batch, options.prompt_len), dtype=np.int64)
-    chunks = -(-options.prompt_len // options.prefill_chunk)
+    chunks = options.prefill_chunks
     if chunks > 1 and options.batch > 1 and decoder.chunks_for_one_sequence_only:
         raise LrqError(f"{decoder.description}: onnxruntime's GroupQueryAttention extends a cache by several tokens "
                        f"for one sequence only; use --batch 1, or --prefill-chunk {options.prompt_len} (one pass)")
@@ -280,7 +285,7 @@ def measure_decode(decoder: Decoder, options: DecodeOptions) -> dict:
 
 
 def _chunks_note(options: DecodeOptions) -> str:
-    chunks = -(-options.prompt_len // options.prefill_chunk)
+    chunks = options.prefill_chunks
     return f" (prefilled in {chunks} chunks of {options.prefill_chunk})" if chunks > 1 else ""
 
 
